@@ -1,0 +1,30 @@
+# Quick start: `make demo` and `make test`; each sets up .venv from scratch when it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mirl-installed
+THREADS ?= 2
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	# torch first, pinned: anything that lets pip pick torch pulls several GB of CUDA wheels
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mirl demo --threads $(THREADS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
