@@ -1,0 +1,170 @@
+"""Reading datasets in TRL's formats, unchanged, from JSONL, parquet or a `datasets` folder.
+
+Every row carries its location ("file.jsonl:12", "data.parquet row 3") so that a bad row is reported
+with file, line and field. Preference rows may be:
+    standard        {"prompt": str, "chosen": str, "rejected": str}
+    conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+    implicit prompt {"chosen": str | [messages], "rejected": ...}   (the shared prefix is the prompt)
+Prompt-completion rows for SFT: {"prompt", "completion"} (strings or messages), or {"messages": [...]}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input, with where it is: file, line or row, and field."""
+
+
+@dataclass
+class Row:
+    data: dict
+    where: str  # "file.jsonl:12" or "folder row 3"
+
+
+@dataclass
+class SkipCounter:
+    """Rows dropped for a reason are counted here and reported at the end of a run; none vanish silently."""
+    counts: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.examples.setdefault(reason, where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self) -> str:
+        if not self.counts:
+            return "skipped rows: none"
+        parts = [f"{k}: {v} (first at {self.examples[k]})" for k, v in sorted(self.counts.items())]
+        return "skipped rows: " + "; ".join(parts)
+
+
+def load_rows(path: str | Path) -> list[Row]:
+    """Rows of a .jsonl/.json-lines file, a .parquet file, or a folder saved with Dataset.save_to_disk."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - re-raised with the path
+            raise DataError(f"{p}: not a datasets folder saved with save_to_disk ({e})") from e
+        if isinstance(ds, DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            ds = ds[split]
+        return [Row(dict(r), f"{p} row {i}") for i, r in enumerate(ds)]
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+        return [Row(r, f"{p} row {i}") for i, r in enumerate(table.to_pylist())]
+    if p.suffix in (".jsonl", ".json"):
+        rows = []
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{n}: malformed JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(obj, dict):
+                    raise DataError(f"{p}:{n}: each line must be a JSON object, got {type(obj).__name__}")
+                rows.append(Row(obj, f"{p}:{n}"))
+        return rows
+    raise DataError(f"{p}: unsupported format {p.suffix!r}; use .jsonl, .parquet or a datasets folder")
+
+
+def _require(row: Row, *fields: str) -> None:
+    for f in fields:
+        if f not in row.data or row.data[f] is None:
+            have = ", ".join(sorted(row.data)) or "none"
+            raise DataError(f"{row.where}: missing field {f!r} (row has: {have})")
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _message_text(messages) -> str:
+    from ..models.tokenizer import _content_text
+
+    return "".join(_content_text(m["content"]) for m in messages if m["role"] == "assistant")
+
+
+def _prompt_text(prompt, tokenizer, where: str, field_name: str = "prompt") -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if _is_messages(prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages")
+
+
+def _completion_text(x, where: str, field_name: str) -> str:
+    if isinstance(x, str):
+        return x
+    if _is_messages(x):
+        return _message_text(x)
+    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages")
+
+
+def _split_implicit(chosen, rejected, tokenizer, where):
+    """Implicit prompt: the longest shared prefix (messages, or characters of strings) is the prompt."""
+    if _is_messages(chosen) and _is_messages(rejected):
+        i = 0
+        while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+            i += 1
+        if i == 0:
+            raise DataError(f"{where}: implicit-prompt row: chosen and rejected share no leading message")
+        return (_prompt_text(chosen[:i], tokenizer, where), _message_text(chosen[i:]),
+                _message_text(rejected[i:]))
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        i = 0
+        while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+            i += 1
+        return chosen[:i], chosen[i:], rejected[i:]
+    raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both be message lists")
+
+
+def preference_records(rows: list[Row], tokenizer) -> list[dict]:
+    """TRL preference rows -> [{'prompt', 'chosen', 'rejected', 'where'}] of strings."""
+    out = []
+    for row in rows:
+        _require(row, "chosen", "rejected")
+        d = row.data
+        if "prompt" in d and d["prompt"] is not None:
+            prompt = _prompt_text(d["prompt"], tokenizer, row.where)
+            chosen = _completion_text(d["chosen"], row.where, "chosen")
+            rejected = _completion_text(d["rejected"], row.where, "rejected")
+        else:
+            prompt, chosen, rejected = _split_implicit(d["chosen"], d["rejected"], tokenizer, row.where)
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where})
+    return out
+
+
+def completion_records(rows: list[Row], tokenizer) -> list[dict]:
+    """SFT rows (prompt/completion, or messages ending in an assistant turn) -> [{'prompt', 'completion'}]."""
+    out = []
+    for row in rows:
+        d = row.data
+        if "messages" in d:
+            msgs = d["messages"]
+            if not _is_messages(msgs) or not msgs or msgs[-1]["role"] != "assistant":
+                raise DataError(f"{row.where}: field 'messages' must be chat messages ending with an assistant turn")
+            prompt = _prompt_text(msgs[:-1], tokenizer, row.where, "messages")
+            completion = _message_text(msgs[-1:])
+        else:
+            _require(row, "prompt", "completion")
+            prompt = _prompt_text(d["prompt"], tokenizer, row.where)
+            completion = _completion_text(d["completion"], row.where, "completion")
+        out.append({"prompt": prompt, "completion": completion, "where": row.where})
+    return out

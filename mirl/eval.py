@@ -1,0 +1,71 @@
+"""Accuracy and pass@k of a policy on a task's held-out split, scored by the task's verifier.
+
+    accuracy  greedy decoding, fraction scored correct (score >= 1)
+    pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
+              pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
+
+    mirl eval --model runs/sft/final --task arith --k 8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+
+import torch
+
+from .rollout import generate
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k draws (without replacement) from n samples with c correct is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def completions(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
+                batch_size: int = 64, seed: int = 0) -> list[list[str]]:
+    tok = policy.tokenizer
+    g = torch.Generator(device=policy.device).manual_seed(seed)
+    out: list[list[str]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [tok.encode(p, add_special_tokens=True) for p in prompts[s:s + batch_size]]
+        batch = generate(policy, chunk, max_new_tokens=max_new_tokens, samples_per_prompt=samples,
+                         temperature=temperature, generator=g)
+        out.extend(batch.texts[i * samples:(i + 1) * samples] for i in range(len(chunk)))
+    return out
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    pass_at_k: float | None
+    k: int
+    n: int
+    samples: list[tuple[str, str, float]]  # (prompt, greedy completion, score), a few for reports
+
+    def as_dict(self) -> dict:
+        d = {"accuracy": self.accuracy, "n": self.n}
+        if self.pass_at_k is not None:
+            d[f"pass@{self.k}"] = self.pass_at_k
+        return d
+
+
+def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int = 1, n_samples: int | None = None,
+             temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> EvalResult:
+    prompts = [e["prompt"] for e in examples]
+    greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    scores = [task.score(c[0], e) for c, e in zip(greedy, examples)]
+    acc = sum(s >= 1.0 for s in scores) / max(1, len(scores))
+    pk = None
+    if k > 1:
+        n = n_samples or k
+        sampled = completions(policy, prompts, max_new_tokens=max_new_tokens, samples=n, temperature=temperature,
+                              batch_size=max(1, batch_size // n), seed=seed)
+        per_prompt = [sum(task.score(c, e) >= 1.0 for c in cs) for cs, e in zip(sampled, examples)]
+        pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
+    samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
+    return EvalResult(acc, pk, k, len(examples), samples)

@@ -1,0 +1,95 @@
+"""Log-probabilities of response tokens, computed over the vocabulary in chunks.
+
+    token_logps(logits (B, T, V), labels (B, T)) -> (B, T): log softmax(logits)[labels], float32
+
+Peak memory: a plain `log_softmax(logits.float())` materialises B*T*V floats in the forward pass and
+keeps them for the backward pass. Here a custom autograd function walks over row chunks: the forward
+keeps only the log-sum-exp per row (B*T floats), the backward recomputes softmax one chunk at a time
+and writes the gradient into one buffer of the logits' own dtype. Extra memory is O(chunk * V).
+
+Sequence log-probs (`sequence_logps`) line logits up with labels (position t predicts token t+1),
+mask out the prompt and padding, and return the sum (DPO's convention) or the token mean, together
+with the number of response tokens. Works for left or right padding: only the masks matter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+DEFAULT_CHUNK = 1024  # rows (tokens) per chunk
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        n, v = logits.shape
+        out = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, chunk):
+            block = logits[s:s + chunk].float()  # (c, V)
+            lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
+            out[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_out[s:s + chunk, None].float()  # (c, 1)
+            probs = torch.exp(logits[s:s + chunk].float() - lse[s:s + chunk, None])
+            block = -g * probs  # d/dz [z_y - lse(z)] = onehot(y) - softmax(z)
+            block.scatter_add_(-1, labels[s:s + chunk, None], g)
+            grad[s:s + chunk] = block.to(grad.dtype)
+        return grad, None, None
+
+
+def token_logps(logits: Tensor, labels: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """log p(labels) under logits. logits (..., V), labels (...) -> (...) float32.
+
+    Labels outside [0, V) (e.g. -100 or padding) must be masked by the caller; they are clamped here
+    so that gather stays in range.
+    """
+    shape = labels.shape
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1).clamp(0, logits.shape[-1] - 1)
+    if flat_logits.shape[0] == 0:
+        return torch.zeros(shape, dtype=torch.float32, device=logits.device)
+    return _ChunkedTokenLogps.apply(flat_logits, flat_labels, chunk).reshape(shape)
+
+
+def shift_for_labels(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels and mask aligned with logits[:, :-1]: position t is scored on token t+1. (B, T-1) each."""
+    return input_ids[:, 1:], response_mask[:, 1:]
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, *, average: bool = False,
+                   chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token and per-sequence log-probs of the response tokens.
+
+    logits (B, T, V) from a forward pass over input_ids (B, T); response_mask (B, T) is 1 on response
+    tokens (prompt and padding 0). Returns (per_token (B, T-1) masked to 0 off-response,
+    per_sequence (B,) sum or token mean, lengths (B,) number of response tokens).
+    """
+    labels, mask = shift_for_labels(input_ids, response_mask)
+    per_token = token_logps(logits[:, :-1], labels, chunk) * mask
+    lengths = mask.sum(-1).to(per_token.dtype)
+    seq = per_token.sum(-1)
+    if average:
+        seq = seq / lengths.clamp(min=1)
+    return per_token, seq, lengths
+
+
+def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Entropy of softmax(logits) per position, (..., V) -> (...), chunked and without gradient."""
+    with torch.no_grad():
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for s in range(0, flat.shape[0], chunk):
+            lp = torch.log_softmax(flat[s:s + chunk].float(), dim=-1)
+            out[s:s + chunk] = -(lp.exp() * lp).sum(-1)
+    return out.reshape(logits.shape[:-1])

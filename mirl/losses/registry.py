@@ -1,0 +1,71 @@
+"""The loss registry: one name -> one pure function, plus what the recipe must feed it.
+
+kind "pair": fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+              beta, chosen_lengths=None, rejected_lengths=None, **options) -> (per_pair_loss (N,), metrics)
+kind "group": fn(policy_logps (N,K), ref_logps (N,K), positive (N,K) bool, *, beta, **options)
+              -> (per_group_loss (N,), metrics)
+`needs_reference=False` lets a recipe skip the reference model (SimPO, the SFT term).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable
+    kind: str  # "pair" | "group"
+    needs_reference: bool = True
+    doc: str = ""
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, kind: str = "pair", needs_reference: bool = True):
+    if kind not in ("pair", "group"):
+        raise ValueError(f"loss kind must be 'pair' or 'group', got {kind!r}")
+
+    def wrap(fn):
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        LOSSES[name] = LossSpec(name, fn, kind, needs_reference, doc)
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
+    """'mio' -> [('mio', 1.0)]; 'dpo:1,sft:0.1' -> [('dpo', 1.0), ('sft', 0.1)].
+
+    Every name is checked against the registry, so a typo fails before any model is loaded.
+    """
+    terms = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        get_loss(name)
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError as e:
+            raise ValueError(f"loss weight for {name!r} must be a number, got {weight!r}") from e
+        terms.append((name, w))
+    if not terms:
+        raise ValueError(f"empty loss spec {spec!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    kinds = {get_loss(n).kind for n, _ in terms}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot combine pair and group losses in one spec: {spec!r}")
+    return terms

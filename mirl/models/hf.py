@@ -1,0 +1,30 @@
+"""Any transformers causal LM with its tokenizer and chat template, by local path (lazy import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").exists()
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local folder saved with save_pretrained. Nothing is downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def save_hf(model, tokenizer, path: str | Path) -> None:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))

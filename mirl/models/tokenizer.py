@@ -1,0 +1,72 @@
+"""A character tokenizer for the built-in tasks: printable ASCII + newline, and four special tokens.
+
+It follows the part of the transformers tokenizer interface the library uses (encode, decode,
+pad/eos/bos ids, apply_chat_template), so recipes treat it and an HF tokenizer alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+class CharTokenizer:
+    type_name = "mirl-char"
+
+    def __init__(self, chars: str = CHARS):
+        self.chars = chars
+        self.itos = SPECIALS + list(chars)
+        self.stoi = {c: i + len(SPECIALS) for i, c in enumerate(chars)}
+        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = 0, 1, 2, 3
+        self.pad_token, self.eos_token = "<pad>", "<eos>"
+        self.padding_side = "left"
+        self.chat_template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [self.stoi.get(c, self.unk_token_id) for c in text]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < len(SPECIALS):
+                if not skip_special_tokens:
+                    out.append(self.itos[i])
+                continue
+            out.append(self.itos[i] if i < len(self.itos) else "")
+        return "".join(out)
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True, **_):
+        """A minimal template: 'role: content' lines, then 'assistant: ' when a reply is expected."""
+        text = "".join(f"{m['role']}: {_content_text(m['content'])}\n" for m in messages)
+        if add_generation_prompt:
+            text += "assistant: "
+        return self.encode(text) if tokenize else text
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "tokenizer.json").write_text(json.dumps({"type": self.type_name, "chars": self.chars}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> CharTokenizer:
+        data = json.loads((Path(path) / "tokenizer.json").read_text())
+        if data.get("type") != cls.type_name:
+            raise ValueError(f"{path}/tokenizer.json is not a {cls.type_name} tokenizer")
+        return cls(data["chars"])
+
+
+def _content_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")

@@ -1,0 +1,125 @@
+"""Batched generation for any Policy, with a KV cache, temperature / top-k / top-p, EOS and stop strings.
+
+Shapes of the returned RolloutBatch (B = number of prompts x samples_per_prompt, P prompt length after
+left padding, R = longest response):
+    prompt_ids (B, P) left-padded, prompt_mask (B, P)
+    response_ids (B, R) right-padded with pad_id, response_mask (B, R): 1 on generated tokens (EOS incl.)
+    logps (B, R): log-prob of each sampled token under the sampling distribution (logits / temperature),
+                  recorded while sampling, so no extra forward pass is needed to get "old" log-probs
+    truncated (B,): hit max_new_tokens without EOS or a stop string
+    prompt_index (B,): which input prompt each row belongs to (rows of one prompt are adjacent)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    logps: Tensor
+    truncated: Tensor
+    prompt_index: Tensor
+    texts: list[str]
+
+    def full(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, response_mask) of prompt + response, each (B, P + R)."""
+        ids = torch.cat([self.prompt_ids, self.response_ids], 1)
+        attn = torch.cat([self.prompt_mask, self.response_mask], 1)
+        resp = torch.cat([torch.zeros_like(self.prompt_mask), self.response_mask], 1)
+        return ids, attn, resp
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists -> (ids (B, P), mask (B, P))."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_per_prompt: int = 1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
+             generator: torch.Generator | None = None) -> RolloutBatch:
+    """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy."""
+    tok = policy.tokenizer
+    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    device = policy.device
+    rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+    prompt_ids, prompt_mask = left_pad(rows, pad_id)
+    if prompt_ids.shape[1] + max_new_tokens > policy.max_seq_len:
+        raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's maximum length {policy.max_seq_len}")
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    b = len(rows)
+    out_ids = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)  # ended by EOS or a stop string
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    attn = prompt_mask
+    was_training = policy.training
+    policy.eval()
+    logits, cache = policy.step(prompt_ids, attn)
+    n_steps = 0
+    for t in range(max_new_tokens):
+        step_logits = logits[:, -1].float()
+        if temperature > 0:
+            step_logits = _filter_logits(step_logits / temperature, top_k, top_p)
+            logprobs = torch.log_softmax(step_logits, -1)
+            nxt = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        else:
+            logprobs = torch.log_softmax(step_logits, -1)
+            nxt = logprobs.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out_ids[:, t] = nxt
+        out_logps[:, t] = torch.where(done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        newly = (~done) & (nxt == eos_id)
+        if stop_strings:
+            for i in torch.nonzero(~done & ~newly).flatten().tolist():
+                text = tok.decode(out_ids[i, : t + 1].tolist(), skip_special_tokens=True)
+                if any(s in text for s in stop_strings):
+                    newly[i] = True
+        live_before = ~done
+        lengths += live_before.long()
+        stopped |= newly
+        done |= newly
+        n_steps = t + 1
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, live_before.long()[:, None]], 1)
+        logits, cache = policy.step(nxt[:, None], attn, cache)
+    policy.train(was_training)
+    out_ids, out_logps = out_ids[:, :n_steps], out_logps[:, :n_steps]
+    response_mask = (torch.arange(n_steps, device=device)[None, :] < lengths[:, None]).long()
+    texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(out_ids, response_mask)]
+    return RolloutBatch(prompt_ids, prompt_mask, out_ids, response_mask, out_logps * response_mask,
+                        ~stopped, prompt_index.to(device), texts)
