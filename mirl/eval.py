@@ -69,3 +69,33 @@ def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int 
         pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
     samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
     return EvalResult(acc, pk, k, len(examples), samples)
+
+
+@dataclass
+class Config:
+    model: str = "runs/demo/sft/final"  # saved model folder or preset
+    task: str = "arith"  # arith[:digits], countdown[:n], rg:<reasoning-gym dataset>
+    n: int = 200  # held-out prompts
+    k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
+    n_samples: int = 0  # samples per prompt for pass@k (0 = k)
+    temperature: float = 1.0  # sampling temperature for pass@k
+    max_new_tokens: int = 40  # generation length
+    batch_size: int = 64  # prompts per generation batch
+    seed: int = 0  # seed of the held-out split and of sampling
+    threads: int = 2  # torch CPU threads
+
+
+def run(cfg: Config) -> EvalResult:
+    import json
+
+    from .data.tasks import make_task
+    from .models import load_policy
+
+    torch.set_num_threads(max(1, cfg.threads))
+    policy = load_policy(cfg.model, seed=cfg.seed)
+    task = make_task(cfg.task)
+    res = evaluate(policy, task, task.examples("test", cfg.n, cfg.seed), max_new_tokens=cfg.max_new_tokens,
+                   k=cfg.k, n_samples=cfg.n_samples or None, temperature=cfg.temperature,
+                   batch_size=cfg.batch_size, seed=cfg.seed)
+    print(json.dumps({"model": cfg.model, "task": task.name, **res.as_dict()}))
+    return res

@@ -1,0 +1,234 @@
+"""Offline preference optimisation with any registered loss: DPO, MIO, IPO, hinge, robust, SimPO, the MI
+estimators (dv, js, nwj, infonce; group_* with each pair as a group of two), combined with weights.
+
+    loss = mean over pairs of sum_i w_i * L_i(logp_w, logp_l, ref_logp_w, ref_logp_l; beta)
+Chosen and rejected go through the model in one concatenated batch. The reference is either a frozen
+copy (ref_mode=model) or log-probs precomputed once before training (ref_mode=precompute, the
+default: no second model in memory; the policy at step 0 *is* the reference).
+Log-probs are summed over response tokens (DPO's convention) or averaged (logp_agg=mean).
+
+    mirl dpo --data pairs.jsonl --loss mio --beta 0.1
+    mirl dpo --model runs/sft/final --task arith --loss dpo:1,sft:0.2     # pairs sampled and verified
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.collate import batch_indices, encode_example, pad_batch
+from ..data.formats import SkipCounter, load_rows, preference_records
+from ..data.pairs import sample_pairs
+from ..data.tasks import make_task
+from ..eval import evaluate
+from ..logging import MetricLogger, console, warn
+from ..logps import sequence_logps
+from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..optim import make_optimizer
+from .common import get_policy, optimizer_step, report_skips, setup
+
+
+@dataclass
+class Config:
+    model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
+    data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
+    task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)
+    loss: str = "dpo"  # loss name or weighted mix, e.g. "mio" or "dpo:1,sft:0.2"
+    beta: float = 0.1  # temperature of the implicit critic T = beta * (logp - logp_ref)
+    neg_mix: float = 0.5  # weight of the chosen response in the negative mixture (mio, dv, js, nwj)
+    label_smoothing: float = 0.1  # robust DPO: assumed preference-flip rate
+    simpo_gamma: float = 0.5  # SimPO target margin
+    ipo_length_normalize: bool = True  # IPO on per-token log-ratios (TRL's choice)
+    logp_agg: str = "sum"  # sequence log-prob: sum over response tokens, or token mean ("mean")
+    ref_mode: str = "precompute"  # "precompute" (no reference model in memory) or "model" (frozen copy)
+    n_prompts: int = 512  # task prompts to sample pairs from
+    k: int = 8  # samples per prompt when making pairs
+    sample_temperature: float = 1.0  # sampling temperature when making pairs
+    max_len: int = 64  # prompt + response tokens
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # pairs per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warmup steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    chosen_drop_warn: float = 2.0  # warn when mean chosen logp fell this many nats while the margin grew
+    seed: int = 0  # seed for data order and sampling
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/dpo"  # run folder
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
+    eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
+    max_new_tokens: int = 40  # generation length for sampling and evaluation
+
+
+@dataclass
+class Result:
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def encode_pairs(tok, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
+    out = []
+    for i, p in enumerate(pairs):
+        where = p.get("where", f"pair {i}")
+        c = encode_example(tok, p["prompt"], p["chosen"], max_len, skips, where, "chosen")
+        r = encode_example(tok, p["prompt"], p["rejected"], max_len, skips, where, "rejected") if c else None
+        if c and r:
+            out.append((c, r))
+    return out
+
+
+def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
+    """One forward over chosen + rejected stacked: -> (chosen_logps, rejected_logps, chosen_len, rejected_len)."""
+    ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    logits = policy(ids, attn)  # (2N, T, V)
+    _, seq, lengths = sequence_logps(logits, ids, resp, average=average)
+    n = len(pairs)
+    return seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum())
+
+
+@torch.no_grad()
+def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch_size: int = 64):
+    """Sequence log-probs of every pair under `policy`: (chosen (n,), rejected (n,))."""
+    was = policy.training
+    policy.eval()
+    cs, rs = [], []
+    for s in range(0, len(pairs), batch_size):
+        c, r, *_ = pair_forward(policy, pairs[s:s + batch_size], pad_id, average)
+        cs.append(c)
+        rs.append(r)
+    policy.train(was)
+    return torch.cat(cs), torch.cat(rs)
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    """data: optional [{'prompt', 'chosen', 'rejected'}] strings; model: optional Policy."""
+    # ---- setup -------------------------------------------------------------------------------------
+    terms = parse_loss_spec(cfg.loss)
+    if cfg.ref_mode not in ("precompute", "model"):
+        raise ValueError(f"ref_mode must be 'precompute' or 'model', got {cfg.ref_mode!r}")
+    if cfg.logp_agg not in ("sum", "mean"):
+        raise ValueError(f"logp_agg must be 'sum' or 'mean', got {cfg.logp_agg!r}")
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    tok = policy.tokenizer
+    task = make_task(cfg.task) if cfg.task else None
+    pair_stats = {}
+    if data is None:
+        if cfg.data:
+            data = preference_records(load_rows(cfg.data), tok)
+        elif task is not None:
+            data, pair_stats = sample_pairs(policy, task, task.examples("train", cfg.n_prompts, cfg.seed),
+                                            k=cfg.k, temperature=cfg.sample_temperature,
+                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            console.print(f"sampled pairs: {pair_stats}")
+        else:
+            raise ValueError("preference training needs --data or --task")
+    skips = SkipCounter()
+    pairs = encode_pairs(tok, data, cfg.max_len, skips)
+    if not pairs:
+        raise ValueError(f"no usable preference pairs ({skips.report()})")
+    average = cfg.logp_agg == "mean"
+    options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing, "gamma": cfg.simpo_gamma,
+               "length_normalize": cfg.ipo_length_normalize}
+    group = get_loss(terms[0][0]).kind == "group"
+    needs_ref = any(get_loss(n).needs_reference for n, _ in terms)
+
+    # the reference: log-probs computed once (policy at step 0 = reference), or a frozen copy
+    ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
+    ref_model, ref_c_all, ref_r_all = None, None, None
+    if needs_ref and cfg.ref_mode == "model":
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    elif needs_ref and cfg.resume and ref_file.exists():
+        saved = load_file(str(ref_file))
+        ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
+    elif needs_ref:
+        ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average)
+        save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file))
+    probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
+    start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
+
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
+        console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume,
+                       show=("loss", "logps/chosen", "rewards/margins"))
+    history, first, warned = [], None, False
+    policy.train()
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        sums: dict[str, float] = {}
+        n_tok = 0
+        for m in range(cfg.grad_accum):
+            mb = idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            pc, pr, lc, lr_, ntok = pair_forward(policy, [pairs[i] for i in mb], tok.pad_token_id, average)
+            n_tok += ntok
+            if not needs_ref:
+                rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+            elif ref_model is not None:
+                with torch.no_grad():
+                    rc, rr, *_ = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
+            else:
+                rc, rr = ref_c_all[mb], ref_r_all[mb]
+            if group:  # each pair is a group of two with the chosen response as its positive
+                fn = get_loss(terms[0][0]).fn
+                positive = torch.tensor([[True, False]]).expand(len(mb), 2)
+                per_ex, metrics = fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), positive, beta=cfg.beta)
+            else:
+                per_ex, metrics = combined_pair_loss(terms, pc, pr, rc, rr, beta=cfg.beta, options=options,
+                                                     chosen_lengths=lc, rejected_lengths=lr_)
+            loss = mean_over_examples(per_ex, global_count=len(idx))
+            loss.backward()
+            metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
+        dt = time.perf_counter() - t0
+        row = {k: (v if k == "loss" else v / len(idx)) for k, v in sums.items()}
+        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt})
+        first = first or row
+        if (not warned and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
+                and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)):
+            warn(f"step {step + 1}: mean chosen log-prob fell {first['logps/chosen'] - row['logps/chosen']:.2f} "
+                 "nats from its start while the margin grew (DPO's likelihood-decline failure mode; MIO "
+                 "targets it)")
+            warned = True
+        history.append({"step": step + 1, **row})
+        log.log(step + 1, row)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
+        if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
+            break
+    log.close()
+
+    # ---- summary, save, evaluate -------------------------------------------------------------------
+    report_skips(skips, cfg.out_dir)
+    end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
+    summary = {"steps": start + len(history), "pairs": len(pairs), "pair_sampling": pair_stats,
+               "skipped": skips.counts, "chosen_logp_change": float((end_c - start_c).mean()),
+               "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned}
+    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+        policy.save(Path(cfg.out_dir) / "final")
+        if task is not None and cfg.eval_n:
+            res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),
+                           max_new_tokens=cfg.max_new_tokens)
+            summary["eval"] = res.as_dict()
+            console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
+    summary["config"] = asdict(cfg)
+    return Result(policy, history, summary)
