@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
     mod_name, fn_name, help_text = COMMANDS[cmd]
     mod = importlib.import_module(mod_name)
-    cls = getattr(mod, "Config")
+    cls = mod.Config
     p = sub.add_parser(cmd, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
     p.add_argument("--config", help="YAML file of option: value overrides")
     add_dataclass_flags(p, cls)

@@ -3,14 +3,16 @@
     prompt   "347+85="
     solution "7+5=12,4+8+1=13,3+1=4|432"        (each column: digits + carry = sum; answer after '|')
 
-Deterministic by seed; the test split is disjoint from the training split (same generator, other
-seed, and training problems that occur in the test split are dropped).
+Deterministic by seed; the test split is disjoint from the training split (split.py: by a hash of
+the prompt).
 """
 
 from __future__ import annotations
 
 import random
 import re
+
+from .split import sample_split
 
 ANSWER_RE = re.compile(r"\|\s*(-?\d+)")
 
@@ -42,18 +44,7 @@ class ArithTask:
         return {"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": cot(a, b)}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.name}-{split}-{seed}")
-        test_prompts = set()
-        if split == "train":
-            test_prompts = {e["prompt"] for e in self.examples("test", 1000, seed)}
-        out = []
-        while len(out) < n:
-            ex = self._problem(rng)
-            if ex["prompt"] not in test_prompts:
-                out.append(ex)
-        return out
+        return sample_split(self._problem, self.name, split, n, seed)
 
     @staticmethod
     def extract(completion: str) -> str | None:

@@ -12,6 +12,8 @@ import random
 from collections import Counter
 from fractions import Fraction
 
+from .split import sample_split
+
 OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
        ast.Div: lambda a, b: a / b}
 
@@ -61,16 +63,7 @@ class CountdownTask:
                         "numbers": shown, "solution": expr}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.name}-{split}-{seed}")
-        test = {e["prompt"] for e in self.examples("test", 500, seed)} if split == "train" else set()
-        out = []
-        while len(out) < n:
-            ex = self._problem(rng)
-            if ex["prompt"] not in test:
-                out.append(ex)
-        return out
+        return sample_split(self._problem, self.name, split, n, seed)
 
     @staticmethod
     def extract(completion: str) -> str:

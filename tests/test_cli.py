@@ -1,0 +1,97 @@
+"""The CLI as a user runs it: flags from the dataclasses, YAML overrides, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mirl.cli import main
+
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(6) for b in range(6)]
+
+
+@pytest.fixture
+def pairs_jsonl(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return p
+
+
+def run_ok(argv, capsys):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_dpo_mio_on_trl_jsonl_and_datasets_folder(tmp_path, pairs_jsonl, capsys):
+    import datasets
+
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(folder))
+    for src in (pairs_jsonl, folder):
+        out = run_ok(["dpo", "--loss", "mio", "--data", str(src), "--task", "", "--steps", "3", "--batch-size", "4",
+                      "--threads", "1", "--out-dir", str(tmp_path / f"run_{src.name}")], capsys)
+        assert out["steps"] == 3 and out["pairs"] == len(PAIRS)
+        assert (tmp_path / f"run_{src.name}" / "final" / "config.json").exists()
+
+
+def test_yaml_overrides_and_flag_precedence(tmp_path, pairs_jsonl, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"loss: dpo\nsteps: 2\nbeta: 1\ndata: {pairs_jsonl}\ntask: ''\nbatch-size: 4\nthreads: 1\n"
+                   f"out_dir: {tmp_path / 'y'}\n")
+    out = run_ok(["dpo", "--config", str(cfg), "--steps", "3"], capsys)
+    assert out["steps"] == 3  # the flag wins over the file
+    saved = json.loads((tmp_path / "y" / "config.json").read_text())
+    assert saved["beta"] == 1.0 and saved["loss"] == "dpo"
+
+
+def test_unknown_yaml_key_lists_valid_ones(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 0.1\nlearning_rate: 0.1\n")
+    assert main(["sft", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: unknown key 'learning_rate'" in err and "valid keys: batch_size" in err
+
+
+def test_wrong_yaml_type(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("steps: many\n")
+    assert main(["sft", "--config", str(cfg)]) == 2
+    assert "key 'steps' must be int" in capsys.readouterr().err
+
+
+def test_unknown_loss_lists_valid_ones(capsys):
+    assert main(["dpo", "--loss", "dpoo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown loss 'dpoo'" in err and "mio" in err and "group_js" in err
+
+
+def test_bad_data_row_reported_with_location(tmp_path, capsys):
+    p = tmp_path / "broken.jsonl"
+    p.write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "1+1=", "chosen": "2"}) + "\n")
+    assert main(["dpo", "--data", str(p), "--task", "", "--out-dir", str(tmp_path / "o")]) == 2
+    assert "broken.jsonl:2: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_sft_then_eval_pass_at_k(tmp_path, capsys):
+    run_ok(["sft", "--task", "arith:1", "--steps", "5", "--n-train", "50", "--eval-n", "0", "--threads", "1",
+            "--out-dir", str(tmp_path / "s")], capsys)
+    assert main(["eval", "--model", str(tmp_path / "s" / "final"), "--task", "arith:1", "--n", "5", "--k", "2",
+                 "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 5 and 0.0 <= out["accuracy"] <= 1.0 and "pass@2" in out
+
+
+def test_module_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "mirl", "dpo", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--neg-mix" in r.stdout and "--ref-mode" in r.stdout
+
+
+def test_demo_small(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--task", "arith:1", "--sft-steps", "80", "--pref-steps", "2",
+                 "--n-prompts", "32", "--k", "8", "--eval-n", "10", "--threads", "1"]) == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert set(summary) >= {"sft_accuracy", "dpo", "mio", "pairs"}
+    assert (tmp_path / "d" / "logps.png").stat().st_size > 1000
+    err = capsys.readouterr().err
+    assert "held-out accuracy" in err and "MIO" in err
