@@ -30,11 +30,11 @@ from .report import plot_preference_curves
 class Config:
     out_dir: str = "runs/demo"  # where the SFT cache, runs, table and plot go
     task: str = "arith"  # built-in task
-    sft_steps: int = 500  # SFT optimizer steps
-    pref_steps: int = 80  # DPO / MIO optimizer steps (each)
+    sft_steps: int = 400  # SFT optimizer steps
+    pref_steps: int = 60  # DPO / MIO optimizer steps (each)
     beta: float = 0.1  # the same beta for DPO and MIO
-    lr: float = 2e-4  # the same learning rate for DPO and MIO
-    n_prompts: int = 256  # training prompts sampled for pairs
+    lr: float = 2e-5  # the same learning rate for DPO and MIO
+    n_prompts: int = 512  # training prompts sampled for pairs
     k: int = 8  # samples per prompt
     eval_n: int = 300  # held-out prompts
     seed: int = 0  # seed

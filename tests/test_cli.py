@@ -88,8 +88,8 @@ def test_module_entry_point_help():
 
 
 def test_demo_small(tmp_path, capsys):
-    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--task", "arith:1", "--sft-steps", "80", "--pref-steps", "2",
-                 "--n-prompts", "32", "--k", "8", "--eval-n", "10", "--threads", "1"]) == 0
+    argv = ["demo", "--out-dir", str(tmp_path / "d"), "--task", "arith:1", "--sft-steps", "80", "--pref-steps", "2"]
+    assert main(argv + ["--n-prompts", "32", "--k", "8", "--eval-n", "10", "--threads", "1"]) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert set(summary) >= {"sft_accuracy", "dpo", "mio", "pairs"}
     assert (tmp_path / "d" / "logps.png").stat().st_size > 1000

@@ -64,3 +64,27 @@ def test_left_and_right_padding_give_same_sequence_logps():
 def test_entropy_uniform():
     assert entropy_from_logits(torch.zeros(2, 3, 8), chunk=2).flatten().tolist() == pytest.approx(
         [torch.log(torch.tensor(8.0)).item()] * 6)
+
+
+def test_chunked_logps_keep_no_vocab_sized_float32_copy():
+    """What autograd keeps for backward: the logits themselves plus O(B*T), never a B*T*V float32 copy."""
+    logits = torch.randn(4, 32, 512).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 512, (4, 32))
+    vocab_sized = 4 * 32 * 512
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            if t.data_ptr() != logits.data_ptr():  # the logits exist anyway
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    ours = saved_bytes(lambda: token_logps(logits, labels, chunk=16))
+    naive = saved_bytes(lambda: torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]))
+    assert ours <= 4 * 4 * 32  # labels + lse (+ slack): O(B*T)
+    assert naive >= vocab_sized  # the plain form keeps a float32 B*T*V tensor
