@@ -33,7 +33,7 @@ class Config:
     sft_steps: int = 400  # SFT optimizer steps
     pref_steps: int = 60  # DPO / MIO optimizer steps (each)
     beta: float = 0.1  # the same beta for DPO and MIO
-    lr: float = 2e-5  # the same learning rate for DPO and MIO
+    lr: float = 1e-4  # the same learning rate for DPO and MIO
     n_prompts: int = 512  # training prompts sampled for pairs
     k: int = 8  # samples per prompt
     eval_n: int = 300  # held-out prompts

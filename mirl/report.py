@@ -6,14 +6,15 @@ from pathlib import Path
 
 
 def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """Chosen and rejected log-probs (and the chosen reward T_w) over steps, one line per method."""
+    """Chosen and rejected log-probs of a fixed set of pairs, and the margin, over steps; one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("logps/chosen", "chosen log-prob"), ("logps/rejected", "rejected log-prob"),
-            ("rewards/chosen", "chosen reward T_w = beta*delta_w")]
+    keys = [("probe/chosen_logps", "chosen log-prob (fixed pairs)"),
+            ("probe/rejected_logps", "rejected log-prob (fixed pairs)"),
+            ("rewards/margins", "margin T_w - T_l (batch mean)")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for ax, (key, label) in zip(axes, keys):
         for name, hist in histories.items():

@@ -59,6 +59,7 @@ class Config:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    probe_every: int = 5  # every N steps log log-probs of a fixed set of 256 pairs (probe/*; 0 = off)
     chosen_drop_warn: float = 2.0  # warn when mean chosen logp fell this many nats while the margin grew
     seed: int = 0  # seed for data order and sampling
     threads: int = 2  # torch CPU threads
@@ -209,6 +210,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                  "nats from its start while the margin grew (DPO's likelihood-decline failure mode; MIO "
                  "targets it)")
             warned = True
+        if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == 0):
+            # the same pairs every time: a clean curve of chosen / rejected log-probs (batch means are noisy)
+            pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
+            row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
