@@ -124,3 +124,20 @@ def test_chosen_decline_warning(tmp_path, capsys):
     assert res.summary["warned_chosen_decline"] == (drop > 1.0 and res.history[-1]["rewards/margins"] > 0)
     if res.summary["warned_chosen_decline"]:
         assert "likelihood-decline" in capsys.readouterr().err
+
+
+def test_recipes_on_a_transformers_model(tmp_path, hf_tiny_dir):
+    # the same recipes drive a transformers model through the Policy interface; the result loads back
+    from transformers import AutoModelForCausalLM
+
+    model = load_policy(hf_tiny_dir)
+    before = [p.clone() for p in model.parameters()]
+    data = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "2+2=", "completion": "4"}]
+    res = sft.train(sft.Config(task="", steps=2, batch_size=2, eval_n=0, threads=1, out_dir=str(tmp_path / "s")),
+                    model=model, data=data)
+    assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
+    pref = preference.train(pcfg(tmp_path, loss="mio", steps=2, batch_size=4), model=res.model, data=PAIRS[:8])
+    assert pref.history[0]["loss"] == pytest.approx(math.log(4), abs=1e-6)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "pref" / "final")
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(back(ids).logits, pref.model(ids), atol=1e-5, rtol=1e-5)
