@@ -4,6 +4,7 @@ kind "pair": fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
               beta, chosen_lengths=None, rejected_lengths=None, **options) -> (per_pair_loss (N,), metrics)
 kind "group": fn(policy_logps (N,K), ref_logps (N,K), positive (N,K) bool, *, beta, **options)
               -> (per_group_loss (N,), metrics)
+kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss, metrics)   (losses/policy.py)
 `needs_reference=False` lets a recipe skip the reference model (SimPO, the SFT term).
 """
 
@@ -26,8 +27,8 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, kind: str = "pair", needs_reference: bool = True):
-    if kind not in ("pair", "group"):
-        raise ValueError(f"loss kind must be 'pair' or 'group', got {kind!r}")
+    if kind not in ("pair", "group", "policy"):
+        raise ValueError(f"loss kind must be 'pair', 'group' or 'policy', got {kind!r}")
 
     def wrap(fn):
         if name in LOSSES:
@@ -66,6 +67,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     if not terms:
         raise ValueError(f"empty loss spec {spec!r}; valid losses: {', '.join(sorted(LOSSES))}")
     kinds = {get_loss(n).kind for n, _ in terms}
+    if "policy" in kinds:
+        raise ValueError(f"{spec!r}: policy-gradient losses are used by the grpo/ppo recipes, not as preference losses")
     if len(kinds) > 1:
         raise ValueError(f"cannot combine pair and group losses in one spec: {spec!r}")
     return terms

@@ -1,0 +1,77 @@
+"""Advantage estimators: vectorised pure functions (tests keep plain-loop references).
+
+    group_advantages  A_i = (r_i - mean_group(r)) / (std + eps)   GRPO; scale = group | batch | none (Dr. GRPO)
+    rloo              A_i = r_i - mean_{j != i} r_j               leave-one-out baseline (RLOO)
+    gae               A_t = sum_l (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t   (PPO)
+    whiten            batch-level normalisation of advantages under a mask (REINFORCE++-style)
+
+Rewards may be NaN ("not applicable" from every reward function): such rows are left out of the
+group statistics and get advantage 0, as in TRL. std is Bessel-corrected and eps = 1e-4, as TRL's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var, torch.zeros_like(var))
+    out = var.sqrt()
+    return out if keepdim or dim is None else out.squeeze(dim)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """rewards (N * G,), rows of one prompt adjacent -> advantages (N * G,)."""
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (N, G)
+    adv = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (_nanstd(grouped, dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = adv / (_nanstd(rewards) + eps)
+    return torch.nan_to_num(adv.reshape(-1), nan=0.0)
+
+
+def rloo(rewards: Tensor, group_size: int) -> Tensor:
+    """Leave-one-out baseline: r_i - (sum_group r - r_i) / (G - 1)."""
+    if group_size < 2:
+        raise ValueError("RLOO needs a group size of at least 2")
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """rewards, values, mask: (B, T), response tokens left-aligned (mask 1...1 0...0).
+
+    The value after the last response token is 0 (episode ends). Returns (advantages, returns), (B, T),
+    zero off the mask.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    b, t = rewards.shape
+    adv = torch.zeros_like(values)
+    last = torch.zeros(b, dtype=values.dtype, device=values.device)
+    for i in reversed(range(t)):
+        next_v = values[:, i + 1] if i + 1 < t else torch.zeros_like(last)
+        delta = rewards[:, i] + gamma * next_v - values[:, i]
+        last = (delta + gamma * lam * last) * mask[:, i]
+        adv[:, i] = last
+    return adv, (adv + values) * mask
+
+
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries; zero off the mask."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=1)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    return (x - mean) / (var.sqrt() + eps) * m

@@ -1,0 +1,92 @@
+"""Policy-gradient losses for online RL: the PPO clip objective, the GRPO family, KL estimators, value loss.
+
+Per token k of response o (algorithms.md §2):
+    rho_k = exp(logp_k - old_logp_k)      (importance="sequence": one rho per response, GSPO:
+                                           exp(mean_k (logp_k - old_logp_k)))
+    l_k   = -min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A) + beta * KL_k
+    KL_k  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1  (Schulman)
+Aggregation (loss_agg), the place where the GRPO variants differ:
+    grpo     mean over responses of (token mean within the response)
+    bnpo     token mean over the micro-batch
+    dapo     token mean over the whole generation batch (pass global_count = its token count)
+    dr_grpo  sum over tokens / (number of responses * max_completion_length)     (Dr. GRPO)
+These match TRL's GRPOTrainer for the same names (tests/test_policy_losses.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reduce import masked_reduce
+from .registry import register_loss
+
+Tensor = torch.Tensor
+AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi."""
+    q = ref_logps - logps
+    if kind == "k1":
+        return -q
+    if kind == "k2":
+        return 0.5 * q**2
+    if kind == "k3":
+        return torch.exp(q) - q - 1.0
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
+
+
+@register_loss("clipped_pg", kind="policy")
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *,
+                        clip_eps: float = 0.2, clip_eps_high: float | None = None, importance: str = "token",
+                        beta: float = 0.0, ref_logps: Tensor | None = None, kl_estimator: str = "k3",
+                        loss_agg: str = "grpo", max_completion_length: int | None = None,
+                        global_count: Tensor | float | None = None) -> tuple[Tensor, dict]:
+    """PPO/GRPO clipped surrogate. logps, old_logps, ref_logps, mask: (B, T); advantages (B,) or (B, T)."""
+    if loss_agg not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    log_ratio = logps - old_logps
+    if importance == "token":
+        log_w = log_ratio
+    elif importance == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    else:
+        raise ValueError(f"importance must be 'token' or 'sequence', got {importance!r}")
+    ratio = torch.exp(log_w)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    metrics = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        kl = kl_estimate(logps, ref_logps, kl_estimator)
+        per_token = per_token + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+    per_token = per_token.expand_as(mask) if per_token.shape != mask.shape else per_token
+    if loss_agg == "grpo":
+        loss = masked_reduce(per_token, mask, "seq_mean", global_count=global_count)
+    elif loss_agg in ("bnpo", "dapo"):
+        loss = masked_reduce(per_token, mask, "token_mean", global_count=global_count)
+    else:
+        if not max_completion_length:
+            raise ValueError("dr_grpo aggregation needs max_completion_length")
+        loss = masked_reduce(per_token, mask, "constant", constant=max_completion_length, global_count=global_count)
+    low_clip = ((ratio < 1 - clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
+    high_clip = ((ratio > 1 + high) & (adv > 0)).to(mask.dtype).expand_as(mask)
+    n = mask.sum().clamp(min=1)
+    metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
+    metrics["clip_fraction/high"] = ((high_clip * mask).sum() / n).detach()
+    metrics["clip_fraction"] = metrics["clip_fraction/low"] + metrics["clip_fraction/high"]
+    metrics["ratio/mean"] = ((ratio.expand_as(mask) * mask).sum() / n).detach()
+    return loss, metrics
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+                       clip_range: float = 0.2) -> Tensor:
+    """PPO value loss: 1/2 max((V - R)^2, (clip(V, V_old +- c) - R)^2), token mean."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return masked_reduce(per_token, mask, "token_mean")
