@@ -18,6 +18,8 @@ import yaml
 COMMANDS = {
     "sft": ("mirl.recipes.sft", "train", "supervised fine-tuning"),
     "dpo": ("mirl.recipes.preference", "train", "offline preference optimisation: DPO family, MIO, MI bounds"),
+    "grpo": ("mirl.recipes.grpo", "train", "GRPO family: Dr. GRPO, DAPO, GSPO, RLOO, KL schedules"),
+    "online": ("mirl.recipes.online", "train", "online contrastive fine-tuning: MIO/DPO/group losses on samples"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
     "demo": ("mirl.demo", "run", "the embedded default: SFT, sampled pairs, DPO vs MIO (CPU, minutes)"),
 }
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = build_config(cls, args)
-        if cmd == "dpo":
+        if cmd in ("dpo", "online"):
             from .losses import parse_loss_spec
 
             parse_loss_spec(cfg.loss)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
         return 2
-    if cmd in ("sft", "dpo"):
+    if cmd not in ("eval", "demo"):
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))

@@ -168,3 +168,15 @@ def completion_records(rows: list[Row], tokenizer) -> list[dict]:
             completion = _completion_text(d["completion"], row.where, "completion")
         out.append({"prompt": prompt, "completion": completion, "where": row.where})
     return out
+
+
+def prompt_records(rows: list[Row], tokenizer) -> list[dict]:
+    """RL prompt rows: {'prompt': str | messages, ...other columns kept for the rewards (e.g. 'answer')}."""
+    out = []
+    for row in rows:
+        _require(row, "prompt")
+        rec = dict(row.data)
+        rec["prompt"] = _prompt_text(row.data["prompt"], tokenizer, row.where)
+        rec["where"] = row.where
+        out.append(rec)
+    return out

@@ -1,0 +1,266 @@
+"""GRPO and its variants: sample a group of G responses per prompt, score them with verifiable rewards,
+normalise rewards within the group, and take clipped policy-gradient steps (Shao et al. 2024).
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)         scale_rewards=group (batch | none = Dr. GRPO)
+    loss = clipped surrogate + beta * KL_k3         losses/policy.py, aggregation by loss_agg
+Switches: Dr. GRPO (--loss-agg dr_grpo --scale-rewards none), DAPO (--clip-eps-high 0.28 --loss-agg dapo
+--dynamic-sampling --reward task,overlong), GSPO (--importance sequence), RLOO (--advantage rloo), a KL
+schedule (--beta 0.04 --kl-schedule linear --beta-final 0), several passes per batch (--num-iterations),
+--mask-truncated. With beta = 0 no reference model is kept in memory.
+Departures from the papers: the "old" log-probs of the first pass are the current ones (ratio 1), as in
+TRL; later passes use the log-probs recorded while sampling (no extra forward pass).
+
+    mirl grpo --model runs/sft/final --task arith --time-budget-s 240
+    mirl grpo --model runs/sft/final --task rg:basic_arithmetic --reward task
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..advantages import group_advantages, rloo
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.collate import batch_indices
+from ..data.formats import load_rows, prompt_records
+from ..data.tasks import make_task
+from ..eval import evaluate
+from ..logging import MetricLogger, console
+from ..logps import entropy_from_logits, token_logps
+from ..losses.policy import clipped_policy_loss
+from ..optim import make_optimizer
+from ..rewards import RewardSet, parse_reward_spec
+from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
+from .common import get_policy, optimizer_step, setup
+
+
+@dataclass
+class Config:
+    model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
+    task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
+    data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
+    n_prompts: int = 5000  # training prompts generated from the task
+    reward: str = "task"  # reward spec: names with weights, e.g. "task:1,format:0.1", "accuracy", "rm:<folder>"
+    reward_timeout_s: float = 10.0  # a reward call running longer is cut off, counted and reported
+    group_size: int = 8  # G responses per prompt
+    prompts_per_step: int = 16  # prompts per generation batch
+    steps: int = 200  # generation batches (optimizer steps = steps * num_iterations * minibatches)
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    advantage: str = "group"  # group (GRPO) or rloo
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
+    importance: str = "token"  # token (GRPO) or sequence (GSPO)
+    clip_eps: float = 0.2  # lower clip range (and upper, unless clip_eps_high is set)
+    clip_eps_high: float = 0.0  # upper clip range for clip-higher (DAPO 0.28); 0 = clip_eps
+    beta: float = 0.0  # KL coefficient (0 = no reference model in memory)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_schedule: str = "constant"  # constant | linear | cosine, from beta to beta_final over the run
+    beta_final: float = 0.0  # KL coefficient at the end of a schedule
+    num_iterations: int = 1  # optimisation passes over each generation batch
+    minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
+    max_refills: int = 4  # dynamic sampling: extra generation rounds per step at most
+    mask_truncated: bool = False  # no loss on responses that hit max_new_tokens
+    temperature: float = 1.0  # sampling temperature (log-probs in the update use the same)
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 40  # response length limit
+    max_len: int = 128  # model context for new tiny models
+    lr: float = 2e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
+    warmup_steps: int = 0  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 1.0  # cosine decay floor; 1.0 = constant
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # seed
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/grpo"  # run folder
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
+    eval_n: int = 200  # held-out prompts evaluated (greedy) before and after training (0 = skip)
+    eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
+
+
+@dataclass
+class Result:
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def kl_coef(cfg: Config, step: int) -> float:
+    if cfg.kl_schedule == "constant":
+        return cfg.beta
+    frac = min(1.0, step / max(1, cfg.steps - 1))
+    if cfg.kl_schedule == "linear":
+        return cfg.beta + (cfg.beta_final - cfg.beta) * frac
+    if cfg.kl_schedule == "cosine":
+        return cfg.beta_final + (cfg.beta - cfg.beta_final) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"kl_schedule must be constant, linear or cosine, got {cfg.kl_schedule!r}")
+
+
+def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature."""
+    logits = policy(ids, attn)[:, -n_resp - 1:-1]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    lp = token_logps(logits, ids[:, -n_resp:])
+    ent = entropy_from_logits(logits) if with_entropy else None
+    return lp, ent
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
+    # ---- setup -------------------------------------------------------------------------------------
+    if cfg.group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (a group of 1 has no baseline), got {cfg.group_size}")
+    kl_coef(cfg, 0)
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    tok = policy.tokenizer
+    task = make_task(cfg.task) if cfg.task else None
+    if data is None:
+        if cfg.data:
+            data = prompt_records(load_rows(cfg.data), tok)
+        elif task is not None:
+            data = task.examples("train", cfg.n_prompts, cfg.seed)
+        else:
+            raise ValueError("grpo needs --task or --data")
+    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
+    check_reward_columns(reward_set, data, cfg.data or cfg.task)
+    ref_model = None
+    if cfg.beta > 0 or cfg.beta_final > 0:
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    start, evals = 0, []
+    if cfg.resume:
+        state = load_checkpoint(cfg.out_dir, policy, optimizer)
+        start, evals = state["step"], state.get("evals", [])
+        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+        console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
+    if test and not cfg.resume:
+        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
+        console.print(f"held-out accuracy before GRPO: {evals[0]['accuracy']:.3f}")
+    opt_steps_per_step = cfg.num_iterations * cfg.minibatches
+    lr_cfg = copy.copy(cfg)
+    lr_cfg.steps = cfg.steps * opt_steps_per_step
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, show=("reward/mean", "kl"))
+    history, t_train = [], time.perf_counter()
+    skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
+        kept, rounds, gen_s, score_s, zero_groups, metrics = [], 0, 0.0, 0.0, 0, {}
+        while True:
+            idx = batch_indices(len(data), cfg.prompts_per_step, step * (cfg.max_refills + 1) + rounds, cfg.seed)
+            sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.group_size,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   top_k=cfg.top_k, generator=gen)
+            gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
+            metrics = metrics or sb.metrics
+            r = sb.rewards.view(-1, cfg.group_size)
+            flat = torch.nan_to_num(r, nan=-1e9)
+            signal = (flat.max(1).values - flat.min(1).values) > 1e-9  # (P,) groups with a learning signal
+            zero_groups += int((~signal).sum())
+            kept.append((sb, signal))
+            n_kept = sum(int(s.sum()) for _, s in kept)
+            if not cfg.dynamic_sampling or n_kept >= cfg.prompts_per_step or rounds >= cfg.max_refills:
+                break
+            rounds += 1
+        skipped["zero_signal_groups"] += zero_groups
+        skipped["refill_rounds"] += rounds
+        # -- advantages, per generation round (groups never mix across rounds)
+        parts = []
+        for sb, signal in kept:
+            adv = (group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards) if cfg.advantage == "group"
+                   else rloo(torch.nan_to_num(sb.rewards, nan=0.0), cfg.group_size))
+            keep_rows = signal.repeat_interleave(cfg.group_size)
+            parts.append((sb, adv.float(), keep_rows if cfg.dynamic_sampling else torch.ones_like(keep_rows)))
+        rows = [(sb.batch, i, adv[i]) for sb, adv, keep in parts for i in torch.nonzero(keep).flatten().tolist()]
+        if not rows:  # nothing to learn from in this step (all groups had equal rewards)
+            row = {**metrics, "skipped_step": 1.0}
+            history.append({"step": step + 1, **row})
+            log.log(step + 1, row)
+            continue
+        ids, attn, resp_mask, old_lp, truncated = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
+        adv = torch.stack([a for _, _, a in rows])
+        n_resp = resp_mask.shape[1]
+        loss_mask = resp_mask * (~truncated).unsqueeze(1) if cfg.mask_truncated else resp_mask
+        beta = kl_coef(cfg, step)
+        ref_lp = None
+        if ref_model is not None and beta > 0:
+            with torch.no_grad():
+                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature)
+        # -- update: num_iterations passes x minibatches
+        t_up = time.perf_counter()
+        b = ids.shape[0]
+        agg_global = loss_mask.sum() if cfg.loss_agg == "dapo" else None
+        stats: dict[str, float] = {}
+        for it in range(cfg.num_iterations):
+            perm = torch.randperm(b, generator=torch.Generator().manual_seed(cfg.seed + step * 131 + it))
+            for j, mb in enumerate(perm.chunk(cfg.minibatches)):
+                lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True)
+                old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
+                g = None
+                if agg_global is not None:
+                    g = agg_global * len(mb) / b  # token count of the generation batch, per optimizer step
+                loss, m = clipped_policy_loss(
+                    lp, old, adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None,
+                    importance=cfg.importance, beta=beta, ref_logps=None if ref_lp is None else ref_lp[mb],
+                    kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg, max_completion_length=cfg.max_new_tokens,
+                    global_count=g)
+                loss.backward()
+                opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
+                grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg)
+                ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
+                for k, v in {"loss": loss.item(), "grad_norm": grad_norm, "entropy": ent_mean,
+                             **{k: float(v) for k, v in m.items()}}.items():
+                    stats[k] = stats.get(k, 0.0) + v / opt_steps_per_step
+        up_s = time.perf_counter() - t_up
+        dt = time.perf_counter() - t0
+        lengths = resp_mask.sum(1).float()
+        row = {**metrics, **stats, "lr": lr, "beta": beta,
+               "advantages/mean": float(adv.mean()), "advantages/std": float(adv.std()),
+               "advantages/max": float(adv.max()), "advantages/min": float(adv.min()),
+               "completions/mean_length": float(lengths.mean()),
+               "completions/truncated_frac": float(truncated.float().mean()),
+               "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
+               "tokens_per_s": float(attn.sum()) / dt, "time/generation_s": gen_s, "time/scoring_s": score_s,
+               "time/update_s": up_s, "time/step_s": dt}
+        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": step + 1, "accuracy": acc})
+            row["eval/accuracy"] = acc
+        history.append({"step": step + 1, **row})
+        log.log(step + 1, row)
+        out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or out_of_time:
+            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
+                            {"gen_rng": gen.get_state().tolist(), "evals": evals})
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or out_of_time:
+            break
+    log.close()
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "skips": skipped,
+               "reward_faults": reward_set.faults}
+    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+        policy.save(Path(cfg.out_dir) / "final")
+        if test:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": summary["steps"], "accuracy": acc})
+            console.print(f"held-out accuracy after GRPO: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+    summary["evals"] = evals
+    if reward_set.faults:
+        console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
+    summary["config"] = asdict(cfg)
+    return Result(policy, history, summary)

@@ -1,0 +1,199 @@
+"""Online contrastive fine-tuning, where the two seeds meet (algorithms.md §3): sample K responses per prompt
+from the current policy, verify them, and train with a preference loss on what was sampled.
+
+    pair losses (mio, dpo, ...):  (correct, incorrect) pairs drawn from each group
+    group losses (group_js, ...): the whole group; positives = responses with reward >= positive_threshold
+The reference is the starting policy (a frozen copy). Prompts whose K samples all agree carry no
+contrast: they are skipped and counted (groups/all_correct, groups/all_wrong).
+
+    mirl online --model runs/sft/final --task arith --loss mio --time-budget-s 240
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.collate import batch_indices
+from ..data.formats import load_rows, prompt_records
+from ..data.tasks import make_task
+from ..eval import evaluate
+from ..logging import MetricLogger, console
+from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..optim import make_optimizer
+from ..rewards import RewardSet, parse_reward_spec
+from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
+from .common import get_policy, optimizer_step, setup
+from .grpo import response_logps
+
+
+@dataclass
+class Config:
+    model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
+    task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
+    data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
+    n_prompts: int = 5000  # training prompts generated from the task
+    reward: str = "task"  # reward spec, as in grpo
+    reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
+    positive_threshold: float = 1.0  # a response is a positive when its reward is at least this
+    loss: str = "mio"  # pair loss (mio, dpo, ... or a weighted mix) or a group loss (group_js, group_dv, ...)
+    beta: float = 0.1  # critic temperature
+    neg_mix: float = 0.5  # weight of the chosen response in the negative mixture (mio, dv, js, nwj)
+    label_smoothing: float = 0.1  # robust DPO flip rate
+    k: int = 8  # samples per prompt
+    pairs_per_prompt: int = 2  # (correct, incorrect) pairs drawn per prompt for pair losses
+    prompts_per_step: int = 16  # prompts per step
+    steps: int = 200  # steps (one generation batch and one optimizer step each)
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 40  # response length limit
+    max_len: int = 128  # model context for new tiny models
+    lr: float = 2e-5  # learning rate
+    warmup_steps: int = 0  # linear warmup
+    min_lr_ratio: float = 1.0  # cosine floor (1 = constant)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 0  # seed
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/online"  # run folder
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end after this step as if interrupted
+    eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
+    eval_every: int = 0  # also evaluate every N steps
+
+
+@dataclass
+class Result:
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def seq_logps(policy, ids, attn, resp):
+    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0)
+    return (lp * resp).sum(-1)
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    # ---- setup -------------------------------------------------------------------------------------
+    terms = parse_loss_spec(cfg.loss)
+    group = get_loss(terms[0][0]).kind == "group"
+    if cfg.k < 2:
+        raise ValueError(f"k must be at least 2 to contrast samples, got {cfg.k}")
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    tok = policy.tokenizer
+    task = make_task(cfg.task) if cfg.task else None
+    if data is None:
+        if cfg.data:
+            data = prompt_records(load_rows(cfg.data), tok)
+        elif task is not None:
+            data = task.examples("train", cfg.n_prompts, cfg.seed)
+        else:
+            raise ValueError("online needs --task or --data")
+    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
+    check_reward_columns(reward_set, data, cfg.data or cfg.task)
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    start, evals = 0, []
+    if cfg.resume:
+        state = load_checkpoint(cfg.out_dir, policy, optimizer)
+        start, evals = state["step"], state.get("evals", [])
+        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+        rng.setstate((state["pair_rng"][0], tuple(state["pair_rng"][1]), None))
+    if test and not cfg.resume:
+        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
+        console.print(f"held-out accuracy before online {cfg.loss}: {evals[0]['accuracy']:.3f}")
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, show=("reward/mean",))
+    history, t_train = [], time.perf_counter()
+    counts = {"all_correct": 0, "all_wrong": 0, "used": 0}
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
+        sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.k,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               generator=gen)
+        positive = (torch.nan_to_num(sb.rewards, nan=-1e9) >= cfg.positive_threshold).view(-1, cfg.k)  # (P, K)
+        n_pos = positive.sum(1)
+        all_correct, all_wrong = int((n_pos == cfg.k).sum()), int((n_pos == 0).sum())
+        counts["all_correct"] += all_correct
+        counts["all_wrong"] += all_wrong
+        usable = [p for p in range(positive.shape[0]) if 0 < int(n_pos[p]) < cfg.k]
+        counts["used"] += len(usable)
+        row = {**sb.metrics, "groups/all_correct": all_correct, "groups/all_wrong": all_wrong,
+               "groups/used": len(usable), "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s}
+        if usable:
+            if group:  # whole groups: (U, K) sequence log-probs
+                rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
+                ids, attn, resp, _, _ = pack_rows(rows, tok.pad_token_id)
+                lp = seq_logps(policy, ids, attn, resp).view(len(usable), cfg.k)
+                with torch.no_grad():
+                    ref = seq_logps(ref_model, ids, attn, resp).view(len(usable), cfg.k)
+                per_ex, metrics = get_loss(terms[0][0]).fn(lp, ref, positive[usable], beta=cfg.beta)
+            else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
+                pairs = []
+                for p in usable:
+                    good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
+                    bad = [p * cfg.k + j for j in range(cfg.k) if not positive[p, j]]
+                    pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
+                rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
+                ids, attn, resp, _, _ = pack_rows(rows, tok.pad_token_id)
+                lp = seq_logps(policy, ids, attn, resp)
+                with torch.no_grad():
+                    ref = seq_logps(ref_model, ids, attn, resp)
+                n = len(pairs)
+                lengths = resp.sum(1).float()
+                per_ex, metrics = combined_pair_loss(terms, lp[:n], lp[n:], ref[:n], ref[n:], beta=cfg.beta,
+                                                     options=options, chosen_lengths=lengths[:n],
+                                                     rejected_lengths=lengths[n:])
+                metrics = {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
+            loss = mean_over_examples(per_ex)
+            loss.backward()
+            grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
+            row.update({"loss": loss.item(), "grad_norm": grad_norm, "lr": lr,
+                        **{k: float(v.float().mean()) for k, v in metrics.items()},
+                        "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0)})
+        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": step + 1, "accuracy": acc})
+            row["eval/accuracy"] = acc
+        row["time/step_s"] = time.perf_counter() - t0
+        history.append({"step": step + 1, **row})
+        log.log(step + 1, row)
+        out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or out_of_time:
+            st = rng.getstate()
+            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
+                            {"gen_rng": gen.get_state().tolist(), "evals": evals, "pair_rng": [st[0], list(st[1])]})
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or out_of_time:
+            break
+    log.close()
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "groups": counts,
+               "reward_faults": reward_set.faults}
+    console.print(f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; "
+                  f"{counts['used']} used")
+    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+        policy.save(Path(cfg.out_dir) / "final")
+        if test:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": summary["steps"], "accuracy": acc})
+            console.print(f"held-out accuracy after online {cfg.loss}: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+    summary["evals"] = evals
+    summary["config"] = asdict(cfg)
+    return Result(policy, history, summary)

@@ -1,0 +1,152 @@
+"""Rewards: plain callables f(prompts, completions, **columns) -> list[float | None], registered by name.
+
+None means "not applicable to this sample". Several are combined with weights:
+    "task"                  the built-in task's checker (arith, countdown, reasoning-gym scorers)
+    "task:1,format:0.1"     weighted sum; a sample where every function says None gets NaN (advantage 0)
+Built in: accuracy (math-verify equivalence), exact, numeric, format, overlong, reasoning_gym, task,
+and a learned reward model ("rm:<folder>", see recipes/reward_model.py).
+
+A reward function that raises, returns NaN/inf, or runs past the timeout gives None for that call's
+samples; the fault is counted and the first sample is reported, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from . import builtin  # noqa: F401  (registers the built-in rewards)
+from .registry import REWARDS, get_reward, register_reward
+
+__all__ = ["REWARDS", "get_reward", "register_reward", "RewardSet", "parse_reward_spec"]
+
+
+class RewardTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """SIGALRM-based limit in the main thread (a hung pure-Python scorer is interrupted); none elsewhere."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RewardTimeout(f"timed out after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def check_signature(name: str, fn: Callable) -> None:
+    """A reward must take (prompts, completions, **columns): fail at setup, not mid-run."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+    has_var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if (len(positional) < 2 and not has_var_pos) or not has_var_kw:
+        raise TypeError(f"reward {name!r} must have the signature f(prompts, completions, **columns); "
+                        f"it has {sig}")
+
+
+def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]:
+    """'task:1,format:0.1' -> [(name, fn, weight)]; 'rm:<folder>' loads a learned reward model."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("rm:"):
+            path, _, w = part[3:].partition("@")
+            from .reward_model import RewardModelReward
+
+            out.append(("rm", RewardModelReward(path), float(w) if w else 1.0))
+            continue
+        name, _, w = part.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError as e:
+            raise ValueError(f"reward weight for {name!r} must be a number, got {w!r}") from e
+        if name == "task":
+            if task is None:
+                raise ValueError("reward 'task' needs a task (--task)")
+            fn = builtin.task_reward(task)
+        else:
+            fn = get_reward(name)
+        check_signature(name, fn)
+        out.append((name, fn, weight))
+    if not out:
+        raise ValueError(f"empty reward spec {spec!r}; valid: task, rm:<folder>, {', '.join(sorted(REWARDS))}")
+    return out
+
+
+@dataclass
+class RewardSet:
+    """Weighted rewards with fault accounting: score() -> (total (N,), per_function (N, F), metrics)."""
+    fns: list[tuple[str, Callable, float]]
+    timeout_s: float = 10.0
+    faults: dict = field(default_factory=dict)
+    fault_examples: dict = field(default_factory=dict)
+
+    def _fault(self, name: str, kind: str, sample: str) -> None:
+        key = f"{name}/{kind}"
+        self.faults[key] = self.faults.get(key, 0) + 1
+        if key not in self.fault_examples:
+            self.fault_examples[key] = sample[:200]
+            from ..logging import warn
+
+            warn(f"reward {name!r}: {kind} on sample {sample[:120]!r}; counted, the run goes on")
+
+    def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        n = len(completions)
+        per_fn = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float64)
+        for j, (name, fn, _) in enumerate(self.fns):
+            try:
+                with _time_limit(self.timeout_s):
+                    values = fn(prompts, completions, **columns)
+            except Exception as e:  # noqa: BLE001 - a faulty scorer must not kill the run
+                kind = "timeout" if isinstance(e, RewardTimeout) else f"error ({type(e).__name__}: {e})"
+                self._fault(name, kind, f"{prompts[0]!r} -> {completions[0]!r}")
+                continue
+            if len(values) != n:
+                self._fault(name, f"returned {len(values)} values for {n} samples", completions[0])
+                continue
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                v = float(v)
+                if not math.isfinite(v):
+                    self._fault(name, "non-finite value", f"{prompts[i]!r} -> {completions[i]!r} = {v}")
+                    continue
+                per_fn[i, j] = v
+        weights = torch.tensor([w for _, _, w in self.fns], dtype=torch.float64)
+        total = torch.nansum(per_fn * weights, dim=1)
+        total[torch.isnan(per_fn).all(1)] = float("nan")
+        metrics = {}
+        for j, (name, _, _) in enumerate(self.fns):
+            col = per_fn[:, j]
+            ok = col[~torch.isnan(col)]
+            metrics[f"rewards/{name}/mean"] = float(ok.mean()) if len(ok) else float("nan")
+            metrics[f"rewards/{name}/std"] = float(ok.std()) if len(ok) > 1 else 0.0
+        ok = total[~torch.isnan(total)]
+        metrics["reward/mean"] = float(ok.mean()) if len(ok) else float("nan")
+        metrics["reward/std"] = float(ok.std()) if len(ok) > 1 else 0.0
+        metrics["reward/unscorable"] = float(torch.isnan(total).sum())
+        return total, per_fn, metrics

@@ -1,0 +1,139 @@
+"""Rule-based rewards. Each takes (prompts, completions, **columns) and returns one float or None per sample."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from .registry import register_reward
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call when we own the timeout
+
+
+def extract_answer(completion: str) -> str:
+    """The text inside <answer>...</answer> if present, else the whole completion (stripped)."""
+    m = ANSWER_TAG.search(completion)
+    return (m.group(1) if m else completion).strip()
+
+
+@register_reward("accuracy")
+def math_accuracy(prompts, completions, answer, **_):
+    """1.0 if the answer is mathematically equal to the column `answer` (math-verify: numbers, fractions,
+    LaTeX, \\boxed{}), else 0.0; None if the reference answer cannot be parsed.
+
+    >>> math_accuracy(["q"], ["<answer>\\\\frac{1}{2}</answer>"], answer=["0.5"])
+    [1.0]
+    """
+    from math_verify import parse, verify
+
+    out = []
+    for completion, ref in zip(completions, answer):
+        gold = parse(str(ref), parsing_timeout=None)
+        if not gold:
+            out.append(None)
+            continue
+        pred = parse(extract_answer(completion), parsing_timeout=None)
+        out.append(float(bool(pred) and verify(gold, pred, timeout_seconds=None)))
+    return out
+
+
+@register_reward("exact")
+def exact_match(prompts, completions, answer, **_):
+    """1.0 if the extracted answer equals the column `answer` after stripping whitespace.
+
+    >>> exact_match(["q"], ["<answer> 42 </answer>"], answer=["42"])
+    [1.0]
+    """
+    return [float(extract_answer(c) == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+@register_reward("numeric")
+def numeric_match(prompts, completions, answer, rel_tol: float = 1e-6, **_):
+    """1.0 if the last number in the extracted answer equals the numeric `answer` (relative tolerance).
+
+    >>> numeric_match(["q"], ["so it is 3/4"], answer=["0.75"])
+    [1.0]
+    """
+    out = []
+    for c, a in zip(completions, answer):
+        try:
+            ref = _to_float(str(a))
+        except ValueError:
+            out.append(None)
+            continue
+        nums = NUMBER_RE.findall(extract_answer(c))
+        if not nums:
+            out.append(0.0)
+            continue
+        got = _to_float(nums[-1])
+        out.append(float(abs(got - ref) <= rel_tol * max(1.0, abs(ref))))
+    return out
+
+
+def _to_float(s: str) -> float:
+    s = s.strip()
+    if "/" in s:
+        num, den = s.split("/", 1)
+        return float(num) / float(den)
+    return float(s)
+
+
+@register_reward("format")
+def think_answer_format(prompts, completions, **_):
+    """1.0 if the completion is exactly <think>...</think><answer>...</answer> (whitespace allowed around).
+
+    >>> think_answer_format(["q"], ["<think>2+2</think><answer>4</answer>"])
+    [1.0]
+    """
+    return [float(bool(FORMAT_RE.match(c))) for c in completions]
+
+
+@register_reward("overlong")
+def soft_overlong(prompts, completions, completion_lengths=None, max_completion_length: int = 0,
+                  overlong_buffer: int = 0, **_):
+    """DAPO's soft overlong penalty: 0 up to L_max - buffer tokens, then linear down to -1 at L_max.
+
+    Needs the recipe's columns `completion_lengths` (tokens) and `max_completion_length`; `overlong_buffer`
+    defaults to a quarter of the maximum.
+    >>> soft_overlong(["q"] * 3, ["a"] * 3, completion_lengths=[10, 90, 100], max_completion_length=100,
+    ...               overlong_buffer=20)
+    [0.0, -0.5, -1.0]
+    """
+    if completion_lengths is None or not max_completion_length:
+        return [None] * len(completions)
+    buffer = overlong_buffer or max(1, max_completion_length // 4)
+    start = max_completion_length - buffer
+    return [min(0.0, (start - n) / buffer) if n > start else 0.0 for n in completion_lengths]
+
+
+@register_reward("reasoning_gym")
+def reasoning_gym_score(prompts, completions, rg_entry=None, **_):
+    """reasoning-gym's own scorer for the entry's source dataset; None for rows without an rg_entry."""
+    if rg_entry is None:
+        return [None] * len(completions)
+    import reasoning_gym
+
+    out = []
+    for c, entry in zip(completions, rg_entry):
+        if not entry:
+            out.append(None)
+            continue
+        scorer = reasoning_gym.get_score_answer_fn(entry["metadata"]["source_dataset"])
+        first = c.strip().splitlines()[0].strip() if c.strip() else ""
+        out.append(float(scorer(answer=extract_answer(first), entry=entry)))
+    return out
+
+
+def task_reward(task):
+    """The built-in task's checker as a reward; needs the column `example` (the task's example dicts)."""
+
+    def reward(prompts, completions, example=None, **_):
+        if example is None:
+            raise ValueError("the task reward needs the column 'example'")
+        return [task.score(c, e) for c, e in zip(completions, example)]
+
+    reward.__name__ = f"task_{task.name}"
+    return reward

@@ -1,0 +1,85 @@
+"""Sample a group of responses per prompt and score them: the step every online recipe begins with."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data.formats import DataError
+from .sample import RolloutBatch, generate
+
+
+@dataclass
+class ScoredBatch:
+    batch: RolloutBatch
+    examples: list[dict]  # one per row (prompt's example repeated group_size times)
+    rewards: torch.Tensor  # (B,) float64, NaN where no reward function applied
+    per_fn: torch.Tensor  # (B, F)
+    metrics: dict
+    gen_s: float
+    score_s: float
+
+
+def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
+    """Every column a reward function requires (a parameter without a default) must be in every example."""
+    import inspect
+
+    for name, fn, _ in reward_set.fns:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        need = [p.name for p in list(params)[2:] if p.default is p.empty and p.kind not in (p.VAR_KEYWORD,
+                                                                                           p.VAR_POSITIONAL)]
+        for col in need:
+            for i, ex in enumerate(examples):
+                if col not in ex or ex[col] is None:
+                    where = ex.get("where", f"{source} row {i}")
+                    raise DataError(f"{where}: reward {name!r} needs the field {col!r}, which this row lacks "
+                                    f"(row has: {', '.join(sorted(k for k in ex if k != 'where'))})")
+
+
+def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
+                      temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None) -> ScoredBatch:
+    tok = policy.tokenizer
+    t0 = time.perf_counter()
+    prompts = [tok.encode(e["prompt"], add_special_tokens=True) for e in examples]
+    batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
+                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+    t1 = time.perf_counter()
+    rows = [e for e in examples for _ in range(group_size)]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where")}
+    columns["example"] = rows
+    columns["completion_lengths"] = batch.response_mask.sum(1).tolist()
+    columns["max_completion_length"] = max_new_tokens
+    rewards, per_fn, metrics = reward_set.score([r["prompt"] for r in rows], batch.texts, **columns)
+    empty = sum(1 for t in batch.texts if not t.strip())
+    metrics["completions/empty"] = float(empty)
+    return ScoredBatch(batch, rows, rewards, per_fn, metrics, t1 - t0, time.perf_counter() - t1)
+
+
+def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
+    """Rows (batch, index) from one or more rollouts -> one update batch, prompts left-padded and responses
+    right-padded after them: ids, attn (B, P + R), resp_mask, old_logps (B, R), truncated (B,)."""
+    items = []
+    for b, i in rows:
+        n = int(b.response_mask[i].sum())
+        items.append((b.prompt_ids[i][b.prompt_mask[i].bool()], b.response_ids[i, :n], b.logps[i, :n],
+                      bool(b.truncated[i])))
+    pw = max(len(p) for p, *_ in items)
+    rw = max(1, max(len(r) for _, r, *_ in items))
+    bsz = len(items)
+    ids = torch.full((bsz, pw + rw), pad_id, dtype=torch.long)
+    attn = torch.zeros((bsz, pw + rw), dtype=torch.long)
+    resp = torch.zeros((bsz, rw), dtype=torch.long)
+    old = torch.zeros((bsz, rw))
+    for i, (p, r, lp, _) in enumerate(items):
+        ids[i, pw - len(p):pw] = p
+        attn[i, pw - len(p):pw] = 1
+        ids[i, pw:pw + len(r)] = r
+        attn[i, pw:pw + len(r)] = 1
+        resp[i, :len(r)] = 1
+        old[i, :len(r)] = lp
+    return ids, attn, resp, old, torch.tensor([t for *_, t in items])
