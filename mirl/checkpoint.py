@@ -27,7 +27,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: dict | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: dict | None = None,
+                    write_extra=None) -> Path:
+    """extra: JSON-able state; write_extra(folder): writes more files (e.g. a value head) before the rename."""
     run_dir = Path(run_dir)
     final = run_dir / CKPT
     tmp = run_dir / f"{CKPT}.tmp"
@@ -43,6 +45,8 @@ def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: di
         **(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state))
+    if write_extra is not None:
+        write_extra(tmp)
     old = run_dir / f"{CKPT}.old"
     if final.exists():
         if old.exists():

@@ -20,6 +20,8 @@ COMMANDS = {
     "dpo": ("mirl.recipes.preference", "train", "offline preference optimisation: DPO family, MIO, MI bounds"),
     "grpo": ("mirl.recipes.grpo", "train", "GRPO family: Dr. GRPO, DAPO, GSPO, RLOO, KL schedules"),
     "online": ("mirl.recipes.online", "train", "online contrastive fine-tuning: MIO/DPO/group losses on samples"),
+    "ppo": ("mirl.recipes.ppo", "train", "PPO with a value head or a separate critic, GAE, KL penalty"),
+    "rm": ("mirl.recipes.reward_model", "train", "Bradley-Terry reward model on preference pairs"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
     "demo": ("mirl.demo", "run", "the embedded default: SFT, sampled pairs, DPO vs MIO (CPU, minutes)"),
 }

@@ -121,3 +121,9 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps=None, ref_chosen_logps=N
     if chosen_lengths is not None:
         nll = nll / chosen_lengths.clamp(min=1)
     return nll, {"nll/chosen": nll.detach()}
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: float = 0.0):
+    """Reward-model loss -log sigma(r_w - r_l - margin) per pair; accuracy = fraction with r_w > r_l."""
+    diff = chosen_scores - rejected_scores
+    return F.softplus(-(diff - margin)), {"accuracy": (diff > 0).float().detach(), "margin": diff.detach()}

@@ -44,13 +44,26 @@ class Policy(nn.Module):
             return self.model.config.max_seq_len
         return getattr(self.model.config, "max_position_embeddings", 1 << 20)
 
-    def forward(self, input_ids, attention_mask=None, images=None):
+    def forward(self, input_ids, attention_mask=None, images=None, return_hidden: bool = False):
+        """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads)."""
         if images is not None and len(images):
             raise ValueError("this policy is text-only; it cannot take images")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        logits, _ = self.step(input_ids, attention_mask, None, use_cache=False)
-        return logits
+        if not return_hidden:
+            logits, _ = self.step(input_ids, attention_mask, None, use_cache=False)
+            return logits
+        position_ids = positions_from_mask(attention_mask)
+        if self.kind == "tiny":
+            logits, _, hidden = self.model(input_ids, attention_mask, position_ids, None, return_hidden=True)
+            return logits, hidden
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.n_embd if self.kind == "tiny" else self.model.config.hidden_size
 
     def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True):
         """One incremental forward. attention_mask covers cached and new tokens: (B, S+T)."""

@@ -96,7 +96,7 @@ class TinyGPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None):
+                inputs_embeds=None, return_hidden: bool = False):
         """input_ids (B, T); attention_mask (B, S+T) over past and new tokens; returns (logits, cache).
 
         inputs_embeds (B, T, C) replaces the token embedding (the VLM puts image tokens there).
@@ -115,7 +115,10 @@ class TinyGPT(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, kv = blk(x, mask, None if past_key_values is None else past_key_values[i])
             cache.append(kv)
-        return self.lm_head(self.ln_f(x)), cache
+        h = self.ln_f(x)
+        if return_hidden:
+            return self.lm_head(h), cache, h
+        return self.lm_head(h), cache
 
 
 def _attention_mask(attention_mask, b, t, past_len, device):

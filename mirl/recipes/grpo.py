@@ -71,7 +71,7 @@ class Config:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # model context for new tiny models
-    lr: float = 2e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
+    lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
     min_lr_ratio: float = 1.0  # cosine decay floor; 1.0 = constant
     weight_decay: float = 0.0  # AdamW weight decay on matrices

@@ -28,6 +28,28 @@ def cot(a: int, b: int) -> str:
     return ",".join(steps) + f"|{a + b}"
 
 
+def wrong_cot(a: int, b: int, rng: random.Random) -> str:
+    """A plausible wrong solution: one column sum off by one, the error carried through to the answer.
+
+    Used to make unlimited synthetic preference pairs (reward-model training) that look like the
+    mistakes a model makes.
+    """
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    n = max(len(xs), len(ys))
+    bad = rng.randrange(n)
+    steps, carry, digits = [], 0, []
+    for i in range(n):
+        terms = [c[i] for c in (xs, ys) if i < len(c)] + (["1"] if carry else [])
+        s = sum(int(t) for t in terms)
+        if i == bad:
+            s = s + 1 if s == 0 or rng.random() < 0.5 else s - 1
+        steps.append(f"{'+'.join(terms)}={s}")
+        digits.append(s % 10)
+        carry = s // 10
+    answer = int(("1" if carry else "") + "".join(str(d) for d in reversed(digits)))
+    return ",".join(steps) + f"|{answer}"
+
+
 class ArithTask:
     """Addition of two numbers with 1..digits digits."""
 
@@ -45,6 +67,10 @@ class ArithTask:
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         return sample_split(self._problem, self.name, split, n, seed)
+
+    def wrong_solution(self, example: dict, rng: random.Random) -> str:
+        a, b = map(int, example["prompt"][:-1].split("+"))
+        return wrong_cot(a, b, rng)
 
     @staticmethod
     def extract(completion: str) -> str | None:

@@ -1,0 +1,81 @@
+"""Scalar heads on a policy's last hidden state: the value head of PPO and the reward model's head.
+
+A RewardModel is a Policy backbone plus a linear head read at the last real token of each sequence
+(Bradley-Terry training in recipes/reward_model.py). Saved as the backbone's folder plus
+reward_head.safetensors, so the backbone stays loadable by transformers when it is one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+class ScalarHead(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)  # (B, T)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding. (B,)"""
+    t = attention_mask.shape[1]
+    pos = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values
+
+
+class RewardModel(nn.Module):
+    """aggregate="last": the head read at the last token (the usual sequence classifier);
+    aggregate="mean": the mean of the head over response tokens, so that local checks (is this step of
+    the worked solution right?) add up; it learns verifiable tasks much faster on small backbones."""
+
+    def __init__(self, policy, aggregate: str = "mean"):
+        super().__init__()
+        if aggregate not in ("last", "mean"):
+            raise ValueError(f"reward aggregate must be 'last' or 'mean', got {aggregate!r}")
+        self.policy = policy
+        self.aggregate = aggregate
+        self.head = ScalarHead(policy.hidden_size)
+
+    @property
+    def tokenizer(self):
+        return self.policy.tokenizer
+
+    def forward(self, input_ids, attention_mask, response_mask=None) -> torch.Tensor:
+        """Score of each sequence (B,)."""
+        _, hidden = self.policy(input_ids, attention_mask, return_hidden=True)
+        scores = self.head(hidden)  # (B, T)
+        if self.aggregate == "mean":
+            if response_mask is None:
+                raise ValueError("a mean-aggregated reward model needs the response mask")
+            m = response_mask.to(scores.dtype)
+            return (scores * m).sum(1) / m.sum(1).clamp(min=1)
+        return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+    def save(self, path: str | Path) -> None:
+        self.policy.save(path)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
+                  str(Path(path) / "reward_head.safetensors"), metadata={"aggregate": self.aggregate})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RewardModel:
+        from .policy import load_policy
+
+        head_file = Path(path) / "reward_head.safetensors"
+        if not head_file.exists():
+            raise FileNotFoundError(f"{path} is not a reward model folder (no reward_head.safetensors)")
+        from safetensors import safe_open
+
+        with safe_open(str(head_file), "pt") as f:
+            aggregate = (f.metadata() or {}).get("aggregate", "last")
+        rm = cls(load_policy(path), aggregate)
+        rm.head.load_state_dict(load_file(str(head_file)))
+        return rm.eval()

@@ -1,0 +1,246 @@
+"""PPO with a learned critic (Schulman et al. 2017; the RLHF form of Ouyang et al. 2022).
+
+Per response o of a prompt: the verifier's (or reward model's) score r arrives at the last token, and
+every token pays a KL penalty to the reference:
+    r_t = -beta (logp_t - ref_logp_t) + [t = last] r
+    A, R = GAE(r, V; gamma, lam), advantages whitened over the batch
+    loss = clipped surrogate (token mean) + vf_coef * clipped value loss
+The critic is a value head on the policy's last hidden state (critic=head, shared trunk) or a separate
+copy of the starting model with its own head (critic=separate).
+
+    mirl ppo --model runs/sft/final --task arith --time-budget-s 240
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..advantages import gae, whiten
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.collate import batch_indices
+from ..data.formats import load_rows, prompt_records
+from ..data.tasks import make_task
+from ..eval import evaluate
+from ..logging import MetricLogger, console
+from ..logps import entropy_from_logits, token_logps
+from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
+from ..models.heads import ScalarHead
+from ..optim import make_optimizer
+from ..rewards import RewardSet, parse_reward_spec
+from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
+from .common import get_policy, optimizer_step, setup
+
+
+@dataclass
+class Config:
+    model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
+    task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
+    data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
+    n_prompts: int = 5000  # training prompts generated from the task
+    reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
+    reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
+    critic: str = "head"  # head (value head on the policy) or separate (own copy of the model)
+    samples_per_prompt: int = 4  # responses per prompt
+    prompts_per_step: int = 32  # prompts per rollout
+    steps: int = 200  # rollouts
+    time_budget_s: float = 0.0  # stop after this many seconds (0 = no limit)
+    ppo_epochs: int = 2  # passes over each rollout
+    minibatches: int = 2  # optimizer steps per pass
+    clip_eps: float = 0.2  # policy clip range
+    value_clip: float = 0.2  # value clip range
+    vf_coef: float = 0.5  # value loss weight
+    beta: float = 0.02  # per-token KL penalty coefficient (0 = none, no reference model)
+    kl_estimator: str = "k1"  # estimator of the per-token KL in the reward
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    temperature: float = 1.0  # sampling temperature
+    max_new_tokens: int = 40  # response length limit
+    max_len: int = 128  # context of new tiny models
+    lr: float = 5e-5  # learning rate (policy and critic)
+    warmup_steps: int = 0  # warmup (optimizer steps)
+    min_lr_ratio: float = 1.0  # cosine floor (1 = constant)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 0  # seed
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/ppo"  # run folder
+    save_every: int = 0  # checkpoint every N rollouts
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end after this step as if interrupted
+    eval_n: int = 200  # held-out prompts evaluated before and after
+    eval_every: int = 0  # also evaluate every N steps
+
+
+@dataclass
+class Result:
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+class Critic(nn.Module):
+    """V(s_t) for every position: a head on the policy's hidden states, or on a separate backbone."""
+
+    def __init__(self, policy, separate: bool):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy) if separate else None
+        self.head = ScalarHead(policy.hidden_size)
+
+    def forward(self, hidden_from_policy, ids, attn):
+        if self.backbone is None:
+            return self.head(hidden_from_policy)
+        _, h = self.backbone(ids, attn, return_hidden=True)
+        return self.head(h)
+
+
+def _forward(policy, critic, ids, attn, n_resp, temperature):
+    """Response log-probs, entropies and values: (B, R) each. V at token t is read at the position that
+    predicts it (the state before the token)."""
+    logits, hidden = policy(ids, attn, return_hidden=True)
+    logits = logits[:, -n_resp - 1:-1]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    lp = token_logps(logits, ids[:, -n_resp:])
+    values = critic(hidden, ids, attn)[:, -n_resp - 1:-1]
+    return lp, entropy_from_logits(logits), values
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    # ---- setup -------------------------------------------------------------------------------------
+    if cfg.critic not in ("head", "separate"):
+        raise ValueError(f"critic must be 'head' or 'separate', got {cfg.critic!r}")
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    tok = policy.tokenizer
+    task = make_task(cfg.task) if cfg.task else None
+    if data is None:
+        if cfg.data:
+            data = prompt_records(load_rows(cfg.data), tok)
+        elif task is not None:
+            data = task.examples("train", cfg.n_prompts, cfg.seed)
+        else:
+            raise ValueError("ppo needs --task or --data")
+    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
+    check_reward_columns(reward_set, data, cfg.data or cfg.task)
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    critic = Critic(policy, cfg.critic == "separate")
+    both = nn.ModuleDict({"policy": policy, "critic": critic})
+    optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    start, evals = 0, []
+    if cfg.resume:
+        state = load_checkpoint(cfg.out_dir, policy, optimizer)
+        critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
+        start, evals = state["step"], state.get("evals", [])
+        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+    if test and not cfg.resume:
+        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
+        console.print(f"held-out accuracy before PPO: {evals[0]['accuracy']:.3f}")
+    lr_cfg = copy.copy(cfg)
+    lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl"))
+    history, t_train = [], time.perf_counter()
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
+        sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.samples_per_prompt,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+        ids, attn, resp, _, truncated = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
+                                                  tok.pad_token_id)
+        n_resp = resp.shape[1]
+        score = torch.nan_to_num(sb.rewards, nan=0.0).float()  # (B,)
+        # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
+        with torch.no_grad():
+            old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature)
+            kl = torch.zeros_like(old_lp)
+            if ref_model is not None:
+                ref_lp, _ = _ref_logps(ref_model, ids, attn, n_resp, cfg.temperature)
+                kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
+            token_rewards = -cfg.beta * kl
+            last = (resp.sum(1) - 1).clamp(min=0)
+            token_rewards[torch.arange(len(last)), last] += score
+            adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
+            adv = whiten(adv, resp)
+        # -- PPO epochs
+        t_up = time.perf_counter()
+        stats: dict[str, float] = {}
+        n_opt = cfg.ppo_epochs * cfg.minibatches
+        for ep in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + ep))
+            for j, mb in enumerate(perm.chunk(cfg.minibatches)):
+                lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature)
+                pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], resp[mb], clip_eps=cfg.clip_eps,
+                                                 loss_agg="bnpo")
+                v_loss = clipped_value_loss(values, old_values[mb], returns[mb], resp[mb], clip_range=cfg.value_clip)
+                loss = pg_loss + cfg.vf_coef * v_loss
+                loss.backward()
+                grad_norm, lr = optimizer_step(both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j,
+                                               lr_cfg)
+                mask = resp[mb].float()
+                upd = {"loss": loss.item(), "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                       "grad_norm": grad_norm, "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
+                       **{k: float(v) for k, v in m.items()}}
+                for k, v in upd.items():
+                    stats[k] = stats.get(k, 0.0) + v / n_opt
+        dt = time.perf_counter() - t0
+        rmask = resp.float()
+        row = {**sb.metrics, **stats, "lr": lr, "kl": float((kl * rmask).sum() / rmask.sum().clamp(min=1)),
+               "values/mean": float((old_values * rmask).sum() / rmask.sum()),
+               "completions/mean_length": float(rmask.sum(1).mean()),
+               "completions/truncated_frac": float(truncated.float().mean()), "tokens_per_s": float(attn.sum()) / dt,
+               "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s, "time/update_s": time.perf_counter() - t_up}
+        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": step + 1, "accuracy": acc})
+            row["eval/accuracy"] = acc
+        history.append({"step": step + 1, **row})
+        log.log(step + 1, row)
+        out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or out_of_time:
+            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
+                                                                       "evals": evals},
+                            write_extra=lambda d: save_file(_contiguous(critic.state_dict()),
+                                                            str(d / "critic.safetensors")))
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or out_of_time:
+            break
+    log.close()
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train,
+               "reward_faults": reward_set.faults}
+    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+        policy.save(Path(cfg.out_dir) / "final")
+        save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
+        if test:
+            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+            evals.append({"step": summary["steps"], "accuracy": acc})
+            console.print(f"held-out accuracy after PPO: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+    summary["evals"] = evals
+    summary["config"] = asdict(cfg)
+    return Result(policy, history, summary)
+
+
+def _ref_logps(ref_model, ids, attn, n_resp, temperature):
+    logits = ref_model(ids, attn)[:, -n_resp - 1:-1]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return token_logps(logits, ids[:, -n_resp:]), None
+
+
+def _contiguous(sd):
+    """Tensors for safetensors: contiguous, and shared ones (tied embeddings) cloned."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        out[k] = v.detach().clone().contiguous() if v.data_ptr() in seen else v.detach().contiguous()
+        seen.add(v.data_ptr())
+    return out

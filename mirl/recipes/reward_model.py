@@ -1,0 +1,171 @@
+"""Reward model training (Bradley-Terry): a scalar head on a policy backbone, loss -log sigma(r_w - r_l).
+
+Data: TRL preference data (--data, any of its formats), or pairs sampled from a policy (--model) on a
+task and verified (correct = chosen), on training prompts for training and on held-out prompts for the
+held-out pair accuracy. The trained model is a reward for the RL recipes: --reward rm:<out_dir>/final.
+
+    mirl rm --model runs/sft/final --task arith --steps 300
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.collate import batch_indices, pad_batch
+from ..data.formats import SkipCounter, load_rows, preference_records
+from ..data.pairs import sample_pairs
+from ..data.tasks import make_task
+from ..logging import MetricLogger, console
+from ..losses import mean_over_examples
+from ..losses.preference import bradley_terry_loss
+from ..models.heads import RewardModel
+from ..optim import make_optimizer
+from .common import get_policy, optimizer_step, report_skips, setup
+from .preference import encode_pairs
+
+
+@dataclass
+class Config:
+    model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
+    data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
+    eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
+    task: str = "arith"  # task for generated pairs
+    pairs: str = "synthetic"  # training pairs: synthetic (gold vs a corrupted solution) or sampled (from --model)
+    n_prompts: int = 20000  # training prompts (synthetic: one pair each; sampled: K samples each)
+    eval_prompts: int = 256  # held-out prompts to sample evaluation pairs from
+    k: int = 8  # samples per prompt
+    pairs_per_prompt: int = 2  # pairs drawn per prompt with both correct and wrong samples
+    aggregate: str = "mean"  # score = mean of the head over response tokens, or at the last token ("last")
+    max_len: int = 64  # prompt + response tokens
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # pairs per step
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # learning rate
+    warmup_steps: int = 20  # warmup
+    min_lr_ratio: float = 0.1  # cosine floor
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping
+    seed: int = 0  # seed
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/rm"  # run folder
+    save_every: int = 0  # checkpoint every N steps
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end after this step as if interrupted
+
+
+@dataclass
+class Result:
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def pair_scores(rm, pairs, pad_id):
+    ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    s = rm(ids, attn, resp)
+    return s[: len(pairs)], s[len(pairs):], int(attn.sum())
+
+
+@torch.no_grad()
+def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
+    rm.eval()
+    correct = 0
+    for s in range(0, len(pairs), batch_size):
+        c, r, _ = pair_scores(rm, pairs[s:s + batch_size], pad_id)
+        correct += int((c > r).sum())
+    rm.train()
+    return correct / max(1, len(pairs))
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
+    # ---- setup -------------------------------------------------------------------------------------
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    tok = policy.tokenizer
+    if data is None and cfg.data:
+        data = preference_records(load_rows(cfg.data), tok)
+        if eval_data is None and cfg.eval_data:
+            eval_data = preference_records(load_rows(cfg.eval_data), tok)
+        elif eval_data is None:
+            cut = max(1, len(data) // 10)
+            data, eval_data = data[cut:], data[:cut]
+    elif data is None:
+        task = make_task(cfg.task)
+        train_ex = task.examples("train", cfg.n_prompts, cfg.seed)
+        if cfg.pairs == "synthetic":
+            if not hasattr(task, "wrong_solution"):
+                raise ValueError(f"task {task.name} cannot make synthetic pairs; use --pairs sampled")
+            rng = random.Random(cfg.seed)
+            data = [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": task.wrong_solution(e, rng),
+                     "where": f"{task.name} synthetic #{i}"} for i, e in enumerate(train_ex)]
+        elif cfg.pairs == "sampled":
+            data, st = sample_pairs(policy, task, train_ex, k=cfg.k, seed=cfg.seed,
+                                    pairs_per_prompt=cfg.pairs_per_prompt)
+            console.print(f"reward-model training pairs sampled from {cfg.model}: {st}")
+        else:
+            raise ValueError(f"pairs must be 'synthetic' or 'sampled', got {cfg.pairs!r}")
+        # held out: the policy's own samples on held-out prompts, verified (the pairs an RL run will see)
+        eval_data, st_eval = sample_pairs(policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k,
+                                          seed=cfg.seed + 1)
+        console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
+    skips = SkipCounter()
+    pairs = encode_pairs(tok, data, cfg.max_len, skips)
+    held_out = encode_pairs(tok, eval_data or [], cfg.max_len, skips)
+    if not pairs:
+        raise ValueError(f"no usable preference pairs for the reward model ({skips.report()})")
+    rm = RewardModel(policy, cfg.aggregate)
+    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        start = load_checkpoint(cfg.out_dir, rm.policy, optimizer)["step"]
+        rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
+    acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, show=("loss", "accuracy"))
+    history = []
+    rm.train()
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        sums, ntok = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, 0
+        for m in range(cfg.grad_accum):
+            mb = [pairs[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
+            c, r, n = pair_scores(rm, mb, tok.pad_token_id)
+            ntok += n
+            per_ex, metrics = bradley_terry_loss(c, r)
+            loss = mean_over_examples(per_ex, global_count=len(idx))
+            loss.backward()
+            sums["loss"] += loss.item()
+            sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
+            sums["margin"] += float(metrics["margin"].sum()) / len(idx)
+        grad_norm, lr = optimizer_step(rm, optimizer, step, cfg)
+        row = {**sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": ntok / (time.perf_counter() - t0)}
+        history.append({"step": step + 1, **row})
+        log.log(step + 1, row)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+            save_checkpoint(cfg.out_dir, rm.policy, optimizer, step + 1, write_extra=lambda d: save_file(
+                dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}))
+        if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
+            break
+    log.close()
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    report_skips(skips, cfg.out_dir)
+    summary = {"steps": start + len(history), "train_pairs": len(pairs), "held_out_pairs": len(held_out)}
+    if held_out:
+        summary["held_out_accuracy_before"] = acc0
+        summary["held_out_accuracy"] = pair_accuracy(rm, held_out, tok.pad_token_id)
+        console.print(f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
+                      f"(before training {acc0:.3f}, n={len(held_out)})")
+    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+        rm.save(Path(cfg.out_dir) / "final")
+    summary["config"] = asdict(cfg)
+    return Result(rm, history, summary)
