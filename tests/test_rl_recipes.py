@@ -1,0 +1,139 @@
+"""Online recipes on the tiny GPT: GRPO (and its switches), online contrastive, PPO, reward model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mirl.cli import main
+from mirl.data.formats import DataError
+from mirl.logging import read_metrics
+from mirl.models import load_policy
+from mirl.recipes import grpo, online, ppo, reward_model, sft
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """A weak SFT model on 1-digit addition: some samples right, some wrong (groups with signal)."""
+    out = tmp_path_factory.mktemp("sft")
+    sft.train(sft.Config(task="arith:1", steps=60, n_train=400, batch_size=32, eval_n=0, threads=2,
+                         out_dir=str(out)))
+    return out / "final"
+
+
+def gcfg(tmp_path, sft_dir, **kw):
+    base = dict(model=str(sft_dir), task="arith:1", group_size=4, prompts_per_step=8, steps=3, eval_n=0, threads=2,
+                max_new_tokens=16, out_dir=str(tmp_path / "grpo"))
+    base.update(kw)
+    return grpo.Config(**base)
+
+
+def test_grpo_first_loss_and_parameters(tmp_path, sft_dir):
+    model = load_policy(sft_dir)
+    before = [p.clone() for p in model.parameters()]
+    res = grpo.train(gcfg(tmp_path, sft_dir, steps=4, lr=1e-3), model=model)
+    h = res.history[0]
+    # ratio 1 at the first pass: loss = -mean over responses of A_i (token mean of a constant = A_i); with
+    # group-normalised A the mean over each group is 0, so the loss is 0 up to float error
+    assert h["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert h["clip_fraction"] == 0.0 and h["ratio/mean"] == pytest.approx(1.0)
+    assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
+    m = read_metrics(tmp_path / "grpo")[0]
+    for key in ("reward/mean", "rewards/task/mean", "rewards/task/std", "advantages/std", "clip_fraction", "entropy",
+                "completions/mean_length", "completions/truncated_frac", "tokens_per_s", "time/generation_s",
+                "time/scoring_s", "time/update_s", "groups/zero_signal_frac"):
+        assert key in m, key
+
+
+@pytest.mark.parametrize("opts", [
+    dict(loss_agg="dr_grpo", scale_rewards="none"),
+    dict(loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True, reward="task,overlong"),
+    dict(importance="sequence"),
+    dict(advantage="rloo", scale_rewards="batch"),
+    dict(beta=0.05, kl_schedule="linear", beta_final=0.0, kl_estimator="k2"),
+    dict(num_iterations=2, minibatches=2, mask_truncated=True),
+], ids=["dr_grpo", "dapo", "gspo", "rloo", "kl_schedule", "multi_pass"])
+def test_grpo_switches_run(tmp_path, sft_dir, opts):
+    res = grpo.train(gcfg(tmp_path, sft_dir, **opts))
+    rows = [h for h in res.history if "loss" in h]
+    assert rows and all(math.isfinite(h["loss"]) for h in rows)
+    if "beta" in opts:
+        assert rows[0]["beta"] == pytest.approx(0.05) and rows[-1]["beta"] == pytest.approx(0.0)
+        assert "kl" in rows[0]
+    if opts.get("num_iterations") == 2:  # later passes see ratios != 1
+        assert any(abs(h["ratio/mean"] - 1.0) > 0 for h in rows)
+
+
+def test_grpo_resume_equals_uninterrupted(tmp_path, sft_dir):
+    full = grpo.train(gcfg(tmp_path, sft_dir, steps=4, out_dir=str(tmp_path / "a")))
+    grpo.train(gcfg(tmp_path, sft_dir, steps=4, save_every=2, stop_at_step=2, out_dir=str(tmp_path / "b")))
+    resumed = grpo.train(gcfg(tmp_path, sft_dir, steps=4, resume=True, out_dir=str(tmp_path / "b")))
+    for a, b in zip(full.history[2:], resumed.history):
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"])
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+
+
+def test_grpo_learns_one_digit_addition(tmp_path, sft_dir):
+    # mean training reward of the last 20 steps beats the first 20 by at least 0.08 (measured: 0.21 -> 0.36)
+    res = grpo.train(gcfg(tmp_path, sft_dir, steps=150, lr=2e-4, prompts_per_step=16))
+    first = sum(h["reward/mean"] for h in res.history[:20]) / 20
+    last = sum(h["reward/mean"] for h in res.history[-20:]) / 20
+    assert last > first + 0.08, (first, last)
+
+
+def test_grpo_bad_input(tmp_path, sft_dir):
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        grpo.train(gcfg(tmp_path, sft_dir, group_size=1))
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: reward 'accuracy' needs the field 'answer'"):
+        grpo.train(gcfg(tmp_path, sft_dir, data=str(p), task="", reward="accuracy"))
+
+
+@pytest.mark.parametrize("loss", ["mio", "dpo", "group_js", "group_dv"])
+def test_online_contrastive(tmp_path, sft_dir, loss):
+    cfg = online.Config(model=str(sft_dir), task="arith:1", loss=loss, k=4, prompts_per_step=8, steps=3, eval_n=0,
+                        threads=2, max_new_tokens=16, out_dir=str(tmp_path / "online"))
+    res = online.train(cfg)
+    g = res.summary["groups"]
+    assert g["all_correct"] + g["all_wrong"] + g["used"] == 3 * 8
+    rows = [h for h in res.history if "loss" in h]
+    assert rows, "no step had a usable group"
+    if loss == "mio":  # at the reference: T = 0, MIO = ln 4
+        assert rows[0]["loss"] == pytest.approx(math.log(4), abs=1e-5) if rows[0]["step"] == 1 else True
+
+
+@pytest.mark.parametrize("critic", ["head", "separate"])
+def test_ppo_runs_and_updates(tmp_path, sft_dir, critic):
+    model = load_policy(sft_dir)
+    before = [p.clone() for p in model.parameters()]
+    res = ppo.train(ppo.Config(model=str(sft_dir), task="arith:1", critic=critic, prompts_per_step=8,
+                               samples_per_prompt=2, steps=2, eval_n=0, threads=2, max_new_tokens=16,
+                               out_dir=str(tmp_path / "ppo")), model=model)
+    assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
+    for h in res.history:
+        assert math.isfinite(h["loss"]) and h["value_loss"] >= 0 and "kl" in h
+    assert (tmp_path / "ppo" / "final" / "critic.safetensors").exists()
+
+
+def test_reward_model_learns_and_serves_as_reward(tmp_path, sft_dir):
+    # separable pairs: the right sum vs a sum off by 5 on 1-digit addition
+    data = [{"prompt": f"{a}+{b}=", "chosen": f"{a}+{b}={a + b}|{a + b}",
+             "rejected": f"{a}+{b}={a + b + 5}|{a + b + 5}"} for a in range(10) for b in range(10)]
+    res = reward_model.train(reward_model.Config(model="gpt-nano", steps=80, batch_size=16, lr=1e-3, threads=2,
+                                                 out_dir=str(tmp_path / "rm")), data=data[10:], eval_data=data[:10])
+    assert sum(h["accuracy"] for h in res.history[-10:]) / 10 > 0.9
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": d["prompt"]}) + "\n" for d in data))
+    g = grpo.train(gcfg(tmp_path, sft_dir, data=str(tmp_path / "p.jsonl"), task="", steps=1,
+                        reward=f"rm:{tmp_path / 'rm' / 'final'}"))
+    assert math.isfinite(g.history[0]["rewards/rm/mean"])
+
+
+def test_cli_grpo_on_reasoning_gym_task(tmp_path, capsys):
+    rc = main(["grpo", "--model", "gpt-nano", "--task", "rg:basic_arithmetic", "--steps", "2", "--group-size", "2",
+               "--prompts-per-step", "2", "--max-new-tokens", "8", "--eval-n", "4", "--threads", "1",
+               "--out-dir", str(tmp_path / "rg")])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 2 and len(out["evals"]) == 2
