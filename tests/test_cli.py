@@ -95,3 +95,16 @@ def test_demo_small(tmp_path, capsys):
     assert (tmp_path / "d" / "logps.png").stat().st_size > 1000
     err = capsys.readouterr().err
     assert "held-out accuracy" in err and "MIO" in err
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("examples/*/*.yaml")))
+def test_example_configs_are_valid(path):
+    """Every shipped YAML says which command reads it ('mirl X --config path') and names only its keys."""
+    import importlib
+    import re
+
+    from mirl.cli import COMMANDS, load_yaml_overrides
+
+    cmd = re.search(r"mirl (\w+) --config", open(path).read()).group(1)
+    cls = importlib.import_module(COMMANDS[cmd][0]).Config
+    assert load_yaml_overrides(path, cls)
