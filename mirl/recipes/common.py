@@ -45,3 +45,37 @@ def report_skips(skips: SkipCounter, out_dir: str | Path) -> None:
     if skips.total:
         console.print(f"[yellow]{skips.report()}[/]")
     (Path(out_dir) / "skips.json").write_text(json.dumps(skips.counts))
+
+
+def online_setup(cfg, model, data, recipe: str):
+    """The start every online recipe shares: policy, task, prompt records, rewards (columns checked),
+    held-out examples. -> (policy, task, data, reward_set, test)."""
+    from ..data.formats import load_rows, prompt_records
+    from ..data.tasks import make_task
+    from ..rewards import RewardSet, parse_reward_spec
+    from ..rollout.score import check_reward_columns
+
+    setup(cfg)
+    policy = get_policy(cfg, model)
+    task = make_task(cfg.task) if cfg.task else None
+    if data is None:
+        if cfg.data:
+            data = prompt_records(load_rows(cfg.data), policy.tokenizer)
+        elif task is not None:
+            data = task.examples("train", cfg.n_prompts, cfg.seed)
+        else:
+            raise ValueError(f"{recipe} needs --task or --data")
+    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
+    check_reward_columns(reward_set, data, cfg.data or cfg.task)
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    return policy, task, data, reward_set, test
+
+
+def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: str) -> float:
+    """Greedy accuracy on the held-out examples, appended to evals and printed."""
+    from ..eval import evaluate
+
+    acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
+    evals.append({"step": step, "accuracy": acc})
+    console.print(f"held-out accuracy {label}: {acc:.3f} (n={len(test)})")
+    return acc

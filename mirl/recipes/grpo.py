@@ -27,16 +27,12 @@ import torch
 from ..advantages import group_advantages, rloo
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
-from ..data.formats import load_rows, prompt_records
-from ..data.tasks import make_task
-from ..eval import evaluate
 from ..logging import MetricLogger, console
 from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..optim import make_optimizer
-from ..rewards import RewardSet, parse_reward_spec
-from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
-from .common import get_policy, optimizer_step, setup
+from ..rollout.score import pack_rows, rollout_and_score
+from .common import held_out_accuracy, online_setup, optimizer_step
 
 
 @dataclass
@@ -120,25 +116,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.group_size < 2:
         raise ValueError(f"group_size must be at least 2 (a group of 1 has no baseline), got {cfg.group_size}")
     kl_coef(cfg, 0)
-    setup(cfg)
-    policy = get_policy(cfg, model)
+    policy, task, data, reward_set, test = online_setup(cfg, model, data, "grpo")
     tok = policy.tokenizer
-    task = make_task(cfg.task) if cfg.task else None
-    if data is None:
-        if cfg.data:
-            data = prompt_records(load_rows(cfg.data), tok)
-        elif task is not None:
-            data = task.examples("train", cfg.n_prompts, cfg.seed)
-        else:
-            raise ValueError("grpo needs --task or --data")
-    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
-    check_reward_columns(reward_set, data, cfg.data or cfg.task)
     ref_model = None
     if cfg.beta > 0 or cfg.beta_final > 0:
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
     start, evals = 0, []
     if cfg.resume:
         state = load_checkpoint(cfg.out_dir, policy, optimizer)
@@ -146,8 +130,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     if test and not cfg.resume:
-        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
-        console.print(f"held-out accuracy before GRPO: {evals[0]['accuracy']:.3f}")
+        held_out_accuracy(policy, task, test, cfg, evals, 0, "before GRPO")
     opt_steps_per_step = cfg.num_iterations * cfg.minibatches
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
@@ -237,9 +220,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "tokens_per_s": float(attn.sum()) / dt, "time/generation_s": gen_s, "time/scoring_s": score_s,
                "time/update_s": up_s, "time/step_s": dt}
         if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": step + 1, "accuracy": acc})
-            row["eval/accuracy"] = acc
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
         out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
@@ -256,9 +237,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         policy.save(Path(cfg.out_dir) / "final")
         if test:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": summary["steps"], "accuracy": acc})
-            console.print(f"held-out accuracy after GRPO: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO")
     summary["evals"] = evals
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")

@@ -21,15 +21,11 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
-from ..data.formats import load_rows, prompt_records
-from ..data.tasks import make_task
-from ..eval import evaluate
 from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
-from ..rewards import RewardSet, parse_reward_spec
-from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
-from .common import get_policy, optimizer_step, setup
+from ..rollout.score import pack_rows, rollout_and_score
+from .common import held_out_accuracy, online_setup, optimizer_step
 from .grpo import response_logps
 
 
@@ -88,25 +84,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     group = get_loss(terms[0][0]).kind == "group"
     if cfg.k < 2:
         raise ValueError(f"k must be at least 2 to contrast samples, got {cfg.k}")
-    setup(cfg)
-    policy = get_policy(cfg, model)
+    policy, task, data, reward_set, test = online_setup(cfg, model, data, "online")
     tok = policy.tokenizer
-    task = make_task(cfg.task) if cfg.task else None
-    if data is None:
-        if cfg.data:
-            data = prompt_records(load_rows(cfg.data), tok)
-        elif task is not None:
-            data = task.examples("train", cfg.n_prompts, cfg.seed)
-        else:
-            raise ValueError("online needs --task or --data")
-    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
-    check_reward_columns(reward_set, data, cfg.data or cfg.task)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
-    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
     start, evals = 0, []
     if cfg.resume:
         state = load_checkpoint(cfg.out_dir, policy, optimizer)
@@ -114,8 +98,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
         rng.setstate((state["pair_rng"][0], tuple(state["pair_rng"][1]), None))
     if test and not cfg.resume:
-        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
-        console.print(f"held-out accuracy before online {cfg.loss}: {evals[0]['accuracy']:.3f}")
+        held_out_accuracy(policy, task, test, cfg, evals, 0, f"before online {cfg.loss}")
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, show=("reward/mean",))
     history, t_train = [], time.perf_counter()
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0}
@@ -168,9 +151,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                         **{k: float(v.float().mean()) for k, v in metrics.items()},
                         "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0)})
         if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": step + 1, "accuracy": acc})
-            row["eval/accuracy"] = acc
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
@@ -191,9 +172,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         policy.save(Path(cfg.out_dir) / "final")
         if test:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": summary["steps"], "accuracy": acc})
-            console.print(f"held-out accuracy after online {cfg.loss}: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}")
     summary["evals"] = evals
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

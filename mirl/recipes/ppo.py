@@ -25,17 +25,13 @@ from safetensors.torch import load_file, save_file
 from ..advantages import gae, whiten
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
-from ..data.formats import load_rows, prompt_records
-from ..data.tasks import make_task
-from ..eval import evaluate
-from ..logging import MetricLogger, console
+from ..logging import MetricLogger
 from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
-from ..rewards import RewardSet, parse_reward_spec
-from ..rollout.score import check_reward_columns, pack_rows, rollout_and_score
-from .common import get_policy, optimizer_step, setup
+from ..rollout.score import pack_rows, rollout_and_score
+from .common import held_out_accuracy, online_setup, optimizer_step
 
 
 @dataclass
@@ -116,25 +112,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.critic not in ("head", "separate"):
         raise ValueError(f"critic must be 'head' or 'separate', got {cfg.critic!r}")
-    setup(cfg)
-    policy = get_policy(cfg, model)
+    policy, task, data, reward_set, test = online_setup(cfg, model, data, "ppo")
     tok = policy.tokenizer
-    task = make_task(cfg.task) if cfg.task else None
-    if data is None:
-        if cfg.data:
-            data = prompt_records(load_rows(cfg.data), tok)
-        elif task is not None:
-            data = task.examples("train", cfg.n_prompts, cfg.seed)
-        else:
-            raise ValueError("ppo needs --task or --data")
-    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
-    check_reward_columns(reward_set, data, cfg.data or cfg.task)
     ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate")
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
     start, evals = 0, []
     if cfg.resume:
         state = load_checkpoint(cfg.out_dir, policy, optimizer)
@@ -142,8 +126,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start, evals = state["step"], state.get("evals", [])
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
     if test and not cfg.resume:
-        evals.append({"step": 0, "accuracy": evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy})
-        console.print(f"held-out accuracy before PPO: {evals[0]['accuracy']:.3f}")
+        held_out_accuracy(policy, task, test, cfg, evals, 0, "before PPO")
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl"))
@@ -200,9 +183,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "completions/truncated_frac": float(truncated.float().mean()), "tokens_per_s": float(attn.sum()) / dt,
                "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s, "time/update_s": time.perf_counter() - t_up}
         if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": step + 1, "accuracy": acc})
-            row["eval/accuracy"] = acc
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
         out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
@@ -222,9 +203,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         policy.save(Path(cfg.out_dir) / "final")
         save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
         if test:
-            acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-            evals.append({"step": summary["steps"], "accuracy": acc})
-            console.print(f"held-out accuracy after PPO: {acc:.3f} (before {evals[0]['accuracy']:.3f})")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO")
     summary["evals"] = evals
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

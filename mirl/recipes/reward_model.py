@@ -37,8 +37,9 @@ class Config:
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
     task: str = "arith"  # task for generated pairs
-    pairs: str = "synthetic"  # training pairs: synthetic (gold vs a corrupted solution) or sampled (from --model)
-    n_prompts: int = 20000  # training prompts (synthetic: one pair each; sampled: K samples each)
+    pairs: str = "both"  # training pairs: synthetic (gold vs a corrupted solution), sampled (from --model), both
+    n_prompts: int = 20000  # training prompts for synthetic pairs (one pair each)
+    n_sampled_prompts: int = 2048  # training prompts for sampled pairs (K samples each)
     eval_prompts: int = 256  # held-out prompts to sample evaluation pairs from
     k: int = 8  # samples per prompt
     pairs_per_prompt: int = 2  # pairs drawn per prompt with both correct and wrong samples
@@ -67,6 +68,13 @@ class Result:
     summary: dict = field(default_factory=dict)
 
 
+def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
+    """The task's worked solution (chosen) against a corrupted one (rejected), one pair per example."""
+    rng = random.Random(seed)
+    return [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": task.wrong_solution(e, rng),
+             "where": f"{task.name} synthetic #{i}"} for i, e in enumerate(examples)]
+
+
 def pair_scores(rm, pairs, pad_id):
     ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
     s = rm(ids, attn, resp)
@@ -87,6 +95,7 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
 def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     setup(cfg)
+    synth_eval = None
     policy = get_policy(cfg, model)
     tok = policy.tokenizer
     if data is None and cfg.data:
@@ -98,24 +107,25 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
             data, eval_data = data[cut:], data[:cut]
     elif data is None:
         task = make_task(cfg.task)
-        train_ex = task.examples("train", cfg.n_prompts, cfg.seed)
-        if cfg.pairs == "synthetic":
-            if not hasattr(task, "wrong_solution"):
-                raise ValueError(f"task {task.name} cannot make synthetic pairs; use --pairs sampled")
-            rng = random.Random(cfg.seed)
-            data = [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": task.wrong_solution(e, rng),
-                     "where": f"{task.name} synthetic #{i}"} for i, e in enumerate(train_ex)]
-        elif cfg.pairs == "sampled":
-            data, st = sample_pairs(policy, task, train_ex, k=cfg.k, seed=cfg.seed,
-                                    pairs_per_prompt=cfg.pairs_per_prompt)
+        if cfg.pairs not in ("synthetic", "sampled", "both"):
+            raise ValueError(f"pairs must be 'synthetic', 'sampled' or 'both', got {cfg.pairs!r}")
+        if cfg.pairs != "sampled" and not hasattr(task, "wrong_solution"):
+            raise ValueError(f"task {task.name} cannot make synthetic pairs; use --pairs sampled")
+        data = []
+        if cfg.pairs in ("synthetic", "both"):
+            data += synthetic_pairs(task, task.examples("train", cfg.n_prompts, cfg.seed), cfg.seed)
+            synth_eval = synthetic_pairs(task, task.examples("test", cfg.eval_prompts, cfg.seed), cfg.seed + 1)
+        if cfg.pairs in ("sampled", "both"):
+            sampled, st = sample_pairs(policy, task, task.examples("train", cfg.n_sampled_prompts, cfg.seed + 2),
+                                       k=cfg.k, seed=cfg.seed, pairs_per_prompt=cfg.pairs_per_prompt)
+            data += sampled
             console.print(f"reward-model training pairs sampled from {cfg.model}: {st}")
-        else:
-            raise ValueError(f"pairs must be 'synthetic' or 'sampled', got {cfg.pairs!r}")
         # held out: the policy's own samples on held-out prompts, verified (the pairs an RL run will see)
         eval_data, st_eval = sample_pairs(policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k,
                                           seed=cfg.seed + 1)
         console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
     skips = SkipCounter()
+    synth_held_out = encode_pairs(tok, synth_eval, cfg.max_len, skips) if synth_eval else []
     pairs = encode_pairs(tok, data, cfg.max_len, skips)
     held_out = encode_pairs(tok, eval_data or [], cfg.max_len, skips)
     if not pairs:
@@ -165,6 +175,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         summary["held_out_accuracy"] = pair_accuracy(rm, held_out, tok.pad_token_id)
         console.print(f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
                       f"(before training {acc0:.3f}, n={len(held_out)})")
+    if synth_held_out:
+        summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, tok.pad_token_id)
+        console.print(f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
+                      f"(n={len(synth_held_out)})")
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         rm.save(Path(cfg.out_dir) / "final")
     summary["config"] = asdict(cfg)
