@@ -137,3 +137,37 @@ def test_cli_grpo_on_reasoning_gym_task(tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["steps"] == 2 and len(out["evals"]) == 2
+
+
+class _EosFirst(torch.nn.Module):
+    """A policy wrapper whose every sample is empty: EOS is by far the likeliest first token."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.inner = policy
+        self.tokenizer, self.kind = policy.tokenizer, policy.kind
+
+    device = property(lambda self: self.inner.device)
+    max_seq_len = property(lambda self: self.inner.max_seq_len)
+
+    def step(self, ids, attn, cache=None, use_cache=True):
+        logits, cache = self.inner.step(ids, attn, cache, use_cache)
+        logits = logits.clone()
+        logits[..., self.tokenizer.eos_token_id] += 100.0
+        return logits, cache
+
+
+def test_empty_generations_are_counted(tmp_path, sft_dir):
+    from mirl.data.pairs import sample_pairs
+    from mirl.data.tasks import make_task
+    from mirl.rewards import RewardSet, parse_reward_spec
+    from mirl.rollout.score import rollout_and_score
+
+    task = make_task("arith:1")
+    policy = _EosFirst(load_policy(sft_dir))
+    ex = task.examples("train", 3)
+    sb = rollout_and_score(policy, ex, RewardSet(parse_reward_spec("task", task)), group_size=2, max_new_tokens=8,
+                           temperature=1.0)
+    assert sb.metrics["completions/empty"] == 6 and sb.rewards.tolist() == [0.0] * 6
+    pairs, stats = sample_pairs(policy, task, ex, k=2, max_new_tokens=8)
+    assert pairs == [] and stats["empty_samples"] == 6 and stats["skipped_all_wrong"] == 3

@@ -20,8 +20,9 @@ def sample_pairs(policy, task, examples: list[dict], *, k: int = 8, temperature:
     rng = random.Random(seed)
     samples = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, samples=k,
                           temperature=temperature, batch_size=max(1, batch_size // k), seed=seed)
-    pairs, all_correct, all_wrong, n_correct = [], 0, 0, 0
+    pairs, all_correct, all_wrong, n_correct, empty = [], 0, 0, 0, 0
     for i, (ex, outs) in enumerate(zip(examples, samples)):
+        empty += sum(1 for o in outs if not o.strip())  # never a rejected response: counted instead
         good = [o for o in outs if task.score(o, ex) >= 1.0]
         bad = [o for o in outs if task.score(o, ex) < 1.0 and o.strip()]
         n_correct += len(good)
@@ -35,5 +36,6 @@ def sample_pairs(policy, task, examples: list[dict], *, k: int = 8, temperature:
             pairs.append({"prompt": ex["prompt"], "chosen": rng.choice(good), "rejected": rng.choice(bad),
                           "where": f"{task.name} sampled prompt #{i}"})
     stats = {"prompts": len(examples), "pairs": len(pairs), "skipped_all_correct": all_correct,
-             "skipped_all_wrong": all_wrong, "sample_accuracy": n_correct / max(1, k * len(examples))}
+             "skipped_all_wrong": all_wrong, "empty_samples": empty,
+             "sample_accuracy": n_correct / max(1, k * len(examples))}
     return pairs, stats
