@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
         return 2
-    if cmd not in ("eval", "demo"):
+    from .distributed import is_main
+
+    if cmd not in ("eval", "demo") and is_main():
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))

@@ -16,12 +16,17 @@ from ..optim import clip_grad, lr_at, set_lr
 
 
 def setup(cfg) -> None:
-    """Threads, seeds. Few threads by default: oversubscribing a small CPU makes every step slower."""
+    """Threads, seeds, torch.distributed when launched by torchrun. Few threads by default:
+    oversubscribing a small CPU makes every step slower. Every rank seeds alike (same initial weights)."""
+    from ..distributed import init, is_main
+
+    init()
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if is_main():
+        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
 
 def get_policy(cfg, model):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
@@ -155,7 +156,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
     elif needs_ref:
         ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average)
-        save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file))
+        if dist.is_main():
+            save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file))
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 
@@ -164,20 +166,24 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
+    model_fwd = dist.wrap(policy)  # DDP under torchrun, the policy itself otherwise
+    main = dist.is_main()
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume,
-                       show=("loss", "logps/chosen", "rewards/margins"))
+                       show=("loss", "logps/chosen", "rewards/margins")) if main else None
     history, first, warned = [], None, False
     policy.train()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        idx = batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
+        n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()
+        idx = dist.shard(batch_indices(len(pairs), n_global, step, cfg.seed))
         sums: dict[str, float] = {}
         n_tok = 0
         for m in range(cfg.grad_accum):
             mb = idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            pc, pr, lc, lr_, ntok = pair_forward(policy, [pairs[i] for i in mb], tok.pad_token_id, average)
+            pc, pr, lc, lr_, ntok = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
             n_tok += ntok
             if not needs_ref:
                 rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
@@ -193,7 +199,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             else:
                 per_ex, metrics = combined_pair_loss(terms, pc, pr, rc, rr, beta=cfg.beta, options=options,
                                                      chosen_lengths=lc, rejected_lengths=lr_)
-            loss = mean_over_examples(per_ex, global_count=len(idx))
+            loss = mean_over_examples(per_ex, global_count=n_global)
             loss.backward()
             metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
             for k, v in metrics.items():
@@ -201,8 +207,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
         dt = time.perf_counter() - t0
-        row = {k: (v if k == "loss" else v / len(idx)) for k, v in sums.items()}
-        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt})
+        # every rank's loss carries a factor world (exact DDP gradients); metrics are sums over the global batch
+        row = {k: dist.all_sum(v) / (dist.world_size() if k == "loss" else n_global) for k, v in sums.items()}
+        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt})
         first = first or row
         if (not warned and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
                 and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)):
@@ -215,20 +222,23 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
             row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
         history.append({"step": step + 1, **row})
-        log.log(step + 1, row)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
+        if main:
+            log.log(step + 1, row)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
+        dist.barrier()
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
-    log.close()
+    if main:
+        log.close()
+        report_skips(skips, cfg.out_dir)
 
-    # ---- summary, save, evaluate -------------------------------------------------------------------
-    report_skips(skips, cfg.out_dir)
+    # ---- summary, save, evaluate (rank 0) ----------------------------------------------------------
     end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
     summary = {"steps": start + len(history), "pairs": len(pairs), "pair_sampling": pair_stats,
                "skipped": skips.counts, "chosen_logp_change": float((end_c - start_c).mean()),
                "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned}
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         policy.save(Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:
             res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
@@ -81,40 +82,50 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, show=("loss", "lr"))
+    model_fwd = dist.wrap(policy)  # DDP under torchrun, the policy itself otherwise
+    main = dist.is_main()
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, show=("loss", "lr")) if main else None
     history = []
     policy.train()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        idx = batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
+        idx = dist.shard(batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum * dist.world_size(), step,
+                                       cfg.seed))
         micro = [pad_batch([encoded[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]],
                            tok.pad_token_id) for m in range(cfg.grad_accum)]
-        n_tokens = sum(int(resp[:, 1:].sum()) for _, _, resp in micro)  # global divisor: exact accumulation
+        # global divisor over micro-batches and ranks: exact accumulation and exact DDP
+        n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp in micro))
         total_loss = 0.0
         for ids, attn, resp in micro:
-            logits = policy(ids, attn)
+            logits = model_fwd(ids, attn)
             per_token, _, _ = sequence_logps(logits, ids, resp)
             loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
             loss.backward()
             total_loss += loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
         dt = time.perf_counter() - t0
-        n_in = sum(int(attn.sum()) for _, attn, _ in micro)
-        metrics = {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
+        n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _ in micro))
+        loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
         history.append({"step": step + 1, **metrics})
-        log.log(step + 1, metrics)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
+        if main:
+            log.log(step + 1, metrics)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
+        dist.barrier()
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
-    log.close()
+    if main:
+        log.close()
 
-    # ---- save and evaluate -------------------------------------------------------------------------
-    report_skips(skips, cfg.out_dir)
+    # ---- save and evaluate (rank 0) ----------------------------------------------------------------
     summary = {"steps": len(history) + start, "skipped": skips.counts}
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main:
+        report_skips(skips, cfg.out_dir)
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         policy.save(Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:
             res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),

@@ -1,0 +1,72 @@
+"""torch.distributed in one place: init() -> (rank, world, device); helpers that are no-ops in one process.
+
+Under `torchrun --nproc-per-node N -m mirl <recipe> ...` every rank builds the same model (same seed),
+takes its shard of each global batch, and DDP averages gradients. Losses divide by the *global* token or
+sequence count (losses/reduce.py), so N ranks take the same steps as one process with the whole batch.
+gloo on CPU, NCCL on CUDA. Only rank 0 logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_sum(x: float | int) -> float:
+    """Sum of a Python number over ranks."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def shard(indices: list[int]) -> list[int]:
+    """This rank's contiguous share of a global batch (rank r of N takes the r-th of N equal parts)."""
+    n, r = world_size(), rank()
+    if n == 1:
+        return indices
+    if len(indices) % n:
+        raise ValueError(f"global batch of {len(indices)} does not split over {n} ranks")
+    size = len(indices) // n
+    return indices[r * size:(r + 1) * size]
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the model when distributed; the model itself otherwise."""
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
