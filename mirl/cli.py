@@ -45,14 +45,16 @@ def _field_help(cls) -> dict[str, str]:
     import inspect
 
     helps = {}
-    try:
-        for line in inspect.getsource(cls).splitlines():
+    for klass in reversed(cls.__mro__[:-1]):  # inherited option groups (LoraArgs) first
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
             line = line.strip()
             if ":" in line and "#" in line and not line.startswith("#"):
                 name = line.split(":", 1)[0].strip()
                 helps[name] = line.split("#", 1)[1].strip()
-    except (OSError, TypeError):
-        pass
     return helps
 
 

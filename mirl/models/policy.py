@@ -33,6 +33,31 @@ class Policy(nn.Module):
         if kind not in ("tiny", "hf"):
             raise ValueError(f"policy kind must be 'tiny' or 'hf', got {kind!r}")
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.source: str | None = None  # where it was loaded from (an adapter-only save names its base)
+
+    # ---- LoRA (PEFT) ----------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    def add_lora(self, r: int, alpha: int = 16, dropout: float = 0.0, targets: str = "") -> None:
+        """Wrap the model with PEFT LoRA adapters; only the adapters train. targets: comma-separated module
+        names (default: every linear layer of the blocks)."""
+        from peft import LoraConfig, get_peft_model
+
+        if targets:
+            target = [t.strip() for t in targets.split(",") if t.strip()]
+        else:
+            target = ["qkv", "proj", "fc", "fc_out"] if self.kind == "tiny" else "all-linear"
+        kw = {"task_type": "CAUSAL_LM"} if self.kind == "hf" else {}
+        self.model = get_peft_model(self.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                           target_modules=target, **kw))
+
+    def reference_context(self):
+        """Adapters off: the base model, i.e. the reference of a LoRA run, with no second copy in memory."""
+        from contextlib import nullcontext
+
+        return self.model.disable_adapter() if self.has_lora else nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -41,7 +66,7 @@ class Policy(nn.Module):
     @property
     def max_seq_len(self) -> int:
         if self.kind == "tiny":
-            return self.model.config.max_seq_len
+            return self._base().config.max_seq_len
         return getattr(self.model.config, "max_position_embeddings", 1 << 20)
 
     def forward(self, input_ids, attention_mask=None, images=None, return_hidden: bool = False):
@@ -63,7 +88,10 @@ class Policy(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.n_embd if self.kind == "tiny" else self.model.config.hidden_size
+        return self._base().config.n_embd if self.kind == "tiny" else self._base().config.hidden_size
+
+    def _base(self):
+        return self.model.get_base_model() if self.has_lora else self.model
 
     def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True):
         """One incremental forward. attention_mask covers cached and new tokens: (B, S+T)."""
@@ -75,14 +103,28 @@ class Policy(nn.Module):
                          past_key_values=cache, use_cache=use_cache)
         return out.logits, out.past_key_values
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, merged: bool = True) -> None:
+        """Safetensors. With LoRA: merged into the base weights (a plain model folder), or adapter-only
+        (merged=False: adapter_model.safetensors + adapter_config.json + the tokenizer)."""
+        import copy
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.has_lora:
+            if not merged:
+                if self.source is None:
+                    raise ValueError("adapter-only saving needs a base model loaded from a folder; save merged")
+                model.save_pretrained(str(path))
+                self.tokenizer.save_pretrained(path)
+                (path / "mirl_adapter.json").write_text(json.dumps({"base": str(Path(self.source).resolve())}))
+                return
+            model = copy.deepcopy(model).merge_and_unload()
         if self.kind == "hf":
-            save_hf(self.model, self.tokenizer, path)
+            save_hf(model, self.tokenizer, path)
             return
-        (path / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=1))
-        save_model(self.model, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+        save_model(model, str(path / "model.safetensors"))
         self.tokenizer.save_pretrained(path)
 
 
@@ -103,6 +145,12 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
     if not path.exists():
         raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}, gpt-d<N>) "
                                 "nor an existing folder")
+    if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
+        from peft import PeftModel
+
+        base = load_policy(json.loads((path / "mirl_adapter.json").read_text())["base"], dtype=dtype)
+        base.model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True)
+        return base
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
@@ -110,8 +158,11 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
     if cfg.get("model_type") == "mirl-tiny-gpt":
         model = TinyGPT(TinyGPTConfig(**cfg))
         load_model(model, str(path / "model.safetensors"))
-        return Policy(model.to(dtype), CharTokenizer.from_pretrained(path), "tiny")
-    if is_hf_dir(path):
+        policy = Policy(model.to(dtype), CharTokenizer.from_pretrained(path), "tiny")
+    elif is_hf_dir(path):
         model, tok = load_hf(path, dtype)
-        return Policy(model, tok, "hf")
-    raise ValueError(f"cannot load a model from {path}")
+        policy = Policy(model, tok, "hf")
+    else:
+        raise ValueError(f"cannot load a model from {path}")
+    policy.source = str(path)
+    return policy

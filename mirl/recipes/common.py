@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,10 +29,47 @@ def setup(cfg) -> None:
         (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
 
+@dataclass
+class LoraArgs:
+    """Options every recipe takes for PEFT LoRA (the recipes' Config dataclasses include these fields)."""
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+
+
 def get_policy(cfg, model):
-    if model is not None:
-        return model
-    return load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
+    policy = model if model is not None else load_policy(cfg.model, max_seq_len=max(256, cfg.max_len),
+                                                         seed=cfg.seed)
+    if getattr(cfg, "lora_r", 0) > 0 and not policy.has_lora:
+        policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return policy
+
+
+class AdapterOffReference:
+    """The reference of a LoRA run: the same model with its adapters off, no gradient, no second copy."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.tokenizer = policy.tokenizer
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), self.policy.reference_context():
+            return self.policy(*args, **kwargs)
+
+
+def frozen_reference(policy):
+    """A frozen reference policy: adapters switched off under LoRA, else a frozen copy."""
+    import copy
+
+    if policy.has_lora:
+        return AdapterOffReference(policy)
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def save_final(policy, cfg, path) -> None:
+    policy.save(path, merged=not getattr(cfg, "save_adapter_only", False))
 
 
 def optimizer_step(policy, optimizer, step: int, cfg) -> tuple[float, float]:

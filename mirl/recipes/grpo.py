@@ -32,11 +32,11 @@ from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import held_out_accuracy, online_setup, optimizer_step
+from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
@@ -120,7 +120,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     tok = policy.tokenizer
     ref_model = None
     if cfg.beta > 0 or cfg.beta_final > 0:
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        ref_model = frozen_reference(policy)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     start, evals = 0, []
@@ -235,7 +235,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "skips": skipped,
                "reward_faults": reward_set.faults}
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        policy.save(Path(cfg.out_dir) / "final")
+        save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO")
     summary["evals"] = evals

@@ -11,7 +11,6 @@ contrast: they are skipped and counted (groups/all_correct, groups/all_wrong).
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,12 +24,12 @@ from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import held_out_accuracy, online_setup, optimizer_step
+from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 from .grpo import response_logps
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -86,7 +85,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"k must be at least 2 to contrast samples, got {cfg.k}")
     policy, task, data, reward_set, test = online_setup(cfg, model, data, "online")
     tok = policy.tokenizer
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref_model = frozen_reference(policy)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -170,7 +169,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     console.print(f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; "
                   f"{counts['used']} used")
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        policy.save(Path(cfg.out_dir) / "final")
+        save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}")
     summary["evals"] = evals

@@ -31,11 +31,11 @@ from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import held_out_accuracy, online_setup, optimizer_step
+from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -114,7 +114,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"critic must be 'head' or 'separate', got {cfg.critic!r}")
     policy, task, data, reward_set, test = online_setup(cfg, model, data, "ppo")
     tok = policy.tokenizer
-    ref_model = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref_model = frozen_reference(policy) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate")
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
@@ -200,7 +200,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train,
                "reward_faults": reward_set.faults}
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        policy.save(Path(cfg.out_dir) / "final")
+        save_final(policy, cfg, Path(cfg.out_dir) / "final")
         save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO")

@@ -13,7 +13,6 @@ Log-probs are summed over response tokens (DPO's convention) or averaged (logp_a
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,11 +31,11 @@ from ..logging import MetricLogger, console, warn
 from ..logps import sequence_logps
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
-from .common import get_policy, optimizer_step, report_skips, setup
+from .common import LoraArgs, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
     task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)
@@ -150,7 +149,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
     ref_model, ref_c_all, ref_r_all = None, None, None
     if needs_ref and cfg.ref_mode == "model":
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+        ref_model = frozen_reference(policy)
     elif needs_ref and cfg.resume and ref_file.exists():
         saved = load_file(str(ref_file))
         ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
@@ -239,7 +238,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "skipped": skips.counts, "chosen_logp_change": float((end_c - start_c).mean()),
                "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned}
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        policy.save(Path(cfg.out_dir) / "final")
+        save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:
             res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),
                            max_new_tokens=cfg.max_new_tokens)

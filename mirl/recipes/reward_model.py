@@ -27,12 +27,12 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import get_policy, optimizer_step, report_skips, setup
+from .common import LoraArgs, get_policy, optimizer_step, report_skips, setup
 from .preference import encode_pairs
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)

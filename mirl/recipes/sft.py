@@ -23,11 +23,11 @@ from ..logging import MetricLogger, console
 from ..logps import sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
-from .common import get_policy, optimizer_step, report_skips, setup
+from .common import LoraArgs, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
-class Config:
+class Config(LoraArgs):
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
@@ -126,7 +126,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if main:
         report_skips(skips, cfg.out_dir)
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        policy.save(Path(cfg.out_dir) / "final")
+        save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:
             res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),
                            max_new_tokens=cfg.max_new_tokens)
