@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirl-installed
 THREADS ?= 2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,3 +28,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py

@@ -66,6 +66,7 @@ class Config(LoraArgs):
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 40  # response length limit
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
@@ -147,7 +148,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             idx = batch_indices(len(data), cfg.prompts_per_step, step * (cfg.max_refills + 1) + rounds, cfg.seed)
             sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, generator=gen)
+                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos)
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
             metrics = metrics or sb.metrics
             r = sb.rewards.view(-1, cfg.group_size)

@@ -208,7 +208,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         dt = time.perf_counter() - t0
         # every rank's loss carries a factor world (exact DDP gradients); metrics are sums over the global batch
         row = {k: dist.all_sum(v) / (dist.world_size() if k == "loss" else n_global) for k, v in sums.items()}
-        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt})
+        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt, "time/step_s": dt})
         first = first or row
         if (not warned and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
                 and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)):

@@ -67,8 +67,9 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
-             generator: torch.Generator | None = None) -> RolloutBatch:
-    """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy."""
+             generator: torch.Generator | None = None, ignore_eos: bool = False) -> RolloutBatch:
+    """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
+    ignore_eos: always generate max_new_tokens (benchmarks)."""
     tok = policy.tokenizer
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     device = policy.device
@@ -102,7 +103,7 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out_ids[:, t] = nxt
         out_logps[:, t] = torch.where(done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
-        newly = (~done) & (nxt == eos_id)
+        newly = (~done) & (nxt == eos_id) & (not ignore_eos)
         if stop_strings:
             for i in torch.nonzero(~done & ~newly).flatten().tolist():
                 text = tok.decode(out_ids[i, : t + 1].tolist(), skip_special_tokens=True)

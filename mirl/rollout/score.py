@@ -42,12 +42,13 @@ def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
 
 
 def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
-                      temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None) -> ScoredBatch:
+                      temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None,
+                      ignore_eos: bool = False) -> ScoredBatch:
     tok = policy.tokenizer
     t0 = time.perf_counter()
     prompts = [tok.encode(e["prompt"], add_special_tokens=True) for e in examples]
     batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
-                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos)
     t1 = time.perf_counter()
     rows = [e for e in examples for _ in range(group_size)]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where")}

@@ -1,0 +1,277 @@
+"""Side-by-side benchmark of mirl and TRL on identical weights, data, lengths, batch and threads.
+
+    make bench                      # every workload, both libraries, alternating, table at the end
+    python bench/run.py --only dpo-tiny --repeats 1
+
+Each measurement runs in its own process (peak RSS is that process's), mirl and TRL alternate, and the
+median step time after warm-up steps is reported. The model is a transformers Qwen2 built from a config
+and saved once; both libraries load that folder. A word-level tokenizer makes every word one token, so
+prompt and response lengths are exact. The matmul peak (fp32 and bf16) is measured in the same run with
+the same thread count, and compute-bound workloads report achieved FLOP/s = 6 * parameters * tokens per
+step / step time (forward + backward of the policy; the reference pass is extra work neither counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOADS = {
+    # name: model config, pairs or prompts, lengths, threads
+    "dpo-tiny": dict(kind="dpo", hidden=64, layers=2, heads=4, vocab=1000, batch=8, prompt=16, response=16,
+                     threads=1, steps=40, warmup=5),
+    "dpo-large": dict(kind="dpo", hidden=512, layers=8, heads=8, vocab=8000, batch=8, prompt=128, response=128,
+                      threads=2, steps=6, warmup=2),
+    "grpo-128": dict(kind="grpo", hidden=64, layers=2, heads=4, vocab=1000, prompts=2, group=8, prompt=16,
+                     new_tokens=128, threads=1, steps=6, warmup=2),
+}
+
+
+# ---- shared setup: model folder and data ----------------------------------------------------------------
+
+def build(name: str, root: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    w = WORKLOADS[name]
+    out = root / name
+    if (out / "data.json").exists():
+        return out
+    # byte-level BPE (what Qwen2's tokenizer class expects) trained so that each 3-letter word is one token
+    import itertools
+    import string
+
+    from tokenizers import decoders, trainers
+
+    letters = ["".join(t) for t in itertools.product(string.ascii_lowercase, repeat=3)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=w["vocab"], special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([" " + " ".join(letters[: w["vocab"]])] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=w["hidden"], intermediate_size=4 * w["hidden"],
+                      num_hidden_layers=w["layers"], num_attention_heads=w["heads"], num_key_value_heads=w["heads"],
+                      max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(out)  # what both libraries will use
+    single = [x for x in letters[: w["vocab"]] if len(loaded.encode(" " + x, add_special_tokens=False)) == 1]
+    if len(single) < 100:
+        raise RuntimeError(f"only {len(single)} words are single tokens; the benchmark tokenizer is broken")
+    g = torch.Generator().manual_seed(1)
+
+    def words(n):  # " w1 w2 ..." is n tokens; the EOS each library appends makes a response `response` long
+        return "".join(" " + single[int(i)] for i in torch.randint(0, len(single), (n,), generator=g))
+
+    if w["kind"] == "dpo":
+        rows = [{"prompt": words(w["prompt"]), "chosen": words(w["response"] - 1),
+                 "rejected": words(w["response"] - 1)} for _ in range(w["batch"])]
+    else:
+        rows = [{"prompt": words(w["prompt"])} for _ in range(w["prompts"])]
+    (out / "data.json").write_text(json.dumps(rows))
+    return out
+
+
+# ---- workers: one measurement each, in their own process ------------------------------------------------
+
+def worker(lib: str, name: str, folder: Path) -> dict:
+    import torch
+
+    w = WORKLOADS[name]
+    torch.set_num_threads(w["threads"])
+    rows = json.loads((folder / "data.json").read_text())
+    steps = w["steps"] + w["warmup"]
+    times = (mirl_dpo if lib == "mirl" and w["kind"] == "dpo" else
+             mirl_grpo if lib == "mirl" else trl_dpo if w["kind"] == "dpo" else trl_grpo)(folder, rows, w, steps)
+    step_s = statistics.median(times[w["warmup"]:])
+    return {"lib": lib, "workload": name, "step_s": step_s, "steps_per_s": 1.0 / step_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def mirl_dpo(folder, rows, w, steps):
+    from mirl.models import load_policy
+    from mirl.recipes import preference
+
+    cfg = preference.Config(model=str(folder), task="", loss="dpo", steps=steps, batch_size=w["batch"], lr=1e-4,
+                            warmup_steps=0, threads=w["threads"], eval_n=0, probe_every=0,
+                            max_len=w["prompt"] + w["response"] + 2, out_dir=tempfile.mkdtemp())
+    res = preference.train(cfg, model=load_policy(folder), data=rows)
+    return [h["time/step_s"] for h in res.history]
+
+
+def mirl_grpo(folder, rows, w, steps):
+    from mirl.models import load_policy
+    from mirl.recipes import grpo
+    from mirl.rewards import register_reward
+
+    if "bench_length" not in __import__("mirl.rewards", fromlist=["REWARDS"]).REWARDS:
+        register_reward("bench_length")(lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions])
+    cfg = grpo.Config(model=str(folder), task="", reward="bench_length", group_size=w["group"],
+                      prompts_per_step=w["prompts"], steps=steps, max_new_tokens=w["new_tokens"], ignore_eos=True,
+                      threads=w["threads"], eval_n=0, out_dir=tempfile.mkdtemp())
+    res = grpo.train(cfg, model=load_policy(folder), data=rows)
+    return [h["time/step_s"] for h in res.history]
+
+
+class _Timer:
+    def __init__(self):
+        self.times, self.t = [], None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.times.append(time.perf_counter() - timer.t)
+
+        return CB()
+
+
+def trl_dpo(folder, rows, w, steps):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    timer = _Timer()
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w["batch"], max_steps=steps,
+                     report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True, beta=0.1,
+                     learning_rate=1e-4, max_length=w["prompt"] + w["response"] + 2, disable_tqdm=True,
+                     dataloader_num_workers=0)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(folder),
+                         callbacks=[timer.callback()])
+    trainer.train()
+    return timer.times
+
+
+def trl_grpo(folder, rows, w, steps):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    timer = _Timer()
+    n = w["prompts"] * w["group"]
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, num_generations=w["group"],
+                      max_steps=steps, report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True,
+                      learning_rate=1e-6, max_completion_length=w["new_tokens"], disable_tqdm=True, beta=0.0,
+                      dataloader_num_workers=0, generation_kwargs={"min_new_tokens": w["new_tokens"]})
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
+                          reward_funcs=lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions],
+                          train_dataset=Dataset.from_list(rows * 4),
+                          processing_class=AutoTokenizer.from_pretrained(folder), callbacks=[timer.callback()])
+    trainer.train()
+    return timer.times
+
+
+def matmul_peak(threads: int, dtype_name: str, n: int = 1024) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def n_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            if "embed" not in k:  # the FLOP count of a token's pass: matrices it multiplies, not lookups
+                total += f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel") else \
+                    __import__("math").prod(f.get_slice(k).get_shape())
+    return total
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per library")
+    ap.add_argument("--worker", nargs=3, metavar=("LIB", "WORKLOAD", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "mirl-bench"))
+    args = ap.parse_args()
+    if args.worker:
+        lib, name, folder = args.worker
+        print("RESULT " + json.dumps(worker(lib, name, Path(folder))))
+        return
+    names = [n for n in WORKLOADS if not args.only or n in args.only.split(",")]
+    root = Path(args.root)
+    results = []
+    for name in names:
+        folder = build(name, root)
+        w = WORKLOADS[name]
+        runs = {"mirl": [], "trl": []}
+        for _ in range(args.repeats):
+            for lib in ("mirl", "trl"):
+                env = {**os.environ, "OMP_NUM_THREADS": str(w["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+                r = subprocess.run([sys.executable, __file__, "--worker", lib, name, str(folder)], capture_output=True,
+                                   text=True, env=env)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if r.returncode or not line:
+                    print(f"{name} {lib} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                runs[lib].append(json.loads(line[0][7:]))
+        row = {"workload": name, "threads": w["threads"]}
+        for lib, rs in runs.items():
+            if rs:
+                row[f"{lib}_steps_per_s"] = max(r["steps_per_s"] for r in rs)
+                row[f"{lib}_rss_mb"] = min(r["peak_rss_mb"] for r in rs)
+        if w["kind"] == "dpo":
+            tokens = 2 * w["batch"] * (w["prompt"] + w["response"])
+            flops = 6 * n_params(folder) * tokens
+            row["fp32_peak_gflops"] = matmul_peak(w["threads"], "float32") / 1e9
+            row["bf16_peak_gflops"] = matmul_peak(w["threads"], "bfloat16") / 1e9
+            for lib in ("mirl", "trl"):
+                if f"{lib}_steps_per_s" in row:
+                    row[f"{lib}_gflops"] = flops * row[f"{lib}_steps_per_s"] / 1e9
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(results)
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def print_table(results):
+    print("\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
+          "| RSS ratio | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        m, t = r.get("mirl_steps_per_s"), r.get("trl_steps_per_s")
+        ratio = f"{m / t:.2f}x" if m and t else "-"
+        rss = f"{r['mirl_rss_mb'] / r['trl_rss_mb']:.2f}" if "mirl_rss_mb" in r and "trl_rss_mb" in r else "-"
+        gf = (f"{r['mirl_gflops']:.1f} ({100 * r['mirl_gflops'] / r['fp32_peak_gflops']:.0f}%)"
+              if "mirl_gflops" in r else "-")
+        peak = f"{r['fp32_peak_gflops']:.0f} / {r['bf16_peak_gflops']:.0f}" if "fp32_peak_gflops" in r else "-"
+        print(f"| {r['workload']} | {r['threads']} | {m or 0:.2f} | {t or 0:.2f} | {ratio} | "
+              f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {gf} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
