@@ -93,3 +93,53 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
             lp = torch.log_softmax(flat[s:s + chunk].float(), dim=-1)
             out[s:s + chunk] = -(lp.exp() * lp).sum(-1)
     return out.reshape(logits.shape[:-1])
+
+
+class _FusedHeadLogps(torch.autograd.Function):
+    """log softmax(h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        w = weight.float()
+        for s in range(0, n, chunk):
+            logits = hidden[s:s + chunk].float() @ w.T  # (c, V)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        w = weight.float()
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(w)
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk].float()
+            g = grad_out[s:s + ctx.chunk, None].float()
+            dlogits = -g * torch.exp(h @ w.T - lse[s:s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
+            dlogits.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
+            grad_h[s:s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
+            grad_w += dlogits.T @ h
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def fused_sequence_logps(hidden: Tensor, weight: Tensor, input_ids: Tensor, response_mask: Tensor, *,
+                         average: bool = False, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """Sequence log-probs of the response tokens from the last hidden state (B, T, C) and the LM-head
+    weight (V, C), without materialising (B, T, V) logits: only response positions go through the head.
+    -> (per_sequence (B,) sum or token mean, lengths (B,))."""
+    labels, mask = shift_for_labels(input_ids, response_mask)
+    sel = mask.bool()  # (B, T-1)
+    h = hidden[:, :-1][sel]  # (N, C): the positions that predict a response token
+    lp = _FusedHeadLogps.apply(h, weight, labels[sel], chunk)  # (N,)
+    rows = torch.nonzero(sel)[:, 0]
+    seq = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, lp)
+    lengths = mask.sum(-1).to(seq.dtype)
+    if average:
+        seq = seq / lengths.clamp(min=1)
+    return seq, lengths

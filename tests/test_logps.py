@@ -88,3 +88,24 @@ def test_chunked_logps_keep_no_vocab_sized_float32_copy():
     naive = saved_bytes(lambda: torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]))
     assert ours <= 4 * 4 * 32  # labels + lse (+ slack): O(B*T)
     assert naive >= vocab_sized  # the plain form keeps a float32 B*T*V tensor
+
+
+@pytest.mark.parametrize("which", ["tiny", "hf"])
+def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
+    """Log-probs and gradients from the hidden state in chunks equal those from the full logits."""
+    from mirl.data.collate import pad_batch
+    from mirl.logps import fused_sequence_logps
+
+    policy = load_policy("gpt-nano", seed=0) if which == "tiny" else load_policy(hf_tiny_dir)
+    ids, attn, resp = pad_batch([([4, 5, 6, 7, 8, 9], 3), ([4, 10, 11, 12], 2)], policy.tokenizer.pad_token_id)
+    w = torch.tensor([1.0, -2.0])
+    _, ref, ref_len = sequence_logps(policy(ids, attn), ids, resp)
+    (ref * w).sum().backward()
+    ref_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    fused, lengths = fused_sequence_logps(*policy(ids, attn, hidden_only=True), ids, resp, chunk=3)
+    (fused * w).sum().backward()
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    assert lengths.tolist() == ref_len.tolist()
+    for a, p in zip(ref_grads, policy.parameters()):
+        torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)

@@ -69,12 +69,17 @@ class Policy(nn.Module):
             return self._base().config.max_seq_len
         return getattr(self.model.config, "max_position_embeddings", 1 << 20)
 
-    def forward(self, input_ids, attention_mask=None, images=None, return_hidden: bool = False):
-        """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads)."""
+    def forward(self, input_ids, attention_mask=None, images=None, return_hidden: bool = False,
+                hidden_only: bool = False):
+        """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads),
+        or (hidden, lm_head weight) with hidden_only (fused log-probs; None when the head is not plain).
+        Going through forward() keeps DDP's gradient hooks in play for every mode."""
         if images is not None and len(images):
             raise ValueError("this policy is text-only; it cannot take images")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if hidden_only:
+            return self.hidden_and_head(input_ids, attention_mask)
         if not return_hidden:
             logits, _ = self.step(input_ids, attention_mask, None, use_cache=False)
             return logits
@@ -85,6 +90,24 @@ class Policy(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, output_hidden_states=True)
         return out.logits, out.hidden_states[-1]
+
+    def hidden_and_head(self, input_ids, attention_mask):
+        """(last hidden state (B, T, C), LM-head weight (V, C)) for fused log-probs, or None when the head
+        is not a plain linear map (soft-capped or scaled logits), in which case callers use forward()."""
+        base = self._base()
+        position_ids = positions_from_mask(attention_mask)
+        if self.kind == "tiny":
+            _, _, hidden = base(input_ids, attention_mask, position_ids, None, return_hidden=True,
+                                skip_lm_head=True)
+            return hidden, base.lm_head.weight
+        head = base.get_output_embeddings()
+        cfg = base.config
+        if (not isinstance(head, nn.Linear) or head.bias is not None or getattr(cfg, "final_logit_softcapping", None)
+                or getattr(cfg, "logit_scale", None) or not hasattr(base, "model")):
+            return None
+        out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False)
+        return out.last_hidden_state, head.weight
 
     @property
     def hidden_size(self) -> int:

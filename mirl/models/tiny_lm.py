@@ -96,7 +96,7 @@ class TinyGPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, return_hidden: bool = False):
+                inputs_embeds=None, return_hidden: bool = False, skip_lm_head: bool = False):
         """input_ids (B, T); attention_mask (B, S+T) over past and new tokens; returns (logits, cache).
 
         inputs_embeds (B, T, C) replaces the token embedding (the VLM puts image tokens there).
@@ -117,7 +117,7 @@ class TinyGPT(nn.Module):
             cache.append(kv)
         h = self.ln_f(x)
         if return_hidden:
-            return self.lm_head(h), cache, h
+            return (None if skip_lm_head else self.lm_head(h)), cache, h
         return self.lm_head(h), cache
 
 

@@ -28,7 +28,7 @@ from ..data.pairs import sample_pairs
 from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import MetricLogger, console, warn
-from ..logps import sequence_logps
+from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from .common import LoraArgs, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
@@ -90,10 +90,14 @@ def encode_pairs(tok, pairs: list[dict], max_len: int, skips: SkipCounter) -> li
 
 
 def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
-    """One forward over chosen + rejected stacked: -> (chosen_logps, rejected_logps, chosen_len, rejected_len)."""
+    """One forward over chosen + rejected stacked: -> (chosen_logps, rejected_logps, chosen_len, rejected_len).
+    The LM head runs only on response positions, in chunks (no (2N, T, V) logits), when the model allows."""
     ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    logits = policy(ids, attn)  # (2N, T, V)
-    _, seq, lengths = sequence_logps(logits, ids, resp, average=average)
+    fused = policy(ids, attn, hidden_only=True)
+    if fused is not None:
+        seq, lengths = fused_sequence_logps(*fused, ids, resp, average=average)
+    else:
+        _, seq, lengths = sequence_logps(policy(ids, attn), ids, resp, average=average)
     n = len(pairs)
     return seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum())
 

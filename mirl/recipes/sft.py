@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices, encode_example, pad_batch
@@ -20,7 +22,7 @@ from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import MetricLogger, console
-from ..logps import sequence_logps
+from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
 from .common import LoraArgs, get_policy, optimizer_step, report_skips, save_final, setup
@@ -100,9 +102,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp in micro))
         total_loss = 0.0
         for ids, attn, resp in micro:
-            logits = model_fwd(ids, attn)
-            per_token, _, _ = sequence_logps(logits, ids, resp)
-            loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
+            fused = model_fwd(ids, attn, hidden_only=True)  # LM head on completion positions only, chunked
+            if fused is not None:
+                seq, _ = fused_sequence_logps(*fused, ids, resp)
+                loss = masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
+            else:
+                per_token, _, _ = sequence_logps(model_fwd(ids, attn), ids, resp)
+                loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
             loss.backward()
             total_loss += loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
