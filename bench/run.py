@@ -128,6 +128,11 @@ def mirl_grpo(folder, rows, w, steps):
     return [h["time/step_s"] for h in res.history]
 
 
+# TRL's defaults on a CPU are bf16 autocast and activation checkpointing; mirl's are float32 without
+# recomputation. The benchmark compares the same arithmetic: float32, no checkpointing, for both.
+SAME_PRECISION = {"bf16": False, "gradient_checkpointing": False}
+
+
 class _Timer:
     def __init__(self):
         self.times, self.t = [], None
@@ -156,7 +161,7 @@ def trl_dpo(folder, rows, w, steps):
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w["batch"], max_steps=steps,
                      report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True, beta=0.1,
                      learning_rate=1e-4, max_length=w["prompt"] + w["response"] + 2, disable_tqdm=True,
-                     dataloader_num_workers=0)
+                     dataloader_num_workers=0, **SAME_PRECISION)
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(folder),
                          callbacks=[timer.callback()])
@@ -174,7 +179,8 @@ def trl_grpo(folder, rows, w, steps):
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, num_generations=w["group"],
                       max_steps=steps, report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True,
                       learning_rate=1e-6, max_completion_length=w["new_tokens"], disable_tqdm=True, beta=0.0,
-                      dataloader_num_workers=0, generation_kwargs={"min_new_tokens": w["new_tokens"]})
+                      dataloader_num_workers=0, generation_kwargs={"min_new_tokens": w["new_tokens"]},
+                      **SAME_PRECISION)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
                           reward_funcs=lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions],
                           train_dataset=Dataset.from_list(rows * 4),
