@@ -170,10 +170,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             keep_rows = signal.repeat_interleave(cfg.group_size)
             parts.append((sb, adv.float(), keep_rows if cfg.dynamic_sampling else torch.ones_like(keep_rows)))
         rows = [(sb.batch, i, adv[i]) for sb, adv, keep in parts for i in torch.nonzero(keep).flatten().tolist()]
-        if not rows:  # nothing to learn from in this step (all groups had equal rewards)
+        if not rows:  # nothing to learn from in this step (all groups had equal rewards): counted, logged
             row = {**metrics, "skipped_step": 1.0}
             history.append({"step": step + 1, **row})
             log.log(step + 1, row)
+            if cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s:
+                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
+                                {"gen_rng": gen.get_state().tolist(), "evals": evals})
+                break
             continue
         ids, attn, resp_mask, old_lp, truncated = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
         adv = torch.stack([a for _, _, a in rows])
