@@ -104,10 +104,11 @@ class _FusedHeadLogps(torch.autograd.Function):
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         w = weight.float()
-        for s in range(0, n, chunk):
-            logits = hidden[s:s + chunk].float() @ w.T  # (c, V)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
+            for s in range(0, n, chunk):
+                logits = hidden[s:s + chunk].float() @ w.T  # (c, V)
+                lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk = chunk
         return out

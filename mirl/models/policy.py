@@ -53,6 +53,13 @@ class Policy(nn.Module):
         self.model = get_peft_model(self.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                            target_modules=target, **kw))
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        if self.kind == "tiny":
+            self._base().checkpointing = True
+        else:
+            self._base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def reference_context(self):
         """Adapters off: the base model, i.e. the reference of a LoRA run, with no second copy in memory."""
         from contextlib import nullcontext

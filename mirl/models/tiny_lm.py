@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 PRESETS = {"gpt-nano": 2, "gpt-micro": 3, "gpt-mini": 4, "gpt-small": 6, "gpt-base": 8}
 
@@ -85,6 +86,7 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.RMSNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        self.checkpointing = False  # recompute block activations in the backward (policy option)
         self.apply(self._init)
         for blk in self.blocks:  # scaled residual init (GPT-2)
             nn.init.normal_(blk.proj.weight, std=0.02 / (2 * cfg.n_layer) ** 0.5)
@@ -113,7 +115,11 @@ class TinyGPT(nn.Module):
         mask = _attention_mask(attention_mask, b, t, past_len, x.device)
         cache = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, mask, None if past_key_values is None else past_key_values[i])
+            past = None if past_key_values is None else past_key_values[i]
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = torch.utils.checkpoint.checkpoint(blk, x, mask, past, use_reentrant=False)
+            else:
+                x, kv = blk(x, mask, past)
             cache.append(kv)
         h = self.ln_f(x)
         if return_hidden:

@@ -37,6 +37,8 @@ class LoraArgs:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
 
 
 def get_policy(cfg, model):
@@ -44,7 +46,14 @@ def get_policy(cfg, model):
                                                          seed=cfg.seed)
     if getattr(cfg, "lora_r", 0) > 0 and not policy.has_lora:
         policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if getattr(cfg, "activation_checkpointing", False):
+        policy.enable_activation_checkpointing()
     return policy
+
+
+def autocast(cfg, policy):
+    """bf16 autocast around the training forward when cfg.bf16 (a no-op context otherwise)."""
+    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bool(getattr(cfg, "bf16", False)))
 
 
 class AdapterOffReference:

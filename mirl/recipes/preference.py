@@ -31,7 +31,7 @@ from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
-from .common import LoraArgs, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import LoraArgs, autocast, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
@@ -186,7 +186,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_tok = 0
         for m in range(cfg.grad_accum):
             mb = idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            pc, pr, lc, lr_, ntok = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
+            with autocast(cfg, policy):
+                pc, pr, lc, lr_, ntok = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
             n_tok += ntok
             if not needs_ref:
                 rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)

@@ -25,7 +25,7 @@ from ..logging import MetricLogger, console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
-from .common import LoraArgs, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import LoraArgs, autocast, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
@@ -102,7 +102,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp in micro))
         total_loss = 0.0
         for ids, attn, resp in micro:
-            fused = model_fwd(ids, attn, hidden_only=True)  # LM head on completion positions only, chunked
+            with autocast(cfg, policy):
+                fused = model_fwd(ids, attn, hidden_only=True)  # LM head on completion positions only, chunked
             if fused is not None:
                 seq, _ = fused_sequence_logps(*fused, ids, resp)
                 loss = masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
