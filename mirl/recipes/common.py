@@ -30,8 +30,8 @@ def setup(cfg) -> None:
 
 
 @dataclass
-class LoraArgs:
-    """Options every recipe takes for PEFT LoRA (the recipes' Config dataclasses include these fields)."""
+class ModelArgs:
+    """Model options every recipe takes: PEFT LoRA, bf16 autocast, activation checkpointing."""
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: int = 16  # LoRA scaling alpha
     lora_dropout: float = 0.0  # dropout on the LoRA path
@@ -106,6 +106,8 @@ def online_setup(cfg, model, data, recipe: str):
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
+    if cfg.bf16:
+        raise ValueError(f"--bf16 is implemented for sft and dpo; {recipe} trains in float32 for now")
     setup(cfg)
     policy = get_policy(cfg, model)
     task = make_task(cfg.task) if cfg.task else None

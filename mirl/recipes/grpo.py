@@ -32,11 +32,11 @@ from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts

@@ -24,12 +24,12 @@ from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 from .grpo import response_logps
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)

@@ -31,11 +31,11 @@ from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import LoraArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)

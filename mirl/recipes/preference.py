@@ -31,11 +31,11 @@ from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
-from .common import LoraArgs, autocast, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import ModelArgs, autocast, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
     task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)

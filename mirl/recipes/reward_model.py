@@ -27,12 +27,12 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import LoraArgs, get_policy, optimizer_step, report_skips, setup
+from .common import ModelArgs, get_policy, optimizer_step, report_skips, setup
 from .preference import encode_pairs
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
@@ -94,6 +94,8 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
 
 def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
+    if cfg.bf16:
+        raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
     setup(cfg)
     synth_eval = None
     policy = get_policy(cfg, model)

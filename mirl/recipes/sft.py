@@ -25,11 +25,11 @@ from ..logging import MetricLogger, console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
-from .common import LoraArgs, autocast, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import ModelArgs, autocast, get_policy, optimizer_step, report_skips, save_final, setup
 
 
 @dataclass
-class Config(LoraArgs):
+class Config(ModelArgs):
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
