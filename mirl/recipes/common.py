@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import save_checkpoint
 from ..data.formats import SkipCounter
 from ..logging import console
 from ..models import load_policy
@@ -27,6 +28,25 @@ def setup(cfg) -> None:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     if is_main():
         (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+
+@dataclass
+class Result:
+    """What every recipe's train() returns: the trained model, one dict of metrics per step, a summary."""
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: bool) -> None:
+    """Rank 0 logs the step and writes the checkpoint when due; every rank waits for it."""
+    from .. import distributed as dist
+
+    if main:
+        log.log(step, row)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save_checkpoint(cfg.out_dir, policy, optimizer, step)
+    dist.barrier()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, Result, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
@@ -81,13 +81,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated (greedy) before and after training (0 = skip)
     eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 def kl_coef(cfg: Config, step: int) -> float:

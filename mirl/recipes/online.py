@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, Result, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 from .grpo import response_logps
 
 
@@ -63,13 +63,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
     eval_every: int = 0  # also evaluate every N steps
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 def seq_logps(policy, ids, attn, resp):

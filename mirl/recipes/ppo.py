@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import ModelArgs, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import ModelArgs, Result, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
 
 
 @dataclass
@@ -72,13 +72,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after
     eval_every: int = 0  # also evaluate every N steps
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 class Critic(nn.Module):

@@ -14,14 +14,14 @@ Log-probs are summed over response tokens (DPO's convention) or averaged (logp_a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data.collate import batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.pairs import sample_pairs
@@ -31,7 +31,18 @@ from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
-from .common import ModelArgs, autocast, frozen_reference, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import (
+    ModelArgs,
+    Result,
+    autocast,
+    frozen_reference,
+    get_policy,
+    log_and_checkpoint,
+    optimizer_step,
+    report_skips,
+    save_final,
+    setup,
+)
 
 
 @dataclass
@@ -69,13 +80,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
     max_new_tokens: int = 40  # generation length for sampling and evaluation
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 def encode_pairs(tok, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
@@ -226,11 +230,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
             row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
         history.append({"step": step + 1, **row})
-        if main:
-            log.log(step + 1, row)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
-        dist.barrier()
+        log_and_checkpoint(cfg, log, policy, optimizer, step + 1, row, main)
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
     if main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import ModelArgs, get_policy, optimizer_step, report_skips, setup
+from .common import ModelArgs, Result, get_policy, optimizer_step, report_skips, setup
 from .preference import encode_pairs
 
 
@@ -59,13 +59,6 @@ class Config(ModelArgs):
     save_every: int = 0  # checkpoint every N steps
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end after this step as if interrupted
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:

@@ -10,13 +10,13 @@ Data: a built-in task's worked solutions (`--task arith`) or a TRL prompt-comple
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data.collate import batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
@@ -25,7 +25,17 @@ from ..logging import MetricLogger, console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
-from .common import ModelArgs, autocast, get_policy, optimizer_step, report_skips, save_final, setup
+from .common import (
+    ModelArgs,
+    Result,
+    autocast,
+    get_policy,
+    log_and_checkpoint,
+    optimizer_step,
+    report_skips,
+    save_final,
+    setup,
+)
 
 
 @dataclass
@@ -51,13 +61,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for the final greedy accuracy (0 = skip)
     max_new_tokens: int = 40  # generation length for evaluation
-
-
-@dataclass
-class Result:
-    model: object
-    history: list = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
@@ -118,11 +121,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
         history.append({"step": step + 1, **metrics})
-        if main:
-            log.log(step + 1, metrics)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1)
-        dist.barrier()
+        log_and_checkpoint(cfg, log, policy, optimizer, step + 1, metrics, main)
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
     if main:
