@@ -23,6 +23,7 @@ COMMANDS = {
     "ppo": ("mirl.recipes.ppo", "train", "PPO with a value head or a separate critic, GAE, KL penalty"),
     "rm": ("mirl.recipes.reward_model", "train", "Bradley-Terry reward model on preference pairs"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
+    "report": ("mirl.report", "run", "PNG plots and one HTML page of one or more runs' metrics"),
     "demo": ("mirl.demo", "run", "the embedded default: SFT, sampled pairs, DPO vs MIO (CPU, minutes)"),
 }
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .distributed import is_main
 
-    if cmd not in ("eval", "demo") and is_main():
+    if cmd not in ("eval", "demo", "report") and is_main():
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))

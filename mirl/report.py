@@ -1,7 +1,11 @@
-"""Plots of a run's metrics (matplotlib, PNG)."""
+"""Plots of a run's metrics (matplotlib, PNG) and a self-contained HTML report.
+
+    mirl report --runs runs/arith/grpo,runs/arith/online_mio     # overlays the runs
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -33,3 +37,83 @@ def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, t
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- run reports: `mirl report RUN_DIR [RUN_DIR ...]` ------------------------------------------------------
+
+REPORT_KEYS = ("loss", "reward/mean", "eval/accuracy", "logps/chosen", "logps/rejected", "rewards/margins",
+               "probe/chosen_logps", "probe/rejected_logps", "kl", "entropy", "grad_norm", "lr", "tokens_per_s",
+               "completions/mean_length", "clip_fraction", "mi")
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
+    """One PNG per metric that any of the runs logged, the runs overlaid. -> the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .logging import read_metrics
+
+    series = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key in REPORT_KEYS:
+        runs = {name: [(r["step"], r[key]) for r in rows if key in r] for name, rows in series.items()}
+        runs = {k: v for k, v in runs.items() if v}
+        if not runs:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for name, pts in runs.items():
+            ax.plot(*zip(*pts), label=name, marker="o" if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / (key.replace("/", "_") + ".png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """PNG plots of the runs' metrics and one self-contained HTML page (images embedded as base64) with
+    each run's config and summary. Written to <first run>/report/ unless `out` is given."""
+    import base64
+    import html
+    import json
+
+    dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not (d / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"{d} is not a run folder (no metrics.jsonl)")
+    out = Path(out) if out else dirs[0] / "report"
+    pngs = plot_runs(dirs, out)
+    parts = [f"<h1>mirl report: {html.escape(', '.join(d.name for d in dirs))}</h1>"]
+    for png in pngs:
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f'<img alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">')
+    for d in dirs:
+        cfg = (d / "config.json").read_text() if (d / "config.json").exists() else "{}"
+        parts.append(f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(json.dumps(json.loads(cfg), indent=1))}"
+                     "</pre>")
+    page = out / "index.html"
+    page.write_text("<!doctype html><meta charset='utf-8'><title>mirl report</title><style>body{font-family:sans-serif;"
+                    "margin:2em} img{margin:4px;border:1px solid #ddd}</style>" + "\n".join(parts))
+    return page
+
+
+@dataclass
+class Config:
+    runs: str = ""  # run folders, comma-separated (overlaid in the plots)
+    out: str = ""  # output folder (default: <first run>/report)
+
+
+def run(cfg: Config) -> Path:
+    if not cfg.runs:
+        raise ValueError("mirl report needs --runs RUN_DIR[,RUN_DIR...]")
+    page = write_report([r.strip() for r in cfg.runs.split(",") if r.strip()], cfg.out or None)
+    print(page)
+    return page

@@ -108,3 +108,14 @@ def test_example_configs_are_valid(path):
     cmd = re.search(r"mirl (\w+) --config", open(path).read()).group(1)
     cls = importlib.import_module(COMMANDS[cmd][0]).Config
     assert load_yaml_overrides(path, cls)
+
+
+def test_report_overlays_runs(tmp_path, pairs_jsonl, capsys):
+    for name, loss in (("a", "dpo"), ("b", "mio")):
+        run_ok(["dpo", "--data", str(pairs_jsonl), "--task", "", "--loss", loss, "--steps", "3", "--batch-size", "4",
+                "--threads", "1", "--out-dir", str(tmp_path / name)], capsys)
+    assert main(["report", "--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}"]) == 0
+    page = (tmp_path / "a" / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5 and "&quot;loss&quot;: &quot;mio&quot;" in page
+    assert (tmp_path / "a" / "report" / "loss.png").stat().st_size > 1000
+    assert main(["report", "--runs", str(tmp_path / "nope")]) == 2
