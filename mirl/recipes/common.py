@@ -44,9 +44,21 @@ def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: 
 
     if main:
         log.log(step, row)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if checkpoint_due(cfg, step, False):
             save_checkpoint(cfg.out_dir, policy, optimizer, step)
     dist.barrier()
+
+
+def out_of_time(cfg, t_train: float) -> bool:
+    """The online recipes' time budget (cfg.time_budget_s, 0 = none) is spent."""
+    import time
+
+    return bool(cfg.time_budget_s) and time.perf_counter() - t_train > cfg.time_budget_s
+
+
+def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
+    """Every save_every steps, at the last step, and whenever the run stops early."""
+    return bool(cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping
 
 
 @dataclass

@@ -32,7 +32,17 @@ from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import ModelArgs, Result, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import (
+    ModelArgs,
+    Result,
+    checkpoint_due,
+    frozen_reference,
+    held_out_accuracy,
+    online_setup,
+    optimizer_step,
+    out_of_time,
+    save_final,
+)
 
 
 @dataclass
@@ -167,7 +177,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row = {**metrics, "skipped_step": 1.0}
             history.append({"step": step + 1, **row})
             log.log(step + 1, row)
-            if cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s:
+            if out_of_time(cfg, t_train):
                 save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                                 {"gen_rng": gen.get_state().tolist(), "evals": evals})
                 break
@@ -221,11 +231,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
-        out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or out_of_time:
+        stop = out_of_time(cfg, t_train)
+        if checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                             {"gen_rng": gen.get_state().tolist(), "evals": evals})
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or out_of_time:
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     log.close()
 

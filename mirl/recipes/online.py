@@ -24,7 +24,17 @@ from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
-from .common import ModelArgs, Result, frozen_reference, held_out_accuracy, online_setup, optimizer_step, save_final
+from .common import (
+    ModelArgs,
+    Result,
+    checkpoint_due,
+    frozen_reference,
+    held_out_accuracy,
+    online_setup,
+    optimizer_step,
+    out_of_time,
+    save_final,
+)
 from .grpo import response_logps
 
 
@@ -147,12 +157,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
-        out_of_time = cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps or out_of_time:
+        stop = out_of_time(cfg, t_train)
+        if checkpoint_due(cfg, step + 1, stop):
             st = rng.getstate()
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                             {"gen_rng": gen.get_state().tolist(), "evals": evals, "pair_rng": [st[0], list(st[1])]})
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or out_of_time:
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     log.close()
 
