@@ -1,6 +1,7 @@
 """Accuracy and pass@k of a policy on a task's held-out split, scored by the task's verifier.
 
-    accuracy  greedy decoding, fraction scored correct (score >= 1)
+    accuracy  greedy decoding, fraction scored correct (score >= the task's success threshold, 1 by default;
+              grounding: IoU >= 0.5), and the mean score (grounding: mean IoU)
     pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
               pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
 
@@ -27,14 +28,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def completions(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
-                batch_size: int = 64, seed: int = 0) -> list[list[str]]:
-    tok = policy.tokenizer
+                batch_size: int = 64, seed: int = 0, images: list | None = None) -> list[list[str]]:
+    """images: per prompt, its images (paths or PIL images) or None."""
+    from .rollout.score import encode_prompts
+
     g = torch.Generator(device=policy.device).manual_seed(seed)
+    records = [{"prompt": p, "images": None if images is None else images[i], "where": f"prompt {i}"}
+               for i, p in enumerate(prompts)]
     out: list[list[str]] = []
     for s in range(0, len(prompts), batch_size):
-        chunk = [tok.encode(p, add_special_tokens=True) for p in prompts[s:s + batch_size]]
+        chunk, chunk_images = encode_prompts(policy, records[s:s + batch_size])
         batch = generate(policy, chunk, max_new_tokens=max_new_tokens, samples_per_prompt=samples,
-                         temperature=temperature, generator=g)
+                         temperature=temperature, generator=g, images=chunk_images)
         out.extend(batch.texts[i * samples:(i + 1) * samples] for i in range(len(chunk)))
     return out
 
@@ -46,9 +51,10 @@ class EvalResult:
     k: int
     n: int
     samples: list[tuple[str, str, float]]  # (prompt, greedy completion, score), a few for reports
+    mean_score: float = 0.0  # mean task score (grounding: mean IoU)
 
     def as_dict(self) -> dict:
-        d = {"accuracy": self.accuracy, "n": self.n}
+        d = {"accuracy": self.accuracy, "mean_score": self.mean_score, "n": self.n}
         if self.pass_at_k is not None:
             d[f"pass@{self.k}"] = self.pass_at_k
         return d
@@ -57,24 +63,26 @@ class EvalResult:
 def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int = 1, n_samples: int | None = None,
              temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> EvalResult:
     prompts = [e["prompt"] for e in examples]
-    greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+    greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)
     scores = [task.score(c[0], e) for c, e in zip(greedy, examples)]
-    acc = sum(s >= 1.0 for s in scores) / max(1, len(scores))
+    success = getattr(task, "success_threshold", 1.0)
+    acc = sum(s >= success for s in scores) / max(1, len(scores))
     pk = None
     if k > 1:
         n = n_samples or k
         sampled = completions(policy, prompts, max_new_tokens=max_new_tokens, samples=n, temperature=temperature,
-                              batch_size=max(1, batch_size // n), seed=seed)
-        per_prompt = [sum(task.score(c, e) >= 1.0 for c in cs) for cs, e in zip(sampled, examples)]
+                              batch_size=max(1, batch_size // n), seed=seed, images=images)
+        per_prompt = [sum(task.score(c, e) >= success for c in cs) for cs, e in zip(sampled, examples)]
         pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
     samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
-    return EvalResult(acc, pk, k, len(examples), samples)
+    return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)))
 
 
 @dataclass
 class Config:
     model: str = "runs/demo/sft/final"  # saved model folder or preset
-    task: str = "arith"  # arith[:digits], countdown[:n], rg:<reasoning-gym dataset>
+    task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding
     n: int = 200  # held-out prompts
     k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
     n_samples: int = 0  # samples per prompt for pass@k (0 = k)

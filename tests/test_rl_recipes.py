@@ -150,8 +150,11 @@ class _EosFirst(torch.nn.Module):
     device = property(lambda self: self.inner.device)
     max_seq_len = property(lambda self: self.inner.max_seq_len)
 
-    def step(self, ids, attn, cache=None, use_cache=True):
-        logits, cache = self.inner.step(ids, attn, cache, use_cache)
+    def encode_prompt(self, *args):
+        return self.inner.encode_prompt(*args)
+
+    def step(self, ids, attn, cache=None, use_cache=True, images=None):
+        logits, cache = self.inner.step(ids, attn, cache, use_cache, images)
         logits = logits.clone()
         logits[..., self.tokenizer.eos_token_id] += 100.0
         return logits, cache

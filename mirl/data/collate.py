@@ -2,41 +2,59 @@
 
 encode_example: prompt ids (with the tokenizer's BOS) + response ids + EOS, and a response mask.
 A prompt that leaves no room for a response within max_len is skipped and counted, so is an empty
-response; a response that does not fit is truncated (and counted).
+response; a response that does not fit is truncated (and counted). Only responses are ever cut: a prompt
+with images that does not fit is an error (an image is never truncated).
+Encoded examples are (ids, prompt_len) or, with images, (ids, prompt_len, image inputs).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .formats import SkipCounter
+from .formats import DataError, SkipCounter
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_len: int, skips: SkipCounter, where: str,
-                   field_name: str = "response") -> tuple[list[int], int] | None:
-    """-> (ids, prompt_len) or None when skipped."""
+def encode_example(encoder, prompt: str, response: str, max_len: int, skips: SkipCounter, where: str,
+                   field_name: str = "response", images=None, image_base: str = ""):
+    """encoder: a Policy (images allowed) or a tokenizer. -> (ids, prompt_len[, image inputs]) or None
+    when skipped."""
     if not response.strip():
         skips.add(f"empty {field_name}", where)
         return None
-    p = tokenizer.encode(prompt, add_special_tokens=True)
+    if hasattr(encoder, "encode_prompt"):
+        tokenizer = encoder.tokenizer
+        p, image_inputs = encoder.encode_prompt(prompt, images, where, image_base)
+    else:
+        tokenizer, image_inputs = encoder, None
+        p = tokenizer.encode(prompt, add_special_tokens=True)
     r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
     if len(p) >= max_len:
+        if image_inputs is not None:
+            raise DataError(f"{where}: the prompt with its image tokens is {len(p)} tokens, which leaves no room "
+                            f"for a response within max_len {max_len}; raise --max-len (images are never cut)")
         skips.add("prompt longer than max_len", where)
         return None
     if len(p) + len(r) > max_len:
         skips.add(f"{field_name} truncated to max_len", where)
         r = r[: max_len - len(p)]
-    return p + r, len(p)
+    return (p + r, len(p)) if image_inputs is None else (p + r, len(p), image_inputs)
+
+
+def batch_images(seqs) -> dict | None:
+    """The image inputs of encoded examples, batched in row order (None when none has images)."""
+    from ..models.vision import cat_images
+
+    return cat_images([s[2] if len(s) > 2 else None for s in seqs])
 
 
 def pad_batch(seqs: list[tuple[list[int], int]], pad_id: int, side: str = "right"):
     """[(ids, prompt_len)] -> input_ids, attention_mask, response_mask: (B, T) each."""
-    width = max(len(ids) for ids, _ in seqs)
+    width = max(len(s[0]) for s in seqs)
     b = len(seqs)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     attn = torch.zeros((b, width), dtype=torch.long)
     resp = torch.zeros((b, width), dtype=torch.long)
-    for i, (ids, plen) in enumerate(seqs):
+    for i, (ids, plen, *_) in enumerate(seqs):
         off = 0 if side == "right" else width - len(ids)
         input_ids[i, off:off + len(ids)] = torch.tensor(ids)
         attn[i, off:off + len(ids)] = 1

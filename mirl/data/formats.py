@@ -6,6 +6,10 @@ with file, line and field. Preference rows may be:
     conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
     implicit prompt {"chosen": str | [messages], "rejected": ...}   (the shared prefix is the prompt)
 Prompt-completion rows for SFT: {"prompt", "completion"} (strings or messages), or {"messages": [...]}.
+Images (TRL's columns): "images" (a list) or "image" (one), each a path (relative to the data file's
+folder), {"bytes", "path"} (datasets' Image feature) or a PIL image; chat messages may hold image parts
+({"type": "image"}), which become the '<image>' placeholder. Every image is opened when the rows are read:
+a missing or unreadable file is an error naming the row.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class DataError(ValueError):
 class Row:
     data: dict
     where: str  # "file.jsonl:12" or "folder row 3"
+    base: str = ""  # folder that relative image paths start from
 
 
 @dataclass
@@ -61,12 +66,12 @@ def load_rows(path: str | Path) -> list[Row]:
         if isinstance(ds, DatasetDict):
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
-        return [Row(dict(r), f"{p} row {i}") for i, r in enumerate(ds)]
+        return [Row(dict(r), f"{p} row {i}", str(p)) for i, r in enumerate(ds)]
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(p)
-        return [Row(r, f"{p} row {i}") for i, r in enumerate(table.to_pylist())]
+        return [Row(r, f"{p} row {i}", str(p.parent)) for i, r in enumerate(table.to_pylist())]
     if p.suffix in (".jsonl", ".json"):
         rows = []
         with p.open(encoding="utf-8") as f:
@@ -79,7 +84,7 @@ def load_rows(path: str | Path) -> list[Row]:
                     raise DataError(f"{p}:{n}: malformed JSON ({e.msg} at column {e.colno})") from e
                 if not isinstance(obj, dict):
                     raise DataError(f"{p}:{n}: each line must be a JSON object, got {type(obj).__name__}")
-                rows.append(Row(obj, f"{p}:{n}"))
+                rows.append(Row(obj, f"{p}:{n}", str(p.parent)))
         return rows
     raise DataError(f"{p}: unsupported format {p.suffix!r}; use .jsonl, .parquet or a datasets folder")
 
@@ -102,10 +107,13 @@ def _message_text(messages) -> str:
 
 
 def _prompt_text(prompt, tokenizer, where: str, field_name: str = "prompt") -> str:
+    from ..models.tokenizer import _content_text
+
     if isinstance(prompt, str):
         return prompt
-    if _is_messages(prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if _is_messages(prompt):  # contents flattened to text, image parts as the '<image>' placeholder
+        flat = [{"role": m["role"], "content": _content_text(m["content"])} for m in prompt]
+        return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
     raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages")
 
 
@@ -135,6 +143,22 @@ def _split_implicit(chosen, rejected, tokenizer, where):
     raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both be message lists")
 
 
+def row_images(row: Row) -> dict:
+    """{'images': [PIL images], 'image_base'} of a row with an 'images' or 'image' column, else {}."""
+    from ..models.vision import load_image
+
+    d = row.data
+    raw = d.get("images")
+    if raw is None and d.get("image") is not None:
+        raw = [d["image"]]
+    if raw is None:
+        return {}
+    if not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    return {"images": [load_image(x, f"{row.where} field 'images'[{i}]", row.base) for i, x in enumerate(raw)],
+            "image_base": row.base}
+
+
 def preference_records(rows: list[Row], tokenizer) -> list[dict]:
     """TRL preference rows -> [{'prompt', 'chosen', 'rejected', 'where'}] of strings."""
     out = []
@@ -147,7 +171,7 @@ def preference_records(rows: list[Row], tokenizer) -> list[dict]:
             rejected = _completion_text(d["rejected"], row.where, "rejected")
         else:
             prompt, chosen, rejected = _split_implicit(d["chosen"], d["rejected"], tokenizer, row.where)
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where})
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where, **row_images(row)})
     return out
 
 
@@ -166,7 +190,7 @@ def completion_records(rows: list[Row], tokenizer) -> list[dict]:
             _require(row, "prompt", "completion")
             prompt = _prompt_text(d["prompt"], tokenizer, row.where)
             completion = _completion_text(d["completion"], row.where, "completion")
-        out.append({"prompt": prompt, "completion": completion, "where": row.where})
+        out.append({"prompt": prompt, "completion": completion, "where": row.where, **row_images(row)})
     return out
 
 
@@ -178,5 +202,7 @@ def prompt_records(rows: list[Row], tokenizer) -> list[dict]:
         rec = dict(row.data)
         rec["prompt"] = _prompt_text(row.data["prompt"], tokenizer, row.where)
         rec["where"] = row.where
+        rec.pop("image", None)
+        rec.update(row_images(row))
         out.append(rec)
     return out

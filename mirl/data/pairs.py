@@ -18,8 +18,9 @@ def sample_pairs(policy, task, examples: list[dict], *, k: int = 8, temperature:
     if k < 2:
         raise ValueError(f"sampling preference pairs needs k >= 2 samples per prompt, got {k}")
     rng = random.Random(seed)
+    images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     samples = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, samples=k,
-                          temperature=temperature, batch_size=max(1, batch_size // k), seed=seed)
+                          temperature=temperature, batch_size=max(1, batch_size // k), seed=seed, images=images)
     pairs, all_correct, all_wrong, n_correct, empty = [], 0, 0, 0, 0
     for i, (ex, outs) in enumerate(zip(examples, samples)):
         empty += sum(1 for o in outs if not o.strip())  # never a rejected response: counted instead
@@ -34,7 +35,7 @@ def sample_pairs(policy, task, examples: list[dict], *, k: int = 8, temperature:
             continue
         for _ in range(pairs_per_prompt):
             pairs.append({"prompt": ex["prompt"], "chosen": rng.choice(good), "rejected": rng.choice(bad),
-                          "where": f"{task.name} sampled prompt #{i}"})
+                          "images": ex.get("images"), "where": f"{task.name} sampled prompt #{i}"})
     stats = {"prompts": len(examples), "pairs": len(pairs), "skipped_all_correct": all_correct,
              "skipped_all_wrong": all_wrong, "empty_samples": empty,
              "sample_accuracy": n_correct / max(1, k * len(examples))}

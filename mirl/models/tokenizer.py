@@ -1,5 +1,8 @@
 """A character tokenizer for the built-in tasks: printable ASCII + newline, and four special tokens.
 
+With image_token="<image>" (the tiny VLM) the placeholder string is one more special token, appended
+after the characters, so a text model's vocabulary is unchanged.
+
 It follows the part of the transformers tokenizer interface the library uses (encode, decode,
 pad/eos/bos ids, apply_chat_template), so recipes treat it and an HF tokenizer alike.
 """
@@ -16,10 +19,12 @@ CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 class CharTokenizer:
     type_name = "mirl-char"
 
-    def __init__(self, chars: str = CHARS):
+    def __init__(self, chars: str = CHARS, image_token: str | None = None):
         self.chars = chars
-        self.itos = SPECIALS + list(chars)
+        self.itos = SPECIALS + list(chars) + ([image_token] if image_token else [])
         self.stoi = {c: i + len(SPECIALS) for i, c in enumerate(chars)}
+        self.image_token = image_token
+        self.image_token_id = len(SPECIALS) + len(chars) if image_token else None
         self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = 0, 1, 2, 3
         self.pad_token, self.eos_token = "<pad>", "<eos>"
         self.padding_side = "left"
@@ -33,14 +38,19 @@ class CharTokenizer:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [self.stoi.get(c, self.unk_token_id) for c in text]
+        if self.image_token:
+            ids = []
+            for k, part in enumerate(text.split(self.image_token)):
+                ids += ([self.image_token_id] if k else []) + [self.stoi.get(c, self.unk_token_id) for c in part]
+        else:
+            ids = [self.stoi.get(c, self.unk_token_id) for c in text]
         return [self.bos_token_id] + ids if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out = []
         for i in ids:
             i = int(i)
-            if i < len(SPECIALS):
+            if i < len(SPECIALS) or i == self.image_token_id:
                 if not skip_special_tokens:
                     out.append(self.itos[i])
                 continue
@@ -56,17 +66,28 @@ class CharTokenizer:
 
     def save_pretrained(self, path: str | Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "tokenizer.json").write_text(json.dumps({"type": self.type_name, "chars": self.chars}))
+        (Path(path) / "tokenizer.json").write_text(json.dumps({"type": self.type_name, "chars": self.chars,
+                                                                  "image_token": self.image_token}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> CharTokenizer:
         data = json.loads((Path(path) / "tokenizer.json").read_text())
         if data.get("type") != cls.type_name:
             raise ValueError(f"{path}/tokenizer.json is not a {cls.type_name} tokenizer")
-        return cls(data["chars"])
+        return cls(data["chars"], data.get("image_token"))
+
+
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a prompt (TRL's convention); each model expands it
 
 
 def _content_text(content) -> str:
+    """A message's content as text; image parts become the image placeholder."""
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    out = []
+    for p in content:
+        if isinstance(p, dict) and p.get("type") == "text":
+            out.append(p.get("text", ""))
+        elif isinstance(p, dict) and p.get("type") == "image":
+            out.append(IMAGE_PLACEHOLDER)
+    return "".join(out)

@@ -71,6 +71,7 @@ class ModelArgs:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
     activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
 
 
 def get_policy(cfg, model):
@@ -80,6 +81,8 @@ def get_policy(cfg, model):
         policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if getattr(cfg, "activation_checkpointing", False):
         policy.enable_activation_checkpointing()
+    if getattr(cfg, "freeze_vision", False):
+        policy.freeze_vision()
     return policy
 
 
@@ -160,7 +163,8 @@ def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: st
     """Greedy accuracy on the held-out examples, appended to evals and printed."""
     from ..eval import evaluate
 
-    acc = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens).accuracy
-    evals.append({"step": step, "accuracy": acc})
-    console.print(f"held-out accuracy {label}: {acc:.3f} (n={len(test)})")
+    res = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens)
+    acc = res.accuracy
+    evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score})
+    console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc

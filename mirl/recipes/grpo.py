@@ -6,7 +6,9 @@ normalise rewards within the group, and take clipped policy-gradient steps (Shao
 Switches: Dr. GRPO (--loss-agg dr_grpo --scale-rewards none), DAPO (--clip-eps-high 0.28 --loss-agg dapo
 --dynamic-sampling --reward task,overlong), GSPO (--importance sequence), RLOO (--advantage rloo), a KL
 schedule (--beta 0.04 --kl-schedule linear --beta-final 0), several passes per batch (--num-iterations),
---mask-truncated. With beta = 0 no reference model is kept in memory.
+--mask-truncated, NoisyRollout for image prompts (--noisy-rollout 0.5 --noise-strength 0.5: half of each group
+sampled on perturbed images, the update on the clean ones, strength annealed linearly to 0 over
+--noise-anneal-steps). With beta = 0 no reference model is kept in memory.
 Departures from the papers: the "old" log-probs of the first pass are the current ones (ratio 1), as in
 TRL; later passes use the log-probs recorded while sampling (no extra forward pass).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
 from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
+from ..models.vision import select_images
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
@@ -77,6 +81,9 @@ class Config(ModelArgs):
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 40  # response length limit
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    noisy_rollout: float = 0.0  # NoisyRollout: fraction of each group sampled on perturbed images (0 = off)
+    noise_strength: float = 0.5  # initial perturbation strength (crop 1 - s/4 of each side, pixel noise s * 64)
+    noise_anneal_steps: int = 0  # strength falls linearly to 0 over this many steps (0 = over all steps)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
@@ -104,9 +111,17 @@ def kl_coef(cfg: Config, step: int) -> float:
     raise ValueError(f"kl_schedule must be constant, linear or cosine, got {cfg.kl_schedule!r}")
 
 
-def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False):
+def noise_strength(cfg: Config, step: int) -> float:
+    """NoisyRollout's perturbation strength at `step`: linear annealing from noise_strength to 0."""
+    horizon = cfg.noise_anneal_steps or cfg.steps
+    return cfg.noise_strength * max(0.0, 1.0 - step / max(1, horizon))
+
+
+def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None):
     """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature."""
-    logits = policy(ids, attn)[:, -n_resp - 1:-1]
+    if images is not None:
+        images = {k: v.to(ids.device) for k, v in images.items()}
+    logits = policy(ids, attn, images=images)[:, -n_resp - 1:-1]
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])
@@ -127,6 +142,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_model = frozen_reference(policy)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    noise_rng = random.Random(cfg.seed)
+    n_noisy = round(cfg.noisy_rollout * cfg.group_size)
+    if cfg.noisy_rollout and not policy.is_vlm:
+        raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
     start, evals = 0, []
     if cfg.resume:
         state = load_checkpoint(cfg.out_dir, policy, optimizer)
@@ -149,9 +168,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         kept, rounds, gen_s, score_s, zero_groups, metrics = [], 0, 0.0, 0.0, 0, {}
         while True:
             idx = batch_indices(len(data), cfg.prompts_per_step, step * (cfg.max_refills + 1) + rounds, cfg.seed)
+            noisy = (n_noisy, noise_strength(cfg, step), noise_rng) if n_noisy else None
             sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos)
+                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy)
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
             metrics = metrics or sb.metrics
             r = sb.rewards.view(-1, cfg.group_size)
@@ -182,7 +202,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                 {"gen_rng": gen.get_state().tolist(), "evals": evals})
                 break
             continue
-        ids, attn, resp_mask, old_lp, truncated = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
+        ids, attn, resp_mask, old_lp, truncated, images = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
         adv = torch.stack([a for _, _, a in rows])
         n_resp = resp_mask.shape[1]
         loss_mask = resp_mask * (~truncated).unsqueeze(1) if cfg.mask_truncated else resp_mask
@@ -190,7 +210,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_lp = None
         if ref_model is not None and beta > 0:
             with torch.no_grad():
-                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature)
+                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature,
+                                           images=select_images(images, torch.arange(len(rows))))
+        if n_noisy and images is not None and (cfg.num_iterations > 1 or cfg.minibatches > 1):
+            # the recorded log-probs of noisy rows were taken on perturbed pixels: the ratio uses the clean ones
+            with torch.no_grad():
+                old_lp, _ = response_logps(policy, ids, attn, n_resp, cfg.temperature,
+                                           images=select_images(images, torch.arange(len(rows))))
         # -- update: num_iterations passes x minibatches
         t_up = time.perf_counter()
         b = ids.shape[0]
@@ -199,7 +225,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         for it in range(cfg.num_iterations):
             perm = torch.randperm(b, generator=torch.Generator().manual_seed(cfg.seed + step * 131 + it))
             for j, mb in enumerate(perm.chunk(cfg.minibatches)):
-                lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True)
+                lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True,
+                                         images=select_images(images, mb))
                 old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
                 g = None
                 if agg_global is not None:
@@ -219,7 +246,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         up_s = time.perf_counter() - t_up
         dt = time.perf_counter() - t0
         lengths = resp_mask.sum(1).float()
-        row = {**metrics, **stats, "lr": lr, "beta": beta,
+        row = {**metrics, **stats, "lr": lr, "beta": beta, **({"noise_strength": noise_strength(cfg, step)}
+                                                              if n_noisy else {}),
                "advantages/mean": float(adv.mean()), "advantages/std": float(adv.std()),
                "advantages/max": float(adv.max()), "advantages/min": float(adv.min()),
                "completions/mean_length": float(lengths.mean()),

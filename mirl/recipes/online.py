@@ -22,6 +22,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..models.vision import cat_images
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
@@ -75,8 +76,8 @@ class Config(ModelArgs):
     eval_every: int = 0  # also evaluate every N steps
 
 
-def seq_logps(policy, ids, attn, resp):
-    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0)
+def seq_logps(policy, ids, attn, resp, images=None):
+    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0, images=cat_images(images or []))
     return (lp * resp).sum(-1)
 
 
@@ -124,10 +125,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if usable:
             if group:  # whole groups: (U, K) sequence log-probs
                 rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
-                ids, attn, resp, _, _ = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp).view(len(usable), cfg.k)
+                ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
+                lp = seq_logps(policy, ids, attn, resp, images).view(len(usable), cfg.k)
                 with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp).view(len(usable), cfg.k)
+                    ref = seq_logps(ref_model, ids, attn, resp, images).view(len(usable), cfg.k)
                 per_ex, metrics = get_loss(terms[0][0]).fn(lp, ref, positive[usable], beta=cfg.beta)
             else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
                 pairs = []
@@ -136,10 +137,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     bad = [p * cfg.k + j for j in range(cfg.k) if not positive[p, j]]
                     pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
                 rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
-                ids, attn, resp, _, _ = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp)
+                ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
+                lp = seq_logps(policy, ids, attn, resp, images)
                 with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp)
+                    ref = seq_logps(ref_model, ids, attn, resp, images)
                 n = len(pairs)
                 lengths = resp.sum(1).float()
                 per_ex, metrics = combined_pair_loss(terms, lp[:n], lp[n:], ref[:n], ref[n:], beta=cfg.beta,

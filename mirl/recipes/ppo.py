@@ -29,6 +29,7 @@ from ..logging import MetricLogger
 from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
+from ..models.vision import select_images
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
@@ -42,6 +43,7 @@ from .common import (
     out_of_time,
     save_final,
 )
+from .grpo import response_logps
 
 
 @dataclass
@@ -92,22 +94,22 @@ class Critic(nn.Module):
         self.backbone = copy.deepcopy(policy) if separate else None
         self.head = ScalarHead(policy.hidden_size)
 
-    def forward(self, hidden_from_policy, ids, attn):
+    def forward(self, hidden_from_policy, ids, attn, images=None):
         if self.backbone is None:
             return self.head(hidden_from_policy)
-        _, h = self.backbone(ids, attn, return_hidden=True)
+        _, h = self.backbone(ids, attn, images=images, return_hidden=True)
         return self.head(h)
 
 
-def _forward(policy, critic, ids, attn, n_resp, temperature):
+def _forward(policy, critic, ids, attn, n_resp, temperature, images=None):
     """Response log-probs, entropies and values: (B, R) each. V at token t is read at the position that
     predicts it (the state before the token)."""
-    logits, hidden = policy(ids, attn, return_hidden=True)
+    logits, hidden = policy(ids, attn, images=images, return_hidden=True)
     logits = logits[:, -n_resp - 1:-1]
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])
-    values = critic(hidden, ids, attn)[:, -n_resp - 1:-1]
+    values = critic(hidden, ids, attn, images)[:, -n_resp - 1:-1]
     return lp, entropy_from_logits(logits), values
 
 
@@ -141,16 +143,19 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.samples_per_prompt,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
-        ids, attn, resp, _, truncated = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
-                                                  tok.pad_token_id)
+        ids, attn, resp, _, truncated, images = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
+                                                          tok.pad_token_id)
+        everything = torch.arange(len(ids))
         n_resp = resp.shape[1]
         score = torch.nan_to_num(sb.rewards, nan=0.0).float()  # (B,)
         # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
         with torch.no_grad():
-            old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature)
+            old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature,
+                                             select_images(images, everything))
             kl = torch.zeros_like(old_lp)
             if ref_model is not None:
-                ref_lp, _ = _ref_logps(ref_model, ids, attn, n_resp, cfg.temperature)
+                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature,
+                                           images=select_images(images, everything))
                 kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
             token_rewards = -cfg.beta * kl
             last = (resp.sum(1) - 1).clamp(min=0)
@@ -164,7 +169,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         for ep in range(cfg.ppo_epochs):
             perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + ep))
             for j, mb in enumerate(perm.chunk(cfg.minibatches)):
-                lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature)
+                lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature,
+                                           select_images(images, mb))
                 pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], resp[mb], clip_eps=cfg.clip_eps,
                                                  loss_agg="bnpo")
                 v_loss = clipped_value_loss(values, old_values[mb], returns[mb], resp[mb], clip_range=cfg.value_clip)
@@ -210,13 +216,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     summary["evals"] = evals
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)
-
-
-def _ref_logps(ref_model, ids, attn, n_resp, temperature):
-    logits = ref_model(ids, attn)[:, -n_resp - 1:-1]
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return token_logps(logits, ids[:, -n_resp:]), None
 
 
 def _contiguous(sd):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
 from ..checkpoint import load_checkpoint
-from ..data.collate import batch_indices, encode_example, pad_batch
+from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.pairs import sample_pairs
 from ..data.tasks import make_task
@@ -82,12 +82,13 @@ class Config(ModelArgs):
     max_new_tokens: int = 40  # generation length for sampling and evaluation
 
 
-def encode_pairs(tok, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
+def encode_pairs(policy, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
     out = []
     for i, p in enumerate(pairs):
         where = p.get("where", f"pair {i}")
-        c = encode_example(tok, p["prompt"], p["chosen"], max_len, skips, where, "chosen")
-        r = encode_example(tok, p["prompt"], p["rejected"], max_len, skips, where, "rejected") if c else None
+        img = {"images": p.get("images"), "image_base": p.get("image_base", "")}
+        c = encode_example(policy, p["prompt"], p["chosen"], max_len, skips, where, "chosen", **img)
+        r = encode_example(policy, p["prompt"], p["rejected"], max_len, skips, where, "rejected", **img) if c else None
         if c and r:
             out.append((c, r))
     return out
@@ -96,12 +97,14 @@ def encode_pairs(tok, pairs: list[dict], max_len: int, skips: SkipCounter) -> li
 def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
     """One forward over chosen + rejected stacked: -> (chosen_logps, rejected_logps, chosen_len, rejected_len).
     The LM head runs only on response positions, in chunks (no (2N, T, V) logits), when the model allows."""
-    ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    fused = policy(ids, attn, hidden_only=True)
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    ids, attn, resp = pad_batch(seqs, pad_id)
+    images = batch_images(seqs)
+    fused = policy(ids, attn, images=images, hidden_only=True)
     if fused is not None:
         seq, lengths = fused_sequence_logps(*fused, ids, resp, average=average)
     else:
-        _, seq, lengths = sequence_logps(policy(ids, attn), ids, resp, average=average)
+        _, seq, lengths = sequence_logps(policy(ids, attn, images=images), ids, resp, average=average)
     n = len(pairs)
     return seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum())
 
@@ -144,7 +147,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         else:
             raise ValueError("preference training needs --data or --task")
     skips = SkipCounter()
-    pairs = encode_pairs(tok, data, cfg.max_len, skips)
+    pairs = encode_pairs(policy, data, cfg.max_len, skips)
     if not pairs:
         raise ValueError(f"no usable preference pairs ({skips.report()})")
     average = cfg.logp_agg == "mean"

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data.collate import batch_indices, pad_batch
+from ..data.collate import batch_images, batch_indices, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.pairs import sample_pairs
 from ..data.tasks import make_task
@@ -69,8 +69,9 @@ def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
 
 
 def pair_scores(rm, pairs, pad_id):
-    ids, attn, resp = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    s = rm(ids, attn, resp)
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    ids, attn, resp = pad_batch(seqs, pad_id)
+    s = rm(ids, attn, resp, images=batch_images(seqs))
     return s[: len(pairs)], s[len(pairs):], int(attn.sum())
 
 
@@ -120,9 +121,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
                                           seed=cfg.seed + 1)
         console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
     skips = SkipCounter()
-    synth_held_out = encode_pairs(tok, synth_eval, cfg.max_len, skips) if synth_eval else []
-    pairs = encode_pairs(tok, data, cfg.max_len, skips)
-    held_out = encode_pairs(tok, eval_data or [], cfg.max_len, skips)
+    synth_held_out = encode_pairs(policy, synth_eval, cfg.max_len, skips) if synth_eval else []
+    pairs = encode_pairs(policy, data, cfg.max_len, skips)
+    held_out = encode_pairs(policy, eval_data or [], cfg.max_len, skips)
     if not pairs:
         raise ValueError(f"no usable preference pairs for the reward model ({skips.report()})")
     rm = RewardModel(policy, cfg.aggregate)

@@ -17,7 +17,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import load_checkpoint
-from ..data.collate import batch_indices, encode_example, pad_batch
+from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
 from ..eval import evaluate
@@ -74,13 +74,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if cfg.data:
             data = completion_records(load_rows(cfg.data), tok)
         elif task is not None:
-            data = [{"prompt": e["prompt"], "completion": e["solution"], "where": f"{task.name} train #{i}"}
-                    for i, e in enumerate(task.examples("train", cfg.n_train, cfg.seed))]
+            data = [{"prompt": e["prompt"], "completion": e["solution"], "images": e.get("images"),
+                     "where": f"{task.name} train #{i}"} for i, e in enumerate(task.examples("train", cfg.n_train,
+                                                                                           cfg.seed))]
         else:
             raise ValueError("sft needs --data or --task")
     skips = SkipCounter()
-    encoded = [encode_example(tok, d["prompt"], d["completion"], cfg.max_len, skips,
-                              d.get("where", f"example {i}"), "completion") for i, d in enumerate(data)]
+    encoded = [encode_example(policy, d["prompt"], d["completion"], cfg.max_len, skips, d.get("where", f"example {i}"),
+                              "completion", d.get("images"), d.get("image_base", "")) for i, d in enumerate(data)]
     encoded = [e for e in encoded if e is not None]
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     start = 0
@@ -99,25 +100,26 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
         idx = dist.shard(batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum * dist.world_size(), step,
                                        cfg.seed))
-        micro = [pad_batch([encoded[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]],
-                           tok.pad_token_id) for m in range(cfg.grad_accum)]
+        chunks = [[encoded[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]] for m in range(cfg.grad_accum)]
+        micro = [(*pad_batch(c, tok.pad_token_id), batch_images(c)) for c in chunks]
         # global divisor over micro-batches and ranks: exact accumulation and exact DDP
-        n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp in micro))
+        n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
         total_loss = 0.0
-        for ids, attn, resp in micro:
+        for ids, attn, resp, images in micro:
             with autocast(cfg, policy):
-                fused = model_fwd(ids, attn, hidden_only=True)  # LM head on completion positions only, chunked
+                # LM head on completion positions only, chunked
+                fused = model_fwd(ids, attn, images=images, hidden_only=True)
             if fused is not None:
                 seq, _ = fused_sequence_logps(*fused, ids, resp)
                 loss = masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
             else:
-                per_token, _, _ = sequence_logps(model_fwd(ids, attn), ids, resp)
+                per_token, _, _ = sequence_logps(model_fwd(ids, attn, images=images), ids, resp)
                 loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
             loss.backward()
             total_loss += loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
         dt = time.perf_counter() - t0
-        n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _ in micro))
+        n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _, _ in micro))
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
         history.append({"step": step + 1, **metrics})

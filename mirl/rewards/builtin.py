@@ -109,6 +109,28 @@ def soft_overlong(prompts, completions, completion_lengths=None, max_completion_
     return [min(0.0, (start - n) / buffer) if n > start else 0.0 for n in completion_lengths]
 
 
+@register_reward("iou")
+def box_iou_reward(prompts, completions, box, **_):
+    """IoU of the first box '[x1,y1,x2,y2]' in the completion with the row's ground-truth `box`; 0 when the
+    completion has no box. Rows whose box is None get None.
+
+    >>> box_iou_reward(["q", "q"], ["[0,0,2,2]", "no box"], box=[[1, 0, 3, 2], [0, 0, 1, 1]])
+    [0.3333333333333333, 0.0]
+    """
+    from ..data.tasks.visual import box_iou, parse_box
+
+    out = []
+    for c, gt in zip(completions, box):
+        if gt is None:
+            out.append(None)
+            continue
+        if isinstance(gt, str):
+            gt = parse_box(gt)
+        pred = parse_box(c)
+        out.append(0.0 if pred is None or gt is None else box_iou(pred, [float(v) for v in gt]))
+    return out
+
+
 @register_reward("reasoning_gym")
 def reasoning_gym_score(prompts, completions, rg_entry=None, **_):
     """reasoning-gym's own scorer for the entry's source dataset; None for rows without an rg_entry."""

@@ -6,7 +6,8 @@ import torch
 
 
 class RewardModelReward:
-    """f(prompts, completions, **_) -> scores of prompt + completion under a trained RewardModel."""
+    """f(prompts, completions, images=None, **_) -> scores of prompt (+ its images) + completion under a
+    trained RewardModel."""
 
     def __init__(self, path: str, batch_size: int = 64):
         from ..models.heads import RewardModel
@@ -16,16 +17,18 @@ class RewardModelReward:
         self.__name__ = f"rm:{path}"
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, **_):
-        from ..data.collate import pad_batch
+    def __call__(self, prompts, completions, images=None, **_):
+        from ..data.collate import batch_images, pad_batch
 
         tok = self.rm.tokenizer
+        images = images or [None] * len(prompts)
         out = []
         for s in range(0, len(prompts), self.batch_size):
             seqs = []
-            for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size]):
-                pi = tok.encode(p, add_special_tokens=True)
-                seqs.append((pi + tok.encode(c) + [tok.eos_token_id], len(pi)))
+            for i in range(s, min(len(prompts), s + self.batch_size)):
+                pi, img = self.rm.policy.encode_prompt(prompts[i], images[i], f"prompt {i}")
+                ids = pi + tok.encode(completions[i]) + [tok.eos_token_id]
+                seqs.append((ids, len(pi)) if img is None else (ids, len(pi), img))
             ids, attn, resp = pad_batch(seqs, tok.pad_token_id)
-            out += self.rm(ids, attn, resp).tolist()
+            out += self.rm(ids, attn, resp, images=batch_images(seqs)).tolist()
         return out

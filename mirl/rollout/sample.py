@@ -8,6 +8,7 @@ left padding, R = longest response):
                   recorded while sampling, so no extra forward pass is needed to get "old" log-probs
     truncated (B,): hit max_new_tokens without EOS or a stop string
     prompt_index (B,): which input prompt each row belongs to (rows of one prompt are adjacent)
+    images: B per-row image inputs (models/vision.py; None for a text row), each prompt's repeated G times
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class RolloutBatch:
     truncated: Tensor
     prompt_index: Tensor
     texts: list[str]
+    images: list | None = None  # per row: the image inputs the update conditions on (clean, for NoisyRollout)
+
+    def row_images(self, rows) -> dict | None:
+        """Image inputs of these rows, batched in row order (None for text)."""
+        from ..models.vision import cat_images
+
+        return None if self.images is None else cat_images([self.images[i] for i in rows])
 
     def full(self) -> tuple[Tensor, Tensor, Tensor]:
         """(input_ids, attention_mask, response_mask) of prompt + response, each (B, P + R)."""
@@ -67,13 +75,24 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
-             generator: torch.Generator | None = None, ignore_eos: bool = False) -> RolloutBatch:
+             generator: torch.Generator | None = None, ignore_eos: bool = False, images: list | None = None,
+             sample_images: list | None = None) -> RolloutBatch:
     """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
-    ignore_eos: always generate max_new_tokens (benchmarks)."""
+    ignore_eos: always generate max_new_tokens (benchmarks).
+    images: one image-input dict (or None) per prompt; sample_images: one per row, to sample from other
+    pixels than the batch records (NoisyRollout's perturbed copies)."""
+    from ..models.vision import cat_images
+
     tok = policy.tokenizer
     pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
     device = policy.device
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    row_images = None if images is None else [im for im in images for _ in range(samples_per_prompt)]
+    if sample_images is not None and len(sample_images) != len(rows):
+        raise ValueError(f"sample_images has {len(sample_images)} entries for {len(rows)} rows")
+    prefill_images = cat_images(sample_images if sample_images is not None else (row_images or []))
+    if prefill_images is not None:
+        prefill_images = {k: v.to(device) for k, v in prefill_images.items()}
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
     prompt_ids, prompt_mask = left_pad(rows, pad_id)
     if prompt_ids.shape[1] + max_new_tokens > policy.max_seq_len:
@@ -89,7 +108,7 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
     attn = prompt_mask
     was_training = policy.training
     policy.eval()
-    logits, cache = policy.step(prompt_ids, attn)
+    logits, cache = policy.step(prompt_ids, attn, images=prefill_images)
     n_steps = 0
     for t in range(max_new_tokens):
         step_logits = logits[:, -1].float()
@@ -123,4 +142,4 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
     response_mask = (torch.arange(n_steps, device=device)[None, :] < lengths[:, None]).long()
     texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(out_ids, response_mask)]
     return RolloutBatch(prompt_ids, prompt_mask, out_ids, response_mask, out_logps * response_mask,
-                        ~stopped, prompt_index.to(device), texts)
+                        ~stopped, prompt_index.to(device), texts, row_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -41,17 +42,48 @@ def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
                                     f"(row has: {', '.join(sorted(k for k in ex if k != 'where'))})")
 
 
+def encode_prompts(policy, examples: list[dict]) -> tuple[list[list[int]], list | None]:
+    """Prompt token ids and image inputs (None when no example has images) of task or data records."""
+    enc = [policy.encode_prompt(e["prompt"], e.get("images"), e.get("where", f"prompt {i}"), e.get("image_base", ""))
+           for i, e in enumerate(examples)]
+    images = [im for _, im in enc]
+    return [ids for ids, _ in enc], (images if any(im is not None for im in images) else None)
+
+
+def noisy_sample_images(policy, examples: list[dict], group_size: int, n_noisy: int, strength: float,
+                        rng: random.Random) -> list | None:
+    """NoisyRollout: per row, the image inputs to sample from; the last n_noisy rows of each group see a
+    perturbed copy of the prompt's images (models/vision.py perturb), the others the clean ones."""
+    from ..models.vision import load_image, perturb
+
+    out = []
+    for i, e in enumerate(examples):
+        where = e.get("where", f"prompt {i}")
+        for g in range(group_size):
+            imgs = e.get("images")
+            if imgs and g >= group_size - n_noisy:
+                imgs = [perturb(load_image(x, where, e.get("image_base", "")).convert("RGB"), strength, rng)
+                        for x in imgs]
+            out.append(policy.encode_prompt(e["prompt"], imgs, where, e.get("image_base", ""))[1])
+    return out
+
+
 def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
                       temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None,
-                      ignore_eos: bool = False) -> ScoredBatch:
-    tok = policy.tokenizer
+                      ignore_eos: bool = False, noisy: tuple[int, float, random.Random] | None = None) -> ScoredBatch:
+    """noisy = (rows per group sampled on perturbed images, strength, rng): NoisyRollout; the batch keeps
+    the clean images for the update."""
     t0 = time.perf_counter()
-    prompts = [tok.encode(e["prompt"], add_special_tokens=True) for e in examples]
+    prompts, images = encode_prompts(policy, examples)
+    sample_images = None
+    if noisy is not None and images is not None and noisy[0] > 0 and noisy[1] > 0:
+        sample_images = noisy_sample_images(policy, examples, group_size, *noisy)
     batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
-                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos)
+                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos,
+                     images=images, sample_images=sample_images)
     t1 = time.perf_counter()
     rows = [e for e in examples for _ in range(group_size)]
-    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where")}
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where", "image_base")}
     columns["example"] = rows
     columns["completion_lengths"] = batch.response_mask.sum(1).tolist()
     columns["max_completion_length"] = max_new_tokens
@@ -63,7 +95,8 @@ def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: i
 
 def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
     """Rows (batch, index) from one or more rollouts -> one update batch, prompts left-padded and responses
-    right-padded after them: ids, attn (B, P + R), resp_mask, old_logps (B, R), truncated (B,)."""
+    right-padded after them: ids, attn (B, P + R), resp_mask, old_logps (B, R), truncated (B,), and
+    images: a list of per-row image inputs (None for text), to batch with cat_images for any subset."""
     items = []
     for b, i in rows:
         n = int(b.response_mask[i].sum())
@@ -83,4 +116,5 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
         attn[i, pw:pw + len(r)] = 1
         resp[i, :len(r)] = 1
         old[i, :len(r)] = lp
-    return ids, attn, resp, old, torch.tensor([t for *_, t in items])
+    images = [None if b.images is None else b.images[i] for b, i in rows]
+    return ids, attn, resp, old, torch.tensor([t for *_, t in items]), (images if any(images) else None)

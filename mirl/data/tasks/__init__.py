@@ -2,11 +2,13 @@
 score(completion, example) -> float in [0, 1] (1 = correct).
 
     make_task("arith")  make_task("arith:4")  make_task("countdown")  make_task("rg:basic_arithmetic")
+    make_task("digits")  make_task("shapes")  make_task("grounding")      # image + text (visual.py)
 """
 
 from .arith import ArithTask
 from .countdown import CountdownTask
 from .rg import ReasoningGymTask
+from .visual import DigitArithTask, GroundingTask, ShapeCountTask
 
 
 def make_task(name: str):
@@ -19,7 +21,12 @@ def make_task(name: str):
         if not arg:
             raise ValueError("a reasoning-gym task needs a dataset name: rg:<name>, e.g. rg:basic_arithmetic")
         return ReasoningGymTask(arg)
-    raise ValueError(f"unknown task {name!r}; valid: arith[:digits], countdown[:n_numbers], rg:<dataset>")
+    visual = {"digits": DigitArithTask, "shapes": ShapeCountTask, "grounding": GroundingTask}
+    if base in visual:
+        return visual[base]()
+    raise ValueError(f"unknown task {name!r}; valid: arith[:digits], countdown[:n_numbers], rg:<dataset>, "
+                     "digits, shapes, grounding")
 
 
-__all__ = ["ArithTask", "CountdownTask", "ReasoningGymTask", "make_task"]
+__all__ = ["ArithTask", "CountdownTask", "DigitArithTask", "GroundingTask", "ReasoningGymTask", "ShapeCountTask",
+           "make_task"]

@@ -1,4 +1,5 @@
-"""Held-out splits by hashing the prompt: a problem is in the test split iff crc32(prompt) % 10 == 0.
+"""Held-out splits by hashing the prompt (or an example's 'split_key', e.g. a scene description): a problem
+is in the test split iff crc32(key) % 10 == 0.
 
 Train and test are disjoint for any seed and any size, and sampling terminates even when the problem
 space is tiny (1-digit addition has 100 problems, about 10 of them held out).
@@ -23,6 +24,6 @@ def sample_split(make: Callable[[random.Random], dict], name: str, split: str, n
     out = []
     while len(out) < n:
         ex = make(rng)
-        if is_test(ex["prompt"]) == want_test:
+        if is_test(ex.get("split_key", ex["prompt"])) == want_test:
             out.append(ex)
     return out

@@ -1,0 +1,96 @@
+"""A tiny vision-language model for CPU: a small conv image encoder and an MLP projector whose outputs
+replace the image-placeholder tokens of the tiny GPT's input (LLaVA's recipe, at toy scale).
+
+    image (C, H, W) -> conv 3x3 -> GELU -> conv patch x patch, stride patch -> GELU   (D, H/p, W/p)
+                    -> flatten to H/p * W/p tokens + learned patch positions -> MLP projector -> (N_img, n_embd)
+    input_ids: BOS, <image> x N_img, text ...   the N_img placeholder embeddings are replaced in order
+
+Presets: vlm-nano (gpt-nano text model, 32x32 RGB images, patch 8 -> 16 image tokens), vlm-micro (gpt-micro).
+The image size is fixed by the config; the processor (models/vision.py) refuses other sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig
+
+VLM_PRESETS = {"vlm-nano": "gpt-nano", "vlm-micro": "gpt-micro", "vlm-mini": "gpt-mini"}
+
+
+@dataclass
+class TinyVLMConfig(TinyGPTConfig):
+    image_size: int = 32  # square images of this many pixels a side
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    patch: int = 8  # image tokens = (image_size / patch) ** 2
+    vision_dim: int = 64  # width of the image encoder
+    image_token_id: int = -1  # the tokenizer's <image> id
+    model_type: str = "mirl-tiny-vlm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+def vlm_preset_config(name: str, vocab_size: int, image_token_id: int, max_seq_len: int = 256) -> TinyVLMConfig:
+    if name not in VLM_PRESETS:
+        raise ValueError(f"unknown tiny VLM preset {name!r}; valid: {', '.join(VLM_PRESETS)}")
+    return TinyVLMConfig(vocab_size=vocab_size, depth=PRESETS[VLM_PRESETS[name]], max_seq_len=max_seq_len,
+                         image_token_id=image_token_id)
+
+
+class TinyVLM(nn.Module):
+    def __init__(self, cfg: TinyVLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.lm = TinyGPT(cfg)
+        d = cfg.vision_dim
+        self.vision = nn.Sequential(nn.Conv2d(cfg.channels, d // 2, 3, padding=1), nn.GELU(),
+                                    nn.Conv2d(d // 2, d, cfg.patch, stride=cfg.patch), nn.GELU())
+        self.patch_pos = nn.Parameter(torch.randn(cfg.n_image_tokens, d) * 0.02)
+        self.projector = nn.Sequential(nn.Linear(d, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
+
+    # the text model's attributes the Policy reads
+    @property
+    def lm_head(self):
+        return self.lm.lm_head
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.lm.checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, value: bool) -> None:
+        self.lm.checkpointing = value
+
+    def vision_tower(self) -> list[nn.Module | nn.Parameter]:
+        return [self.vision, self.patch_pos]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> (N, n_image_tokens, n_embd)."""
+        x = self.vision(pixel_values.to(self.patch_pos.dtype))  # (N, D, h, w)
+        x = x.flatten(2).transpose(1, 2) + self.patch_pos
+        return self.projector(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, images=None,
+                return_hidden: bool = False, skip_lm_head: bool = False):
+        """As TinyGPT.forward; images = {'pixel_values': (N, C, H, W)} for the N images of the batch, in
+        the order their placeholders appear (row by row). Without images placeholders are plain tokens."""
+        emb = self.lm.wte(input_ids)
+        if images is not None and images.get("pixel_values") is not None:
+            feats = self.image_features(images["pixel_values"])
+            slots = input_ids == self.config.image_token_id
+            if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"{int(slots.sum())} image-token slots in the batch but {feats.shape[0]} images x "
+                                 f"{feats.shape[1]} tokens: images and placeholders are out of step")
+            emb = emb.masked_scatter(slots[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
+        return self.lm(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds=emb,
+                       return_hidden=return_hidden, skip_lm_head=skip_lm_head)

@@ -1,0 +1,174 @@
+"""Images: loading with errors that name the row, each model family's prompt encoding, NoisyRollout's
+perturbation, and batching of image inputs.
+
+Image inputs of one prompt are a dict of tensors whose first dimension counts that prompt's images (or
+their patches); a batch concatenates its rows' dicts in row order, which is the order in which the model
+fills the image placeholders. Repeating a prompt G times repeats its dict G times, so pixels stay aligned.
+
+    tiny VLM     {'pixel_values': (n, C, H, W)}                  placeholder -> n_image_tokens x <image>
+    Qwen2-VL     {'pixel_values': (patches, D), 'image_grid_thw': (n, 3)}
+                 placeholder -> <|vision_start|> <|image_pad|> x (t*h*w / merge^2) <|vision_end|>
+    LLaVA        {'pixel_values': (n, 3, H, W)}                  placeholder -> <image> x patches
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import torch
+
+from ..data.formats import DataError
+from .tokenizer import IMAGE_PLACEHOLDER
+
+READABLE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # converted to the model's channels; others refused
+
+
+def load_image(x, where: str, base: str | Path = ""):
+    """A PIL image from a path (relative to `base`, the data file's folder), {'bytes'|'path'} (datasets'
+    Image feature), raw bytes or a PIL image. Missing or unreadable -> DataError naming `where`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(x, Image.Image):
+        return x
+    try:
+        if isinstance(x, dict):
+            if x.get("bytes"):
+                x = x["bytes"]
+            elif x.get("path"):
+                x = x["path"]
+            else:
+                raise DataError(f"{where}: image entry has neither 'bytes' nor 'path'")
+        if isinstance(x, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(x))
+        elif isinstance(x, str):
+            p = Path(x) if Path(x).is_absolute() or not base else Path(base) / x
+            if not p.exists():
+                raise DataError(f"{where}: image file {p} does not exist")
+            img = Image.open(p)
+        else:
+            raise DataError(f"{where}: an image must be a path, bytes or a PIL image, got {type(x).__name__}")
+        img.load()  # decode now: a truncated file fails here, not in the middle of training
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{where}: unreadable image ({e})") from e
+
+
+def check_image(img, where: str, size: int | None = None):
+    """Mode must be convertible; with `size`, the image must be size x size."""
+    if img.mode not in READABLE_MODES:
+        raise DataError(f"{where}: image mode {img.mode!r} is not supported (use one of {', '.join(READABLE_MODES)})")
+    if size is not None and img.size != (size, size):
+        raise DataError(f"{where}: image is {img.size[0]}x{img.size[1]} pixels but this model takes {size}x{size}")
+    return img
+
+
+def _placeholders(text: str, n_images: int, where: str) -> str:
+    n = text.count(IMAGE_PLACEHOLDER)
+    if n == 0:  # TRL's plain-prompt + images convention: images go first
+        return IMAGE_PLACEHOLDER * n_images + text
+    if n != n_images:
+        raise DataError(f"{where}: the prompt has {n} image placeholder(s) {IMAGE_PLACEHOLDER!r} but the row has "
+                        f"{n_images} image(s)")
+    return text
+
+
+class TinyVision:
+    """Prompt encoding for the built-in tiny VLM."""
+
+    def __init__(self, config, tokenizer):
+        self.cfg, self.tokenizer = config, tokenizer
+
+    def encode(self, text: str, images: list, where: str):
+        import numpy as np
+
+        cfg = self.cfg
+        text = _placeholders(text, len(images), where)
+        mode = "RGB" if cfg.channels == 3 else "L"
+        arrays = []
+        for i, img in enumerate(images):
+            img = check_image(img, f"{where} image {i}", cfg.image_size).convert(mode)
+            a = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+            arrays.append(a.permute(2, 0, 1) if a.ndim == 3 else a[None])
+        ids = []
+        for t in self.tokenizer.encode(text, add_special_tokens=True):
+            ids += [t] * cfg.n_image_tokens if t == cfg.image_token_id else [t]
+        return ids, {"pixel_values": torch.stack(arrays)}
+
+    def tower(self, model):
+        return model.vision_tower()
+
+
+class HFVision:
+    """Prompt encoding for a transformers VLM through its image processor: Qwen2-VL style (grid of merged
+    patches) or LLaVA style (a fixed number of patch tokens)."""
+
+    def __init__(self, config, tokenizer, image_processor):
+        self.config, self.tokenizer, self.processor = config, tokenizer, image_processor
+        self.kind = "grid" if hasattr(image_processor, "merge_size") else "fixed"
+        self.image_token_id = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    def encode(self, text: str, images: list, where: str):
+        text = _placeholders(text, len(images), where)
+        images = [check_image(img, f"{where} image {i}").convert("RGB") for i, img in enumerate(images)]
+        out = self.processor(images=images, return_tensors="pt")
+        parts = text.split(IMAGE_PLACEHOLDER)
+        pieces = [parts[0]]
+        for i, rest in enumerate(parts[1:]):
+            if self.kind == "grid":
+                n = int(out["image_grid_thw"][i].prod()) // self.processor.merge_size ** 2
+                pieces.append("<|vision_start|>" + self.image_token * n + "<|vision_end|>")
+            else:
+                pieces.append(self.image_token * self._fixed_count(out["pixel_values"]))
+            pieces.append(rest)
+        ids = self.tokenizer.encode("".join(pieces), add_special_tokens=True)
+        keys = ("pixel_values", "image_grid_thw") if self.kind == "grid" else ("pixel_values",)
+        return ids, {k: out[k] for k in keys}
+
+    def _fixed_count(self, pixel_values) -> int:
+        vc = self.config.vision_config
+        n = (pixel_values.shape[-1] // vc.patch_size) * (pixel_values.shape[-2] // vc.patch_size)
+        return n + (1 if getattr(self.config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+    def tower(self, model):
+        inner = getattr(model, "model", model)
+        for name in ("visual", "vision_tower", "vision_model"):
+            for owner in (inner, model):
+                if hasattr(owner, name):
+                    return [getattr(owner, name)]
+        raise ValueError(f"cannot find the vision tower of {type(model).__name__}")
+
+
+def cat_images(items: list[dict | None]) -> dict | None:
+    """Concatenate per-row image inputs in row order; None when no row has images."""
+    items = [x for x in items if x]
+    if not items:
+        return None
+    return {k: torch.cat([x[k] for x in items]) for k in items[0]}
+
+
+def select_images(per_row: list | None, rows) -> dict | None:
+    """Batched image inputs of the given rows (a tensor or list of indices) of a per-row list."""
+    if per_row is None:
+        return None
+    return cat_images([per_row[int(i)] for i in rows])
+
+
+def perturb(img, strength: float, rng: random.Random):
+    """NoisyRollout's distortion: a random crop keeping 1 - strength/4 of each side, resized back, then
+    Gaussian pixel noise of standard deviation strength * 64 (on 0..255). strength 0 = the image itself."""
+    import numpy as np
+    from PIL import Image
+
+    if strength <= 0:
+        return img
+    w, h = img.size
+    keep = 1.0 - 0.25 * min(strength, 1.0)
+    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
+    a = np.asarray(out.convert("RGB") if out.mode not in ("L", "RGB") else out, dtype=np.float32)
+    noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0.0, strength * 64.0, a.shape)
+    return Image.fromarray(np.clip(a + noise, 0, 255).astype(np.uint8))
