@@ -65,6 +65,16 @@ class Policy(nn.Module):
         pils = [load_image(x, f"{where} image {i}", base) for i, x in enumerate(images)]
         return self.vision.encode(text, pils, where)
 
+    @property
+    def never_sample(self) -> list[int]:
+        """Token ids generation must not produce: the image placeholders of a VLM."""
+        if not self.is_vlm:
+            return []
+        tid = getattr(self.vision, "image_token_id", None)
+        if tid is None:
+            tid = self.vision.cfg.image_token_id
+        return [tid]
+
     def freeze_vision(self) -> None:
         """Freeze the vision tower (the projector and the language model still train)."""
         if not self.is_vlm:

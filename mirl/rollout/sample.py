@@ -108,10 +108,13 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
     attn = prompt_mask
     was_training = policy.training
     policy.eval()
+    banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
     logits, cache = policy.step(prompt_ids, attn, images=prefill_images)
     n_steps = 0
     for t in range(max_new_tokens):
         step_logits = logits[:, -1].float()
+        if banned:
+            step_logits[:, banned] = float("-inf")
         if temperature > 0:
             step_logits = _filter_logits(step_logits / temperature, top_k, top_p)
             logprobs = torch.log_softmax(step_logits, -1)
