@@ -17,19 +17,11 @@ CHAT_TEMPLATE = (
 
 def build_hf_tiny(path, seed=0):
     """Qwen2 config (hidden 32, 2 layers) + a byte-level BPE tokenizer trained here on task-like text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [f"{a}+{b}={a + b} the answer is {a * b}" for a in range(40) for b in range(0, 40, 3)]
     corpus += ["user: hello assistant: hi there", "What is two plus two? Four."] * 20
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], corpus)
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -45,7 +37,8 @@ def hf_tiny_dir(tmp_path_factory):
     return build_hf_tiny(tmp_path_factory.mktemp("hf_tiny"))
 
 
-def _bpe_tokenizer(specials):
+def _bpe_tokenizer(specials, corpus=None):
+    """A byte-level BPE (vocabulary 300) trained here on task-like text, with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,8 +47,8 @@ def _bpe_tokenizer(specials):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([f"{a}+{b}={a + b}|{a + b} add: count box" for a in range(30) for b in range(30)],
-                            trainer)
+    corpus = corpus or [f"{a}+{b}={a + b}|{a + b} add: count box" for a in range(30) for b in range(30)]
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast

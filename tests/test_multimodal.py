@@ -186,8 +186,10 @@ def test_noisy_rollout_perturbs_part_of_each_group_and_anneals():
     noisy = perturb(img, 1.0, random.Random(0))
     assert noisy.size == img.size and list(noisy.getdata()) != list(img.getdata())
     p = load_policy("vlm-nano", seed=0)
-    rows = noisy_sample_images(p, [{"prompt": "<image>x", "images": [img]}], 4, 2, 0.8, random.Random(0))
-    clean = p.encode_prompt("<image>x", [img])[1]["pixel_values"]
+    clean_inputs = p.encode_prompt("<image>x", [img])[1]
+    rows = noisy_sample_images(p, [{"prompt": "<image>x", "images": [img]}], [clean_inputs], 4, 2, 0.8,
+                               random.Random(0))
+    clean = clean_inputs["pixel_values"]
     same = [torch.equal(r["pixel_values"], clean) for r in rows]
     assert same == [True, True, False, False]
     cfg = Config(noise_strength=0.6, steps=100)

@@ -50,21 +50,22 @@ def encode_prompts(policy, examples: list[dict]) -> tuple[list[list[int]], list 
     return [ids for ids, _ in enc], (images if any(im is not None for im in images) else None)
 
 
-def noisy_sample_images(policy, examples: list[dict], group_size: int, n_noisy: int, strength: float,
-                        rng: random.Random) -> list | None:
+def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: int, n_noisy: int,
+                        strength: float, rng: random.Random) -> list:
     """NoisyRollout: per row, the image inputs to sample from; the last n_noisy rows of each group see a
-    perturbed copy of the prompt's images (models/vision.py perturb), the others the clean ones."""
+    perturbed copy of the prompt's images (models/vision.py perturb), the others the prompt's clean
+    inputs `clean` (one per example, already encoded)."""
     from ..models.vision import load_image, perturb
 
     out = []
     for i, e in enumerate(examples):
-        where = e.get("where", f"prompt {i}")
-        for g in range(group_size):
+        where, base = e.get("where", f"prompt {i}"), e.get("image_base", "")
+        out += [clean[i]] * (group_size - n_noisy)
+        for _ in range(n_noisy):
             imgs = e.get("images")
-            if imgs and g >= group_size - n_noisy:
-                imgs = [perturb(load_image(x, where, e.get("image_base", "")).convert("RGB"), strength, rng)
-                        for x in imgs]
-            out.append(policy.encode_prompt(e["prompt"], imgs, where, e.get("image_base", ""))[1])
+            if imgs:
+                imgs = [perturb(load_image(x, where, base).convert("RGB"), strength, rng) for x in imgs]
+            out.append(policy.encode_prompt(e["prompt"], imgs, where, base)[1])
     return out
 
 
@@ -77,7 +78,7 @@ def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: i
     prompts, images = encode_prompts(policy, examples)
     sample_images = None
     if noisy is not None and images is not None and noisy[0] > 0 and noisy[1] > 0:
-        sample_images = noisy_sample_images(policy, examples, group_size, *noisy)
+        sample_images = noisy_sample_images(policy, examples, images, group_size, *noisy)
     batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
                      temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos,
                      images=images, sample_images=sample_images)

@@ -18,6 +18,7 @@ import random
 import re
 from functools import lru_cache
 
+from .arith import ArithTask
 from .split import sample_split
 
 SIZE = 32
@@ -25,7 +26,6 @@ COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (60, 90, 240), 
            "white": (240, 240, 240)}
 KINDS = ("circle", "square", "triangle")
 INT_RE = re.compile(r"-?\d+")
-ANSWER_RE = re.compile(r"\|\s*(-?\d+)")
 BOX_RE = re.compile(r"[\[(]\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
                     r"\s*(-?\d+(?:\.\d+)?)\s*[\])]")
 
@@ -74,14 +74,9 @@ class DigitArithTask:
                         "solution": f"{a}+{b}={a + b}|{a + b}", "digits": [a, b], "scans": [i, j]})
         return out
 
-    @staticmethod
-    def extract(completion: str) -> str | None:
-        m = ANSWER_RE.search(completion)
-        return m.group(1) if m else None
-
-    def score(self, completion: str, example: dict) -> float:
-        got = self.extract(completion)
-        return float(got is not None and got.lstrip("0") == str(example["answer"]).lstrip("0"))
+    # the answer after '|', as in the text arithmetic task
+    extract = staticmethod(ArithTask.extract)
+    score = ArithTask.score
 
 
 def _scene(rng: random.Random, n: int, distinct: bool) -> list[dict]:
