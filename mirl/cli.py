@@ -24,6 +24,7 @@ COMMANDS = {
     "rm": ("mirl.recipes.reward_model", "train", "Bradley-Terry reward model on preference pairs"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
     "report": ("mirl.report", "run", "PNG plots and one HTML page of one or more runs' metrics"),
+    "experiment": ("mirl.experiments", "run", "the papers' claims as commands: mio-vs-dpo, starvation, rft-compare"),
     "demo": ("mirl.demo", "run", "the embedded default: SFT, sampled pairs, DPO vs MIO (CPU, minutes)"),
 }
 
@@ -106,6 +107,21 @@ def build_config(cls, args: argparse.Namespace):
     return cls(**values)
 
 
+# commands whose first arguments may be given without a flag: `mirl report RUN_A RUN_B`, `mirl experiment NAME`
+POSITIONAL = {"report": ("runs", True), "experiment": ("name", False)}
+
+
+def _positionals_to_flags(cmd: str, argv: list[str]) -> list[str]:
+    """`report A B --out X` -> `report --runs A,B --out X`; `experiment starvation` -> `--name starvation`."""
+    if cmd not in POSITIONAL:
+        return argv
+    flag, many = POSITIONAL[cmd]
+    rest, pos = argv[1:], []
+    while rest and not rest[0].startswith("-") and (many or not pos):
+        pos.append(rest.pop(0))
+    return [cmd] + ([f"--{flag}", ",".join(pos)] if pos else []) + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
@@ -119,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         parser.error(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
     mod_name, fn_name, help_text = COMMANDS[cmd]
+    argv = _positionals_to_flags(cmd, argv)
     mod = importlib.import_module(mod_name)
     cls = mod.Config
     p = sub.add_parser(cmd, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
@@ -137,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .distributed import is_main
 
-    if cmd not in ("eval", "demo", "report") and is_main():
+    if cmd not in ("eval", "demo", "report", "experiment") and is_main():
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))

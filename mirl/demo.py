@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.table import Table
 from .data.pairs import sample_pairs
 from .data.tasks import make_task
 from .eval import evaluate
+from .experiments.common import cached_sft
 from .logging import console
 from .models import load_policy
 from .recipes import preference, sft
@@ -51,13 +53,9 @@ def run(cfg: Config) -> dict:
     # ---- 1. SFT, cached ----------------------------------------------------------------------------
     sft_cfg = sft.Config(task=cfg.task, steps=cfg.sft_steps, seed=cfg.seed, threads=cfg.threads,
                          out_dir=str(out / "sft"), eval_n=0)
-    key_file, final = out / "sft" / "demo_key.json", out / "sft" / "final"
-    key = json.dumps(asdict(sft_cfg), sort_keys=True)
-    if not cfg.refresh and final.exists() and key_file.exists() and key_file.read_text() == key:
-        console.print(f"[green]using cached SFT model {final}[/] (--refresh to retrain)")
-    else:
-        sft.train(sft_cfg)
-        key_file.write_text(key)
+    if cfg.refresh:
+        shutil.rmtree(out / "sft", ignore_errors=True)
+    final = cached_sft(sft_cfg)
     sft_policy = load_policy(final)
     sft_acc = evaluate(sft_policy, task, test, max_new_tokens=40).accuracy
 

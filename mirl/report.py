@@ -96,18 +96,49 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f'<img alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">')
     for d in dirs:
+        parts.append(_samples_html(d))
         cfg = (d / "config.json").read_text() if (d / "config.json").exists() else "{}"
         parts.append(f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(json.dumps(json.loads(cfg), indent=1))}"
                      "</pre>")
     page = out / "index.html"
+    # the page reports how many of its images decoded (body[data-images-loaded] = "loaded/total"): the
+    # headless-browser test reads it
+    check = ("<script>window.addEventListener('load',function(){var im=Array.from(document.images);"
+             "document.body.dataset.imagesLoaded=im.filter(function(i){return i.complete&&i.naturalWidth>0})"
+             ".length+'/'+im.length;});</script>")
     page.write_text("<!doctype html><meta charset='utf-8'><title>mirl report</title><style>body{font-family:sans-serif;"
-                    "margin:2em} img{margin:4px;border:1px solid #ddd}</style>" + "\n".join(parts))
+                    "margin:2em} img{margin:4px;border:1px solid #ddd} table{border-collapse:collapse;font-size:13px}"
+                    " td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
+                    " td pre{margin:0;white-space:pre-wrap}</style>" + check + "\n".join(parts))
     return page
+
+
+def _samples_html(run_dir: Path) -> str:
+    """The run's samples.jsonl (prompt, completion, reward) as an HTML table; '' when there is none."""
+    import html
+    import json
+
+    f = run_dir / "samples.jsonl"
+    if not f.exists():
+        return ""
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+    def cell(v):
+        text = v if isinstance(v, str) else json.dumps(v)
+        return f"<td><pre>{html.escape(text)}</pre></td>"
+
+    def reward(v):
+        return "<td>-</td>" if v is None else f"<td>{float(v):.3f}</td>"
+
+    body = "".join("<tr>" + cell(r.get("prompt", "")) + cell(r.get("completion", "")) + reward(r.get("reward"))
+                   + cell(r.get("reference") or "") + "</tr>" for r in rows)
+    return (f"<h2>{html.escape(run_dir.name)}: sample completions (greedy, held-out)</h2><table><tr><th>prompt</th>"
+            f"<th>completion</th><th>reward</th><th>reference</th></tr>{body}</table>")
 
 
 @dataclass
 class Config:
-    runs: str = ""  # run folders, comma-separated (overlaid in the plots)
+    runs: str = ""  # run folders, comma-separated (overlaid in the plots); or give them as arguments
     out: str = ""  # output folder (default: <first run>/report)
 
 

@@ -63,7 +63,7 @@ def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
 
 @dataclass
 class ModelArgs:
-    """Model options every recipe takes: PEFT LoRA, bf16 autocast, activation checkpointing."""
+    """Options every recipe takes: PEFT LoRA, bf16 autocast, activation checkpointing, the end-of-run report."""
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: int = 16  # LoRA scaling alpha
     lora_dropout: float = 0.0  # dropout on the LoRA path
@@ -72,6 +72,7 @@ class ModelArgs:
     bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
     activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
 
 
 def get_policy(cfg, model):
@@ -168,3 +169,24 @@ def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: st
     evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score})
     console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc
+
+
+def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_samples: int = 8) -> None:
+    """End of every run (rank 0): <out_dir>/samples.jsonl (greedy completions of a few held-out prompts with
+    their task score, or of the first training prompts when there is no task) and the report page."""
+    if not getattr(cfg, "report", False):
+        return
+    from ..eval import completions
+    from ..report import write_report
+
+    examples = (examples or [])[:n_samples]
+    if examples:
+        images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=cfg.max_new_tokens, images=images)
+        with open(Path(cfg.out_dir) / "samples.jsonl", "w") as f:
+            for e, o in zip(examples, outs):
+                score = task.score(o[0], e) if task is not None else None
+                f.write(json.dumps({"prompt": e["prompt"], "completion": o[0], "reward": score,
+                                    "reference": e.get("solution")}) + "\n")
+    page = write_report([cfg.out_dir])
+    console.print(f"report: {page}")

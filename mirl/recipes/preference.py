@@ -232,6 +232,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             # the same pairs every time: a clean curve of chosen / rejected log-probs (batch means are noisy)
             pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
             row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
+            row["probe/mass"] = float((pc_all.exp() + pr_all.exp()).mean())  # pi(w) + pi(l), mean over pairs
         history.append({"step": step + 1, **row})
         log_and_checkpoint(cfg, log, policy, optimizer, step + 1, row, main)
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
@@ -244,7 +245,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
     summary = {"steps": start + len(history), "pairs": len(pairs), "pair_sampling": pair_stats,
                "skipped": skips.counts, "chosen_logp_change": float((end_c - start_c).mean()),
-               "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned}
+               "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned,
+               "probe_start": {"chosen_logps": float(start_c.mean()), "rejected_logps": float(start_r.mean()),
+                               "mass": float((start_c.exp() + start_r.exp()).mean())}}
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:

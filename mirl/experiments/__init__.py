@@ -1,0 +1,70 @@
+"""The papers' claims as commands, each writing plots, a JSON of every number and a summary table.
+
+    mirl experiment mio-vs-dpo  [--quick] [--seeds 0,1,2]   # does MIO stop the chosen likelihood's decline?
+    mirl experiment starvation  [--quick]                   # can RL learn what the reference never samples?
+    mirl experiment rft-compare [--quick]                   # SFT / GRPO / Dr. GRPO / DAPO / PPO / online DPO, MIO
+
+Output: <out_dir>/<name>/{results.json, summary.md, *.png}. --quick is the CI size (at most 3 minutes on
+a 2-core CPU); the full size takes at most 15.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..logging import console
+from .common import parse_seeds
+
+NAMES = ("mio-vs-dpo", "starvation", "rft-compare")
+
+
+@dataclass
+class Config:
+    name: str = ""  # mio-vs-dpo | starvation | rft-compare
+    quick: bool = False  # the CI size: fewer seeds, steps and methods' budgets (<= 3 minutes)
+    seeds: str = "0,1,2"  # comma-separated seeds (mean and std over them)
+    out_dir: str = "runs/experiments"  # results go to <out_dir>/<name>/
+    threads: int = 2  # torch CPU threads
+    # mio-vs-dpo
+    betas: str = "0.1,0.5,1.0"  # toy: betas
+    toy_lrs: str = "1,10"  # toy: gradient-descent learning rates (one plot each)
+    toy_losses: str = "dpo,mio,ipo,group_infonce,group_js"  # toy: losses from the registry
+    toy_steps: int = 300  # toy: full-batch steps
+    gpt_losses: str = "dpo,mio,ipo,group_infonce,group_js"  # tiny GPT: losses
+    quick_gpt_losses: str = "dpo,mio"  # tiny GPT losses in --quick
+    gpt_seeds: int = 2  # tiny GPT: how many of --seeds to run (each seed samples its own pairs)
+    gpt_beta: float = 0.1  # tiny GPT: beta
+    gpt_lr: float = 1e-4  # tiny GPT: learning rate
+    pref_steps: int = 60  # tiny GPT: preference steps per loss
+    sft_steps: int = 400  # tiny GPT: SFT steps of the start model (cached in <out>/sft)
+    n_prompts: int = 512  # tiny GPT: prompts to sample pairs from
+    eval_n: int = 300  # held-out prompts
+    # starvation
+    starve_steps: int = 200  # steps per method
+    # rft-compare
+    budget_s: float = 60.0  # wall-clock training budget per method, task and seed (evaluations excluded)
+    tasks: str = "arith,digits"  # tasks compared
+    methods: str = "sft,grpo,dr_grpo,dapo,ppo,online_dpo,online_mio"  # methods compared
+
+
+def run(cfg: Config) -> dict:
+    if cfg.name not in NAMES:
+        raise ValueError(f"mirl experiment needs a name: {', '.join(NAMES)} (got {cfg.name!r})")
+    import torch
+
+    torch.set_num_threads(max(1, cfg.threads))
+    seeds = parse_seeds(cfg.seeds)
+    if cfg.quick:
+        seeds = seeds[:2]
+    t0 = time.time()
+    if cfg.name == "mio-vs-dpo":
+        from .mio_vs_dpo import run as go
+    elif cfg.name == "starvation":
+        from .starvation import run as go
+    else:
+        from .rft_compare import run as go
+    out = go(cfg, seeds)
+    console.print(f"[bold]{cfg.name}[/] done in {time.time() - t0:.0f} s: {out['table']}, {out['json']}, "
+                  f"{len(out['plots'])} plots")
+    return out
