@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirl-installed
 THREADS ?= 2
 
-.PHONY: setup demo test lint clean bench smollm2
+.PHONY: setup browser demo test lint clean bench smollm2
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,12 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Debian's Chromium for the report's headless-browser test (installed when absent and apt-get can run)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "note: could not install Chromium; the report's browser test will be skipped"; }
 
 demo: $(STAMP)
 	$(BIN)/mirl demo --threads $(THREADS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -x --durations=10
 
 lint: $(STAMP)

@@ -43,7 +43,8 @@ class Config:
     # starvation
     starve_steps: int = 200  # steps per method
     # rft-compare
-    budget_s: float = 60.0  # wall-clock training budget per method, task and seed (evaluations excluded)
+    budget_s: float = 30.0  # wall-clock training budget per method, task and seed (evaluations excluded)
+    workers: int = 2  # rft-compare: runs at a time (separate processes, one thread each)
     tasks: str = "arith,digits"  # tasks compared
     methods: str = "sft,grpo,dr_grpo,dapo,ppo,online_dpo,online_mio"  # methods compared
 

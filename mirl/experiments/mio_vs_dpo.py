@@ -18,7 +18,8 @@ from ..logging import console
 from .common import cached_sft, curve_stats, fmt, markdown_table, mean_std, plot_curve_grid, write_outputs
 from .toy import make_toy, train_toy
 
-TOY_PANELS = (("chosen_logratio", "chosen log-ratio  delta_w", 0.0), ("rejected_logratio", "rejected log-ratio  delta_l", 0.0),
+TOY_PANELS = (("chosen_logratio", "chosen log-ratio  delta_w", 0.0),
+              ("rejected_logratio", "rejected log-ratio  delta_l", 0.0),
               ("margin", "margin  delta_w - delta_l", None), ("mass", "pi(w) + pi(l)", None),
               ("test_accuracy", "held-out accuracy", None))
 
@@ -105,7 +106,8 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
             probe = [h for h in res.history if "probe/chosen_logps" in h]
             acc = evaluate(res.model, task, test, max_new_tokens=40).accuracy
             runs[loss].append({"step": [0] + [h["step"] for h in probe],
-                               "chosen_logratio": [0.0] + [h["probe/chosen_logps"] - start["chosen_logps"] for h in probe],
+                               "chosen_logratio": [0.0] + [h["probe/chosen_logps"] - start["chosen_logps"]
+                                                           for h in probe],
                                "rejected_logratio": [0.0] + [h["probe/rejected_logps"] - start["rejected_logps"]
                                                              for h in probe],
                                "mass": [start["mass"]] + [h["probe/mass"] for h in probe],
@@ -114,7 +116,8 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
                           f"{runs[loss][-1]['chosen_logratio'][-1]:+.2f}")
     panels = []
     for key, title in (("chosen_logratio", "chosen log-ratio (probe pairs)"),
-                       ("rejected_logratio", "rejected log-ratio (probe pairs)"), ("mass", "pi(w) + pi(l) (probe pairs)")):
+                       ("rejected_logratio", "rejected log-ratio (probe pairs)"),
+                       ("mass", "pi(w) + pi(l) (probe pairs)")):
         lines = {}
         for loss, rs in runs.items():
             m, s = curve_stats([r[key] for r in rs])
@@ -129,8 +132,8 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
         peak = mean_std([max(r["chosen_logratio"]) for r in rs])
         rl = mean_std([r["rejected_logratio"][-1] for r in rs])
         acc = mean_std([r["accuracy"] for r in rs])
-        numbers.append({"loss": loss, "chosen_logratio_peak": peak, "chosen_logratio_end": cw, "rejected_logratio_end": rl,
-                        "accuracy": acc, "runs": rs})
+        numbers.append({"loss": loss, "chosen_logratio_peak": peak, "chosen_logratio_end": cw,
+                        "rejected_logratio_end": rl, "accuracy": acc, "runs": rs})
         rows.append([loss, fmt(*peak), fmt(*cw), fmt(*rl), f"{acc[0]:.3f} ± {acc[1]:.3f}"])
     table = (f"SFT start: held-out accuracy {sft_acc:.3f} (n={len(test)}); {steps} steps each.\n\n"
              + markdown_table(["loss", "delta_w peak", "delta_w end", "delta_l end", "held-out accuracy"], rows))

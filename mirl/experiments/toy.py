@@ -75,9 +75,9 @@ def toy_loss(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, toy: Toy, be
         pos[:, 0] = True
         loss, _ = spec.fn(logp.gather(1, toy.group), ref_logp.gather(1, toy.group), pos, beta=beta)
     else:
-        w, l = toy.y_train[:, None], toy.rejected[:, None]
-        loss, _ = spec.fn(logp.gather(1, w)[:, 0], logp.gather(1, l)[:, 0], ref_logp.gather(1, w)[:, 0],
-                          ref_logp.gather(1, l)[:, 0], beta=beta)
+        chosen, rejected = toy.y_train[:, None], toy.rejected[:, None]
+        loss, _ = spec.fn(logp.gather(1, chosen)[:, 0], logp.gather(1, rejected)[:, 0],
+                          ref_logp.gather(1, chosen)[:, 0], ref_logp.gather(1, rejected)[:, 0], beta=beta)
     return loss.mean()
 
 

@@ -49,11 +49,25 @@ def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: 
     dist.barrier()
 
 
-def out_of_time(cfg, t_train: float) -> bool:
-    """The online recipes' time budget (cfg.time_budget_s, 0 = none) is spent."""
+def train_seconds(t_train: float, evals=()) -> float:
+    """Seconds since t_train, less the time spent in held-out evaluations (their 'eval_s')."""
     import time
 
-    return bool(cfg.time_budget_s) and time.perf_counter() - t_train > cfg.time_budget_s
+    return time.perf_counter() - t_train - sum(e.get("eval_s", 0.0) for e in evals)
+
+
+def out_of_time(cfg, t_train: float, evals=()) -> bool:
+    """The time budget (cfg.time_budget_s, 0 = none) is spent; evaluation time does not count."""
+    return bool(cfg.time_budget_s) and train_seconds(t_train, evals) > cfg.time_budget_s
+
+
+def eval_due(cfg, step: int, t_train: float, evals) -> bool:
+    """Every cfg.eval_every steps, or every cfg.eval_every_s seconds of training (evaluations excluded)."""
+    if cfg.eval_every and step % cfg.eval_every == 0:
+        return True
+    every_s = getattr(cfg, "eval_every_s", 0.0)
+    last = max((e.get("train_s", 0.0) for e in evals), default=0.0)
+    return bool(every_s) and train_seconds(t_train, evals) - last >= every_s
 
 
 def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
@@ -160,13 +174,21 @@ def online_setup(cfg, model, data, recipe: str):
     return policy, task, data, reward_set, test
 
 
-def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: str) -> float:
-    """Greedy accuracy on the held-out examples, appended to evals and printed."""
+def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: str, t_train: float | None = None,
+                      samples: int = 0) -> float:
+    """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
+    samples drawn so far and the evaluation's own seconds) and printed."""
+    import time
+
     from ..eval import evaluate
 
+    t0 = time.perf_counter()
+    train_s = 0.0 if t_train is None else train_seconds(t_train, evals)
     res = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens)
     acc = res.accuracy
-    evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score})
+    # an evaluation before training (t_train None) is outside the training clock: nothing to subtract
+    evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score, "train_s": train_s,
+                  "samples": samples, "eval_s": 0.0 if t_train is None else time.perf_counter() - t0})
     console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc
 

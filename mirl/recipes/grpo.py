@@ -40,6 +40,8 @@ from .common import (
     ModelArgs,
     Result,
     checkpoint_due,
+    eval_due,
+    finish_run,
     frozen_reference,
     held_out_accuracy,
     online_setup,
@@ -98,6 +100,7 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated (greedy) before and after training (0 = skip)
     eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
+    eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
 def kl_coef(cfg: Config, step: int) -> float:
@@ -158,7 +161,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, show=("reward/mean", "kl"))
-    history, t_train = [], time.perf_counter()
+    history, t_train, n_samples = [], time.perf_counter(), 0
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -173,6 +176,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                    top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy)
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
+            n_samples += len(sb.batch.texts)
             metrics = metrics or sb.metrics
             r = sb.rewards.view(-1, cfg.group_size)
             flat = torch.nan_to_num(r, nan=-1e9)
@@ -197,7 +201,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row = {**metrics, "skipped_step": 1.0}
             history.append({"step": step + 1, **row})
             log.log(step + 1, row)
-            if out_of_time(cfg, t_train):
+            if out_of_time(cfg, t_train, evals):
                 save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                                 {"gen_rng": gen.get_state().tolist(), "evals": evals})
                 break
@@ -255,11 +259,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
                "tokens_per_s": float(attn.sum()) / dt, "time/generation_s": gen_s, "time/scoring_s": score_s,
                "time/update_s": up_s, "time/step_s": dt}
-        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
+        if test and eval_due(cfg, step + 1, t_train, evals):
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
+                                                      t_train, n_samples)
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train)
+        stop = out_of_time(cfg, t_train, evals)
         if checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                             {"gen_rng": gen.get_state().tolist(), "evals": evals})
@@ -273,9 +278,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO", t_train,
+                              n_samples)
     summary["evals"] = evals
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
+    finish_run(cfg, policy, task, test or data)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

@@ -29,6 +29,8 @@ from .common import (
     ModelArgs,
     Result,
     checkpoint_due,
+    eval_due,
+    finish_run,
     frozen_reference,
     held_out_accuracy,
     online_setup,
@@ -74,6 +76,7 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
     eval_every: int = 0  # also evaluate every N steps
+    eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
 def seq_logps(policy, ids, attn, resp, images=None):
@@ -103,7 +106,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, f"before online {cfg.loss}")
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, show=("reward/mean",))
-    history, t_train = [], time.perf_counter()
+    history, t_train, n_samples = [], time.perf_counter(), 0
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -113,6 +116,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.k,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                generator=gen)
+        n_samples += len(sb.batch.texts)
         positive = (torch.nan_to_num(sb.rewards, nan=-1e9) >= cfg.positive_threshold).view(-1, cfg.k)  # (P, K)
         n_pos = positive.sum(1)
         all_correct, all_wrong = int((n_pos == cfg.k).sum()), int((n_pos == 0).sum())
@@ -153,12 +157,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row.update({"loss": loss.item(), "grad_norm": grad_norm, "lr": lr,
                         **{k: float(v.float().mean()) for k, v in metrics.items()},
                         "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0)})
-        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
+        if test and eval_due(cfg, step + 1, t_train, evals):
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
+                                                      t_train, n_samples)
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train)
+        stop = out_of_time(cfg, t_train, evals)
         if checkpoint_due(cfg, step + 1, stop):
             st = rng.getstate()
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
@@ -175,7 +180,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}", t_train,
+                              n_samples)
     summary["evals"] = evals
+    finish_run(cfg, policy, task, test or data)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

@@ -36,6 +36,8 @@ from .common import (
     ModelArgs,
     Result,
     checkpoint_due,
+    eval_due,
+    finish_run,
     frozen_reference,
     held_out_accuracy,
     online_setup,
@@ -84,6 +86,7 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after
     eval_every: int = 0  # also evaluate every N steps
+    eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
 class Critic(nn.Module):
@@ -135,7 +138,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl"))
-    history, t_train = [], time.perf_counter()
+    history, t_train, n_samples = [], time.perf_counter(), 0
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
@@ -143,6 +146,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.samples_per_prompt,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+        n_samples += len(sb.batch.texts)
         ids, attn, resp, _, truncated, images = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
                                                           tok.pad_token_id)
         everything = torch.arange(len(ids))
@@ -191,11 +195,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "completions/mean_length": float(rmask.sum(1).mean()),
                "completions/truncated_frac": float(truncated.float().mean()), "tokens_per_s": float(attn.sum()) / dt,
                "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s, "time/update_s": time.perf_counter() - t_up}
-        if test and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}")
+        if test and eval_due(cfg, step + 1, t_train, evals):
+            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
+                                                      t_train, n_samples)
         history.append({"step": step + 1, **row})
         log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train)
+        stop = out_of_time(cfg, t_train, evals)
         if checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
                                                                        "evals": evals},
@@ -212,8 +217,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO")
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO", t_train,
+                              n_samples)
     summary["evals"] = evals
+    finish_run(cfg, policy, task, test or data)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)
 

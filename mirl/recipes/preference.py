@@ -35,6 +35,7 @@ from .common import (
     ModelArgs,
     Result,
     autocast,
+    finish_run,
     frozen_reference,
     get_policy,
     log_and_checkpoint,
@@ -255,5 +256,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                            max_new_tokens=cfg.max_new_tokens)
             summary["eval"] = res.as_dict()
             console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
+    if main:
+        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else pairs)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

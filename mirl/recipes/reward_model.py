@@ -27,7 +27,7 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import ModelArgs, Result, get_policy, optimizer_step, report_skips, setup
+from .common import ModelArgs, Result, finish_run, get_policy, optimizer_step, report_skips, setup
 from .preference import encode_pairs
 
 
@@ -177,5 +177,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
                       f"(n={len(synth_held_out)})")
     if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         rm.save(Path(cfg.out_dir) / "final")
+    finish_run(cfg, rm.policy)  # plots and config; a reward model writes no completions
     summary["config"] = asdict(cfg)
     return Result(rm, history, summary)

@@ -20,7 +20,6 @@ from ..checkpoint import load_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
-from ..eval import evaluate
 from ..logging import MetricLogger, console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
@@ -29,9 +28,13 @@ from .common import (
     ModelArgs,
     Result,
     autocast,
+    eval_due,
+    finish_run,
     get_policy,
+    held_out_accuracy,
     log_and_checkpoint,
     optimizer_step,
+    out_of_time,
     report_skips,
     save_final,
     setup,
@@ -60,6 +63,9 @@ class Config(ModelArgs):
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for the final greedy accuracy (0 = skip)
+    eval_every: int = 0  # also evaluate every N steps (0 = only at the end)
+    eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
+    time_budget_s: float = 0.0  # stop after this many seconds of training (evaluations excluded; 0 = no limit)
     max_new_tokens: int = 40  # generation length for evaluation
 
 
@@ -91,8 +97,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     model_fwd = dist.wrap(policy)  # DDP under torchrun, the policy itself otherwise
     main = dist.is_main()
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, show=("loss", "lr")) if main else None
-    history = []
+    history, evals = [], []
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    per_step = cfg.batch_size * cfg.grad_accum * dist.world_size()  # examples per optimizer step
+    if main and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
+        held_out_accuracy(policy, task, test, cfg, evals, start, "before SFT")
     policy.train()
+    t_train = time.perf_counter()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
@@ -122,9 +133,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _, _ in micro))
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
+        if main and test and eval_due(cfg, step + 1, t_train, evals):
+            metrics["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1,
+                                                         f"at step {step + 1}", t_train, (step + 1) * per_step)
+            policy.train()
         history.append({"step": step + 1, **metrics})
+        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
         log_and_checkpoint(cfg, log, policy, optimizer, step + 1, metrics, main)
-        if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
+        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     if main:
         log.close()
@@ -135,10 +151,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         report_skips(skips, cfg.out_dir)
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        if task is not None and cfg.eval_n:
-            res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),
-                           max_new_tokens=cfg.max_new_tokens)
-            summary["eval"] = res.as_dict()
-            console.print(f"sft held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
+        if test:
+            acc = held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after SFT", t_train,
+                                    summary["steps"] * per_step)
+            summary["eval"] = {"accuracy": acc, "n": len(test), "mean_score": evals[-1]["mean_score"]}
+    summary["evals"] = evals
+    if main:
+        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else data)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)
