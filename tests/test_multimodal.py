@@ -196,6 +196,28 @@ def test_noisy_rollout_perturbs_part_of_each_group_and_anneals():
     assert [noise_strength(cfg, s) for s in (0, 50, 100)] == pytest.approx([0.6, 0.3, 0.0])
 
 
+def test_noise_only_perturbation_keeps_positions_and_crop_moves_them():
+    """Grounding needs noise without crop: a bright square must stay where it was."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((32, 32, 3), dtype=np.uint8)
+    a[2:8, 2:8] = 255  # a square in the top-left corner
+    img = Image.fromarray(a)
+    moved = 0
+    for seed in range(5):
+        noise = np.asarray(perturb(img, 0.5, random.Random(seed), ("noise",)), dtype=np.float32)
+        assert noise[2:8, 2:8].mean() > 200 and noise[12:, 12:].mean() < 40  # same place, pixels changed
+        assert not np.array_equal(noise.astype(np.uint8), a)
+        crop = np.asarray(perturb(img, 1.0, random.Random(seed), ("crop",)), dtype=np.float32)
+        moved += int(np.abs(crop - a).mean() > 1.0)  # no noise, but the square moved or grew
+    assert moved >= 4
+    with pytest.raises(ValueError, match="unknown perturbation 'blur'"):
+        perturb(img, 0.5, random.Random(0), ("blur",))
+
+
 def test_freeze_vision_keeps_the_tower_and_trains_the_rest(tmp_path):
     from mirl.recipes import sft
 

@@ -174,3 +174,27 @@ def test_empty_generations_are_counted(tmp_path, sft_dir):
     assert sb.metrics["completions/empty"] == 6 and sb.rewards.tolist() == [0.0] * 6
     pairs, stats = sample_pairs(policy, task, ex, k=2, max_new_tokens=8)
     assert pairs == [] and stats["empty_samples"] == 6 and stats["skipped_all_wrong"] == 3
+
+
+def test_bf16_in_the_online_recipes(tmp_path, sft_dir):
+    """bf16 autocast in grpo, online and ppo: GRPO's old log-probs are recomputed under bf16 when a batch is
+    used twice, so the first minibatch's ratio is exactly 1; online MIO starts at ln 4 in both precisions
+    (policy and reference run alike), with bf16 log-probs close to float32's but not bit-equal."""
+    res = grpo.train(gcfg(tmp_path, sft_dir, bf16=True, num_iterations=2, steps=2))
+    rows = [h for h in res.history if "loss" in h]
+    assert rows and all(math.isfinite(h["loss"]) for h in rows)
+    res = grpo.train(gcfg(tmp_path, sft_dir, bf16=True, steps=1, lr=0.0))
+    assert res.history[0]["ratio/mean"] == 1.0 and res.history[0]["clip_fraction"] == 0.0
+    losses = {}
+    for bf16 in (False, True):
+        r = online.train(online.Config(model=str(sft_dir), task="arith:1", loss="mio", k=4, prompts_per_step=8,
+                                       steps=1, eval_n=0, threads=2, max_new_tokens=16, bf16=bf16, report=False,
+                                       out_dir=str(tmp_path / f"online{bf16}")))
+        losses[bf16] = (r.history[0]["loss"], r.history[0]["logps/chosen"])
+    assert losses[False][0] == pytest.approx(math.log(4), abs=1e-5)
+    assert losses[True][0] == pytest.approx(math.log(4), abs=1e-5)
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=0.05) and losses[True][1] != losses[False][1]
+    r = ppo.train(ppo.Config(model=str(sft_dir), task="arith:1", samples_per_prompt=2, prompts_per_step=4, steps=2,
+                             eval_n=0, threads=2, max_new_tokens=16, bf16=True, report=False,
+                             out_dir=str(tmp_path / "ppo")))
+    assert all(math.isfinite(h["loss"]) for h in r.history)

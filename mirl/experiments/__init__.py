@@ -31,7 +31,7 @@ class Config:
     toy_lrs: str = "1,10"  # toy: gradient-descent learning rates (one plot each)
     toy_losses: str = "dpo,mio,ipo,group_infonce,group_js"  # toy: losses from the registry
     toy_steps: int = 300  # toy: full-batch steps
-    gpt_losses: str = "dpo,mio,ipo,group_infonce,group_js"  # tiny GPT: losses
+    gpt_losses: str = "dpo,mio,ipo,nwj"  # tiny GPT: pair losses (group losses on pairs equal DPO / MIO)
     quick_gpt_losses: str = "dpo,mio"  # tiny GPT losses in --quick
     gpt_seeds: int = 2  # tiny GPT: how many of --seeds to run (each seed samples its own pairs)
     gpt_beta: float = 0.1  # tiny GPT: beta

@@ -156,19 +156,30 @@ def select_images(per_row: list | None, rows) -> dict | None:
     return cat_images([per_row[int(i)] for i in rows])
 
 
-def perturb(img, strength: float, rng: random.Random):
-    """NoisyRollout's distortion: a random crop keeping 1 - strength/4 of each side, resized back, then
-    Gaussian pixel noise of standard deviation strength * 64 (on 0..255). strength 0 = the image itself."""
+NOISE_KINDS = ("crop", "noise")
+
+
+def perturb(img, strength: float, rng: random.Random, kinds: tuple[str, ...] = NOISE_KINDS):
+    """NoisyRollout's distortion: a random crop keeping 1 - strength/4 of each side, resized back ("crop"),
+    then Gaussian pixel noise of standard deviation strength * 64 on 0..255 ("noise"). strength 0 = the
+    image itself. Tasks whose answer is a position (grounding) want "noise" alone: a crop moves the box."""
     import numpy as np
     from PIL import Image
 
+    bad = [k for k in kinds if k not in NOISE_KINDS]
+    if bad:
+        raise ValueError(f"unknown perturbation {bad[0]!r}; valid: {', '.join(NOISE_KINDS)}")
     if strength <= 0:
         return img
     w, h = img.size
-    keep = 1.0 - 0.25 * min(strength, 1.0)
-    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
-    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
+    out = img
+    if "crop" in kinds:
+        keep = 1.0 - 0.25 * min(strength, 1.0)
+        cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
+        x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
     a = np.asarray(out.convert("RGB") if out.mode not in ("L", "RGB") else out, dtype=np.float32)
+    if "noise" not in kinds:
+        return Image.fromarray(a.astype(np.uint8))
     noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0.0, strength * 64.0, a.shape)
     return Image.fromarray(np.clip(a + noise, 0, 255).astype(np.uint8))

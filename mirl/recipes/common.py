@@ -156,8 +156,6 @@ def online_setup(cfg, model, data, recipe: str):
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
-    if cfg.bf16:
-        raise ValueError(f"--bf16 is implemented for sft and dpo; {recipe} trains in float32 for now")
     setup(cfg)
     policy = get_policy(cfg, model)
     task = make_task(cfg.task) if cfg.task else None

@@ -33,7 +33,7 @@ from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
 from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
-from ..models.vision import select_images
+from ..models.vision import NOISE_KINDS, select_images
 from ..optim import make_optimizer
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
@@ -86,6 +86,7 @@ class Config(ModelArgs):
     noisy_rollout: float = 0.0  # NoisyRollout: fraction of each group sampled on perturbed images (0 = off)
     noise_strength: float = 0.5  # initial perturbation strength (crop 1 - s/4 of each side, pixel noise s * 64)
     noise_anneal_steps: int = 0  # strength falls linearly to 0 over this many steps (0 = over all steps)
+    noise_kinds: str = "crop,noise"  # perturbations: crop and/or noise (grounding: noise; a crop moves the box)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
@@ -120,11 +121,15 @@ def noise_strength(cfg: Config, step: int) -> float:
     return cfg.noise_strength * max(0.0, 1.0 - step / max(1, horizon))
 
 
-def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None):
-    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature."""
+def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None,
+                   bf16: bool = False):
+    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
+    under bf16 autocast, the log-softmax in float32."""
     if images is not None:
         images = {k: v.to(ids.device) for k, v in images.items()}
-    logits = policy(ids, attn, images=images)[:, -n_resp - 1:-1]
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = policy(ids, attn, images=images)[:, -n_resp - 1:-1]
+    logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])
@@ -147,6 +152,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     noise_rng = random.Random(cfg.seed)
     n_noisy = round(cfg.noisy_rollout * cfg.group_size)
+    kinds = tuple(k.strip() for k in cfg.noise_kinds.split(",") if k.strip())
+    if any(k not in NOISE_KINDS for k in kinds):
+        raise ValueError(f"--noise-kinds {cfg.noise_kinds!r}: each must be one of {', '.join(NOISE_KINDS)}")
     if cfg.noisy_rollout and not policy.is_vlm:
         raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
     start, evals = 0, []
@@ -171,7 +179,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         kept, rounds, gen_s, score_s, zero_groups, metrics = [], 0, 0.0, 0.0, 0, {}
         while True:
             idx = batch_indices(len(data), cfg.prompts_per_step, step * (cfg.max_refills + 1) + rounds, cfg.seed)
-            noisy = (n_noisy, noise_strength(cfg, step), noise_rng) if n_noisy else None
+            noisy = (n_noisy, noise_strength(cfg, step), noise_rng, kinds) if n_noisy else None
             sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                    top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy)
@@ -214,12 +222,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_lp = None
         if ref_model is not None and beta > 0:
             with torch.no_grad():
-                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature,
+                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
                                            images=select_images(images, torch.arange(len(rows))))
-        if n_noisy and images is not None and (cfg.num_iterations > 1 or cfg.minibatches > 1):
-            # the recorded log-probs of noisy rows were taken on perturbed pixels: the ratio uses the clean ones
+        if (cfg.bf16 or (n_noisy and images is not None)) and (cfg.num_iterations > 1 or cfg.minibatches > 1):
+            # the recorded log-probs of noisy rows were taken on perturbed pixels, and under bf16 the update's
+            # forward differs from the sampler's: old log-probs are recomputed as the update computes them
             with torch.no_grad():
-                old_lp, _ = response_logps(policy, ids, attn, n_resp, cfg.temperature,
+                old_lp, _ = response_logps(policy, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
                                            images=select_images(images, torch.arange(len(rows))))
         # -- update: num_iterations passes x minibatches
         t_up = time.perf_counter()
@@ -230,7 +239,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             perm = torch.randperm(b, generator=torch.Generator().manual_seed(cfg.seed + step * 131 + it))
             for j, mb in enumerate(perm.chunk(cfg.minibatches)):
                 lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True,
-                                         images=select_images(images, mb))
+                                         bf16=cfg.bf16, images=select_images(images, mb))
                 old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
                 g = None
                 if agg_global is not None:

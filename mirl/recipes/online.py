@@ -79,8 +79,8 @@ class Config(ModelArgs):
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
-def seq_logps(policy, ids, attn, resp, images=None):
-    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0, images=cat_images(images or []))
+def seq_logps(policy, ids, attn, resp, images=None, bf16: bool = False):
+    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0, images=cat_images(images or []), bf16=bf16)
     return (lp * resp).sum(-1)
 
 
@@ -130,9 +130,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if group:  # whole groups: (U, K) sequence log-probs
                 rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
                 ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp, images).view(len(usable), cfg.k)
+                lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
                 with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp, images).view(len(usable), cfg.k)
+                    ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
                 per_ex, metrics = get_loss(terms[0][0]).fn(lp, ref, positive[usable], beta=cfg.beta)
             else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
                 pairs = []
@@ -142,9 +142,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
                 rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
                 ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp, images)
+                lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16)
                 with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp, images)
+                    ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16)
                 n = len(pairs)
                 lengths = resp.sum(1).float()
                 per_ex, metrics = combined_pair_loss(terms, lp[:n], lp[n:], ref[:n], ref[n:], beta=cfg.beta,

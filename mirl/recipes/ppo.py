@@ -104,15 +104,17 @@ class Critic(nn.Module):
         return self.head(h)
 
 
-def _forward(policy, critic, ids, attn, n_resp, temperature, images=None):
+def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: bool = False):
     """Response log-probs, entropies and values: (B, R) each. V at token t is read at the position that
-    predicts it (the state before the token)."""
-    logits, hidden = policy(ids, attn, images=images, return_hidden=True)
-    logits = logits[:, -n_resp - 1:-1]
+    predicts it (the state before the token). bf16: forward under bf16 autocast, log-softmax and values
+    in float32."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, hidden = policy(ids, attn, images=images, return_hidden=True)
+        values = critic(hidden, ids, attn, images)[:, -n_resp - 1:-1]
+    logits, values = logits[:, -n_resp - 1:-1].float(), values.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])
-    values = critic(hidden, ids, attn, images)[:, -n_resp - 1:-1]
     return lp, entropy_from_logits(logits), values
 
 
@@ -155,10 +157,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
         with torch.no_grad():
             old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature,
-                                             select_images(images, everything))
+                                             select_images(images, everything), bf16=cfg.bf16)
             kl = torch.zeros_like(old_lp)
             if ref_model is not None:
-                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature,
+                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
                                            images=select_images(images, everything))
                 kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
             token_rewards = -cfg.beta * kl
@@ -174,7 +176,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + ep))
             for j, mb in enumerate(perm.chunk(cfg.minibatches)):
                 lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature,
-                                           select_images(images, mb))
+                                           select_images(images, mb), bf16=cfg.bf16)
                 pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], resp[mb], clip_eps=cfg.clip_eps,
                                                  loss_agg="bnpo")
                 v_loss = clipped_value_loss(values, old_values[mb], returns[mb], resp[mb], clip_range=cfg.value_clip)

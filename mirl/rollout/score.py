@@ -51,7 +51,7 @@ def encode_prompts(policy, examples: list[dict]) -> tuple[list[list[int]], list 
 
 
 def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: int, n_noisy: int,
-                        strength: float, rng: random.Random) -> list:
+                        strength: float, rng: random.Random, kinds: tuple[str, ...] = ("crop", "noise")) -> list:
     """NoisyRollout: per row, the image inputs to sample from; the last n_noisy rows of each group see a
     perturbed copy of the prompt's images (models/vision.py perturb), the others the prompt's clean
     inputs `clean` (one per example, already encoded)."""
@@ -64,16 +64,16 @@ def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: i
         for _ in range(n_noisy):
             imgs = e.get("images")
             if imgs:
-                imgs = [perturb(load_image(x, where, base).convert("RGB"), strength, rng) for x in imgs]
+                imgs = [perturb(load_image(x, where, base).convert("RGB"), strength, rng, kinds) for x in imgs]
             out.append(policy.encode_prompt(e["prompt"], imgs, where, base)[1])
     return out
 
 
 def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
                       temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None,
-                      ignore_eos: bool = False, noisy: tuple[int, float, random.Random] | None = None) -> ScoredBatch:
-    """noisy = (rows per group sampled on perturbed images, strength, rng): NoisyRollout; the batch keeps
-    the clean images for the update."""
+                      ignore_eos: bool = False, noisy: tuple | None = None) -> ScoredBatch:
+    """noisy = (rows per group sampled on perturbed images, strength, rng[, kinds]): NoisyRollout; the batch
+    keeps the clean images for the update."""
     t0 = time.perf_counter()
     prompts, images = encode_prompts(policy, examples)
     sample_images = None
