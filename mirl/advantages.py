@@ -69,9 +69,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries; zero off the mask."""
+    """(x - mean) / std over the masked entries of all ranks (under torchrun); zero off the mask."""
+    from .losses.reduce import global_sum
+
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / n
+    n = global_sum(m.sum()).clamp(min=1)
+    mean = global_sum((x * m).sum()) / n
+    var = global_sum((((x - mean) * m) ** 2).sum()) / n
     return (x - mean) / (var.sqrt() + eps) * m

@@ -70,3 +70,39 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """Average the gradients of every trainable parameter over ranks (a parameter without a gradient on
+    this rank counts as zeros). The recipes whose ranks may differ in what they backpropagate (online RL:
+    a rank can draw no usable group) use this instead of DDP; losses already carry world / global count
+    (losses/reduce.py), so the average is the gradient of the global loss. A no-op in one process."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p))
+        i += n
+
+
+def all_mean(x: float) -> float:
+    """Mean of a Python number over ranks (metrics)."""
+    return all_sum(x) / world_size()
+
+
+def minibatches(n_local: int, n_chunks: int, seed: int) -> list[torch.Tensor]:
+    """This rank's row indices for each minibatch of one global random permutation of all ranks' rows
+    (rank r holds global rows r * n_local ... (r + 1) * n_local - 1): N ranks take the same minibatches as one
+    process with the whole batch. A rank's part of a minibatch may be empty."""
+    r = rank()
+    perm = torch.randperm(n_local * world_size(), generator=torch.Generator().manual_seed(seed))
+    lo = r * n_local
+    return [c[(c >= lo) & (c < lo + n_local)] - lo for c in perm.chunk(n_chunks)]

@@ -50,3 +50,42 @@ def test_two_ranks_equal_one_process(tmp_path, recipe):
     m1 = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
     m2 = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def weak_sft(tmp_path_factory):
+    """A weak SFT model on 1-digit addition: its samples are partly right (groups with a learning signal)."""
+    out = tmp_path_factory.mktemp("sft")
+    _run(["sft", "--task", "arith:1", "--steps", "60", "--n-train", "400", "--batch-size", "32", "--eval-n", "0",
+          "--threads", "1", "--no-report", "--out-dir", str(out)], 1)
+    return out / "final"
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "online_mio", "online_group_js", "ppo", "rm"])
+def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe):
+    """Two gloo ranks (8 prompts each) against one process (16 prompts) for 3 steps. Rows are sampled with
+    per-row noise (--row-seeded-sampling, always on under torchrun), so both sample the same responses;
+    gradients are averaged over ranks and losses divide by global counts. Tolerances as for sft/dpo."""
+    common = ["--model", str(weak_sft), "--task", "arith:1", "--steps", "3", "--eval-n", "0", "--threads", "1",
+              "--max-new-tokens", "8", "--lr", "1e-3", "--no-report"]
+    if recipe == "grpo":
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--num-iterations", "2"]
+    elif recipe.startswith("online"):
+        args = ["online", "--loss", recipe.split("_", 1)[1], "--k", "4", "--prompts-per-step", "16"]
+    elif recipe == "ppo":
+        args = ["ppo", "--samples-per-prompt", "4", "--prompts-per-step", "16", "--beta", "0.05"]
+    else:
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+        args = ["rm", "--data", str(data), "--eval-data", str(data), "--task", "", "--batch-size", "8",
+                "--warmup-steps", "0"]
+        common = [c for c in common if c not in ("--max-new-tokens", "8", "--eval-n", "0")]
+    _run(args + common + ["--row-seeded-sampling", "--out-dir", str(tmp_path / "one")] if recipe != "rm"
+         else args + common + ["--out-dir", str(tmp_path / "one")], 1)
+    if recipe == "rm":
+        args[args.index("--batch-size") + 1] = "4"
+    _run(args + common + ["--out-dir", str(tmp_path / "two")], 2)
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5, abs=1e-7)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-4, rtol=1e-4)

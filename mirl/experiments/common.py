@@ -54,7 +54,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot_curve_grid(panels: list[dict], path: Path, ncols: int, title: str = "") -> Path:
-    """panels: [{'title', 'xlabel', 'lines': {label: (x, mean, std)}}] -> one PNG, mean lines with a +-std band."""
+    """panels: [{'title', 'xlabel', 'lines': {label: (x, mean, std)}, 'hline', 'logy'}] -> one PNG, mean lines
+    with a +-std band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +73,8 @@ def plot_curve_grid(panels: list[dict], path: Path, ncols: int, title: str = "")
         ax.set_xlabel(panel.get("xlabel", "step"), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+        if panel.get("logy"):
+            ax.set_yscale("log")
         if panel.get("hline") is not None:
             ax.axhline(panel["hline"], color="k", lw=0.6, ls=":")
     for ax in list(axes.flat)[len(panels):]:

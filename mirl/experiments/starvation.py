@@ -125,7 +125,7 @@ def run(cfg, seeds: list[int]) -> dict:
             for m in METHODS:
                 mm, ss = curve_stats([c[key] for c in runs[(p, m)]])
                 lines[m] = (runs[(p, m)][0]["step"], mm, ss)
-            panels.append({"title": f"p_ref(correct)={p:g}: {title}", "lines": lines})
+            panels.append({"title": f"p_ref(correct)={p:g}: {title}", "lines": lines, "logy": key == "p_correct"})
         for m in METHODS:
             cs = runs[(p, m)]
             pc = mean_std([c["p_correct"][-1] for c in cs])

@@ -131,8 +131,13 @@ def save_final(policy, cfg, path) -> None:
     policy.save(path, merged=not getattr(cfg, "save_adapter_only", False))
 
 
-def optimizer_step(policy, optimizer, step: int, cfg) -> tuple[float, float]:
-    """Clip, step, zero grads; set the learning rate for `step`. Returns (grad_norm, lr)."""
+def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) -> tuple[float, float]:
+    """(Average gradients over ranks when sync_grads: the online recipes, which do not use DDP), clip, step,
+    zero grads; set the learning rate for `step`. Returns (grad_norm, lr)."""
+    from ..distributed import average_gradients
+
+    if sync_grads:
+        average_gradients(policy)
     lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                min_lr_ratio=cfg.min_lr_ratio)
     set_lr(optimizer, lr)
@@ -207,6 +212,6 @@ def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_sam
             for e, o in zip(examples, outs):
                 score = task.score(o[0], e) if task is not None else None
                 f.write(json.dumps({"prompt": e["prompt"], "completion": o[0], "reward": score,
-                                    "reference": e.get("solution")}) + "\n")
+                                    "reference": e.get("solution") or e.get("chosen")}) + "\n")
     page = write_report([cfg.out_dir])
     console.print(f"report: {page}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as dist
 from ..advantages import group_advantages, rloo
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
@@ -35,6 +36,7 @@ from ..logps import entropy_from_logits, token_logps
 from ..losses.policy import clipped_policy_loss
 from ..models.vision import NOISE_KINDS, select_images
 from ..optim import make_optimizer
+from ..rollout.sample import row_seeds
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
     ModelArgs,
@@ -86,6 +88,8 @@ class Config(ModelArgs):
     noisy_rollout: float = 0.0  # NoisyRollout: fraction of each group sampled on perturbed images (0 = off)
     noise_strength: float = 0.5  # initial perturbation strength (crop 1 - s/4 of each side, pixel noise s * 64)
     noise_anneal_steps: int = 0  # strength falls linearly to 0 over this many steps (0 = over all steps)
+    row_seeded_sampling: bool = False  # each row's sampling noise from (seed, step, prompt, sample): the same
+    # samples whatever the rank layout (always on under torchrun)
     noise_kinds: str = "crop,noise"  # perturbations: crop and/or noise (grounding: noise; a crop moves the box)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
@@ -145,6 +149,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     kl_coef(cfg, 0)
     policy, task, data, reward_set, test = online_setup(cfg, model, data, "grpo")
     tok = policy.tokenizer
+    world, main = dist.world_size(), dist.is_main()
+    if world > 1 and cfg.dynamic_sampling:
+        raise ValueError("--dynamic-sampling under torchrun is not supported yet (ranks would refill unevenly)")
+    seeded = cfg.row_seeded_sampling or world > 1
     ref_model = None
     if cfg.beta > 0 or cfg.beta_final > 0:
         ref_model = frozen_reference(policy)
@@ -163,12 +171,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start, evals = state["step"], state.get("evals", [])
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    if test and not cfg.resume:
+    if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, "before GRPO")
     opt_steps_per_step = cfg.num_iterations * cfg.minibatches
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, show=("reward/mean", "kl"))
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, show=("reward/mean", "kl")) \
+        if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
@@ -178,11 +187,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
         kept, rounds, gen_s, score_s, zero_groups, metrics = [], 0, 0.0, 0.0, 0, {}
         while True:
-            idx = batch_indices(len(data), cfg.prompts_per_step, step * (cfg.max_refills + 1) + rounds, cfg.seed)
+            round_id = step * (cfg.max_refills + 1) + rounds
+            idx = batch_indices(len(data), cfg.prompts_per_step, round_id, cfg.seed)
+            mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
+            seeds = row_seeds(cfg.seed, round_id, mine, cfg.group_size) if seeded else None
             noisy = (n_noisy, noise_strength(cfg, step), noise_rng, kinds) if n_noisy else None
-            sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.group_size,
+            sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.group_size,
                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy)
+                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy,
+                                   seeds=seeds)
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
             n_samples += len(sb.batch.texts)
             metrics = metrics or sb.metrics
@@ -191,7 +204,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             signal = (flat.max(1).values - flat.min(1).values) > 1e-9  # (P,) groups with a learning signal
             zero_groups += int((~signal).sum())
             kept.append((sb, signal))
-            n_kept = sum(int(s.sum()) for _, s in kept)
+            n_kept = sum(int(s.sum()) for _, s in kept) * world
             if not cfg.dynamic_sampling or n_kept >= cfg.prompts_per_step or rounds >= cfg.max_refills:
                 break
             rounds += 1
@@ -208,7 +221,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if not rows:  # nothing to learn from in this step (all groups had equal rewards): counted, logged
             row = {**metrics, "skipped_step": 1.0}
             history.append({"step": step + 1, **row})
-            log.log(step + 1, row)
+            if main:
+                log.log(step + 1, row)
             if out_of_time(cfg, t_train, evals):
                 save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                                 {"gen_rng": gen.get_state().tolist(), "evals": evals})
@@ -233,17 +247,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- update: num_iterations passes x minibatches
         t_up = time.perf_counter()
         b = ids.shape[0]
-        agg_global = loss_mask.sum() if cfg.loss_agg == "dapo" else None
+        agg_global = dist.all_sum(float(loss_mask.sum())) if cfg.loss_agg == "dapo" else None
         stats: dict[str, float] = {}
         for it in range(cfg.num_iterations):
-            perm = torch.randperm(b, generator=torch.Generator().manual_seed(cfg.seed + step * 131 + it))
-            for j, mb in enumerate(perm.chunk(cfg.minibatches)):
+            # minibatches of one permutation of the global batch (the same under torchrun as in one process)
+            for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, cfg.seed + step * 131 + it)):
                 lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True,
                                          bf16=cfg.bf16, images=select_images(images, mb))
                 old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
                 g = None
                 if agg_global is not None:
-                    g = agg_global * len(mb) / b  # token count of the generation batch, per optimizer step
+                    # the generation batch's global token count, shared out over the optimizer steps
+                    g = agg_global * dist.all_sum(len(mb)) / (b * world)
                 loss, m = clipped_policy_loss(
                     lp, old, adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None,
                     importance=cfg.importance, beta=beta, ref_logps=None if ref_lp is None else ref_lp[mb],
@@ -251,9 +266,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     global_count=g)
                 loss.backward()
                 opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
-                grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg)
+                grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg, sync_grads=True)
                 ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
-                for k, v in {"loss": loss.item(), "grad_norm": grad_norm, "entropy": ent_mean,
+                for k, v in {"loss": dist.all_sum(loss.item()) / world, "grad_norm": grad_norm, "entropy": ent_mean,
                              **{k: float(v) for k, v in m.items()}}.items():
                     stats[k] = stats.get(k, 0.0) + v / opt_steps_per_step
         up_s = time.perf_counter() - t_up
@@ -268,23 +283,26 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
                "tokens_per_s": float(attn.sum()) / dt, "time/generation_s": gen_s, "time/scoring_s": score_s,
                "time/update_s": up_s, "time/step_s": dt}
-        if test and eval_due(cfg, step + 1, t_train, evals):
+        row.update({k: dist.all_mean(v) for k, v in metrics.items()})  # reward statistics over all ranks
+        if main and test and eval_due(cfg, step + 1, t_train, evals):
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
                                                       t_train, n_samples)
         history.append({"step": step + 1, **row})
-        log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train, evals)
-        if checkpoint_due(cfg, step + 1, stop):
+        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        if main:
+            log.log(step + 1, row)
+        if main and checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                             {"gen_rng": gen.get_state().tolist(), "evals": evals})
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
-    log.close()
+    if main:
+        log.close()
 
-    # ---- evaluate and save -------------------------------------------------------------------------
+    # ---- evaluate and save (rank 0) ----------------------------------------------------------------
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "skips": skipped,
                "reward_faults": reward_set.faults}
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO", t_train,
@@ -292,6 +310,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     summary["evals"] = evals
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
-    finish_run(cfg, policy, task, test or data)
+    if main:
+        finish_run(cfg, policy, task, test or data)
+    dist.barrier()
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
 from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..models.vision import cat_images
 from ..optim import make_optimizer
+from ..rollout.sample import row_seeds
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
     ModelArgs,
@@ -76,6 +78,7 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
     eval_every: int = 0  # also evaluate every N steps
+    row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
@@ -92,20 +95,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"k must be at least 2 to contrast samples, got {cfg.k}")
     policy, task, data, reward_set, test = online_setup(cfg, model, data, "online")
     tok = policy.tokenizer
+    world, main = dist.world_size(), dist.is_main()
+    seeded = cfg.row_seeded_sampling or world > 1
     ref_model = frozen_reference(policy)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
     start, evals = 0, []
     if cfg.resume:
         state = load_checkpoint(cfg.out_dir, policy, optimizer)
         start, evals = state["step"], state.get("evals", [])
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
-        rng.setstate((state["pair_rng"][0], tuple(state["pair_rng"][1]), None))
-    if test and not cfg.resume:
+    if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, f"before online {cfg.loss}")
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, show=("reward/mean",))
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume,
+                       show=("reward/mean",)) if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0}
 
@@ -113,9 +117,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
-        sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.k,
+        mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
+        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.k,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                               generator=gen)
+                               generator=gen, seeds=row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None)
         n_samples += len(sb.batch.texts)
         positive = (torch.nan_to_num(sb.rewards, nan=-1e9) >= cfg.positive_threshold).view(-1, cfg.k)  # (P, K)
         n_pos = positive.sum(1)
@@ -124,9 +129,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         counts["all_wrong"] += all_wrong
         usable = [p for p in range(positive.shape[0]) if 0 < int(n_pos[p]) < cfg.k]
         counts["used"] += len(usable)
-        row = {**sb.metrics, "groups/all_correct": all_correct, "groups/all_wrong": all_wrong,
-               "groups/used": len(usable), "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s}
-        if usable:
+        row = {**{k: dist.all_mean(v) for k, v in sb.metrics.items()}, "groups/all_correct": all_correct,
+               "groups/all_wrong": all_wrong, "groups/used": len(usable), "time/generation_s": sb.gen_s,
+               "time/scoring_s": sb.score_s}
+        # every rank takes the step when any rank has a usable group (a rank without one adds zero gradient)
+        n_examples = dist.all_sum(len(usable) * (1 if group else cfg.pairs_per_prompt))
+        if n_examples:
             if group:  # whole groups: (U, K) sequence log-probs
                 rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
                 ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
@@ -139,6 +147,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 for p in usable:
                     good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
                     bad = [p * cfg.k + j for j in range(cfg.k) if not positive[p, j]]
+                    rng = random.Random(f"{cfg.seed}/{step}/{mine[p]}")  # per prompt: the same on any rank layout
                     pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
                 rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
                 ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
@@ -151,38 +160,45 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                                      options=options, chosen_lengths=lengths[:n],
                                                      rejected_lengths=lengths[n:])
                 metrics = {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
-            loss = mean_over_examples(per_ex)
-            loss.backward()
-            grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
-            row.update({"loss": loss.item(), "grad_norm": grad_norm, "lr": lr,
+            loss = mean_over_examples(per_ex, global_count=n_examples) if usable else None
+            if loss is not None:
+                loss.backward()
+            grad_norm, lr = optimizer_step(policy, optimizer, step, cfg, sync_grads=True)
+            if loss is None:  # this rank had nothing usable: its zero gradient went into the average
+                loss, metrics, attn = torch.zeros(()), {}, torch.zeros(0)
+            # each rank's loss carries world / global count: their sum over ranks / world is the global mean
+            row.update({"loss": dist.all_sum(loss.item()) / world, "grad_norm": grad_norm, "lr": lr,
                         **{k: float(v.float().mean()) for k, v in metrics.items()},
                         "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0)})
-        if test and eval_due(cfg, step + 1, t_train, evals):
+        if main and test and eval_due(cfg, step + 1, t_train, evals):
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
                                                       t_train, n_samples)
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
-        log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train, evals)
-        if checkpoint_due(cfg, step + 1, stop):
-            st = rng.getstate()
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
-                            {"gen_rng": gen.get_state().tolist(), "evals": evals, "pair_rng": [st[0], list(st[1])]})
+        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        if main:
+            log.log(step + 1, row)
+        if main and checkpoint_due(cfg, step + 1, stop):
+            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
+                                                                       "evals": evals})
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
-    log.close()
+    if main:
+        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "groups": counts,
                "reward_faults": reward_set.faults}
     console.print(f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; "
                   f"{counts['used']} used")
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}", t_train,
                               n_samples)
     summary["evals"] = evals
-    finish_run(cfg, policy, task, test or data)
+    if main:
+        finish_run(cfg, policy, task, test or data)
+    dist.barrier()
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..advantages import gae, whiten
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
@@ -31,6 +32,7 @@ from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..models.vision import select_images
 from ..optim import make_optimizer
+from ..rollout.sample import row_seeds
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
     ModelArgs,
@@ -86,6 +88,7 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end after this step as if interrupted
     eval_n: int = 200  # held-out prompts evaluated before and after
     eval_every: int = 0  # also evaluate every N steps
+    row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
 
 
@@ -124,6 +127,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"critic must be 'head' or 'separate', got {cfg.critic!r}")
     policy, task, data, reward_set, test = online_setup(cfg, model, data, "ppo")
     tok = policy.tokenizer
+    world, main = dist.world_size(), dist.is_main()
+    seeded = cfg.row_seeded_sampling or world > 1
     ref_model = frozen_reference(policy) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate")
     both = nn.ModuleDict({"policy": policy, "critic": critic})
@@ -135,19 +140,23 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
         start, evals = state["step"], state.get("evals", [])
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
-    if test and not cfg.resume:
+    if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, "before PPO")
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl"))
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl")) \
+        if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
-        sb = rollout_and_score(policy, [data[i] for i in idx], reward_set, group_size=cfg.samples_per_prompt,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+        mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
+        seeds = row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None
+        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.samples_per_prompt,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
+                               seeds=seeds)
         n_samples += len(sb.batch.texts)
         ids, attn, resp, _, truncated, images = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
                                                           tok.pad_token_id)
@@ -173,8 +182,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         stats: dict[str, float] = {}
         n_opt = cfg.ppo_epochs * cfg.minibatches
         for ep in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed + 7919 * step + ep))
-            for j, mb in enumerate(perm.chunk(cfg.minibatches)):
+            # minibatches of one permutation of the global batch (the same under torchrun as in one process)
+            for j, mb in enumerate(dist.minibatches(len(ids), cfg.minibatches, cfg.seed + 7919 * step + ep)):
                 lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature,
                                            select_images(images, mb), bf16=cfg.bf16)
                 pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], resp[mb], clip_eps=cfg.clip_eps,
@@ -183,9 +192,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 loss = pg_loss + cfg.vf_coef * v_loss
                 loss.backward()
                 grad_norm, lr = optimizer_step(both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j,
-                                               lr_cfg)
+                                               lr_cfg, sync_grads=True)
                 mask = resp[mb].float()
-                upd = {"loss": loss.item(), "policy_loss": pg_loss.item(), "value_loss": v_loss.item(),
+                upd = {"loss": dist.all_sum(loss.item()) / world, "policy_loss": pg_loss.item(),
+                       "value_loss": v_loss.item(),
                        "grad_norm": grad_norm, "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
                        **{k: float(v) for k, v in m.items()}}
                 for k, v in upd.items():
@@ -197,32 +207,37 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "completions/mean_length": float(rmask.sum(1).mean()),
                "completions/truncated_frac": float(truncated.float().mean()), "tokens_per_s": float(attn.sum()) / dt,
                "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s, "time/update_s": time.perf_counter() - t_up}
-        if test and eval_due(cfg, step + 1, t_train, evals):
+        row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
+        if main and test and eval_due(cfg, step + 1, t_train, evals):
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
                                                       t_train, n_samples)
         history.append({"step": step + 1, **row})
-        log.log(step + 1, row)
-        stop = out_of_time(cfg, t_train, evals)
-        if checkpoint_due(cfg, step + 1, stop):
+        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        if main:
+            log.log(step + 1, row)
+        if main and checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
                                                                        "evals": evals},
                             write_extra=lambda d: save_file(_contiguous(critic.state_dict()),
                                                             str(d / "critic.safetensors")))
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
-    log.close()
+    if main:
+        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train,
                "reward_faults": reward_set.faults}
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
         if test:
             held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO", t_train,
                               n_samples)
     summary["evals"] = evals
-    finish_run(cfg, policy, task, test or data)
+    if main:
+        finish_run(cfg, policy, task, test or data)
+    dist.barrier()
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)
 

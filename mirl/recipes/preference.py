@@ -257,6 +257,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             summary["eval"] = res.as_dict()
             console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
     if main:
-        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else pairs)
+        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else data)
     summary["config"] = asdict(cfg)
     return Result(policy, history, summary)

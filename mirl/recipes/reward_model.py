@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
@@ -133,38 +134,45 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         start = load_checkpoint(cfg.out_dir, rm.policy, optimizer)["step"]
         rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
     acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, show=("loss", "accuracy"))
+    world, main = dist.world_size(), dist.is_main()
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, show=("loss", "accuracy")) \
+        if main else None
     history = []
     rm.train()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        idx = batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
+        idx = dist.shard(batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum * world, step, cfg.seed))
         sums, ntok = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, 0
         for m in range(cfg.grad_accum):
             mb = [pairs[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
             c, r, n = pair_scores(rm, mb, tok.pad_token_id)
             ntok += n
             per_ex, metrics = bradley_terry_loss(c, r)
-            loss = mean_over_examples(per_ex, global_count=len(idx))
+            loss = mean_over_examples(per_ex, global_count=len(idx) * world)
             loss.backward()
             sums["loss"] += loss.item()
             sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
             sums["margin"] += float(metrics["margin"].sum()) / len(idx)
-        grad_norm, lr = optimizer_step(rm, optimizer, step, cfg)
+        grad_norm, lr = optimizer_step(rm, optimizer, step, cfg, sync_grads=True)
+        sums = {k: dist.all_sum(v) / world for k, v in sums.items()}  # global means (equal shards)
         row = {**sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": ntok / (time.perf_counter() - t0)}
         history.append({"step": step + 1, **row})
-        log.log(step + 1, row)
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
+        if main:
+            log.log(step + 1, row)
+        if main and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
             save_checkpoint(cfg.out_dir, rm.policy, optimizer, step + 1, write_extra=lambda d: save_file(
                 dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}))
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
-    log.close()
+    if main:
+        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    report_skips(skips, cfg.out_dir)
+    if main:
+        report_skips(skips, cfg.out_dir)
     summary = {"steps": start + len(history), "train_pairs": len(pairs), "held_out_pairs": len(held_out)}
     if held_out:
         summary["held_out_accuracy_before"] = acc0
@@ -175,8 +183,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, tok.pad_token_id)
         console.print(f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
                       f"(n={len(synth_held_out)})")
-    if not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
+    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         rm.save(Path(cfg.out_dir) / "final")
-    finish_run(cfg, rm.policy)  # plots and config; a reward model writes no completions
+    if main:
+        finish_run(cfg, rm.policy)  # plots and config; a reward model writes no completions
+    dist.barrier()
     summary["config"] = asdict(cfg)
     return Result(rm, history, summary)

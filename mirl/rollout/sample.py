@@ -72,13 +72,49 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values (products wrap modulo 2^64; the
+    mask keeps the low 32 bits, which wrapping leaves exact)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def row_seeds(seed: int, step: int, prompt_ids: list[int], samples_per_prompt: int) -> Tensor:
+    """One 32-bit seed per row from (run seed, step, global prompt position, sample number): rows keep their
+    random stream whichever rank or batch they are generated in."""
+    p = torch.tensor(prompt_ids, dtype=torch.long).repeat_interleave(samples_per_prompt)
+    j = torch.arange(samples_per_prompt, dtype=torch.long).repeat(len(prompt_ids))
+    x = _fmix32(torch.tensor(seed & _M32) ^ 0x9E3779B9)
+    x = _fmix32(x ^ (step & _M32))
+    x = _fmix32(x ^ p)
+    return _fmix32(x ^ ((j * 0x27D4EB2D) & _M32))
+
+
+def row_gumbel(seeds: Tensor, t: int, vocab: int) -> Tensor:
+    """Gumbel(0, 1) noise (B, V) from the rows' seeds and the position t: a counter-based generator."""
+    key = _fmix32(seeds ^ ((t * 0x632BE5AB) & _M32))  # (B,)
+    v = torch.arange(vocab, dtype=torch.long, device=seeds.device)
+    u = _fmix32((key[:, None] + v * 0x9E3779B1) & _M32)
+    u = _fmix32(u ^ _fmix32(key ^ 0x5BD1E995)[:, None])  # (B, V) uniform 32-bit integers (two rounds)
+    u = ((u >> 8).float() + 0.5) * 2.0 ** -24  # the top 24 bits: in (0, 1) exactly in float32
+    return -torch.log(-torch.log(u))
+
+
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
              generator: torch.Generator | None = None, ignore_eos: bool = False, images: list | None = None,
-             sample_images: list | None = None) -> RolloutBatch:
+             sample_images: list | None = None, seeds: Tensor | None = None) -> RolloutBatch:
     """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
-    ignore_eos: always generate max_new_tokens (benchmarks).
+    ignore_eos: always generate max_new_tokens (benchmarks). seeds: one per row (row_seeds) to sample by
+    Gumbel-max with counter-based noise instead of the shared generator: a row's sample then does not
+    depend on the other rows in the batch (torchrun ranks = one process).
     images: one image-input dict (or None) per prompt; sample_images: one per row, to sample from other
     pixels than the batch records (NoisyRollout's perturbed copies)."""
     from ..models.vision import cat_images
@@ -118,7 +154,10 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
         if temperature > 0:
             step_logits = _filter_logits(step_logits / temperature, top_k, top_p)
             logprobs = torch.log_softmax(step_logits, -1)
-            nxt = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+            if seeds is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
+                nxt = (logprobs + row_gumbel(seeds.to(device), t, logprobs.shape[-1])).argmax(-1)
+            else:
+                nxt = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
         else:
             logprobs = torch.log_softmax(step_logits, -1)
             nxt = logprobs.argmax(-1)

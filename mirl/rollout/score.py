@@ -71,7 +71,7 @@ def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: i
 
 def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
                       temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None,
-                      ignore_eos: bool = False, noisy: tuple | None = None) -> ScoredBatch:
+                      ignore_eos: bool = False, noisy: tuple | None = None, seeds=None) -> ScoredBatch:
     """noisy = (rows per group sampled on perturbed images, strength, rng[, kinds]): NoisyRollout; the batch
     keeps the clean images for the update."""
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: i
         sample_images = noisy_sample_images(policy, examples, images, group_size, *noisy)
     batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
                      temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos,
-                     images=images, sample_images=sample_images)
+                     images=images, sample_images=sample_images, seeds=seeds)
     t1 = time.perf_counter()
     rows = [e for e in examples for _ in range(group_size)]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where", "image_base")}
