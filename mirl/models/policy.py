@@ -131,6 +131,21 @@ class Policy(nn.Module):
         else:
             self._base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks of the language model (tiny GPT blocks, or transformers decoder layers)."""
+        from .tiny_lm import Block
+
+        return [m for m in self._base().modules()
+                if isinstance(m, Block) or type(m).__name__.endswith("DecoderLayer")]
+
+    def compile_blocks(self) -> int:
+        """torch.compile every transformer block in place (nn.Module.compile: parameter names and saved
+        checkpoints are unchanged). -> the number of blocks compiled."""
+        blocks = self.blocks()
+        for blk in blocks:
+            blk.compile(dynamic=True)
+        return len(blocks)
+
     def reference_context(self):
         """Adapters off: the base model, i.e. the reference of a LoRA run, with no second copy in memory."""
         from contextlib import nullcontext

@@ -86,6 +86,7 @@ class ModelArgs:
     bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
     activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
 
 
@@ -98,6 +99,10 @@ def get_policy(cfg, model):
         policy.enable_activation_checkpointing()
     if getattr(cfg, "freeze_vision", False):
         policy.freeze_vision()
+    if getattr(cfg, "compile", False):
+        n = policy.compile_blocks()
+        if not n:
+            raise ValueError("--compile found no transformer blocks to compile in this model")
     return policy
 
 
