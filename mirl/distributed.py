@@ -58,9 +58,21 @@ def shard(indices: list[int]) -> list[int]:
     return indices[r * size:(r + 1) * size]
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP around the model when distributed; the model itself otherwise."""
+def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
+    """DDP around the model when distributed; the model itself otherwise. fsdp: FSDP2 instead, in place
+    (fully_shard on every transformer block, then on the whole policy): parameters, gradients and optimizer
+    state are sharded over the ranks, so build the optimizer after this call."""
     if not dist.is_initialized():
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in model.blocks():
+            fully_shard(blk)
+        fully_shard(model)
+        model.fused_head = False  # the LM-head weight is sharded outside the forward: plain logits instead
+        if is_main():
+            print(f"FSDP2: {len(model.blocks())} blocks and the root sharded over {world_size()} ranks", flush=True)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -106,3 +118,10 @@ def minibatches(n_local: int, n_chunks: int, seed: int) -> list[torch.Tensor]:
     perm = torch.randperm(n_local * world_size(), generator=torch.Generator().manual_seed(seed))
     lo = r * n_local
     return [c[(c >= lo) & (c < lo + n_local)] - lo for c in perm.chunk(n_chunks)]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole (unsharded) state dict of an FSDP2 model, on CPU; a collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -19,6 +19,7 @@ def _run(args, nproc):
     r = subprocess.run(launcher + ["-m", "mirl"] + args, capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
 
 
 def _losses(run_dir):
@@ -29,8 +30,9 @@ def _weights(run_dir):
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo"])
-def test_two_ranks_equal_one_process(tmp_path, recipe):
+@pytest.mark.parametrize("recipe,fsdp", [("sft", False), ("dpo", False), ("sft", True), ("dpo", True)],
+                         ids=["sft", "dpo", "sft-fsdp2", "dpo-fsdp2"])
+def test_two_ranks_equal_one_process(tmp_path, recipe, fsdp):
     if recipe == "sft":
         common = ["sft", "--task", "arith:2", "--n-train", "64", "--steps", "3", "--eval-n", "0", "--threads", "1",
                   "--lr", "1e-3", "--warmup-steps", "0"]
@@ -40,7 +42,8 @@ def test_two_ranks_equal_one_process(tmp_path, recipe):
         common = ["dpo", "--data", str(data), "--task", "", "--loss", "mio", "--steps", "3", "--threads", "1",
                   "--lr", "1e-3", "--warmup-steps", "0"]
     _run(common + ["--batch-size", "8", "--out-dir", str(tmp_path / "one")], 1)
-    _run(common + ["--batch-size", "4", "--out-dir", str(tmp_path / "two")], 2)
+    out = _run(common + ["--batch-size", "4", "--out-dir", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []), 2)
+    assert ("FSDP2: 2 blocks and the root sharded over 2 ranks" in out) == fsdp
     # tolerance: float32 sums in another order; 1e-5 relative on the losses, 1e-4 absolute on weights
     # (three Adam steps of lr 1e-3; a wrong normaliser changes the losses and the gradient norms at once)
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)

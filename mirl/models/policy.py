@@ -186,6 +186,8 @@ class Policy(nn.Module):
     def hidden_and_head(self, input_ids, attention_mask, images=None):
         """(last hidden state (B, T, C), LM-head weight (V, C)) for fused log-probs, or None when the head
         is not a plain linear map (soft-capped or scaled logits), in which case callers use forward()."""
+        if not getattr(self, "fused_head", True):  # FSDP2: the head weight is sharded outside the forward
+            return None
         base = self._base()
         position_ids, _ = self._positions(input_ids, attention_mask, images)
         kw = self._image_kwargs(images)

@@ -44,7 +44,7 @@ def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: 
 
     if main:
         log.log(step, row)
-        if checkpoint_due(cfg, step, False):
+        if checkpoint_due(cfg, step, False) and not getattr(cfg, "fsdp", False):  # FSDP2: no resumable checkpoint
             save_checkpoint(cfg.out_dir, policy, optimizer, step)
     dist.barrier()
 
@@ -87,6 +87,7 @@ class ModelArgs:
     activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP; sft and dpo
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
 
 
@@ -166,6 +167,7 @@ def online_setup(cfg, model, data, recipe: str):
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
+    check_fsdp(cfg, recipe)
     setup(cfg)
     policy = get_policy(cfg, model)
     task = make_task(cfg.task) if cfg.task else None
@@ -220,3 +222,31 @@ def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_sam
                                     "reference": e.get("solution") or e.get("chosen")}) + "\n")
     page = write_report([cfg.out_dir])
     console.print(f"report: {page}")
+
+
+def check_fsdp(cfg, recipe: str) -> None:
+    """--fsdp: what it supports (sft and dpo, no LoRA, no resume, no evaluation during training)."""
+    if not getattr(cfg, "fsdp", False):
+        return
+    if recipe not in ("sft", "dpo"):
+        raise ValueError(f"--fsdp is implemented for sft and dpo; {recipe} uses DDP-style gradient averaging")
+    bad = [name for name, on in (("--lora-r", cfg.lora_r > 0), ("--resume", cfg.resume),
+                                 ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)))
+           if on]
+    if bad:
+        raise ValueError(f"--fsdp does not support {', '.join(bad)} yet")
+
+
+def gathered_policy(policy, cfg):
+    """After FSDP2 training: every rank gathers the full weights (a collective); rank 0 gets a plain copy of
+    the policy to save, evaluate and report, the others None. Without --fsdp: the policy itself."""
+    from .. import distributed as dist
+
+    if not (getattr(cfg, "fsdp", False) and dist.world_size() > 1):
+        return policy
+    state = dist.full_state_dict(policy)
+    if not dist.is_main():
+        return None
+    plain = load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
+    plain.load_state_dict(state)
+    return plain

@@ -35,8 +35,10 @@ from .common import (
     ModelArgs,
     Result,
     autocast,
+    check_fsdp,
     finish_run,
     frozen_reference,
+    gathered_policy,
     get_policy,
     log_and_checkpoint,
     optimizer_step,
@@ -172,12 +174,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    check_fsdp(cfg, "dpo")
+    model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start = 0
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    model_fwd = dist.wrap(policy)  # DDP under torchrun, the policy itself otherwise
     main = dist.is_main()
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume,
                        show=("loss", "logps/chosen", "rewards/margins")) if main else None
@@ -249,6 +252,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned,
                "probe_start": {"chosen_logps": float(start_c.mean()), "rejected_logps": float(start_r.mean()),
                                "mass": float((start_c.exp() + start_r.exp()).mean())}}
+    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:

@@ -28,7 +28,7 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import ModelArgs, Result, finish_run, get_policy, optimizer_step, report_skips, setup
+from .common import ModelArgs, Result, check_fsdp, finish_run, get_policy, optimizer_step, report_skips, setup
 from .preference import encode_pairs
 
 
@@ -93,6 +93,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
     setup(cfg)
     synth_eval = None
+    check_fsdp(cfg, "rm")
     policy = get_policy(cfg, model)
     tok = policy.tokenizer
     if data is None and cfg.data:

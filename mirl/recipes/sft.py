@@ -28,8 +28,10 @@ from .common import (
     ModelArgs,
     Result,
     autocast,
+    check_fsdp,
     eval_due,
     finish_run,
+    gathered_policy,
     get_policy,
     held_out_accuracy,
     log_and_checkpoint,
@@ -89,12 +91,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     encoded = [encode_example(policy, d["prompt"], d["completion"], cfg.max_len, skips, d.get("where", f"example {i}"),
                               "completion", d.get("images"), d.get("image_base", "")) for i, d in enumerate(data)]
     encoded = [e for e in encoded if e is not None]
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    check_fsdp(cfg, "sft")
+    model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start = 0
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    model_fwd = dist.wrap(policy)  # DDP under torchrun, the policy itself otherwise
     main = dist.is_main()
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, show=("loss", "lr")) if main else None
     history, evals = [], []
@@ -147,6 +150,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- save and evaluate (rank 0) ----------------------------------------------------------------
     summary = {"steps": len(history) + start, "skipped": skips.counts}
+    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     if main:
         report_skips(skips, cfg.out_dir)
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
