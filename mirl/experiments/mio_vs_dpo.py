@@ -72,7 +72,20 @@ def run_toy(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
                      f"{diverged}/{len(curves)}" if diverged else "0"])
     table = markdown_table(["beta", "lr", "loss", "delta_w peak", "delta_w end", "decline", "seeds delta_w<0",
                             "margin end", "pi(w)+pi(l) end", "held-out acc", "diverged"], rows)
-    return {"steps": steps, "runs": numbers}, pngs, table
+    # the compact view: the chosen log-ratio at the end (its peak in brackets) per loss, one row per beta x lr
+    by = {(n["beta"], n["lr"], n["loss"]): n for n in numbers}
+    pivot = []
+    for beta in betas:
+        for lr in lrs:
+            cells = []
+            for loss in losses:
+                n = by[(beta, lr, loss)]
+                cells.append("diverged" if n["diverged"] == n["seeds"] else
+                             f"{n['chosen_logratio_end'][0]:+.2f} ({n['chosen_logratio_peak'][0]:+.2f})")
+            pivot.append([f"{beta:g}", f"{lr:g}"] + cells)
+    compact = ("Chosen log-ratio delta_w at the end (its peak), mean over seeds:\n\n"
+               + markdown_table(["beta", "lr"] + losses, pivot))
+    return {"steps": steps, "runs": numbers}, pngs, compact + "\nEvery number:\n\n" + table
 
 
 def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:

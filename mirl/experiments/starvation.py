@@ -146,6 +146,10 @@ def run(cfg, seeds: list[int]) -> dict:
              "correct seen = correct answers sampled over the run (all prompts).\n\n"
              + markdown_table(["p_ref(correct)", "method", "pi(correct) end", "greedy accuracy end",
                                "zero-signal frac", "correct seen"], rows))
+    pivot = [[m] + [f"{next(n for n in numbers if n['p_ref'] == p and n['method'] == m)['p_correct_end'][0]:.3g}"
+                    for p in p_refs] for m in METHODS]
+    table = ("pi(correct) after training, mean over seeds:\n\n"
+             + markdown_table(["method"] + [f"p_ref = {p:g}" for p in p_refs], pivot) + "\n" + table)
     console.print(table)
     numbers = {"steps": steps, "runs": numbers, "seconds": time.time() - t0}
     return write_outputs(out, "starvation", numbers, table, [png]) | {"seconds": numbers["seconds"]}
