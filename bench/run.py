@@ -30,6 +30,11 @@ WORKLOADS = {
                      threads=1, steps=40, warmup=5),
     "dpo-large": dict(kind="dpo", hidden=512, layers=8, heads=8, vocab=8000, batch=8, prompt=128, response=128,
                       threads=2, steps=6, warmup=2),
+    # MIO on the DPO workloads (TRL has no MIO: its sigmoid loss runs beside it), same model folder and rows
+    "mio-tiny": dict(kind="dpo", loss="mio", same_as="dpo-tiny", hidden=64, layers=2, heads=4, vocab=1000, batch=8,
+                     prompt=16, response=16, threads=1, steps=40, warmup=5),
+    "mio-large": dict(kind="dpo", loss="mio", same_as="dpo-large", hidden=512, layers=8, heads=8, vocab=8000,
+                      batch=8, prompt=128, response=128, threads=2, steps=6, warmup=2),
     "grpo-128": dict(kind="grpo", hidden=64, layers=2, heads=4, vocab=1000, prompts=2, group=8, prompt=16,
                      new_tokens=128, threads=1, steps=6, warmup=2),
 }
@@ -43,7 +48,7 @@ def build(name: str, root: Path) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     w = WORKLOADS[name]
-    out = root / name
+    out = root / w.get("same_as", name)
     if (out / "data.json").exists():
         return out
     # byte-level BPE (what Qwen2's tokenizer class expects) trained so that each 3-letter word is one token
@@ -107,7 +112,7 @@ def mirl_dpo(folder, rows, w, steps):
     from mirl.models import load_policy
     from mirl.recipes import preference
 
-    cfg = preference.Config(model=str(folder), task="", loss="dpo", steps=steps, batch_size=w["batch"], lr=1e-4,
+    cfg = preference.Config(model=str(folder), task="", loss=w.get("loss", "dpo"), steps=steps, report=False, batch_size=w["batch"], lr=1e-4,
                             warmup_steps=0, threads=w["threads"], eval_n=0, probe_every=0,
                             max_len=w["prompt"] + w["response"] + 2, out_dir=tempfile.mkdtemp())
     res = preference.train(cfg, model=load_policy(folder), data=rows)
@@ -123,7 +128,7 @@ def mirl_grpo(folder, rows, w, steps):
         register_reward("bench_length")(lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions])
     cfg = grpo.Config(model=str(folder), task="", reward="bench_length", group_size=w["group"],
                       prompts_per_step=w["prompts"], steps=steps, max_new_tokens=w["new_tokens"], ignore_eos=True,
-                      threads=w["threads"], eval_n=0, out_dir=tempfile.mkdtemp())
+                      threads=w["threads"], eval_n=0, report=False, out_dir=tempfile.mkdtemp())
     res = grpo.train(cfg, model=load_policy(folder), data=rows)
     return [h["time/step_s"] for h in res.history]
 
