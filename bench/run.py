@@ -112,7 +112,8 @@ def mirl_dpo(folder, rows, w, steps):
     from mirl.models import load_policy
     from mirl.recipes import preference
 
-    cfg = preference.Config(model=str(folder), task="", loss=w.get("loss", "dpo"), steps=steps, report=False, batch_size=w["batch"], lr=1e-4,
+    cfg = preference.Config(model=str(folder), task="", loss=w.get("loss", "dpo"), steps=steps, report=False,
+                            batch_size=w["batch"], lr=1e-4,
                             warmup_steps=0, threads=w["threads"], eval_n=0, probe_every=0,
                             max_len=w["prompt"] + w["response"] + 2, out_dir=tempfile.mkdtemp())
     res = preference.train(cfg, model=load_policy(folder), data=rows)

@@ -69,8 +69,9 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
 
         for blk in model.blocks():
             fully_shard(blk)
-        fully_shard(model)
+        fully_shard(model.model)  # the root: every forward (training, generation steps) goes through it
         model.fused_head = False  # the LM-head weight is sharded outside the forward: plain logits instead
+        model.lockstep = True  # generation: every rank takes the same number of steps (forwards are collective)
         if is_main():
             print(f"FSDP2: {len(model.blocks())} blocks and the root sharded over {world_size()} ranks", flush=True)
         return model
@@ -91,7 +92,10 @@ def average_gradients(model: torch.nn.Module) -> None:
     (losses/reduce.py), so the average is the gradient of the global loss. A no-op in one process."""
     if not dist.is_initialized():
         return
-    params = [p for p in model.parameters() if p.requires_grad]
+    # FSDP2-sharded parameters (DTensors) were reduce-scattered in the backward already
+    params = [p for p in model.parameters() if p.requires_grad and not hasattr(p, "full_tensor")]
+    if not params:
+        return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

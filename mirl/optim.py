@@ -21,7 +21,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    # foreach kernels cannot mix FSDP2's DTensors with whole tensors (a head kept outside the sharding)
+    mixed = len({hasattr(p, "full_tensor") for p in params}) > 1
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=not mixed)
 
 
 def set_lr(optimizer, value: float) -> None:
@@ -30,9 +32,24 @@ def set_lr(optimizer, value: float) -> None:
 
 
 def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients' global L2 norm to max_norm (0 = no clipping) -> the norm before clipping.
+    FSDP2-sharded gradients (DTensors) and whole ones (a small head kept outside the sharding) are measured
+    apart and combined, since one foreach norm cannot take both."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    # max_norm inf: the total norm without clipping; FSDP2's sharded gradients give a DTensor norm
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    groups = [[p.grad for p in params if hasattr(p.grad, "full_tensor")],
+              [p.grad for p in params if not hasattr(p.grad, "full_tensor")]]
+    norms = []
+    for grads in groups:
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = float(torch.linalg.vector_norm(torch.stack(norms))) if len(norms) > 1 else float(norms[0])
+    if max_norm and max_norm > 0:
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for grads in groups:
+                for g in grads:
+                    g.mul_(coef)
+    return total

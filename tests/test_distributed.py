@@ -64,11 +64,16 @@ def weak_sft(tmp_path_factory):
     return out / "final"
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "online_mio", "online_group_js", "ppo", "rm"])
-def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe):
-    """Two gloo ranks (8 prompts each) against one process (16 prompts) for 3 steps. Rows are sampled with
-    per-row noise (--row-seeded-sampling, always on under torchrun), so both sample the same responses;
-    gradients are averaged over ranks and losses divide by global counts. Tolerances as for sft/dpo."""
+@pytest.mark.parametrize("recipe,fsdp", [("grpo", False), ("online_mio", False), ("online_group_js", False),
+                                         ("ppo", False), ("rm", False), ("grpo", True), ("online_mio", True),
+                                         ("ppo", True), ("rm", True)],
+                         ids=["grpo", "online_mio", "online_group_js", "ppo", "rm", "grpo-fsdp2", "online_mio-fsdp2",
+                              "ppo-fsdp2", "rm-fsdp2"])
+def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
+    """Two gloo ranks (8 prompts each) against one process (16 prompts) for 3 steps, with DDP-style gradient
+    averaging or FSDP2. Rows are sampled with per-row noise (--row-seeded-sampling, always on under
+    torchrun), so both sample the same responses; losses divide by global counts. Tolerances as for
+    sft/dpo."""
     common = ["--model", str(weak_sft), "--task", "arith:1", "--steps", "3", "--eval-n", "0", "--threads", "1",
               "--max-new-tokens", "8", "--lr", "1e-3", "--no-report"]
     if recipe == "grpo":
@@ -87,7 +92,8 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe):
          else args + common + ["--out-dir", str(tmp_path / "one")], 1)
     if recipe == "rm":
         args[args.index("--batch-size") + 1] = "4"
-    _run(args + common + ["--out-dir", str(tmp_path / "two")], 2)
+    out = _run(args + common + ["--out-dir", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []), 2)
+    assert ("FSDP2:" in out) == fsdp
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5, abs=1e-7)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in one:

@@ -44,7 +44,7 @@ def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: 
 
     if main:
         log.log(step, row)
-        if checkpoint_due(cfg, step, False) and not getattr(cfg, "fsdp", False):  # FSDP2: no resumable checkpoint
+        if checkpoint_due(cfg, step, False):
             save_checkpoint(cfg.out_dir, policy, optimizer, step)
     dist.barrier()
 
@@ -71,7 +71,10 @@ def eval_due(cfg, step: int, t_train: float, evals) -> bool:
 
 
 def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
-    """Every save_every steps, at the last step, and whenever the run stops early."""
+    """Every save_every steps, at the last step, and whenever the run stops early; never under FSDP2 (the
+    weights are sharded: no resumable checkpoint yet, the final model is gathered and saved)."""
+    if getattr(cfg, "fsdp", False):
+        return False
     return bool(cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping
 
 
@@ -87,7 +90,7 @@ class ModelArgs:
     activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
-    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP; sft and dpo
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
 
 
@@ -225,13 +228,15 @@ def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_sam
 
 
 def check_fsdp(cfg, recipe: str) -> None:
-    """--fsdp: what it supports (sft and dpo, no LoRA, no resume, no evaluation during training)."""
+    """--fsdp: what it does not support yet (LoRA, resume, evaluation during training, a separate PPO critic,
+    dynamic sampling). The held-out evaluation before training runs before the sharding, the one after on
+    the gathered weights."""
     if not getattr(cfg, "fsdp", False):
         return
-    if recipe not in ("sft", "dpo"):
-        raise ValueError(f"--fsdp is implemented for sft and dpo; {recipe} uses DDP-style gradient averaging")
     bad = [name for name, on in (("--lora-r", cfg.lora_r > 0), ("--resume", cfg.resume),
-                                 ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)))
+                                 ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)),
+                                 ("--critic separate", getattr(cfg, "critic", "") == "separate"),
+                                 ("--dynamic-sampling", getattr(cfg, "dynamic_sampling", False)))
            if on]
     if bad:
         raise ValueError(f"--fsdp does not support {', '.join(bad)} yet")

@@ -45,6 +45,7 @@ from .common import (
     eval_due,
     finish_run,
     frozen_reference,
+    gathered_policy,
     held_out_accuracy,
     online_setup,
     optimizer_step,
@@ -173,6 +174,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, "before GRPO")
+    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
+        dist.wrap(policy, fsdp=True)
+        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     opt_steps_per_step = cfg.num_iterations * cfg.minibatches
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
@@ -300,6 +304,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         log.close()
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
+    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "skips": skipped,
                "reward_faults": reward_set.faults}
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):

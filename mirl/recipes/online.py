@@ -34,6 +34,7 @@ from .common import (
     eval_due,
     finish_run,
     frozen_reference,
+    gathered_policy,
     held_out_accuracy,
     online_setup,
     optimizer_step,
@@ -108,6 +109,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
     if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, f"before online {cfg.loss}")
+    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
+        dist.wrap(policy, fsdp=True)
+        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume,
                        show=("reward/mean",)) if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
@@ -163,6 +167,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             loss = mean_over_examples(per_ex, global_count=n_examples) if usable else None
             if loss is not None:
                 loss.backward()
+            elif cfg.fsdp and world > 1:  # FSDP2 reduces gradients inside the backward: every rank takes one
+                dummy = pack_rows([(sb.batch, 0)], tok.pad_token_id)
+                (seq_logps(policy, *dummy[:3], dummy[5], cfg.bf16).sum() * 0.0).backward()
             grad_norm, lr = optimizer_step(policy, optimizer, step, cfg, sync_grads=True)
             if loss is None:  # this rank had nothing usable: its zero gradient went into the average
                 loss, metrics, attn = torch.zeros(()), {}, torch.zeros(0)
@@ -187,6 +194,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
+    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "groups": counts,
                "reward_faults": reward_set.faults}
     console.print(f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; "

@@ -41,6 +41,7 @@ from .common import (
     eval_due,
     finish_run,
     frozen_reference,
+    gathered_policy,
     held_out_accuracy,
     online_setup,
     optimizer_step,
@@ -142,6 +143,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
     if main and test and not cfg.resume:
         held_out_accuracy(policy, task, test, cfg, evals, 0, "before PPO")
+    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
+        dist.wrap(policy, fsdp=True)
+        optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
     log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl")) \
@@ -226,6 +230,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
+    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train,
                "reward_faults": reward_set.faults}
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):

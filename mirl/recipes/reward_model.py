@@ -28,7 +28,18 @@ from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
-from .common import ModelArgs, Result, check_fsdp, finish_run, get_policy, optimizer_step, report_skips, setup
+from .common import (
+    ModelArgs,
+    Result,
+    check_fsdp,
+    checkpoint_due,
+    finish_run,
+    gathered_policy,
+    get_policy,
+    optimizer_step,
+    report_skips,
+    setup,
+)
 from .preference import encode_pairs
 
 
@@ -129,6 +140,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     if not pairs:
         raise ValueError(f"no usable preference pairs for the reward model ({skips.report()})")
     rm = RewardModel(policy, cfg.aggregate)
+    if cfg.fsdp and dist.world_size() > 1:  # FSDP2 on the backbone; the small head stays whole (averaged by hand)
+        dist.wrap(policy, fsdp=True)
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
     start = 0
     if cfg.resume:
@@ -163,7 +176,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         history.append({"step": step + 1, **row})
         if main:
             log.log(step + 1, row)
-        if main and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
+        if main and checkpoint_due(cfg, step + 1, False):
             save_checkpoint(cfg.out_dir, rm.policy, optimizer, step + 1, write_extra=lambda d: save_file(
                 dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}))
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
@@ -184,6 +197,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, tok.pad_token_id)
         console.print(f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
                       f"(n={len(synth_held_out)})")
+    backbone = gathered_policy(rm.policy, cfg)  # FSDP2: the full backbone on rank 0 (every rank takes part)
+    if main and backbone is not rm.policy:
+        plain = RewardModel(backbone, cfg.aggregate)
+        plain.head.load_state_dict(rm.head.state_dict())
+        rm = plain
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         rm.save(Path(cfg.out_dir) / "final")
     if main:

@@ -175,7 +175,12 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
         stopped |= newly
         done |= newly
         n_steps = t + 1
-        if bool(done.all()):
+        finished = bool(done.all())
+        if getattr(policy, "lockstep", False):  # FSDP2: stop only when every rank's rows are done
+            from ..distributed import all_sum
+
+            finished = all_sum(0.0 if finished else 1.0) == 0
+        if finished:
             break
         attn = torch.cat([attn, live_before.long()[:, None]], 1)
         logits, cache = policy.step(nxt[:, None], attn, cache)
