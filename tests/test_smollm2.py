@@ -41,4 +41,6 @@ def test_smollm2_eval_mio_grpo_lora(smollm2, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "mio" / "final")
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, pref.model(ids), atol=1e-4, rtol=1e-4)
+        # merged W + BA against x W + (x A) B: float32 sums in another order over 576-wide layers;
+        # logits of magnitude ~10-20 agree to ~1e-5 relative (1.2e-4 absolute seen)
+        torch.testing.assert_close(back(ids).logits, pref.model(ids), atol=5e-4, rtol=1e-4)
