@@ -5,7 +5,7 @@ import torch
 from mirl.logps import sequence_logps
 from mirl.models import load_policy
 from mirl.rollout import generate
-from mirl.rollout.sample import _filter_logits
+from mirl.rollout.sample import _filter_logits, row_gumbel, row_seeds, sample_inverse_cdf
 
 
 def _greedy_reference(policy, prompt, n):
@@ -62,3 +62,21 @@ def test_top_k_and_top_p_filters():
     # top_p 0.7: keep 0.5 and 0.3 (mass before 0.3 is 0.5 < 0.7; before 0.15 is 0.8 >= 0.7)
     assert torch.isinf(_filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(_filter_logits(logits, 0, 0.1)).tolist() == [[False, True, True, True]]
+
+
+def test_samplers_draw_from_the_distribution():
+    """Inverse-CDF sampling (one uniform per row) and the row-seeded Gumbel-max sampler: frequencies within
+    5 standard errors of the probabilities over 40000 draws; a zero-probability token is never drawn."""
+    p = torch.tensor([0.5, 0.25, 0.0, 0.125, 0.125])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    inv = sample_inverse_cdf(p.repeat(n, 1), g)
+    seeds = row_seeds(0, 7, list(range(n // 4)), 4)
+    gum = (p.log()[None] + row_gumbel(seeds, 3, 5)).argmax(-1)
+    for draws in (inv, gum):
+        freq = torch.bincount(draws, minlength=5).double() / n
+        se = (p.double() * (1 - p.double()) / n).sqrt()
+        assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), freq
+        assert int((draws == 2).sum()) == 0
+    # the row seeds do not depend on which other prompts share the batch
+    assert torch.equal(row_seeds(1, 2, [5, 6, 7], 3)[3:], row_seeds(1, 2, [6, 7], 3))
