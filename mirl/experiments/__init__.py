@@ -45,6 +45,7 @@ class Config:
     # rft-compare
     budget_s: float = 30.0  # wall-clock training budget per method, task and seed (evaluations excluded)
     workers: int = 2  # rft-compare: runs at a time (separate processes, one thread each)
+    rft_seeds: int = 2  # rft-compare: how many of --seeds to run (2 x 7 methods x 2 tasks fit 15 minutes)
     tasks: str = "arith,digits"  # tasks compared
     methods: str = "sft,grpo,dr_grpo,dapo,ppo,online_dpo,online_mio"  # methods compared
 

@@ -79,7 +79,7 @@ def run(cfg, seeds: list[int]) -> dict:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"rft-compare methods: {', '.join(METHODS)} (got {m!r})")
-    seeds = seeds[:1] if q else seeds
+    seeds = seeds[:1] if q else seeds[: cfg.rft_seeds]
     budget = 5.0 if q else cfg.budget_s
     eval_n = 50 if q else 200
     starts = {}
