@@ -1,7 +1,8 @@
 """torch.distributed in one place: init() -> (rank, world, device); helpers that are no-ops in one process.
 
 Under `torchrun --nproc-per-node N -m mirl <recipe> ...` every rank builds the same model (same seed),
-takes its shard of each global batch, and DDP averages gradients. Losses divide by the *global* token or
+takes its shard of each global batch, and gradients are averaged over ranks (DDP for sft and dpo,
+average_gradients for the online recipes, or FSDP2 with --fsdp). Losses divide by the *global* token or
 sequence count (losses/reduce.py), so N ranks take the same steps as one process with the whole batch.
 gloo on CPU, NCCL on CUDA. Only rank 0 logs, evaluates and saves.
 """
@@ -60,8 +61,8 @@ def shard(indices: list[int]) -> list[int]:
 
 def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
     """DDP around the model when distributed; the model itself otherwise. fsdp: FSDP2 instead, in place
-    (fully_shard on every transformer block, then on the whole policy): parameters, gradients and optimizer
-    state are sharded over the ranks, so build the optimizer after this call."""
+    (fully_shard on every transformer block, then on the policy's inner model as the root): parameters,
+    gradients and optimizer state are sharded over the ranks, so build the optimizer after this call."""
     if not dist.is_initialized():
         return model
     if fsdp:
