@@ -145,7 +145,7 @@ def test_image_columns_from_jsonl_parquet_datasets_and_messages(tmp_path):
 
 
 def test_visual_tasks_are_deterministic_verified_and_split():
-    for name in ("digits", "shapes", "grounding"):
+    for name in ("digits", "shapes", "grounding", "grounding:pair"):
         t = make_task(name)
         a, b = t.examples("train", 20, 3), t.examples("train", 20, 3)
         assert [x["solution"] for x in a] == [x["solution"] for x in b]
@@ -163,6 +163,14 @@ def test_visual_tasks_are_deterministic_verified_and_split():
     x1, y1, x2, y2 = ex["box"]
     assert g.score(f"[{x1},{y1},{x2},{(y1 + y2) / 2}]", ex) == pytest.approx(0.5)
     assert g.score("no box", ex) == 0.0
+    # `grounding`: the colour alone names the target; `grounding:pair` has scenes that need both words
+    for ex in g.examples("train", 200):
+        assert len({s["colour"] for s in ex["shapes"]}) == len(ex["shapes"])
+    pair = make_task("grounding:pair").examples("train", 200)
+    assert all(len({(s["colour"], s["kind"]) for s in ex["shapes"]}) == len(ex["shapes"]) for ex in pair)
+    assert any(len({s["colour"] for s in ex["shapes"]}) < len(ex["shapes"]) for ex in pair)
+    with pytest.raises(ValueError, match="colour' or 'pair"):
+        make_task("grounding:kind")
 
 
 def test_iou_reward_by_hand():

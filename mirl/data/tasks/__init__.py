@@ -2,7 +2,7 @@
 score(completion, example) -> float in [0, 1] (1 = correct).
 
     make_task("arith")  make_task("arith:4")  make_task("countdown")  make_task("rg:basic_arithmetic")
-    make_task("digits")  make_task("shapes")  make_task("grounding")      # image + text (visual.py)
+    make_task("digits")  make_task("shapes")  make_task("grounding[:pair]")  # image + text (visual.py)
 """
 
 from .arith import ArithTask
@@ -21,11 +21,13 @@ def make_task(name: str):
         if not arg:
             raise ValueError("a reasoning-gym task needs a dataset name: rg:<name>, e.g. rg:basic_arithmetic")
         return ReasoningGymTask(arg)
-    visual = {"digits": DigitArithTask, "shapes": ShapeCountTask, "grounding": GroundingTask}
+    if base == "grounding":
+        return GroundingTask(arg or "colour")
+    visual = {"digits": DigitArithTask, "shapes": ShapeCountTask}
     if base in visual:
         return visual[base]()
     raise ValueError(f"unknown task {name!r}; valid: arith[:digits], countdown[:n_numbers], rg:<dataset>, "
-                     "digits, shapes, grounding")
+                     "digits, shapes, grounding[:colour|pair]")
 
 
 __all__ = ["ArithTask", "CountdownTask", "DigitArithTask", "GroundingTask", "ReasoningGymTask", "ShapeCountTask",

@@ -6,8 +6,9 @@
                 handwriting is never seen in training
     shapes      1-4 shapes (circle, square, triangle) in colours on a 3x3 grid:
                 prompt "<image>count square:"   solution "2"
-    grounding   2-3 shapes of distinct colour and kind: the box of the asked one, in pixels
+    grounding   2-3 shapes of distinct colours: the box of the asked one, in pixels
                 prompt "<image>box red circle:"   solution "[4,10,12,18]"   score = IoU (success >= 0.5)
+                grounding:pair: only (colour, kind) pairs are distinct (the words must be bound together)
 
 The split of shapes and grounding hashes the scene (split.py), so train and test scenes are disjoint.
 """
@@ -79,16 +80,18 @@ class DigitArithTask:
     score = ArithTask.score
 
 
-def _scene(rng: random.Random, n: int, distinct: bool) -> list[dict]:
-    """n shapes in distinct cells of a 3x3 grid (cells of ~10 px), sizes 6-8 px, jittered."""
+def _scene(rng: random.Random, n: int, distinct: str = "") -> list[dict]:
+    """n shapes in distinct cells of a 3x3 grid (cells of ~10 px), sizes 6-8 px, jittered.
+    distinct: "" (repeats allowed), "pair" (no two shapes of the same colour and kind) or "colour"."""
     cells = rng.sample(range(9), n)
     used, shapes = set(), []
     for c in cells:
         while True:
             kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
-            if not distinct or (kind, colour) not in used:
+            key = colour if distinct == "colour" else (kind, colour)
+            if not distinct or key not in used:
                 break
-        used.add((kind, colour))
+        used.add(key)
         s = rng.randint(6, 8)
         x0 = (c % 3) * 10 + 1 + rng.randint(0, 9 - s)
         y0 = (c // 3) * 10 + 1 + rng.randint(0, 9 - s)
@@ -118,7 +121,7 @@ class ShapeCountTask:
     success_threshold = 1.0
 
     def _problem(self, rng: random.Random) -> dict:
-        shapes = _scene(rng, rng.randint(1, 4), distinct=False)
+        shapes = _scene(rng, rng.randint(1, 4))
         kind = rng.choice(KINDS)
         count = sum(s["kind"] == kind for s in shapes)
         key = f"count {kind} {shapes}"
@@ -157,19 +160,29 @@ def box_iou(a, b) -> float:
 
 
 class GroundingTask:
-    name = "grounding"
+    """distinct="colour" (default, `grounding`): the shapes of a scene have distinct colours, so the colour
+    word alone names the target; distinct="pair" (`grounding:pair`): only the (colour, kind) pairs are
+    distinct, so a scene can hold a red square next to a red circle and a blue circle and the model must
+    bind both words to one shape."""
+
     success_threshold = 0.5  # accuracy = IoU >= 0.5; the mean score is the mean IoU
 
+    def __init__(self, distinct: str = "colour"):
+        if distinct not in ("colour", "pair"):
+            raise ValueError(f"grounding variant must be 'colour' or 'pair', got {distinct!r}")
+        self.distinct = distinct
+        self.name = "grounding" if distinct == "colour" else "grounding:pair"
+
     def _problem(self, rng: random.Random) -> dict:
-        shapes = _scene(rng, rng.randint(2, 3), distinct=True)
+        shapes = _scene(rng, rng.randint(2, 3), distinct=self.distinct)
         target = rng.choice(shapes)
         box = target["box"]
         answer = "[" + ",".join(str(v) for v in box) + "]"
         return {"prompt": f"<image>box {target['colour']} {target['kind']}:", "images": [draw_scene(shapes)],
-                "answer": answer, "solution": answer, "box": box, "split_key": f"box {target} {shapes}"}
+                "answer": answer, "solution": answer, "box": box, "shapes": shapes, "split_key": f"box {target} {shapes}"}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        return sample_split(self._problem, self.name, split, n, seed)
+        return sample_split(self._problem, "grounding", split, n, seed)
 
     def score(self, completion: str, example: dict) -> float:
         pred = parse_box(completion)
