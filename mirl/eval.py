@@ -1,7 +1,8 @@
 """Accuracy and pass@k of a policy on a task's held-out split, scored by the task's verifier.
 
     accuracy  greedy decoding, fraction scored correct (score >= the task's success threshold, 1 by default;
-              grounding: IoU >= 0.5), and the mean score (grounding: mean IoU)
+              grounding: IoU >= 0.5), and the mean score (grounding: mean IoU); grounding also says where
+              the greedy boxes land (boxes/on_target, on_other, off_shapes, no_box, iou_on_target)
     pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
               pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
 
@@ -52,9 +53,10 @@ class EvalResult:
     n: int
     samples: list[tuple[str, str, float]]  # (prompt, greedy completion, score), a few for reports
     mean_score: float = 0.0  # mean task score (grounding: mean IoU)
+    details: dict | None = None  # the task's breakdown of the greedy answers, if it has one (grounding)
 
     def as_dict(self) -> dict:
-        d = {"accuracy": self.accuracy, "mean_score": self.mean_score, "n": self.n}
+        d = {"accuracy": self.accuracy, "mean_score": self.mean_score, "n": self.n, **(self.details or {})}
         if self.pass_at_k is not None:
             d[f"pass@{self.k}"] = self.pass_at_k
         return d
@@ -76,13 +78,16 @@ def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int 
         per_prompt = [sum(task.score(c, e) >= success for c in cs) for cs, e in zip(sampled, examples)]
         pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
     samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
-    return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)))
+    details = None
+    if hasattr(task, "breakdown") and all("shapes" in e for e in examples):
+        details = task.breakdown([c[0] for c in greedy], examples)
+    return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)), details)
 
 
 @dataclass
 class Config:
     model: str = "runs/demo/sft/final"  # saved model folder or preset
-    task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding
+    task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:pair]
     n: int = 200  # held-out prompts
     k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
     n_samples: int = 0  # samples per prompt for pass@k (0 = k)

@@ -173,6 +173,19 @@ def test_visual_tasks_are_deterministic_verified_and_split():
         make_task("grounding:kind")
 
 
+def test_grounding_breakdown_by_hand():
+    shapes = [{"kind": "circle", "colour": "red", "box": [0, 0, 4, 4]},
+              {"kind": "square", "colour": "blue", "box": [10, 10, 14, 14]}]
+    ex = {"box": [0, 0, 4, 4], "shapes": shapes}
+    # on the target with IoU 1/2 ([0,0,4,2]: 8 of 16), on the target exactly, on the other shape,
+    # on no shape, no box at all
+    outs = ["[0,0,4,2]", "[0,0,4,4]", "[10,10,13,13]", "[20,20,25,25]", "none"]
+    d = make_task("grounding").breakdown(outs, [ex] * 5)
+    assert d == {"boxes/on_target": pytest.approx(0.4), "boxes/on_other": pytest.approx(0.2),
+                 "boxes/off_shapes": pytest.approx(0.2), "boxes/no_box": pytest.approx(0.2),
+                 "boxes/iou_on_target": pytest.approx(0.75)}
+
+
 def test_iou_reward_by_hand():
     import mirl.rewards  # noqa: F401
 
@@ -303,3 +316,5 @@ def test_cli_grpo_and_eval_on_images(tmp_path, capsys):
                  "--max-new-tokens", "6"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 4 and 0.0 <= out["mean_score"] <= 1.0
+    where = ("on_target", "on_other", "off_shapes", "no_box")
+    assert sum(out[f"boxes/{k}"] for k in where) == pytest.approx(1.0)

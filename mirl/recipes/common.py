@@ -201,7 +201,8 @@ def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: st
     acc = res.accuracy
     # an evaluation before training (t_train None) is outside the training clock: nothing to subtract
     evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score, "train_s": train_s,
-                  "samples": samples, "eval_s": 0.0 if t_train is None else time.perf_counter() - t0})
+                  "samples": samples, "eval_s": 0.0 if t_train is None else time.perf_counter() - t0,
+                  **(res.details or {})})
     console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc
 

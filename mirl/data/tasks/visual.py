@@ -187,3 +187,28 @@ class GroundingTask:
     def score(self, completion: str, example: dict) -> float:
         pred = parse_box(completion)
         return 0.0 if pred is None else box_iou(pred, example["box"])
+
+    @staticmethod
+    def breakdown(completions: list[str], examples: list[dict]) -> dict:
+        """Where the boxes land: on the asked shape (the shape it overlaps most), on another shape, on no
+        shape, or no box at all (fractions), and the mean IoU of the boxes on the asked shape."""
+        counts = {"on_target": 0, "on_other": 0, "off_shapes": 0, "no_box": 0}
+        target_ious = []
+        for c, e in zip(completions, examples):
+            pred = parse_box(c)
+            if pred is None:
+                counts["no_box"] += 1
+                continue
+            ious = [box_iou(pred, s["box"]) for s in e["shapes"]]
+            best = max(range(len(ious)), key=ious.__getitem__)
+            if ious[best] == 0.0:
+                counts["off_shapes"] += 1
+            elif e["shapes"][best]["box"] == e["box"]:
+                counts["on_target"] += 1
+                target_ious.append(ious[best])
+            else:
+                counts["on_other"] += 1
+        n = max(1, len(examples))
+        out = {f"boxes/{k}": v / n for k, v in counts.items()}
+        out["boxes/iou_on_target"] = sum(target_ious) / max(1, len(target_ious))
+        return out
