@@ -24,7 +24,7 @@ TASKS = {  # start model, RL settings per task
     "arith": {"model": "gpt-nano", "sft_steps": 300, "max_len": 64, "max_new_tokens": 40, "rl_lr": 8e-5,
               "temperature": 1.0},
     "digits": {"model": "vlm-nano", "sft_steps": 150, "max_len": 48, "max_new_tokens": 12, "rl_lr": 1e-4,
-               "temperature": 0.7},
+               "temperature": 0.3},
 }
 METHODS = ("sft", "grpo", "dr_grpo", "dapo", "ppo", "online_dpo", "online_mio")
 
