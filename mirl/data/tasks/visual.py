@@ -179,7 +179,8 @@ class GroundingTask:
         box = target["box"]
         answer = "[" + ",".join(str(v) for v in box) + "]"
         return {"prompt": f"<image>box {target['colour']} {target['kind']}:", "images": [draw_scene(shapes)],
-                "answer": answer, "solution": answer, "box": box, "shapes": shapes, "split_key": f"box {target} {shapes}"}
+                "answer": answer, "solution": answer, "box": box, "shapes": shapes,
+                "split_key": f"box {target} {shapes}"}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         return sample_split(self._problem, "grounding", split, n, seed)
