@@ -125,6 +125,8 @@ def _positionals_to_flags(cmd: str, argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
+    from .distributed import is_main, shutdown
+
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="mirl", description="post-training with preference optimisation "
                                      "(DPO family, MIO) and reinforcement fine-tuning")
@@ -151,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(mod, fn_name)(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
+        shutdown(ok=False)
         return 2
-    from .distributed import is_main
-
     if cmd not in ("eval", "demo", "report", "experiment") and is_main():
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))
+    shutdown()
     return 0
 
 

@@ -27,6 +27,16 @@ def init() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def shutdown(ok: bool = True) -> None:
+    """End the process group at the end of a command (a no-op in one process). After a success the ranks meet
+    at a barrier first, so that none exits while another still talks to it (a rank leaving with gloo's
+    threads alive can abort with "terminate called without an active exception")."""
+    if dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
