@@ -78,9 +78,7 @@ def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int 
         per_prompt = [sum(task.score(c, e) >= success for c in cs) for cs, e in zip(sampled, examples)]
         pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
     samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
-    details = None
-    if hasattr(task, "breakdown") and all("shapes" in e for e in examples):
-        details = task.breakdown([c[0] for c in greedy], examples)
+    details = task.breakdown([c[0] for c in greedy], examples) if hasattr(task, "breakdown") else None
     return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)), details)
 
 

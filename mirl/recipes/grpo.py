@@ -228,8 +228,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if main:
                 log.log(step + 1, row)
             if out_of_time(cfg, t_train, evals):
-                save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
-                                {"gen_rng": gen.get_state().tolist(), "evals": evals})
+                if main and checkpoint_due(cfg, step + 1, stopping=True):
+                    save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
+                                    {"gen_rng": gen.get_state().tolist(), "evals": evals})
                 break
             continue
         ids, attn, resp_mask, old_lp, truncated, images = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)

@@ -183,6 +183,8 @@ class GroundingTask:
                 "split_key": f"box {target} {shapes}"}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        # one split name for both variants: `grounding:pair` draws the very scenes the task drew before it
+        # had variants, so earlier runs and checkpoints keep their held-out set
         return sample_split(self._problem, "grounding", split, n, seed)
 
     def score(self, completion: str, example: dict) -> float:
@@ -192,7 +194,10 @@ class GroundingTask:
     @staticmethod
     def breakdown(completions: list[str], examples: list[dict]) -> dict:
         """Where the boxes land: on the asked shape (the shape it overlaps most), on another shape, on no
-        shape, or no box at all (fractions), and the mean IoU of the boxes on the asked shape."""
+        shape, or no box at all (fractions), and the mean IoU of the boxes on the asked shape. {} when the
+        examples do not carry their scene ('shapes')."""
+        if not all("shapes" in e for e in examples):
+            return {}
         counts = {"on_target": 0, "on_other": 0, "off_shapes": 0, "no_box": 0}
         target_ious = []
         for c, e in zip(completions, examples):
