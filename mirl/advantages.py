@@ -2,6 +2,7 @@
 
     group_advantages  A_i = (r_i - mean_group(r)) / (std + eps)   GRPO; scale = group | batch | none (Dr. GRPO)
     rloo              A_i = r_i - mean_{j != i} r_j               leave-one-out baseline (RLOO)
+    nanstd_over_ranks the global batch's std, for scale="batch" under torchrun
     gae               A_t = sum_l (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t   (PPO)
     whiten            batch-level normalisation of advantages under a mask (REINFORCE++-style)
 
@@ -25,8 +26,10 @@ def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
     return out if keepdim or dim is None else out.squeeze(dim)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """rewards (N * G,), rows of one prompt adjacent -> advantages (N * G,)."""
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+                     batch_std: Tensor | float | None = None) -> Tensor:
+    """rewards (N * G,), rows of one prompt adjacent -> advantages (N * G,). batch_std: the std of every
+    rank's rewards for scale="batch" under torchrun (nanstd_over_ranks); this batch's own std otherwise."""
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     if rewards.numel() % group_size:
@@ -36,17 +39,35 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     if scale == "group":
         adv = adv / (_nanstd(grouped, dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        adv = adv / (_nanstd(rewards) + eps)
+        adv = adv / ((_nanstd(rewards) if batch_std is None else batch_std) + eps)
     return torch.nan_to_num(adv.reshape(-1), nan=0.0)
 
 
+def nanstd_over_ranks(rewards: Tensor) -> Tensor:
+    """Bessel-corrected std of the non-NaN rewards of every rank (two passes; a no-op sum in one process):
+    --scale-rewards batch under torchrun divides by the std of the global batch, not each rank's own."""
+    from .losses.reduce import global_sum
+
+    x = rewards.to(torch.float64)
+    ok = ~torch.isnan(x)
+    n = global_sum(ok.sum().to(torch.float64))
+    mean = global_sum(torch.where(ok, x, 0.0).sum()) / n.clamp(min=1)
+    ss = global_sum(torch.where(ok, (x - mean) ** 2, 0.0).sum())
+    return torch.where(n > 1, (ss / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
+
+
 def rloo(rewards: Tensor, group_size: int) -> Tensor:
-    """Leave-one-out baseline: r_i - (sum_group r - r_i) / (G - 1)."""
+    """Leave-one-out baseline: r_i - mean of the group's *other scorable* rewards. Unscorable (NaN) rewards
+    get advantage 0 and are left out of their siblings' baselines (as TRL); a row with no scorable sibling
+    gets 0."""
     if group_size < 2:
         raise ValueError("RLOO needs a group size of at least 2")
     grouped = rewards.view(-1, group_size)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
+    ok = ~torch.isnan(grouped)
+    r = torch.where(ok, grouped, torch.zeros_like(grouped))
+    others = ok.sum(1, keepdim=True) - ok.long()  # (N, G) scorable siblings of each row
+    baseline = (r.sum(1, keepdim=True) - r) / others.clamp(min=1)
+    return torch.where(ok & (others > 0), grouped - baseline, torch.zeros_like(grouped)).reshape(-1)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .options import ConfigError, check_config
+
 COMMANDS = {
     "sft": ("mirl.recipes.sft", "train", "supervised fine-tuning"),
     "dpo": ("mirl.recipes.preference", "train", "offline preference optimisation: DPO family, MIO, MI bounds"),
@@ -29,8 +31,17 @@ COMMANDS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _field_type(f: dataclasses.Field):
@@ -65,7 +76,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        h = f"{helps.get(f.name, '')} (default: {f.default!r})"
+        h = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
         if t is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=h)
@@ -74,11 +85,23 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def load_yaml_overrides(path: str | Path, cls) -> dict:
+    """A YAML mapping of option: value, each checked against the option's type. As a user means them:
+    `lr: 1e-4` (a string to YAML 1.1) is the float 1e-4; `steps: true` is an error, not 1."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder; --config takes a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from e
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no Python objects are built
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({e})") from e
     if not isinstance(data, dict):
@@ -90,12 +113,20 @@ def load_yaml_overrides(path: str | Path, cls) -> dict:
         if name not in valid:
             raise ConfigError(f"{p}: unknown key {key!r}; valid keys: {', '.join(sorted(valid))}")
         t = _field_type(valid[name])
+        if t is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, t):
-            raise ConfigError(f"{p}: key {key!r} must be {t.__name__}, got {value!r}")
+        if not isinstance(value, t) or (isinstance(value, bool) and t is not bool):
+            raise ConfigError(f"{p}: key {key!r} must be {_TYPE_WORDS.get(t, t.__name__)}, got {value!r}")
         out[name] = value
     return out
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def build_config(cls, args: argparse.Namespace):
@@ -104,7 +135,9 @@ def build_config(cls, args: argparse.Namespace):
         values.update(load_yaml_overrides(args.config, cls))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**values)
+    cfg = cls(**values)
+    check_config(cfg)
+    return cfg
 
 
 # commands whose first arguments may be given without a flag: `mirl report RUN_A RUN_B`, `mirl experiment NAME`
@@ -126,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     from .distributed import is_main, shutdown
+    from .recipes.common import TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="mirl", description="post-training with preference optimisation "
@@ -155,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
         shutdown(ok=False)
         return 2
+    except TrainingDiverged as e:
+        print(f"mirl {cmd}: stopped: {e}", file=sys.stderr)
+        shutdown(ok=False)
+        return 1
     if cmd not in ("eval", "demo", "report", "experiment") and is_main():
         import json
 

@@ -66,9 +66,10 @@ def weak_sft(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe,fsdp", [("grpo", False), ("online_mio", False), ("online_group_js", False),
                                          ("ppo", False), ("rm", False), ("grpo", True), ("online_mio", True),
-                                         ("ppo", True), ("rm", True)],
+                                         ("ppo", True), ("rm", True), ("grpo_batch_small", False),
+                                         ("grpo_batch_small", True), ("ppo_small", False)],
                          ids=["grpo", "online_mio", "online_group_js", "ppo", "rm", "grpo-fsdp2", "online_mio-fsdp2",
-                              "ppo-fsdp2", "rm-fsdp2"])
+                              "ppo-fsdp2", "rm-fsdp2", "grpo_batch_small", "grpo_batch_small-fsdp2", "ppo_small"])
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
     """Two gloo ranks (8 prompts each) against one process (16 prompts) for 3 steps, with DDP-style gradient
     averaging or FSDP2. Rows are sampled with per-row noise (--row-seeded-sampling, always on under
@@ -78,6 +79,13 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
               "--max-new-tokens", "8", "--lr", "1e-3", "--no-report"]
     if recipe == "grpo":
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--num-iterations", "2"]
+    elif recipe == "grpo_batch_small":
+        # --scale-rewards batch divides by the global batch's std (not each rank's); 2 rows per rank in 4
+        # minibatches of one row: in every minibatch one rank's part is empty (it still joins the collectives)
+        args = ["grpo", "--group-size", "2", "--prompts-per-step", "2", "--minibatches", "4", "--scale-rewards",
+                "batch"]
+    elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
+        args = ["ppo", "--samples-per-prompt", "2", "--prompts-per-step", "2", "--minibatches", "4"]
     elif recipe.startswith("online"):
         args = ["online", "--loss", recipe.split("_", 1)[1], "--k", "4", "--prompts-per-step", "16"]
     elif recipe == "ppo":

@@ -88,15 +88,16 @@ def group_mi_loss(policy_logps: Tensor, ref_logps: Tensor, positive: Tensor, *, 
     positive = positive.bool() & mask
     k = mask.sum(-1, keepdim=True).clamp(min=1).to(t.dtype)  # (N, 1)
     w = mask.to(t.dtype) / k  # uniform weight 1/K over the real responses
-    t_neg = t.masked_fill(~mask, 0.0)
-    # every positive j in the group is a sample from P; the marginal Q is the whole group
-    t_neg_b = t_neg.unsqueeze(1).expand(-1, t.shape[1], -1)  # (N, K, K)
-    w_b = w.unsqueeze(1).expand_as(t_neg_b)
-    if estimator == "dv":
-        w_b = w_b.clamp(min=1e-30)  # log of zero weight (padding) -> very negative, not -inf * 0
-    mi = mi_bound(t, t_neg_b, w_b, estimator)  # (N, K): I for each candidate positive
+    # every positive j in the group is a sample from P; the marginal Q is the whole group (its real responses)
+    if estimator == "dv":  # padding leaves the log-sum-exp exactly: -inf, not a tiny weight
+        real = t.masked_fill(~mask, float("-inf")).masked_fill(~mask.any(-1, keepdim=True), 0.0)  # no all -inf row
+        lse = torch.logsumexp(real, dim=-1, keepdim=True) - torch.log(k)
+        mi = t - lse  # (N, K)
+    else:
+        t_neg_b = t.masked_fill(~mask, 0.0).unsqueeze(1).expand(-1, t.shape[1], -1)  # (N, K, K)
+        mi = mi_bound(t, t_neg_b, w.unsqueeze(1).expand_as(t_neg_b), estimator)  # (N, K): I per candidate
     n_pos = positive.sum(-1)
-    per_group = -(mi * positive).sum(-1) / n_pos.clamp(min=1)
+    per_group = -torch.where(positive, mi, torch.zeros_like(mi)).sum(-1) / n_pos.clamp(min=1)
     metrics = {
         "mi": (-per_group).detach(),
         "rewards/positive": (t * positive).sum(-1).detach() / n_pos.clamp(min=1),

@@ -26,6 +26,14 @@ from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
 from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer
 
 
+# transformers model types whose logits are exactly lm_head(model(...).last_hidden_state): no scaling,
+# soft-capping or multiplier after the head (Granite's logits_scaling, Falcon-H1's lm_head_multiplier,
+# Gemma-2's final_logit_softcapping, Cohere's logit_scale, MiniCPM's scale_width would be lost). Any other
+# model takes the plain path (full logits from its own forward); tests/test_models.py checks both.
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen2_vl",
+                                    "qwen2_5_vl", "phi3", "olmo2", "smollm3"})
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask -> (B, T) positions counting real tokens from 0 (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -196,9 +204,8 @@ class Policy(nn.Module):
                                 skip_lm_head=True, **kw)
             return hidden, base.lm_head.weight
         head = base.get_output_embeddings()
-        cfg = base.config
-        if (not isinstance(head, nn.Linear) or head.bias is not None or getattr(cfg, "final_logit_softcapping", None)
-                or getattr(cfg, "logit_scale", None) or not hasattr(base, "model")):
+        if (getattr(base.config, "model_type", "") not in FUSED_HEAD_MODEL_TYPES or not isinstance(head, nn.Linear)
+                or head.bias is not None or not hasattr(base, "model")):
             return None
         out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, **kw)

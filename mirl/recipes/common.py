@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,11 +17,17 @@ from ..models import load_policy
 from ..optim import clip_grad, lr_at, set_lr
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or infinite: the run stops before the bad update."""
+
+
 def setup(cfg) -> None:
     """Threads, seeds, torch.distributed when launched by torchrun. Few threads by default:
     oversubscribing a small CPU makes every step slower. Every rank seeds alike (same initial weights)."""
     from ..distributed import init, is_main
+    from ..options import check_config
 
+    check_config(cfg)  # the CLI checked already; the Python API gets the same answers
     init()
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -151,6 +158,11 @@ def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) 
                min_lr_ratio=cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     grad_norm = clip_grad(policy, cfg.max_grad_norm)
+    if not math.isfinite(grad_norm):  # every rank sees the same (averaged) gradients: all stop here together
+        raise TrainingDiverged(f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or "
+                               f"gradient; lr {lr:g}); stopped before applying it. Nothing was saved over "
+                               f"{Path(cfg.out_dir) / 'checkpoint'} (the last good checkpoint, if any) and no "
+                               "final/ was written")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr

@@ -10,7 +10,8 @@ schedule (--beta 0.04 --kl-schedule linear --beta-final 0), several passes per b
 sampled on perturbed images, the update on the clean ones, strength annealed linearly to 0 over
 --noise-anneal-steps). With beta = 0 no reference model is kept in memory.
 Departures from the papers: the "old" log-probs of the first pass are the current ones (ratio 1), as in
-TRL; later passes use the log-probs recorded while sampling (no extra forward pass).
+TRL; with several passes or minibatches they are recomputed once per batch by a forward without gradient
+at temperature T (not the sampler's top-k/top-p-filtered record), so at lr 0 every ratio is 1.
 
     mirl grpo --model runs/sft/final --task arith --time-budget-s 240
     mirl grpo --model runs/sft/final --task rg:basic_arithmetic --reward task
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..advantages import group_advantages, rloo
+from ..advantages import group_advantages, nanstd_over_ranks, rloo
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
@@ -126,6 +127,16 @@ def noise_strength(cfg: Config, step: int) -> float:
     return cfg.noise_strength * max(0.0, 1.0 - step / max(1, horizon))
 
 
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(P,) bool: groups whose scorable (non-NaN) rewards are not all equal; NaN is no outcome, so a group
+    [nan, 1, 1, 1] has no signal, nor has a group with fewer than two scorable rewards."""
+    r = rewards.view(-1, group_size)
+    ok = ~torch.isnan(r)
+    hi = torch.where(ok, r, float("-inf")).max(1).values
+    lo = torch.where(ok, r, float("inf")).min(1).values
+    return (ok.sum(1) >= 2) & ((hi - lo) > 1e-9)
+
+
 def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None,
                    bf16: bool = False):
     """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
@@ -203,9 +214,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
             n_samples += len(sb.batch.texts)
             metrics = metrics or sb.metrics
-            r = sb.rewards.view(-1, cfg.group_size)
-            flat = torch.nan_to_num(r, nan=-1e9)
-            signal = (flat.max(1).values - flat.min(1).values) > 1e-9  # (P,) groups with a learning signal
+            signal = groups_with_signal(sb.rewards, cfg.group_size)  # (P,)
             zero_groups += int((~signal).sum())
             kept.append((sb, signal))
             n_kept = sum(int(s.sum()) for _, s in kept) * world
@@ -217,8 +226,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- advantages, per generation round (groups never mix across rounds)
         parts = []
         for sb, signal in kept:
-            adv = (group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards) if cfg.advantage == "group"
-                   else rloo(torch.nan_to_num(sb.rewards, nan=0.0), cfg.group_size))
+            batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
+            adv = (group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
+                   if cfg.advantage == "group" else rloo(sb.rewards, cfg.group_size))
             keep_rows = signal.repeat_interleave(cfg.group_size)
             parts.append((sb, adv.float(), keep_rows if cfg.dynamic_sampling else torch.ones_like(keep_rows)))
         rows = [(sb.batch, i, adv[i]) for sb, adv, keep in parts for i in torch.nonzero(keep).flatten().tolist()]
@@ -243,9 +253,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             with torch.no_grad():
                 ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
                                            images=select_images(images, torch.arange(len(rows))))
-        if (cfg.bf16 or (n_noisy and images is not None)) and (cfg.num_iterations > 1 or cfg.minibatches > 1):
-            # the recorded log-probs of noisy rows were taken on perturbed pixels, and under bf16 the update's
-            # forward differs from the sampler's: old log-probs are recomputed as the update computes them
+        if cfg.num_iterations > 1 or cfg.minibatches > 1:
+            # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
+            # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
+            # distribution, of perturbed pixels for noisy rows, of the cached decoding arithmetic (and not under
+            # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
             with torch.no_grad():
                 old_lp, _ = response_logps(policy, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
                                            images=select_images(images, torch.arange(len(rows))))
@@ -257,8 +269,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         for it in range(cfg.num_iterations):
             # minibatches of one permutation of the global batch (the same under torchrun as in one process)
             for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, cfg.seed + step * 131 + it)):
-                lp, ent = response_logps(policy, ids[mb], attn[mb], n_resp, cfg.temperature, with_entropy=True,
-                                         bf16=cfg.bf16, images=select_images(images, mb))
+                # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
+                # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
+                fwd = mb if len(mb) else torch.arange(1)
+                lp, ent = response_logps(policy, ids[fwd], attn[fwd], n_resp, cfg.temperature, with_entropy=True,
+                                         bf16=cfg.bf16, images=select_images(images, fwd))
+                anchor = lp.sum() * 0.0
+                lp, ent = lp[:len(mb)], ent[:len(mb)]
                 old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
                 g = None
                 if agg_global is not None:
@@ -269,7 +286,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     importance=cfg.importance, beta=beta, ref_logps=None if ref_lp is None else ref_lp[mb],
                     kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg, max_completion_length=cfg.max_new_tokens,
                     global_count=g)
-                loss.backward()
+                (loss + anchor).backward()
                 opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
                 grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg, sync_grads=True)
                 ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))

@@ -22,7 +22,7 @@ from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
-from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..models.vision import cat_images
 from ..optim import make_optimizer
 from ..rollout.sample import row_seeds
@@ -115,7 +115,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume,
                        show=("reward/mean",)) if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
-    counts = {"all_correct": 0, "all_wrong": 0, "used": 0}
+    counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
@@ -126,12 +126,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                generator=gen, seeds=row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None)
         n_samples += len(sb.batch.texts)
-        positive = (torch.nan_to_num(sb.rewards, nan=-1e9) >= cfg.positive_threshold).view(-1, cfg.k)  # (P, K)
-        n_pos = positive.sum(1)
-        all_correct, all_wrong = int((n_pos == cfg.k).sum()), int((n_pos == 0).sum())
+        # an unscorable (NaN) response is no outcome: neither a positive nor a negative, left out of its group
+        scored = ~torch.isnan(sb.rewards).view(-1, cfg.k)  # (P, K)
+        positive = (torch.nan_to_num(sb.rewards, nan=0.0) >= cfg.positive_threshold).view(-1, cfg.k) & scored
+        negative = scored & ~positive
+        n_pos, n_neg = positive.sum(1), negative.sum(1)
+        all_correct = int(((n_pos > 0) & (n_neg == 0)).sum())
+        all_wrong = int(((n_pos == 0) & (n_neg > 0)).sum())
         counts["all_correct"] += all_correct
         counts["all_wrong"] += all_wrong
-        usable = [p for p in range(positive.shape[0]) if 0 < int(n_pos[p]) < cfg.k]
+        counts["unscorable"] += int((~scored).sum())
+        usable = [p for p in range(positive.shape[0]) if int(n_pos[p]) > 0 and int(n_neg[p]) > 0]
         counts["used"] += len(usable)
         row = {**{k: dist.all_mean(v) for k, v in sb.metrics.items()}, "groups/all_correct": all_correct,
                "groups/all_wrong": all_wrong, "groups/used": len(usable), "time/generation_s": sb.gen_s,
@@ -145,12 +150,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
                 with torch.no_grad():
                     ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
-                per_ex, metrics = get_loss(terms[0][0]).fn(lp, ref, positive[usable], beta=cfg.beta)
+                per_ex, metrics = combined_group_loss(terms, lp, ref, positive[usable], beta=cfg.beta,
+                                                      mask=scored[usable])
             else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
                 pairs = []
                 for p in usable:
                     good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
-                    bad = [p * cfg.k + j for j in range(cfg.k) if not positive[p, j]]
+                    bad = [p * cfg.k + j for j in range(cfg.k) if negative[p, j]]
                     rng = random.Random(f"{cfg.seed}/{step}/{mine[p]}")  # per prompt: the same on any rank layout
                     pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
                 rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]

@@ -166,7 +166,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                                           tok.pad_token_id)
         everything = torch.arange(len(ids))
         n_resp = resp.shape[1]
+        # an unscorable (NaN) response is no outcome: left out of the update (policy and value losses), counted
+        scored = ~torch.isnan(sb.rewards)  # (B,)
         score = torch.nan_to_num(sb.rewards, nan=0.0).float()  # (B,)
+        loss_mask = resp * scored.unsqueeze(1).to(resp.dtype)
         # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
         with torch.no_grad():
             old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature,
@@ -180,7 +183,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             last = (resp.sum(1) - 1).clamp(min=0)
             token_rewards[torch.arange(len(last)), last] += score
             adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
-            adv = whiten(adv, resp)
+            adv = whiten(adv, loss_mask)
         # -- PPO epochs
         t_up = time.perf_counter()
         stats: dict[str, float] = {}
@@ -188,16 +191,22 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         for ep in range(cfg.ppo_epochs):
             # minibatches of one permutation of the global batch (the same under torchrun as in one process)
             for j, mb in enumerate(dist.minibatches(len(ids), cfg.minibatches, cfg.seed + 7919 * step + ep)):
-                lp, ent, values = _forward(policy, critic, ids[mb], attn[mb], n_resp, cfg.temperature,
-                                           select_images(images, mb), bf16=cfg.bf16)
-                pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], resp[mb], clip_eps=cfg.clip_eps,
+                # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
+                # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
+                fwd = mb if len(mb) else torch.arange(1)
+                lp, ent, values = _forward(policy, critic, ids[fwd], attn[fwd], n_resp, cfg.temperature,
+                                           select_images(images, fwd), bf16=cfg.bf16)
+                anchor = (lp.sum() + values.sum()) * 0.0
+                lp, ent, values = lp[:len(mb)], ent[:len(mb)], values[:len(mb)]
+                pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps,
                                                  loss_agg="bnpo")
-                v_loss = clipped_value_loss(values, old_values[mb], returns[mb], resp[mb], clip_range=cfg.value_clip)
+                v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb],
+                                            clip_range=cfg.value_clip)
                 loss = pg_loss + cfg.vf_coef * v_loss
-                loss.backward()
+                (loss + anchor).backward()
                 grad_norm, lr = optimizer_step(both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j,
                                                lr_cfg, sync_grads=True)
-                mask = resp[mb].float()
+                mask = loss_mask[mb].float()
                 upd = {"loss": dist.all_sum(loss.item()) / world, "policy_loss": pg_loss.item(),
                        "value_loss": v_loss.item(),
                        "grad_norm": grad_norm, "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),

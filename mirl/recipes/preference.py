@@ -29,7 +29,7 @@ from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
-from ..losses import combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
 from .common import (
     ModelArgs,
@@ -113,13 +113,16 @@ def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
 
 
 @torch.no_grad()
-def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch_size: int = 64):
-    """Sequence log-probs of every pair under `policy`: (chosen (n,), rejected (n,))."""
+def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch_size: int = 64,
+                   bf16: bool = False):
+    """Sequence log-probs of every pair under `policy`: (chosen (n,), rejected (n,)). bf16: under the same
+    bf16 autocast as the training forward, so that a precomputed reference equals the policy at step 0."""
     was = policy.training
     policy.eval()
     cs, rs = [], []
     for s in range(0, len(pairs), batch_size):
-        c, r, *_ = pair_forward(policy, pairs[s:s + batch_size], pad_id, average)
+        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+            c, r, *_ = pair_forward(policy, pairs[s:s + batch_size], pad_id, average)
         cs.append(c)
         rs.append(r)
     policy.train(was)
@@ -168,7 +171,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         saved = load_file(str(ref_file))
         ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
     elif needs_ref:
-        ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average)
+        ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
         if dist.is_main():
             save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file))
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
@@ -203,17 +206,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if not needs_ref:
                 rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
             elif ref_model is not None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(cfg, policy):  # the reference under the policy's arithmetic
                     rc, rr, *_ = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
             else:
                 rc, rr = ref_c_all[mb], ref_r_all[mb]
             if group:  # each pair is a group of two with the chosen response as its positive
-                fn = get_loss(terms[0][0]).fn
                 positive = torch.tensor([[True, False]]).expand(len(mb), 2)
-                per_ex, metrics = fn(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), positive, beta=cfg.beta)
-            else:
+                per_ex, metrics = combined_group_loss(terms, torch.stack([pc, pr], 1), torch.stack([rc, rr], 1),
+                                                      positive, beta=cfg.beta)
+            else:  # with logp_agg=mean the log-probs are token means already: no second division by length
                 per_ex, metrics = combined_pair_loss(terms, pc, pr, rc, rr, beta=cfg.beta, options=options,
-                                                     chosen_lengths=lc, rejected_lengths=lr_)
+                                                     chosen_lengths=None if average else lc,
+                                                     rejected_lengths=None if average else lr_)
             loss = mean_over_examples(per_ex, global_count=n_global)
             loss.backward()
             metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}

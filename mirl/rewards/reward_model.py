@@ -27,7 +27,9 @@ class RewardModelReward:
             seqs = []
             for i in range(s, min(len(prompts), s + self.batch_size)):
                 pi, img = self.rm.policy.encode_prompt(prompts[i], images[i], f"prompt {i}")
-                ids = pi + tok.encode(completions[i]) + [tok.eos_token_id]
+                # as training encoded responses (data/collate.py encode_example): no special tokens (a
+                # Llama-style tokenizer would add BOS in front of the completion by default)
+                ids = pi + tok.encode(completions[i], add_special_tokens=False) + [tok.eos_token_id]
                 seqs.append((ids, len(pi)) if img is None else (ids, len(pi), img))
             ids, attn, resp = pad_batch(seqs, tok.pad_token_id)
             out += self.rm(ids, attn, resp, images=batch_images(seqs)).tolist()

@@ -1,0 +1,106 @@
+"""Checking a command's whole configuration before any model is loaded: ranges and choices of every option.
+
+One table, keyed by option name (the same name means the same thing in every recipe): what values are
+allowed and how to say so. `check_config(cfg)` walks the fields of a recipe's Config dataclass and raises
+a ConfigError naming the option (as its flag), the value given and what is allowed. Options whose range
+depends on the recipe (beta, temperature) have a per-recipe entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+class ConfigError(ValueError):
+    """A bad option value or config file: the message names the option or the file."""
+
+
+def _int_at_least(lo: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+
+def _float_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+    what = (f"a finite number >{'' if lo_open else '='} {lo:g}" if hi == math.inf
+            else f"a number in {left}{lo:g}, {hi:g}{right}")
+    return ok, what
+
+
+def _finite():
+    return (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)), "a finite number"
+
+
+def _one_of(*choices: str):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+RULES = {
+    **{name: POSITIVE for name in (
+        "steps", "batch_size", "grad_accum", "group_size", "prompts_per_step", "minibatches", "num_iterations",
+        "ppo_epochs", "k", "samples_per_prompt", "max_len", "max_new_tokens", "threads", "n_prompts",
+        "pairs_per_prompt", "n_train", "n", "eval_prompts", "n_sampled_prompts", "workers", "sft_steps",
+        "pref_steps", "toy_steps", "starve_steps", "gpt_seeds", "rft_seeds", "lora_alpha")},
+    **{name: NON_NEGATIVE for name in (
+        "warmup_steps", "save_every", "stop_at_step", "eval_n", "eval_every", "top_k", "max_refills",
+        "noise_anneal_steps", "lora_r", "probe_every", "n_samples", "seed")},
+    **{name: _float_in(0.0) for name in (
+        "lr", "time_budget_s", "eval_every_s", "max_grad_norm", "weight_decay", "clip_eps_high", "vf_coef",
+        "chosen_drop_warn", "budget_s", "gpt_lr", "reward_timeout_s", "noise_strength", "beta_final")},
+    **{name: _finite() for name in ("positive_threshold", "simpo_gamma")},
+    "clip_eps": _float_in(0.0, 1.0, lo_open=True, hi_open=True),
+    "value_clip": _float_in(0.0, lo_open=True),
+    "top_p": _float_in(0.0, 1.0, lo_open=True),
+    "min_lr_ratio": _float_in(0.0, 1.0),
+    "neg_mix": _float_in(0.0, 1.0),
+    "label_smoothing": _float_in(0.0, 0.5, hi_open=True),
+    "noisy_rollout": _float_in(0.0, 1.0),
+    "lora_dropout": _float_in(0.0, 1.0, hi_open=True),
+    "gamma": _float_in(0.0, 1.0),
+    "lam": _float_in(0.0, 1.0),
+    "sample_temperature": _float_in(0.0, lo_open=True),
+    "temperature": _float_in(0.0, lo_open=True),  # sampling recipes; eval allows 0 (greedy), below
+    "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
+    "advantage": _one_of("group", "rloo"),
+    "scale_rewards": _one_of("group", "batch", "none"),
+    "loss_agg": _one_of("grpo", "bnpo", "dapo", "dr_grpo"),
+    "importance": _one_of("token", "sequence"),
+    "kl_estimator": _one_of("k1", "k2", "k3"),
+    "kl_schedule": _one_of("constant", "linear", "cosine"),
+    "logp_agg": _one_of("sum", "mean"),
+    "ref_mode": _one_of("precompute", "model"),
+    "critic": _one_of("head", "separate"),
+    "aggregate": _one_of("last", "mean"),
+    "pairs": _one_of("synthetic", "sampled", "both"),
+}
+# (recipe module, option) -> rule, where the range differs between recipes
+RECIPE_RULES = {
+    ("preference", "beta"): _float_in(0.0, lo_open=True),
+    ("online", "beta"): _float_in(0.0, lo_open=True),
+    ("demo", "beta"): _float_in(0.0, lo_open=True),
+    ("eval", "temperature"): _float_in(0.0),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg) -> None:
+    """Every option of a Config dataclass against its range or choices; the first bad one raises ConfigError."""
+    recipe = type(cfg).__module__.rsplit(".", 1)[-1]
+    for f in dataclasses.fields(cfg):
+        rule = RECIPE_RULES.get((recipe, f.name)) or RULES.get(f.name)
+        if rule is None:
+            continue
+        ok, what = rule
+        value = getattr(cfg, f.name)
+        if not ok(value):
+            raise ConfigError(f"{flag(f.name)} {value!r}: must be {what}")
