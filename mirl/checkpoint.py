@@ -27,26 +27,62 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (no space, permissions): the message names the file; the last good
+    checkpoint is left as it was."""
+
+
+def recover(run_dir: str | Path) -> None:
+    """A run killed between the renames of save_checkpoint leaves no checkpoint/ but a complete copy:
+    checkpoint.tmp/ (fully written before any rename) or checkpoint.old/ (the previous one). Put it back."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / CKPT, run_dir / f"{CKPT}.tmp", run_dir / f"{CKPT}.old"
+    if final.exists():
+        return
+    for src in (tmp, old):
+        if (src / "state.json").exists() and (src / "COMPLETE").exists():
+            os.replace(src, final)
+            from .logging import warn
+
+            warn(f"{final} was missing (a run stopped between renames): recovered it from {src.name}")
+            return
+
+
 def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: dict | None = None,
                     write_extra=None) -> Path:
-    """extra: JSON-able state; write_extra(folder): writes more files (e.g. a value head) before the rename."""
+    """extra: JSON-able state; write_extra(folder): writes more files (e.g. a value head) before the rename.
+    A write that fails (no space left, permissions) removes the partial copy and raises CheckpointError."""
     run_dir = Path(run_dir)
     final = run_dir / CKPT
     tmp = run_dir / f"{CKPT}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    policy.save(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {
-        "step": step,
-        "torch_rng": torch.get_rng_state().tolist(),
-        "python_rng": _py_state_to_json(random.getstate()),
-        **(extra or {}),
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    if write_extra is not None:
-        write_extra(tmp)
+    recover(run_dir)
+    current = tmp
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        current = tmp / "model"
+        policy.save(current)
+        current = tmp / "optimizer.pt"
+        torch.save(optimizer.state_dict(), current)
+        state = {
+            "step": step,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "python_rng": _py_state_to_json(random.getstate()),
+            **(extra or {}),
+        }
+        current = tmp / "state.json"
+        current.write_text(json.dumps(state))
+        if write_extra is not None:
+            current = tmp
+            write_extra(tmp)
+        current = tmp / "COMPLETE"
+        current.write_text("")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        kept = f"the last good checkpoint {final} is kept" if final.exists() else "no earlier checkpoint exists"
+        raise CheckpointError(f"writing {current} failed ({why}); {kept}") from e
     old = run_dir / f"{CKPT}.old"
     if final.exists():
         if old.exists():
@@ -59,28 +95,43 @@ def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: di
 
 
 def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns state.json (with 'step')."""
+    """Restore weights, optimizer and RNG in place; returns state.json (with 'step'). A missing or damaged
+    file is an error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .models.policy import ModelFileError, load_weights, read_json
+
+    recover(run_dir)
     ckpt = Path(run_dir) / CKPT
     if not (ckpt / "state.json").exists():
         raise FileNotFoundError(f"no checkpoint to resume from in {run_dir} (expected {ckpt}/state.json)")
+    state = read_json(ckpt / "state.json", "checkpoint state")
+    if not isinstance(state.get("step"), int):
+        raise ModelFileError(f"{ckpt / 'state.json'}: no integer 'step'")
     model_dir = ckpt / "model"
     if policy.kind == "tiny":
-        from safetensors.torch import load_model
-
-        load_model(policy.model, str(model_dir / "model.safetensors"))
+        load_weights(policy.model, model_dir / "model.safetensors")
     else:
         sd = {}
-        for f in sorted(model_dir.glob("*.safetensors")):
-            sd.update(load_file(str(f)))
+        try:
+            for f in sorted(model_dir.glob("*.safetensors")):
+                sd.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ModelFileError(f"{model_dir}: cannot load the checkpoint's weights ({e})") from e
         missing, unexpected = policy.model.load_state_dict(sd, strict=False)
         if unexpected:
             raise ValueError(f"checkpoint {model_dir} has unexpected weights: {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    random.setstate(_py_state_from_json(state["python_rng"]))
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{ckpt / 'optimizer.pt'}: cannot load the optimizer state "
+                             f"({str(e).splitlines()[0][:200]})") from e
+    try:
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        random.setstate(_py_state_from_json(state["python_rng"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{ckpt / 'state.json'}: invalid random-number state ({e})") from e
     return state
 
 

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     from .distributed import is_main, shutdown
-    from .recipes.common import TrainingDiverged
+    from .checkpoint import CheckpointError
+    from .recipes.common import Interrupted, TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="mirl", description="post-training with preference optimisation "
@@ -189,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
         shutdown(ok=False)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         print(f"mirl {cmd}: stopped: {e}", file=sys.stderr)
         shutdown(ok=False)
         return 1
+    except Interrupted as e:
+        if is_main():
+            where = (f"the checkpoint of step {e.step} is in {Path(e.out_dir) / 'checkpoint'}; resume with the same "
+                     "command and --resume") if e.saved else "no checkpoint is written under --fsdp"
+            print(f"mirl {cmd}: stopped by {e.signal_name} after step {e.step}: {where}", file=sys.stderr)
+        shutdown(ok=False)
+        return 130
     if cmd not in ("eval", "demo", "report", "experiment") and is_main():
         import json
 

@@ -20,12 +20,18 @@ def warn(msg: str) -> None:
 
 class MetricLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, *, desc: str = "train", tensorboard: bool = True,
-                 show: tuple[str, ...] = ("loss",), resume: bool = False, quiet: bool = False):
+                 show: tuple[str, ...] = ("loss",), resume: bool = False, start_step: int = 0, quiet: bool = False):
+        """resume: continue metrics.jsonl and TensorBoard from start_step (the checkpoint's step): rows of
+        later steps, logged by the interrupted run after its checkpoint, are dropped, so none repeats."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if not resume and self.path.exists():
             self.path.unlink()
+        if resume and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.show = show
         self.tb = None
@@ -33,7 +39,8 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+                # purge_step: TensorBoard hides the events of steps after the checkpoint's from the old run
+                self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else None)
             except ImportError:  # tensorboard is a dependency; keep running if a user removed it
                 warn("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.quiet = quiet or not sys.stderr.isatty()

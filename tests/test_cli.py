@@ -57,7 +57,7 @@ def test_wrong_yaml_type(tmp_path, capsys):
     cfg = tmp_path / "t.yaml"
     cfg.write_text("steps: many\n")
     assert main(["sft", "--config", str(cfg)]) == 2
-    assert "key 'steps' must be int" in capsys.readouterr().err
+    assert "key 'steps' must be an integer, got 'many'" in capsys.readouterr().err
 
 
 def test_unknown_loss_lists_valid_ones(capsys):

@@ -96,5 +96,5 @@ def test_wrong_arity_rejected_at_setup():
     def bad(completions):
         return [1.0]
 
-    with pytest.raises(TypeError, match="f\\(prompts, completions, \\*\\*columns\\)"):
+    with pytest.raises(ValueError, match="f\\(prompts, completions, \\*\\*columns\\)"):
         parse_reward_spec("test_only_bad_arity")

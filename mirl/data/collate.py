@@ -28,6 +28,9 @@ def encode_example(encoder, prompt: str, response: str, max_len: int, skips: Ski
         tokenizer, image_inputs = encoder, None
         p = tokenizer.encode(prompt, add_special_tokens=True)
     r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    unk = getattr(tokenizer, "unk_token_id", None)  # transformers tokenizers may have none (byte-level BPE)
+    if unk is not None and (unk in p or unk in r):
+        skips.note("characters the tokenizer cannot encode (kept as its unknown token)", where)
     if len(p) >= max_len:
         if image_inputs is not None:
             raise DataError(f"{where}: the prompt with its image tokens is {len(p)} tokens, which leaves no room "

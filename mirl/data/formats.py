@@ -40,19 +40,29 @@ class SkipCounter:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.examples.setdefault(reason, where)
 
+    notes: dict = field(default_factory=dict)  # rows kept but changed (reported like the skips)
+    note_examples: dict = field(default_factory=dict)
+
+    def note(self, reason: str, where: str) -> None:
+        self.notes[reason] = self.notes.get(reason, 0) + 1
+        self.note_examples.setdefault(reason, where)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def report(self) -> str:
-        if not self.counts:
-            return "skipped rows: none"
         parts = [f"{k}: {v} (first at {self.examples[k]})" for k, v in sorted(self.counts.items())]
-        return "skipped rows: " + "; ".join(parts)
+        out = "skipped rows: " + ("; ".join(parts) if parts else "none")
+        if self.notes:
+            out += "; rows kept with " + "; ".join(f"{k}: {v} (first at {self.note_examples[k]})"
+                                                   for k, v in sorted(self.notes.items()))
+        return out
 
 
-def load_rows(path: str | Path) -> list[Row]:
-    """Rows of a .jsonl/.json-lines file, a .parquet file, or a folder saved with Dataset.save_to_disk."""
+def load_rows(path: str | Path, split: str = "train") -> list[Row]:
+    """Rows of a .jsonl/.json-lines file, a .parquet file, or a folder saved with Dataset.save_to_disk (a
+    DatasetDict: the split named `split`). An empty file, invalid UTF-8 or JSON is an error naming the line."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -64,18 +74,27 @@ def load_rows(path: str | Path) -> list[Row]:
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             raise DataError(f"{p}: not a datasets folder saved with save_to_disk ({e})") from e
         if isinstance(ds, DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
+            if split not in ds:
+                raise DataError(f"{p}: no split {split!r}; its splits are {', '.join(ds)} (choose one with --split)")
             ds = ds[split]
-        return [Row(dict(r), f"{p} row {i}", str(p)) for i, r in enumerate(ds)]
-    if p.suffix == ".parquet":
+        rows = [Row(dict(r), f"{p} row {i}", str(p)) for i, r in enumerate(ds)]
+    elif p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(p)
-        return [Row(r, f"{p} row {i}", str(p.parent)) for i, r in enumerate(table.to_pylist())]
-    if p.suffix in (".jsonl", ".json"):
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{p}: not a readable parquet file ({e})") from e
+        rows = [Row(r, f"{p} row {i}", str(p.parent)) for i, r in enumerate(table.to_pylist())]
+    elif p.suffix in (".jsonl", ".json"):
         rows = []
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{p}:{n}: invalid UTF-8 (byte {e.start} of the line)") from e
                 if not line.strip():
                     continue
                 try:
@@ -85,19 +104,51 @@ def load_rows(path: str | Path) -> list[Row]:
                 if not isinstance(obj, dict):
                     raise DataError(f"{p}:{n}: each line must be a JSON object, got {type(obj).__name__}")
                 rows.append(Row(obj, f"{p}:{n}", str(p.parent)))
-        return rows
-    raise DataError(f"{p}: unsupported format {p.suffix!r}; use .jsonl, .parquet or a datasets folder")
+    else:
+        raise DataError(f"{p}: unsupported format {p.suffix!r}; use .jsonl, .parquet or a datasets folder")
+    if not rows:
+        raise DataError(f"{p}: the dataset is empty (no rows)")
+    return rows
 
 
 def _require(row: Row, *fields: str) -> None:
     for f in fields:
-        if f not in row.data or row.data[f] is None:
+        if f not in row.data:
             have = ", ".join(sorted(row.data)) or "none"
             raise DataError(f"{row.where}: missing field {f!r} (row has: {have})")
+        if row.data[f] is None:
+            raise DataError(f"{row.where}: field {f!r} is null")
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(x, where: str, field_name: str) -> None:
+    """A list of chat messages: each a mapping with a known 'role' and a 'content' that is a string or a list
+    of parts ({'type': 'text', 'text': str} or {'type': 'image'}). Raises DataError naming the message."""
+    for i, m in enumerate(x):
+        at = f"{where}: field {field_name!r} message {i}"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{at}: a message must be a mapping with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{at}: unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}")
+        c = m["content"]
+        if c is None:
+            raise DataError(f"{at}: 'content' is null")
+        if isinstance(c, str):
+            continue
+        if not isinstance(c, list):
+            raise DataError(f"{at}: 'content' must be a string or a list of parts, got {type(c).__name__}")
+        for j, part in enumerate(c):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+                continue
+            raise DataError(f"{at} part {j}: a part must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}, "
+                            f"got {part!r}"[:300])
 
 
 def _is_messages(x) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
 
 def _message_text(messages) -> str:
@@ -112,22 +163,28 @@ def _prompt_text(prompt, tokenizer, where: str, field_name: str = "prompt") -> s
     if isinstance(prompt, str):
         return prompt
     if _is_messages(prompt):  # contents flattened to text, image parts as the '<image>' placeholder
+        check_messages(prompt, where, field_name)
         flat = [{"role": m["role"], "content": _content_text(m["content"])} for m in prompt]
         return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
-    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages")
+    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages, "
+                    f"got {type(prompt).__name__}")
 
 
 def _completion_text(x, where: str, field_name: str) -> str:
     if isinstance(x, str):
         return x
     if _is_messages(x):
+        check_messages(x, where, field_name)
         return _message_text(x)
-    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages")
+    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages, "
+                    f"got {type(x).__name__}")
 
 
 def _split_implicit(chosen, rejected, tokenizer, where):
     """Implicit prompt: the longest shared prefix (messages, or characters of strings) is the prompt."""
     if _is_messages(chosen) and _is_messages(rejected):
+        check_messages(chosen, where, "chosen")
+        check_messages(rejected, where, "rejected")
         i = 0
         while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
             i += 1
@@ -159,8 +216,9 @@ def row_images(row: Row) -> dict:
             "image_base": row.base}
 
 
-def preference_records(rows: list[Row], tokenizer) -> list[dict]:
-    """TRL preference rows -> [{'prompt', 'chosen', 'rejected', 'where'}] of strings."""
+def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = None) -> list[dict]:
+    """TRL preference rows -> [{'prompt', 'chosen', 'rejected', 'where'}] of strings. A row whose chosen
+    equals its rejected response carries no preference: skipped and counted in `skips`."""
     out = []
     for row in rows:
         _require(row, "chosen", "rejected")
@@ -171,6 +229,10 @@ def preference_records(rows: list[Row], tokenizer) -> list[dict]:
             rejected = _completion_text(d["rejected"], row.where, "rejected")
         else:
             prompt, chosen, rejected = _split_implicit(d["chosen"], d["rejected"], tokenizer, row.where)
+        if chosen == rejected:
+            if skips is not None:
+                skips.add("chosen equals rejected", row.where)
+            continue
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where, **row_images(row)})
     return out
 
@@ -182,7 +244,11 @@ def completion_records(rows: list[Row], tokenizer) -> list[dict]:
         d = row.data
         if "messages" in d:
             msgs = d["messages"]
-            if not _is_messages(msgs) or not msgs or msgs[-1]["role"] != "assistant":
+            if msgs is None:
+                raise DataError(f"{row.where}: field 'messages' is null")
+            if _is_messages(msgs):
+                check_messages(msgs, row.where, "messages")
+            if not _is_messages(msgs) or msgs[-1]["role"] != "assistant":
                 raise DataError(f"{row.where}: field 'messages' must be chat messages ending with an assistant turn")
             prompt = _prompt_text(msgs[:-1], tokenizer, row.where, "messages")
             completion = _message_text(msgs[-1:])

@@ -10,6 +10,8 @@ kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +65,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
             w = float(weight) if weight else 1.0
         except ValueError as e:
             raise ValueError(f"loss weight for {name!r} must be a number, got {weight!r}") from e
+        if not math.isfinite(w):
+            raise ValueError(f"loss weight for {name!r} must be finite, got {weight!r}")
         terms.append((name, w))
     if not terms:
         raise ValueError(f"empty loss spec {spec!r}; valid losses: {', '.join(sorted(LOSSES))}")

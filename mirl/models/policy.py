@@ -259,6 +259,44 @@ class Policy(nn.Module):
         self.tokenizer.save_pretrained(path)
 
 
+class ModelFileError(ValueError):
+    """A model or checkpoint file that is missing, truncated or invalid; the message names the file."""
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; a missing or invalid file is a ModelFileError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ModelFileError(f"{path}: missing ({what})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: invalid JSON in the {what} ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: the {what} must be a JSON object")
+    return data
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """safetensors weights into `model` (strict); missing, truncated or mismatched -> ModelFileError."""
+    from safetensors import SafetensorError
+
+    if not Path(file).exists():
+        raise ModelFileError(f"{file}: missing (the model's weights)")
+    try:
+        load_model(model, str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ModelFileError(f"{file}: cannot load the weights ({str(e).splitlines()[0][:300]})") from e
+
+
+def read_tokenizer(path: Path) -> CharTokenizer:
+    data = read_json(Path(path) / "tokenizer.json", "tokenizer")
+    try:
+        return CharTokenizer.from_pretrained(path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{Path(path) / 'tokenizer.json'}: not a valid {data.get('type', 'mirl')} tokenizer "
+                             f"({e})") from e
+
+
 def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int | None = None) -> Policy:
     if preset in VLM_PRESETS:
         tok = CharTokenizer(image_token=IMAGE_PLACEHOLDER)
@@ -289,6 +327,11 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
 
         s = str(smollm2_folder())
     path = Path(s)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        from ..logging import console
+
+        console.print(f"{path} is a run folder: loading its final model, {path / 'final'}")
+        path = path / "final"
     if not path.exists():
         raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
                                 "smollm2) "
@@ -302,17 +345,22 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") == "mirl-tiny-gpt":
-        model = TinyGPT(TinyGPTConfig(**cfg))
-        load_model(model, str(path / "model.safetensors"))
-        policy = Policy(model.to(dtype), CharTokenizer.from_pretrained(path), "tiny")
-    elif cfg.get("model_type") == "mirl-tiny-vlm":
-        model = TinyVLM(TinyVLMConfig(**cfg))
-        load_model(model, str(path / "model.safetensors"))
-        policy = _tiny_vlm_policy(model.to(dtype), CharTokenizer.from_pretrained(path))
+    cfg = read_json(cfg_file, "model config")
+    if cfg.get("model_type") in ("mirl-tiny-gpt", "mirl-tiny-vlm"):
+        vlm = cfg["model_type"] == "mirl-tiny-vlm"
+        try:
+            model = TinyVLM(TinyVLMConfig(**cfg)) if vlm else TinyGPT(TinyGPTConfig(**cfg))
+        except TypeError as e:
+            raise ModelFileError(f"{cfg_file}: not a valid mirl model config ({e})") from e
+        load_weights(model, path / "model.safetensors")
+        tok = read_tokenizer(path)
+        policy = _tiny_vlm_policy(model.to(dtype), tok) if vlm else Policy(model.to(dtype), tok, "tiny")
     elif is_hf_dir(path):
-        model, tok, image_processor = load_hf(path, dtype)
+        try:
+            model, tok, image_processor = load_hf(path, dtype)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ModelFileError(f"{path}: cannot load the transformers model ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
         vision = None
         if image_processor is not None:
             from .vision import HFVision

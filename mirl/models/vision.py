@@ -51,7 +51,11 @@ def load_image(x, where: str, base: str | Path = ""):
             raise DataError(f"{where}: an image must be a path, bytes or a PIL image, got {type(x).__name__}")
         img.load()  # decode now: a truncated file fails here, not in the middle of training
         return img
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where}: image too large to open safely ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{where}: unreadable image ({e})") from e
 
 

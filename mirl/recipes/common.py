@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import atomic_write_text, save_checkpoint
 from ..data.formats import SkipCounter
 from ..logging import console
 from ..models import load_policy
 from ..optim import clip_grad, lr_at, set_lr
+from ..options import ConfigError, flag
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,9 +33,92 @@ def setup(cfg) -> None:
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out_dir)
+    recipe = type(cfg).__module__.rsplit(".", 1)[-1]
+    saved = out / "config.json"
+    if cfg.resume:
+        check_resume_config(cfg, recipe, saved)
     if is_main():
-        (Path(cfg.out_dir) / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(saved, json.dumps({"recipe": recipe, **asdict(cfg)}, indent=1))
+        except OSError as e:
+            raise ConfigError(f"--out-dir {cfg.out_dir}: cannot write the run folder ({e.strerror or e})") from e
+    watch_stop_signals()
+
+
+# options that may change between a run and its resumption: they do not change what is trained
+RESUMABLE_CHANGES = {"resume", "stop_at_step", "threads", "allow_config_change", "report", "eval_every",
+                     "eval_every_s", "eval_n", "time_budget_s", "save_every"}
+
+
+def check_resume_config(cfg, recipe: str, saved: Path) -> None:
+    """--resume continues the same run: the checkpoint must come from this recipe, and the options that
+    decide what is trained must be those it was started with (--allow-config-change lets them differ)."""
+    if not saved.exists():
+        return  # no run here: load_checkpoint says so
+    try:
+        old = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config to resume it ({e})") from e
+    if old.get("recipe", recipe) != recipe:
+        raise ConfigError(f"{cfg.out_dir} holds a run of 'mirl {RECIPE_COMMANDS.get(old['recipe'], old['recipe'])}'; "
+                          f"it cannot be resumed by 'mirl {RECIPE_COMMANDS.get(recipe, recipe)}'")
+    now = asdict(cfg)
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
+    if diff and not cfg.allow_config_change:
+        shown = ", ".join(f"{flag(k)} {old[k]!r} -> {now[k]!r}" for k in diff[:8])
+        raise ConfigError(f"--resume: the options differ from the run's in {saved}: {shown}; resume with the same "
+                          "options, or pass --allow-config-change")
+
+
+RECIPE_COMMANDS = {"preference": "dpo", "reward_model": "rm"}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the recipe saved the last completed step and stops."""
+
+    def __init__(self, step: int, signal_name: str, saved: bool, out_dir: str):
+        super().__init__(f"{signal_name} after step {step}")
+        self.step, self.signal_name, self.saved, self.out_dir = step, signal_name, saved, out_dir
+
+
+_STOP = {"signal": None}
+
+
+def watch_stop_signals() -> None:
+    """SIGINT / SIGTERM ask the run to stop after the current step (checkpoint, then Interrupted); a second
+    SIGINT stops at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _STOP["signal"] = None
+
+    def handler(signum, frame):
+        if _STOP["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _STOP["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_signal() -> str | None:
+    """The name of the signal that asked the run to stop (None when none did), the same on every rank."""
+    from .. import distributed as dist
+
+    name = _STOP["signal"]
+    if dist.world_size() > 1 and dist.all_sum(float(name is not None)) > 0:
+        return name or "SIGTERM"
+    return name
+
+
+def halt_if_signalled(cfg, step: int, name: str | None) -> None:
+    """After step `step` was completed and (when allowed) saved: raise Interrupted when a signal asked to stop."""
+    if name is not None:
+        raise Interrupted(step, name, saved=checkpoint_due(cfg, step, True), out_dir=cfg.out_dir)
 
 
 @dataclass
@@ -49,11 +133,13 @@ def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: 
     """Rank 0 logs the step and writes the checkpoint when due; every rank waits for it."""
     from .. import distributed as dist
 
+    halt = stop_signal()
     if main:
         log.log(step, row)
-        if checkpoint_due(cfg, step, False):
+        if checkpoint_due(cfg, step, halt is not None):
             save_checkpoint(cfg.out_dir, policy, optimizer, step)
     dist.barrier()
+    halt_if_signalled(cfg, step, halt)
 
 
 def train_seconds(t_train: float, evals=()) -> float:
@@ -99,6 +185,7 @@ class ModelArgs:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 def get_policy(cfg, model):
@@ -144,7 +231,13 @@ def frozen_reference(policy):
 
 
 def save_final(policy, cfg, path) -> None:
-    policy.save(path, merged=not getattr(cfg, "save_adapter_only", False))
+    """The trained model to `path`; a failed write (no space, permissions) is a CheckpointError naming it."""
+    from ..checkpoint import CheckpointError
+
+    try:
+        policy.save(path, merged=not cfg.save_adapter_only)
+    except OSError as e:
+        raise CheckpointError(f"writing the final model to {path} failed ({e.strerror or e})") from e
 
 
 def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) -> tuple[float, float]:
@@ -169,9 +262,9 @@ def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) 
 
 
 def report_skips(skips: SkipCounter, out_dir: str | Path) -> None:
-    if skips.total:
+    if skips.total or skips.notes:
         console.print(f"[yellow]{skips.report()}[/]")
-    (Path(out_dir) / "skips.json").write_text(json.dumps(skips.counts))
+    (Path(out_dir) / "skips.json").write_text(json.dumps({**skips.counts, **skips.notes}))
 
 
 def online_setup(cfg, model, data, recipe: str):
@@ -188,7 +281,7 @@ def online_setup(cfg, model, data, recipe: str):
     task = make_task(cfg.task) if cfg.task else None
     if data is None:
         if cfg.data:
-            data = prompt_records(load_rows(cfg.data), policy.tokenizer)
+            data = prompt_records(load_rows(cfg.data, cfg.split), policy.tokenizer)
         elif task is not None:
             data = task.examples("train", cfg.n_prompts, cfg.seed)
         else:

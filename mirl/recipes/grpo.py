@@ -47,11 +47,13 @@ from .common import (
     finish_run,
     frozen_reference,
     gathered_policy,
+    halt_if_signalled,
     held_out_accuracy,
     online_setup,
     optimizer_step,
     out_of_time,
     save_final,
+    stop_signal,
 )
 
 
@@ -60,6 +62,7 @@ class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: names with weights, e.g. "task:1,format:0.1", "accuracy", "rm:<folder>"
     reward_timeout_s: float = 10.0  # a reward call running longer is cut off, counted and reported
@@ -191,7 +194,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     opt_steps_per_step = cfg.num_iterations * cfg.minibatches
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, show=("reward/mean", "kl")) \
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")) \
         if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
@@ -310,12 +313,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
                                                       t_train, n_samples)
         history.append({"step": step + 1, **row})
-        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
+        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
                             {"gen_rng": gen.get_state().tolist(), "evals": evals})
+        halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     if main:

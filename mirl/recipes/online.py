@@ -35,11 +35,13 @@ from .common import (
     finish_run,
     frozen_reference,
     gathered_policy,
+    halt_if_signalled,
     held_out_accuracy,
     online_setup,
     optimizer_step,
     out_of_time,
     save_final,
+    stop_signal,
 )
 from .grpo import response_logps
 
@@ -49,6 +51,7 @@ class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec, as in grpo
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
@@ -112,7 +115,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
         dist.wrap(policy, fsdp=True)
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume,
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, start_step=start,
                        show=("reward/mean",)) if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
@@ -188,12 +191,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                                       t_train, n_samples)
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
-        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
+        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
             save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
                                                                        "evals": evals})
+        halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     if main:

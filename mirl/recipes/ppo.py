@@ -42,11 +42,13 @@ from .common import (
     finish_run,
     frozen_reference,
     gathered_policy,
+    halt_if_signalled,
     held_out_accuracy,
     online_setup,
     optimizer_step,
     out_of_time,
     save_final,
+    stop_signal,
 )
 from .grpo import response_logps
 
@@ -56,6 +58,7 @@ class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
@@ -148,7 +151,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, show=("reward/mean", "kl")) \
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")) \
         if main else None
     history, t_train, n_samples = [], time.perf_counter(), 0
 
@@ -225,7 +228,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
                                                       t_train, n_samples)
         history.append({"step": step + 1, **row})
-        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
+        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
+        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
@@ -233,6 +237,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                                                                        "evals": evals},
                             write_extra=lambda d: save_file(_contiguous(critic.state_dict()),
                                                             str(d / "critic.safetensors")))
+        halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
     if main:

@@ -13,6 +13,7 @@ Log-probs are summed over response tokens (DPO's convention) or averaged (logp_a
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from .common import (
 class Config(ModelArgs):
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)
     loss: str = "dpo"  # loss name or weighted mix, e.g. "mio" or "dpo:1,sft:0.2"
     beta: float = 0.1  # temperature of the implicit critic T = beta * (logp - logp_ref)
@@ -92,9 +94,21 @@ def encode_pairs(policy, pairs: list[dict], max_len: int, skips: SkipCounter) ->
         img = {"images": p.get("images"), "image_base": p.get("image_base", "")}
         c = encode_example(policy, p["prompt"], p["chosen"], max_len, skips, where, "chosen", **img)
         r = encode_example(policy, p["prompt"], p["rejected"], max_len, skips, where, "rejected", **img) if c else None
-        if c and r:
+        if c and r and c[0] == r[0]:  # e.g. characters the tokenizer cannot encode, replaced by one token
+            skips.add("chosen and rejected encode to the same tokens", where)
+        elif c and r:
             out.append((c, r))
     return out
+
+
+def pairs_fingerprint(pairs: list[tuple]) -> str:
+    """SHA-256 of the encoded pairs' token ids: cached reference log-probs belong to exactly these pairs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for c, r in pairs:
+        h.update(json.dumps([c[0], c[1], r[0], r[1]]).encode())
+    return h.hexdigest()
 
 
 def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
@@ -142,9 +156,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     tok = policy.tokenizer
     task = make_task(cfg.task) if cfg.task else None
     pair_stats = {}
+    skips = SkipCounter()
     if data is None:
         if cfg.data:
-            data = preference_records(load_rows(cfg.data), tok)
+            data = preference_records(load_rows(cfg.data, cfg.split), tok, skips)
         elif task is not None:
             data, pair_stats = sample_pairs(policy, task, task.examples("train", cfg.n_prompts, cfg.seed),
                                             k=cfg.k, temperature=cfg.sample_temperature,
@@ -152,7 +167,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             console.print(f"sampled pairs: {pair_stats}")
         else:
             raise ValueError("preference training needs --data or --task")
-    skips = SkipCounter()
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
     if not pairs:
         raise ValueError(f"no usable preference pairs ({skips.report()})")
@@ -168,12 +182,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if needs_ref and cfg.ref_mode == "model":
         ref_model = frozen_reference(policy)
     elif needs_ref and cfg.resume and ref_file.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(ref_file), "pt") as f:
+            saved_fp = (f.metadata() or {}).get("pairs")
+        if saved_fp != pairs_fingerprint(pairs):
+            raise ValueError(f"--resume: the preference pairs differ from those the run started with ({ref_file} "
+                             "holds the reference log-probs of those); resume with the same data, or start a new run")
         saved = load_file(str(ref_file))
         ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
     elif needs_ref:
         ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
         if dist.is_main():
-            save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file))
+            save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file),
+                      metadata={"pairs": pairs_fingerprint(pairs)})
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 
@@ -185,7 +207,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     main = dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume,
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume, start_step=start,
                        show=("loss", "logps/chosen", "rewards/margins")) if main else None
     history, first, warned = [], None, False
     policy.train()

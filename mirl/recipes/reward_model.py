@@ -36,9 +36,11 @@ from .common import (
     finish_run,
     gathered_policy,
     get_policy,
+    halt_if_signalled,
     optimizer_step,
     report_skips,
     setup,
+    stop_signal,
 )
 from .preference import encode_pairs
 
@@ -47,6 +49,7 @@ from .preference import encode_pairs
 class Config(ModelArgs):
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
     task: str = "arith"  # task for generated pairs
     pairs: str = "both"  # training pairs: synthetic (gold vs a corrupted solution), sampled (from --model), both
@@ -107,10 +110,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     check_fsdp(cfg, "rm")
     policy = get_policy(cfg, model)
     tok = policy.tokenizer
+    skips = SkipCounter()
     if data is None and cfg.data:
-        data = preference_records(load_rows(cfg.data), tok)
+        data = preference_records(load_rows(cfg.data, cfg.split), tok, skips)
         if eval_data is None and cfg.eval_data:
-            eval_data = preference_records(load_rows(cfg.eval_data), tok)
+            eval_data = preference_records(load_rows(cfg.eval_data, cfg.split), tok, skips)
         elif eval_data is None:
             cut = max(1, len(data) // 10)
             data, eval_data = data[cut:], data[:cut]
@@ -133,7 +137,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         eval_data, st_eval = sample_pairs(policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k,
                                           seed=cfg.seed + 1)
         console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
-    skips = SkipCounter()
     synth_held_out = encode_pairs(policy, synth_eval, cfg.max_len, skips) if synth_eval else []
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
     held_out = encode_pairs(policy, eval_data or [], cfg.max_len, skips)
@@ -149,7 +152,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
     acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
     world, main = dist.world_size(), dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, show=("loss", "accuracy")) \
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, start_step=start, show=("loss", "accuracy")) \
         if main else None
     history = []
     rm.train()
@@ -174,11 +177,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         sums = {k: dist.all_sum(v) / world for k, v in sums.items()}  # global means (equal shards)
         row = {**sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": ntok / (time.perf_counter() - t0)}
         history.append({"step": step + 1, **row})
+        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
         if main:
             log.log(step + 1, row)
-        if main and checkpoint_due(cfg, step + 1, False):
+        if main and checkpoint_due(cfg, step + 1, halt is not None):
             save_checkpoint(cfg.out_dir, rm.policy, optimizer, step + 1, write_extra=lambda d: save_file(
                 dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}))
+        halt_if_signalled(cfg, step + 1, halt)
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
     if main:

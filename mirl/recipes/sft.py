@@ -48,6 +48,7 @@ class Config(ModelArgs):
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
+    split: str = "train"  # the split to read when --data is a datasets folder with several
     n_train: int = 20000  # task examples to generate
     max_len: int = 64  # prompt + completion tokens; longer completions are truncated, counted
     steps: int = 600  # optimizer steps
@@ -80,7 +81,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     task = make_task(cfg.task) if cfg.task and not cfg.data else None
     if data is None:
         if cfg.data:
-            data = completion_records(load_rows(cfg.data), tok)
+            data = completion_records(load_rows(cfg.data, cfg.split), tok)
         elif task is not None:
             data = [{"prompt": e["prompt"], "completion": e["solution"], "images": e.get("images"),
                      "where": f"{task.name} train #{i}"} for i, e in enumerate(task.examples("train", cfg.n_train,
@@ -91,6 +92,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     encoded = [encode_example(policy, d["prompt"], d["completion"], cfg.max_len, skips, d.get("where", f"example {i}"),
                               "completion", d.get("images"), d.get("image_base", "")) for i, d in enumerate(data)]
     encoded = [e for e in encoded if e is not None]
+    if not encoded:
+        raise ValueError(f"no usable SFT examples: every row was skipped ({skips.report()})")
     check_fsdp(cfg, "sft")
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
@@ -99,7 +102,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     main = dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, show=("loss", "lr")) if main else None
+    log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, start_step=start, show=("loss", "lr")) if main else None
     history, evals = [], []
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size()  # examples per optimizer step

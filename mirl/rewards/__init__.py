@@ -28,27 +28,59 @@ from .registry import REWARDS, get_reward, register_reward
 __all__ = ["REWARDS", "get_reward", "register_reward", "RewardSet", "parse_reward_spec"]
 
 
-class RewardTimeout(Exception):
-    pass
+class RewardTimeout(BaseException):
+    """Raised inside a reward call that ran past its limit. A BaseException, so that a reward's own
+    `except Exception:` cannot swallow it."""
 
 
 @contextmanager
 def _time_limit(seconds: float):
-    """SIGALRM-based limit in the main thread (a hung pure-Python scorer is interrupted); none elsewhere."""
+    """SIGALRM-based limit in the main thread (a hung pure-Python scorer is interrupted); none elsewhere.
+    Yields a dict whose 'fired' turns True when the limit was hit (even if the reward swallowed the signal)."""
+    state = {"fired": False}
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
 
     def handler(signum, frame):
+        state["fired"] = True
         raise RewardTimeout(f"timed out after {seconds} s")
 
     old = signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield state
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def _weight(text: str, name: str) -> float:
+    """A weight of a reward spec: a finite number (1 when empty)."""
+    try:
+        w = float(text) if text else 1.0
+    except ValueError as e:
+        raise ValueError(f"reward weight for {name!r} must be a number, got {text!r}") from e
+    if not math.isfinite(w):
+        raise ValueError(f"reward weight for {name!r} must be finite, got {text!r}")
+    return w
+
+
+def _check_values(values, n: int) -> str | None:
+    """Why a reward's return value is unusable (None when it is a list of n numbers or None entries)."""
+    if not isinstance(values, (list, tuple)):
+        if isinstance(values, torch.Tensor) and values.dim() == 1:
+            values = values.tolist()
+        else:
+            return f"returned {type(values).__name__}, not a list of {n} scores"
+    if len(values) != n:
+        return f"returned {len(values)} values for {n} samples"
+    for v in values:
+        number = (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+            isinstance(v, torch.Tensor) and v.dim() == 0)  # numpy scalars are float / int subclasses or below
+        if v is not None and not number and not type(v).__module__.startswith("numpy"):
+            return f"returned a {type(v).__name__} ({str(v)[:40]!r}) among its scores; each must be a number or None"
+    return None
 
 
 def check_signature(name: str, fn: Callable) -> None:
@@ -62,7 +94,7 @@ def check_signature(name: str, fn: Callable) -> None:
     has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
     has_var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
     if (len(positional) < 2 and not has_var_pos) or not has_var_kw:
-        raise TypeError(f"reward {name!r} must have the signature f(prompts, completions, **columns); "
+        raise ValueError(f"reward {name!r} must have the signature f(prompts, completions, **columns); "
                         f"it has {sig}")
 
 
@@ -77,13 +109,10 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
             path, _, w = part[3:].partition("@")
             from .reward_model import RewardModelReward
 
-            out.append(("rm", RewardModelReward(path), float(w) if w else 1.0))
+            out.append(("rm", RewardModelReward(path), _weight(w, "rm")))
             continue
         name, _, w = part.partition(":")
-        try:
-            weight = float(w) if w else 1.0
-        except ValueError as e:
-            raise ValueError(f"reward weight for {name!r} must be a number, got {w!r}") from e
+        weight = _weight(w, name)
         if name == "task":
             if task is None:
                 raise ValueError("reward 'task' needs a task (--task)")
@@ -119,19 +148,28 @@ class RewardSet:
         per_fn = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float64)
         for j, (name, fn, _) in enumerate(self.fns):
             try:
-                with _time_limit(self.timeout_s):
+                with _time_limit(self.timeout_s) as limit:
                     values = fn(prompts, completions, **columns)
-            except Exception as e:  # noqa: BLE001 - a faulty scorer must not kill the run
-                kind = "timeout" if isinstance(e, RewardTimeout) else f"error ({type(e).__name__}: {e})"
+                if limit["fired"]:  # the reward caught the timeout itself and returned
+                    raise RewardTimeout("swallowed")
+            except (Exception, SystemExit, RewardTimeout) as e:  # noqa: BLE001 - a faulty scorer must not kill the run
+                kind = ("timeout" if isinstance(e, RewardTimeout) else
+                        f"exit ({type(e).__name__}: {e})" if isinstance(e, SystemExit) else
+                        f"error ({type(e).__name__}: {e})")
                 self._fault(name, kind, f"{prompts[0]!r} -> {completions[0]!r}")
                 continue
-            if len(values) != n:
-                self._fault(name, f"returned {len(values)} values for {n} samples", completions[0])
+            bad = _check_values(values, n)
+            if bad is not None:
+                self._fault(name, bad, completions[0])
                 continue
-            for i, v in enumerate(values):
+            for i, v in enumerate(list(values)):
                 if v is None:
                     continue
-                v = float(v)
+                try:
+                    v = float(v)
+                except (TypeError, ValueError):
+                    self._fault(name, f"non-numeric value {str(v)[:40]!r}", f"{prompts[i]!r} -> {completions[i]!r}")
+                    continue
                 if not math.isfinite(v):
                     self._fault(name, "non-finite value", f"{prompts[i]!r} -> {completions[i]!r} = {v}")
                     continue

@@ -158,4 +158,5 @@ def task_reward(task):
         return [task.score(c, e) for c, e in zip(completions, example)]
 
     reward.__name__ = f"task_{task.name}"
+    reward.required_columns = task.score_columns  # checked against every prompt row at start
     return reward

@@ -34,6 +34,7 @@ def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
             continue
         need = [p.name for p in list(params)[2:] if p.default is p.empty and p.kind not in (p.VAR_KEYWORD,
                                                                                            p.VAR_POSITIONAL)]
+        need += list(getattr(fn, "required_columns", ()))  # the task reward: the fields its score() reads
         for col in need:
             for i, ex in enumerate(examples):
                 if col not in ex or ex[col] is None:

@@ -52,6 +52,7 @@ def wrong_cot(a: int, b: int, rng: random.Random) -> str:
 
 class ArithTask:
     """Addition of two numbers with 1..digits digits."""
+    score_columns = ("answer",)  # the fields of an example that score() reads
 
     def __init__(self, digits: int = 3):
         if digits < 1:

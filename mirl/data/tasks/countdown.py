@@ -44,6 +44,7 @@ def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
 
 
 class CountdownTask:
+    score_columns = ("numbers", "target")  # the fields of an example that score() reads
     def __init__(self, n_numbers: int = 3, max_number: int = 20):
         self.n_numbers, self.max_number = n_numbers, max_number
         self.name = f"countdown{n_numbers}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 
 class ReasoningGymTask:
+    score_columns = ("rg_entry",)  # the fields of an example that score() reads
     def __init__(self, dataset: str, **kwargs):
         import reasoning_gym
 

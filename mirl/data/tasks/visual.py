@@ -58,6 +58,7 @@ def digit_image(i: int, j: int):
 
 
 class DigitArithTask:
+    score_columns = ("answer",)  # the fields of an example that score() reads
     name = "digits"
     success_threshold = 1.0
 
@@ -117,6 +118,7 @@ def draw_scene(shapes: list[dict]):
 
 
 class ShapeCountTask:
+    score_columns = ("answer",)  # the fields of an example that score() reads
     name = "shapes"
     success_threshold = 1.0
 
@@ -164,6 +166,7 @@ class GroundingTask:
     word alone names the target; distinct="pair" (`grounding:pair`): only the (colour, kind) pairs are
     distinct, so a scene can hold a red square next to a red circle and a blue circle and the model must
     bind both words to one shape."""
+    score_columns = ("box",)  # the fields of an example that score() reads
 
     success_threshold = 0.5  # accuracy = IoU >= 0.5; the mean score is the mean IoU
 
