@@ -327,7 +327,7 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
 
         s = str(smollm2_folder())
     path = Path(s)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "final" / "config.json").exists():
         from ..logging import console
 
         console.print(f"{path} is a run folder: loading its final model, {path / 'final'}")

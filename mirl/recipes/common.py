@@ -48,7 +48,7 @@ def setup(cfg) -> None:
 
 
 # options that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = {"resume", "stop_at_step", "threads", "allow_config_change", "report", "eval_every",
+RESUMABLE_CHANGES = {"resume", "out_dir", "stop_at_step", "threads", "allow_config_change", "report", "eval_every",
                      "eval_every_s", "eval_n", "time_budget_s", "save_every"}
 
 

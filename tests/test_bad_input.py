@@ -1,0 +1,459 @@
+"""Bad input through the CLI: every case gets a clear error (exit 2, or 1 for a stopped run) naming the
+option, file, row or field, or a counted skip that the run reports; never a traceback, never silence.
+
+Each case: the command line ({d} is a fresh folder holding the case's files), the files, the exit status
+and the words the message must contain.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mirl.cli import main
+
+PAIR = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(4) for b in range(4)]
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+FAST = ["--steps", "1", "--threads", "1", "--no-report", "--eval-n", "0"]
+DPO = ["dpo", "--task", "", "--out-dir", "{d}/run", "--steps", "1", "--threads", "1", "--no-report"]
+SFT = ["sft", "--task", "", "--out-dir", "{d}/run", *FAST]
+GRPO = ["grpo", "--out-dir", "{d}/run", "--max-new-tokens", "4", "--group-size", "2", "--prompts-per-step", "2",
+        *FAST]
+
+CASES = [
+    # ---- options: ranges and choices, before any model is loaded ----------------------------------------
+    ("lr-negative", ["grpo", "--lr", "-1"], {}, 2, ["--lr -1.0", "finite number >= 0"]),
+    ("lr-nan", ["grpo", "--lr", "nan"], {}, 2, ["--lr nan", "finite number"]),
+    ("lr-inf", ["dpo", "--lr", "inf"], {}, 2, ["--lr inf"]),
+    ("steps-zero", ["grpo", "--steps", "0"], {}, 2, ["--steps 0", "integer >= 1"]),
+    ("group-size-zero", ["grpo", "--group-size", "0"], {}, 2, ["--group-size 0"]),
+    ("group-size-one", ["grpo", "--group-size", "1", "--out-dir", "{d}/r"], {}, 2, ["group_size must be at least 2"]),
+    ("top-p-zero", ["grpo", "--top-p", "0"], {}, 2, ["--top-p 0.0", "(0, 1]"]),
+    ("top-p-above-one", ["online", "--top-p", "1.5"], {}, 2, ["--top-p 1.5"]),
+    ("top-k-negative", ["grpo", "--top-k", "-1"], {}, 2, ["--top-k -1", "integer >= 0"]),
+    ("temperature-zero", ["grpo", "--temperature", "0"], {}, 2, ["--temperature 0.0", "> 0"]),
+    ("eval-temperature-negative", ["eval", "--temperature", "-1"], {}, 2, ["--temperature -1.0"]),
+    ("advantage-unknown", ["grpo", "--advantage", "foo"], {}, 2, ["--advantage 'foo'", "group, rloo"]),
+    ("scale-rewards-unknown", ["grpo", "--scale-rewards", "all"], {}, 2, ["--scale-rewards 'all'", "batch"]),
+    ("loss-agg-unknown", ["grpo", "--loss-agg", "sum"], {}, 2, ["--loss-agg 'sum'", "dr_grpo"]),
+    ("importance-unknown", ["grpo", "--importance", "seq"], {}, 2, ["--importance 'seq'", "sequence"]),
+    ("kl-estimator-unknown", ["ppo", "--kl-estimator", "k9"], {}, 2, ["--kl-estimator 'k9'", "k1, k2, k3"]),
+    ("kl-schedule-unknown", ["grpo", "--kl-schedule", "exp"], {}, 2, ["--kl-schedule 'exp'"]),
+    ("dpo-beta-zero", ["dpo", "--beta", "0"], {}, 2, ["--beta 0.0", "> 0"]),
+    ("dpo-beta-negative", ["dpo", "--beta", "-0.1"], {}, 2, ["--beta -0.1"]),
+    ("grpo-beta-negative", ["grpo", "--beta", "-0.1"], {}, 2, ["--beta -0.1", ">= 0"]),
+    ("ref-mode-unknown", ["dpo", "--ref-mode", "copy"], {}, 2, ["--ref-mode 'copy'", "precompute, model"]),
+    ("logp-agg-unknown", ["dpo", "--logp-agg", "max"], {}, 2, ["--logp-agg 'max'", "sum, mean"]),
+    ("critic-unknown", ["ppo", "--critic", "big"], {}, 2, ["--critic 'big'", "head, separate"]),
+    ("clip-eps-zero", ["ppo", "--clip-eps", "0"], {}, 2, ["--clip-eps 0.0", "(0, 1)"]),
+    ("batch-size-zero", ["sft", "--batch-size", "0"], {}, 2, ["--batch-size 0"]),
+    ("max-len-zero", ["sft", "--max-len", "0"], {}, 2, ["--max-len 0"]),
+    ("minibatches-zero", ["grpo", "--minibatches", "0"], {}, 2, ["--minibatches 0"]),
+    ("threads-zero", ["sft", "--threads", "0"], {}, 2, ["--threads 0"]),
+    ("time-budget-negative", ["grpo", "--time-budget-s", "-5"], {}, 2, ["--time-budget-s -5.0"]),
+    ("min-lr-ratio-two", ["grpo", "--min-lr-ratio", "2"], {}, 2, ["--min-lr-ratio 2.0", "[0, 1]"]),
+    ("label-smoothing-half", ["dpo", "--label-smoothing", "0.5"], {}, 2, ["--label-smoothing 0.5", "[0, 0.5)"]),
+    ("max-new-tokens-zero", ["grpo", "--max-new-tokens", "0"], {}, 2, ["--max-new-tokens 0"]),
+    ("rm-pairs-unknown", ["rm", "--pairs", "all"], {}, 2, ["--pairs 'all'", "synthetic, sampled, both"]),
+    ("online-k-one", ["online", "--k", "1", "--out-dir", "{d}/r"], {}, 2, ["k must be at least 2"]),
+    ("loss-unknown", ["dpo", "--loss", "dpoo"], {}, 2, ["unknown loss 'dpoo'", "valid losses"]),
+    ("loss-weight-text", ["dpo", "--loss", "dpo:abc"], {}, 2, ["loss weight for 'dpo' must be a number"]),
+    ("loss-weight-nan", ["dpo", "--loss", "dpo:nan"], {}, 2, ["loss weight for 'dpo' must be finite"]),
+    ("loss-mixed-kinds", ["dpo", "--loss", "dpo,group_js"], {}, 2, ["cannot combine pair and group losses"]),
+    ("reward-weight-nan", [*GRPO, "--task", "arith:1", "--reward", "task:nan"], {}, 2,
+     ["reward weight for 'task' must be finite"]),
+    ("reward-unknown", [*GRPO, "--task", "arith:1", "--reward", "correctness"], {}, 2, ["unknown reward"]),
+    ("reward-task-without-task", [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "task"],
+     {"p.jsonl": jsonl([{"prompt": "1+1="}])}, 2, ["reward 'task' needs a task"]),
+    ("task-unknown", ["grpo", "--task", "algebra", "--out-dir", "{d}/r"], {}, 2, ["algebra"]),
+    ("noise-kinds-unknown", [*GRPO, "--task", "arith:1", "--noise-kinds", "blur"], {}, 2, ["--noise-kinds 'blur'"]),
+    ("unknown-flag", ["grpo", "--learning-rate", "1e-4"], {}, 2, ["unrecognized arguments: --learning-rate"]),
+    ("unknown-command", ["train"], {}, 2, ["unknown command 'train'"]),
+    # ---- YAML config files -------------------------------------------------------------------------------
+    ("yaml-bool-for-int", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: true\n"}, 2,
+     ["c.yaml: key 'steps' must be an integer, got True"]),
+    ("yaml-string-for-float", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: fast\n"}, 2,
+     ["key 'lr' must be a number, got 'fast'"]),
+    ("yaml-duplicate-key", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: 3\nlr: 0.1\nsteps: 4\n"}, 2,
+     ["c.yaml: line 3: key 'steps' is given twice"]),
+    ("yaml-folder", ["sft", "--config", "{d}"], {}, 2, ["is a folder; --config takes a YAML file"]),
+    ("yaml-missing", ["sft", "--config", "{d}/none.yaml"], {}, 2, ["none.yaml: config file not found"]),
+    ("yaml-unknown-key", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "learning_rate: 0.1\n"}, 2,
+     ["unknown key 'learning_rate'", "valid keys"]),
+    ("yaml-invalid", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: [1, 2\n"}, 2, ["c.yaml: invalid YAML"]),
+    ("yaml-list", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "- steps\n"}, 2, ["expected a mapping"]),
+    ("yaml-not-utf8", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": b"steps: 3 \xff\n"}, 2, ["c.yaml: not UTF-8"]),
+    ("yaml-range", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: -1e-4\n"}, 2, ["--lr -0.0001"]),
+    # ---- data files --------------------------------------------------------------------------------------
+    ("data-missing", [*DPO, "--data", "{d}/none.jsonl"], {}, 2, ["none.jsonl: no such file or folder"]),
+    ("data-empty", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": ""}, 2, ["p.jsonl: the dataset is empty"]),
+    ("data-blank", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": "\n  \n\n"}, 2, ["p.jsonl: the dataset is empty"]),
+    ("data-not-utf8", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR]).encode() + b'{"prompt": "\xff"}\n'},
+     2, ["p.jsonl:2: invalid UTF-8"]),
+    ("data-bad-json", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR]) + "{prompt: 1}\n"}, 2,
+     ["p.jsonl:2: malformed JSON"]),
+    ("data-not-object", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": "[1, 2]\n"}, 2,
+     ["p.jsonl:1: each line must be a JSON object, got list"]),
+    ("data-format", [*DPO, "--data", "{d}/p.csv"], {"p.csv": "a,b\n"}, 2, ["unsupported format '.csv'"]),
+    ("data-corrupt-parquet", [*DPO, "--data", "{d}/p.parquet"], {"p.parquet": b"PAR1 not really"}, 2,
+     ["p.parquet: not a readable parquet file"]),
+    ("data-null-field", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR, {**PAIR, "chosen": None}])}, 2,
+     ["p.jsonl:2: field 'chosen' is null"]),
+    ("data-missing-field", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([{"prompt": "a", "chosen": "b"}])}, 2,
+     ["p.jsonl:1: missing field 'rejected'", "row has: chosen, prompt"]),
+    ("data-prompt-number", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([{**PAIR, "prompt": 5}])}, 2,
+     ["p.jsonl:1: field 'prompt' must be a string or a list of chat messages, got int"]),
+    ("data-content-number", [*DPO, "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{"prompt": [{"role": "user", "content": 7}], "chosen": "2", "rejected": "3"}])}, 2,
+     ["p.jsonl:1: field 'prompt' message 0: 'content' must be a string or a list of parts, got int"]),
+    ("data-content-part", [*DPO, "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "2",
+                         "rejected": "3"}])}, 2, ["message 0 part 0: a part must be"]),
+    ("data-unknown-role", [*DPO, "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{"prompt": [{"role": "human", "content": "hi"}], "chosen": "2", "rejected": "3"}])}, 2,
+     ["p.jsonl:1: field 'prompt' message 0: unknown role 'human'", "valid roles"]),
+    ("data-message-without-role", [*DPO, "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{"prompt": [{"content": "hi"}], "chosen": "2", "rejected": "3"}])}, 2,
+     ["message 0: a message must be a mapping with 'role' and 'content'"]),
+    ("data-chosen-equals-rejected-all", [*DPO, "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{**PAIR, "rejected": "2"}] * 3)}, 2,
+     ["no usable preference pairs", "chosen equals rejected: 3 (first at", "p.jsonl:1"]),
+    ("data-sft-messages-no-assistant", [*SFT, "--data", "{d}/s.jsonl"],
+     {"s.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"}]}])}, 2,
+     ["s.jsonl:1: field 'messages' must be chat messages ending with an assistant turn"]),
+    ("data-sft-all-too-long", [*SFT, "--data", "{d}/s.jsonl", "--max-len", "4"],
+     {"s.jsonl": jsonl([{"prompt": "a long prompt", "completion": "x"}] * 2)}, 2,
+     ["every row was skipped", "prompt longer than max_len: 2 (first at", "s.jsonl:1"]),
+    ("data-rl-missing-answer", [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "accuracy"],
+     {"p.jsonl": jsonl([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])}, 2,
+     ["p.jsonl:2: reward 'accuracy' needs the field 'answer'"]),
+    ("data-rl-task-reward-missing-answer", [*GRPO, "--task", "arith:1", "--data", "{d}/p.jsonl"],
+     {"p.jsonl": jsonl([{"prompt": "1+1="}])}, 2, ["p.jsonl:1: reward 'task' needs the field 'answer'"]),
+    ("data-image-missing", [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+     {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["none.png"]}])}, 2,
+     ["s.jsonl:1 field 'images'[0]: image file", "does not exist"]),
+    ("data-image-unreadable", [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+     {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["x.png"]}]), "x.png": b"nope"}, 2,
+     ["s.jsonl:1 field 'images'[0]: unreadable image"]),
+    ("data-images-on-text-model", [*SFT, "--data", "{d}/s.jsonl"],
+     {"s.jsonl": jsonl([{"prompt": "count", "completion": "1", "images": ["x.png"]}]), "x.png": "PNG"}, 2,
+     ["s.jsonl:1"]),
+    # ---- models and checkpoints --------------------------------------------------------------------------
+    ("model-missing", [*SFT, "--task", "arith:1", "--model", "{d}/nomodel"], {}, 2, ["neither a preset"]),
+    ("model-no-config", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/x.txt": "x"}, 2,
+     ["has no config.json"]),
+    ("model-bad-config-json", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/config.json": "{not json"}, 2,
+     ["m/config.json: invalid JSON in the model config"]),
+    ("resume-without-checkpoint", [*SFT, "--task", "arith:1", "--resume"], {}, 2, ["no checkpoint to resume from"]),
+    ("out-dir-is-a-file", [*SFT, "--task", "arith:1", "--out-dir", "{d}/f"], {"f": "x"}, 2,
+     ["--out-dir {d}/f: cannot write the run folder"]),
+    ("out-dir-under-a-file", [*SFT, "--task", "arith:1", "--out-dir", "{d}/f/run"], {"f": "x"}, 2,
+     ["--out-dir {d}/f/run: cannot write the run folder"]),
+    ("fsdp-with-lora", [*SFT, "--task", "arith:1", "--fsdp", "--lora-r", "4"], {}, 2, ["--fsdp does not support"]),
+    ("rm-model-not-rm", [*GRPO, "--task", "arith:1", "--reward", "rm:{d}/m"], {"m/config.json": "{}"}, 2,
+     ["is not a reward model folder"]),
+]
+
+
+def _write(d, files):
+    for name, content in files.items():
+        p = d / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+
+
+@pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words):
+    _write(tmp_path, files)
+    d = str(tmp_path)
+    try:
+        got = main([a.replace("{d}", d) for a in argv])
+    except SystemExit as e:  # argparse's own errors (unknown flags) exit 2 after printing usage
+        got = e.code
+    err = capsys.readouterr().err
+    assert got == rc, err[-2000:]
+    assert "Traceback" not in err
+    for w in words:
+        assert w.replace("{d}", d) in err, err[-2000:]
+
+
+# ---- counted skips and reports ---------------------------------------------------------------------------
+def test_chosen_equal_to_rejected_is_a_counted_skip(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text(jsonl(PAIRS + [{**PAIR, "rejected": "2"}]))
+    rc = main([*[a.replace("{d}", str(tmp_path)) for a in DPO], "--data", str(tmp_path / "p.jsonl")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "chosen equals rejected: 1 (first at" in err and "p.jsonl:17" in err
+    assert json.loads((tmp_path / "run" / "skips.json").read_text()) == {"chosen equals rejected": 1}
+
+
+def test_unencodable_characters_are_counted_and_alike_pairs_skipped(tmp_path, capsys):
+    """The tiny GPT's character vocabulary has no 'é' or 'ü': both become its unknown token, so the row is kept
+    and counted (per side: 4 here); a pair whose sides differ only in such characters encodes alike and is skipped."""
+    rows = PAIRS + [{"prompt": "1+1=", "chosen": "2 é", "rejected": "2 ü"}, {**PAIR, "prompt": "é+1="}]
+    (tmp_path / "p.jsonl").write_text(jsonl(rows))
+    rc = main([*[a.replace("{d}", str(tmp_path)) for a in DPO], "--data", str(tmp_path / "p.jsonl")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "chosen and rejected encode to the same tokens: 1 (first at" in err
+    assert "characters the tokenizer cannot encode (kept as its unknown token): 4" in err
+
+
+def test_split_of_a_datasets_folder(tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train_prefs": Dataset.from_list(PAIRS), "test_prefs": Dataset.from_list(PAIRS[:4])}).save_to_disk(
+        str(tmp_path / "ds"))
+    argv = [a.replace("{d}", str(tmp_path)) for a in DPO] + ["--data", str(tmp_path / "ds")]
+    assert main(argv) == 2
+    assert "no split 'train'; its splits are train_prefs, test_prefs (choose one with --split)" in \
+        capsys.readouterr().err
+    assert main(argv + ["--split", "train_prefs"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 16
+
+
+def test_yaml_numbers_as_a_user_means_them(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; a float option takes it as the number."""
+    from mirl.cli import load_yaml_overrides
+    from mirl.recipes import grpo
+
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\nbeta: 0\nsteps: 3\n")
+    assert load_yaml_overrides(tmp_path / "c.yaml", grpo.Config) == {"lr": 1e-4, "beta": 0.0, "steps": 3}
+
+
+# ---- models and checkpoints ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2-step SFT run with a checkpoint."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["sft", "--task", "arith:1", "--steps", "2", "--save-every", "1", "--eval-n", "0", "--threads", "1",
+                 "--no-report", "--out-dir", str(out)]) == 0
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("truncate_weights", ["model.safetensors: cannot load the weights"]),
+    ("remove_weights", ["model.safetensors: missing (the model's weights)"]),
+    ("bad_tokenizer", ["tokenizer.json: invalid JSON in the tokenizer"]),
+], ids=["truncated-safetensors", "missing-safetensors", "corrupt-tokenizer"])
+def test_damaged_model_folder_is_named(tmp_path, capsys, tiny_run, damage, words):
+    m = _copy(tiny_run / "final", tmp_path / "m")
+    if damage == "truncate_weights":
+        data = (m / "model.safetensors").read_bytes()
+        (m / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "remove_weights":
+        (m / "model.safetensors").unlink()
+    else:
+        (m / "tokenizer.json").write_text("{")
+    rc = main(["eval", "--model", str(m), "--task", "arith:1", "--n", "2", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    for w in words:
+        assert w in err
+
+
+def test_run_folder_as_model_uses_its_final(tmp_path, capsys, tiny_run):
+    assert main(["eval", "--model", str(tiny_run), "--task", "arith:1", "--n", "2", "--threads", "1"]) == 0
+    assert f"{tiny_run} is a run folder: loading its final model" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_recipes_run_and_changed_options(tmp_path, capsys, tiny_run):
+    run = _copy(tiny_run, tmp_path / "run")
+    rc = main(["grpo", "--task", "arith:1", "--resume", "--out-dir", str(run), "--threads", "1"])
+    assert rc == 2 and "holds a run of 'mirl sft'; it cannot be resumed by 'mirl grpo'" in capsys.readouterr().err
+    base = ["sft", "--task", "arith:1", "--save-every", "1", "--eval-n", "0", "--threads", "1", "--no-report",
+            "--out-dir", str(run), "--resume"]
+    assert main(base + ["--steps", "3", "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "the options differ from the run's" in err and "--lr 0.003 -> 0.001" in err and "--steps 2 -> 3" in err
+    assert main(base + ["--steps", "3", "--allow-config-change"]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_run):
+    """A run killed after logging step 3 but before its checkpoint: resuming from step 2 must not repeat 3."""
+    run = _copy(tiny_run, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    assert main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
+                 "--no-report", "--out-dir", str(run), "--resume", "--allow-config-change"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] != 9.0
+
+
+def test_crash_between_checkpoint_renames_recovers(tmp_path, capsys, tiny_run):
+    """save_checkpoint renames checkpoint/ to checkpoint.old/, then checkpoint.tmp/ to checkpoint/. Killed
+    between the two, only checkpoint.old/ is complete: resuming puts it back."""
+    run = _copy(tiny_run, tmp_path / "run")
+    (run / "checkpoint").rename(run / "checkpoint.old")
+    assert main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
+                 "--no-report", "--out-dir", str(run), "--resume", "--allow-config-change"]) == 0
+    assert "recovered it from checkpoint.old" in capsys.readouterr().err
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
+
+
+def test_corrupt_checkpoint_state_is_named(tmp_path, capsys, tiny_run):
+    run = _copy(tiny_run, tmp_path / "run")
+    (run / "checkpoint" / "state.json").write_text("{")
+    rc = main(["sft", "--task", "arith:1", "--steps", "2", "--eval-n", "0", "--threads", "1", "--no-report",
+               "--save-every", "1", "--out-dir", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint/state.json: invalid JSON in the checkpoint state" in err
+
+
+def test_dpo_resume_with_other_pairs_is_refused(tmp_path, capsys):
+    (tmp_path / "a.jsonl").write_text(jsonl(PAIRS))
+    (tmp_path / "b.jsonl").write_text(jsonl(PAIRS[:8]))
+    base = ["dpo", "--task", "", "--steps", "2", "--threads", "1", "--no-report", "--out-dir", str(tmp_path / "r")]
+    assert main(base + ["--data", str(tmp_path / "a.jsonl"), "--save-every", "1", "--stop-at-step", "1"]) == 0
+    (tmp_path / "a.jsonl").write_text(jsonl(PAIRS[8:]))  # the same file name, other pairs
+    assert main(base + ["--data", str(tmp_path / "a.jsonl"), "--resume"]) == 2
+    assert "the preference pairs differ from those the run started with" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """The second checkpoint's optimizer file cannot be written (no space): the run stops, names the file and
+    keeps the checkpoint of step 1."""
+    import errno
+
+    from mirl import checkpoint
+
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    out = tmp_path / "r"
+    rc = main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
+               "--no-report", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "checkpoint.tmp/optimizer.pt failed (No space left on device)" in err
+    assert "the last good checkpoint" in err
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert not (out / "checkpoint.tmp").exists()
+
+
+# ---- rewards ---------------------------------------------------------------------------------------------
+def _reward_set(fn, name, timeout_s=10.0):
+    from mirl.rewards import RewardSet, check_signature
+
+    check_signature(name, fn)
+    return RewardSet([(name, fn, 1.0)], timeout_s=timeout_s)
+
+
+def _scalar(prompts, completions, **_):
+    return 1.0
+
+
+def _nested(prompts, completions, **_):
+    return [[1.0]] * len(completions)
+
+
+def _strings(prompts, completions, **_):
+    return ["1"] * len(completions)
+
+
+def _exits(prompts, completions, **_):
+    sys.exit(3)
+
+
+def _swallows_timeout(prompts, completions, **_):
+    try:
+        time.sleep(5)
+    except Exception:  # noqa: BLE001 - the point: a reward that catches everything
+        pass
+    return [1.0] * len(completions)
+
+
+def _sleeps_and_swallows_base(prompts, completions, **_):
+    try:
+        time.sleep(5)
+    except BaseException:  # noqa: BLE001 - even this is counted as a timeout
+        pass
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("fn,timeout,kind", [
+    (_scalar, 10.0, "returned float, not a list of 2 scores"),
+    (_nested, 10.0, "returned a list"),
+    (_strings, 10.0, "returned a str"),
+    (_exits, 10.0, "exit (SystemExit: 3)"),
+    (_swallows_timeout, 0.2, "timeout"),
+    (_sleeps_and_swallows_base, 0.2, "timeout"),
+], ids=["scalar", "nested", "strings", "sys-exit", "swallowed-timeout", "swallowed-base-timeout"])
+def test_bad_reward_values_are_counted_faults(fn, timeout, kind):
+    rs = _reward_set(fn, "bad", timeout)
+    total, _, _ = rs.score(["p", "q"], ["a", "b"])
+    assert bool(torch.isnan(total).all())
+    assert len(rs.faults) == 1 and next(iter(rs.faults)).startswith(f"bad/{kind}"), rs.faults
+
+
+def test_reward_with_wrong_signature_is_refused_at_start(tmp_path, capsys):
+    from mirl.rewards import register_reward
+
+    @register_reward("test_bad_signature_cli")
+    def bad(completions):
+        return [1.0]
+
+    rc = main([*[a.replace("{d}", str(tmp_path)) for a in GRPO], "--task", "arith:1", "--reward",
+               "test_bad_signature_cli"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "reward 'test_bad_signature_cli' must have the signature" in err
+
+
+# ---- images ----------------------------------------------------------------------------------------------
+def test_image_over_the_decompression_limit_names_the_row(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: PIL's bomb error
+    (tmp_path / "s.jsonl").write_text(jsonl([{"prompt": "<image>count", "completion": "1", "images": ["big.png"]}]))
+    rc = main([*[a.replace("{d}", str(tmp_path)) for a in SFT], "--model", "vlm-nano", "--data",
+               str(tmp_path / "s.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "s.jsonl:1 field 'images'[0]: image too large to open safely" in err
+
+
+# ---- signals ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_last_step_and_says_how_to_resume(tmp_path, sig):
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "mirl", "sft", "--task", "arith:1", "--steps", "100000", "--eval-n", "0",
+           "--threads", "1", "--no-report", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"stopped by {sig.name} after step" in err and "resume with the same command and --resume" in err
+    assert "Traceback" not in err
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step >= 2 and logged[-1] == step
+    assert not (out / "final").exists()
