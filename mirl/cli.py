@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirl {cmd}: error: {e}", file=sys.stderr)
         shutdown(ok=False)
         return 2
+    except OSError as e:  # a file that cannot be read or written: its name and the reason, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mirl {cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
+        shutdown(ok=False)
+        return 2
     except (TrainingDiverged, CheckpointError) as e:
         print(f"mirl {cmd}: stopped: {e}", file=sys.stderr)
         shutdown(ok=False)

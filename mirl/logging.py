@@ -1,4 +1,4 @@
-"""Metrics to the terminal (rich progress bar), to metrics.jsonl and to TensorBoard; optional W&B."""
+"""Metrics to the terminal (rich progress bar), to metrics.jsonl and to TensorBoard."""
 
 from __future__ import annotations
 

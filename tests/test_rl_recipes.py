@@ -99,9 +99,12 @@ def test_online_contrastive(tmp_path, sft_dir, loss):
     g = res.summary["groups"]
     assert g["all_correct"] + g["all_wrong"] + g["used"] == 3 * 8
     rows = [h for h in res.history if "loss" in h]
-    assert rows, "no step had a usable group"
-    if loss == "mio":  # at the reference: T = 0, MIO = ln 4
-        assert rows[0]["loss"] == pytest.approx(math.log(4), abs=1e-5) if rows[0]["step"] == 1 else True
+    # seeded: the first step has usable groups, and there the policy is the reference (every T = 0):
+    # MIO = sp(0) + (sp(0) + sp(0)) / 2 = ln 4; DPO = sp(0) = ln 2; group_js = sp(-0) + mean_j sp(0) = ln 4;
+    # group_dv = -0 + logsumexp(0, ..., 0) - log K = 0
+    assert rows and rows[0]["step"] == 1, "the first step had no usable group"
+    want = {"mio": math.log(4), "dpo": math.log(2), "group_js": math.log(4), "group_dv": 0.0}[loss]
+    assert rows[0]["loss"] == pytest.approx(want, abs=1e-5)
 
 
 @pytest.mark.parametrize("critic", ["head", "separate"])

@@ -169,7 +169,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             raise ValueError("preference training needs --data or --task")
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
     if not pairs:
-        raise ValueError(f"no usable preference pairs ({skips.report()})")
+        made = f"; pairs sampled from --task: {pair_stats}" if pair_stats else ""
+        raise ValueError(f"no usable preference pairs ({skips.report()}{made})")
     average = cfg.logp_agg == "mean"
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing, "gamma": cfg.simpo_gamma,
                "length_normalize": cfg.ipo_length_normalize}

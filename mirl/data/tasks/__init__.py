@@ -13,10 +13,12 @@ from .visual import DigitArithTask, GroundingTask, ShapeCountTask
 
 def make_task(name: str):
     base, _, arg = name.partition(":")
-    if base == "arith":
-        return ArithTask(int(arg) if arg else 3)
-    if base == "countdown":
-        return CountdownTask(int(arg) if arg else 3)
+    if base in ("arith", "countdown"):
+        lo, hi = (1, 12) if base == "arith" else (2, 8)
+        if arg and not (arg.isdigit() and lo <= int(arg) <= hi):
+            what = "digits" if base == "arith" else "numbers"
+            raise ValueError(f"task {name!r}: the number of {what} after ':' must be an integer from {lo} to {hi}")
+        return (ArithTask if base == "arith" else CountdownTask)(int(arg) if arg else 3)
     if base == "rg":
         if not arg:
             raise ValueError("a reasoning-gym task needs a dataset name: rg:<name>, e.g. rg:basic_arithmetic")
