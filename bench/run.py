@@ -26,21 +26,82 @@ from pathlib import Path
 
 WORKLOADS = {
     # name: model config, pairs or prompts, lengths, threads
-    "dpo-tiny": dict(kind="dpo", hidden=64, layers=2, heads=4, vocab=1000, batch=8, prompt=16, response=16,
-                     threads=1, steps=40, warmup=5),
-    "dpo-large": dict(kind="dpo", hidden=512, layers=8, heads=8, vocab=8000, batch=8, prompt=128, response=128,
-                      threads=2, steps=6, warmup=2),
+    "dpo-tiny": dict(
+        kind="dpo",
+        hidden=64,
+        layers=2,
+        heads=4,
+        vocab=1000,
+        batch=8,
+        prompt=16,
+        response=16,
+        threads=1,
+        steps=40,
+        warmup=5,
+    ),
+    "dpo-large": dict(
+        kind="dpo",
+        hidden=512,
+        layers=8,
+        heads=8,
+        vocab=8000,
+        batch=8,
+        prompt=128,
+        response=128,
+        threads=2,
+        steps=6,
+        warmup=2,
+    ),
     # MIO on the DPO workloads (TRL has no MIO: its sigmoid loss runs beside it), same model folder and rows
-    "mio-tiny": dict(kind="dpo", loss="mio", same_as="dpo-tiny", hidden=64, layers=2, heads=4, vocab=1000, batch=8,
-                     prompt=16, response=16, threads=1, steps=40, warmup=5),
-    "mio-large": dict(kind="dpo", loss="mio", same_as="dpo-large", hidden=512, layers=8, heads=8, vocab=8000,
-                      batch=8, prompt=128, response=128, threads=2, steps=6, warmup=2),
-    "grpo-128": dict(kind="grpo", hidden=64, layers=2, heads=4, vocab=1000, prompts=2, group=8, prompt=16,
-                     new_tokens=128, threads=1, steps=6, warmup=2),
+    "mio-tiny": dict(
+        kind="dpo",
+        loss="mio",
+        same_as="dpo-tiny",
+        hidden=64,
+        layers=2,
+        heads=4,
+        vocab=1000,
+        batch=8,
+        prompt=16,
+        response=16,
+        threads=1,
+        steps=40,
+        warmup=5,
+    ),
+    "mio-large": dict(
+        kind="dpo",
+        loss="mio",
+        same_as="dpo-large",
+        hidden=512,
+        layers=8,
+        heads=8,
+        vocab=8000,
+        batch=8,
+        prompt=128,
+        response=128,
+        threads=2,
+        steps=6,
+        warmup=2,
+    ),
+    "grpo-128": dict(
+        kind="grpo",
+        hidden=64,
+        layers=2,
+        heads=4,
+        vocab=1000,
+        prompts=2,
+        group=8,
+        prompt=16,
+        new_tokens=128,
+        threads=1,
+        steps=6,
+        warmup=2,
+    ),
 }
 
 
 # ---- shared setup: model folder and data ----------------------------------------------------------------
+
 
 def build(name: str, root: Path) -> Path:
     import torch
@@ -61,15 +122,24 @@ def build(name: str, root: Path) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=w["vocab"], special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=w["vocab"], special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator([" " + " ".join(letters[: w["vocab"]])] * 50, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=w["hidden"], intermediate_size=4 * w["hidden"],
-                      num_hidden_layers=w["layers"], num_attention_heads=w["heads"], num_key_value_heads=w["heads"],
-                      max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=w["hidden"],
+        intermediate_size=4 * w["hidden"],
+        num_hidden_layers=w["layers"],
+        num_attention_heads=w["heads"],
+        num_key_value_heads=w["heads"],
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     from transformers import AutoTokenizer
@@ -84,8 +154,10 @@ def build(name: str, root: Path) -> Path:
         return "".join(" " + single[int(i)] for i in torch.randint(0, len(single), (n,), generator=g))
 
     if w["kind"] == "dpo":
-        rows = [{"prompt": words(w["prompt"]), "chosen": words(w["response"] - 1),
-                 "rejected": words(w["response"] - 1)} for _ in range(w["batch"])]
+        rows = [
+            {"prompt": words(w["prompt"]), "chosen": words(w["response"] - 1), "rejected": words(w["response"] - 1)}
+            for _ in range(w["batch"])
+        ]
     else:
         rows = [{"prompt": words(w["prompt"])} for _ in range(w["prompts"])]
     (out / "data.json").write_text(json.dumps(rows))
@@ -94,6 +166,7 @@ def build(name: str, root: Path) -> Path:
 
 # ---- workers: one measurement each, in their own process ------------------------------------------------
 
+
 def worker(lib: str, name: str, folder: Path) -> dict:
     import torch
 
@@ -101,21 +174,44 @@ def worker(lib: str, name: str, folder: Path) -> dict:
     torch.set_num_threads(w["threads"])
     rows = json.loads((folder / "data.json").read_text())
     steps = w["steps"] + w["warmup"]
-    times = (mirl_dpo if lib == "mirl" and w["kind"] == "dpo" else
-             mirl_grpo if lib == "mirl" else trl_dpo if w["kind"] == "dpo" else trl_grpo)(folder, rows, w, steps)
-    step_s = statistics.median(times[w["warmup"]:])
-    return {"lib": lib, "workload": name, "step_s": step_s, "steps_per_s": 1.0 / step_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    times = (
+        mirl_dpo
+        if lib == "mirl" and w["kind"] == "dpo"
+        else mirl_grpo
+        if lib == "mirl"
+        else trl_dpo
+        if w["kind"] == "dpo"
+        else trl_grpo
+    )(folder, rows, w, steps)
+    step_s = statistics.median(times[w["warmup"] :])
+    return {
+        "lib": lib,
+        "workload": name,
+        "step_s": step_s,
+        "steps_per_s": 1.0 / step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def mirl_dpo(folder, rows, w, steps):
     from mirl.models import load_policy
     from mirl.recipes import preference
 
-    cfg = preference.Config(model=str(folder), task="", loss=w.get("loss", "dpo"), steps=steps, report=False,
-                            batch_size=w["batch"], lr=1e-4,
-                            warmup_steps=0, threads=w["threads"], eval_n=0, probe_every=0,
-                            max_len=w["prompt"] + w["response"] + 2, out_dir=tempfile.mkdtemp())
+    cfg = preference.Config(
+        model=str(folder),
+        task="",
+        loss=w.get("loss", "dpo"),
+        steps=steps,
+        report=False,
+        batch_size=w["batch"],
+        lr=1e-4,
+        warmup_steps=0,
+        threads=w["threads"],
+        eval_n=0,
+        probe_every=0,
+        max_len=w["prompt"] + w["response"] + 2,
+        out_dir=tempfile.mkdtemp(),
+    )
     res = preference.train(cfg, model=load_policy(folder), data=rows)
     return [h["time/step_s"] for h in res.history]
 
@@ -127,9 +223,20 @@ def mirl_grpo(folder, rows, w, steps):
 
     if "bench_length" not in __import__("mirl.rewards", fromlist=["REWARDS"]).REWARDS:
         register_reward("bench_length")(lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions])
-    cfg = grpo.Config(model=str(folder), task="", reward="bench_length", group_size=w["group"],
-                      prompts_per_step=w["prompts"], steps=steps, max_new_tokens=w["new_tokens"], ignore_eos=True,
-                      threads=w["threads"], eval_n=0, report=False, out_dir=tempfile.mkdtemp())
+    cfg = grpo.Config(
+        model=str(folder),
+        task="",
+        reward="bench_length",
+        group_size=w["group"],
+        prompts_per_step=w["prompts"],
+        steps=steps,
+        max_new_tokens=w["new_tokens"],
+        ignore_eos=True,
+        threads=w["threads"],
+        eval_n=0,
+        report=False,
+        out_dir=tempfile.mkdtemp(),
+    )
     res = grpo.train(cfg, model=load_policy(folder), data=rows)
     return [h["time/step_s"] for h in res.history]
 
@@ -164,13 +271,28 @@ def trl_dpo(folder, rows, w, steps):
     from trl import DPOConfig, DPOTrainer
 
     timer = _Timer()
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=w["batch"], max_steps=steps,
-                     report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True, beta=0.1,
-                     learning_rate=1e-4, max_length=w["prompt"] + w["response"] + 2, disable_tqdm=True,
-                     dataloader_num_workers=0, **SAME_PRECISION)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(folder),
-                         callbacks=[timer.callback()])
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=w["batch"],
+        max_steps=steps,
+        report_to=[],
+        logging_steps=10_000,
+        save_strategy="no",
+        use_cpu=True,
+        beta=0.1,
+        learning_rate=1e-4,
+        max_length=w["prompt"] + w["response"] + 2,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **SAME_PRECISION,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(folder),
+        callbacks=[timer.callback()],
+    )
     trainer.train()
     return timer.times
 
@@ -182,15 +304,31 @@ def trl_grpo(folder, rows, w, steps):
 
     timer = _Timer()
     n = w["prompts"] * w["group"]
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n, num_generations=w["group"],
-                      max_steps=steps, report_to=[], logging_steps=10_000, save_strategy="no", use_cpu=True,
-                      learning_rate=1e-6, max_completion_length=w["new_tokens"], disable_tqdm=True, beta=0.0,
-                      dataloader_num_workers=0, generation_kwargs={"min_new_tokens": w["new_tokens"]},
-                      **SAME_PRECISION)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args,
-                          reward_funcs=lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions],
-                          train_dataset=Dataset.from_list(rows * 4),
-                          processing_class=AutoTokenizer.from_pretrained(folder), callbacks=[timer.callback()])
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=n,
+        num_generations=w["group"],
+        max_steps=steps,
+        report_to=[],
+        logging_steps=10_000,
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=1e-6,
+        max_completion_length=w["new_tokens"],
+        disable_tqdm=True,
+        beta=0.0,
+        dataloader_num_workers=0,
+        generation_kwargs={"min_new_tokens": w["new_tokens"]},
+        **SAME_PRECISION,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder),
+        args=args,
+        reward_funcs=lambda prompts, completions, **_: [len(c) % 7 / 7 for c in completions],
+        train_dataset=Dataset.from_list(rows * 4),
+        processing_class=AutoTokenizer.from_pretrained(folder),
+        callbacks=[timer.callback()],
+    )
     trainer.train()
     return timer.times
 
@@ -216,12 +354,16 @@ def n_params(folder: Path) -> int:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         for k in f.keys():
             if "embed" not in k:  # the FLOP count of a token's pass: matrices it multiplies, not lookups
-                total += f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel") else \
-                    __import__("math").prod(f.get_slice(k).get_shape())
+                total += (
+                    f.get_slice(k).get_shape().numel()
+                    if hasattr(f.get_slice(k).get_shape(), "numel")
+                    else __import__("math").prod(f.get_slice(k).get_shape())
+                )
     return total
 
 
 # ---- driver ----------------------------------------------------------------------------------------------
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -244,8 +386,12 @@ def main() -> None:
         for _ in range(args.repeats):
             for lib in ("mirl", "trl"):
                 env = {**os.environ, "OMP_NUM_THREADS": str(w["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-                r = subprocess.run([sys.executable, __file__, "--worker", lib, name, str(folder)], capture_output=True,
-                                   text=True, env=env)
+                r = subprocess.run(
+                    [sys.executable, __file__, "--worker", lib, name, str(folder)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                 if r.returncode or not line:
                     print(f"{name} {lib} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -271,18 +417,25 @@ def main() -> None:
 
 
 def print_table(results):
-    print("\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
-          "| RSS ratio | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |")
+    print(
+        "\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
+        "| RSS ratio | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m, t = r.get("mirl_steps_per_s"), r.get("trl_steps_per_s")
         ratio = f"{m / t:.2f}x" if m and t else "-"
         rss = f"{r['mirl_rss_mb'] / r['trl_rss_mb']:.2f}" if "mirl_rss_mb" in r and "trl_rss_mb" in r else "-"
-        gf = (f"{r['mirl_gflops']:.1f} ({100 * r['mirl_gflops'] / r['fp32_peak_gflops']:.0f}%)"
-              if "mirl_gflops" in r else "-")
+        gf = (
+            f"{r['mirl_gflops']:.1f} ({100 * r['mirl_gflops'] / r['fp32_peak_gflops']:.0f}%)"
+            if "mirl_gflops" in r
+            else "-"
+        )
         peak = f"{r['fp32_peak_gflops']:.0f} / {r['bf16_peak_gflops']:.0f}" if "fp32_peak_gflops" in r else "-"
-        print(f"| {r['workload']} | {r['threads']} | {m or 0:.2f} | {t or 0:.2f} | {ratio} | "
-              f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {gf} | {peak} |")
+        print(
+            f"| {r['workload']} | {r['threads']} | {m or 0:.2f} | {t or 0:.2f} | {ratio} | "
+            f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {gf} | {peak} |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
     return out if keepdim or dim is None else out.squeeze(dim)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
-                     batch_std: Tensor | float | None = None) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std: Tensor | float | None = None
+) -> Tensor:
     """rewards (N * G,), rows of one prompt adjacent -> advantages (N * G,). batch_std: the std of every
     rank's rewards for scale="batch" under torchrun (nanstd_over_ranks); this batch's own std otherwise."""
     if scale not in ("group", "batch", "none"):

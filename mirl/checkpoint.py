@@ -48,8 +48,9 @@ def recover(run_dir: str | Path) -> None:
             return
 
 
-def save_checkpoint(run_dir: str | Path, policy, optimizer, step: int, extra: dict | None = None,
-                    write_extra=None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, policy, optimizer, step: int, extra: dict | None = None, write_extra=None
+) -> Path:
     """extra: JSON-able state; write_extra(folder): writes more files (e.g. a value head) before the rename.
     A write that fails (no space left, permissions) removes the partial copy and raises CheckpointError."""
     run_dir = Path(run_dir)
@@ -125,8 +126,9 @@ def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
     try:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise ModelFileError(f"{ckpt / 'optimizer.pt'}: cannot load the optimizer state "
-                             f"({str(e).splitlines()[0][:200]})") from e
+        raise ModelFileError(
+            f"{ckpt / 'optimizer.pt'}: cannot load the optimizer state ({str(e).splitlines()[0][:200]})"
+        ) from e
     try:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         random.setstate(_py_state_from_json(state["python_rng"]))

@@ -78,8 +78,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         h = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
         if t is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=h)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h
+            )
         else:
             parser.add_argument(flag, dest=f.name, type=t, default=argparse.SUPPRESS, help=h)
 
@@ -158,13 +159,15 @@ def _positionals_to_flags(cmd: str, argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
-    from .distributed import is_main, shutdown
     from .checkpoint import CheckpointError
+    from .distributed import is_main, shutdown
     from .recipes.common import Interrupted, TrainingDiverged
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="mirl", description="post-training with preference optimisation "
-                                     "(DPO family, MIO) and reinforcement fine-tuning")
+    parser = argparse.ArgumentParser(
+        prog="mirl",
+        description="post-training with preference optimisation (DPO family, MIO) and reinforcement fine-tuning",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     if not argv or argv[0].startswith("-"):
         parser.parse_args(argv)
@@ -201,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as e:
         if is_main():
-            where = (f"the checkpoint of step {e.step} is in {Path(e.out_dir) / 'checkpoint'}; resume with the same "
-                     "command and --resume") if e.saved else "no checkpoint is written under --fsdp"
+            where = (
+                (
+                    f"the checkpoint of step {e.step} is in {Path(e.out_dir) / 'checkpoint'}; resume with the same "
+                    "command and --resume"
+                )
+                if e.saved
+                else "no checkpoint is written under --fsdp"
+            )
             print(f"mirl {cmd}: stopped by {e.signal_name} after step {e.step}: {where}", file=sys.stderr)
         shutdown(ok=False)
         return 130

@@ -51,8 +51,9 @@ def run(cfg: Config) -> dict:
     test = task.examples("test", cfg.eval_n, cfg.seed)
 
     # ---- 1. SFT, cached ----------------------------------------------------------------------------
-    sft_cfg = sft.Config(task=cfg.task, steps=cfg.sft_steps, seed=cfg.seed, threads=cfg.threads,
-                         out_dir=str(out / "sft"), eval_n=0)
+    sft_cfg = sft.Config(
+        task=cfg.task, steps=cfg.sft_steps, seed=cfg.seed, threads=cfg.threads, out_dir=str(out / "sft"), eval_n=0
+    )
     if cfg.refresh:
         shutil.rmtree(out / "sft", ignore_errors=True)
     final = cached_sft(sft_cfg)
@@ -60,37 +61,63 @@ def run(cfg: Config) -> dict:
     sft_acc = evaluate(sft_policy, task, test, max_new_tokens=40).accuracy
 
     # ---- 2. pairs from the SFT model's own samples -------------------------------------------------
-    pairs, stats = sample_pairs(sft_policy, task, task.examples("train", cfg.n_prompts, cfg.seed + 1), k=cfg.k,
-                                seed=cfg.seed)
-    console.print(f"pairs: {stats['pairs']} from {stats['prompts']} prompts (sample accuracy "
-                  f"{stats['sample_accuracy']:.2f}; {stats['skipped_all_correct']} all-correct and "
-                  f"{stats['skipped_all_wrong']} all-wrong prompts skipped)")
+    pairs, stats = sample_pairs(
+        sft_policy, task, task.examples("train", cfg.n_prompts, cfg.seed + 1), k=cfg.k, seed=cfg.seed
+    )
+    console.print(
+        f"pairs: {stats['pairs']} from {stats['prompts']} prompts (sample accuracy "
+        f"{stats['sample_accuracy']:.2f}; {stats['skipped_all_correct']} all-correct and "
+        f"{stats['skipped_all_wrong']} all-wrong prompts skipped)"
+    )
 
     # ---- 3. DPO and MIO, same start, same pairs, same budget ---------------------------------------
     results = {}
     for loss in ("dpo", "mio"):
-        pcfg = preference.Config(loss=loss, beta=cfg.beta, lr=cfg.lr, steps=cfg.pref_steps, task=cfg.task,
-                                 seed=cfg.seed, threads=cfg.threads, out_dir=str(out / loss), eval_n=0)
+        pcfg = preference.Config(
+            loss=loss,
+            beta=cfg.beta,
+            lr=cfg.lr,
+            steps=cfg.pref_steps,
+            task=cfg.task,
+            seed=cfg.seed,
+            threads=cfg.threads,
+            out_dir=str(out / loss),
+            eval_n=0,
+        )
         res = preference.train(pcfg, model=load_policy(final), data=pairs)
         acc = evaluate(res.model, task, test, max_new_tokens=40).accuracy
-        results[loss] = {"accuracy": acc, "chosen_logp_change": res.summary["chosen_logp_change"],
-                         "rejected_logp_change": res.summary["rejected_logp_change"], "history": res.history}
+        results[loss] = {
+            "accuracy": acc,
+            "chosen_logp_change": res.summary["chosen_logp_change"],
+            "rejected_logp_change": res.summary["rejected_logp_change"],
+            "history": res.history,
+        }
 
     # ---- 4. table and plot -------------------------------------------------------------------------
-    table = Table(title=f"mirl demo: {task.name}, held-out n={len(test)}, beta={cfg.beta}, "
-                        f"{cfg.pref_steps} steps, {stats['pairs']} pairs")
+    table = Table(
+        title=f"mirl demo: {task.name}, held-out n={len(test)}, beta={cfg.beta}, "
+        f"{cfg.pref_steps} steps, {stats['pairs']} pairs"
+    )
     for col in ("method", "held-out accuracy", "chosen logp change", "rejected logp change"):
         table.add_column(col, justify="right")
     table.add_row("SFT", f"{sft_acc:.3f}", "-", "-")
     for loss, r in results.items():
-        table.add_row(loss.upper(), f"{r['accuracy']:.3f}", f"{r['chosen_logp_change']:+.2f}",
-                      f"{r['rejected_logp_change']:+.2f}")
+        table.add_row(
+            loss.upper(), f"{r['accuracy']:.3f}", f"{r['chosen_logp_change']:+.2f}", f"{r['rejected_logp_change']:+.2f}"
+        )
     console.print(table)
-    png = plot_preference_curves({k.upper(): v["history"] for k, v in results.items()}, out / "logps.png",
-                                 title=f"DPO vs MIO on {task.name} (beta={cfg.beta})")
-    summary = {"sft_accuracy": sft_acc, "pairs": stats,
-               **{k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()},
-               "seconds": time.time() - t_start, "config": asdict(cfg)}
+    png = plot_preference_curves(
+        {k.upper(): v["history"] for k, v in results.items()},
+        out / "logps.png",
+        title=f"DPO vs MIO on {task.name} (beta={cfg.beta})",
+    )
+    summary = {
+        "sft_accuracy": sft_acc,
+        "pairs": stats,
+        **{k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()},
+        "seconds": time.time() - t_start,
+        "config": asdict(cfg),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"plot: {png}\nsummary: {out / 'summary.json'}\ntotal {summary['seconds']:.0f} s")
     return summary

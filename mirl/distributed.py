@@ -66,7 +66,7 @@ def shard(indices: list[int]) -> list[int]:
     if len(indices) % n:
         raise ValueError(f"global batch of {len(indices)} does not split over {n} ranks")
     size = len(indices) // n
-    return indices[r * size:(r + 1) * size]
+    return indices[r * size : (r + 1) * size]
 
 
 def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
@@ -116,7 +116,7 @@ def average_gradients(model: torch.nn.Module) -> None:
     i = 0
     for p in params:
         n = p.numel()
-        p.grad.copy_(flat[i:i + n].view_as(p))
+        p.grad.copy_(flat[i : i + n].view_as(p))
         i += n
 
 

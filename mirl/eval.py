@@ -1,12 +1,12 @@
 """Accuracy and pass@k of a policy on a task's held-out split, scored by the task's verifier.
 
-    accuracy  greedy decoding, fraction scored correct (score >= the task's success threshold, 1 by default;
-              grounding: IoU >= 0.5), and the mean score (grounding: mean IoU); grounding also says where
-              the greedy boxes land (boxes/on_target, on_other, off_shapes, no_box, iou_on_target)
-    pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
-              pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
+accuracy  greedy decoding, fraction scored correct (score >= the task's success threshold, 1 by default;
+          grounding: IoU >= 0.5), and the mean score (grounding: mean IoU); grounding also says where
+          the greedy boxes land (boxes/on_target, on_other, off_shapes, no_box, iou_on_target)
+pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
+          pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
 
-    mirl eval --model runs/sft/final --task arith --k 8
+mirl eval --model runs/sft/final --task arith --k 8
 """
 
 from __future__ import annotations
@@ -28,20 +28,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def completions(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
-                batch_size: int = 64, seed: int = 0, images: list | None = None) -> list[list[str]]:
+def completions(
+    policy,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    samples: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    images: list | None = None,
+) -> list[list[str]]:
     """images: per prompt, its images (paths or PIL images) or None."""
     from .rollout.score import encode_prompts
 
     g = torch.Generator(device=policy.device).manual_seed(seed)
-    records = [{"prompt": p, "images": None if images is None else images[i], "where": f"prompt {i}"}
-               for i, p in enumerate(prompts)]
+    records = [
+        {"prompt": p, "images": None if images is None else images[i], "where": f"prompt {i}"}
+        for i, p in enumerate(prompts)
+    ]
     out: list[list[str]] = []
     for s in range(0, len(prompts), batch_size):
-        chunk, chunk_images = encode_prompts(policy, records[s:s + batch_size])
-        batch = generate(policy, chunk, max_new_tokens=max_new_tokens, samples_per_prompt=samples,
-                         temperature=temperature, generator=g, images=chunk_images)
-        out.extend(batch.texts[i * samples:(i + 1) * samples] for i in range(len(chunk)))
+        chunk, chunk_images = encode_prompts(policy, records[s : s + batch_size])
+        batch = generate(
+            policy,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            samples_per_prompt=samples,
+            temperature=temperature,
+            generator=g,
+            images=chunk_images,
+        )
+        out.extend(batch.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
     return out
 
 
@@ -62,8 +80,18 @@ class EvalResult:
         return d
 
 
-def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int = 1, n_samples: int | None = None,
-             temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> EvalResult:
+def evaluate(
+    policy,
+    task,
+    examples: list[dict],
+    *,
+    max_new_tokens: int,
+    k: int = 1,
+    n_samples: int | None = None,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> EvalResult:
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)
@@ -73,8 +101,16 @@ def evaluate(policy, task, examples: list[dict], *, max_new_tokens: int, k: int 
     pk = None
     if k > 1:
         n = n_samples or k
-        sampled = completions(policy, prompts, max_new_tokens=max_new_tokens, samples=n, temperature=temperature,
-                              batch_size=max(1, batch_size // n), seed=seed, images=images)
+        sampled = completions(
+            policy,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            samples=n,
+            temperature=temperature,
+            batch_size=max(1, batch_size // n),
+            seed=seed,
+            images=images,
+        )
         per_prompt = [sum(task.score(c, e) >= success for c in cs) for cs, e in zip(sampled, examples)]
         pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
     samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
@@ -105,8 +141,16 @@ def run(cfg: Config) -> EvalResult:
     torch.set_num_threads(max(1, cfg.threads))
     policy = load_policy(cfg.model, seed=cfg.seed)
     task = make_task(cfg.task)
-    res = evaluate(policy, task, task.examples("test", cfg.n, cfg.seed), max_new_tokens=cfg.max_new_tokens,
-                   k=cfg.k, n_samples=cfg.n_samples or None, temperature=cfg.temperature,
-                   batch_size=cfg.batch_size, seed=cfg.seed)
+    res = evaluate(
+        policy,
+        task,
+        task.examples("test", cfg.n, cfg.seed),
+        max_new_tokens=cfg.max_new_tokens,
+        k=cfg.k,
+        n_samples=cfg.n_samples or None,
+        temperature=cfg.temperature,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     print(json.dumps({"model": cfg.model, "task": task.name, **res.as_dict()}))
     return res

@@ -19,8 +19,18 @@ def warn(msg: str) -> None:
 
 
 class MetricLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, *, desc: str = "train", tensorboard: bool = True,
-                 show: tuple[str, ...] = ("loss",), resume: bool = False, start_step: int = 0, quiet: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        *,
+        desc: str = "train",
+        tensorboard: bool = True,
+        show: tuple[str, ...] = ("loss",),
+        resume: bool = False,
+        start_step: int = 0,
+        quiet: bool = False,
+    ):
         """resume: continue metrics.jsonl and TensorBoard from start_step (the checkpoint's step): rows of
         later steps, logged by the interrupted run after its checkpoint, are dropped, so none repeats."""
         self.run_dir = Path(run_dir)
@@ -29,8 +39,11 @@ class MetricLogger:
         if not resume and self.path.exists():
             self.path.unlink()
         if resume and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.show = show
@@ -48,9 +61,15 @@ class MetricLogger:
         self.t0 = time.time()
         self.total = total_steps
         if not self.quiet:
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=console,
+            )
             self.task = self.progress.add_task(desc, total=total_steps, info="")
             self.progress.start()
         self.desc = desc

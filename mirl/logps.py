@@ -27,9 +27,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         out = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
-            block = logits[s:s + chunk].float()  # (c, V)
-            lse[s:s + chunk] = torch.logsumexp(block, dim=-1)
-            out[s:s + chunk] = block.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            block = logits[s : s + chunk].float()  # (c, V)
+            lse[s : s + chunk] = torch.logsumexp(block, dim=-1)
+            out[s : s + chunk] = block.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk = chunk
         return out
@@ -40,11 +40,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         chunk = ctx.chunk
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
-            g = grad_out[s:s + chunk, None].float()  # (c, 1)
-            probs = torch.exp(logits[s:s + chunk].float() - lse[s:s + chunk, None])
+            g = grad_out[s : s + chunk, None].float()  # (c, 1)
+            probs = torch.exp(logits[s : s + chunk].float() - lse[s : s + chunk, None])
             block = -g * probs  # d/dz [z_y - lse(z)] = onehot(y) - softmax(z)
-            block.scatter_add_(-1, labels[s:s + chunk, None], g)
-            grad[s:s + chunk] = block.to(grad.dtype)
+            block.scatter_add_(-1, labels[s : s + chunk, None], g)
+            grad[s : s + chunk] = block.to(grad.dtype)
         return grad, None, None
 
 
@@ -67,8 +67,9 @@ def shift_for_labels(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, 
     return input_ids[:, 1:], response_mask[:, 1:]
 
 
-def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, *, average: bool = False,
-                   chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+def sequence_logps(
+    logits: Tensor, input_ids: Tensor, response_mask: Tensor, *, average: bool = False, chunk: int = DEFAULT_CHUNK
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token and per-sequence log-probs of the response tokens.
 
     logits (B, T, V) from a forward pass over input_ids (B, T); response_mask (B, T) is 1 on response
@@ -90,8 +91,8 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
         flat = logits.reshape(-1, logits.shape[-1])
         out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         for s in range(0, flat.shape[0], chunk):
-            lp = torch.log_softmax(flat[s:s + chunk].float(), dim=-1)
-            out[s:s + chunk] = -(lp.exp() * lp).sum(-1)
+            lp = torch.log_softmax(flat[s : s + chunk].float(), dim=-1)
+            out[s : s + chunk] = -(lp.exp() * lp).sum(-1)
     return out.reshape(logits.shape[:-1])
 
 
@@ -106,9 +107,9 @@ class _FusedHeadLogps(torch.autograd.Function):
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
             for s in range(0, n, chunk):
-                logits = hidden[s:s + chunk].float() @ w.T  # (c, V)
-                lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-                out[s:s + chunk] = logits.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+                logits = hidden[s : s + chunk].float() @ w.T  # (c, V)
+                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk = chunk
         return out
@@ -120,17 +121,24 @@ class _FusedHeadLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(w)
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk].float()
-            g = grad_out[s:s + ctx.chunk, None].float()
-            dlogits = -g * torch.exp(h @ w.T - lse[s:s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
-            dlogits.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
-            grad_h[s:s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
+            h = hidden[s : s + ctx.chunk].float()
+            g = grad_out[s : s + ctx.chunk, None].float()
+            dlogits = -g * torch.exp(h @ w.T - lse[s : s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
+            dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
+            grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
             grad_w += dlogits.T @ h
         return grad_h, grad_w.to(weight.dtype), None, None
 
 
-def fused_sequence_logps(hidden: Tensor, weight: Tensor, input_ids: Tensor, response_mask: Tensor, *,
-                         average: bool = False, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+def fused_sequence_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    input_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    average: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
     """Sequence log-probs of the response tokens from the last hidden state (B, T, C) and the LM-head
     weight (V, C), without materialising (B, T, V) logits: only response positions go through the head.
     -> (per_sequence (B,) sum or token mean, lengths (B,))."""

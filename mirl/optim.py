@@ -38,8 +38,10 @@ def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    groups = [[p.grad for p in params if hasattr(p.grad, "full_tensor")],
-              [p.grad for p in params if not hasattr(p.grad, "full_tensor")]]
+    groups = [
+        [p.grad for p in params if hasattr(p.grad, "full_tensor")],
+        [p.grad for p in params if not hasattr(p.grad, "full_tensor")],
+    ]
     norms = []
     for grads in groups:
         if grads:

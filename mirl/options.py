@@ -27,8 +27,11 @@ def _float_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: b
         return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
 
     left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
-    what = (f"a finite number >{'' if lo_open else '='} {lo:g}" if hi == math.inf
-            else f"a number in {left}{lo:g}, {hi:g}{right}")
+    what = (
+        f"a finite number >{'' if lo_open else '='} {lo:g}"
+        if hi == math.inf
+        else f"a number in {left}{lo:g}, {hi:g}{right}"
+    )
     return ok, what
 
 
@@ -43,17 +46,73 @@ def _one_of(*choices: str):
 POSITIVE = _int_at_least(1)
 NON_NEGATIVE = _int_at_least(0)
 RULES = {
-    **{name: POSITIVE for name in (
-        "steps", "batch_size", "grad_accum", "group_size", "prompts_per_step", "minibatches", "num_iterations",
-        "ppo_epochs", "k", "samples_per_prompt", "max_len", "max_new_tokens", "threads", "n_prompts",
-        "pairs_per_prompt", "n_train", "n", "eval_prompts", "n_sampled_prompts", "workers", "sft_steps",
-        "pref_steps", "toy_steps", "starve_steps", "gpt_seeds", "rft_seeds", "lora_alpha")},
-    **{name: NON_NEGATIVE for name in (
-        "warmup_steps", "save_every", "stop_at_step", "eval_n", "eval_every", "top_k", "max_refills",
-        "noise_anneal_steps", "lora_r", "probe_every", "n_samples", "seed")},
-    **{name: _float_in(0.0) for name in (
-        "lr", "time_budget_s", "eval_every_s", "max_grad_norm", "weight_decay", "clip_eps_high", "vf_coef",
-        "chosen_drop_warn", "budget_s", "gpt_lr", "reward_timeout_s", "noise_strength", "beta_final")},
+    **{
+        name: POSITIVE
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "group_size",
+            "prompts_per_step",
+            "minibatches",
+            "num_iterations",
+            "ppo_epochs",
+            "k",
+            "samples_per_prompt",
+            "max_len",
+            "max_new_tokens",
+            "threads",
+            "n_prompts",
+            "pairs_per_prompt",
+            "n_train",
+            "n",
+            "eval_prompts",
+            "n_sampled_prompts",
+            "workers",
+            "sft_steps",
+            "pref_steps",
+            "toy_steps",
+            "starve_steps",
+            "gpt_seeds",
+            "rft_seeds",
+            "lora_alpha",
+        )
+    },
+    **{
+        name: NON_NEGATIVE
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "stop_at_step",
+            "eval_n",
+            "eval_every",
+            "top_k",
+            "max_refills",
+            "noise_anneal_steps",
+            "lora_r",
+            "probe_every",
+            "n_samples",
+            "seed",
+        )
+    },
+    **{
+        name: _float_in(0.0)
+        for name in (
+            "lr",
+            "time_budget_s",
+            "eval_every_s",
+            "max_grad_norm",
+            "weight_decay",
+            "clip_eps_high",
+            "vf_coef",
+            "chosen_drop_warn",
+            "budget_s",
+            "gpt_lr",
+            "reward_timeout_s",
+            "noise_strength",
+            "beta_final",
+        )
+    },
     **{name: _finite() for name in ("positive_threshold", "simpo_gamma")},
     "clip_eps": _float_in(0.0, 1.0, lo_open=True, hi_open=True),
     "value_clip": _float_in(0.0, lo_open=True),

@@ -1,6 +1,6 @@
 """Plots of a run's metrics (matplotlib, PNG) and a self-contained HTML report.
 
-    mirl report --runs runs/arith/grpo,runs/arith/online_mio     # overlays the runs
+mirl report --runs runs/arith/grpo,runs/arith/online_mio     # overlays the runs
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("probe/chosen_logps", "chosen log-prob (fixed pairs)"),
-            ("probe/rejected_logps", "rejected log-prob (fixed pairs)"),
-            ("rewards/margins", "margin T_w - T_l (batch mean)")]
+    keys = [
+        ("probe/chosen_logps", "chosen log-prob (fixed pairs)"),
+        ("probe/rejected_logps", "rejected log-prob (fixed pairs)"),
+        ("rewards/margins", "margin T_w - T_l (batch mean)"),
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     for ax, (key, label) in zip(axes, keys):
         for name, hist in histories.items():
@@ -41,9 +43,24 @@ def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, t
 
 # ---- run reports: `mirl report RUN_DIR [RUN_DIR ...]` ------------------------------------------------------
 
-REPORT_KEYS = ("loss", "reward/mean", "eval/accuracy", "logps/chosen", "logps/rejected", "rewards/margins",
-               "probe/chosen_logps", "probe/rejected_logps", "kl", "entropy", "grad_norm", "lr", "tokens_per_s",
-               "completions/mean_length", "clip_fraction", "mi")
+REPORT_KEYS = (
+    "loss",
+    "reward/mean",
+    "eval/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/margins",
+    "probe/chosen_logps",
+    "probe/rejected_logps",
+    "kl",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "completions/mean_length",
+    "clip_fraction",
+    "mi",
+)
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
@@ -98,18 +115,23 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     for d in dirs:
         parts.append(_samples_html(d))
         cfg = (d / "config.json").read_text() if (d / "config.json").exists() else "{}"
-        parts.append(f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(json.dumps(json.loads(cfg), indent=1))}"
-                     "</pre>")
+        parts.append(
+            f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(json.dumps(json.loads(cfg), indent=1))}</pre>"
+        )
     page = out / "index.html"
     # the page reports how many of its images decoded (body[data-images-loaded] = "loaded/total"): the
     # headless-browser test reads it
-    check = ("<script>window.addEventListener('load',function(){var im=Array.from(document.images);"
-             "document.body.dataset.imagesLoaded=im.filter(function(i){return i.complete&&i.naturalWidth>0})"
-             ".length+'/'+im.length;});</script>")
-    page.write_text("<!doctype html><meta charset='utf-8'><title>mirl report</title><style>body{font-family:sans-serif;"
-                    "margin:2em} img{margin:4px;border:1px solid #ddd} table{border-collapse:collapse;font-size:13px}"
-                    " td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
-                    " td pre{margin:0;white-space:pre-wrap}</style>" + check + "\n".join(parts))
+    check = (
+        "<script>window.addEventListener('load',function(){var im=Array.from(document.images);"
+        "document.body.dataset.imagesLoaded=im.filter(function(i){return i.complete&&i.naturalWidth>0})"
+        ".length+'/'+im.length;});</script>"
+    )
+    page.write_text(
+        "<!doctype html><meta charset='utf-8'><title>mirl report</title><style>body{font-family:sans-serif;"
+        "margin:2em} img{margin:4px;border:1px solid #ddd} table{border-collapse:collapse;font-size:13px}"
+        " td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
+        " td pre{margin:0;white-space:pre-wrap}</style>" + check + "\n".join(parts)
+    )
     return page
 
 
@@ -130,10 +152,19 @@ def _samples_html(run_dir: Path) -> str:
     def reward(v):
         return "<td>-</td>" if v is None else f"<td>{float(v):.3f}</td>"
 
-    body = "".join("<tr>" + cell(r.get("prompt", "")) + cell(r.get("completion", "")) + reward(r.get("reward"))
-                   + cell(r.get("reference") or "") + "</tr>" for r in rows)
-    return (f"<h2>{html.escape(run_dir.name)}: sample completions (greedy, held-out)</h2><table><tr><th>prompt</th>"
-            f"<th>completion</th><th>reward</th><th>reference</th></tr>{body}</table>")
+    body = "".join(
+        "<tr>"
+        + cell(r.get("prompt", ""))
+        + cell(r.get("completion", ""))
+        + reward(r.get("reward"))
+        + cell(r.get("reference") or "")
+        + "</tr>"
+        for r in rows
+    )
+    return (
+        f"<h2>{html.escape(run_dir.name)}: sample completions (greedy, held-out)</h2><table><tr><th>prompt</th>"
+        f"<th>completion</th><th>reward</th><th>reference</th></tr>{body}</table>"
+    )
 
 
 @dataclass

@@ -23,9 +23,18 @@ def build_hf_tiny(path, seed=0):
     corpus += ["user: hello assistant: hi there", "What is two plus two? Four."] * 20
     fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], corpus)
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(str(path))
     fast.save_pretrained(str(path))
@@ -45,8 +54,9 @@ def _bpe_tokenizer(specials, corpus=None):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     corpus = corpus or [f"{a}+{b}={a + b}|{a + b} add: count box" for a in range(30) for b in range(30)]
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -58,35 +68,75 @@ def build_hf_vlm(path, kind="qwen2_vl", seed=0):
     """A tiny transformers VLM from a config (Qwen2-VL or LLaVA with a Qwen2 text model), a locally trained
     BPE tokenizer and a PIL image processor: nothing downloaded."""
     torch.manual_seed(seed)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     if kind == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-        fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                               "<|image_pad|>", "<|video_pad|>"])
+        fast = _bpe_tokenizer(
+            [
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|vision_start|>",
+                "<|vision_end|>",
+                "<|image_pad|>",
+                "<|video_pad|>",
+            ]
+        )
         ids = {t: fast.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
         cfg = Qwen2VLConfig(
-            text_config=dict(vocab_size=len(fast), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-                             **text),
-            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], eos_token_id=fast.eos_token_id,
-            pad_token_id=fast.pad_token_id, bos_token_id=None, tie_word_embeddings=True)
+            text_config=dict(vocab_size=len(fast), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **text),
+            vision_config=dict(
+                depth=1,
+                embed_dim=32,
+                hidden_size=32,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            eos_token_id=fast.eos_token_id,
+            pad_token_id=fast.pad_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=True,
+        )
         model = Qwen2VLForConditionalGeneration(cfg)
-        processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
-                                             temporal_patch_size=2)
+        processor = Qwen2VLImageProcessorPil(
+            min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
     else:
         from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil
 
         fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])
         cfg = LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
             text_config=dict(model_type="qwen2", vocab_size=len(fast), **text),
-            image_token_index=fast.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
-            vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=True)
+            image_token_index=fast.convert_tokens_to_ids("<image>"),
+            projector_hidden_act="gelu",
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            tie_word_embeddings=True,
+        )
         model = LlavaForConditionalGeneration(cfg)
         processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     model.save_pretrained(str(path))

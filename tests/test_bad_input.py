@@ -27,8 +27,7 @@ def jsonl(rows) -> str:
 FAST = ["--steps", "1", "--threads", "1", "--no-report", "--eval-n", "0"]
 DPO = ["dpo", "--task", "", "--out-dir", "{d}/run", "--steps", "1", "--threads", "1", "--no-report"]
 SFT = ["sft", "--task", "", "--out-dir", "{d}/run", *FAST]
-GRPO = ["grpo", "--out-dir", "{d}/run", "--max-new-tokens", "4", "--group-size", "2", "--prompts-per-step", "2",
-        *FAST]
+GRPO = ["grpo", "--out-dir", "{d}/run", "--max-new-tokens", "4", "--group-size", "2", "--prompts-per-step", "2", *FAST]
 
 CASES = [
     # ---- options: ranges and choices, before any model is loaded ----------------------------------------
@@ -70,26 +69,56 @@ CASES = [
     ("loss-weight-text", ["dpo", "--loss", "dpo:abc"], {}, 2, ["loss weight for 'dpo' must be a number"]),
     ("loss-weight-nan", ["dpo", "--loss", "dpo:nan"], {}, 2, ["loss weight for 'dpo' must be finite"]),
     ("loss-mixed-kinds", ["dpo", "--loss", "dpo,group_js"], {}, 2, ["cannot combine pair and group losses"]),
-    ("reward-weight-nan", [*GRPO, "--task", "arith:1", "--reward", "task:nan"], {}, 2,
-     ["reward weight for 'task' must be finite"]),
+    (
+        "reward-weight-nan",
+        [*GRPO, "--task", "arith:1", "--reward", "task:nan"],
+        {},
+        2,
+        ["reward weight for 'task' must be finite"],
+    ),
     ("reward-unknown", [*GRPO, "--task", "arith:1", "--reward", "correctness"], {}, 2, ["unknown reward"]),
-    ("reward-task-without-task", [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "task"],
-     {"p.jsonl": jsonl([{"prompt": "1+1="}])}, 2, ["reward 'task' needs a task"]),
+    (
+        "reward-task-without-task",
+        [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "task"],
+        {"p.jsonl": jsonl([{"prompt": "1+1="}])},
+        2,
+        ["reward 'task' needs a task"],
+    ),
     ("task-unknown", ["grpo", "--task", "algebra", "--out-dir", "{d}/r"], {}, 2, ["algebra"]),
     ("noise-kinds-unknown", [*GRPO, "--task", "arith:1", "--noise-kinds", "blur"], {}, 2, ["--noise-kinds 'blur'"]),
     ("unknown-flag", ["grpo", "--learning-rate", "1e-4"], {}, 2, ["unrecognized arguments: --learning-rate"]),
     ("unknown-command", ["train"], {}, 2, ["unknown command 'train'"]),
     # ---- YAML config files -------------------------------------------------------------------------------
-    ("yaml-bool-for-int", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: true\n"}, 2,
-     ["c.yaml: key 'steps' must be an integer, got True"]),
-    ("yaml-string-for-float", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: fast\n"}, 2,
-     ["key 'lr' must be a number, got 'fast'"]),
-    ("yaml-duplicate-key", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: 3\nlr: 0.1\nsteps: 4\n"}, 2,
-     ["c.yaml: line 3: key 'steps' is given twice"]),
+    (
+        "yaml-bool-for-int",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "steps: true\n"},
+        2,
+        ["c.yaml: key 'steps' must be an integer, got True"],
+    ),
+    (
+        "yaml-string-for-float",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "lr: fast\n"},
+        2,
+        ["key 'lr' must be a number, got 'fast'"],
+    ),
+    (
+        "yaml-duplicate-key",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "steps: 3\nlr: 0.1\nsteps: 4\n"},
+        2,
+        ["c.yaml: line 3: key 'steps' is given twice"],
+    ),
     ("yaml-folder", ["sft", "--config", "{d}"], {}, 2, ["is a folder; --config takes a YAML file"]),
     ("yaml-missing", ["sft", "--config", "{d}/none.yaml"], {}, 2, ["none.yaml: config file not found"]),
-    ("yaml-unknown-key", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "learning_rate: 0.1\n"}, 2,
-     ["unknown key 'learning_rate'", "valid keys"]),
+    (
+        "yaml-unknown-key",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "learning_rate: 0.1\n"},
+        2,
+        ["unknown key 'learning_rate'", "valid keys"],
+    ),
     ("yaml-invalid", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: [1, 2\n"}, 2, ["c.yaml: invalid YAML"]),
     ("yaml-list", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "- steps\n"}, 2, ["expected a mapping"]),
     ("yaml-not-utf8", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": b"steps: 3 \xff\n"}, 2, ["c.yaml: not UTF-8"]),
@@ -98,70 +127,177 @@ CASES = [
     ("data-missing", [*DPO, "--data", "{d}/none.jsonl"], {}, 2, ["none.jsonl: no such file or folder"]),
     ("data-empty", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": ""}, 2, ["p.jsonl: the dataset is empty"]),
     ("data-blank", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": "\n  \n\n"}, 2, ["p.jsonl: the dataset is empty"]),
-    ("data-not-utf8", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR]).encode() + b'{"prompt": "\xff"}\n'},
-     2, ["p.jsonl:2: invalid UTF-8"]),
-    ("data-bad-json", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR]) + "{prompt: 1}\n"}, 2,
-     ["p.jsonl:2: malformed JSON"]),
-    ("data-not-object", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": "[1, 2]\n"}, 2,
-     ["p.jsonl:1: each line must be a JSON object, got list"]),
+    (
+        "data-not-utf8",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([PAIR]).encode() + b'{"prompt": "\xff"}\n'},
+        2,
+        ["p.jsonl:2: invalid UTF-8"],
+    ),
+    (
+        "data-bad-json",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([PAIR]) + "{prompt: 1}\n"},
+        2,
+        ["p.jsonl:2: malformed JSON"],
+    ),
+    (
+        "data-not-object",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": "[1, 2]\n"},
+        2,
+        ["p.jsonl:1: each line must be a JSON object, got list"],
+    ),
     ("data-format", [*DPO, "--data", "{d}/p.csv"], {"p.csv": "a,b\n"}, 2, ["unsupported format '.csv'"]),
-    ("data-corrupt-parquet", [*DPO, "--data", "{d}/p.parquet"], {"p.parquet": b"PAR1 not really"}, 2,
-     ["p.parquet: not a readable parquet file"]),
-    ("data-null-field", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([PAIR, {**PAIR, "chosen": None}])}, 2,
-     ["p.jsonl:2: field 'chosen' is null"]),
-    ("data-missing-field", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([{"prompt": "a", "chosen": "b"}])}, 2,
-     ["p.jsonl:1: missing field 'rejected'", "row has: chosen, prompt"]),
-    ("data-prompt-number", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": jsonl([{**PAIR, "prompt": 5}])}, 2,
-     ["p.jsonl:1: field 'prompt' must be a string or a list of chat messages, got int"]),
-    ("data-content-number", [*DPO, "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{"prompt": [{"role": "user", "content": 7}], "chosen": "2", "rejected": "3"}])}, 2,
-     ["p.jsonl:1: field 'prompt' message 0: 'content' must be a string or a list of parts, got int"]),
-    ("data-content-part", [*DPO, "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "2",
-                         "rejected": "3"}])}, 2, ["message 0 part 0: a part must be"]),
-    ("data-unknown-role", [*DPO, "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{"prompt": [{"role": "human", "content": "hi"}], "chosen": "2", "rejected": "3"}])}, 2,
-     ["p.jsonl:1: field 'prompt' message 0: unknown role 'human'", "valid roles"]),
-    ("data-message-without-role", [*DPO, "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{"prompt": [{"content": "hi"}], "chosen": "2", "rejected": "3"}])}, 2,
-     ["message 0: a message must be a mapping with 'role' and 'content'"]),
-    ("data-chosen-equals-rejected-all", [*DPO, "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{**PAIR, "rejected": "2"}] * 3)}, 2,
-     ["no usable preference pairs", "chosen equals rejected: 3 (first at", "p.jsonl:1"]),
-    ("data-sft-messages-no-assistant", [*SFT, "--data", "{d}/s.jsonl"],
-     {"s.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"}]}])}, 2,
-     ["s.jsonl:1: field 'messages' must be chat messages ending with an assistant turn"]),
-    ("data-sft-all-too-long", [*SFT, "--data", "{d}/s.jsonl", "--max-len", "4"],
-     {"s.jsonl": jsonl([{"prompt": "a long prompt", "completion": "x"}] * 2)}, 2,
-     ["every row was skipped", "prompt longer than max_len: 2 (first at", "s.jsonl:1"]),
-    ("data-rl-missing-answer", [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "accuracy"],
-     {"p.jsonl": jsonl([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])}, 2,
-     ["p.jsonl:2: reward 'accuracy' needs the field 'answer'"]),
-    ("data-rl-task-reward-missing-answer", [*GRPO, "--task", "arith:1", "--data", "{d}/p.jsonl"],
-     {"p.jsonl": jsonl([{"prompt": "1+1="}])}, 2, ["p.jsonl:1: reward 'task' needs the field 'answer'"]),
-    ("data-image-missing", [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
-     {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["none.png"]}])}, 2,
-     ["s.jsonl:1 field 'images'[0]: image file", "does not exist"]),
-    ("data-image-unreadable", [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
-     {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["x.png"]}]), "x.png": b"nope"}, 2,
-     ["s.jsonl:1 field 'images'[0]: unreadable image"]),
-    ("data-images-on-text-model", [*SFT, "--data", "{d}/s.jsonl"],
-     {"s.jsonl": jsonl([{"prompt": "count", "completion": "1", "images": ["x.png"]}]), "x.png": "PNG"}, 2,
-     ["s.jsonl:1"]),
+    (
+        "data-corrupt-parquet",
+        [*DPO, "--data", "{d}/p.parquet"],
+        {"p.parquet": b"PAR1 not really"},
+        2,
+        ["p.parquet: not a readable parquet file"],
+    ),
+    (
+        "data-null-field",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([PAIR, {**PAIR, "chosen": None}])},
+        2,
+        ["p.jsonl:2: field 'chosen' is null"],
+    ),
+    (
+        "data-missing-field",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{"prompt": "a", "chosen": "b"}])},
+        2,
+        ["p.jsonl:1: missing field 'rejected'", "row has: chosen, prompt"],
+    ),
+    (
+        "data-prompt-number",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{**PAIR, "prompt": 5}])},
+        2,
+        ["p.jsonl:1: field 'prompt' must be a string or a list of chat messages, got int"],
+    ),
+    (
+        "data-content-number",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{"prompt": [{"role": "user", "content": 7}], "chosen": "2", "rejected": "3"}])},
+        2,
+        ["p.jsonl:1: field 'prompt' message 0: 'content' must be a string or a list of parts, got int"],
+    ),
+    (
+        "data-content-part",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {
+            "p.jsonl": jsonl(
+                [{"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "2", "rejected": "3"}]
+            )
+        },
+        2,
+        ["message 0 part 0: a part must be"],
+    ),
+    (
+        "data-unknown-role",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{"prompt": [{"role": "human", "content": "hi"}], "chosen": "2", "rejected": "3"}])},
+        2,
+        ["p.jsonl:1: field 'prompt' message 0: unknown role 'human'", "valid roles"],
+    ),
+    (
+        "data-message-without-role",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{"prompt": [{"content": "hi"}], "chosen": "2", "rejected": "3"}])},
+        2,
+        ["message 0: a message must be a mapping with 'role' and 'content'"],
+    ),
+    (
+        "data-chosen-equals-rejected-all",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{**PAIR, "rejected": "2"}] * 3)},
+        2,
+        ["no usable preference pairs", "chosen equals rejected: 3 (first at", "p.jsonl:1"],
+    ),
+    (
+        "data-sft-messages-no-assistant",
+        [*SFT, "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"}]}])},
+        2,
+        ["s.jsonl:1: field 'messages' must be chat messages ending with an assistant turn"],
+    ),
+    (
+        "data-sft-all-too-long",
+        [*SFT, "--data", "{d}/s.jsonl", "--max-len", "4"],
+        {"s.jsonl": jsonl([{"prompt": "a long prompt", "completion": "x"}] * 2)},
+        2,
+        ["every row was skipped", "prompt longer than max_len: 2 (first at", "s.jsonl:1"],
+    ),
+    (
+        "data-rl-missing-answer",
+        [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "accuracy"],
+        {"p.jsonl": jsonl([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])},
+        2,
+        ["p.jsonl:2: reward 'accuracy' needs the field 'answer'"],
+    ),
+    (
+        "data-rl-task-reward-missing-answer",
+        [*GRPO, "--task", "arith:1", "--data", "{d}/p.jsonl"],
+        {"p.jsonl": jsonl([{"prompt": "1+1="}])},
+        2,
+        ["p.jsonl:1: reward 'task' needs the field 'answer'"],
+    ),
+    (
+        "data-image-missing",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["none.png"]}])},
+        2,
+        ["s.jsonl:1 field 'images'[0]: image file", "does not exist"],
+    ),
+    (
+        "data-image-unreadable",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "<image>count", "completion": "1", "images": ["x.png"]}]), "x.png": b"nope"},
+        2,
+        ["s.jsonl:1 field 'images'[0]: unreadable image"],
+    ),
+    (
+        "data-images-on-text-model",
+        [*SFT, "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "count", "completion": "1", "images": ["x.png"]}]), "x.png": "PNG"},
+        2,
+        ["s.jsonl:1"],
+    ),
     # ---- models and checkpoints --------------------------------------------------------------------------
     ("model-missing", [*SFT, "--task", "arith:1", "--model", "{d}/nomodel"], {}, 2, ["neither a preset"]),
-    ("model-no-config", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/x.txt": "x"}, 2,
-     ["has no config.json"]),
-    ("model-bad-config-json", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/config.json": "{not json"}, 2,
-     ["m/config.json: invalid JSON in the model config"]),
+    ("model-no-config", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/x.txt": "x"}, 2, ["has no config.json"]),
+    (
+        "model-bad-config-json",
+        [*SFT, "--task", "arith:1", "--model", "{d}/m"],
+        {"m/config.json": "{not json"},
+        2,
+        ["m/config.json: invalid JSON in the model config"],
+    ),
     ("resume-without-checkpoint", [*SFT, "--task", "arith:1", "--resume"], {}, 2, ["no checkpoint to resume from"]),
-    ("out-dir-is-a-file", [*SFT, "--task", "arith:1", "--out-dir", "{d}/f"], {"f": "x"}, 2,
-     ["--out-dir {d}/f: cannot write the run folder"]),
-    ("out-dir-under-a-file", [*SFT, "--task", "arith:1", "--out-dir", "{d}/f/run"], {"f": "x"}, 2,
-     ["--out-dir {d}/f/run: cannot write the run folder"]),
+    (
+        "out-dir-is-a-file",
+        [*SFT, "--task", "arith:1", "--out-dir", "{d}/f"],
+        {"f": "x"},
+        2,
+        ["--out-dir {d}/f: cannot write the run folder"],
+    ),
+    (
+        "out-dir-under-a-file",
+        [*SFT, "--task", "arith:1", "--out-dir", "{d}/f/run"],
+        {"f": "x"},
+        2,
+        ["--out-dir {d}/f/run: cannot write the run folder"],
+    ),
     ("fsdp-with-lora", [*SFT, "--task", "arith:1", "--fsdp", "--lora-r", "4"], {}, 2, ["--fsdp does not support"]),
-    ("rm-model-not-rm", [*GRPO, "--task", "arith:1", "--reward", "rm:{d}/m"], {"m/config.json": "{}"}, 2,
-     ["is not a reward model folder"]),
+    (
+        "rm-model-not-rm",
+        [*GRPO, "--task", "arith:1", "--reward", "rm:{d}/m"],
+        {"m/config.json": "{}"},
+        2,
+        ["is not a reward model folder"],
+    ),
 ]
 
 
@@ -213,11 +349,13 @@ def test_split_of_a_datasets_folder(tmp_path, capsys):
     from datasets import Dataset, DatasetDict
 
     DatasetDict({"train_prefs": Dataset.from_list(PAIRS), "test_prefs": Dataset.from_list(PAIRS[:4])}).save_to_disk(
-        str(tmp_path / "ds"))
+        str(tmp_path / "ds")
+    )
     argv = [a.replace("{d}", str(tmp_path)) for a in DPO] + ["--data", str(tmp_path / "ds")]
     assert main(argv) == 2
-    assert "no split 'train'; its splits are train_prefs, test_prefs (choose one with --split)" in \
-        capsys.readouterr().err
+    assert (
+        "no split 'train'; its splits are train_prefs, test_prefs (choose one with --split)" in capsys.readouterr().err
+    )
     assert main(argv + ["--split", "train_prefs"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 16
 
@@ -236,8 +374,27 @@ def test_yaml_numbers_as_a_user_means_them(tmp_path):
 def tiny_run(tmp_path_factory):
     """A finished 2-step SFT run with a checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["sft", "--task", "arith:1", "--steps", "2", "--save-every", "1", "--eval-n", "0", "--threads", "1",
-                 "--no-report", "--out-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--task",
+                "arith:1",
+                "--steps",
+                "2",
+                "--save-every",
+                "1",
+                "--eval-n",
+                "0",
+                "--threads",
+                "1",
+                "--no-report",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -248,11 +405,15 @@ def _copy(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("damage,words", [
-    ("truncate_weights", ["model.safetensors: cannot load the weights"]),
-    ("remove_weights", ["model.safetensors: missing (the model's weights)"]),
-    ("bad_tokenizer", ["tokenizer.json: invalid JSON in the tokenizer"]),
-], ids=["truncated-safetensors", "missing-safetensors", "corrupt-tokenizer"])
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        ("truncate_weights", ["model.safetensors: cannot load the weights"]),
+        ("remove_weights", ["model.safetensors: missing (the model's weights)"]),
+        ("bad_tokenizer", ["tokenizer.json: invalid JSON in the tokenizer"]),
+    ],
+    ids=["truncated-safetensors", "missing-safetensors", "corrupt-tokenizer"],
+)
 def test_damaged_model_folder_is_named(tmp_path, capsys, tiny_run, damage, words):
     m = _copy(tiny_run / "final", tmp_path / "m")
     if damage == "truncate_weights":
@@ -278,8 +439,21 @@ def test_resume_refuses_another_recipes_run_and_changed_options(tmp_path, capsys
     run = _copy(tiny_run, tmp_path / "run")
     rc = main(["grpo", "--task", "arith:1", "--resume", "--out-dir", str(run), "--threads", "1"])
     assert rc == 2 and "holds a run of 'mirl sft'; it cannot be resumed by 'mirl grpo'" in capsys.readouterr().err
-    base = ["sft", "--task", "arith:1", "--save-every", "1", "--eval-n", "0", "--threads", "1", "--no-report",
-            "--out-dir", str(run), "--resume"]
+    base = [
+        "sft",
+        "--task",
+        "arith:1",
+        "--save-every",
+        "1",
+        "--eval-n",
+        "0",
+        "--threads",
+        "1",
+        "--no-report",
+        "--out-dir",
+        str(run),
+        "--resume",
+    ]
     assert main(base + ["--steps", "3", "--lr", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert "the options differ from the run's" in err and "--lr 0.003 -> 0.001" in err and "--steps 2 -> 3" in err
@@ -293,8 +467,29 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_run):
     run = _copy(tiny_run, tmp_path / "run")
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
-    assert main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
-                 "--no-report", "--out-dir", str(run), "--resume", "--allow-config-change"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--task",
+                "arith:1",
+                "--steps",
+                "3",
+                "--save-every",
+                "1",
+                "--eval-n",
+                "0",
+                "--threads",
+                "1",
+                "--no-report",
+                "--out-dir",
+                str(run),
+                "--resume",
+                "--allow-config-change",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] != 9.0
 
@@ -304,8 +499,29 @@ def test_crash_between_checkpoint_renames_recovers(tmp_path, capsys, tiny_run):
     between the two, only checkpoint.old/ is complete: resuming puts it back."""
     run = _copy(tiny_run, tmp_path / "run")
     (run / "checkpoint").rename(run / "checkpoint.old")
-    assert main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
-                 "--no-report", "--out-dir", str(run), "--resume", "--allow-config-change"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--task",
+                "arith:1",
+                "--steps",
+                "3",
+                "--save-every",
+                "1",
+                "--eval-n",
+                "0",
+                "--threads",
+                "1",
+                "--no-report",
+                "--out-dir",
+                str(run),
+                "--resume",
+                "--allow-config-change",
+            ]
+        )
+        == 0
+    )
     assert "recovered it from checkpoint.old" in capsys.readouterr().err
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
 
@@ -313,8 +529,25 @@ def test_crash_between_checkpoint_renames_recovers(tmp_path, capsys, tiny_run):
 def test_corrupt_checkpoint_state_is_named(tmp_path, capsys, tiny_run):
     run = _copy(tiny_run, tmp_path / "run")
     (run / "checkpoint" / "state.json").write_text("{")
-    rc = main(["sft", "--task", "arith:1", "--steps", "2", "--eval-n", "0", "--threads", "1", "--no-report",
-               "--save-every", "1", "--out-dir", str(run), "--resume"])
+    rc = main(
+        [
+            "sft",
+            "--task",
+            "arith:1",
+            "--steps",
+            "2",
+            "--eval-n",
+            "0",
+            "--threads",
+            "1",
+            "--no-report",
+            "--save-every",
+            "1",
+            "--out-dir",
+            str(run),
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "checkpoint/state.json: invalid JSON in the checkpoint state" in err
 
@@ -346,8 +579,24 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
     out = tmp_path / "r"
-    rc = main(["sft", "--task", "arith:1", "--steps", "3", "--save-every", "1", "--eval-n", "0", "--threads", "1",
-               "--no-report", "--out-dir", str(out)])
+    rc = main(
+        [
+            "sft",
+            "--task",
+            "arith:1",
+            "--steps",
+            "3",
+            "--save-every",
+            "1",
+            "--eval-n",
+            "0",
+            "--threads",
+            "1",
+            "--no-report",
+            "--out-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "checkpoint.tmp/optimizer.pt failed (No space left on device)" in err
@@ -396,14 +645,18 @@ def _sleeps_and_swallows_base(prompts, completions, **_):
     return [1.0] * len(completions)
 
 
-@pytest.mark.parametrize("fn,timeout,kind", [
-    (_scalar, 10.0, "returned float, not a list of 2 scores"),
-    (_nested, 10.0, "returned a list"),
-    (_strings, 10.0, "returned a str"),
-    (_exits, 10.0, "exit (SystemExit: 3)"),
-    (_swallows_timeout, 0.2, "timeout"),
-    (_sleeps_and_swallows_base, 0.2, "timeout"),
-], ids=["scalar", "nested", "strings", "sys-exit", "swallowed-timeout", "swallowed-base-timeout"])
+@pytest.mark.parametrize(
+    "fn,timeout,kind",
+    [
+        (_scalar, 10.0, "returned float, not a list of 2 scores"),
+        (_nested, 10.0, "returned a list"),
+        (_strings, 10.0, "returned a str"),
+        (_exits, 10.0, "exit (SystemExit: 3)"),
+        (_swallows_timeout, 0.2, "timeout"),
+        (_sleeps_and_swallows_base, 0.2, "timeout"),
+    ],
+    ids=["scalar", "nested", "strings", "sys-exit", "swallowed-timeout", "swallowed-base-timeout"],
+)
 def test_bad_reward_values_are_counted_faults(fn, timeout, kind):
     rs = _reward_set(fn, "bad", timeout)
     total, _, _ = rs.score(["p", "q"], ["a", "b"])
@@ -418,8 +671,9 @@ def test_reward_with_wrong_signature_is_refused_at_start(tmp_path, capsys):
     def bad(completions):
         return [1.0]
 
-    rc = main([*[a.replace("{d}", str(tmp_path)) for a in GRPO], "--task", "arith:1", "--reward",
-               "test_bad_signature_cli"])
+    rc = main(
+        [*[a.replace("{d}", str(tmp_path)) for a in GRPO], "--task", "arith:1", "--reward", "test_bad_signature_cli"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "reward 'test_bad_signature_cli' must have the signature" in err
 
@@ -431,8 +685,9 @@ def test_image_over_the_decompression_limit_names_the_row(tmp_path, capsys, monk
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: PIL's bomb error
     (tmp_path / "s.jsonl").write_text(jsonl([{"prompt": "<image>count", "completion": "1", "images": ["big.png"]}]))
-    rc = main([*[a.replace("{d}", str(tmp_path)) for a in SFT], "--model", "vlm-nano", "--data",
-               str(tmp_path / "s.jsonl")])
+    rc = main(
+        [*[a.replace("{d}", str(tmp_path)) for a in SFT], "--model", "vlm-nano", "--data", str(tmp_path / "s.jsonl")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "s.jsonl:1 field 'images'[0]: image too large to open safely" in err
 
@@ -441,12 +696,28 @@ def test_image_over_the_decompression_limit_names_the_row(tmp_path, capsys, monk
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_the_last_step_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "mirl", "sft", "--task", "arith:1", "--steps", "100000", "--eval-n", "0",
-           "--threads", "1", "--no-report", "--out-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirl",
+        "sft",
+        "--task",
+        "arith:1",
+        "--steps",
+        "100000",
+        "--eval-n",
+        "0",
+        "--threads",
+        "1",
+        "--no-report",
+        "--out-dir",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                          and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2
+    ):
         time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

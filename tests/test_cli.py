@@ -29,16 +29,36 @@ def test_dpo_mio_on_trl_jsonl_and_datasets_folder(tmp_path, pairs_jsonl, capsys)
     folder = tmp_path / "ds"
     datasets.Dataset.from_list(PAIRS).save_to_disk(str(folder))
     for src in (pairs_jsonl, folder):
-        out = run_ok(["dpo", "--loss", "mio", "--data", str(src), "--task", "", "--steps", "3", "--batch-size", "4",
-                      "--threads", "1", "--out-dir", str(tmp_path / f"run_{src.name}")], capsys)
+        out = run_ok(
+            [
+                "dpo",
+                "--loss",
+                "mio",
+                "--data",
+                str(src),
+                "--task",
+                "",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--threads",
+                "1",
+                "--out-dir",
+                str(tmp_path / f"run_{src.name}"),
+            ],
+            capsys,
+        )
         assert out["steps"] == 3 and out["pairs"] == len(PAIRS)
         assert (tmp_path / f"run_{src.name}" / "final" / "config.json").exists()
 
 
 def test_yaml_overrides_and_flag_precedence(tmp_path, pairs_jsonl, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"loss: dpo\nsteps: 2\nbeta: 1\ndata: {pairs_jsonl}\ntask: ''\nbatch-size: 4\nthreads: 1\n"
-                   f"out_dir: {tmp_path / 'y'}\n")
+    cfg.write_text(
+        f"loss: dpo\nsteps: 2\nbeta: 1\ndata: {pairs_jsonl}\ntask: ''\nbatch-size: 4\nthreads: 1\n"
+        f"out_dir: {tmp_path / 'y'}\n"
+    )
     out = run_ok(["dpo", "--config", str(cfg), "--steps", "3"], capsys)
     assert out["steps"] == 3  # the flag wins over the file
     saved = json.loads((tmp_path / "y" / "config.json").read_text())
@@ -74,10 +94,42 @@ def test_bad_data_row_reported_with_location(tmp_path, capsys):
 
 
 def test_sft_then_eval_pass_at_k(tmp_path, capsys):
-    run_ok(["sft", "--task", "arith:1", "--steps", "5", "--n-train", "50", "--eval-n", "0", "--threads", "1",
-            "--out-dir", str(tmp_path / "s")], capsys)
-    assert main(["eval", "--model", str(tmp_path / "s" / "final"), "--task", "arith:1", "--n", "5", "--k", "2",
-                 "--threads", "1"]) == 0
+    run_ok(
+        [
+            "sft",
+            "--task",
+            "arith:1",
+            "--steps",
+            "5",
+            "--n-train",
+            "50",
+            "--eval-n",
+            "0",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path / "s"),
+        ],
+        capsys,
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "s" / "final"),
+                "--task",
+                "arith:1",
+                "--n",
+                "5",
+                "--k",
+                "2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the command's greedy accuracy is the library's evaluate() on the same held-out prompts
     from mirl.data.tasks import make_task
@@ -128,8 +180,26 @@ def test_example_configs_are_valid(path):
 
 def test_report_overlays_runs(tmp_path, pairs_jsonl, capsys):
     for name, loss in (("a", "dpo"), ("b", "mio")):
-        run_ok(["dpo", "--data", str(pairs_jsonl), "--task", "", "--loss", loss, "--steps", "3", "--batch-size", "4",
-                "--threads", "1", "--out-dir", str(tmp_path / name)], capsys)
+        run_ok(
+            [
+                "dpo",
+                "--data",
+                str(pairs_jsonl),
+                "--task",
+                "",
+                "--loss",
+                loss,
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--threads",
+                "1",
+                "--out-dir",
+                str(tmp_path / name),
+            ],
+            capsys,
+        )
     assert main(["report", "--runs", f"{tmp_path / 'a'},{tmp_path / 'b'}"]) == 0
     page = (tmp_path / "a" / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 5 and "&quot;loss&quot;: &quot;mio&quot;" in page

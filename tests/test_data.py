@@ -13,11 +13,19 @@ from mirl.models import CharTokenizer
 
 TOK = CharTokenizer()
 STANDARD = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
-CONVERSATIONAL = [{"prompt": [{"role": "user", "content": "1+1?"}],
-                   "chosen": [{"role": "assistant", "content": "2"}],
-                   "rejected": [{"role": "assistant", "content": "3"}]}]
-IMPLICIT = [{"chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
-             "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "3"}]}]
+CONVERSATIONAL = [
+    {
+        "prompt": [{"role": "user", "content": "1+1?"}],
+        "chosen": [{"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    }
+]
+IMPLICIT = [
+    {
+        "chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "3"}],
+    }
+]
 
 
 def write_jsonl(path, rows):
@@ -77,8 +85,10 @@ def test_empty_response_and_long_prompt_are_counted_skips():
 
 
 def test_sft_formats(tmp_path):
-    rows = [{"prompt": "a", "completion": "b"},
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}]
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]},
+    ]
     recs = completion_records(load_rows(write_jsonl(tmp_path / "sft.jsonl", rows)), TOK)
     assert [(r["prompt"], r["completion"]) for r in recs] == [("a", "b"), ("user: q\nassistant: ", "r")]
 

@@ -14,10 +14,18 @@ PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1
 
 
 def _run(args, nproc):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    r = subprocess.run(launcher + ["-m", "mirl"] + args, capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    r = subprocess.run(
+        launcher + ["-m", "mirl"] + args,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -30,17 +38,50 @@ def _weights(run_dir):
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("recipe,fsdp", [("sft", False), ("dpo", False), ("sft", True), ("dpo", True)],
-                         ids=["sft", "dpo", "sft-fsdp2", "dpo-fsdp2"])
+@pytest.mark.parametrize(
+    "recipe,fsdp",
+    [("sft", False), ("dpo", False), ("sft", True), ("dpo", True)],
+    ids=["sft", "dpo", "sft-fsdp2", "dpo-fsdp2"],
+)
 def test_two_ranks_equal_one_process(tmp_path, recipe, fsdp):
     if recipe == "sft":
-        common = ["sft", "--task", "arith:2", "--n-train", "64", "--steps", "3", "--eval-n", "0", "--threads", "1",
-                  "--lr", "1e-3", "--warmup-steps", "0"]
+        common = [
+            "sft",
+            "--task",
+            "arith:2",
+            "--n-train",
+            "64",
+            "--steps",
+            "3",
+            "--eval-n",
+            "0",
+            "--threads",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "0",
+        ]
     else:
         data = tmp_path / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-        common = ["dpo", "--data", str(data), "--task", "", "--loss", "mio", "--steps", "3", "--threads", "1",
-                  "--lr", "1e-3", "--warmup-steps", "0"]
+        common = [
+            "dpo",
+            "--data",
+            str(data),
+            "--task",
+            "",
+            "--loss",
+            "mio",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "0",
+        ]
     _run(common + ["--batch-size", "8", "--out-dir", str(tmp_path / "one")], 1)
     out = _run(common + ["--batch-size", "4", "--out-dir", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []), 2)
     assert ("FSDP2: 2 blocks and the root sharded over 2 ranks" in out) == fsdp
@@ -59,31 +100,99 @@ def test_two_ranks_equal_one_process(tmp_path, recipe, fsdp):
 def weak_sft(tmp_path_factory):
     """A weak SFT model on 1-digit addition: its samples are partly right (groups with a learning signal)."""
     out = tmp_path_factory.mktemp("sft")
-    _run(["sft", "--task", "arith:1", "--steps", "60", "--n-train", "400", "--batch-size", "32", "--eval-n", "0",
-          "--threads", "1", "--no-report", "--out-dir", str(out)], 1)
+    _run(
+        [
+            "sft",
+            "--task",
+            "arith:1",
+            "--steps",
+            "60",
+            "--n-train",
+            "400",
+            "--batch-size",
+            "32",
+            "--eval-n",
+            "0",
+            "--threads",
+            "1",
+            "--no-report",
+            "--out-dir",
+            str(out),
+        ],
+        1,
+    )
     return out / "final"
 
 
-@pytest.mark.parametrize("recipe,fsdp", [("grpo", False), ("online_mio", False), ("online_group_js", False),
-                                         ("ppo", False), ("rm", False), ("grpo", True), ("online_mio", True),
-                                         ("ppo", True), ("rm", True), ("grpo_batch_small", False),
-                                         ("grpo_batch_small", True), ("ppo_small", False)],
-                         ids=["grpo", "online_mio", "online_group_js", "ppo", "rm", "grpo-fsdp2", "online_mio-fsdp2",
-                              "ppo-fsdp2", "rm-fsdp2", "grpo_batch_small", "grpo_batch_small-fsdp2", "ppo_small"])
+@pytest.mark.parametrize(
+    "recipe,fsdp",
+    [
+        ("grpo", False),
+        ("online_mio", False),
+        ("online_group_js", False),
+        ("ppo", False),
+        ("rm", False),
+        ("grpo", True),
+        ("online_mio", True),
+        ("ppo", True),
+        ("rm", True),
+        ("grpo_batch_small", False),
+        ("grpo_batch_small", True),
+        ("ppo_small", False),
+    ],
+    ids=[
+        "grpo",
+        "online_mio",
+        "online_group_js",
+        "ppo",
+        "rm",
+        "grpo-fsdp2",
+        "online_mio-fsdp2",
+        "ppo-fsdp2",
+        "rm-fsdp2",
+        "grpo_batch_small",
+        "grpo_batch_small-fsdp2",
+        "ppo_small",
+    ],
+)
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
     """Two gloo ranks (8 prompts each) against one process (16 prompts) for 3 steps, with DDP-style gradient
     averaging or FSDP2. Rows are sampled with per-row noise (--row-seeded-sampling, always on under
     torchrun), so both sample the same responses; losses divide by global counts. Tolerances as for
     sft/dpo."""
-    common = ["--model", str(weak_sft), "--task", "arith:1", "--steps", "3", "--eval-n", "0", "--threads", "1",
-              "--max-new-tokens", "8", "--lr", "1e-3", "--no-report"]
+    common = [
+        "--model",
+        str(weak_sft),
+        "--task",
+        "arith:1",
+        "--steps",
+        "3",
+        "--eval-n",
+        "0",
+        "--threads",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--lr",
+        "1e-3",
+        "--no-report",
+    ]
     if recipe == "grpo":
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--num-iterations", "2"]
     elif recipe == "grpo_batch_small":
         # --scale-rewards batch divides by the global batch's std (not each rank's); 2 rows per rank in 4
         # minibatches of one row: in every minibatch one rank's part is empty (it still joins the collectives)
-        args = ["grpo", "--group-size", "2", "--prompts-per-step", "2", "--minibatches", "4", "--scale-rewards",
-                "batch"]
+        args = [
+            "grpo",
+            "--group-size",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--minibatches",
+            "4",
+            "--scale-rewards",
+            "batch",
+        ]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
         args = ["ppo", "--samples-per-prompt", "2", "--prompts-per-step", "2", "--minibatches", "4"]
     elif recipe.startswith("online"):
@@ -93,11 +202,26 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
     else:
         data = tmp_path / "pairs.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-        args = ["rm", "--data", str(data), "--eval-data", str(data), "--task", "", "--batch-size", "8",
-                "--warmup-steps", "0"]
+        args = [
+            "rm",
+            "--data",
+            str(data),
+            "--eval-data",
+            str(data),
+            "--task",
+            "",
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            "0",
+        ]
         common = [c for c in common if c not in ("--max-new-tokens", "8", "--eval-n", "0")]
-    _run(args + common + ["--row-seeded-sampling", "--out-dir", str(tmp_path / "one")] if recipe != "rm"
-         else args + common + ["--out-dir", str(tmp_path / "one")], 1)
+    _run(
+        args + common + ["--row-seeded-sampling", "--out-dir", str(tmp_path / "one")]
+        if recipe != "rm"
+        else args + common + ["--out-dir", str(tmp_path / "one")],
+        1,
+    )
     if recipe == "rm":
         args[args.index("--batch-size") + 1] = "4"
     out = _run(args + common + ["--out-dir", str(tmp_path / "two")] + (["--fsdp"] if fsdp else []), 2)

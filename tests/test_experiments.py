@@ -71,9 +71,18 @@ def test_starvation_rl_gets_no_signal_where_the_reference_never_samples():
 
 def test_positional_arguments():
     assert _positionals_to_flags("report", ["report", "a", "b", "--out", "x"]) == [
-        "report", "--runs", "a,b", "--out", "x"]
+        "report",
+        "--runs",
+        "a,b",
+        "--out",
+        "x",
+    ]
     assert _positionals_to_flags("experiment", ["experiment", "starvation", "--quick"]) == [
-        "experiment", "--name", "starvation", "--quick"]
+        "experiment",
+        "--name",
+        "starvation",
+        "--quick",
+    ]
     assert _positionals_to_flags("sft", ["sft", "--steps", "3"]) == ["sft", "--steps", "3"]
     assert main(["experiment", "nope"]) == 2
 
@@ -99,8 +108,26 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
 
 
 def test_every_run_writes_a_report_with_sample_completions(tmp_path):
-    assert main(["sft", "--task", "arith", "--steps", "3", "--batch-size", "8", "--eval-n", "4", "--threads", "1",
-                 "--out-dir", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--task",
+                "arith",
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--eval-n",
+                "4",
+                "--threads",
+                "1",
+                "--out-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "s" / "report" / "index.html").read_text()
     samples = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(s["reward"] in (0.0, 1.0) for s in samples)
@@ -115,12 +142,42 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium (make setup installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     run = tmp_path / "r"
-    assert main(["sft", "--task", "arith", "--steps", "3", "--batch-size", "8", "--eval-n", "4", "--threads", "1",
-                 "--out-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--task",
+                "arith",
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--eval-n",
+                "4",
+                "--threads",
+                "1",
+                "--out-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     page = run / "report" / "index.html"
     n_img = page.read_text().count("<img ")
-    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert m, dom[:500]
     assert int(m.group(1)) == int(m.group(2)) == n_img >= 3

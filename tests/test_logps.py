@@ -63,7 +63,8 @@ def test_left_and_right_padding_give_same_sequence_logps():
 
 def test_entropy_uniform():
     assert entropy_from_logits(torch.zeros(2, 3, 8), chunk=2).flatten().tolist() == pytest.approx(
-        [torch.log(torch.tensor(8.0)).item()] * 6)
+        [torch.log(torch.tensor(8.0)).item()] * 6
+    )
 
 
 def test_chunked_logps_keep_no_vocab_sized_float32_copy():

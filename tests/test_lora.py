@@ -23,8 +23,21 @@ def test_sft_lora_trains_adapters_only_and_saves(tmp_path, tiny_dir):
     base = {k: v.clone() for k, v in load_policy(tiny_dir).model.named_parameters()}
     for merged in (True, False):
         out = tmp_path / f"run_{merged}"
-        res = sft.train(sft.Config(model=str(tiny_dir), task="arith:1", n_train=64, steps=3, batch_size=8, lr=1e-2,
-                                   eval_n=0, threads=1, lora_r=4, save_adapter_only=not merged, out_dir=str(out)))
+        res = sft.train(
+            sft.Config(
+                model=str(tiny_dir),
+                task="arith:1",
+                n_train=64,
+                steps=3,
+                batch_size=8,
+                lr=1e-2,
+                eval_n=0,
+                threads=1,
+                lora_r=4,
+                save_adapter_only=not merged,
+                out_dir=str(out),
+            )
+        )
         pol = res.model
         assert pol.has_lora
         for name, p in pol.model.named_parameters():
@@ -46,9 +59,21 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_dir):
     policy.add_lora(4)
     ref = frozen_reference(policy)
     assert isinstance(ref, AdapterOffReference)  # no second copy of the weights
-    res = preference.train(preference.Config(model=str(tiny_dir), task="", loss="mio", ref_mode="model", steps=3,
-                                             batch_size=6, lr=1e-2, threads=1, lora_r=4, out_dir=str(tmp_path / "p")),
-                           data=PAIRS)
+    res = preference.train(
+        preference.Config(
+            model=str(tiny_dir),
+            task="",
+            loss="mio",
+            ref_mode="model",
+            steps=3,
+            batch_size=6,
+            lr=1e-2,
+            threads=1,
+            lora_r=4,
+            out_dir=str(tmp_path / "p"),
+        ),
+        data=PAIRS,
+    )
     assert res.history[0]["loss"] == pytest.approx(math.log(4), abs=1e-6)
     assert res.history[-1]["rewards/margins"] != 0.0  # the adapters moved away from the reference
     ids = torch.tensor([[4, 5, 6]])
@@ -61,9 +86,21 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_dir):
 def test_grpo_lora_on_a_transformers_model(tmp_path, hf_tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    res = grpo.train(grpo.Config(model=str(hf_tiny_dir), task="arith:1", group_size=2, prompts_per_step=2, steps=2,
-                                 max_new_tokens=6, eval_n=0, threads=1, lora_r=4, beta=0.05,
-                                 out_dir=str(tmp_path / "g")))
+    res = grpo.train(
+        grpo.Config(
+            model=str(hf_tiny_dir),
+            task="arith:1",
+            group_size=2,
+            prompts_per_step=2,
+            steps=2,
+            max_new_tokens=6,
+            eval_n=0,
+            threads=1,
+            lora_r=4,
+            beta=0.05,
+            out_dir=str(tmp_path / "g"),
+        )
+    )
     assert all(math.isfinite(h["loss"]) for h in res.history)
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "g" / "final")  # merged: a plain transformers folder
     ids = torch.tensor([[5, 6, 7]])

@@ -116,8 +116,17 @@ def test_other_pair_losses_by_hand():
     assert robust == pytest.approx(((1 - eps) * sp(-h) - eps * sp(h)) / (1 - 2 * eps))
     assert loss_of("robust", pc, pr, rc, rr, beta=beta, label_smoothing=0.0).item() == pytest.approx(sp(-h))
     # SimPO: averages -3/2 and -5/4, beta 2, gamma 0.5: sp(-(2 * (-1.5 + 1.25) - 0.5)) = sp(1.0)
-    simpo = loss_of("simpo", pc, pr, None, None, beta=2.0, gamma=0.5, chosen_lengths=lens,
-                    rejected_lengths=torch.tensor([4.0], dtype=torch.float64)).item()
+    simpo = loss_of(
+        "simpo",
+        pc,
+        pr,
+        None,
+        None,
+        beta=2.0,
+        gamma=0.5,
+        chosen_lengths=lens,
+        rejected_lengths=torch.tensor([4.0], dtype=torch.float64),
+    ).item()
     assert simpo == pytest.approx(sp(1.0))
     assert loss_of("sft", pc, pr, None, None, chosen_lengths=lens).item() == pytest.approx(1.5)
 
@@ -209,8 +218,9 @@ def test_loss_spec_parsing_and_combination():
         parse_loss_spec("dpo,group_js")
     pc, pr, rc, rr = pair(0.4, -0.2)
     lens = torch.tensor([4.0], dtype=torch.float64)
-    total, m = combined_pair_loss([("dpo", 1.0), ("sft", 0.25)], pc, pr, rc, rr, beta=1.0, chosen_lengths=lens,
-                                  rejected_lengths=lens)
+    total, m = combined_pair_loss(
+        [("dpo", 1.0), ("sft", 0.25)], pc, pr, rc, rr, beta=1.0, chosen_lengths=lens, rejected_lengths=lens
+    )
     expect = loss_of("dpo", pc, pr, rc, rr, beta=1.0) + 0.25 * (-pc / 4)
     torch.testing.assert_close(total, expect)
     assert "loss/dpo" in m and "loss/sft" in m

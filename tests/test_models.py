@@ -32,7 +32,7 @@ def test_kv_cache_matches_full_forward(which, hf_tiny_dir):
         logits, cache = policy.step(ids[:, :4], mask[:, :4])
         outs = [logits]
         for t in range(4, ids.shape[1]):
-            logits, cache = policy.step(ids[:, t:t + 1], mask[:, :t + 1], cache)
+            logits, cache = policy.step(ids[:, t : t + 1], mask[:, : t + 1], cache)
             outs.append(logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 

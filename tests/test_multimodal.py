@@ -17,6 +17,7 @@ from mirl.rollout import generate
 from mirl.rollout.score import encode_prompts
 
 if "test_alternate" not in REWARDS:
+
     @register_reward("test_alternate")
     def _alternate(prompts, completions, **_):
         """1, 0, 1, 0, ...: every group of an even size has a positive and a negative."""
@@ -39,7 +40,7 @@ def test_tiny_vlm_placeholders_become_image_tokens_and_save_load_roundtrip(tmp_p
     ids, img = p.encode_prompt("<image>add:", [_img()])
     n = p.model.config.n_image_tokens
     assert n == 16 and ids[0] == p.tokenizer.bos_token_id
-    assert ids[1:1 + n] == [p.tokenizer.image_token_id] * n and p.tokenizer.decode(ids) == "add:"
+    assert ids[1 : 1 + n] == [p.tokenizer.image_token_id] * n and p.tokenizer.decode(ids) == "add:"
     assert img["pixel_values"].shape == (1, 3, 32, 32)
     # no placeholder: the image goes first (TRL's convention)
     assert p.encode_prompt("add:", [_img()])[0] == ids
@@ -64,7 +65,7 @@ def test_sampled_logps_equal_a_full_forward_with_images(any_vlm):
     assert len(b.images) == 6 and b.images[0] is b.images[2] and b.images[3] is b.images[5]
     ids, attn, _ = b.full()
     r = ids.shape[1] - b.prompt_ids.shape[1]
-    logits = p(ids, attn, images=b.row_images(range(6)))[:, -r - 1:-1]
+    logits = p(ids, attn, images=b.row_images(range(6)))[:, -r - 1 : -1]
     logits[..., p.never_sample] = float("-inf")  # generation never samples an image placeholder
     lp = token_logps(logits, ids[:, -r:])
     m = b.response_mask.bool()
@@ -74,16 +75,18 @@ def test_sampled_logps_equal_a_full_forward_with_images(any_vlm):
 def test_rows_keep_their_own_images_in_a_batch(any_vlm):
     """A row's logits in a batch equal its logits alone: pixels stay aligned with their prompt."""
     p = any_vlm
-    ex = [{"prompt": "<image>add:", "images": [_img((250, 0, 0))]}, {"prompt": "add: 12", "images": None},
-          {"prompt": "<image>add: 3", "images": [_img((0, 0, 250))]}]
+    ex = [
+        {"prompt": "<image>add:", "images": [_img((250, 0, 0))]},
+        {"prompt": "add: 12", "images": None},
+        {"prompt": "<image>add: 3", "images": [_img((0, 0, 250))]},
+    ]
     prompts, images = encode_prompts(p, ex)
     from mirl.rollout.sample import left_pad
 
     ids, attn = left_pad(prompts, p.tokenizer.pad_token_id)
     together = p(ids, attn, images=cat_images(images))
     for i in range(3):
-        alone = p(torch.tensor([prompts[i]]), torch.ones(1, len(prompts[i]), dtype=torch.long),
-                  images=images[i])
+        alone = p(torch.tensor([prompts[i]]), torch.ones(1, len(prompts[i]), dtype=torch.long), images=images[i])
         assert torch.allclose(together[i, -1], alone[0, -1], atol=1e-4)
 
 
@@ -92,8 +95,10 @@ def test_bad_images_are_clear_errors_naming_the_row(tmp_path):
     good = tmp_path / "ok.png"
     _img().save(good)
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    rows = [{"prompt": "a", "completion": "b", "images": ["ok.png"]},
-            {"prompt": "a", "completion": "b", "images": ["missing.png"]}]
+    rows = [
+        {"prompt": "a", "completion": "b", "images": ["ok.png"]},
+        {"prompt": "a", "completion": "b", "images": ["missing.png"]},
+    ]
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match=r"d\.jsonl:2.*missing\.png does not exist"):
@@ -127,18 +132,25 @@ def test_image_columns_from_jsonl_parquet_datasets_and_messages(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps(rows[0]))
     recs = prompt_records(load_rows(tmp_path / "p.jsonl"), p.tokenizer)
     assert recs[0]["images"][0].size == (32, 32) and recs[0]["answer"] == "1"
-    ds = datasets.Dataset.from_dict({"prompt": ["count:"], "answer": ["1"], "image": [_img()]},
-                                    features=datasets.Features({"prompt": datasets.Value("string"),
-                                                                "answer": datasets.Value("string"),
-                                                                "image": datasets.Image()}))
+    ds = datasets.Dataset.from_dict(
+        {"prompt": ["count:"], "answer": ["1"], "image": [_img()]},
+        features=datasets.Features(
+            {"prompt": datasets.Value("string"), "answer": datasets.Value("string"), "image": datasets.Image()}
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     ds.to_parquet(str(tmp_path / "p.parquet"))
     for src in (tmp_path / "ds", tmp_path / "p.parquet"):
         recs = prompt_records(load_rows(src), p.tokenizer)
         assert len(recs[0]["images"]) == 1 and "image" not in recs[0]
         assert p.encode_prompt(recs[0]["prompt"], recs[0]["images"])[1]["pixel_values"].shape == (1, 3, 32, 32)
-    msgs = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "count:"}]},
-                         {"role": "assistant", "content": "1"}], "images": ["a.png"]}
+    msgs = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "count:"}]},
+            {"role": "assistant", "content": "1"},
+        ],
+        "images": ["a.png"],
+    }
     (tmp_path / "m.jsonl").write_text(json.dumps(msgs))
     rec = completion_records(load_rows(tmp_path / "m.jsonl"), p.tokenizer)[0]
     assert rec["prompt"] == "user: <image>count:\nassistant: " and rec["completion"] == "1"
@@ -174,16 +186,22 @@ def test_visual_tasks_are_deterministic_verified_and_split():
 
 
 def test_grounding_breakdown_by_hand():
-    shapes = [{"kind": "circle", "colour": "red", "box": [0, 0, 4, 4]},
-              {"kind": "square", "colour": "blue", "box": [10, 10, 14, 14]}]
+    shapes = [
+        {"kind": "circle", "colour": "red", "box": [0, 0, 4, 4]},
+        {"kind": "square", "colour": "blue", "box": [10, 10, 14, 14]},
+    ]
     ex = {"box": [0, 0, 4, 4], "shapes": shapes}
     # on the target with IoU 1/2 ([0,0,4,2]: 8 of 16), on the target exactly, on the other shape,
     # on no shape, no box at all
     outs = ["[0,0,4,2]", "[0,0,4,4]", "[10,10,13,13]", "[20,20,25,25]", "none"]
     d = make_task("grounding").breakdown(outs, [ex] * 5)
-    assert d == {"boxes/on_target": pytest.approx(0.4), "boxes/on_other": pytest.approx(0.2),
-                 "boxes/off_shapes": pytest.approx(0.2), "boxes/no_box": pytest.approx(0.2),
-                 "boxes/iou_on_target": pytest.approx(0.75)}
+    assert d == {
+        "boxes/on_target": pytest.approx(0.4),
+        "boxes/on_other": pytest.approx(0.2),
+        "boxes/off_shapes": pytest.approx(0.2),
+        "boxes/no_box": pytest.approx(0.2),
+        "boxes/iou_on_target": pytest.approx(0.75),
+    }
 
 
 def test_iou_reward_by_hand():
@@ -191,8 +209,11 @@ def test_iou_reward_by_hand():
 
     iou = REWARDS["iou"]  # registered by mirl.rewards
     # [0,0,2,2] vs [1,0,3,2]: intersection 2, union 6; swapped corners are put in order; missing box = 0
-    out = iou(["q"] * 4, ["[0,0,2,2]", "box (2, 2, 0, 0)", "none", "[0,0,1,1]"],
-              box=[[1, 0, 3, 2], [1, 0, 3, 2], [0, 0, 1, 1], None])
+    out = iou(
+        ["q"] * 4,
+        ["[0,0,2,2]", "box (2, 2, 0, 0)", "none", "[0,0,1,1]"],
+        box=[[1, 0, 3, 2], [1, 0, 3, 2], [0, 0, 1, 1], None],
+    )
     assert out == [pytest.approx(1 / 3), pytest.approx(1 / 3), 0.0, None]
 
 
@@ -208,8 +229,9 @@ def test_noisy_rollout_perturbs_part_of_each_group_and_anneals():
     assert noisy.size == img.size and list(noisy.getdata()) != list(img.getdata())
     p = load_policy("vlm-nano", seed=0)
     clean_inputs = p.encode_prompt("<image>x", [img])[1]
-    rows = noisy_sample_images(p, [{"prompt": "<image>x", "images": [img]}], [clean_inputs], 4, 2, 0.8,
-                               random.Random(0))
+    rows = noisy_sample_images(
+        p, [{"prompt": "<image>x", "images": [img]}], [clean_inputs], 4, 2, 0.8, random.Random(0)
+    )
     clean = clean_inputs["pixel_values"]
     same = [torch.equal(r["pixel_values"], clean) for r in rows]
     assert same == [True, True, False, False]
@@ -245,8 +267,20 @@ def test_freeze_vision_keeps_the_tower_and_trains_the_rest(tmp_path):
     p = load_policy("vlm-nano", seed=0)
     tower = p.model.vision[0].weight.detach().clone()
     proj = p.model.projector[0].weight.detach().clone()
-    sft.train(sft.Config(task="digits", n_train=32, steps=2, batch_size=8, max_len=48, eval_n=0, freeze_vision=True,
-                         out_dir=str(tmp_path / "s"), threads=1), model=p)
+    sft.train(
+        sft.Config(
+            task="digits",
+            n_train=32,
+            steps=2,
+            batch_size=8,
+            max_len=48,
+            eval_n=0,
+            freeze_vision=True,
+            out_dir=str(tmp_path / "s"),
+            threads=1,
+        ),
+        model=p,
+    )
     assert torch.equal(p.model.vision[0].weight, tower) and not torch.equal(p.model.projector[0].weight, proj)
 
 
@@ -254,8 +288,19 @@ def test_sft_teaches_the_tiny_vlm_to_read_digits(tmp_path):
     """Learning: 150 SFT steps take held-out digit-sum accuracy from 0 to above 20% (about 40% measured)."""
     from mirl.recipes import sft
 
-    res = sft.train(sft.Config(model="vlm-nano", task="digits", n_train=5000, steps=150, warmup_steps=10,
-                               max_len=48, eval_n=100, max_new_tokens=12, out_dir=str(tmp_path / "s")))
+    res = sft.train(
+        sft.Config(
+            model="vlm-nano",
+            task="digits",
+            n_train=5000,
+            steps=150,
+            warmup_steps=10,
+            max_len=48,
+            eval_n=100,
+            max_new_tokens=12,
+            out_dir=str(tmp_path / "s"),
+        )
+    )
     assert res.summary["eval"]["accuracy"] > 0.2
 
 
@@ -271,31 +316,80 @@ def test_one_step_of_every_recipe_on_a_tiny_transformers_vlm(recipe, hf_vlm_dir,
     common = {"out_dir": out, "threads": 1, "seed": 0}
     task = make_task("digits")
     if recipe == "sft":
-        data = [{"prompt": e["prompt"], "completion": e["solution"], "images": e["images"]}
-                for e in task.examples("train", 4)]
+        data = [
+            {"prompt": e["prompt"], "completion": e["solution"], "images": e["images"]}
+            for e in task.examples("train", 4)
+        ]
         sft.train(sft.Config(steps=1, batch_size=4, max_len=96, eval_n=0, task="", **common), model=policy, data=data)
     elif recipe == "dpo":
-        data = [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": "1+1=2|2", "images": e["images"]}
-                for e in task.examples("train", 4)]
-        preference.train(preference.Config(loss="mio", steps=1, batch_size=4, max_len=96, eval_n=0, task="",
-                                           **common), model=policy, data=data)
+        data = [
+            {"prompt": e["prompt"], "chosen": e["solution"], "rejected": "1+1=2|2", "images": e["images"]}
+            for e in task.examples("train", 4)
+        ]
+        preference.train(
+            preference.Config(loss="mio", steps=1, batch_size=4, max_len=96, eval_n=0, task="", **common),
+            model=policy,
+            data=data,
+        )
     elif recipe in ("grpo", "grpo_noisy"):
         extra = {"noisy_rollout": 0.5, "num_iterations": 2} if recipe == "grpo_noisy" else {}
-        grpo.train(grpo.Config(task="digits", steps=1, group_size=2, prompts_per_step=2, max_new_tokens=4,
-                               eval_n=2, max_len=96, reward="test_alternate", **extra, **common), model=policy)
+        grpo.train(
+            grpo.Config(
+                task="digits",
+                steps=1,
+                group_size=2,
+                prompts_per_step=2,
+                max_new_tokens=4,
+                eval_n=2,
+                max_len=96,
+                reward="test_alternate",
+                **extra,
+                **common,
+            ),
+            model=policy,
+        )
     elif recipe == "online":
-        res = online.train(online.Config(task="digits", steps=1, k=2, prompts_per_step=2, max_new_tokens=4,
-                                         eval_n=0, reward="test_alternate", loss="mio", max_len=96, **common),
-                           model=policy)
+        res = online.train(
+            online.Config(
+                task="digits",
+                steps=1,
+                k=2,
+                prompts_per_step=2,
+                max_new_tokens=4,
+                eval_n=0,
+                reward="test_alternate",
+                loss="mio",
+                max_len=96,
+                **common,
+            ),
+            model=policy,
+        )
         assert res.summary["groups"]["used"] == 2
     elif recipe == "ppo":
-        ppo.train(ppo.Config(task="digits", steps=1, samples_per_prompt=2, prompts_per_step=2, max_new_tokens=4,
-                             eval_n=0, max_len=96, **common), model=policy)
+        ppo.train(
+            ppo.Config(
+                task="digits",
+                steps=1,
+                samples_per_prompt=2,
+                prompts_per_step=2,
+                max_new_tokens=4,
+                eval_n=0,
+                max_len=96,
+                **common,
+            ),
+            model=policy,
+        )
     else:
-        data = [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": "1+1=2|2", "images": e["images"]}
-                for e in task.examples("train", 8)]
-        reward_model.train(reward_model.Config(steps=1, batch_size=4, max_len=96, task="", **common), model=policy,
-                           data=data, eval_data=data[:4])
+        data = [
+            {"prompt": e["prompt"], "chosen": e["solution"], "rejected": "1+1=2|2", "images": e["images"]}
+            for e in task.examples("train", 8)
+        ]
+        reward_model.train(
+            reward_model.Config(steps=1, batch_size=4, max_len=96, task="", **common),
+            model=policy,
+            data=data,
+            eval_data=data[:4],
+        )
     changed = [k for k, v in policy.named_parameters() if not torch.equal(v, before[k])]
     assert changed, f"{recipe}: no parameter changed"
     if recipe not in ("rm",):
@@ -306,14 +400,63 @@ def test_one_step_of_every_recipe_on_a_tiny_transformers_vlm(recipe, hf_vlm_dir,
 def test_cli_grpo_and_eval_on_images(tmp_path, capsys):
     from mirl.cli import main
 
-    assert main(["sft", "--model", "vlm-nano", "--task", "digits", "--steps", "2", "--batch-size", "4",
-                 "--max-len", "48", "--eval-n", "4", "--max-new-tokens", "6", "--out-dir", str(tmp_path / "s")]) == 0
-    assert main(["grpo", "--model", str(tmp_path / "s/final"), "--task", "grounding", "--reward", "iou",
-                 "--steps", "1", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "6",
-                 "--noisy-rollout", "0.5", "--eval-n", "4", "--out-dir", str(tmp_path / "g")]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                "vlm-nano",
+                "--task",
+                "digits",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-len",
+                "48",
+                "--eval-n",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--out-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "grpo",
+                "--model",
+                str(tmp_path / "s/final"),
+                "--task",
+                "grounding",
+                "--reward",
+                "iou",
+                "--steps",
+                "1",
+                "--group-size",
+                "2",
+                "--prompts-per-step",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--noisy-rollout",
+                "0.5",
+                "--eval-n",
+                "4",
+                "--out-dir",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "g/final"), "--task", "grounding", "--n", "4",
-                 "--max-new-tokens", "6"]) == 0
+    assert (
+        main(["eval", "--model", str(tmp_path / "g/final"), "--task", "grounding", "--n", "4", "--max-new-tokens", "6"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 4 and 0.0 <= out["mean_score"] <= 1.0
     where = ("on_target", "on_other", "off_shapes", "no_box")

@@ -18,21 +18,27 @@ from mirl.logging import read_metrics
 from mirl.losses import combined_group_loss, parse_loss_spec
 from mirl.losses.mi import group_mi_loss
 from mirl.models import load_policy
-from mirl.recipes import grpo, online, ppo, preference, sft
+from mirl.recipes import online, ppo, preference, sft
 from mirl.recipes.grpo import groups_with_signal
 from mirl.rewards import register_reward
 from mirl.rollout.sample import bits_to_uniform, inverse_cdf_index, row_gumbel
 
-PAIRS = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}|{a + b}", "rejected": f"{a + b + 1}|{a + b + 1}"}
-         for a in range(4) for b in range(4)]
+PAIRS = [
+    {"prompt": f"{a}+{b}=", "chosen": f"{a + b}|{a + b}", "rejected": f"{a + b + 1}|{a + b + 1}"}
+    for a in range(4)
+    for b in range(4)
+]
 
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     """A weak SFT model on 1-digit addition: some samples right, some wrong (groups with signal)."""
     out = tmp_path_factory.mktemp("sft")
-    sft.train(sft.Config(task="arith:1", steps=60, n_train=400, batch_size=32, eval_n=0, threads=2, report=False,
-                         out_dir=str(out)))
+    sft.train(
+        sft.Config(
+            task="arith:1", steps=60, n_train=400, batch_size=32, eval_n=0, threads=2, report=False, out_dir=str(out)
+        )
+    )
     return out / "final"
 
 
@@ -50,15 +56,45 @@ def test_counter_uniforms_lie_strictly_inside_the_unit_interval():
 
 
 # 2 ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra", [["--top-p", "0.7"], ["--row-seeded-sampling", "--top-k", "5"]],
-                         ids=["top_p", "row_seeded_top_k"])
+@pytest.mark.parametrize(
+    "extra", [["--top-p", "0.7"], ["--row-seeded-sampling", "--top-k", "5"]], ids=["top_p", "row_seeded_top_k"]
+)
 def test_grpo_ratio_is_one_at_lr_zero_with_filtered_sampling(tmp_path, sft_dir, extra):
     """At lr 0 the policy never changes, so every importance ratio is 1 and nothing is clipped. The old
     log-probs used to be the sampler's top-p/top-k-renormalised ones: ratio = kept mass (about 0.7)."""
-    rc = main(["grpo", "--model", str(sft_dir), "--task", "arith:1", "--lr", "0", "--num-iterations", "2",
-               "--minibatches", "2", "--group-size", "4", "--prompts-per-step", "4", "--steps", "3", "--eval-n", "0",
-               "--max-new-tokens", "8", "--threads", "2", "--no-report", "--temperature", "1.0",
-               "--out-dir", str(tmp_path / "g"), *extra])
+    rc = main(
+        [
+            "grpo",
+            "--model",
+            str(sft_dir),
+            "--task",
+            "arith:1",
+            "--lr",
+            "0",
+            "--num-iterations",
+            "2",
+            "--minibatches",
+            "2",
+            "--group-size",
+            "4",
+            "--prompts-per-step",
+            "4",
+            "--steps",
+            "3",
+            "--eval-n",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "2",
+            "--no-report",
+            "--temperature",
+            "1.0",
+            "--out-dir",
+            str(tmp_path / "g"),
+            *extra,
+        ]
+    )
     assert rc == 0
     rows = read_metrics(tmp_path / "g")
     assert len(rows) == 3
@@ -73,9 +109,21 @@ def test_logp_agg_mean_divides_by_the_length_once(tmp_path, loss):
     """logp_agg=mean gives token-mean log-probs m_w, m_l. SimPO's loss is then sp(-(beta (m_w - m_l) - gamma))
     and the SFT term -m_w; the recipe used to divide m by the length a second time. One step over all 16
     pairs (batch 16) at lr 0: the logged loss is the mean of the formula over the pairs."""
-    cfg = preference.Config(task="", loss=loss, logp_agg="mean", beta=2.0, simpo_gamma=0.5, steps=1, batch_size=16,
-                            lr=0.0, warmup_steps=0, threads=2, probe_every=0, report=False,
-                            out_dir=str(tmp_path / loss))
+    cfg = preference.Config(
+        task="",
+        loss=loss,
+        logp_agg="mean",
+        beta=2.0,
+        simpo_gamma=0.5,
+        steps=1,
+        batch_size=16,
+        lr=0.0,
+        warmup_steps=0,
+        threads=2,
+        probe_every=0,
+        report=False,
+        out_dir=str(tmp_path / loss),
+    )
     policy = load_policy("gpt-nano", max_seq_len=256, seed=0)
     res = preference.train(cfg, model=policy, data=PAIRS)
     skips = SkipCounter()
@@ -90,9 +138,17 @@ def _tiny_hf(tmp_path, name, hf_tiny_dir):
     from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(hf_tiny_dir))
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     if name == "granite":  # logits = lm_head(h) / logits_scaling
         model = GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **common))
@@ -135,8 +191,9 @@ def test_reward_model_reward_scores_the_tokens_it_was_trained_on(tmp_path, hf_ti
 
     tok = AutoTokenizer.from_pretrained(str(hf_tiny_dir))
     bos = "<|im_start|>"
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[
-        (bos, tok.convert_tokens_to_ids(bos))])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))]
+    )
     tok.bos_token = bos
     path = tmp_path / "bos_model"
     load_policy(hf_tiny_dir).model.save_pretrained(str(path))
@@ -181,13 +238,25 @@ def test_group_dv_masks_padding_exactly():
     -I_DV = -T_pos + logsumexp_real(T) - log 2 = 100 + (-100 + log 2) - log 2 = 0. The old weight 1e-30 on the
     padding (critic 0) added exp(-69) to the sum, which dominates exp(-100): a loss of about 31."""
     t = torch.tensor([[-100.0, -100.0, 0.0]])
-    loss, _ = group_mi_loss(t, torch.zeros_like(t), torch.tensor([[True, False, False]]), beta=1.0,
-                            estimator="dv", mask=torch.tensor([[True, True, False]]))
+    loss, _ = group_mi_loss(
+        t,
+        torch.zeros_like(t),
+        torch.tensor([[True, False, False]]),
+        beta=1.0,
+        estimator="dv",
+        mask=torch.tensor([[True, True, False]]),
+    )
     assert float(loss) == pytest.approx(0.0, abs=1e-5)
     # a group whose every slot is padding gives 0 and a finite gradient
     t = torch.zeros(1, 2, requires_grad=True)
-    loss, _ = group_mi_loss(t, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool), beta=1.0, estimator="dv",
-                            mask=torch.zeros(1, 2, dtype=torch.bool))
+    loss, _ = group_mi_loss(
+        t,
+        torch.zeros(1, 2),
+        torch.zeros(1, 2, dtype=torch.bool),
+        beta=1.0,
+        estimator="dv",
+        mask=torch.zeros(1, 2, dtype=torch.bool),
+    )
     loss.sum().backward()
     assert float(loss) == 0.0 and bool(torch.isfinite(t.grad).all())
 
@@ -202,8 +271,20 @@ def test_bf16_reference_runs_under_the_policys_arithmetic(tmp_path, ref_mode):
     0 (policy = reference) the implicit rewards beta * (logp - ref_logp) were not zero (5.6e-5 here on the
     random tiny GPT). Both sides now use the same arithmetic in the same batch shapes (all 16 pairs in one
     batch): exactly zero."""
-    cfg = preference.Config(task="", loss="dpo", bf16=True, ref_mode=ref_mode, steps=1, batch_size=16, lr=0.0,
-                            warmup_steps=0, threads=2, probe_every=0, report=False, out_dir=str(tmp_path / "b"))
+    cfg = preference.Config(
+        task="",
+        loss="dpo",
+        bf16=True,
+        ref_mode=ref_mode,
+        steps=1,
+        batch_size=16,
+        lr=0.0,
+        warmup_steps=0,
+        threads=2,
+        probe_every=0,
+        report=False,
+        out_dir=str(tmp_path / "b"),
+    )
     res = preference.train(cfg, model=load_policy("gpt-nano", seed=0), data=PAIRS)
     h = res.history[0]
     assert h["rewards/chosen"] == 0.0 and h["rewards/rejected"] == 0.0
@@ -249,9 +330,22 @@ def _unscorable(prompts, completions, **_):
 def test_online_never_makes_an_unscorable_response_a_negative(tmp_path, sft_dir):
     """Rewards 1.0 or None only: no group has a negative, so no pair can be formed (the old code made the
     None responses negatives and trained on them)."""
-    res = online.train(online.Config(model=str(sft_dir), task="arith:1", reward="test_half_unscorable", loss="mio",
-                                     k=4, prompts_per_step=8, steps=2, eval_n=0, threads=2, max_new_tokens=8,
-                                     report=False, out_dir=str(tmp_path / "o")))
+    res = online.train(
+        online.Config(
+            model=str(sft_dir),
+            task="arith:1",
+            reward="test_half_unscorable",
+            loss="mio",
+            k=4,
+            prompts_per_step=8,
+            steps=2,
+            eval_n=0,
+            threads=2,
+            max_new_tokens=8,
+            report=False,
+            out_dir=str(tmp_path / "o"),
+        )
+    )
     g = res.summary["groups"]
     assert g["used"] == 0 and g["unscorable"] > 0 and not any("loss" in h for h in res.history)
 
@@ -261,9 +355,23 @@ def test_ppo_leaves_unscorable_responses_out_of_the_update(tmp_path, sft_dir):
     scored them 0 and fitted the critic to it)."""
     model = load_policy(sft_dir)
     before = [p.clone() for p in model.parameters()]
-    res = ppo.train(ppo.Config(model=str(sft_dir), task="arith:1", reward="test_unscorable", samples_per_prompt=2,
-                               prompts_per_step=4, steps=1, beta=0.0, eval_n=0, threads=2, max_new_tokens=8,
-                               report=False, out_dir=str(tmp_path / "p")), model=model)
+    res = ppo.train(
+        ppo.Config(
+            model=str(sft_dir),
+            task="arith:1",
+            reward="test_unscorable",
+            samples_per_prompt=2,
+            prompts_per_step=4,
+            steps=1,
+            beta=0.0,
+            eval_n=0,
+            threads=2,
+            max_new_tokens=8,
+            report=False,
+            out_dir=str(tmp_path / "p"),
+        ),
+        model=model,
+    )
     assert res.history[0]["loss"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
 
@@ -278,8 +386,16 @@ def test_every_term_of_a_group_loss_spec_is_trained(tmp_path):
     loss, m = combined_group_loss(terms, z, z, torch.tensor([[True, False]]).expand(3, 2), beta=0.1)
     assert loss.tolist() == pytest.approx([math.log(2)] * 3)
     assert "loss/group_js" in m and "loss/group_dv" in m
-    cfg = preference.Config(task="", loss="group_dv,group_js:0.5", steps=1, batch_size=16, threads=2, probe_every=0,
-                            report=False, out_dir=str(tmp_path / "d"))
+    cfg = preference.Config(
+        task="",
+        loss="group_dv,group_js:0.5",
+        steps=1,
+        batch_size=16,
+        threads=2,
+        probe_every=0,
+        report=False,
+        out_dir=str(tmp_path / "d"),
+    )
     res = preference.train(cfg, model=load_policy("gpt-nano", seed=0), data=PAIRS)
     assert res.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
@@ -290,8 +406,28 @@ def test_a_diverging_run_stops_and_writes_no_final_model(tmp_path, capsys):
     are NaN. The run stops at that optimizer step with exit status 1, keeps the checkpoint of step 1 and
     writes no final/ (it used to save an all-NaN model and exit 0)."""
     out = tmp_path / "s"
-    rc = main(["sft", "--task", "arith:1", "--steps", "5", "--lr", "1e30", "--warmup-steps", "0", "--eval-n", "0",
-               "--save-every", "1", "--threads", "2", "--no-report", "--out-dir", str(out)])
+    rc = main(
+        [
+            "sft",
+            "--task",
+            "arith:1",
+            "--steps",
+            "5",
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--eval-n",
+            "0",
+            "--save-every",
+            "1",
+            "--threads",
+            "2",
+            "--no-report",
+            "--out-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "optimizer step 2: the gradient norm is nan" in err and "Traceback" not in err

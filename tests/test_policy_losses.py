@@ -38,16 +38,17 @@ def test_value_loss_clipping_by_hand():
 
 # ---- advantages against loops -------------------------------------------------------------------------
 
+
 def _group_loop(r, g, scale):
     out = []
     allr = [x for x in r if x == x]
     bm = sum(allr) / len(allr)
     bstd = (sum((x - bm) ** 2 for x in allr) / (len(allr) - 1)) ** 0.5
     for s in range(0, len(r), g):
-        grp = [x for x in r[s:s + g] if x == x]
+        grp = [x for x in r[s : s + g] if x == x]
         mean = sum(grp) / len(grp)
         std = (sum((x - mean) ** 2 for x in grp) / (len(grp) - 1)) ** 0.5 if len(grp) > 1 else 0.0
-        for x in r[s:s + g]:
+        for x in r[s : s + g]:
             if x != x:
                 out.append(0.0)
             elif scale == "group":

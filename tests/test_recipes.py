@@ -11,13 +11,25 @@ from mirl.logging import read_metrics
 from mirl.models import load_policy
 from mirl.recipes import preference, sft
 
-PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + (a % 3))}
-         for a in range(10) for b in range(10)]
+PAIRS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + (a % 3))}
+    for a in range(10)
+    for b in range(10)
+]
 
 
 def pcfg(tmp_path, **kw):
-    base = dict(task="", steps=6, batch_size=8, lr=1e-3, warmup_steps=0, eval_n=0, max_len=24, threads=1,
-                out_dir=str(tmp_path / "pref"))
+    base = dict(
+        task="",
+        steps=6,
+        batch_size=8,
+        lr=1e-3,
+        warmup_steps=0,
+        eval_n=0,
+        max_len=24,
+        threads=1,
+        out_dir=str(tmp_path / "pref"),
+    )
     base.update(kw)
     return preference.Config(**base)
 
@@ -36,30 +48,46 @@ def test_every_parameter_changes_and_preference_is_learned(tmp_path):
     before = {k: v.clone() for k, v in model.named_parameters()}
     # from scratch, DPO separates these pairs within 80 steps (MIO, whose chosen term saturates at
     # T_w = ln 2, needs far longer here: every rejected answer is another prompt's chosen one)
-    res = preference.train(pcfg(tmp_path, loss="dpo", beta=0.5, steps=80, lr=3e-3, batch_size=16), model=model,
-                           data=PAIRS)
+    res = preference.train(
+        pcfg(tmp_path, loss="dpo", beta=0.5, steps=80, lr=3e-3, batch_size=16), model=model, data=PAIRS
+    )
     for k, v in res.model.named_parameters():
         assert not torch.equal(before[k], v), f"{k} did not change"
     last = res.history[-10:]
     assert sum(h["rewards/accuracies"] for h in last) / 10 > 0.85
     assert sum(h["loss"] for h in last) / 10 < 0.5  # from ln 2 = 0.693
     metrics = read_metrics(tmp_path / "pref")
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "logps/chosen", "logps/rejected", "rewards/chosen",
-                "rewards/rejected", "rewards/margins", "rewards/accuracies", "mi"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "logps/chosen",
+        "logps/rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "mi",
+    ):
         assert key in metrics[0], key
     assert (tmp_path / "pref" / "final" / "model.safetensors").exists()
     assert list((tmp_path / "pref" / "tb").iterdir())
 
 
-@pytest.mark.parametrize("loss,first", [
-    ("hinge", 1.0),  # relu(1 - 0)
-    ("robust", math.log(2)),  # ((1 - e) ln 2 - e ln 2) / (1 - 2e) = ln 2
-    ("nwj", math.exp(-1)),  # -(0 - (e^-1 + e^-1) / 2)
-    ("infonce", 0.0),  # -0 + log(2) - log 2
-    ("group_js", math.log(4)),  # a pair as a group of two is MIO
-    ("group_dv", 0.0),  # DPO - ln 2
-    ("simpo", None), ("dpo:1,sft:0.5", None),  # depend on the policy's own log-probs
-])
+@pytest.mark.parametrize(
+    "loss,first",
+    [
+        ("hinge", 1.0),  # relu(1 - 0)
+        ("robust", math.log(2)),  # ((1 - e) ln 2 - e ln 2) / (1 - 2e) = ln 2
+        ("nwj", math.exp(-1)),  # -(0 - (e^-1 + e^-1) / 2)
+        ("infonce", 0.0),  # -0 + log(2) - log 2
+        ("group_js", math.log(4)),  # a pair as a group of two is MIO
+        ("group_dv", 0.0),  # DPO - ln 2
+        ("simpo", None),
+        ("dpo:1,sft:0.5", None),  # depend on the policy's own log-probs
+    ],
+)
 def test_other_losses_train(tmp_path, loss, first):
     model = load_policy("gpt-nano", seed=0)
     before = [p.clone() for p in model.parameters()]
@@ -72,10 +100,12 @@ def test_other_losses_train(tmp_path, loss, first):
 
 def test_preference_resume_equals_uninterrupted(tmp_path):
     full = preference.train(pcfg(tmp_path, out_dir=str(tmp_path / "a"), loss="mio", steps=6), data=PAIRS)
-    preference.train(pcfg(tmp_path, out_dir=str(tmp_path / "b"), loss="mio", steps=6, save_every=3, stop_at_step=3),
-                     data=PAIRS)
-    resumed = preference.train(pcfg(tmp_path, out_dir=str(tmp_path / "b"), loss="mio", steps=6, resume=True),
-                               data=PAIRS)
+    preference.train(
+        pcfg(tmp_path, out_dir=str(tmp_path / "b"), loss="mio", steps=6, save_every=3, stop_at_step=3), data=PAIRS
+    )
+    resumed = preference.train(
+        pcfg(tmp_path, out_dir=str(tmp_path / "b"), loss="mio", steps=6, resume=True), data=PAIRS
+    )
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     for a, b in zip(full.history[3:], resumed.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
@@ -96,11 +126,23 @@ def test_grad_accumulation_4x2_equals_1x8(tmp_path, recipe):
     params = []
     for accum, bs in ((4, 2), (1, 8)):
         if recipe == "sft":
-            res = sft.train(sft.Config(task="arith:2", n_train=64, steps=3, batch_size=bs, grad_accum=accum, eval_n=0,
-                                       threads=1, out_dir=str(tmp_path / f"s{accum}")))
+            res = sft.train(
+                sft.Config(
+                    task="arith:2",
+                    n_train=64,
+                    steps=3,
+                    batch_size=bs,
+                    grad_accum=accum,
+                    eval_n=0,
+                    threads=1,
+                    out_dir=str(tmp_path / f"s{accum}"),
+                )
+            )
         else:
-            res = preference.train(pcfg(tmp_path, batch_size=bs, grad_accum=accum, steps=3,
-                                        out_dir=str(tmp_path / f"p{accum}")), data=PAIRS)
+            res = preference.train(
+                pcfg(tmp_path, batch_size=bs, grad_accum=accum, steps=3, out_dir=str(tmp_path / f"p{accum}")),
+                data=PAIRS,
+            )
         params.append(torch.cat([p.detach().flatten() for p in res.model.parameters()]))
         first = (res.history[0]["loss"], res.history[0]["grad_norm"])
         if accum == 4:
@@ -113,8 +155,9 @@ def test_grad_accumulation_4x2_equals_1x8(tmp_path, recipe):
 
 def test_sft_learns_two_digit_addition(tmp_path):
     # 2-digit addition with its chain of thought: held-out greedy accuracy above 50% after 300 steps
-    res = sft.train(sft.Config(task="arith:2", steps=300, n_train=5000, eval_n=100, threads=2,
-                               out_dir=str(tmp_path / "sft")))
+    res = sft.train(
+        sft.Config(task="arith:2", steps=300, n_train=5000, eval_n=100, threads=2, out_dir=str(tmp_path / "sft"))
+    )
     assert res.summary["eval"]["accuracy"] >= 0.5, res.summary["eval"]
 
 
@@ -134,8 +177,11 @@ def test_recipes_on_a_transformers_model(tmp_path, hf_tiny_dir):
     model = load_policy(hf_tiny_dir)
     before = [p.clone() for p in model.parameters()]
     data = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "2+2=", "completion": "4"}]
-    res = sft.train(sft.Config(task="", steps=2, batch_size=2, eval_n=0, threads=1, out_dir=str(tmp_path / "s")),
-                    model=model, data=data)
+    res = sft.train(
+        sft.Config(task="", steps=2, batch_size=2, eval_n=0, threads=1, out_dir=str(tmp_path / "s")),
+        model=model,
+        data=data,
+    )
     assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
     pref = preference.train(pcfg(tmp_path, loss="mio", steps=2, batch_size=4), model=res.model, data=PAIRS[:8])
     assert pref.history[0]["loss"] == pytest.approx(math.log(4), abs=1e-6)
@@ -150,8 +196,9 @@ def test_activation_checkpointing_and_bf16(tmp_path, which, hf_tiny_dir):
     model = "gpt-nano" if which == "tiny" else str(hf_tiny_dir)
     runs = {}
     for name, opts in {"fp32": {}, "ckpt": {"activation_checkpointing": True}, "bf16": {"bf16": True}}.items():
-        res = preference.train(pcfg(tmp_path, model=model, loss="dpo", steps=3, out_dir=str(tmp_path / name), **opts),
-                               data=PAIRS)
+        res = preference.train(
+            pcfg(tmp_path, model=model, loss="dpo", steps=3, out_dir=str(tmp_path / name), **opts), data=PAIRS
+        )
         runs[name] = [h["loss"] for h in res.history]
     assert runs["ckpt"] == pytest.approx(runs["fp32"], rel=1e-5)
     assert runs["bf16"] == pytest.approx(runs["fp32"], abs=0.05)
@@ -162,8 +209,18 @@ def test_compile_blocks_gives_the_eager_losses(tmp_path):
     """--compile compiles each block in place: the same losses as eager, the same checkpoint keys."""
     runs = {}
     for flag in (False, True):
-        res = sft.train(sft.Config(task="arith", steps=2, batch_size=8, eval_n=0, threads=1, report=False,
-                                   compile=flag, out_dir=str(tmp_path / str(flag))))
+        res = sft.train(
+            sft.Config(
+                task="arith",
+                steps=2,
+                batch_size=8,
+                eval_n=0,
+                threads=1,
+                report=False,
+                compile=flag,
+                out_dir=str(tmp_path / str(flag)),
+            )
+        )
         runs[flag] = [h["loss"] for h in res.history]
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
     keys = {flag: set(load_file(str(tmp_path / str(flag) / "final" / "model.safetensors"))) for flag in runs}

@@ -24,7 +24,7 @@ def test_modes_by_hand():
 def test_split_batch_with_global_count_equals_whole(mode):
     whole = masked_reduce(LOSS, MASK, mode)
     count = MASK.sum() if mode == "token_mean" else 2
-    parts = sum(masked_reduce(LOSS[i:i + 1], MASK[i:i + 1], mode, global_count=count) for i in range(2))
+    parts = sum(masked_reduce(LOSS[i : i + 1], MASK[i : i + 1], mode, global_count=count) for i in range(2))
     assert parts.item() == pytest.approx(whole.item())
 
 

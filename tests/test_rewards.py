@@ -15,8 +15,12 @@ def r(name, completions, **cols):
 
 
 def test_math_accuracy_equivalences():
-    comps = ["<answer>\\frac{1}{2}</answer>", "The answer is \\boxed{0.5}", "<answer>1/3</answer>",
-             "<answer>2</answer>"]
+    comps = [
+        "<answer>\\frac{1}{2}</answer>",
+        "The answer is \\boxed{0.5}",
+        "<answer>1/3</answer>",
+        "<answer>2</answer>",
+    ]
     assert r("accuracy", comps, answer=["0.5", "1/2", "0.34", "\\frac{4}{2}"]) == [1.0, 1.0, 0.0, 1.0]
     assert r("accuracy", ["<answer>7</answer>"], answer=["not math at all %%"]) in ([None], [0.0])
 
@@ -31,15 +35,16 @@ def test_exact_numeric_format():
 
 
 def test_overlong_penalty_by_hand():
-    assert soft_overlong(["q"] * 4, ["a"] * 4, completion_lengths=[10, 80, 90, 100], max_completion_length=100,
-                         overlong_buffer=20) == [0.0, 0.0, -0.5, -1.0]
+    assert soft_overlong(
+        ["q"] * 4, ["a"] * 4, completion_lengths=[10, 80, 90, 100], max_completion_length=100, overlong_buffer=20
+    ) == [0.0, 0.0, -0.5, -1.0]
     assert soft_overlong(["q"], ["a"]) == [None]
 
 
 def test_task_and_reasoning_gym_rewards():
     task = make_task("arith")
     ex = task.examples("train", 3)
-    (name, fn, w), = parse_reward_spec("task", task)
+    ((name, fn, w),) = parse_reward_spec("task", task)
     assert fn([e["prompt"] for e in ex], [e["solution"] for e in ex], example=ex) == [1.0, 1.0, 1.0]
     rg = make_task("rg:basic_arithmetic")
     rex = rg.examples("train", 2)

@@ -17,14 +17,22 @@ from mirl.recipes import grpo, online, ppo, reward_model, sft
 def sft_dir(tmp_path_factory):
     """A weak SFT model on 1-digit addition: some samples right, some wrong (groups with signal)."""
     out = tmp_path_factory.mktemp("sft")
-    sft.train(sft.Config(task="arith:1", steps=60, n_train=400, batch_size=32, eval_n=0, threads=2,
-                         out_dir=str(out)))
+    sft.train(sft.Config(task="arith:1", steps=60, n_train=400, batch_size=32, eval_n=0, threads=2, out_dir=str(out)))
     return out / "final"
 
 
 def gcfg(tmp_path, sft_dir, **kw):
-    base = dict(model=str(sft_dir), task="arith:1", group_size=4, prompts_per_step=8, steps=3, eval_n=0, threads=2,
-                max_new_tokens=16, out_dir=str(tmp_path / "grpo"))
+    base = dict(
+        model=str(sft_dir),
+        task="arith:1",
+        group_size=4,
+        prompts_per_step=8,
+        steps=3,
+        eval_n=0,
+        threads=2,
+        max_new_tokens=16,
+        out_dir=str(tmp_path / "grpo"),
+    )
     base.update(kw)
     return grpo.Config(**base)
 
@@ -40,20 +48,36 @@ def test_grpo_first_loss_and_parameters(tmp_path, sft_dir):
     assert h["clip_fraction"] == 0.0 and h["ratio/mean"] == pytest.approx(1.0)
     assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
     m = read_metrics(tmp_path / "grpo")[0]
-    for key in ("reward/mean", "rewards/task/mean", "rewards/task/std", "advantages/std", "clip_fraction", "entropy",
-                "completions/mean_length", "completions/truncated_frac", "tokens_per_s", "time/generation_s",
-                "time/scoring_s", "time/update_s", "groups/zero_signal_frac"):
+    for key in (
+        "reward/mean",
+        "rewards/task/mean",
+        "rewards/task/std",
+        "advantages/std",
+        "clip_fraction",
+        "entropy",
+        "completions/mean_length",
+        "completions/truncated_frac",
+        "tokens_per_s",
+        "time/generation_s",
+        "time/scoring_s",
+        "time/update_s",
+        "groups/zero_signal_frac",
+    ):
         assert key in m, key
 
 
-@pytest.mark.parametrize("opts", [
-    dict(loss_agg="dr_grpo", scale_rewards="none"),
-    dict(loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True, reward="task,overlong"),
-    dict(importance="sequence"),
-    dict(advantage="rloo", scale_rewards="batch"),
-    dict(beta=0.05, kl_schedule="linear", beta_final=0.0, kl_estimator="k2"),
-    dict(num_iterations=2, minibatches=2, mask_truncated=True),
-], ids=["dr_grpo", "dapo", "gspo", "rloo", "kl_schedule", "multi_pass"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(loss_agg="dr_grpo", scale_rewards="none"),
+        dict(loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True, reward="task,overlong"),
+        dict(importance="sequence"),
+        dict(advantage="rloo", scale_rewards="batch"),
+        dict(beta=0.05, kl_schedule="linear", beta_final=0.0, kl_estimator="k2"),
+        dict(num_iterations=2, minibatches=2, mask_truncated=True),
+    ],
+    ids=["dr_grpo", "dapo", "gspo", "rloo", "kl_schedule", "multi_pass"],
+)
 def test_grpo_switches_run(tmp_path, sft_dir, opts):
     res = grpo.train(gcfg(tmp_path, sft_dir, **opts))
     rows = [h for h in res.history if "loss" in h]
@@ -93,8 +117,18 @@ def test_grpo_bad_input(tmp_path, sft_dir):
 
 @pytest.mark.parametrize("loss", ["mio", "dpo", "group_js", "group_dv"])
 def test_online_contrastive(tmp_path, sft_dir, loss):
-    cfg = online.Config(model=str(sft_dir), task="arith:1", loss=loss, k=4, prompts_per_step=8, steps=3, eval_n=0,
-                        threads=2, max_new_tokens=16, out_dir=str(tmp_path / "online"))
+    cfg = online.Config(
+        model=str(sft_dir),
+        task="arith:1",
+        loss=loss,
+        k=4,
+        prompts_per_step=8,
+        steps=3,
+        eval_n=0,
+        threads=2,
+        max_new_tokens=16,
+        out_dir=str(tmp_path / "online"),
+    )
     res = online.train(cfg)
     g = res.summary["groups"]
     assert g["all_correct"] + g["all_wrong"] + g["used"] == 3 * 8
@@ -111,9 +145,21 @@ def test_online_contrastive(tmp_path, sft_dir, loss):
 def test_ppo_runs_and_updates(tmp_path, sft_dir, critic):
     model = load_policy(sft_dir)
     before = [p.clone() for p in model.parameters()]
-    res = ppo.train(ppo.Config(model=str(sft_dir), task="arith:1", critic=critic, prompts_per_step=8,
-                               samples_per_prompt=2, steps=2, eval_n=0, threads=2, max_new_tokens=16,
-                               out_dir=str(tmp_path / "ppo")), model=model)
+    res = ppo.train(
+        ppo.Config(
+            model=str(sft_dir),
+            task="arith:1",
+            critic=critic,
+            prompts_per_step=8,
+            samples_per_prompt=2,
+            steps=2,
+            eval_n=0,
+            threads=2,
+            max_new_tokens=16,
+            out_dir=str(tmp_path / "ppo"),
+        ),
+        model=model,
+    )
     assert all(not torch.equal(a, b) for a, b in zip(before, res.model.parameters()))
     for h in res.history:
         assert math.isfinite(h["loss"]) and h["value_loss"] >= 0 and "kl" in h
@@ -122,21 +168,57 @@ def test_ppo_runs_and_updates(tmp_path, sft_dir, critic):
 
 def test_reward_model_learns_and_serves_as_reward(tmp_path, sft_dir):
     # separable pairs: the right sum vs a sum off by 5 on 1-digit addition
-    data = [{"prompt": f"{a}+{b}=", "chosen": f"{a}+{b}={a + b}|{a + b}",
-             "rejected": f"{a}+{b}={a + b + 5}|{a + b + 5}"} for a in range(10) for b in range(10)]
-    res = reward_model.train(reward_model.Config(model="gpt-nano", steps=80, batch_size=16, lr=1e-3, threads=2,
-                                                 out_dir=str(tmp_path / "rm")), data=data[10:], eval_data=data[:10])
+    data = [
+        {"prompt": f"{a}+{b}=", "chosen": f"{a}+{b}={a + b}|{a + b}", "rejected": f"{a}+{b}={a + b + 5}|{a + b + 5}"}
+        for a in range(10)
+        for b in range(10)
+    ]
+    res = reward_model.train(
+        reward_model.Config(
+            model="gpt-nano", steps=80, batch_size=16, lr=1e-3, threads=2, out_dir=str(tmp_path / "rm")
+        ),
+        data=data[10:],
+        eval_data=data[:10],
+    )
     assert sum(h["accuracy"] for h in res.history[-10:]) / 10 > 0.9
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": d["prompt"]}) + "\n" for d in data))
-    g = grpo.train(gcfg(tmp_path, sft_dir, data=str(tmp_path / "p.jsonl"), task="", steps=1,
-                        reward=f"rm:{tmp_path / 'rm' / 'final'}"))
+    g = grpo.train(
+        gcfg(
+            tmp_path,
+            sft_dir,
+            data=str(tmp_path / "p.jsonl"),
+            task="",
+            steps=1,
+            reward=f"rm:{tmp_path / 'rm' / 'final'}",
+        )
+    )
     assert math.isfinite(g.history[0]["rewards/rm/mean"])
 
 
 def test_cli_grpo_on_reasoning_gym_task(tmp_path, capsys):
-    rc = main(["grpo", "--model", "gpt-nano", "--task", "rg:basic_arithmetic", "--steps", "2", "--group-size", "2",
-               "--prompts-per-step", "2", "--max-new-tokens", "8", "--eval-n", "4", "--threads", "1",
-               "--out-dir", str(tmp_path / "rg")])
+    rc = main(
+        [
+            "grpo",
+            "--model",
+            "gpt-nano",
+            "--task",
+            "rg:basic_arithmetic",
+            "--steps",
+            "2",
+            "--group-size",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--eval-n",
+            "4",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path / "rg"),
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["steps"] == 2 and len(out["evals"]) == 2
@@ -172,8 +254,9 @@ def test_empty_generations_are_counted(tmp_path, sft_dir):
     task = make_task("arith:1")
     policy = _EosFirst(load_policy(sft_dir))
     ex = task.examples("train", 3)
-    sb = rollout_and_score(policy, ex, RewardSet(parse_reward_spec("task", task)), group_size=2, max_new_tokens=8,
-                           temperature=1.0)
+    sb = rollout_and_score(
+        policy, ex, RewardSet(parse_reward_spec("task", task)), group_size=2, max_new_tokens=8, temperature=1.0
+    )
     assert sb.metrics["completions/empty"] == 6 and sb.rewards.tolist() == [0.0] * 6
     pairs, stats = sample_pairs(policy, task, ex, k=2, max_new_tokens=8)
     assert pairs == [] and stats["empty_samples"] == 6 and stats["skipped_all_wrong"] == 3
@@ -190,14 +273,39 @@ def test_bf16_in_the_online_recipes(tmp_path, sft_dir):
     assert res.history[0]["ratio/mean"] == 1.0 and res.history[0]["clip_fraction"] == 0.0
     losses = {}
     for bf16 in (False, True):
-        r = online.train(online.Config(model=str(sft_dir), task="arith:1", loss="mio", k=4, prompts_per_step=8,
-                                       steps=1, eval_n=0, threads=2, max_new_tokens=16, bf16=bf16, report=False,
-                                       out_dir=str(tmp_path / f"online{bf16}")))
+        r = online.train(
+            online.Config(
+                model=str(sft_dir),
+                task="arith:1",
+                loss="mio",
+                k=4,
+                prompts_per_step=8,
+                steps=1,
+                eval_n=0,
+                threads=2,
+                max_new_tokens=16,
+                bf16=bf16,
+                report=False,
+                out_dir=str(tmp_path / f"online{bf16}"),
+            )
+        )
         losses[bf16] = (r.history[0]["loss"], r.history[0]["logps/chosen"])
     assert losses[False][0] == pytest.approx(math.log(4), abs=1e-5)
     assert losses[True][0] == pytest.approx(math.log(4), abs=1e-5)
     assert losses[True][1] == pytest.approx(losses[False][1], rel=0.05) and losses[True][1] != losses[False][1]
-    r = ppo.train(ppo.Config(model=str(sft_dir), task="arith:1", samples_per_prompt=2, prompts_per_step=4, steps=2,
-                             eval_n=0, threads=2, max_new_tokens=16, bf16=True, report=False,
-                             out_dir=str(tmp_path / "ppo")))
+    r = ppo.train(
+        ppo.Config(
+            model=str(sft_dir),
+            task="arith:1",
+            samples_per_prompt=2,
+            prompts_per_step=4,
+            steps=2,
+            eval_n=0,
+            threads=2,
+            max_new_tokens=16,
+            bf16=True,
+            report=False,
+            out_dir=str(tmp_path / "ppo"),
+        )
+    )
     assert all(math.isfinite(h["loss"]) for h in r.history)

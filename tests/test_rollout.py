@@ -16,7 +16,7 @@ def _greedy_reference(policy, prompt, n):
         ids.append(nxt)
         if nxt == policy.tokenizer.eos_token_id:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_greedy_matches_uncached_reference(hf_tiny_dir):
@@ -32,8 +32,14 @@ def test_sampled_logps_equal_forward_and_shapes():
     policy = load_policy("gpt-nano", seed=0)
     tok = policy.tokenizer
     g = torch.Generator().manual_seed(0)
-    batch = generate(policy, [tok.encode("12+3=", True), tok.encode("7=", True)], max_new_tokens=7,
-                     samples_per_prompt=3, temperature=1.0, generator=g)
+    batch = generate(
+        policy,
+        [tok.encode("12+3=", True), tok.encode("7=", True)],
+        max_new_tokens=7,
+        samples_per_prompt=3,
+        temperature=1.0,
+        generator=g,
+    )
     b, r = batch.response_ids.shape
     assert b == 6 and r == 7 and batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     ids, attn, resp = batch.full()

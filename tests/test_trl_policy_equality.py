@@ -30,14 +30,33 @@ def trl_grpo_loss(loss_type, logps, old, ref, adv, mask, *, beta, eps_low, eps_h
     b, t = mask.shape
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=importance, beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), loss_type=loss_type,
-        epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=max_len, accelerator=_Accel(),
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)))
-    inputs = {"prompt_ids": torch.zeros(b, 2, dtype=torch.long), "prompt_mask": torch.ones(b, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask, "advantages": adv,
-              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=importance,
+        beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_len,
+        accelerator=_Accel(),
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(b, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(b, t, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
     return grpo_mod.GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
@@ -62,11 +81,21 @@ CASES = [(a, "token") for a in ("grpo", "dr_grpo", "dapo", "bnpo")] + [("grpo", 
 def test_policy_loss_equals_trl(agg, beta, importance):
     logps, old, ref, adv, mask = _tensors()
     eps_low, eps_high = 0.2, 0.28
-    expected = trl_grpo_loss(agg, logps, old, ref, adv, mask, beta=beta, eps_low=eps_low, eps_high=eps_high,
-                             importance=importance, max_len=9)
-    ours, m = clipped_policy_loss(logps, old, adv, mask, clip_eps=eps_low, clip_eps_high=eps_high, beta=beta,
-                                  ref_logps=ref, importance=importance, loss_agg=agg, max_completion_length=9)
+    expected = trl_grpo_loss(
+        agg, logps, old, ref, adv, mask, beta=beta, eps_low=eps_low, eps_high=eps_high, importance=importance, max_len=9
+    )
+    ours, m = clipped_policy_loss(
+        logps,
+        old,
+        adv,
+        mask,
+        clip_eps=eps_low,
+        clip_eps_high=eps_high,
+        beta=beta,
+        ref_logps=ref,
+        importance=importance,
+        loss_agg=agg,
+        max_completion_length=9,
+    )
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9)
     assert 0 < m["clip_fraction"] < 1
-
-

@@ -14,8 +14,17 @@ import torch
 from .formats import DataError, SkipCounter
 
 
-def encode_example(encoder, prompt: str, response: str, max_len: int, skips: SkipCounter, where: str,
-                   field_name: str = "response", images=None, image_base: str = ""):
+def encode_example(
+    encoder,
+    prompt: str,
+    response: str,
+    max_len: int,
+    skips: SkipCounter,
+    where: str,
+    field_name: str = "response",
+    images=None,
+    image_base: str = "",
+):
     """encoder: a Policy (images allowed) or a tokenizer. -> (ids, prompt_len[, image inputs]) or None
     when skipped."""
     if not response.strip():
@@ -33,8 +42,10 @@ def encode_example(encoder, prompt: str, response: str, max_len: int, skips: Ski
         skips.note("characters the tokenizer cannot encode (kept as its unknown token)", where)
     if len(p) >= max_len:
         if image_inputs is not None:
-            raise DataError(f"{where}: the prompt with its image tokens is {len(p)} tokens, which leaves no room "
-                            f"for a response within max_len {max_len}; raise --max-len (images are never cut)")
+            raise DataError(
+                f"{where}: the prompt with its image tokens is {len(p)} tokens, which leaves no room "
+                f"for a response within max_len {max_len}; raise --max-len (images are never cut)"
+            )
         skips.add("prompt longer than max_len", where)
         return None
     if len(p) + len(r) > max_len:
@@ -59,9 +70,9 @@ def pad_batch(seqs: list[tuple[list[int], int]], pad_id: int, side: str = "right
     resp = torch.zeros((b, width), dtype=torch.long)
     for i, (ids, plen, *_) in enumerate(seqs):
         off = 0 if side == "right" else width - len(ids)
-        input_ids[i, off:off + len(ids)] = torch.tensor(ids)
-        attn[i, off:off + len(ids)] = 1
-        resp[i, off + plen:off + len(ids)] = 1
+        input_ids[i, off : off + len(ids)] = torch.tensor(ids)
+        attn[i, off : off + len(ids)] = 1
+        resp[i, off + plen : off + len(ids)] = 1
     return input_ids, attn, resp
 
 
@@ -79,5 +90,5 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         perm = torch.randperm(n, generator=g)
         take = min(batch_size - len(out), n - pos)
-        out.extend(perm[pos:pos + take].tolist())
+        out.extend(perm[pos : pos + take].tolist())
     return out

@@ -33,6 +33,7 @@ class Row:
 @dataclass
 class SkipCounter:
     """Rows dropped for a reason are counted here and reported at the end of a run; none vanish silently."""
+
     counts: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)
 
@@ -55,8 +56,9 @@ class SkipCounter:
         parts = [f"{k}: {v} (first at {self.examples[k]})" for k, v in sorted(self.counts.items())]
         out = "skipped rows: " + ("; ".join(parts) if parts else "none")
         if self.notes:
-            out += "; rows kept with " + "; ".join(f"{k}: {v} (first at {self.note_examples[k]})"
-                                                   for k, v in sorted(self.notes.items()))
+            out += "; rows kept with " + "; ".join(
+                f"{k}: {v} (first at {self.note_examples[k]})" for k, v in sorted(self.notes.items())
+            )
         return out
 
 
@@ -143,8 +145,11 @@ def check_messages(x, where: str, field_name: str) -> None:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
                 continue
-            raise DataError(f"{at} part {j}: a part must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}, "
-                            f"got {part!r}"[:300])
+            raise DataError(
+                f"{at} part {j}: a part must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}, got {part!r}"[
+                    :300
+                ]
+            )
 
 
 def _is_messages(x) -> bool:
@@ -166,8 +171,9 @@ def _prompt_text(prompt, tokenizer, where: str, field_name: str = "prompt") -> s
         check_messages(prompt, where, field_name)
         flat = [{"role": m["role"], "content": _content_text(m["content"])} for m in prompt]
         return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
-    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages, "
-                    f"got {type(prompt).__name__}")
+    raise DataError(
+        f"{where}: field {field_name!r} must be a string or a list of chat messages, got {type(prompt).__name__}"
+    )
 
 
 def _completion_text(x, where: str, field_name: str) -> str:
@@ -176,8 +182,9 @@ def _completion_text(x, where: str, field_name: str) -> str:
     if _is_messages(x):
         check_messages(x, where, field_name)
         return _message_text(x)
-    raise DataError(f"{where}: field {field_name!r} must be a string or a list of chat messages, "
-                    f"got {type(x).__name__}")
+    raise DataError(
+        f"{where}: field {field_name!r} must be a string or a list of chat messages, got {type(x).__name__}"
+    )
 
 
 def _split_implicit(chosen, rejected, tokenizer, where):
@@ -190,8 +197,7 @@ def _split_implicit(chosen, rejected, tokenizer, where):
             i += 1
         if i == 0:
             raise DataError(f"{where}: implicit-prompt row: chosen and rejected share no leading message")
-        return (_prompt_text(chosen[:i], tokenizer, where), _message_text(chosen[i:]),
-                _message_text(rejected[i:]))
+        return (_prompt_text(chosen[:i], tokenizer, where), _message_text(chosen[i:]), _message_text(rejected[i:]))
     if isinstance(chosen, str) and isinstance(rejected, str):
         i = 0
         while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
@@ -212,8 +218,10 @@ def row_images(row: Row) -> dict:
         return {}
     if not isinstance(raw, (list, tuple)):
         raw = [raw]
-    return {"images": [load_image(x, f"{row.where} field 'images'[{i}]", row.base) for i, x in enumerate(raw)],
-            "image_base": row.base}
+    return {
+        "images": [load_image(x, f"{row.where} field 'images'[{i}]", row.base) for i, x in enumerate(raw)],
+        "image_base": row.base,
+    }
 
 
 def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = None) -> list[dict]:

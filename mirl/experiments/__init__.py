@@ -67,6 +67,8 @@ def run(cfg: Config) -> dict:
     else:
         from .rft_compare import run as go
     out = go(cfg, seeds)
-    console.print(f"[bold]{cfg.name}[/] done in {time.time() - t0:.0f} s: {out['table']}, {out['json']}, "
-                  f"{len(out['plots'])} plots")
+    console.print(
+        f"[bold]{cfg.name}[/] done in {time.time() - t0:.0f} s: {out['table']}, {out['json']}, "
+        f"{len(out['plots'])} plots"
+    )
     return out

@@ -65,7 +65,7 @@ def plot_curve_grid(panels: list[dict], path: Path, ncols: int, title: str = "")
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for label, (x, m, s) in panel["lines"].items():
-            line, = ax.plot(x, m, label=label, lw=1.4)
+            (line,) = ax.plot(x, m, label=label, lw=1.4)
             lo = [a - b for a, b in zip(m, s)]
             hi = [a + b for a, b in zip(m, s)]
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
@@ -77,7 +77,7 @@ def plot_curve_grid(panels: list[dict], path: Path, ncols: int, title: str = "")
             ax.set_yscale("log")
         if panel.get("hline") is not None:
             ax.axhline(panel["hline"], color="k", lw=0.6, ls=":")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)

@@ -21,10 +21,22 @@ from ..logging import console
 from .common import cached_sft, fmt, markdown_table, mean_std, plot_curve_grid, write_outputs
 
 TASKS = {  # start model, RL settings per task
-    "arith": {"model": "gpt-nano", "sft_steps": 300, "max_len": 64, "max_new_tokens": 40, "rl_lr": 8e-5,
-              "temperature": 1.0},
-    "digits": {"model": "vlm-nano", "sft_steps": 150, "max_len": 48, "max_new_tokens": 12, "rl_lr": 1e-4,
-               "temperature": 0.3},
+    "arith": {
+        "model": "gpt-nano",
+        "sft_steps": 300,
+        "max_len": 64,
+        "max_new_tokens": 40,
+        "rl_lr": 8e-5,
+        "temperature": 1.0,
+    },
+    "digits": {
+        "model": "vlm-nano",
+        "sft_steps": 150,
+        "max_len": 48,
+        "max_new_tokens": 12,
+        "rl_lr": 1e-4,
+        "temperature": 0.3,
+    },
 }
 METHODS = ("sft", "grpo", "dr_grpo", "dapo", "ppo", "online_dpo", "online_mio")
 
@@ -34,8 +46,18 @@ def method_config(method: str, task: str, start: str, seed: int, budget: float, 
     from ..recipes import grpo, online, ppo, sft
 
     t = TASKS[task]
-    common = dict(model=str(start), task=task, seed=seed, threads=1, out_dir=out, time_budget_s=budget,
-                  eval_n=eval_n, eval_every_s=budget / 3, max_new_tokens=t["max_new_tokens"], report=False)
+    common = dict(
+        model=str(start),
+        task=task,
+        seed=seed,
+        threads=1,
+        out_dir=out,
+        time_budget_s=budget,
+        eval_n=eval_n,
+        eval_every_s=budget / 3,
+        max_new_tokens=t["max_new_tokens"],
+        report=False,
+    )
     rl = dict(common, lr=t["rl_lr"], temperature=t["temperature"], steps=100000)
     if method == "sft":
         return "sft", sft.Config(**common, steps=100000, lr=1e-3, warmup_steps=0, max_len=t["max_len"], n_train=5000)
@@ -61,8 +83,14 @@ def run_one(job: tuple) -> dict:
     t0 = time.time()
     res = importlib.import_module(f"mirl.recipes.{recipe}").train(cfg)
     evals = res.summary.get("evals", [])
-    return {"method": method, "task": task, "seed": seed, "steps": res.summary["steps"], "wall_s": time.time() - t0,
-            "evals": [{k: e[k] for k in ("step", "accuracy", "train_s", "samples")} for e in evals]}
+    return {
+        "method": method,
+        "task": task,
+        "seed": seed,
+        "steps": res.summary["steps"],
+        "wall_s": time.time() - t0,
+        "evals": [{k: e[k] for k in ("step", "accuracy", "train_s", "samples")} for e in evals],
+    }
 
 
 def run(cfg, seeds: list[int]) -> dict:
@@ -86,12 +114,28 @@ def run(cfg, seeds: list[int]) -> dict:
     for name in tasks:  # the weak SFT start of each task (cached)
         t = TASKS[name]
         steps = t["sft_steps"] // 2 if q else t["sft_steps"]
-        starts[name] = cached_sft(sft.Config(model=t["model"], task=name, steps=steps, warmup_steps=10, seed=0,
-                                             max_len=t["max_len"], n_train=5000, max_new_tokens=t["max_new_tokens"],
-                                             threads=cfg.threads, eval_n=0, report=False,
-                                             out_dir=str(out / f"start_{name}")))
-    jobs = [(m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"))
-            for name in tasks for s in seeds for m in methods]
+        starts[name] = cached_sft(
+            sft.Config(
+                model=t["model"],
+                task=name,
+                steps=steps,
+                warmup_steps=10,
+                seed=0,
+                max_len=t["max_len"],
+                n_train=5000,
+                max_new_tokens=t["max_new_tokens"],
+                threads=cfg.threads,
+                eval_n=0,
+                report=False,
+                out_dir=str(out / f"start_{name}"),
+            )
+        )
+    jobs = [
+        (m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"))
+        for name in tasks
+        for s in seeds
+        for m in methods
+    ]
     console.print(f"rft-compare: {len(jobs)} runs of {budget:g} s training each, {cfg.workers} at a time")
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(run_one, jobs))
@@ -114,17 +158,40 @@ def run(cfg, seeds: list[int]) -> dict:
             gain = mean_std([r["evals"][-1]["accuracy"] - r["evals"][0]["accuracy"] for r in rs])
             steps = mean_std([r["steps"] for r in rs])
             samples = mean_std([r["evals"][-1]["samples"] for r in rs])
-            numbers.append({"task": name, "method": m, "accuracy_start": a0, "accuracy_end": a1, "gain": gain,
-                            "steps": steps, "samples": samples, "runs": rs})
-            rows.append([name, m, f"{a0[0]:.3f}", f"{a1[0]:.3f} ± {a1[1]:.3f}", fmt(*gain, digits=3),
-                         f"{steps[0]:.0f}", f"{samples[0]:.0f}"])
-    png = plot_curve_grid(panels, out / "rft_compare.png", ncols=2,
-                          title=f"rft-compare: {budget:g} s of training per run (1 thread), {len(seeds)} seed(s)")
-    table = (f"{budget:g} s of training per run (evaluations excluded), one thread each, held-out greedy "
-             f"accuracy on {eval_n} prompts, {len(seeds)} seed(s) (mean ± std).\n\n"
-             + markdown_table(["task", "method", "accuracy start", "accuracy end", "gain", "steps",
-                               "samples"], rows))
+            numbers.append(
+                {
+                    "task": name,
+                    "method": m,
+                    "accuracy_start": a0,
+                    "accuracy_end": a1,
+                    "gain": gain,
+                    "steps": steps,
+                    "samples": samples,
+                    "runs": rs,
+                }
+            )
+            rows.append(
+                [
+                    name,
+                    m,
+                    f"{a0[0]:.3f}",
+                    f"{a1[0]:.3f} ± {a1[1]:.3f}",
+                    fmt(*gain, digits=3),
+                    f"{steps[0]:.0f}",
+                    f"{samples[0]:.0f}",
+                ]
+            )
+    png = plot_curve_grid(
+        panels,
+        out / "rft_compare.png",
+        ncols=2,
+        title=f"rft-compare: {budget:g} s of training per run (1 thread), {len(seeds)} seed(s)",
+    )
+    table = (
+        f"{budget:g} s of training per run (evaluations excluded), one thread each, held-out greedy "
+        f"accuracy on {eval_n} prompts, {len(seeds)} seed(s) (mean ± std).\n\n"
+        + markdown_table(["task", "method", "accuracy start", "accuracy end", "gain", "steps", "samples"], rows)
+    )
     console.print(table)
-    numbers = {"budget_s": budget, "eval_n": eval_n, "seeds": seeds, "runs": numbers,
-               "seconds": time.time() - t_start}
+    numbers = {"budget_s": budget, "eval_n": eval_n, "seeds": seeds, "runs": numbers, "seconds": time.time() - t_start}
     return write_outputs(out, "rft-compare", numbers, table, [png]) | {"seconds": numbers["seconds"]}

@@ -45,8 +45,18 @@ def make_bandit(seed: int, p_ref: float, n_prompts: int = 16, n_answers: int = 6
     return logits, correct
 
 
-def train_bandit(method: str, ref: torch.Tensor, correct: torch.Tensor, *, steps: int, group_size: int = 8,
-                 lr: float = 0.05, beta: float = 0.1, kl_coef: float = 0.04, seed: int = 0) -> dict:
+def train_bandit(
+    method: str,
+    ref: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    steps: int,
+    group_size: int = 8,
+    lr: float = 0.05,
+    beta: float = 0.1,
+    kl_coef: float = 0.04,
+    seed: int = 0,
+) -> dict:
     """-> curves {'step', 'p_correct', 'accuracy', 'zero_signal_frac', 'correct_seen'}."""
     p_n, n = ref.shape
     rows = torch.arange(p_n)
@@ -85,18 +95,21 @@ def train_bandit(method: str, ref: torch.Tensor, correct: torch.Tensor, *, steps
                 adv, returns = gae(reward.reshape(-1, 1), v.detach(), mask)
                 adv = adv[:, 0]
                 extra = clipped_value_loss(v, v.detach(), returns, mask)
-            loss, _ = clipped_policy_loss(lp, lp.detach(), adv, mask, beta=kl_coef,
-                                          ref_logps=ref_logp.gather(1, samples).reshape(-1, 1))
+            loss, _ = clipped_policy_loss(
+                lp, lp.detach(), adv, mask, beta=kl_coef, ref_logps=ref_logp.gather(1, samples).reshape(-1, 1)
+            )
             loss = loss + extra
         elif method in ("dpo", "mio"):
             rej = offline_rej[:, step]
-            loss, _ = get_loss(method).fn(logp[rows, correct], logp[rows, rej], ref_logp[rows, correct],
-                                          ref_logp[rows, rej], beta=beta)
+            loss, _ = get_loss(method).fn(
+                logp[rows, correct], logp[rows, rej], ref_logp[rows, correct], ref_logp[rows, rej], beta=beta
+            )
             loss = loss.mean()
         elif method == "online_mio":
             group = torch.cat([correct[:, None], samples], 1)  # (P, 1 + G)
-            loss, _ = get_loss("group_js").fn(logp.gather(1, group), ref_logp.gather(1, group),
-                                              group == correct[:, None], beta=beta)
+            loss, _ = get_loss("group_js").fn(
+                logp.gather(1, group), ref_logp.gather(1, group), group == correct[:, None], beta=beta
+            )
             loss = loss.mean()
         else:
             raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -119,8 +132,11 @@ def run(cfg, seeds: list[int]) -> dict:
                 runs[(p, m)].append(train_bandit(m, ref, correct, steps=steps, seed=seed))
     panels, rows, numbers = [], [], []
     for p in p_refs:
-        for key, title in (("p_correct", "pi(correct)"), ("accuracy", "greedy accuracy"),
-                           ("zero_signal_frac", "groups with all-equal rewards")):
+        for key, title in (
+            ("p_correct", "pi(correct)"),
+            ("accuracy", "greedy accuracy"),
+            ("zero_signal_frac", "groups with all-equal rewards"),
+        ):
             lines = {}
             for m in METHODS:
                 mm, ss = curve_stats([c[key] for c in runs[(p, m)]])
@@ -132,24 +148,49 @@ def run(cfg, seeds: list[int]) -> dict:
             acc = mean_std([c["accuracy"][-1] for c in cs])
             zero = mean_std([sum(c["zero_signal_frac"]) / len(c["zero_signal_frac"]) for c in cs])
             seen = mean_std([c["correct_seen"][-1] for c in cs])
-            numbers.append({"p_ref": p, "method": m, "p_correct_end": pc, "accuracy_end": acc,
-                            "zero_signal_frac": zero, "correct_samples_seen": seen, "curves": cs})
-            rows.append([f"{p:g}", m, f"{pc[0]:.3g} ± {pc[1]:.2g}", fmt(*acc), f"{zero[0]:.3f}",
-                         f"{seen[0]:.1f}"])
-    png = plot_curve_grid(panels, out / "starvation.png", ncols=3,
-                          title=f"starvation: {steps} steps, G=8 samples per prompt and step, 16 prompts, "
-                                f"64 answers, {len(seeds)} seeds")
+            numbers.append(
+                {
+                    "p_ref": p,
+                    "method": m,
+                    "p_correct_end": pc,
+                    "accuracy_end": acc,
+                    "zero_signal_frac": zero,
+                    "correct_samples_seen": seen,
+                    "curves": cs,
+                }
+            )
+            rows.append([f"{p:g}", m, f"{pc[0]:.3g} ± {pc[1]:.2g}", fmt(*acc), f"{zero[0]:.3f}", f"{seen[0]:.1f}"])
+    png = plot_curve_grid(
+        panels,
+        out / "starvation.png",
+        ncols=3,
+        title=f"starvation: {steps} steps, G=8 samples per prompt and step, 16 prompts, 64 answers, {len(seeds)} seeds",
+    )
     g = 8
     expect = "; ".join(f"p={p:g}: {1 - (1 - p) ** g:.2g}" for p in p_refs)
-    table = (f"{steps} steps; chance that a group of {g} reference samples contains the answer: {expect}.\n"
-             "zero-signal = mean fraction of prompts whose G samples all had the same reward (no GRPO gradient); "
-             "correct seen = correct answers sampled over the run (all prompts).\n\n"
-             + markdown_table(["p_ref(correct)", "method", "pi(correct) end", "greedy accuracy end",
-                               "zero-signal frac", "correct seen"], rows))
-    pivot = [[m] + [f"{next(n for n in numbers if n['p_ref'] == p and n['method'] == m)['p_correct_end'][0]:.3g}"
-                    for p in p_refs] for m in METHODS]
-    table = ("pi(correct) after training, mean over seeds:\n\n"
-             + markdown_table(["method"] + [f"p_ref = {p:g}" for p in p_refs], pivot) + "\n" + table)
+    table = (
+        f"{steps} steps; chance that a group of {g} reference samples contains the answer: {expect}.\n"
+        "zero-signal = mean fraction of prompts whose G samples all had the same reward (no GRPO gradient); "
+        "correct seen = correct answers sampled over the run (all prompts).\n\n"
+        + markdown_table(
+            ["p_ref(correct)", "method", "pi(correct) end", "greedy accuracy end", "zero-signal frac", "correct seen"],
+            rows,
+        )
+    )
+    pivot = [
+        [m]
+        + [
+            f"{next(n for n in numbers if n['p_ref'] == p and n['method'] == m)['p_correct_end'][0]:.3g}"
+            for p in p_refs
+        ]
+        for m in METHODS
+    ]
+    table = (
+        "pi(correct) after training, mean over seeds:\n\n"
+        + markdown_table(["method"] + [f"p_ref = {p:g}" for p in p_refs], pivot)
+        + "\n"
+        + table
+    )
     console.print(table)
     numbers = {"steps": steps, "runs": numbers, "seconds": time.time() - t0}
     return write_outputs(out, "starvation", numbers, table, [png]) | {"seconds": numbers["seconds"]}

@@ -38,17 +38,26 @@ class Toy:
     w_ref: torch.Tensor  # (dx, d)
 
 
-def make_toy(seed: int, n_train: int = 32, n_test: int = 256, n_clusters: int = 8, per_cluster: int = 4,
-             dim: int = 8, prompt_dim: int = 8, spread: float = 0.17, scale: float = 3.0,
-             ref_noise: float = 0.6) -> Toy:
+def make_toy(
+    seed: int,
+    n_train: int = 32,
+    n_test: int = 256,
+    n_clusters: int = 8,
+    per_cluster: int = 4,
+    dim: int = 8,
+    prompt_dim: int = 8,
+    spread: float = 0.17,
+    scale: float = 3.0,
+    ref_noise: float = 0.6,
+) -> Toy:
     """Deterministic by seed. spread: per-coordinate noise of a cluster member around its centre
     (cosine to the centre ~ 1/sqrt(1 + spread^2 dim), ~0.9 by default)."""
     g = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(n_clusters, dim, generator=g), dim=-1)
     phi = centres.repeat_interleave(per_cluster, 0) + spread * torch.randn(n_clusters * per_cluster, dim, generator=g)
     phi = F.normalize(phi, dim=-1)
-    w_star = scale * torch.randn(prompt_dim, dim, generator=g) / prompt_dim ** 0.5
-    w_ref = w_star + ref_noise * scale * torch.randn(prompt_dim, dim, generator=g) / prompt_dim ** 0.5
+    w_star = scale * torch.randn(prompt_dim, dim, generator=g) / prompt_dim**0.5
+    w_ref = w_star + ref_noise * scale * torch.randn(prompt_dim, dim, generator=g) / prompt_dim**0.5
     x = torch.randn(n_train + n_test, prompt_dim, generator=g)
     y = (x @ w_star @ phi.T).argmax(-1)
     x_train, x_test, y_train, y_test = x[:n_train], x[n_train:], y[:n_train], y[n_train:]
@@ -76,8 +85,13 @@ def toy_loss(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, toy: Toy, be
         loss, _ = spec.fn(logp.gather(1, toy.group), ref_logp.gather(1, toy.group), pos, beta=beta)
     else:
         chosen, rejected = toy.y_train[:, None], toy.rejected[:, None]
-        loss, _ = spec.fn(logp.gather(1, chosen)[:, 0], logp.gather(1, rejected)[:, 0],
-                          ref_logp.gather(1, chosen)[:, 0], ref_logp.gather(1, rejected)[:, 0], beta=beta)
+        loss, _ = spec.fn(
+            logp.gather(1, chosen)[:, 0],
+            logp.gather(1, rejected)[:, 0],
+            ref_logp.gather(1, chosen)[:, 0],
+            ref_logp.gather(1, rejected)[:, 0],
+            beta=beta,
+        )
     return loss.mean()
 
 
@@ -92,8 +106,10 @@ def train_toy(toy: Toy, loss: str, beta: float, lr: float, steps: int, log_every
     with torch.no_grad():
         ref = log_probs(toy.w_ref, toy.x_train, toy.phi)
     idx = torch.arange(len(toy.y_train))
-    curves = {k: [] for k in ("step", "chosen_logratio", "rejected_logratio", "margin", "chosen_logp", "mass",
-                              "test_accuracy")}
+    curves = {
+        k: []
+        for k in ("step", "chosen_logratio", "rejected_logratio", "margin", "chosen_logp", "mass", "test_accuracy")
+    }
     curves["diverged_at"] = None
     for step in range(steps + 1):
         logp = log_probs(w, toy.x_train, toy.phi)
@@ -111,10 +127,15 @@ def train_toy(toy: Toy, loss: str, beta: float, lr: float, steps: int, log_every
                 dl = (logp - ref)[idx, toy.rejected]
                 p = logp.exp()
                 test_pred = log_probs(w, toy.x_test, toy.phi).argmax(-1)
-                for k, v in (("step", step), ("chosen_logratio", dw.mean()), ("rejected_logratio", dl.mean()),
-                             ("margin", (dw - dl).mean()), ("chosen_logp", logp[idx, toy.y_train].mean()),
-                             ("mass", (p[idx, toy.y_train] + p[idx, toy.rejected]).mean()),
-                             ("test_accuracy", (test_pred == toy.y_test).float().mean())):
+                for k, v in (
+                    ("step", step),
+                    ("chosen_logratio", dw.mean()),
+                    ("rejected_logratio", dl.mean()),
+                    ("margin", (dw - dl).mean()),
+                    ("chosen_logp", logp[idx, toy.y_train].mean()),
+                    ("mass", (p[idx, toy.y_train] + p[idx, toy.rejected]).mean()),
+                    ("test_accuracy", (test_pred == toy.y_test).float().mean()),
+                ):
                     curves[k].append(float(v))
         if step == steps:
             break

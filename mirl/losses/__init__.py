@@ -4,12 +4,31 @@ from . import mi, policy, preference  # noqa: F401  (registers the losses)
 from .reduce import masked_reduce, mean_over_examples
 from .registry import LOSSES, LossSpec, get_loss, parse_loss_spec, register_loss
 
-__all__ = ["LOSSES", "LossSpec", "get_loss", "parse_loss_spec", "register_loss", "masked_reduce",
-           "mean_over_examples", "combined_pair_loss", "combined_group_loss"]
+__all__ = [
+    "LOSSES",
+    "LossSpec",
+    "get_loss",
+    "parse_loss_spec",
+    "register_loss",
+    "masked_reduce",
+    "mean_over_examples",
+    "combined_pair_loss",
+    "combined_group_loss",
+]
 
 
-def combined_pair_loss(terms, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                       *, beta, options=None, chosen_lengths=None, rejected_lengths=None):
+def combined_pair_loss(
+    terms,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    options=None,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """sum_i w_i * loss_i over the parsed terms [(name, weight)] -> (per_pair_loss (N,), metrics).
 
     Metrics of every term are kept; when several terms are combined they are prefixed with the name.
@@ -18,8 +37,16 @@ def combined_pair_loss(terms, policy_chosen_logps, policy_rejected_logps, ref_ch
     total, metrics = 0.0, {}
     for name, weight in terms:
         spec = get_loss(name)
-        loss, m = spec.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                          beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
+        loss, m = spec.fn(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=beta,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            **options,
+        )
         total = total + weight * loss
         for k, v in m.items():
             metrics[k if len(terms) == 1 or k not in metrics else f"{name}/{k}"] = v

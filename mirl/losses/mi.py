@@ -57,11 +57,20 @@ def _pair_mi_loss(estimator, pc, pr, rc, rr, beta, neg_mix):
 
 
 def _register_pair(estimator: str, name: str, uniform: bool = False):
-    def fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-           neg_mix: float = 0.5, **_):
+    def fn(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        *,
+        beta,
+        neg_mix: float = 0.5,
+        **_,
+    ):
         mix = 0.5 if uniform else neg_mix
-        return _pair_mi_loss(estimator, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                             ref_rejected_logps, beta, mix)
+        return _pair_mi_loss(
+            estimator, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, mix
+        )
 
     fn.__doc__ = f"Pair {name} bound: -I_{estimator} with Q = neg_mix*w + (1-neg_mix)*l."
     fn.__name__ = f"{name}_pair_loss"
@@ -75,8 +84,15 @@ nwj_pair_loss = _register_pair("nwj", "nwj")
 infonce_pair_loss = _register_pair("dv", "infonce", uniform=True)
 
 
-def group_mi_loss(policy_logps: Tensor, ref_logps: Tensor, positive: Tensor, *, beta: float,
-                  estimator: str, mask: Tensor | None = None) -> tuple[Tensor, dict]:
+def group_mi_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    positive: Tensor,
+    *,
+    beta: float,
+    estimator: str,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict]:
     """Group bound. policy_logps, ref_logps, positive, mask: (N, K); mask marks real responses (ragged groups).
 
     Returns the per-group loss (N,): mean over the group's positives of -I(T_pos; group).

@@ -37,11 +37,22 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
 
 
 @register_loss("clipped_pg", kind="policy")
-def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *,
-                        clip_eps: float = 0.2, clip_eps_high: float | None = None, importance: str = "token",
-                        beta: float = 0.0, ref_logps: Tensor | None = None, kl_estimator: str = "k3",
-                        loss_agg: str = "grpo", max_completion_length: int | None = None,
-                        global_count: Tensor | float | None = None) -> tuple[Tensor, dict]:
+def clipped_policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    importance: str = "token",
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    kl_estimator: str = "k3",
+    loss_agg: str = "grpo",
+    max_completion_length: int | None = None,
+    global_count: Tensor | float | None = None,
+) -> tuple[Tensor, dict]:
     """PPO/GRPO clipped surrogate. logps, old_logps, ref_logps, mask: (B, T); advantages (B,) or (B, T)."""
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -84,8 +95,9 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     return loss, metrics
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
-                       clip_range: float = 0.2) -> Tensor:
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range: float = 0.2
+) -> Tensor:
     """PPO value loss: 1/2 max((V - R)^2, (clip(V, V_old +- c) - R)^2), token mean."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)

@@ -43,8 +43,7 @@ def _rewards(beta, pc, pr, rc, rr):
 
 
 @register_loss("dpo")
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-             **_):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
     """DPO (sigmoid): -log sigma(beta * (delta_w - delta_l)). Equals log 2 - I_DV for one pair."""
     tw, tl = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     loss = F.softplus(-(tw - tl))
@@ -54,8 +53,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 @register_loss("mio")
-def mio_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-             neg_mix: float = 0.5, **_):
+def mio_loss(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, neg_mix: float = 0.5, **_
+):
     """MIO: sp(-T_w) + neg_mix * sp(T_w) + (1 - neg_mix) * sp(T_l), the negative Jensen-Shannon MI bound."""
     if not 0.0 <= neg_mix <= 1.0:
         raise ValueError(f"neg_mix must lie in [0, 1], got {neg_mix}")
@@ -67,8 +67,18 @@ def mio_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 @register_loss("ipo")
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-             chosen_lengths=None, rejected_lengths=None, length_normalize: bool = True, **_):
+def ipo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    length_normalize: bool = True,
+    **_,
+):
     """IPO: (delta_w - delta_l - 1/(2 beta))^2, deltas divided by response length when lengths are given."""
     dw = policy_chosen_logps - ref_chosen_logps
     dl = policy_rejected_logps - ref_rejected_logps
@@ -88,8 +98,16 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 
 
 @register_loss("robust")
-def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-                label_smoothing: float = 0.1, **_):
+def robust_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 0.1,
+    **_,
+):
     """Robust DPO: unbiased under preference flips with probability label_smoothing (in [0, 0.5))."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
@@ -101,8 +119,18 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
 
 @register_loss("simpo", needs_reference=False)
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
-               beta, chosen_lengths=None, rejected_lengths=None, gamma: float = 0.5, **_):
+def simpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    *,
+    beta,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    gamma: float = 0.5,
+    **_,
+):
     """SimPO: sp(-(beta * (avg logp_w - avg logp_l) - gamma)); no reference model. beta ~2 in the paper."""
     cw, cl = policy_chosen_logps, policy_rejected_logps
     if chosen_lengths is not None and rejected_lengths is not None:
@@ -114,8 +142,16 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None
 
 
 @register_loss("sft", needs_reference=False)
-def sft_loss(policy_chosen_logps, policy_rejected_logps=None, ref_chosen_logps=None, ref_rejected_logps=None,
-             *, beta=None, chosen_lengths=None, **_):
+def sft_loss(
+    policy_chosen_logps,
+    policy_rejected_logps=None,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    *,
+    beta=None,
+    chosen_lengths=None,
+    **_,
+):
     """SFT term: per-token negative log-likelihood of the chosen response (RPO's NLL term)."""
     nll = -policy_chosen_logps
     if chosen_lengths is not None:

@@ -33,8 +33,14 @@ def global_sum(x: Tensor) -> Tensor:
     return x
 
 
-def masked_reduce(loss: Tensor, mask: Tensor, mode: str = "token_mean", *, constant: float | None = None,
-                  global_count: Tensor | float | None = None) -> Tensor:
+def masked_reduce(
+    loss: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    constant: float | None = None,
+    global_count: Tensor | float | None = None,
+) -> Tensor:
     """Reduce loss (B, T) under mask (B, T) to a scalar; see the module docstring for the modes.
 
     global_count overrides the divisor (tokens for token_mean, sequences otherwise) when the caller
@@ -56,8 +62,11 @@ def masked_reduce(loss: Tensor, mask: Tensor, mode: str = "token_mean", *, const
                 raise ValueError("reduction 'constant' needs a positive constant (e.g. max response length)")
             per_seq = per_seq / constant
         total = per_seq.sum()
-        count = global_count if global_count is not None else global_sum(
-            torch.tensor(float(loss.shape[0]), device=loss.device))
+        count = (
+            global_count
+            if global_count is not None
+            else global_sum(torch.tensor(float(loss.shape[0]), device=loss.device))
+        )
     count = torch.as_tensor(count, dtype=loss.dtype, device=loss.device).clamp(min=1)
     return total * world / count
 

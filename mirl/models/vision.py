@@ -73,8 +73,10 @@ def _placeholders(text: str, n_images: int, where: str) -> str:
     if n == 0:  # TRL's plain-prompt + images convention: images go first
         return IMAGE_PLACEHOLDER * n_images + text
     if n != n_images:
-        raise DataError(f"{where}: the prompt has {n} image placeholder(s) {IMAGE_PLACEHOLDER!r} but the row has "
-                        f"{n_images} image(s)")
+        raise DataError(
+            f"{where}: the prompt has {n} image placeholder(s) {IMAGE_PLACEHOLDER!r} but the row has "
+            f"{n_images} image(s)"
+        )
     return text
 
 
@@ -122,7 +124,7 @@ class HFVision:
         pieces = [parts[0]]
         for i, rest in enumerate(parts[1:]):
             if self.kind == "grid":
-                n = int(out["image_grid_thw"][i].prod()) // self.processor.merge_size ** 2
+                n = int(out["image_grid_thw"][i].prod()) // self.processor.merge_size**2
                 pieces.append("<|vision_start|>" + self.image_token * n + "<|vision_end|>")
             else:
                 pieces.append(self.image_token * self._fixed_count(out["pixel_values"]))

@@ -48,8 +48,19 @@ def setup(cfg) -> None:
 
 
 # options that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = {"resume", "out_dir", "stop_at_step", "threads", "allow_config_change", "report", "eval_every",
-                     "eval_every_s", "eval_n", "time_budget_s", "save_every"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "out_dir",
+    "stop_at_step",
+    "threads",
+    "allow_config_change",
+    "report",
+    "eval_every",
+    "eval_every_s",
+    "eval_n",
+    "time_budget_s",
+    "save_every",
+}
 
 
 def check_resume_config(cfg, recipe: str, saved: Path) -> None:
@@ -62,14 +73,18 @@ def check_resume_config(cfg, recipe: str, saved: Path) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{saved}: cannot read the run's config to resume it ({e})") from e
     if old.get("recipe", recipe) != recipe:
-        raise ConfigError(f"{cfg.out_dir} holds a run of 'mirl {RECIPE_COMMANDS.get(old['recipe'], old['recipe'])}'; "
-                          f"it cannot be resumed by 'mirl {RECIPE_COMMANDS.get(recipe, recipe)}'")
+        raise ConfigError(
+            f"{cfg.out_dir} holds a run of 'mirl {RECIPE_COMMANDS.get(old['recipe'], old['recipe'])}'; "
+            f"it cannot be resumed by 'mirl {RECIPE_COMMANDS.get(recipe, recipe)}'"
+        )
     now = asdict(cfg)
     diff = [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
     if diff and not cfg.allow_config_change:
         shown = ", ".join(f"{flag(k)} {old[k]!r} -> {now[k]!r}" for k in diff[:8])
-        raise ConfigError(f"--resume: the options differ from the run's in {saved}: {shown}; resume with the same "
-                          "options, or pass --allow-config-change")
+        raise ConfigError(
+            f"--resume: the options differ from the run's in {saved}: {shown}; resume with the same "
+            "options, or pass --allow-config-change"
+        )
 
 
 RECIPE_COMMANDS = {"preference": "dpo", "reward_model": "rm"}
@@ -124,6 +139,7 @@ def halt_if_signalled(cfg, step: int, name: str | None) -> None:
 @dataclass
 class Result:
     """What every recipe's train() returns: the trained model, one dict of metrics per step, a summary."""
+
     model: object
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -174,6 +190,7 @@ def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
 @dataclass
 class ModelArgs:
     """Options every recipe takes: PEFT LoRA, bf16 autocast, activation checkpointing, the end-of-run report."""
+
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: int = 16  # LoRA scaling alpha
     lora_dropout: float = 0.0  # dropout on the LoRA path
@@ -189,8 +206,7 @@ class ModelArgs:
 
 
 def get_policy(cfg, model):
-    policy = model if model is not None else load_policy(cfg.model, max_seq_len=max(256, cfg.max_len),
-                                                         seed=cfg.seed)
+    policy = model if model is not None else load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
     if getattr(cfg, "lora_r", 0) > 0 and not policy.has_lora:
         policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if getattr(cfg, "activation_checkpointing", False):
@@ -247,15 +263,16 @@ def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) 
 
     if sync_grads:
         average_gradients(policy)
-    lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-               min_lr_ratio=cfg.min_lr_ratio)
+    lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
     set_lr(optimizer, lr)
     grad_norm = clip_grad(policy, cfg.max_grad_norm)
     if not math.isfinite(grad_norm):  # every rank sees the same (averaged) gradients: all stop here together
-        raise TrainingDiverged(f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or "
-                               f"gradient; lr {lr:g}); stopped before applying it. Nothing was saved over "
-                               f"{Path(cfg.out_dir) / 'checkpoint'} (the last good checkpoint, if any) and no "
-                               "final/ was written")
+        raise TrainingDiverged(
+            f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or "
+            f"gradient; lr {lr:g}); stopped before applying it. Nothing was saved over "
+            f"{Path(cfg.out_dir) / 'checkpoint'} (the last good checkpoint, if any) and no "
+            "final/ was written"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
@@ -292,8 +309,9 @@ def online_setup(cfg, model, data, recipe: str):
     return policy, task, data, reward_set, test
 
 
-def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: str, t_train: float | None = None,
-                      samples: int = 0) -> float:
+def held_out_accuracy(
+    policy, task, test, cfg, evals: list, step: int, label: str, t_train: float | None = None, samples: int = 0
+) -> float:
     """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
     samples drawn so far and the evaluation's own seconds) and printed."""
     import time
@@ -305,9 +323,17 @@ def held_out_accuracy(policy, task, test, cfg, evals: list, step: int, label: st
     res = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens)
     acc = res.accuracy
     # an evaluation before training (t_train None) is outside the training clock: nothing to subtract
-    evals.append({"step": step, "accuracy": acc, "mean_score": res.mean_score, "train_s": train_s,
-                  "samples": samples, "eval_s": 0.0 if t_train is None else time.perf_counter() - t0,
-                  **(res.details or {})})
+    evals.append(
+        {
+            "step": step,
+            "accuracy": acc,
+            "mean_score": res.mean_score,
+            "train_s": train_s,
+            "samples": samples,
+            "eval_s": 0.0 if t_train is None else time.perf_counter() - t0,
+            **(res.details or {}),
+        }
+    )
     console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc
 
@@ -327,8 +353,17 @@ def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_sam
         with open(Path(cfg.out_dir) / "samples.jsonl", "w") as f:
             for e, o in zip(examples, outs):
                 score = task.score(o[0], e) if task is not None else None
-                f.write(json.dumps({"prompt": e["prompt"], "completion": o[0], "reward": score,
-                                    "reference": e.get("solution") or e.get("chosen")}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": e["prompt"],
+                            "completion": o[0],
+                            "reward": score,
+                            "reference": e.get("solution") or e.get("chosen"),
+                        }
+                    )
+                    + "\n"
+                )
     page = write_report([cfg.out_dir])
     console.print(f"report: {page}")
 
@@ -339,11 +374,17 @@ def check_fsdp(cfg, recipe: str) -> None:
     the gathered weights."""
     if not getattr(cfg, "fsdp", False):
         return
-    bad = [name for name, on in (("--lora-r", cfg.lora_r > 0), ("--resume", cfg.resume),
-                                 ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)),
-                                 ("--critic separate", getattr(cfg, "critic", "") == "separate"),
-                                 ("--dynamic-sampling", getattr(cfg, "dynamic_sampling", False)))
-           if on]
+    bad = [
+        name
+        for name, on in (
+            ("--lora-r", cfg.lora_r > 0),
+            ("--resume", cfg.resume),
+            ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)),
+            ("--critic separate", getattr(cfg, "critic", "") == "separate"),
+            ("--dynamic-sampling", getattr(cfg, "dynamic_sampling", False)),
+        )
+        if on
+    ]
     if bad:
         raise ValueError(f"--fsdp does not support {', '.join(bad)} yet")
 

@@ -140,14 +140,15 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (ok.sum(1) >= 2) & ((hi - lo) > 1e-9)
 
 
-def response_logps(policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None,
-                   bf16: bool = False):
+def response_logps(
+    policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None, bf16: bool = False
+):
     """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
     under bf16 autocast, the log-softmax in float32."""
     if images is not None:
         images = {k: v.to(ids.device) for k, v in images.items()}
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = policy(ids, attn, images=images)[:, -n_resp - 1:-1]
+        logits = policy(ids, attn, images=images)[:, -n_resp - 1 : -1]
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -194,8 +195,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     opt_steps_per_step = cfg.num_iterations * cfg.minibatches
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * opt_steps_per_step
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")) \
-        if main else None
+    log = (
+        MetricLogger(
+            cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")
+        )
+        if main
+        else None
+    )
     history, t_train, n_samples = [], time.perf_counter(), 0
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
@@ -210,10 +216,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
             seeds = row_seeds(cfg.seed, round_id, mine, cfg.group_size) if seeded else None
             noisy = (n_noisy, noise_strength(cfg, step), noise_rng, kinds) if n_noisy else None
-            sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.group_size,
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, generator=gen, ignore_eos=cfg.ignore_eos, noisy=noisy,
-                                   seeds=seeds)
+            sb = rollout_and_score(
+                policy,
+                [data[idx[i]] for i in mine],
+                reward_set,
+                group_size=cfg.group_size,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                generator=gen,
+                ignore_eos=cfg.ignore_eos,
+                noisy=noisy,
+                seeds=seeds,
+            )
             gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
             n_samples += len(sb.batch.texts)
             metrics = metrics or sb.metrics
@@ -230,8 +246,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         parts = []
         for sb, signal in kept:
             batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
-            adv = (group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
-                   if cfg.advantage == "group" else rloo(sb.rewards, cfg.group_size))
+            adv = (
+                group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
+                if cfg.advantage == "group"
+                else rloo(sb.rewards, cfg.group_size)
+            )
             keep_rows = signal.repeat_interleave(cfg.group_size)
             parts.append((sb, adv.float(), keep_rows if cfg.dynamic_sampling else torch.ones_like(keep_rows)))
         rows = [(sb.batch, i, adv[i]) for sb, adv, keep in parts for i in torch.nonzero(keep).flatten().tolist()]
@@ -242,8 +261,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 log.log(step + 1, row)
             if out_of_time(cfg, t_train, evals):
                 if main and checkpoint_due(cfg, step + 1, stopping=True):
-                    save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
-                                    {"gen_rng": gen.get_state().tolist(), "evals": evals})
+                    save_checkpoint(
+                        cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
+                    )
                 break
             continue
         ids, attn, resp_mask, old_lp, truncated, images = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
@@ -254,16 +274,30 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_lp = None
         if ref_model is not None and beta > 0:
             with torch.no_grad():
-                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
-                                           images=select_images(images, torch.arange(len(rows))))
+                ref_lp, _ = response_logps(
+                    ref_model,
+                    ids,
+                    attn,
+                    n_resp,
+                    cfg.temperature,
+                    bf16=cfg.bf16,
+                    images=select_images(images, torch.arange(len(rows))),
+                )
         if cfg.num_iterations > 1 or cfg.minibatches > 1:
             # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
             # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
             # distribution, of perturbed pixels for noisy rows, of the cached decoding arithmetic (and not under
             # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
             with torch.no_grad():
-                old_lp, _ = response_logps(policy, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
-                                           images=select_images(images, torch.arange(len(rows))))
+                old_lp, _ = response_logps(
+                    policy,
+                    ids,
+                    attn,
+                    n_resp,
+                    cfg.temperature,
+                    bf16=cfg.bf16,
+                    images=select_images(images, torch.arange(len(rows))),
+                )
         # -- update: num_iterations passes x minibatches
         t_up = time.perf_counter()
         b = ids.shape[0]
@@ -275,51 +309,85 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
                 # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
                 fwd = mb if len(mb) else torch.arange(1)
-                lp, ent = response_logps(policy, ids[fwd], attn[fwd], n_resp, cfg.temperature, with_entropy=True,
-                                         bf16=cfg.bf16, images=select_images(images, fwd))
+                lp, ent = response_logps(
+                    policy,
+                    ids[fwd],
+                    attn[fwd],
+                    n_resp,
+                    cfg.temperature,
+                    with_entropy=True,
+                    bf16=cfg.bf16,
+                    images=select_images(images, fwd),
+                )
                 anchor = lp.sum() * 0.0
-                lp, ent = lp[:len(mb)], ent[:len(mb)]
+                lp, ent = lp[: len(mb)], ent[: len(mb)]
                 old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
                 g = None
                 if agg_global is not None:
                     # the generation batch's global token count, shared out over the optimizer steps
                     g = agg_global * dist.all_sum(len(mb)) / (b * world)
                 loss, m = clipped_policy_loss(
-                    lp, old, adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None,
-                    importance=cfg.importance, beta=beta, ref_logps=None if ref_lp is None else ref_lp[mb],
-                    kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg, max_completion_length=cfg.max_new_tokens,
-                    global_count=g)
+                    lp,
+                    old,
+                    adv[mb],
+                    loss_mask[mb],
+                    clip_eps=cfg.clip_eps,
+                    clip_eps_high=cfg.clip_eps_high or None,
+                    importance=cfg.importance,
+                    beta=beta,
+                    ref_logps=None if ref_lp is None else ref_lp[mb],
+                    kl_estimator=cfg.kl_estimator,
+                    loss_agg=cfg.loss_agg,
+                    max_completion_length=cfg.max_new_tokens,
+                    global_count=g,
+                )
                 (loss + anchor).backward()
                 opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
                 grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg, sync_grads=True)
                 ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
-                for k, v in {"loss": dist.all_sum(loss.item()) / world, "grad_norm": grad_norm, "entropy": ent_mean,
-                             **{k: float(v) for k, v in m.items()}}.items():
+                for k, v in {
+                    "loss": dist.all_sum(loss.item()) / world,
+                    "grad_norm": grad_norm,
+                    "entropy": ent_mean,
+                    **{k: float(v) for k, v in m.items()},
+                }.items():
                     stats[k] = stats.get(k, 0.0) + v / opt_steps_per_step
         up_s = time.perf_counter() - t_up
         dt = time.perf_counter() - t0
         lengths = resp_mask.sum(1).float()
-        row = {**metrics, **stats, "lr": lr, "beta": beta, **({"noise_strength": noise_strength(cfg, step)}
-                                                              if n_noisy else {}),
-               "advantages/mean": float(adv.mean()), "advantages/std": float(adv.std()),
-               "advantages/max": float(adv.max()), "advantages/min": float(adv.min()),
-               "completions/mean_length": float(lengths.mean()),
-               "completions/truncated_frac": float(truncated.float().mean()),
-               "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
-               "tokens_per_s": float(attn.sum()) / dt, "time/generation_s": gen_s, "time/scoring_s": score_s,
-               "time/update_s": up_s, "time/step_s": dt}
+        row = {
+            **metrics,
+            **stats,
+            "lr": lr,
+            "beta": beta,
+            **({"noise_strength": noise_strength(cfg, step)} if n_noisy else {}),
+            "advantages/mean": float(adv.mean()),
+            "advantages/std": float(adv.std()),
+            "advantages/max": float(adv.max()),
+            "advantages/min": float(adv.min()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/truncated_frac": float(truncated.float().mean()),
+            "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
+            "tokens_per_s": float(attn.sum()) / dt,
+            "time/generation_s": gen_s,
+            "time/scoring_s": score_s,
+            "time/update_s": up_s,
+            "time/step_s": dt,
+        }
         row.update({k: dist.all_mean(v) for k, v in metrics.items()})  # reward statistics over all ranks
         if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
-                                                      t_train, n_samples)
+            row["eval/accuracy"] = held_out_accuracy(
+                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
+            )
         history.append({"step": step + 1, **row})
         halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
         stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1,
-                            {"gen_rng": gen.get_state().tolist(), "evals": evals})
+            save_checkpoint(
+                cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
+            )
         halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
@@ -328,13 +396,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
     policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "skips": skipped,
-               "reward_faults": reward_set.faults}
+    summary = {
+        "steps": start + len(history),
+        "train_seconds": time.perf_counter() - t_train,
+        "skips": skipped,
+        "reward_faults": reward_set.faults,
+    }
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO", t_train,
-                              n_samples)
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO", t_train, n_samples)
     summary["evals"] = evals
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")

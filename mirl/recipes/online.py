@@ -115,8 +115,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
         dist.wrap(policy, fsdp=True)
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc=f"online {cfg.loss}", resume=cfg.resume, start_step=start,
-                       show=("reward/mean",)) if main else None
+    log = (
+        MetricLogger(
+            cfg.out_dir,
+            cfg.steps,
+            desc=f"online {cfg.loss}",
+            resume=cfg.resume,
+            start_step=start,
+            show=("reward/mean",),
+        )
+        if main
+        else None
+    )
     history, t_train, n_samples = [], time.perf_counter(), 0
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
 
@@ -125,9 +135,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         t0 = time.perf_counter()
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.k,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                               generator=gen, seeds=row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None)
+        sb = rollout_and_score(
+            policy,
+            [data[idx[i]] for i in mine],
+            reward_set,
+            group_size=cfg.k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            generator=gen,
+            seeds=row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None,
+        )
         n_samples += len(sb.batch.texts)
         # an unscorable (NaN) response is no outcome: neither a positive nor a negative, left out of its group
         scored = ~torch.isnan(sb.rewards).view(-1, cfg.k)  # (P, K)
@@ -141,9 +159,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         counts["unscorable"] += int((~scored).sum())
         usable = [p for p in range(positive.shape[0]) if int(n_pos[p]) > 0 and int(n_neg[p]) > 0]
         counts["used"] += len(usable)
-        row = {**{k: dist.all_mean(v) for k, v in sb.metrics.items()}, "groups/all_correct": all_correct,
-               "groups/all_wrong": all_wrong, "groups/used": len(usable), "time/generation_s": sb.gen_s,
-               "time/scoring_s": sb.score_s}
+        row = {
+            **{k: dist.all_mean(v) for k, v in sb.metrics.items()},
+            "groups/all_correct": all_correct,
+            "groups/all_wrong": all_wrong,
+            "groups/used": len(usable),
+            "time/generation_s": sb.gen_s,
+            "time/scoring_s": sb.score_s,
+        }
         # every rank takes the step when any rank has a usable group (a rank without one adds zero gradient)
         n_examples = dist.all_sum(len(usable) * (1 if group else cfg.pairs_per_prompt))
         if n_examples:
@@ -153,8 +176,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
                 with torch.no_grad():
                     ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
-                per_ex, metrics = combined_group_loss(terms, lp, ref, positive[usable], beta=cfg.beta,
-                                                      mask=scored[usable])
+                per_ex, metrics = combined_group_loss(
+                    terms, lp, ref, positive[usable], beta=cfg.beta, mask=scored[usable]
+                )
             else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
                 pairs = []
                 for p in usable:
@@ -169,9 +193,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16)
                 n = len(pairs)
                 lengths = resp.sum(1).float()
-                per_ex, metrics = combined_pair_loss(terms, lp[:n], lp[n:], ref[:n], ref[n:], beta=cfg.beta,
-                                                     options=options, chosen_lengths=lengths[:n],
-                                                     rejected_lengths=lengths[n:])
+                per_ex, metrics = combined_pair_loss(
+                    terms,
+                    lp[:n],
+                    lp[n:],
+                    ref[:n],
+                    ref[n:],
+                    beta=cfg.beta,
+                    options=options,
+                    chosen_lengths=lengths[:n],
+                    rejected_lengths=lengths[n:],
+                )
                 metrics = {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
             loss = mean_over_examples(per_ex, global_count=n_examples) if usable else None
             if loss is not None:
@@ -183,12 +215,19 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if loss is None:  # this rank had nothing usable: its zero gradient went into the average
                 loss, metrics, attn = torch.zeros(()), {}, torch.zeros(0)
             # each rank's loss carries world / global count: their sum over ranks / world is the global mean
-            row.update({"loss": dist.all_sum(loss.item()) / world, "grad_norm": grad_norm, "lr": lr,
-                        **{k: float(v.float().mean()) for k, v in metrics.items()},
-                        "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0)})
+            row.update(
+                {
+                    "loss": dist.all_sum(loss.item()) / world,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    **{k: float(v.float().mean()) for k, v in metrics.items()},
+                    "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0),
+                }
+            )
         if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
-                                                      t_train, n_samples)
+            row["eval/accuracy"] = held_out_accuracy(
+                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
+            )
         row["time/step_s"] = time.perf_counter() - t0
         history.append({"step": step + 1, **row})
         halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
@@ -196,8 +235,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
-                                                                       "evals": evals})
+            save_checkpoint(
+                cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
+            )
         halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
@@ -206,15 +246,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- evaluate and save -------------------------------------------------------------------------
     policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train, "groups": counts,
-               "reward_faults": reward_set.faults}
-    console.print(f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; "
-                  f"{counts['used']} used")
+    summary = {
+        "steps": start + len(history),
+        "train_seconds": time.perf_counter() - t_train,
+        "groups": counts,
+        "reward_faults": reward_set.faults,
+    }
+    console.print(
+        f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
+    )
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}", t_train,
-                              n_samples)
+            held_out_accuracy(
+                policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}", t_train, n_samples
+            )
     summary["evals"] = evals
     if main:
         finish_run(cfg, policy, task, test or data)

@@ -117,8 +117,8 @@ def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: 
     in float32."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, hidden = policy(ids, attn, images=images, return_hidden=True)
-        values = critic(hidden, ids, attn, images)[:, -n_resp - 1:-1]
-    logits, values = logits[:, -n_resp - 1:-1].float(), values.float()
+        values = critic(hidden, ids, attn, images)[:, -n_resp - 1 : -1]
+    logits, values = logits[:, -n_resp - 1 : -1].float(), values.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])
@@ -151,8 +151,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     lr_cfg = copy.copy(cfg)
     lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")) \
-        if main else None
+    log = (
+        MetricLogger(
+            cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")
+        )
+        if main
+        else None
+    )
     history, t_train, n_samples = [], time.perf_counter(), 0
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -161,12 +166,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
         seeds = row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None
-        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, group_size=cfg.samples_per_prompt,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen,
-                               seeds=seeds)
+        sb = rollout_and_score(
+            policy,
+            [data[idx[i]] for i in mine],
+            reward_set,
+            group_size=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator=gen,
+            seeds=seeds,
+        )
         n_samples += len(sb.batch.texts)
-        ids, attn, resp, _, truncated, images = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))],
-                                                          tok.pad_token_id)
+        ids, attn, resp, _, truncated, images = pack_rows(
+            [(sb.batch, i) for i in range(len(sb.batch.texts))], tok.pad_token_id
+        )
         everything = torch.arange(len(ids))
         n_resp = resp.shape[1]
         # an unscorable (NaN) response is no outcome: left out of the update (policy and value losses), counted
@@ -175,12 +188,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         loss_mask = resp * scored.unsqueeze(1).to(resp.dtype)
         # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
         with torch.no_grad():
-            old_lp, _, old_values = _forward(policy, critic, ids, attn, n_resp, cfg.temperature,
-                                             select_images(images, everything), bf16=cfg.bf16)
+            old_lp, _, old_values = _forward(
+                policy, critic, ids, attn, n_resp, cfg.temperature, select_images(images, everything), bf16=cfg.bf16
+            )
             kl = torch.zeros_like(old_lp)
             if ref_model is not None:
-                ref_lp, _ = response_logps(ref_model, ids, attn, n_resp, cfg.temperature, bf16=cfg.bf16,
-                                           images=select_images(images, everything))
+                ref_lp, _ = response_logps(
+                    ref_model,
+                    ids,
+                    attn,
+                    n_resp,
+                    cfg.temperature,
+                    bf16=cfg.bf16,
+                    images=select_images(images, everything),
+                )
                 kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
             token_rewards = -cfg.beta * kl
             last = (resp.sum(1) - 1).clamp(min=0)
@@ -197,46 +218,74 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
                 # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
                 fwd = mb if len(mb) else torch.arange(1)
-                lp, ent, values = _forward(policy, critic, ids[fwd], attn[fwd], n_resp, cfg.temperature,
-                                           select_images(images, fwd), bf16=cfg.bf16)
+                lp, ent, values = _forward(
+                    policy,
+                    critic,
+                    ids[fwd],
+                    attn[fwd],
+                    n_resp,
+                    cfg.temperature,
+                    select_images(images, fwd),
+                    bf16=cfg.bf16,
+                )
                 anchor = (lp.sum() + values.sum()) * 0.0
-                lp, ent, values = lp[:len(mb)], ent[:len(mb)], values[:len(mb)]
-                pg_loss, m = clipped_policy_loss(lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps,
-                                                 loss_agg="bnpo")
-                v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb],
-                                            clip_range=cfg.value_clip)
+                lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
+                pg_loss, m = clipped_policy_loss(
+                    lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, loss_agg="bnpo"
+                )
+                v_loss = clipped_value_loss(
+                    values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip
+                )
                 loss = pg_loss + cfg.vf_coef * v_loss
                 (loss + anchor).backward()
-                grad_norm, lr = optimizer_step(both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j,
-                                               lr_cfg, sync_grads=True)
+                grad_norm, lr = optimizer_step(
+                    both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j, lr_cfg, sync_grads=True
+                )
                 mask = loss_mask[mb].float()
-                upd = {"loss": dist.all_sum(loss.item()) / world, "policy_loss": pg_loss.item(),
-                       "value_loss": v_loss.item(),
-                       "grad_norm": grad_norm, "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
-                       **{k: float(v) for k, v in m.items()}}
+                upd = {
+                    "loss": dist.all_sum(loss.item()) / world,
+                    "policy_loss": pg_loss.item(),
+                    "value_loss": v_loss.item(),
+                    "grad_norm": grad_norm,
+                    "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
+                    **{k: float(v) for k, v in m.items()},
+                }
                 for k, v in upd.items():
                     stats[k] = stats.get(k, 0.0) + v / n_opt
         dt = time.perf_counter() - t0
         rmask = resp.float()
-        row = {**sb.metrics, **stats, "lr": lr, "kl": float((kl * rmask).sum() / rmask.sum().clamp(min=1)),
-               "values/mean": float((old_values * rmask).sum() / rmask.sum()),
-               "completions/mean_length": float(rmask.sum(1).mean()),
-               "completions/truncated_frac": float(truncated.float().mean()), "tokens_per_s": float(attn.sum()) / dt,
-               "time/generation_s": sb.gen_s, "time/scoring_s": sb.score_s, "time/update_s": time.perf_counter() - t_up}
+        row = {
+            **sb.metrics,
+            **stats,
+            "lr": lr,
+            "kl": float((kl * rmask).sum() / rmask.sum().clamp(min=1)),
+            "values/mean": float((old_values * rmask).sum() / rmask.sum()),
+            "completions/mean_length": float(rmask.sum(1).mean()),
+            "completions/truncated_frac": float(truncated.float().mean()),
+            "tokens_per_s": float(attn.sum()) / dt,
+            "time/generation_s": sb.gen_s,
+            "time/scoring_s": sb.score_s,
+            "time/update_s": time.perf_counter() - t_up,
+        }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
         if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1, f"at step {step + 1}",
-                                                      t_train, n_samples)
+            row["eval/accuracy"] = held_out_accuracy(
+                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
+            )
         history.append({"step": step + 1, **row})
         halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
         stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(),
-                                                                       "evals": evals},
-                            write_extra=lambda d: save_file(_contiguous(critic.state_dict()),
-                                                            str(d / "critic.safetensors")))
+            save_checkpoint(
+                cfg.out_dir,
+                policy,
+                optimizer,
+                step + 1,
+                {"gen_rng": gen.get_state().tolist(), "evals": evals},
+                write_extra=lambda d: save_file(_contiguous(critic.state_dict()), str(d / "critic.safetensors")),
+            )
         halt_if_signalled(cfg, step + 1, halt)
         if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
             break
@@ -245,14 +294,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- evaluate and save -------------------------------------------------------------------------
     policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {"steps": start + len(history), "train_seconds": time.perf_counter() - t_train,
-               "reward_faults": reward_set.faults}
+    summary = {
+        "steps": start + len(history),
+        "train_seconds": time.perf_counter() - t_train,
+        "reward_faults": reward_set.faults,
+    }
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
         if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO", t_train,
-                              n_samples)
+            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO", t_train, n_samples)
     summary["evals"] = evals
     if main:
         finish_run(cfg, policy, task, test or data)

@@ -127,8 +127,7 @@ def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
 
 
 @torch.no_grad()
-def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch_size: int = 64,
-                   bf16: bool = False):
+def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch_size: int = 64, bf16: bool = False):
     """Sequence log-probs of every pair under `policy`: (chosen (n,), rejected (n,)). bf16: under the same
     bf16 autocast as the training forward, so that a precomputed reference equals the policy at step 0."""
     was = policy.training
@@ -136,7 +135,7 @@ def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch
     cs, rs = [], []
     for s in range(0, len(pairs), batch_size):
         with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
-            c, r, *_ = pair_forward(policy, pairs[s:s + batch_size], pad_id, average)
+            c, r, *_ = pair_forward(policy, pairs[s : s + batch_size], pad_id, average)
         cs.append(c)
         rs.append(r)
     policy.train(was)
@@ -161,9 +160,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if cfg.data:
             data = preference_records(load_rows(cfg.data, cfg.split), tok, skips)
         elif task is not None:
-            data, pair_stats = sample_pairs(policy, task, task.examples("train", cfg.n_prompts, cfg.seed),
-                                            k=cfg.k, temperature=cfg.sample_temperature,
-                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            data, pair_stats = sample_pairs(
+                policy,
+                task,
+                task.examples("train", cfg.n_prompts, cfg.seed),
+                k=cfg.k,
+                temperature=cfg.sample_temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+            )
             console.print(f"sampled pairs: {pair_stats}")
         else:
             raise ValueError("preference training needs --data or --task")
@@ -172,8 +177,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         made = f"; pairs sampled from --task: {pair_stats}" if pair_stats else ""
         raise ValueError(f"no usable preference pairs ({skips.report()}{made})")
     average = cfg.logp_agg == "mean"
-    options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing, "gamma": cfg.simpo_gamma,
-               "length_normalize": cfg.ipo_length_normalize}
+    options = {
+        "neg_mix": cfg.neg_mix,
+        "label_smoothing": cfg.label_smoothing,
+        "gamma": cfg.simpo_gamma,
+        "length_normalize": cfg.ipo_length_normalize,
+    }
     group = get_loss(terms[0][0]).kind == "group"
     needs_ref = any(get_loss(n).needs_reference for n, _ in terms)
 
@@ -188,15 +197,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         with safe_open(str(ref_file), "pt") as f:
             saved_fp = (f.metadata() or {}).get("pairs")
         if saved_fp != pairs_fingerprint(pairs):
-            raise ValueError(f"--resume: the preference pairs differ from those the run started with ({ref_file} "
-                             "holds the reference log-probs of those); resume with the same data, or start a new run")
+            raise ValueError(
+                f"--resume: the preference pairs differ from those the run started with ({ref_file} "
+                "holds the reference log-probs of those); resume with the same data, or start a new run"
+            )
         saved = load_file(str(ref_file))
         ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
     elif needs_ref:
         ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
         if dist.is_main():
-            save_file({"chosen": ref_c_all, "rejected": ref_r_all}, str(ref_file),
-                      metadata={"pairs": pairs_fingerprint(pairs)})
+            save_file(
+                {"chosen": ref_c_all, "rejected": ref_r_all},
+                str(ref_file),
+                metadata={"pairs": pairs_fingerprint(pairs)},
+            )
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 
@@ -208,8 +222,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     main = dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc=cfg.loss, resume=cfg.resume, start_step=start,
-                       show=("loss", "logps/chosen", "rewards/margins")) if main else None
+    log = (
+        MetricLogger(
+            cfg.out_dir,
+            cfg.steps,
+            desc=cfg.loss,
+            resume=cfg.resume,
+            start_step=start,
+            show=("loss", "logps/chosen", "rewards/margins"),
+        )
+        if main
+        else None
+    )
     history, first, warned = [], None, False
     policy.train()
 
@@ -222,7 +246,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         sums: dict[str, float] = {}
         n_tok = 0
         for m in range(cfg.grad_accum):
-            mb = idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            mb = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
             with autocast(cfg, policy):
                 pc, pr, lc, lr_, ntok = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
             n_tok += ntok
@@ -235,12 +259,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 rc, rr = ref_c_all[mb], ref_r_all[mb]
             if group:  # each pair is a group of two with the chosen response as its positive
                 positive = torch.tensor([[True, False]]).expand(len(mb), 2)
-                per_ex, metrics = combined_group_loss(terms, torch.stack([pc, pr], 1), torch.stack([rc, rr], 1),
-                                                      positive, beta=cfg.beta)
+                per_ex, metrics = combined_group_loss(
+                    terms, torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), positive, beta=cfg.beta
+                )
             else:  # with logp_agg=mean the log-probs are token means already: no second division by length
-                per_ex, metrics = combined_pair_loss(terms, pc, pr, rc, rr, beta=cfg.beta, options=options,
-                                                     chosen_lengths=None if average else lc,
-                                                     rejected_lengths=None if average else lr_)
+                per_ex, metrics = combined_pair_loss(
+                    terms,
+                    pc,
+                    pr,
+                    rc,
+                    rr,
+                    beta=cfg.beta,
+                    options=options,
+                    chosen_lengths=None if average else lc,
+                    rejected_lengths=None if average else lr_,
+                )
             loss = mean_over_examples(per_ex, global_count=n_global)
             loss.backward()
             metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
@@ -253,11 +286,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         row = {k: dist.all_sum(v) / (dist.world_size() if k == "loss" else n_global) for k, v in sums.items()}
         row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt, "time/step_s": dt})
         first = first or row
-        if (not warned and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
-                and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)):
-            warn(f"step {step + 1}: mean chosen log-prob fell {first['logps/chosen'] - row['logps/chosen']:.2f} "
-                 "nats from its start while the margin grew (DPO's likelihood-decline failure mode; MIO "
-                 "targets it)")
+        if (
+            not warned
+            and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
+            and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)
+        ):
+            warn(
+                f"step {step + 1}: mean chosen log-prob fell {first['logps/chosen'] - row['logps/chosen']:.2f} "
+                "nats from its start while the margin grew (DPO's likelihood-decline failure mode; MIO "
+                "targets it)"
+            )
             warned = True
         if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == 0):
             # the same pairs every time: a clean curve of chosen / rejected log-probs (batch means are noisy)
@@ -274,17 +312,25 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- summary, save, evaluate (rank 0) ----------------------------------------------------------
     end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
-    summary = {"steps": start + len(history), "pairs": len(pairs), "pair_sampling": pair_stats,
-               "skipped": skips.counts, "chosen_logp_change": float((end_c - start_c).mean()),
-               "rejected_logp_change": float((end_r - start_r).mean()), "warned_chosen_decline": warned,
-               "probe_start": {"chosen_logps": float(start_c.mean()), "rejected_logps": float(start_r.mean()),
-                               "mass": float((start_c.exp() + start_r.exp()).mean())}}
+    summary = {
+        "steps": start + len(history),
+        "pairs": len(pairs),
+        "pair_sampling": pair_stats,
+        "skipped": skips.counts,
+        "chosen_logp_change": float((end_c - start_c).mean()),
+        "rejected_logp_change": float((end_r - start_r).mean()),
+        "warned_chosen_decline": warned,
+        "probe_start": {
+            "chosen_logps": float(start_c.mean()),
+            "rejected_logps": float(start_r.mean()),
+            "mass": float((start_c.exp() + start_r.exp()).mean()),
+        },
+    }
     policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if task is not None and cfg.eval_n:
-            res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed),
-                           max_new_tokens=cfg.max_new_tokens)
+            res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)
             summary["eval"] = res.as_dict()
             console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
     if main:

@@ -79,15 +79,22 @@ class Config(ModelArgs):
 def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
     """The task's worked solution (chosen) against a corrupted one (rejected), one pair per example."""
     rng = random.Random(seed)
-    return [{"prompt": e["prompt"], "chosen": e["solution"], "rejected": task.wrong_solution(e, rng),
-             "where": f"{task.name} synthetic #{i}"} for i, e in enumerate(examples)]
+    return [
+        {
+            "prompt": e["prompt"],
+            "chosen": e["solution"],
+            "rejected": task.wrong_solution(e, rng),
+            "where": f"{task.name} synthetic #{i}",
+        }
+        for i, e in enumerate(examples)
+    ]
 
 
 def pair_scores(rm, pairs, pad_id):
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, pad_id)
     s = rm(ids, attn, resp, images=batch_images(seqs))
-    return s[: len(pairs)], s[len(pairs):], int(attn.sum())
+    return s[: len(pairs)], s[len(pairs) :], int(attn.sum())
 
 
 @torch.no_grad()
@@ -95,7 +102,7 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
     rm.eval()
     correct = 0
     for s in range(0, len(pairs), batch_size):
-        c, r, _ = pair_scores(rm, pairs[s:s + batch_size], pad_id)
+        c, r, _ = pair_scores(rm, pairs[s : s + batch_size], pad_id)
         correct += int((c > r).sum())
     rm.train()
     return correct / max(1, len(pairs))
@@ -129,13 +136,20 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
             data += synthetic_pairs(task, task.examples("train", cfg.n_prompts, cfg.seed), cfg.seed)
             synth_eval = synthetic_pairs(task, task.examples("test", cfg.eval_prompts, cfg.seed), cfg.seed + 1)
         if cfg.pairs in ("sampled", "both"):
-            sampled, st = sample_pairs(policy, task, task.examples("train", cfg.n_sampled_prompts, cfg.seed + 2),
-                                       k=cfg.k, seed=cfg.seed, pairs_per_prompt=cfg.pairs_per_prompt)
+            sampled, st = sample_pairs(
+                policy,
+                task,
+                task.examples("train", cfg.n_sampled_prompts, cfg.seed + 2),
+                k=cfg.k,
+                seed=cfg.seed,
+                pairs_per_prompt=cfg.pairs_per_prompt,
+            )
             data += sampled
             console.print(f"reward-model training pairs sampled from {cfg.model}: {st}")
         # held out: the policy's own samples on held-out prompts, verified (the pairs an RL run will see)
-        eval_data, st_eval = sample_pairs(policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k,
-                                          seed=cfg.seed + 1)
+        eval_data, st_eval = sample_pairs(
+            policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k, seed=cfg.seed + 1
+        )
         console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
     synth_held_out = encode_pairs(policy, synth_eval, cfg.max_len, skips) if synth_eval else []
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
@@ -152,8 +166,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
     acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
     world, main = dist.world_size(), dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, start_step=start, show=("loss", "accuracy")) \
-        if main else None
+    log = (
+        MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, start_step=start, show=("loss", "accuracy"))
+        if main
+        else None
+    )
     history = []
     rm.train()
 
@@ -164,7 +181,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         idx = dist.shard(batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum * world, step, cfg.seed))
         sums, ntok = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, 0
         for m in range(cfg.grad_accum):
-            mb = [pairs[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
+            mb = [pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
             c, r, n = pair_scores(rm, mb, tok.pad_token_id)
             ntok += n
             per_ex, metrics = bradley_terry_loss(c, r)
@@ -181,8 +198,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         if main:
             log.log(step + 1, row)
         if main and checkpoint_due(cfg, step + 1, halt is not None):
-            save_checkpoint(cfg.out_dir, rm.policy, optimizer, step + 1, write_extra=lambda d: save_file(
-                dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}))
+            save_checkpoint(
+                cfg.out_dir,
+                rm.policy,
+                optimizer,
+                step + 1,
+                write_extra=lambda d: save_file(
+                    dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}
+                ),
+            )
         halt_if_signalled(cfg, step + 1, halt)
         if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
             break
@@ -196,12 +220,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     if held_out:
         summary["held_out_accuracy_before"] = acc0
         summary["held_out_accuracy"] = pair_accuracy(rm, held_out, tok.pad_token_id)
-        console.print(f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
-                      f"(before training {acc0:.3f}, n={len(held_out)})")
+        console.print(
+            f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
+            f"(before training {acc0:.3f}, n={len(held_out)})"
+        )
     if synth_held_out:
         summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, tok.pad_token_id)
-        console.print(f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
-                      f"(n={len(synth_held_out)})")
+        console.print(
+            f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
+            f"(n={len(synth_held_out)})"
+        )
     backbone = gathered_policy(rm.policy, cfg)  # FSDP2: the full backbone on rank 0 (every rank takes part)
     if main and backbone is not rm.policy:
         plain = RewardModel(backbone, cfg.aggregate)

@@ -83,14 +83,32 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if cfg.data:
             data = completion_records(load_rows(cfg.data, cfg.split), tok)
         elif task is not None:
-            data = [{"prompt": e["prompt"], "completion": e["solution"], "images": e.get("images"),
-                     "where": f"{task.name} train #{i}"} for i, e in enumerate(task.examples("train", cfg.n_train,
-                                                                                           cfg.seed))]
+            data = [
+                {
+                    "prompt": e["prompt"],
+                    "completion": e["solution"],
+                    "images": e.get("images"),
+                    "where": f"{task.name} train #{i}",
+                }
+                for i, e in enumerate(task.examples("train", cfg.n_train, cfg.seed))
+            ]
         else:
             raise ValueError("sft needs --data or --task")
     skips = SkipCounter()
-    encoded = [encode_example(policy, d["prompt"], d["completion"], cfg.max_len, skips, d.get("where", f"example {i}"),
-                              "completion", d.get("images"), d.get("image_base", "")) for i, d in enumerate(data)]
+    encoded = [
+        encode_example(
+            policy,
+            d["prompt"],
+            d["completion"],
+            cfg.max_len,
+            skips,
+            d.get("where", f"example {i}"),
+            "completion",
+            d.get("images"),
+            d.get("image_base", ""),
+        )
+        for i, d in enumerate(data)
+    ]
     encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise ValueError(f"no usable SFT examples: every row was skipped ({skips.report()})")
@@ -102,7 +120,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
     main = dist.is_main()
-    log = MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, start_step=start, show=("loss", "lr")) if main else None
+    log = (
+        MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, start_step=start, show=("loss", "lr"))
+        if main
+        else None
+    )
     history, evals = [], []
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size()  # examples per optimizer step
@@ -115,9 +137,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
-        idx = dist.shard(batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum * dist.world_size(), step,
-                                       cfg.seed))
-        chunks = [[encoded[i] for i in idx[m * cfg.batch_size:(m + 1) * cfg.batch_size]] for m in range(cfg.grad_accum)]
+        idx = dist.shard(
+            batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum * dist.world_size(), step, cfg.seed)
+        )
+        chunks = [
+            [encoded[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]] for m in range(cfg.grad_accum)
+        ]
         micro = [(*pad_batch(c, tok.pad_token_id), batch_images(c)) for c in chunks]
         # global divisor over micro-batches and ranks: exact accumulation and exact DDP
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
@@ -140,8 +165,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
         metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
         if main and test and eval_due(cfg, step + 1, t_train, evals):
-            metrics["eval/accuracy"] = held_out_accuracy(policy, task, test, cfg, evals, step + 1,
-                                                         f"at step {step + 1}", t_train, (step + 1) * per_step)
+            metrics["eval/accuracy"] = held_out_accuracy(
+                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, (step + 1) * per_step
+            )
             policy.train()
         history.append({"step": step + 1, **metrics})
         stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
@@ -159,8 +185,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
         save_final(policy, cfg, Path(cfg.out_dir) / "final")
         if test:
-            acc = held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after SFT", t_train,
-                                    summary["steps"] * per_step)
+            acc = held_out_accuracy(
+                policy, task, test, cfg, evals, summary["steps"], "after SFT", t_train, summary["steps"] * per_step
+            )
             summary["eval"] = {"accuracy": acc, "n": len(test), "mean_score": evals[-1]["mean_score"]}
     summary["evals"] = evals
     if main:

@@ -77,7 +77,8 @@ def _check_values(values, n: int) -> str | None:
         return f"returned {len(values)} values for {n} samples"
     for v in values:
         number = (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
-            isinstance(v, torch.Tensor) and v.dim() == 0)  # numpy scalars are float / int subclasses or below
+            isinstance(v, torch.Tensor) and v.dim() == 0
+        )  # numpy scalars are float / int subclasses or below
         if v is not None and not number and not type(v).__module__.startswith("numpy"):
             return f"returned a {type(v).__name__} ({str(v)[:40]!r}) among its scores; each must be a number or None"
     return None
@@ -94,8 +95,7 @@ def check_signature(name: str, fn: Callable) -> None:
     has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
     has_var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
     if (len(positional) < 2 and not has_var_pos) or not has_var_kw:
-        raise ValueError(f"reward {name!r} must have the signature f(prompts, completions, **columns); "
-                        f"it has {sig}")
+        raise ValueError(f"reward {name!r} must have the signature f(prompts, completions, **columns); it has {sig}")
 
 
 def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]:
@@ -129,6 +129,7 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
 @dataclass
 class RewardSet:
     """Weighted rewards with fault accounting: score() -> (total (N,), per_function (N, F), metrics)."""
+
     fns: list[tuple[str, Callable, float]]
     timeout_s: float = 10.0
     faults: dict = field(default_factory=dict)
@@ -153,9 +154,13 @@ class RewardSet:
                 if limit["fired"]:  # the reward caught the timeout itself and returned
                     raise RewardTimeout("swallowed")
             except (Exception, SystemExit, RewardTimeout) as e:  # noqa: BLE001 - a faulty scorer must not kill the run
-                kind = ("timeout" if isinstance(e, RewardTimeout) else
-                        f"exit ({type(e).__name__}: {e})" if isinstance(e, SystemExit) else
-                        f"error ({type(e).__name__}: {e})")
+                kind = (
+                    "timeout"
+                    if isinstance(e, RewardTimeout)
+                    else f"exit ({type(e).__name__}: {e})"
+                    if isinstance(e, SystemExit)
+                    else f"error ({type(e).__name__}: {e})"
+                )
                 self._fault(name, kind, f"{prompts[0]!r} -> {completions[0]!r}")
                 continue
             bad = _check_values(values, n)

@@ -92,8 +92,9 @@ def think_answer_format(prompts, completions, **_):
 
 
 @register_reward("overlong")
-def soft_overlong(prompts, completions, completion_lengths=None, max_completion_length: int = 0,
-                  overlong_buffer: int = 0, **_):
+def soft_overlong(
+    prompts, completions, completion_lengths=None, max_completion_length: int = 0, overlong_buffer: int = 0, **_
+):
     """DAPO's soft overlong penalty: 0 up to L_max - buffer tokens, then linear down to -1 at L_max.
 
     Needs the recipe's columns `completion_lengths` (tokens) and `max_completion_length`; `overlong_buffer`

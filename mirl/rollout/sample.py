@@ -53,8 +53,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -85,8 +85,9 @@ def inverse_cdf_index(probs: Tensor, u: Tensor) -> Tensor:
     The sum runs in float64: in float32 the tokens of a 150k vocabulary after the first ~0.999 of the mass
     add less than one unit in the last place each and their intervals vanish (they could never be drawn)."""
     c = probs.to(torch.float64).cumsum(-1)
-    return torch.searchsorted(c, u.to(torch.float64) * c[:, -1:], right=True).squeeze(-1).clamp_(
-        max=probs.shape[-1] - 1)
+    return (
+        torch.searchsorted(c, u.to(torch.float64) * c[:, -1:], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    )
 
 
 _M32 = 0xFFFFFFFF
@@ -126,14 +127,26 @@ def bits_to_uniform(u: Tensor) -> Tensor:
     """32-bit integers -> float32 uniforms strictly inside (0, 1): the top 23 bits at the centres of 2^23
     cells, (k + 0.5) / 2^23 for k in [0, 2^23). Their largest value, 1 - 2^-24, is a float32 number; with 24
     bits the top cell's centre 1 - 2^-25 rounds to 1.0 (a Gumbel draw of +inf that beats every mask)."""
-    return ((u >> 9).float() + 0.5) * 2.0 ** -23
+    return ((u >> 9).float() + 0.5) * 2.0**-23
 
 
 @torch.no_grad()
-def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_per_prompt: int = 1,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
-             generator: torch.Generator | None = None, ignore_eos: bool = False, images: list | None = None,
-             sample_images: list | None = None, seeds: Tensor | None = None) -> RolloutBatch:
+def generate(
+    policy,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    samples_per_prompt: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_strings: tuple[str, ...] = (),
+    generator: torch.Generator | None = None,
+    ignore_eos: bool = False,
+    images: list | None = None,
+    sample_images: list | None = None,
+    seeds: Tensor | None = None,
+) -> RolloutBatch:
     """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
     ignore_eos: always generate max_new_tokens (benchmarks). seeds: one per row (row_seeds) to sample by
     Gumbel-max with counter-based noise instead of the shared generator: a row's sample then does not
@@ -155,8 +168,10 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
     prompt_ids, prompt_mask = left_pad(rows, pad_id)
     if prompt_ids.shape[1] + max_new_tokens > policy.max_seq_len:
-        raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's maximum length {policy.max_seq_len}")
+        raise ValueError(
+            f"prompt of {prompt_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
+            f"model's maximum length {policy.max_seq_len}"
+        )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     b = len(rows)
     out_ids = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -211,5 +226,14 @@ def generate(policy, prompts: list[list[int]], *, max_new_tokens: int, samples_p
     out_ids, out_logps = out_ids[:, :n_steps], out_logps[:, :n_steps]
     response_mask = (torch.arange(n_steps, device=device)[None, :] < lengths[:, None]).long()
     texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(out_ids, response_mask)]
-    return RolloutBatch(prompt_ids, prompt_mask, out_ids, response_mask, out_logps * response_mask,
-                        ~stopped, prompt_index.to(device), texts, row_images)
+    return RolloutBatch(
+        prompt_ids,
+        prompt_mask,
+        out_ids,
+        response_mask,
+        out_logps * response_mask,
+        ~stopped,
+        prompt_index.to(device),
+        texts,
+        row_images,
+    )

@@ -32,27 +32,40 @@ def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
             params = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):
             continue
-        need = [p.name for p in list(params)[2:] if p.default is p.empty and p.kind not in (p.VAR_KEYWORD,
-                                                                                           p.VAR_POSITIONAL)]
+        need = [
+            p.name for p in list(params)[2:] if p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
         need += list(getattr(fn, "required_columns", ()))  # the task reward: the fields its score() reads
         for col in need:
             for i, ex in enumerate(examples):
                 if col not in ex or ex[col] is None:
                     where = ex.get("where", f"{source} row {i}")
-                    raise DataError(f"{where}: reward {name!r} needs the field {col!r}, which this row lacks "
-                                    f"(row has: {', '.join(sorted(k for k in ex if k != 'where'))})")
+                    raise DataError(
+                        f"{where}: reward {name!r} needs the field {col!r}, which this row lacks "
+                        f"(row has: {', '.join(sorted(k for k in ex if k != 'where'))})"
+                    )
 
 
 def encode_prompts(policy, examples: list[dict]) -> tuple[list[list[int]], list | None]:
     """Prompt token ids and image inputs (None when no example has images) of task or data records."""
-    enc = [policy.encode_prompt(e["prompt"], e.get("images"), e.get("where", f"prompt {i}"), e.get("image_base", ""))
-           for i, e in enumerate(examples)]
+    enc = [
+        policy.encode_prompt(e["prompt"], e.get("images"), e.get("where", f"prompt {i}"), e.get("image_base", ""))
+        for i, e in enumerate(examples)
+    ]
     images = [im for _, im in enc]
     return [ids for ids, _ in enc], (images if any(im is not None for im in images) else None)
 
 
-def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: int, n_noisy: int,
-                        strength: float, rng: random.Random, kinds: tuple[str, ...] = ("crop", "noise")) -> list:
+def noisy_sample_images(
+    policy,
+    examples: list[dict],
+    clean: list,
+    group_size: int,
+    n_noisy: int,
+    strength: float,
+    rng: random.Random,
+    kinds: tuple[str, ...] = ("crop", "noise"),
+) -> list:
     """NoisyRollout: per row, the image inputs to sample from; the last n_noisy rows of each group see a
     perturbed copy of the prompt's images (models/vision.py perturb), the others the prompt's clean
     inputs `clean` (one per example, already encoded)."""
@@ -70,9 +83,21 @@ def noisy_sample_images(policy, examples: list[dict], clean: list, group_size: i
     return out
 
 
-def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: int, max_new_tokens: int,
-                      temperature: float, top_p: float = 1.0, top_k: int = 0, generator=None,
-                      ignore_eos: bool = False, noisy: tuple | None = None, seeds=None) -> ScoredBatch:
+def rollout_and_score(
+    policy,
+    examples: list[dict],
+    reward_set,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator=None,
+    ignore_eos: bool = False,
+    noisy: tuple | None = None,
+    seeds=None,
+) -> ScoredBatch:
     """noisy = (rows per group sampled on perturbed images, strength, rng[, kinds]): NoisyRollout; the batch
     keeps the clean images for the update."""
     t0 = time.perf_counter()
@@ -80,9 +105,20 @@ def rollout_and_score(policy, examples: list[dict], reward_set, *, group_size: i
     sample_images = None
     if noisy is not None and images is not None and noisy[0] > 0 and noisy[1] > 0:
         sample_images = noisy_sample_images(policy, examples, images, group_size, *noisy)
-    batch = generate(policy, prompts, max_new_tokens=max_new_tokens, samples_per_prompt=group_size,
-                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, ignore_eos=ignore_eos,
-                     images=images, sample_images=sample_images, seeds=seeds)
+    batch = generate(
+        policy,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        samples_per_prompt=group_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        generator=generator,
+        ignore_eos=ignore_eos,
+        images=images,
+        sample_images=sample_images,
+        seeds=seeds,
+    )
     t1 = time.perf_counter()
     rows = [e for e in examples for _ in range(group_size)]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "where", "image_base")}
@@ -102,8 +138,9 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
     items = []
     for b, i in rows:
         n = int(b.response_mask[i].sum())
-        items.append((b.prompt_ids[i][b.prompt_mask[i].bool()], b.response_ids[i, :n], b.logps[i, :n],
-                      bool(b.truncated[i])))
+        items.append(
+            (b.prompt_ids[i][b.prompt_mask[i].bool()], b.response_ids[i, :n], b.logps[i, :n], bool(b.truncated[i]))
+        )
     pw = max(len(p) for p, *_ in items)
     rw = max(1, max(len(r) for _, r, *_ in items))
     bsz = len(items)
@@ -112,11 +149,11 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
     resp = torch.zeros((bsz, rw), dtype=torch.long)
     old = torch.zeros((bsz, rw))
     for i, (p, r, lp, _) in enumerate(items):
-        ids[i, pw - len(p):pw] = p
-        attn[i, pw - len(p):pw] = 1
-        ids[i, pw:pw + len(r)] = r
-        attn[i, pw:pw + len(r)] = 1
-        resp[i, :len(r)] = 1
-        old[i, :len(r)] = lp
+        ids[i, pw - len(p) : pw] = p
+        attn[i, pw - len(p) : pw] = 1
+        ids[i, pw : pw + len(r)] = r
+        attn[i, pw : pw + len(r)] = 1
+        resp[i, : len(r)] = 1
+        old[i, : len(r)] = lp
     images = [None if b.images is None else b.images[i] for b, i in rows]
     return ids, attn, resp, old, torch.tensor([t for *_, t in items]), (images if any(images) else None)

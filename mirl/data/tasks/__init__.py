@@ -28,9 +28,18 @@ def make_task(name: str):
     visual = {"digits": DigitArithTask, "shapes": ShapeCountTask}
     if base in visual:
         return visual[base]()
-    raise ValueError(f"unknown task {name!r}; valid: arith[:digits], countdown[:n_numbers], rg:<dataset>, "
-                     "digits, shapes, grounding[:colour|pair]")
+    raise ValueError(
+        f"unknown task {name!r}; valid: arith[:digits], countdown[:n_numbers], rg:<dataset>, "
+        "digits, shapes, grounding[:colour|pair]"
+    )
 
 
-__all__ = ["ArithTask", "CountdownTask", "DigitArithTask", "GroundingTask", "ReasoningGymTask", "ShapeCountTask",
-           "make_task"]
+__all__ = [
+    "ArithTask",
+    "CountdownTask",
+    "DigitArithTask",
+    "GroundingTask",
+    "ReasoningGymTask",
+    "ShapeCountTask",
+    "make_task",
+]

@@ -52,6 +52,7 @@ def wrong_cot(a: int, b: int, rng: random.Random) -> str:
 
 class ArithTask:
     """Addition of two numbers with 1..digits digits."""
+
     score_columns = ("answer",)  # the fields of an example that score() reads
 
     def __init__(self, digits: int = 3):
@@ -62,8 +63,10 @@ class ArithTask:
 
     def _problem(self, rng: random.Random) -> dict:
         da, db = rng.randint(1, self.digits), rng.randint(1, self.digits)
-        a, b = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1), rng.randint(10 ** (db - 1) if db > 1
-                                                                                   else 0, 10**db - 1)
+        a, b = (
+            rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1),
+            rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1),
+        )
         return {"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": cot(a, b)}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:

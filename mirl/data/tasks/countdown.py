@@ -14,8 +14,12 @@ from fractions import Fraction
 
 from .split import sample_split
 
-OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-       ast.Div: lambda a, b: a / b}
+OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
@@ -45,6 +49,7 @@ def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
 
 class CountdownTask:
     score_columns = ("numbers", "target")  # the fields of an example that score() reads
+
     def __init__(self, n_numbers: int = 3, max_number: int = 20):
         self.n_numbers, self.max_number = n_numbers, max_number
         self.name = f"countdown{n_numbers}"
@@ -60,8 +65,12 @@ class CountdownTask:
             value, _ = evaluate_expression(expr)
             if value.denominator == 1 and value > 0:
                 shown = sorted(nums)
-                return {"prompt": f"nums {' '.join(map(str, shown))} target {value}:", "answer": str(value),
-                        "numbers": shown, "solution": expr}
+                return {
+                    "prompt": f"nums {' '.join(map(str, shown))} target {value}:",
+                    "answer": str(value),
+                    "numbers": shown,
+                    "solution": expr,
+                }
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         return sample_split(self._problem, self.name, split, n, seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 class ReasoningGymTask:
     score_columns = ("rg_entry",)  # the fields of an example that score() reads
+
     def __init__(self, dataset: str, **kwargs):
         import reasoning_gym
 
@@ -20,8 +21,9 @@ class ReasoningGymTask:
         except Exception as e:
             from reasoning_gym.factory import DATASETS
 
-            raise ValueError(f"reasoning-gym dataset {dataset!r} failed ({e}); valid names: "
-                             f"{', '.join(sorted(DATASETS))}") from e
+            raise ValueError(
+                f"reasoning-gym dataset {dataset!r} failed ({e}); valid names: {', '.join(sorted(DATASETS))}"
+            ) from e
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         if split not in ("train", "test"):
@@ -31,8 +33,14 @@ class ReasoningGymTask:
         out = []
         for i in range(n):
             entry = ds[i]
-            out.append({"prompt": f"{entry['question']}\nAnswer: ", "answer": str(entry["answer"]),
-                        "solution": str(entry["answer"]), "rg_entry": entry})
+            out.append(
+                {
+                    "prompt": f"{entry['question']}\nAnswer: ",
+                    "answer": str(entry["answer"]),
+                    "solution": str(entry["answer"]),
+                    "rg_entry": entry,
+                }
+            )
         return out
 
     @staticmethod

@@ -23,12 +23,19 @@ from .arith import ArithTask
 from .split import sample_split
 
 SIZE = 32
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (60, 90, 240), "yellow": (230, 220, 40),
-           "white": (240, 240, 240)}
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (60, 90, 240),
+    "yellow": (230, 220, 40),
+    "white": (240, 240, 240),
+}
 KINDS = ("circle", "square", "triangle")
 INT_RE = re.compile(r"-?\d+")
-BOX_RE = re.compile(r"[\[(]\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
-                    r"\s*(-?\d+(?:\.\d+)?)\s*[\])]")
+BOX_RE = re.compile(
+    r"[\[(]\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
+    r"\s*(-?\d+(?:\.\d+)?)\s*[\])]"
+)
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +60,7 @@ def digit_image(i: int, j: int):
     canvas = np.zeros((SIZE, SIZE), dtype=np.uint8)
     for k, idx in enumerate((i, j)):
         big = np.kron(images[idx] * (255.0 / 16.0), np.ones((2, 2))).astype(np.uint8)  # 16x16
-        canvas[8:24, 16 * k:16 * k + 16] = big
+        canvas[8:24, 16 * k : 16 * k + 16] = big
     return Image.fromarray(canvas, mode="L").convert("RGB")
 
 
@@ -72,8 +79,16 @@ class DigitArithTask:
         for _ in range(n):
             i, j = rng.choice(pool), rng.choice(pool)
             a, b = int(labels[i]), int(labels[j])
-            out.append({"prompt": "<image>add:", "images": [digit_image(i, j)], "answer": str(a + b),
-                        "solution": f"{a}+{b}={a + b}|{a + b}", "digits": [a, b], "scans": [i, j]})
+            out.append(
+                {
+                    "prompt": "<image>add:",
+                    "images": [digit_image(i, j)],
+                    "answer": str(a + b),
+                    "solution": f"{a}+{b}={a + b}|{a + b}",
+                    "digits": [a, b],
+                    "scans": [i, j],
+                }
+            )
         return out
 
     # the answer after '|', as in the text arithmetic task
@@ -127,8 +142,13 @@ class ShapeCountTask:
         kind = rng.choice(KINDS)
         count = sum(s["kind"] == kind for s in shapes)
         key = f"count {kind} {shapes}"
-        return {"prompt": f"<image>count {kind}:", "images": [draw_scene(shapes)], "answer": str(count),
-                "solution": str(count), "split_key": key}
+        return {
+            "prompt": f"<image>count {kind}:",
+            "images": [draw_scene(shapes)],
+            "answer": str(count),
+            "solution": str(count),
+            "split_key": key,
+        }
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         return sample_split(self._problem, self.name, split, n, seed)
@@ -166,6 +186,7 @@ class GroundingTask:
     word alone names the target; distinct="pair" (`grounding:pair`): only the (colour, kind) pairs are
     distinct, so a scene can hold a red square next to a red circle and a blue circle and the model must
     bind both words to one shape."""
+
     score_columns = ("box",)  # the fields of an example that score() reads
 
     success_threshold = 0.5  # accuracy = IoU >= 0.5; the mean score is the mean IoU
@@ -181,9 +202,15 @@ class GroundingTask:
         target = rng.choice(shapes)
         box = target["box"]
         answer = "[" + ",".join(str(v) for v in box) + "]"
-        return {"prompt": f"<image>box {target['colour']} {target['kind']}:", "images": [draw_scene(shapes)],
-                "answer": answer, "solution": answer, "box": box, "shapes": shapes,
-                "split_key": f"box {target} {shapes}"}
+        return {
+            "prompt": f"<image>box {target['colour']} {target['kind']}:",
+            "images": [draw_scene(shapes)],
+            "answer": answer,
+            "solution": answer,
+            "box": box,
+            "shapes": shapes,
+            "split_key": f"box {target} {shapes}",
+        }
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         # one split name for both variants: `grounding:pair` draws the very scenes the task drew before it
