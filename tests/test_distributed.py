@@ -194,7 +194,17 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
             "batch",
         ]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
-        args = ["ppo", "--samples-per-prompt", "2", "--prompts-per-step", "2", "--minibatches", "4"]
+        args = [
+            "ppo",
+            "--samples-per-prompt",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--minibatches",
+            "4",
+            "--ppo-epochs",
+            "1",
+        ]
     elif recipe.startswith("online"):
         args = ["online", "--loss", recipe.split("_", 1)[1], "--k", "4", "--prompts-per-step", "16"]
     elif recipe == "ppo":
