@@ -18,7 +18,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .data.pairs import sample_pairs
 from .data.tasks import make_task
 from .eval import evaluate
 from .experiments.common import cached_sft
@@ -26,6 +25,7 @@ from .logging import console
 from .models import load_policy
 from .recipes import preference, sft
 from .report import plot_preference_curves
+from .rollout.pairs import sample_pairs
 
 
 @dataclass

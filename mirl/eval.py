@@ -16,7 +16,7 @@ from math import comb
 
 import torch
 
-from .rollout import generate
+from .rollout.score import completions
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,41 +26,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
-
-
-def completions(
-    policy,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    samples: int = 1,
-    temperature: float = 0.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    images: list | None = None,
-) -> list[list[str]]:
-    """images: per prompt, its images (paths or PIL images) or None."""
-    from .rollout.score import encode_prompts
-
-    g = torch.Generator(device=policy.device).manual_seed(seed)
-    records = [
-        {"prompt": p, "images": None if images is None else images[i], "where": f"prompt {i}"}
-        for i, p in enumerate(prompts)
-    ]
-    out: list[list[str]] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk, chunk_images = encode_prompts(policy, records[s : s + batch_size])
-        batch = generate(
-            policy,
-            chunk,
-            max_new_tokens=max_new_tokens,
-            samples_per_prompt=samples,
-            temperature=temperature,
-            generator=g,
-            images=chunk_images,
-        )
-        out.extend(batch.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
-    return out
 
 
 @dataclass

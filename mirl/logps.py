@@ -152,3 +152,20 @@ def fused_sequence_logps(
     if average:
         seq = seq / lengths.clamp(min=1)
     return seq, lengths
+
+
+def response_logps(
+    policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None, bf16: bool = False
+):
+    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
+    under bf16 autocast, the log-softmax in float32."""
+    if images is not None:
+        images = {k: v.to(ids.device) for k, v in images.items()}
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = policy(ids, attn, images=images)[:, -n_resp - 1 : -1]
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    lp = token_logps(logits, ids[:, -n_resp:])
+    ent = entropy_from_logits(logits) if with_entropy else None
+    return lp, ent

@@ -12,7 +12,7 @@ import torch
 
 from mirl.advantages import group_advantages, rloo
 from mirl.cli import main
-from mirl.data.collate import encode_example, pad_batch
+from mirl.data.collate import encode_example, encode_pairs, pad_batch
 from mirl.data.formats import SkipCounter
 from mirl.logging import read_metrics
 from mirl.losses import combined_group_loss, parse_loss_spec
@@ -127,7 +127,7 @@ def test_logp_agg_mean_divides_by_the_length_once(tmp_path, loss):
     policy = load_policy("gpt-nano", max_seq_len=256, seed=0)
     res = preference.train(cfg, model=policy, data=PAIRS)
     skips = SkipCounter()
-    pairs = preference.encode_pairs(policy, PAIRS, cfg.max_len, skips)
+    pairs = encode_pairs(policy, PAIRS, cfg.max_len, skips)
     m_w, m_l = preference.all_pair_logps(policy, pairs, policy.tokenizer.pad_token_id, average=True)
     want = (torch.nn.functional.softplus(-(2.0 * (m_w - m_l) - 0.5)) if loss == "simpo" else -m_w).mean()
     assert res.history[0]["loss"] == pytest.approx(float(want), rel=1e-5)
@@ -166,7 +166,7 @@ def test_fused_head_only_where_it_equals_the_models_logits(tmp_path, hf_tiny_dir
     its logits by logits_scaling (4 here) after the head: the fused path gave log-probs of unscaled logits.
     Now only allow-listed model types take it, and the preference forward equals the model's own logits."""
     policy = load_policy(_tiny_hf(tmp_path, name, hf_tiny_dir))
-    pairs = preference.encode_pairs(policy, PAIRS[:4], 64, SkipCounter())
+    pairs = encode_pairs(policy, PAIRS[:4], 64, SkipCounter())
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, policy.tokenizer.pad_token_id)
     assert (policy.hidden_and_head(ids, attn) is not None) == fused

@@ -246,9 +246,9 @@ class _EosFirst(torch.nn.Module):
 
 
 def test_empty_generations_are_counted(tmp_path, sft_dir):
-    from mirl.data.pairs import sample_pairs
     from mirl.data.tasks import make_task
     from mirl.rewards import RewardSet, parse_reward_spec
+    from mirl.rollout.pairs import sample_pairs
     from mirl.rollout.score import rollout_and_score
 
     task = make_task("arith:1")

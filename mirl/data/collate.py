@@ -92,3 +92,19 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         take = min(batch_size - len(out), n - pos)
         out.extend(perm[pos : pos + take].tolist())
     return out
+
+
+def encode_pairs(policy, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
+    """Preference records -> [(chosen encoded, rejected encoded)] (encode_example's forms); a pair whose two
+    sides encode to the same tokens, or either side skipped, is counted in `skips` and left out."""
+    out = []
+    for i, p in enumerate(pairs):
+        where = p.get("where", f"pair {i}")
+        img = {"images": p.get("images"), "image_base": p.get("image_base", "")}
+        c = encode_example(policy, p["prompt"], p["chosen"], max_len, skips, where, "chosen", **img)
+        r = encode_example(policy, p["prompt"], p["rejected"], max_len, skips, where, "rejected", **img) if c else None
+        if c and r and c[0] == r[0]:  # e.g. characters the tokenizer cannot encode, replaced by one token
+            skips.add("chosen and rejected encode to the same tokens", where)
+        elif c and r:
+            out.append((c, r))
+    return out

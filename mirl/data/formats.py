@@ -18,9 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Bad input, with where it is: file, line or row, and field."""
+from ..errors import DataError
 
 
 @dataclass

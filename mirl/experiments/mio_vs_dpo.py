@@ -142,11 +142,11 @@ def run_toy(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
 
 
 def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
-    from ..data.pairs import sample_pairs
     from ..data.tasks import make_task
     from ..eval import evaluate
     from ..models import load_policy
     from ..recipes import preference, sft
+    from ..rollout.pairs import sample_pairs
 
     q = cfg.quick
     task = make_task("arith")

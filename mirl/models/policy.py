@@ -69,7 +69,7 @@ class Policy(nn.Module):
     def encode_prompt(self, text: str, images=None, where: str = "prompt", base: str = ""):
         """Prompt text (+ images: paths, bytes or PIL images) -> (token ids with BOS, image inputs or None).
         Each image placeholder '<image>' becomes the model's image tokens; bad images raise DataError."""
-        from ..data.formats import DataError
+        from ..errors import DataError
 
         images = [] if images is None else list(images)
         if not images:

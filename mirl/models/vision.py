@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.formats import DataError
+from ..errors import DataError
 from .tokenizer import IMAGE_PLACEHOLDER
 
 READABLE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # converted to the model's channels; others refused

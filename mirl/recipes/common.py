@@ -343,8 +343,8 @@ def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_sam
     their task score, or of the first training prompts when there is no task) and the report page."""
     if not getattr(cfg, "report", False):
         return
-    from ..eval import completions
     from ..report import write_report
+    from ..rollout.score import completions
 
     examples = (examples or [])[:n_samples]
     if examples:

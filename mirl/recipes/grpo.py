@@ -33,7 +33,7 @@ from ..advantages import group_advantages, nanstd_over_ranks, rloo
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
-from ..logps import entropy_from_logits, token_logps
+from ..logps import response_logps
 from ..losses.policy import clipped_policy_loss
 from ..models.vision import NOISE_KINDS, select_images
 from ..optim import make_optimizer
@@ -138,23 +138,6 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     hi = torch.where(ok, r, float("-inf")).max(1).values
     lo = torch.where(ok, r, float("inf")).min(1).values
     return (ok.sum(1) >= 2) & ((hi - lo) > 1e-9)
-
-
-def response_logps(
-    policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None, bf16: bool = False
-):
-    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
-    under bf16 autocast, the log-softmax in float32."""
-    if images is not None:
-        images = {k: v.to(ids.device) for k, v in images.items()}
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = policy(ids, attn, images=images)[:, -n_resp - 1 : -1]
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    lp = token_logps(logits, ids[:, -n_resp:])
-    ent = entropy_from_logits(logits) if with_entropy else None
-    return lp, ent
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:

@@ -22,6 +22,7 @@ from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
+from ..logps import response_logps
 from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..models.vision import cat_images
 from ..optim import make_optimizer
@@ -43,7 +44,6 @@ from .common import (
     save_final,
     stop_signal,
 )
-from .grpo import response_logps
 
 
 @dataclass

@@ -27,7 +27,7 @@ from ..advantages import gae, whiten
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger
-from ..logps import entropy_from_logits, token_logps
+from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..models.vision import select_images
@@ -50,7 +50,6 @@ from .common import (
     save_final,
     stop_signal,
 )
-from .grpo import response_logps
 
 
 @dataclass

@@ -23,15 +23,15 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
 from ..checkpoint import load_checkpoint
-from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
+from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
-from ..data.pairs import sample_pairs
 from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
 from ..optim import make_optimizer
+from ..rollout.pairs import sample_pairs
 from .common import (
     ModelArgs,
     Result,
@@ -85,20 +85,6 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
     max_new_tokens: int = 40  # generation length for sampling and evaluation
-
-
-def encode_pairs(policy, pairs: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
-    out = []
-    for i, p in enumerate(pairs):
-        where = p.get("where", f"pair {i}")
-        img = {"images": p.get("images"), "image_base": p.get("image_base", "")}
-        c = encode_example(policy, p["prompt"], p["chosen"], max_len, skips, where, "chosen", **img)
-        r = encode_example(policy, p["prompt"], p["rejected"], max_len, skips, where, "rejected", **img) if c else None
-        if c and r and c[0] == r[0]:  # e.g. characters the tokenizer cannot encode, replaced by one token
-            skips.add("chosen and rejected encode to the same tokens", where)
-        elif c and r:
-            out.append((c, r))
-    return out
 
 
 def pairs_fingerprint(pairs: list[tuple]) -> str:

@@ -19,15 +19,15 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data.collate import batch_images, batch_indices, pad_batch
+from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
-from ..data.pairs import sample_pairs
 from ..data.tasks import make_task
 from ..logging import MetricLogger, console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
+from ..rollout.pairs import sample_pairs
 from .common import (
     ModelArgs,
     Result,
@@ -42,7 +42,6 @@ from .common import (
     setup,
     stop_signal,
 )
-from .preference import encode_pairs
 
 
 @dataclass

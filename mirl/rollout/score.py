@@ -157,3 +157,37 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
         old[i, : len(r)] = lp
     images = [None if b.images is None else b.images[i] for b, i in rows]
     return ids, attn, resp, old, torch.tensor([t for *_, t in items]), (images if any(images) else None)
+
+
+def completions(
+    policy,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    samples: int = 1,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    images: list | None = None,
+) -> list[list[str]]:
+    """`samples` decoded responses per prompt (greedy at temperature 0). images: per prompt, its images
+    (paths or PIL images) or None."""
+    g = torch.Generator(device=policy.device).manual_seed(seed)
+    records = [
+        {"prompt": p, "images": None if images is None else images[i], "where": f"prompt {i}"}
+        for i, p in enumerate(prompts)
+    ]
+    out: list[list[str]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk, chunk_images = encode_prompts(policy, records[s : s + batch_size])
+        batch = generate(
+            policy,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            samples_per_prompt=samples,
+            temperature=temperature,
+            generator=g,
+            images=chunk_images,
+        )
+        out.extend(batch.texts[i * samples : (i + 1) * samples] for i in range(len(chunk)))
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from ..eval import completions
+from ..rollout.score import completions
 
 
 def sample_pairs(

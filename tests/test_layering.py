@@ -1,0 +1,119 @@
+"""The layering, checked from the import graph (every `import`, at module level or inside a function):
+
+    mathematics   mirl.losses, mirl.advantages, mirl.logps: torch and each other only
+    models        mirl.models: nothing from data, rollout, rewards, eval, checkpoint, recipes or above
+    data          mirl.data: models at most (nothing from rollout, rewards, eval, checkpoint, recipes or above)
+    recipes       no recipe imports another (recipes.common holds what they share)
+and no import cycle between modules.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "mirl"
+MATH = ("mirl.losses", "mirl.advantages", "mirl.logps")
+ABOVE_MODELS = (
+    "mirl.data",
+    "mirl.rollout",
+    "mirl.rewards",
+    "mirl.eval",
+    "mirl.checkpoint",
+    "mirl.recipes",
+    "mirl.experiments",
+    "mirl.demo",
+    "mirl.cli",
+    "mirl.report",
+)
+ABOVE_DATA = ABOVE_MODELS[1:]
+
+
+def _module(path: Path) -> str:
+    parts = ("mirl",) + path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the mirl modules it imports (names resolved to modules where they are modules)."""
+    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for mod, path in modules.items():
+        pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name.startswith("mirl")}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if not target.startswith("mirl"):
+                    continue
+                for a in node.names:  # `from . import x` imports the module mirl.pkg.x
+                    sub = f"{target}.{a.name}"
+                    out.add(sub if sub in modules else target)
+        graph[mod] = out - {mod}
+    return graph
+
+
+GRAPH = import_graph()
+
+
+def _under(mod: str, prefixes) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def test_mathematics_imports_only_torch_and_itself():
+    for mod, deps in GRAPH.items():
+        if _under(mod, MATH):
+            assert all(_under(d, MATH) for d in deps), (mod, sorted(deps))
+            path = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "mirl.losses" else ".py"))
+            third = {
+                n.names[0].name.split(".")[0]
+                for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.Import)
+            }
+            third |= {
+                n.module.split(".")[0]
+                for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.ImportFrom) and n.module and not n.level
+            }
+            assert third <= {"torch", "math", "__future__", "collections", "dataclasses", "typing"} | set(
+                sys.stdlib_module_names
+            ), (mod, third)
+
+
+def test_models_and_data_import_nothing_above_them():
+    for mod, deps in GRAPH.items():
+        if _under(mod, ("mirl.models",)):
+            assert not [d for d in deps if _under(d, ABOVE_MODELS)], (mod, sorted(deps))
+        if _under(mod, ("mirl.data",)):
+            assert not [d for d in deps if _under(d, ABOVE_DATA)], (mod, sorted(deps))
+
+
+def test_no_recipe_imports_another():
+    for mod, deps in GRAPH.items():
+        if _under(mod, ("mirl.recipes",)) and mod not in ("mirl.recipes", "mirl.recipes.common"):
+            others = [d for d in deps if _under(d, ("mirl.recipes",)) and d != "mirl.recipes.common"]
+            assert not others, (mod, others)
+
+
+def test_no_import_cycles():
+    state, path = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        path.append(m)
+        for d in sorted(GRAPH.get(m, ())):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d) :] + [d]))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = "done"
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
