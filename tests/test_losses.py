@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mirl.losses import LOSSES, combined_pair_loss, get_loss, parse_loss_spec
+from mirl.losses import LOSSES, get_loss, parse_loss_spec, preference_loss
 from mirl.losses.mi import group_mi_loss, mi_bound
 
 LN2, LN4 = math.log(2), math.log(4)
@@ -23,7 +23,7 @@ def pair(tw, tl, beta=1.0, dtype=torch.float64, grad=False):
 
 
 def loss_of(name, *args, **kw):
-    return get_loss(name).fn(*args, **kw)[0]
+    return get_loss(name)(*args, **kw)[0]
 
 
 def test_at_reference_dpo_is_ln2_and_mio_is_ln4():
@@ -71,8 +71,8 @@ def test_mio_rejected_gradient_vanishes_far_below():
 def test_dv_pair_identity(tw, tl):
     # I_DV with Q = {w: 1/2, l: 1/2} = T_w - log((e^T_w + e^T_l)/2) = ln 2 - sp(-(T_w - T_l)) = ln 2 - L_DPO
     args = pair(tw, tl)
-    dpo, m = get_loss("dpo").fn(*args, beta=1.0)
-    dv_loss, dv_m = get_loss("dv").fn(*args, beta=1.0)
+    dpo, m = get_loss("dpo")(*args, beta=1.0)
+    dv_loss, dv_m = get_loss("dv")(*args, beta=1.0)
     assert dv_m["mi"].item() == pytest.approx(LN2 - dpo.item(), abs=1e-12)
     assert m["mi"].item() == pytest.approx(dv_m["mi"].item(), abs=1e-12)
     assert dv_loss.item() == pytest.approx(dpo.item() - LN2, abs=1e-12)
@@ -186,8 +186,8 @@ def test_group_of_two_reduces_to_pair_losses():
     z = torch.zeros(2, dtype=torch.float64)
     pos = torch.tensor([[True, False]] * 2)
     logps = torch.stack([tw, tl], 1)
-    js, _ = get_loss("group_js").fn(logps, torch.zeros_like(logps), pos, beta=1.0)
-    dv, _ = get_loss("group_dv").fn(logps, torch.zeros_like(logps), pos, beta=1.0)
+    js, _ = get_loss("group_js")(logps, torch.zeros_like(logps), pos, beta=1.0)
+    dv, _ = get_loss("group_dv")(logps, torch.zeros_like(logps), pos, beta=1.0)
     torch.testing.assert_close(js, loss_of("mio", tw, tl, z, z, beta=1.0))
     torch.testing.assert_close(dv, loss_of("dpo", tw, tl, z, z, beta=1.0) - LN2)
 
@@ -218,9 +218,25 @@ def test_loss_spec_parsing_and_combination():
         parse_loss_spec("dpo,group_js")
     pc, pr, rc, rr = pair(0.4, -0.2)
     lens = torch.tensor([4.0], dtype=torch.float64)
-    total, m = combined_pair_loss(
-        [("dpo", 1.0), ("sft", 0.25)], pc, pr, rc, rr, beta=1.0, chosen_lengths=lens, rejected_lengths=lens
+    total, m = preference_loss(
+        [("dpo", 1.0), ("sft", 0.25)],
+        torch.stack([pc, pr], 1),
+        torch.stack([rc, rr], 1),
+        torch.tensor([[True, False]]),
+        beta=1.0,
+        lengths=torch.stack([lens, lens], 1),
     )
     expect = loss_of("dpo", pc, pr, rc, rr, beta=1.0) + 0.25 * (-pc / 4)
     torch.testing.assert_close(total, expect)
     assert "loss/dpo" in m and "loss/sft" in m
+
+
+def test_an_unknown_loss_option_is_an_error_listing_the_valid_ones():
+    pc, pr, rc, rr = pair(0.4, -0.2)
+    with pytest.raises(ValueError, match="loss 'mio' has no option 'neg_mixx'; its options: neg_mix"):
+        get_loss("mio")(pc, pr, rc, rr, beta=0.1, neg_mixx=0.3)
+    with pytest.raises(ValueError, match="loss 'dpo' has no option 'gamma'; its options: none"):
+        get_loss("dpo")(pc, pr, rc, rr, beta=0.1, gamma=0.3)
+    assert get_loss("simpo").options == ("gamma",) and get_loss("robust").options == ("label_smoothing",)
+    # data arguments are not options: dropped where a loss does not read them
+    assert get_loss("dpo")(pc, pr, rc, rr, beta=0.1, chosen_lengths=torch.ones(1))[0].shape == (1,)

@@ -15,7 +15,7 @@ from mirl.cli import main
 from mirl.data.collate import encode_example, encode_pairs, pad_batch
 from mirl.data.formats import SkipCounter
 from mirl.logging import read_metrics
-from mirl.losses import combined_group_loss, parse_loss_spec
+from mirl.losses import parse_loss_spec, preference_loss
 from mirl.losses.mi import group_mi_loss
 from mirl.models import load_policy
 from mirl.recipes import online, ppo, preference, sft
@@ -383,7 +383,7 @@ def test_every_term_of_a_group_loss_spec_is_trained(tmp_path):
     first term used to count (at weight 1): 0."""
     terms = parse_loss_spec("group_dv,group_js:0.5")
     z = torch.zeros(3, 2)
-    loss, m = combined_group_loss(terms, z, z, torch.tensor([[True, False]]).expand(3, 2), beta=0.1)
+    loss, m = preference_loss(terms, z, z, torch.tensor([[True, False]]).expand(3, 2), beta=0.1)
     assert loss.tolist() == pytest.approx([math.log(2)] * 3)
     assert "loss/group_js" in m and "loss/group_dv" in m
     cfg = preference.Config(

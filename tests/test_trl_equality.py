@@ -88,7 +88,7 @@ def test_pair_losses_equal_trl(ours, theirs, opts, beta):
     ref_c, ref_r = ref[:n], ref[n:]
     expected = trl_loss(theirs, per_token, completion_mask, ref_c, ref_r, beta, opts.get("label_smoothing", 0.0))
     seq, lengths = per_token.sum(1), shift.sum(1)
-    loss, _ = get_loss(ours).fn(
+    loss, _ = get_loss(ours)(
         seq[:n], seq[n:], ref_c, ref_r, beta=beta, chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], **opts
     )
     torch.testing.assert_close(loss.mean(), expected, rtol=1e-6, atol=0)

@@ -101,13 +101,13 @@ def train_bandit(
             loss = loss + extra
         elif method in ("dpo", "mio"):
             rej = offline_rej[:, step]
-            loss, _ = get_loss(method).fn(
+            loss, _ = get_loss(method)(
                 logp[rows, correct], logp[rows, rej], ref_logp[rows, correct], ref_logp[rows, rej], beta=beta
             )
             loss = loss.mean()
         elif method == "online_mio":
             group = torch.cat([correct[:, None], samples], 1)  # (P, 1 + G)
-            loss, _ = get_loss("group_js").fn(
+            loss, _ = get_loss("group_js")(
                 logp.gather(1, group), ref_logp.gather(1, group), group == correct[:, None], beta=beta
             )
             loss = loss.mean()

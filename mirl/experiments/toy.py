@@ -82,10 +82,10 @@ def toy_loss(name: str, logp: torch.Tensor, ref_logp: torch.Tensor, toy: Toy, be
     if spec.kind == "group":
         pos = torch.zeros_like(toy.group, dtype=torch.bool)
         pos[:, 0] = True
-        loss, _ = spec.fn(logp.gather(1, toy.group), ref_logp.gather(1, toy.group), pos, beta=beta)
+        loss, _ = spec(logp.gather(1, toy.group), ref_logp.gather(1, toy.group), pos, beta=beta)
     else:
         chosen, rejected = toy.y_train[:, None], toy.rejected[:, None]
-        loss, _ = spec.fn(
+        loss, _ = spec(
             logp.gather(1, chosen)[:, 0],
             logp.gather(1, rejected)[:, 0],
             ref_logp.gather(1, chosen)[:, 0],

@@ -17,49 +17,38 @@ __all__ = [
 ]
 
 
-def combined_pair_loss(
-    terms,
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    beta,
-    options=None,
-    chosen_lengths=None,
-    rejected_lengths=None,
-):
-    """sum_i w_i * loss_i over the parsed terms [(name, weight)] -> (per_pair_loss (N,), metrics).
+def preference_loss(terms, policy_logps, ref_logps, positive, *, beta, options=None, lengths=None, mask=None):
+    """sum_i w_i * loss_i over parsed terms [(name, weight)], one call shape for pair and group losses (a pair
+    is a group of two, its positive first) -> (per_example_loss (N,), metrics).
 
-    Metrics of every term are kept; when several terms are combined they are prefixed with the name.
+    policy_logps, ref_logps, positive, mask, lengths: (N, K). Pair losses take column 0 as chosen and column
+    1 as rejected (K must be 2); group losses take the whole group. options: every option the recipe has
+    (neg_mix, label_smoothing, gamma, ...); each term receives the ones it takes. Metrics of every term are
+    kept; when several terms are combined, a repeated name is prefixed with the loss's.
     """
     options = options or {}
     total, metrics = 0.0, {}
     for name, weight in terms:
         spec = get_loss(name)
-        loss, m = spec.fn(
-            policy_chosen_logps,
-            policy_rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=beta,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            **options,
-        )
-        total = total + weight * loss
-        for k, v in m.items():
-            metrics[k if len(terms) == 1 or k not in metrics else f"{name}/{k}"] = v
-        metrics[f"loss/{name}"] = loss.detach()
-    return total, metrics
-
-
-def combined_group_loss(terms, policy_logps, ref_logps, positive, *, beta, mask=None):
-    """sum_i w_i * loss_i over parsed group-loss terms -> (per_group_loss (N,), metrics). policy_logps,
-    ref_logps, positive, mask: (N, K). Every term is weighted (a spec 'group_js:0.5,group_dv' trains both)."""
-    total, metrics = 0.0, {}
-    for name, weight in terms:
-        loss, m = get_loss(name).fn(policy_logps, ref_logps, positive, beta=beta, mask=mask)
+        opts = {k: v for k, v in options.items() if k in spec.options}
+        if spec.kind == "group":
+            loss, m = spec(policy_logps, ref_logps, positive, beta=beta, mask=mask, **opts)
+        else:
+            if policy_logps.shape[-1] != 2:
+                raise ValueError(
+                    f"pair loss {name!r} needs groups of two (chosen, rejected), got {policy_logps.shape[-1]}"
+                )
+            lc, lr = (None, None) if lengths is None else (lengths[:, 0], lengths[:, 1])
+            loss, m = spec(
+                policy_logps[:, 0],
+                policy_logps[:, 1],
+                ref_logps[:, 0],
+                ref_logps[:, 1],
+                beta=beta,
+                chosen_lengths=lc,
+                rejected_lengths=lr,
+                **opts,
+            )
         total = total + weight * loss
         for k, v in m.items():
             metrics[k if len(terms) == 1 or k not in metrics else f"{name}/{k}"] = v

@@ -65,7 +65,6 @@ def _register_pair(estimator: str, name: str, uniform: bool = False):
         *,
         beta,
         neg_mix: float = 0.5,
-        **_,
     ):
         mix = 0.5 if uniform else neg_mix
         return _pair_mi_loss(
@@ -124,7 +123,7 @@ def group_mi_loss(
 
 
 def _register_group(estimator: str, name: str):
-    def fn(policy_logps, ref_logps, positive, *, beta, mask=None, **_):
+    def fn(policy_logps, ref_logps, positive, *, beta, mask=None):
         return group_mi_loss(policy_logps, ref_logps, positive, beta=beta, estimator=estimator, mask=mask)
 
     fn.__doc__ = f"Group {estimator} bound over K responses to one prompt; positives = verified correct."

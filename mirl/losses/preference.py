@@ -43,7 +43,7 @@ def _rewards(beta, pc, pr, rc, rr):
 
 
 @register_loss("dpo")
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta):
     """DPO (sigmoid): -log sigma(beta * (delta_w - delta_l)). Equals log 2 - I_DV for one pair."""
     tw, tl = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     loss = F.softplus(-(tw - tl))
@@ -54,7 +54,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 @register_loss("mio")
 def mio_loss(
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, neg_mix: float = 0.5, **_
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, neg_mix: float = 0.5
 ):
     """MIO: sp(-T_w) + neg_mix * sp(T_w) + (1 - neg_mix) * sp(T_l), the negative Jensen-Shannon MI bound."""
     if not 0.0 <= neg_mix <= 1.0:
@@ -77,7 +77,6 @@ def ipo_loss(
     chosen_lengths=None,
     rejected_lengths=None,
     length_normalize: bool = True,
-    **_,
 ):
     """IPO: (delta_w - delta_l - 1/(2 beta))^2, deltas divided by response length when lengths are given."""
     dw = policy_chosen_logps - ref_chosen_logps
@@ -91,7 +90,7 @@ def ipo_loss(
 
 
 @register_loss("hinge")
-def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, **_):
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta):
     """Hinge (SLiC): relu(1 - beta * (delta_w - delta_l))."""
     tw, tl = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return torch.relu(1.0 - (tw - tl)), _pair_metrics(tw, tl)
@@ -106,7 +105,6 @@ def robust_loss(
     *,
     beta,
     label_smoothing: float = 0.1,
-    **_,
 ):
     """Robust DPO: unbiased under preference flips with probability label_smoothing (in [0, 0.5))."""
     if not 0.0 <= label_smoothing < 0.5:
@@ -129,7 +127,6 @@ def simpo_loss(
     chosen_lengths=None,
     rejected_lengths=None,
     gamma: float = 0.5,
-    **_,
 ):
     """SimPO: sp(-(beta * (avg logp_w - avg logp_l) - gamma)); no reference model. beta ~2 in the paper."""
     cw, cl = policy_chosen_logps, policy_rejected_logps
@@ -150,7 +147,6 @@ def sft_loss(
     *,
     beta=None,
     chosen_lengths=None,
-    **_,
 ):
     """SFT term: per-token negative log-likelihood of the chosen response (RPO's NLL term)."""
     nll = -policy_chosen_logps

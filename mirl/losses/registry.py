@@ -10,18 +10,41 @@ kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# data a caller may always pass; a loss that does not read them gets them dropped (they are not options)
+DATA_KWARGS = ("chosen_lengths", "rejected_lengths", "mask")
+
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A registered loss: call it as spec(*tensors, beta=..., **options); an option the loss does not take
+    is an error that lists the ones it does."""
+
     name: str
     fn: Callable
-    kind: str  # "pair" | "group"
+    kind: str  # "pair" | "group" | "policy"
     needs_reference: bool = True
     doc: str = ""
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The loss's keyword options (beta and the data arguments aside)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", *DATA_KWARGS))
+
+    def __call__(self, *tensors, **kwargs):
+        accepted = inspect.signature(self.fn).parameters
+        unknown = [k for k in kwargs if k not in accepted and k not in DATA_KWARGS]
+        if unknown:
+            raise ValueError(
+                f"loss {self.name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                f"{', '.join(self.options) or 'none'}"
+            )
+        return self.fn(*tensors, **{k: v for k, v in kwargs.items() if k in accepted})
 
 
 LOSSES: dict[str, LossSpec] = {}

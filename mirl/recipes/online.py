@@ -23,7 +23,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_indices
 from ..logging import MetricLogger, console
 from ..logps import response_logps
-from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..models.vision import cat_images
 from ..optim import make_optimizer
 from ..rollout.sample import row_seeds
@@ -176,8 +176,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
                 with torch.no_grad():
                     ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
-                per_ex, metrics = combined_group_loss(
-                    terms, lp, ref, positive[usable], beta=cfg.beta, mask=scored[usable]
+                per_ex, metrics = preference_loss(
+                    terms, lp, ref, positive[usable], beta=cfg.beta, options=options, mask=scored[usable]
                 )
             else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
                 pairs = []
@@ -193,16 +193,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16)
                 n = len(pairs)
                 lengths = resp.sum(1).float()
-                per_ex, metrics = combined_pair_loss(
+                per_ex, metrics = preference_loss(
                     terms,
-                    lp[:n],
-                    lp[n:],
-                    ref[:n],
-                    ref[n:],
+                    torch.stack([lp[:n], lp[n:]], 1),
+                    torch.stack([ref[:n], ref[n:]], 1),
+                    torch.tensor([[True, False]]).expand(n, 2),
                     beta=cfg.beta,
                     options=options,
-                    chosen_lengths=lengths[:n],
-                    rejected_lengths=lengths[n:],
+                    lengths=torch.stack([lengths[:n], lengths[n:]], 1),
                 )
                 metrics = {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
             loss = mean_over_examples(per_ex, global_count=n_examples) if usable else None

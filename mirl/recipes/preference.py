@@ -29,7 +29,7 @@ from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import MetricLogger, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
-from ..losses import combined_group_loss, combined_pair_loss, get_loss, mean_over_examples, parse_loss_spec
+from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
@@ -85,6 +85,9 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
     max_new_tokens: int = 40  # generation length for sampling and evaluation
+
+
+PAIR_POSITIVE = torch.tensor([[True, False]])  # (1, 2): a pair as a group of two, the chosen response positive
 
 
 def pairs_fingerprint(pairs: list[tuple]) -> str:
@@ -169,7 +172,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         "gamma": cfg.simpo_gamma,
         "length_normalize": cfg.ipo_length_normalize,
     }
-    group = get_loss(terms[0][0]).kind == "group"
     needs_ref = any(get_loss(n).needs_reference for n, _ in terms)
 
     # the reference: log-probs computed once (policy at step 0 = reference), or a frozen copy
@@ -243,23 +245,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     rc, rr, *_ = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
             else:
                 rc, rr = ref_c_all[mb], ref_r_all[mb]
-            if group:  # each pair is a group of two with the chosen response as its positive
-                positive = torch.tensor([[True, False]]).expand(len(mb), 2)
-                per_ex, metrics = combined_group_loss(
-                    terms, torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), positive, beta=cfg.beta
-                )
-            else:  # with logp_agg=mean the log-probs are token means already: no second division by length
-                per_ex, metrics = combined_pair_loss(
-                    terms,
-                    pc,
-                    pr,
-                    rc,
-                    rr,
-                    beta=cfg.beta,
-                    options=options,
-                    chosen_lengths=None if average else lc,
-                    rejected_lengths=None if average else lr_,
-                )
+            # one call shape for every loss: each pair is a group of two with the chosen response first. With
+            # logp_agg=mean the log-probs are token means already: no second division by the lengths
+            per_ex, metrics = preference_loss(
+                terms,
+                torch.stack([pc, pr], 1),
+                torch.stack([rc, rr], 1),
+                PAIR_POSITIVE.expand(len(mb), 2),
+                beta=cfg.beta,
+                options=options,
+                lengths=None if average else torch.stack([lc, lr_], 1),
+            )
             loss = mean_over_examples(per_ex, global_count=n_global)
             loss.backward()
             metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
