@@ -104,7 +104,9 @@ def load_yaml_overrides(path: str | Path, cls) -> dict:
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({e})") from e
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option: value at the top level")
     valid = {f.name: f for f in dataclasses.fields(cls)}

@@ -122,6 +122,22 @@ CASES = [
     ("yaml-invalid", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "steps: [1, 2\n"}, 2, ["c.yaml: invalid YAML"]),
     ("yaml-list", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "- steps\n"}, 2, ["expected a mapping"]),
     ("yaml-not-utf8", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": b"steps: 3 \xff\n"}, 2, ["c.yaml: not UTF-8"]),
+    (
+        "yaml-tab",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "\tsteps: 5\n"},
+        2,
+        ["c.yaml: invalid YAML at line 1, column 1"],
+    ),
+    (
+        "yaml-float-for-int",
+        ["sft", "--config", "{d}/c.yaml"],
+        {"c.yaml": "steps: 1.5\n"},
+        2,
+        ["key 'steps' must be an integer, got 1.5"],
+    ),
+    ("yaml-null", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr:\n"}, 2, ["key 'lr' must be a number, got None"]),
+    ("yaml-inf", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: .inf\n"}, 2, ["--lr inf: must be a finite"]),
     ("yaml-range", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: -1e-4\n"}, 2, ["--lr -0.0001"]),
     # ---- data files --------------------------------------------------------------------------------------
     ("data-missing", [*DPO, "--data", "{d}/none.jsonl"], {}, 2, ["none.jsonl: no such file or folder"]),
@@ -266,6 +282,34 @@ CASES = [
         ["s.jsonl:1"],
     ),
     # ---- models and checkpoints --------------------------------------------------------------------------
+    (
+        "adapter-only-without-lora",
+        [*SFT, "--task", "arith:1", "--save-adapter-only"],
+        {},
+        2,
+        ["--save-adapter-only needs LoRA adapters"],
+    ),
+    (
+        "adapter-only-on-a-preset",
+        [*SFT, "--task", "arith:1", "--save-adapter-only", "--lora-r", "4"],
+        {},
+        2,
+        ["--save-adapter-only needs a base model loaded from a folder"],
+    ),
+    (
+        "reward-rm-without-folder",
+        [*GRPO, "--task", "arith:1", "--reward", "rm:"],
+        {},
+        2,
+        ["reward 'rm:<folder>' needs the reward model's folder"],
+    ),
+    (
+        "model-unfinished-run",
+        [*SFT, "--task", "arith:1", "--model", "{d}/run0"],
+        {"run0/config.json": '{"recipe": "sft", "steps": 3}'},
+        2,
+        ["run0 is a run folder without a final model"],
+    ),
     ("model-missing", [*SFT, "--task", "arith:1", "--model", "{d}/nomodel"], {}, 2, ["neither a preset"]),
     ("model-no-config", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/x.txt": "x"}, 2, ["has no config.json"]),
     (
@@ -343,6 +387,12 @@ def test_unencodable_characters_are_counted_and_alike_pairs_skipped(tmp_path, ca
     err = capsys.readouterr().err
     assert "chosen and rejected encode to the same tokens: 1 (first at" in err
     assert "characters the tokenizer cannot encode (kept as its unknown token): 4" in err
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl(PAIRS).encode())
+    assert main([*[a.replace("{d}", str(tmp_path)) for a in DPO], "--data", str(tmp_path / "p.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 16
 
 
 def test_split_of_a_datasets_folder(tmp_path, capsys):

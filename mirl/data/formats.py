@@ -92,7 +92,7 @@ def load_rows(path: str | Path, split: str = "train") -> list[Row]:
         with p.open("rb") as f:
             for n, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is not data
                 except UnicodeDecodeError as e:
                     raise DataError(f"{p}:{n}: invalid UTF-8 (byte {e.start} of the line)") from e
                 if not line.strip():

@@ -207,6 +207,10 @@ class ModelArgs:
 
 def get_policy(cfg, model):
     policy = model if model is not None else load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
+    if cfg.save_adapter_only and not (cfg.lora_r > 0 or policy.has_lora):
+        raise ConfigError("--save-adapter-only needs LoRA adapters (--lora-r > 0)")
+    if cfg.save_adapter_only and policy.source is None:
+        raise ConfigError("--save-adapter-only needs a base model loaded from a folder (not a preset); save merged")
     if getattr(cfg, "lora_r", 0) > 0 and not policy.has_lora:
         policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if getattr(cfg, "activation_checkpointing", False):

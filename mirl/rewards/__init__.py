@@ -107,6 +107,8 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
             continue
         if part.startswith("rm:"):
             path, _, w = part[3:].partition("@")
+            if not path.strip():
+                raise ValueError("reward 'rm:<folder>' needs the reward model's folder after 'rm:'")
             from .reward_model import RewardModelReward
 
             out.append(("rm", RewardModelReward(path), _weight(w, "rm")))
