@@ -158,14 +158,11 @@ def _positionals_to_flags(cmd: str, argv: list[str]) -> list[str]:
     return [cmd] + ([f"--{flag}", ",".join(pos)] if pos else []) + rest
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_command(argv: list[str]):
+    """`mirl <command> [flags]` -> (command, its module, the parsed namespace, the Config class). argparse's
+    own errors (an unknown flag, a bad number) print the usage and exit 2."""
     import importlib
 
-    from .checkpoint import CheckpointError
-    from .distributed import is_main, shutdown
-    from .recipes.common import Interrupted, TrainingDiverged
-
-    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="mirl",
         description="post-training with preference optimisation (DPO family, MIO) and reinforcement fine-tuning",
@@ -176,14 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0]
     if cmd not in COMMANDS:
         parser.error(f"unknown command {cmd!r}; valid: {', '.join(COMMANDS)}")
-    mod_name, fn_name, help_text = COMMANDS[cmd]
+    mod_name, _, help_text = COMMANDS[cmd]
     argv = _positionals_to_flags(cmd, argv)
     mod = importlib.import_module(mod_name)
-    cls = mod.Config
     p = sub.add_parser(cmd, help=help_text, description=(mod.__doc__ or "").strip().split("\n\n")[0])
     p.add_argument("--config", help="YAML file of option: value overrides")
-    add_dataclass_flags(p, cls)
-    args = parser.parse_args(argv)
+    add_dataclass_flags(p, mod.Config)
+    return cmd, mod, parser.parse_args(argv), mod.Config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `mirl` command: parse, check every option, run; bad input exits 2 with one line naming it."""
+    from .checkpoint import CheckpointError
+    from .distributed import is_main, shutdown
+    from .recipes.common import Interrupted, TrainingDiverged
+
+    argv = sys.argv[1:] if argv is None else argv
+    cmd, mod, args, cls = parse_command(argv)
+    fn_name = COMMANDS[cmd][1]
     try:
         cfg = build_config(cls, args)
         if cmd in ("dpo", "online"):

@@ -1,4 +1,4 @@
-"""The experiments of issue 6: the toy's and the bandit's mathematics, their claims, the --quick commands,
+"""The experiments (mirl/experiments): the toy's and the bandit's mathematics, their claims, the --quick commands,
 and the run report rendered in a real (headless) browser."""
 
 import json

@@ -1,4 +1,4 @@
-"""Hand-derived facts of ../shared/docs/algorithms.md §1, as tests.
+"""Hand-derived facts of docs/algorithms.md §1, as tests.
 
 Notation: T = beta * (logp - logp_ref), h = T_w - T_l, sp = softplus.
 """

@@ -1,6 +1,6 @@
 """`mirl experiment starvation`: can RL with a verifier learn an answer its reference almost never samples?
 
-The MIO paper's claim (algorithms.md §1): with negatives drawn from pi_ref, a response whose reference
+The MIO paper's claim (docs/algorithms.md §1): with negatives drawn from pi_ref, a response whose reference
 probability is ~0 is (almost) never sampled and so gets (almost) no gradient. The test bed is a bandit per
 prompt: a softmax policy over N answers (a free logit per prompt and answer, started at the reference),
 one correct answer per prompt whose reference probability is set to p_ref. Every method draws the same

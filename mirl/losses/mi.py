@@ -1,4 +1,4 @@
-"""Mutual-information lower bounds with the policy's log-ratio as critic (Lv et al. 2025, §1 of algorithms.md).
+"""Mutual-information lower bounds with the policy's log-ratio as critic (Lv et al. 2025, docs/algorithms.md §1).
 
 A bound takes the critic on the positive sample, T_pos, and on the negative ("marginal") samples T_neg
 (..., K) with weights w (..., K) summing to one:

@@ -1,6 +1,6 @@
 """Policy-gradient losses for online RL: the PPO clip objective, the GRPO family, KL estimators, value loss.
 
-Per token k of response o (algorithms.md §2):
+Per token k of response o (docs/algorithms.md §2):
     rho_k = exp(logp_k - old_logp_k)      (importance="sequence": one rho per response, GSPO:
                                            exp(mean_k (logp_k - old_logp_k)))
     l_k   = -min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A) + beta * KL_k

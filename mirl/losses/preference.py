@@ -1,6 +1,6 @@
 """Offline preference losses over sequence log-probs (the DPO family and MIO).
 
-Notation (../docs/algorithms.md §1): delta = logp_policy - logp_ref, T = beta * delta, margin h = T_w - T_l.
+Notation (docs/algorithms.md §1): delta = logp_policy - logp_ref, T = beta * delta, margin h = T_w - T_l.
 
     dpo     sp(-h)                                   = -log sigma(h)          (Rafailov et al. 2023)
     mio     sp(-T_w) + 1/2 sp(T_w) + 1/2 sp(T_l)     = -I_JS, Q = {w: 1/2, l: 1/2}  (Lv et al. 2025)

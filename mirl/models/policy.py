@@ -388,8 +388,10 @@ def load_policy(
         raise FileNotFoundError(f"{path} has no config.json: not a saved model folder")
     cfg = read_json(cfg_file, "model config")
     if "recipe" in cfg and "model_type" not in cfg:  # a run's own config.json: the run has no final/ (yet)
-        raise ModelFileError(f"{path} is a run folder without a final model (the run did not finish; the last "
-                             f"saved state is {path / 'checkpoint' / 'model'}, when it exists)")
+        raise ModelFileError(
+            f"{path} is a run folder without a final model (the run did not finish; the last "
+            f"saved state is {path / 'checkpoint' / 'model'}, when it exists)"
+        )
     if cfg.get("model_type") in ("mirl-tiny-gpt", "mirl-tiny-vlm"):
         vlm = cfg["model_type"] == "mirl-tiny-vlm"
         try:

@@ -1,4 +1,4 @@
-"""Online contrastive fine-tuning, where the two seeds meet (algorithms.md §3): sample K responses per prompt
+"""Online contrastive fine-tuning, where the two seeds meet (docs/algorithms.md §3): sample K responses per prompt
 from the current policy, verify them, and train with a preference loss on what was sampled.
 
     pair losses (mio, dpo, ...):  (correct, incorrect) pairs drawn from each group

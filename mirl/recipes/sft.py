@@ -4,7 +4,7 @@ Data: a built-in task's worked solutions (`--task arith`) or a TRL prompt-comple
 (`--data train.jsonl`, parquet or a datasets folder).
 
     mirl sft --task arith --steps 600 --out-dir runs/sft          # CPU, about a minute
-    torchrun --nproc-per-node 2 -m mirl sft --task arith           # same code, distributed (issue 5)
+    torchrun --nproc-per-node 2 -m mirl sft --task arith           # same code, distributed
 """
 
 from __future__ import annotations

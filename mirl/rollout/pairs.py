@@ -1,6 +1,6 @@
 """Preference pairs from a policy's own samples: K responses per prompt, verified by the task.
 
-Correct responses are chosen, incorrect ones rejected (algorithms.md §3: positives and negatives from the
+Correct responses are chosen, incorrect ones rejected (docs/algorithms.md §3: positives and negatives from the
 model itself). A prompt whose K samples all agree gives no pair; it is counted, not lost silently.
 """
 
