@@ -58,7 +58,7 @@ def _field_help(cls) -> dict[str, str]:
     import inspect
 
     helps = {}
-    for klass in reversed(cls.__mro__[:-1]):  # inherited option groups (ModelArgs) first
+    for klass in reversed(cls.__mro__[:-1]):
         try:
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):

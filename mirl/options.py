@@ -139,8 +139,21 @@ RULES = {
     "aggregate": _one_of("last", "mean"),
     "pairs": _one_of("synthetic", "sampled", "both"),
 }
+
+
+def _comma_choices(*choices: str):
+    def ok(v):
+        parts = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else None
+        return bool(parts) and all(x in choices for x in parts)
+
+    return ok, "a comma-separated list of " + ", ".join(choices)
+
+
+RULES["noise_kinds"] = _comma_choices("crop", "noise")
 # (recipe module, option) -> rule, where the range differs between recipes
 RECIPE_RULES = {
+    ("grpo", "group_size"): _int_at_least(2),  # a group of one has no baseline
+    ("online", "k"): _int_at_least(2),  # one sample has nothing to contrast with
     ("preference", "beta"): _float_in(0.0, lo_open=True),
     ("online", "beta"): _float_in(0.0, lo_open=True),
     ("demo", "beta"): _float_in(0.0, lo_open=True),

@@ -107,7 +107,7 @@ def test_grpo_learns_one_digit_addition(tmp_path, sft_dir):
 
 
 def test_grpo_bad_input(tmp_path, sft_dir):
-    with pytest.raises(ValueError, match="group_size must be at least 2"):
+    with pytest.raises(ValueError, match="--group-size 1: must be an integer >= 2"):
         grpo.train(gcfg(tmp_path, sft_dir, group_size=1))
     p = tmp_path / "prompts.jsonl"
     p.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")

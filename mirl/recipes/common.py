@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text, save_checkpoint
+from ..checkpoint import atomic_write_text
 from ..data.formats import SkipCounter
-from ..logging import console
+from ..logging import MetricLogger, console
 from ..models import load_policy
 from ..optim import clip_grad, lr_at, set_lr
 from ..options import ConfigError, flag
@@ -130,12 +130,6 @@ def stop_signal() -> str | None:
     return name
 
 
-def halt_if_signalled(cfg, step: int, name: str | None) -> None:
-    """After step `step` was completed and (when allowed) saved: raise Interrupted when a signal asked to stop."""
-    if name is not None:
-        raise Interrupted(step, name, saved=checkpoint_due(cfg, step, True), out_dir=cfg.out_dir)
-
-
 @dataclass
 class Result:
     """What every recipe's train() returns: the trained model, one dict of metrics per step, a summary."""
@@ -145,88 +139,221 @@ class Result:
     summary: dict = field(default_factory=dict)
 
 
-def log_and_checkpoint(cfg, log, policy, optimizer, step: int, row: dict, main: bool) -> None:
-    """Rank 0 logs the step and writes the checkpoint when due; every rank waits for it."""
-    from .. import distributed as dist
+@dataclass
+class Cadence:
+    """When a run saves, evaluates and stops: part of the derived values each recipe computes near its top."""
 
-    halt = stop_signal()
-    if main:
-        log.log(step, row)
-        if checkpoint_due(cfg, step, halt is not None):
-            save_checkpoint(cfg.out_dir, policy, optimizer, step)
-    dist.barrier()
-    halt_if_signalled(cfg, step, halt)
+    steps: int  # steps of the recipe's loop
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    eval_every: int = 0  # held-out evaluation every N steps (0 = off)
+    eval_every_s: float = 0.0  # ... or every N seconds of training (evaluations excluded; 0 = off)
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    stop_at_step: int = 0  # end after this step as if interrupted (0 = run to the end)
+    resumable: bool = True  # False under FSDP2: the weights are sharded, no resumable checkpoint is written
+
+    def checkpoint_due(self, step: int, stopping: bool = False) -> bool:
+        """Every save_every steps, at the last step, and whenever the run stops early."""
+        return self.resumable and (
+            bool(self.save_every and step % self.save_every == 0) or step == self.steps or stopping
+        )
+
+    @property
+    def finishes(self) -> bool:
+        """The run goes to its last step (no --stop-at-step before it): it saves final/ and evaluates."""
+        return not (self.stop_at_step and self.stop_at_step < self.steps)
 
 
-def train_seconds(t_train: float, evals=()) -> float:
-    """Seconds since t_train, less the time spent in held-out evaluations (their 'eval_s')."""
+class Run:
+    """The bookkeeping between a recipe's steps: the metrics log (rank 0), the held-out evaluations and the
+    training clock (evaluation time excluded), and the history returned in the Result."""
+
+    def __init__(
+        self,
+        out_dir,
+        cadence: Cadence,
+        *,
+        desc: str,
+        show: tuple[str, ...],
+        resume: bool,
+        start: int,
+        evals: list | None = None,
+    ):
+        import time
+
+        from .. import distributed as dist
+
+        self.out_dir, self.cadence, self.start = Path(out_dir), cadence, start
+        self.main = dist.is_main()
+        self.log = (
+            MetricLogger(out_dir, cadence.steps, desc=desc, resume=resume, start_step=start, show=show)
+            if self.main
+            else None
+        )
+        self.history: list[dict] = []
+        self.evals: list[dict] = evals if evals is not None else []
+        self.samples = 0  # responses sampled so far (online recipes)
+        self.t_train = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Seconds since training began, less the time spent in held-out evaluations."""
+        import time
+
+        return time.perf_counter() - self.t_train - sum(e.get("eval_s", 0.0) for e in self.evals)
+
+    def out_of_time(self) -> bool:
+        return bool(self.cadence.time_budget_s) and self.train_seconds() > self.cadence.time_budget_s
+
+    def eval_due(self, step: int) -> bool:
+        c = self.cadence
+        if c.eval_every and step % c.eval_every == 0:
+            return True
+        last = max((e.get("train_s", 0.0) for e in self.evals), default=0.0)
+        return bool(c.eval_every_s) and self.train_seconds() - last >= c.eval_every_s
+
+    @property
+    def steps(self) -> int:
+        return self.start + len(self.history)
+
+
+def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate=None) -> bool:
+    """The tail of every recipe's step, the same in all: the step's time, a held-out evaluation when due
+    (rank 0; evaluate(step) -> accuracy), the history and the metrics log, a checkpoint when due
+    (save(step) on rank 0), and whether to stop: the time budget, --stop-at-step or a signal (SIGINT /
+    SIGTERM: the checkpoint is written, then Interrupted is raised). Every rank decides alike."""
     import time
 
-    return time.perf_counter() - t_train - sum(e.get("eval_s", 0.0) for e in evals)
+    from .. import distributed as dist
+
+    row["time/step_s"] = time.perf_counter() - t_step  # evaluations are not part of the step
+    if evaluate is not None and run.main and run.eval_due(step):
+        row["eval/accuracy"] = evaluate(step)
+    run.history.append({"step": step, **row})
+    halt = stop_signal()
+    stop = (
+        halt is not None
+        or dist.all_sum(float(run.out_of_time())) > 0
+        or bool(run.cadence.stop_at_step and step >= run.cadence.stop_at_step)
+    )
+    if run.main:
+        run.log.log(step, row)
+        if run.cadence.checkpoint_due(step, stop):
+            save(step)
+    dist.barrier()
+    if halt is not None:
+        raise Interrupted(step, halt, saved=run.cadence.checkpoint_due(step, True), out_dir=str(run.out_dir))
+    return stop
 
 
-def out_of_time(cfg, t_train: float, evals=()) -> bool:
-    """The time budget (cfg.time_budget_s, 0 = none) is spent; evaluation time does not count."""
-    return bool(cfg.time_budget_s) and train_seconds(t_train, evals) > cfg.time_budget_s
+def end_of_run(
+    run: Run,
+    policy,
+    *,
+    save=None,
+    merged: bool = True,
+    extra_save=None,
+    evaluate=None,
+    report: bool = False,
+    task=None,
+    examples=None,
+    max_new_tokens: int = 40,
+) -> dict:
+    """The end of every recipe, the same in all: close the log; when the run went to its last step, rank 0
+    saves final/ (save(folder), or the policy merged or as adapters, then extra_save(folder)) and evaluates
+    (evaluate() -> accuracy); rank 0 writes samples.jsonl and the report page (report); every rank waits.
+    -> the summary's common part (steps, seconds, evaluations)."""
+    from .. import distributed as dist
+
+    if run.main:
+        run.log.close()
+    if run.main and run.cadence.finishes:
+        folder = run.out_dir / "final"
+        if save is not None:
+            save(folder)
+        else:
+            save_final(policy, folder, merged=merged)
+        if extra_save is not None:
+            extra_save(folder)
+        if evaluate is not None:
+            evaluate()
+    if run.main and report:
+        write_samples_and_report(run.out_dir, policy, task, examples, max_new_tokens=max_new_tokens)
+    dist.barrier()
+    return {"steps": run.steps, "train_seconds": run.train_seconds(), "evals": run.evals}
 
 
-def eval_due(cfg, step: int, t_train: float, evals) -> bool:
-    """Every cfg.eval_every steps, or every cfg.eval_every_s seconds of training (evaluations excluded)."""
-    if cfg.eval_every and step % cfg.eval_every == 0:
-        return True
-    every_s = getattr(cfg, "eval_every_s", 0.0)
-    last = max((e.get("train_s", 0.0) for e in evals), default=0.0)
-    return bool(every_s) and train_seconds(t_train, evals) - last >= every_s
+def held_out_evaluator(policy, task, test, *, run: Run | None, evals: list | None = None, max_new_tokens: int):
+    """evaluate(step, label=None) -> greedy held-out accuracy, recorded in run.evals (or `evals` before the
+    run exists); None when there is no held-out set."""
+    if not test:
+        return None
+
+    def evaluate(step: int, label: str | None = None) -> float:
+        return held_out_accuracy(
+            policy,
+            task,
+            test,
+            max_new_tokens=max_new_tokens,
+            evals=run.evals if run is not None else evals,
+            step=step,
+            label=label or f"at step {step}",
+            run=run,
+        )
+
+    return evaluate
 
 
-def checkpoint_due(cfg, step: int, stopping: bool) -> bool:
-    """Every save_every steps, at the last step, and whenever the run stops early; never under FSDP2 (the
-    weights are sharded: no resumable checkpoint yet, the final model is gathered and saved)."""
-    if getattr(cfg, "fsdp", False):
-        return False
-    return bool(cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping
-
-
-@dataclass
-class ModelArgs:
-    """Options every recipe takes: PEFT LoRA, bf16 autocast, activation checkpointing, the end-of-run report."""
-
-    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
-    lora_alpha: int = 16  # LoRA scaling alpha
-    lora_dropout: float = 0.0  # dropout on the LoRA path
-    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
-    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
-    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
-    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
-    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
-    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
-
-
-def get_policy(cfg, model):
-    policy = model if model is not None else load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
-    if cfg.save_adapter_only and not (cfg.lora_r > 0 or policy.has_lora):
+def build_policy(
+    model,
+    name: str,
+    *,
+    max_len: int,
+    seed: int,
+    lora_r: int = 0,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    lora_targets: str = "",
+    save_adapter_only: bool = False,
+    activation_checkpointing: bool = False,
+    freeze_vision: bool = False,
+    compile: bool = False,
+):
+    """The policy to train: `model` when given, else loaded from `name` (a preset or a folder), with LoRA
+    adapters, activation checkpointing, a frozen vision tower and compiled blocks as asked."""
+    policy = model if model is not None else load_policy(name, max_seq_len=max(256, max_len), seed=seed)
+    if save_adapter_only and not (lora_r > 0 or policy.has_lora):
         raise ConfigError("--save-adapter-only needs LoRA adapters (--lora-r > 0)")
-    if cfg.save_adapter_only and policy.source is None:
+    if save_adapter_only and policy.source is None:
         raise ConfigError("--save-adapter-only needs a base model loaded from a folder (not a preset); save merged")
-    if getattr(cfg, "lora_r", 0) > 0 and not policy.has_lora:
-        policy.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    if getattr(cfg, "activation_checkpointing", False):
+    if lora_r > 0 and not policy.has_lora:
+        policy.add_lora(lora_r, lora_alpha, lora_dropout, lora_targets)
+    if activation_checkpointing:
         policy.enable_activation_checkpointing()
-    if getattr(cfg, "freeze_vision", False):
+    if freeze_vision:
         policy.freeze_vision()
-    if getattr(cfg, "compile", False):
-        n = policy.compile_blocks()
-        if not n:
-            raise ValueError("--compile found no transformer blocks to compile in this model")
+    if compile and not policy.compile_blocks():
+        raise ValueError("--compile found no transformer blocks to compile in this model")
     return policy
 
 
-def autocast(cfg, policy):
-    """bf16 autocast around the training forward when cfg.bf16 (a no-op context otherwise)."""
-    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bool(getattr(cfg, "bf16", False)))
+def policy_options(cfg) -> dict:
+    """The build_policy options of a recipe's Config (every training recipe has these fields)."""
+    return dict(
+        max_len=cfg.max_len,
+        seed=cfg.seed,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_targets=cfg.lora_targets,
+        save_adapter_only=cfg.save_adapter_only,
+        activation_checkpointing=cfg.activation_checkpointing,
+        freeze_vision=cfg.freeze_vision,
+        compile=cfg.compile,
+    )
+
+
+def autocast(policy, bf16: bool):
+    """bf16 autocast around the training forward when bf16 (a no-op context otherwise)."""
+    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class AdapterOffReference:
@@ -250,32 +377,47 @@ def frozen_reference(policy):
     return copy.deepcopy(policy).eval().requires_grad_(False)
 
 
-def save_final(policy, cfg, path) -> None:
+def save_final(policy, path, *, merged: bool = True) -> None:
     """The trained model to `path`; a failed write (no space, permissions) is a CheckpointError naming it."""
     from ..checkpoint import CheckpointError
 
     try:
-        policy.save(path, merged=not cfg.save_adapter_only)
+        policy.save(path, merged=merged)
     except OSError as e:
         raise CheckpointError(f"writing the final model to {path} failed ({e.strerror or e})") from e
 
 
-def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) -> tuple[float, float]:
-    """(Average gradients over ranks when sync_grads: the online recipes, which do not use DDP), clip, step,
-    zero grads; set the learning rate for `step`. Returns (grad_norm, lr)."""
+@dataclass(frozen=True)
+class Schedule:
+    """The optimizer's settings over a run: linear warmup, then cosine decay to min_lr_ratio * lr over
+    total_steps optimizer steps; gradients clipped to max_grad_norm (0 = off)."""
+
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+    max_grad_norm: float
+
+
+def optimizer_step(
+    policy, optimizer, step: int, schedule: Schedule, *, sync_grads: bool = False
+) -> tuple[float, float]:
+    """One optimizer step (0-based `step`): average gradients over ranks when sync_grads (the recipes that do
+    not use DDP), set the scheduled learning rate, clip, step, zero the gradients. -> (grad_norm before
+    clipping, lr). A non-finite gradient norm raises TrainingDiverged before the update."""
     from ..distributed import average_gradients
 
     if sync_grads:
         average_gradients(policy)
-    lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+    s = schedule
+    lr = lr_at(step, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=s.total_steps, min_lr_ratio=s.min_lr_ratio)
     set_lr(optimizer, lr)
-    grad_norm = clip_grad(policy, cfg.max_grad_norm)
+    grad_norm = clip_grad(policy, s.max_grad_norm)
     if not math.isfinite(grad_norm):  # every rank sees the same (averaged) gradients: all stop here together
         raise TrainingDiverged(
-            f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or "
-            f"gradient; lr {lr:g}); stopped before applying it. Nothing was saved over "
-            f"{Path(cfg.out_dir) / 'checkpoint'} (the last good checkpoint, if any) and no "
-            "final/ was written"
+            f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or gradient; lr "
+            f"{lr:g}); stopped before applying it. Nothing was saved over the last good checkpoint (if any) and "
+            "no final/ was written"
         )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -283,58 +425,95 @@ def optimizer_step(policy, optimizer, step: int, cfg, sync_grads: bool = False) 
 
 
 def report_skips(skips: SkipCounter, out_dir: str | Path) -> None:
+    """Print the skip counts (when any) and write <out_dir>/skips.json."""
     if skips.total or skips.notes:
         console.print(f"[yellow]{skips.report()}[/]")
     (Path(out_dir) / "skips.json").write_text(json.dumps({**skips.counts, **skips.notes}))
 
 
-def online_setup(cfg, model, data, recipe: str):
-    """The start every online recipe shares: policy, task, prompt records, rewards (columns checked),
-    held-out examples. -> (policy, task, data, reward_set, test)."""
+def load_prompts(
+    policy,
+    data,
+    *,
+    data_path: str,
+    split: str,
+    task_name: str,
+    n_prompts: int,
+    seed: int,
+    reward: str,
+    reward_timeout_s: float,
+    eval_n: int,
+    recipe: str,
+):
+    """The start every online recipe shares: the task, the prompt records, the rewards (their columns checked
+    against every row) and the held-out examples. -> (task, data, reward_set, test)."""
     from ..data.formats import load_rows, prompt_records
     from ..data.tasks import make_task
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
-    check_fsdp(cfg, recipe)
-    setup(cfg)
-    policy = get_policy(cfg, model)
-    task = make_task(cfg.task) if cfg.task else None
+    task = make_task(task_name) if task_name else None
     if data is None:
-        if cfg.data:
-            data = prompt_records(load_rows(cfg.data, cfg.split), policy.tokenizer)
+        if data_path:
+            data = prompt_records(load_rows(data_path, split), policy.tokenizer)
         elif task is not None:
-            data = task.examples("train", cfg.n_prompts, cfg.seed)
+            data = task.examples("train", n_prompts, seed)
         else:
             raise ValueError(f"{recipe} needs --task or --data")
-    reward_set = RewardSet(parse_reward_spec(cfg.reward, task), timeout_s=cfg.reward_timeout_s)
-    check_reward_columns(reward_set, data, cfg.data or cfg.task)
-    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
-    return policy, task, data, reward_set, test
+    reward_set = RewardSet(parse_reward_spec(reward, task), timeout_s=reward_timeout_s)
+    check_reward_columns(reward_set, data, data_path or task_name)
+    test = task.examples("test", eval_n, seed) if task is not None and eval_n else []
+    return task, data, reward_set, test
+
+
+def resume_state(out_dir, policy, optimizer, generator=None) -> tuple[int, list]:
+    """Weights, optimizer, RNG (and the sampling generator's state) from <out_dir>/checkpoint.
+    -> (the checkpoint's step, the held-out evaluations so far)."""
+    from ..checkpoint import load_checkpoint
+
+    state = load_checkpoint(out_dir, policy, optimizer)
+    if generator is not None:
+        generator.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+    console.print(f"resumed from {out_dir}/checkpoint at step {state['step']}")
+    return state["step"], state.get("evals", [])
+
+
+def prompt_options(cfg) -> dict:
+    """The load_prompts options of an online recipe's Config (grpo, online and ppo have these fields)."""
+    return dict(
+        data_path=cfg.data,
+        split=cfg.split,
+        task_name=cfg.task,
+        n_prompts=cfg.n_prompts,
+        seed=cfg.seed,
+        reward=cfg.reward,
+        reward_timeout_s=cfg.reward_timeout_s,
+        eval_n=cfg.eval_n,
+    )
 
 
 def held_out_accuracy(
-    policy, task, test, cfg, evals: list, step: int, label: str, t_train: float | None = None, samples: int = 0
+    policy, task, test, *, max_new_tokens: int, evals: list, step: int, label: str, run: Run | None = None
 ) -> float:
     """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
-    samples drawn so far and the evaluation's own seconds) and printed."""
+    samples drawn so far and the evaluation's own seconds) and printed. run None: before training."""
     import time
 
     from ..eval import evaluate
 
     t0 = time.perf_counter()
-    train_s = 0.0 if t_train is None else train_seconds(t_train, evals)
-    res = evaluate(policy, task, test, max_new_tokens=cfg.max_new_tokens)
+    train_s = 0.0 if run is None else run.train_seconds()
+    res = evaluate(policy, task, test, max_new_tokens=max_new_tokens)
     acc = res.accuracy
-    # an evaluation before training (t_train None) is outside the training clock: nothing to subtract
+    # an evaluation before training (run None) is outside the training clock: nothing to subtract
     evals.append(
         {
             "step": step,
             "accuracy": acc,
             "mean_score": res.mean_score,
             "train_s": train_s,
-            "samples": samples,
-            "eval_s": 0.0 if t_train is None else time.perf_counter() - t0,
+            "samples": 0 if run is None else run.samples,
+            "eval_s": 0.0 if run is None else time.perf_counter() - t0,
             **(res.details or {}),
         }
     )
@@ -342,67 +521,50 @@ def held_out_accuracy(
     return acc
 
 
-def finish_run(cfg, policy, task=None, examples: list[dict] | None = None, n_samples: int = 8) -> None:
-    """End of every run (rank 0): <out_dir>/samples.jsonl (greedy completions of a few held-out prompts with
+def write_samples_and_report(
+    out_dir, policy, task=None, examples: list[dict] | None = None, *, max_new_tokens: int, n_samples: int = 8
+) -> None:
+    """End of a run (rank 0): <out_dir>/samples.jsonl (greedy completions of a few held-out prompts with
     their task score, or of the first training prompts when there is no task) and the report page."""
-    if not getattr(cfg, "report", False):
-        return
     from ..report import write_report
     from ..rollout.score import completions
 
     examples = (examples or [])[:n_samples]
     if examples:
         images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
-        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=cfg.max_new_tokens, images=images)
-        with open(Path(cfg.out_dir) / "samples.jsonl", "w") as f:
+        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
+        with open(Path(out_dir) / "samples.jsonl", "w") as f:
             for e, o in zip(examples, outs):
                 score = task.score(o[0], e) if task is not None else None
-                f.write(
-                    json.dumps(
-                        {
-                            "prompt": e["prompt"],
-                            "completion": o[0],
-                            "reward": score,
-                            "reference": e.get("solution") or e.get("chosen"),
-                        }
-                    )
-                    + "\n"
-                )
-    page = write_report([cfg.out_dir])
-    console.print(f"report: {page}")
+                row = {
+                    "prompt": e["prompt"],
+                    "completion": o[0],
+                    "reward": score,
+                    "reference": e.get("solution") or e.get("chosen"),
+                }
+                f.write(json.dumps(row) + "\n")
+    console.print(f"report: {write_report([out_dir])}")
 
 
-def check_fsdp(cfg, recipe: str) -> None:
-    """--fsdp: what it does not support yet (LoRA, resume, evaluation during training, a separate PPO critic,
-    dynamic sampling). The held-out evaluation before training runs before the sharding, the one after on
-    the gathered weights."""
-    if not getattr(cfg, "fsdp", False):
-        return
-    bad = [
-        name
-        for name, on in (
-            ("--lora-r", cfg.lora_r > 0),
-            ("--resume", cfg.resume),
-            ("--eval-every", getattr(cfg, "eval_every", 0) or getattr(cfg, "eval_every_s", 0)),
-            ("--critic separate", getattr(cfg, "critic", "") == "separate"),
-            ("--dynamic-sampling", getattr(cfg, "dynamic_sampling", False)),
-        )
-        if on
-    ]
-    if bad:
+def check_fsdp(fsdp: bool, **unsupported: bool) -> None:
+    """--fsdp: refuse what it does not support yet, named by its flag: check_fsdp(cfg.fsdp, lora_r=..., ...).
+    The held-out evaluation before training runs before the sharding, the one after on the gathered weights."""
+    bad = [flag(name) for name, on in unsupported.items() if on]
+    if fsdp and bad:
         raise ValueError(f"--fsdp does not support {', '.join(bad)} yet")
 
 
-def gathered_policy(policy, cfg):
+def gathered_policy(policy, *, fsdp: bool, model: str, max_len: int, seed: int):
     """After FSDP2 training: every rank gathers the full weights (a collective); rank 0 gets a plain copy of
-    the policy to save, evaluate and report, the others None. Without --fsdp: the policy itself."""
+    the policy (built from `model` like the trained one) to save, evaluate and report, the others None.
+    Without FSDP2: the policy itself."""
     from .. import distributed as dist
 
-    if not (getattr(cfg, "fsdp", False) and dist.world_size() > 1):
+    if not (fsdp and dist.world_size() > 1):
         return policy
     state = dist.full_state_dict(policy)
     if not dist.is_main():
         return None
-    plain = load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
+    plain = load_policy(model, max_seq_len=max(256, max_len), seed=seed)
     plain.load_state_dict(state)
     return plain

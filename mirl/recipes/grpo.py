@@ -19,46 +19,45 @@ at temperature T (not the sampler's top-k/top-p-filtered record), so at lr 0 eve
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from .. import distributed as dist
 from ..advantages import group_advantages, nanstd_over_ranks, rloo
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data.collate import batch_indices
-from ..logging import MetricLogger, console
+from ..checkpoint import save_checkpoint
+from ..logging import console
 from ..logps import response_logps
 from ..losses.policy import clipped_policy_loss
-from ..models.vision import NOISE_KINDS, select_images
 from ..optim import make_optimizer
-from ..rollout.sample import row_seeds
-from ..rollout.score import pack_rows, rollout_and_score
+from ..rollout.groups import NoisyRollout, sample_groups
+from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
-    checkpoint_due,
-    eval_due,
-    finish_run,
+    Run,
+    Schedule,
+    build_policy,
+    check_fsdp,
+    end_of_run,
+    end_of_step,
     frozen_reference,
     gathered_policy,
-    halt_if_signalled,
-    held_out_accuracy,
-    online_setup,
+    held_out_evaluator,
+    load_prompts,
     optimizer_step,
-    out_of_time,
-    save_final,
-    stop_signal,
+    policy_options,
+    prompt_options,
+    resume_state,
+    setup,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
@@ -111,9 +110,23 @@ class Config(ModelArgs):
     eval_n: int = 200  # held-out prompts evaluated (greedy) before and after training (0 = skip)
     eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 def kl_coef(cfg: Config, step: int) -> float:
+    """The KL coefficient at `step`: beta, or a linear / cosine schedule from beta to beta_final."""
     if cfg.kl_schedule == "constant":
         return cfg.beta
     frac = min(1.0, step / max(1, cfg.steps - 1))
@@ -124,276 +137,241 @@ def kl_coef(cfg: Config, step: int) -> float:
     raise ValueError(f"kl_schedule must be constant, linear or cosine, got {cfg.kl_schedule!r}")
 
 
-def noise_strength(cfg: Config, step: int) -> float:
-    """NoisyRollout's perturbation strength at `step`: linear annealing from noise_strength to 0."""
-    horizon = cfg.noise_anneal_steps or cfg.steps
-    return cfg.noise_strength * max(0.0, 1.0 - step / max(1, horizon))
+def minibatch_seed(seed: int, step: int, pass_: int) -> int:
+    """The seed of the minibatch permutation of pass `pass_` over step `step`'s batch."""
+    return seed + step * 131 + pass_
 
 
-def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(P,) bool: groups whose scorable (non-NaN) rewards are not all equal; NaN is no outcome, so a group
-    [nan, 1, 1, 1] has no signal, nor has a group with fewer than two scorable rewards."""
-    r = rewards.view(-1, group_size)
-    ok = ~torch.isnan(r)
-    hi = torch.where(ok, r, float("-inf")).max(1).values
-    lo = torch.where(ok, r, float("inf")).min(1).values
-    return (ok.sum(1) >= 2) & ((hi - lo) > 1e-9)
+def advantages(cfg: Config, groups) -> tuple[list, torch.Tensor]:
+    """Per generation round (groups never mix across rounds): group-normalised or RLOO advantages; with
+    dynamic sampling only the groups with signal are kept. -> (rows [(rollout, index)], advantages (B,))."""
+    rows, adv = [], []
+    for sb, signal in groups.rounds:
+        batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
+        a = (
+            group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
+            if cfg.advantage == "group"
+            else rloo(sb.rewards, cfg.group_size)
+        ).float()
+        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(a, dtype=bool)
+        for i in torch.nonzero(keep).flatten().tolist():
+            rows.append((sb.batch, i))
+            adv.append(a[i])
+    return rows, (torch.stack(adv) if adv else torch.zeros(0))
+
+
+def grpo_update(
+    policy, optimizer, batch: UpdateBatch, adv, *, cfg: Config, step: int, beta: float, ref_model, schedule: Schedule
+) -> tuple[dict, float]:
+    """num_iterations passes over the batch, each in `minibatches` optimizer steps of the clipped surrogate
+    (+ beta KL to the reference, whose log-probs are taken once). -> (metrics averaged over the optimizer steps,
+    the last lr)."""
+    ref_logps = None
+    if ref_model is not None and beta > 0:
+        with torch.no_grad():
+            ref_logps, _ = response_logps(
+                ref_model,
+                batch.ids,
+                batch.attn,
+                batch.n_resp,
+                cfg.temperature,
+                bf16=cfg.bf16,
+                images=batch.row_images(),
+            )
+    world, b, n_opt = dist.world_size(), len(batch), cfg.num_iterations * cfg.minibatches
+    loss_mask = batch.resp_mask * (~batch.truncated).unsqueeze(1) if cfg.mask_truncated else batch.resp_mask
+    old_logps = batch.old_logps
+    if n_opt > 1:
+        # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
+        # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
+        # distribution, of perturbed pixels for noisy rows, of the cached decoding arithmetic (and not under
+        # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
+        with torch.no_grad():
+            old_logps, _ = response_logps(
+                policy, batch.ids, batch.attn, batch.n_resp, cfg.temperature, bf16=cfg.bf16, images=batch.row_images()
+            )
+    agg_global = dist.all_sum(float(loss_mask.sum())) if cfg.loss_agg == "dapo" else None
+    stats: dict[str, float] = {}
+    for it in range(cfg.num_iterations):
+        # minibatches of one permutation of the global batch (the same under torchrun as in one process)
+        for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, minibatch_seed(cfg.seed, step, it))):
+            # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
+            # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
+            fwd = mb if len(mb) else torch.arange(1)
+            lp, ent = response_logps(
+                policy,
+                batch.ids[fwd],
+                batch.attn[fwd],
+                batch.n_resp,
+                cfg.temperature,
+                with_entropy=True,
+                bf16=cfg.bf16,
+                images=batch.row_images(fwd),
+            )
+            anchor = lp.sum() * 0.0
+            lp, ent = lp[: len(mb)], ent[: len(mb)]
+            old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_logps[mb]
+            # dapo: the generation batch's global token count, shared out over the optimizer steps
+            g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
+            loss, m = clipped_policy_loss(
+                lp,
+                old,
+                adv[mb],
+                loss_mask[mb],
+                clip_eps=cfg.clip_eps,
+                clip_eps_high=cfg.clip_eps_high or None,
+                importance=cfg.importance,
+                beta=beta,
+                ref_logps=None if ref_logps is None else ref_logps[mb],
+                kl_estimator=cfg.kl_estimator,
+                loss_agg=cfg.loss_agg,
+                max_completion_length=cfg.max_new_tokens,
+                global_count=g,
+            )
+            (loss + anchor).backward()
+            opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
+            grad_norm, lr = optimizer_step(policy, optimizer, opt_step, schedule, sync_grads=True)
+            ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
+            for k, v in {
+                "loss": dist.all_sum(loss.item()) / world,
+                "grad_norm": grad_norm,
+                "entropy": ent_mean,
+                **{k: float(v) for k, v in m.items()},
+            }.items():
+                stats[k] = stats.get(k, 0.0) + v / n_opt
+    return stats, lr
+
+
+def group_sampling(cfg: Config, world: int, generator) -> tuple[dict, NoisyRollout | None]:
+    """sample_groups' options for this run (the prompt batches, dynamic sampling, the sampler's settings) and
+    the NoisyRollout, if any (the last noisy_rollout x G samples of each group drawn on perturbed images)."""
+    n_noisy = round(cfg.noisy_rollout * cfg.group_size)
+    kinds = tuple(k.strip() for k in cfg.noise_kinds.split(",") if k.strip())
+    anneal = cfg.noise_anneal_steps or cfg.steps
+    noisy = NoisyRollout(n_noisy, cfg.noise_strength, anneal, kinds, random.Random(cfg.seed)) if n_noisy else None
+    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
+    options = dict(
+        prompts_per_step=cfg.prompts_per_step,
+        group_size=cfg.group_size,
+        seed=cfg.seed,
+        row_seeded=seeded,
+        dynamic=cfg.dynamic_sampling,
+        max_refills=cfg.max_refills,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        ignore_eos=cfg.ignore_eos,
+        noisy=noisy,
+        generator=generator,
+    )
+    return options, noisy
+
+
+def batch_metrics(batch: UpdateBatch, adv: torch.Tensor) -> dict:
+    """The update batch's diagnostics: advantage statistics, response lengths, the truncated fraction."""
+    lengths = batch.resp_mask.sum(1).float()
+    return {
+        "advantages/mean": float(adv.mean()),
+        "advantages/std": float(adv.std()),
+        "advantages/max": float(adv.max()),
+        "advantages/min": float(adv.min()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/truncated_frac": float(batch.truncated.float().mean()),
+    }
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
-    if cfg.group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (a group of 1 has no baseline), got {cfg.group_size}")
-    kl_coef(cfg, 0)
-    policy, task, data, reward_set, test = online_setup(cfg, model, data, "grpo")
-    tok = policy.tokenizer
-    world, main = dist.world_size(), dist.is_main()
+    evaluating = bool(cfg.eval_every or cfg.eval_every_s)
+    check_fsdp(
+        cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating, dynamic_sampling=cfg.dynamic_sampling
+    )
+    setup(cfg)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
+    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="grpo")
+    world = dist.world_size()
     if world > 1 and cfg.dynamic_sampling:
         raise ValueError("--dynamic-sampling under torchrun is not supported yet (ranks would refill unevenly)")
-    seeded = cfg.row_seeded_sampling or world > 1
-    ref_model = None
-    if cfg.beta > 0 or cfg.beta_final > 0:
-        ref_model = frozen_reference(policy)
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    noise_rng = random.Random(cfg.seed)
-    n_noisy = round(cfg.noisy_rollout * cfg.group_size)
-    kinds = tuple(k.strip() for k in cfg.noise_kinds.split(",") if k.strip())
-    if any(k not in NOISE_KINDS for k in kinds):
-        raise ValueError(f"--noise-kinds {cfg.noise_kinds!r}: each must be one of {', '.join(NOISE_KINDS)}")
     if cfg.noisy_rollout and not policy.is_vlm:
         raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
-    start, evals = 0, []
-    if cfg.resume:
-        state = load_checkpoint(cfg.out_dir, policy, optimizer)
-        start, evals = state["step"], state.get("evals", [])
-        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
-        console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    if main and test and not cfg.resume:
-        held_out_accuracy(policy, task, test, cfg, evals, 0, "before GRPO")
+    ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
+    if dist.is_main() and test and not cfg.resume:
+        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+            0, "before GRPO"
+        )
     if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
         dist.wrap(policy, fsdp=True)
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    opt_steps_per_step = cfg.num_iterations * cfg.minibatches
-    lr_cfg = copy.copy(cfg)
-    lr_cfg.steps = cfg.steps * opt_steps_per_step
-    log = (
-        MetricLogger(
-            cfg.out_dir, cfg.steps, desc="grpo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")
-        )
-        if main
-        else None
+
+    # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
+    groups_of, noisy = group_sampling(cfg, world, gen)
+    optimizer_steps = cfg.steps * cfg.num_iterations * cfg.minibatches  # the learning-rate schedule's length
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    cadence = Cadence(
+        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
-    history, t_train, n_samples = [], time.perf_counter(), 0
+    show = ("reward/mean", "kl")
+    run = Run(cfg.out_dir, cadence, desc="grpo", show=show, resume=cfg.resume, start=start, evals=evals)
+    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
-        kept, rounds, gen_s, score_s, zero_groups, metrics = [], 0, 0.0, 0.0, 0, {}
-        while True:
-            round_id = step * (cfg.max_refills + 1) + rounds
-            idx = batch_indices(len(data), cfg.prompts_per_step, round_id, cfg.seed)
-            mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-            seeds = row_seeds(cfg.seed, round_id, mine, cfg.group_size) if seeded else None
-            noisy = (n_noisy, noise_strength(cfg, step), noise_rng, kinds) if n_noisy else None
-            sb = rollout_and_score(
-                policy,
-                [data[idx[i]] for i in mine],
-                reward_set,
-                group_size=cfg.group_size,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                generator=gen,
-                ignore_eos=cfg.ignore_eos,
-                noisy=noisy,
-                seeds=seeds,
+        groups = sample_groups(policy, data, reward_set, step=step, **groups_of)
+        run.samples += groups.samples
+        skipped["zero_signal_groups"] += groups.zero_signal
+        skipped["refill_rounds"] += groups.refills
+        # -- advantages, then the update: num_iterations passes x minibatches
+        rows, adv = advantages(cfg, groups)
+        row = {**groups.metrics, "skipped_step": float(not rows)}  # no rows: every group's rewards were equal
+        if rows:
+            batch = pack_rows(rows, policy.tokenizer.pad_token_id)
+            beta = kl_coef(cfg, step)
+            t_up = time.perf_counter()
+            stats, lr = grpo_update(
+                policy, optimizer, batch, adv, cfg=cfg, step=step, beta=beta, ref_model=ref_model, schedule=schedule
             )
-            gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
-            n_samples += len(sb.batch.texts)
-            metrics = metrics or sb.metrics
-            signal = groups_with_signal(sb.rewards, cfg.group_size)  # (P,)
-            zero_groups += int((~signal).sum())
-            kept.append((sb, signal))
-            n_kept = sum(int(s.sum()) for _, s in kept) * world
-            if not cfg.dynamic_sampling or n_kept >= cfg.prompts_per_step or rounds >= cfg.max_refills:
-                break
-            rounds += 1
-        skipped["zero_signal_groups"] += zero_groups
-        skipped["refill_rounds"] += rounds
-        # -- advantages, per generation round (groups never mix across rounds)
-        parts = []
-        for sb, signal in kept:
-            batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
-            adv = (
-                group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
-                if cfg.advantage == "group"
-                else rloo(sb.rewards, cfg.group_size)
+            row.update(
+                {
+                    **stats,
+                    **batch_metrics(batch, adv),
+                    "lr": lr,
+                    "beta": beta,
+                    "groups/zero_signal_frac": groups.zero_signal / (cfg.prompts_per_step * (groups.refills + 1)),
+                    "tokens_per_s": float(batch.attn.sum()) / (time.perf_counter() - t0),
+                    "time/generation_s": groups.gen_s,
+                    "time/scoring_s": groups.score_s,
+                    "time/update_s": time.perf_counter() - t_up,
+                }
             )
-            keep_rows = signal.repeat_interleave(cfg.group_size)
-            parts.append((sb, adv.float(), keep_rows if cfg.dynamic_sampling else torch.ones_like(keep_rows)))
-        rows = [(sb.batch, i, adv[i]) for sb, adv, keep in parts for i in torch.nonzero(keep).flatten().tolist()]
-        if not rows:  # nothing to learn from in this step (all groups had equal rewards): counted, logged
-            row = {**metrics, "skipped_step": 1.0}
-            history.append({"step": step + 1, **row})
-            if main:
-                log.log(step + 1, row)
-            if out_of_time(cfg, t_train, evals):
-                if main and checkpoint_due(cfg, step + 1, stopping=True):
-                    save_checkpoint(
-                        cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
-                    )
-                break
-            continue
-        ids, attn, resp_mask, old_lp, truncated, images = pack_rows([(b, i) for b, i, _ in rows], tok.pad_token_id)
-        adv = torch.stack([a for _, _, a in rows])
-        n_resp = resp_mask.shape[1]
-        loss_mask = resp_mask * (~truncated).unsqueeze(1) if cfg.mask_truncated else resp_mask
-        beta = kl_coef(cfg, step)
-        ref_lp = None
-        if ref_model is not None and beta > 0:
-            with torch.no_grad():
-                ref_lp, _ = response_logps(
-                    ref_model,
-                    ids,
-                    attn,
-                    n_resp,
-                    cfg.temperature,
-                    bf16=cfg.bf16,
-                    images=select_images(images, torch.arange(len(rows))),
-                )
-        if cfg.num_iterations > 1 or cfg.minibatches > 1:
-            # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
-            # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
-            # distribution, of perturbed pixels for noisy rows, of the cached decoding arithmetic (and not under
-            # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
-            with torch.no_grad():
-                old_lp, _ = response_logps(
-                    policy,
-                    ids,
-                    attn,
-                    n_resp,
-                    cfg.temperature,
-                    bf16=cfg.bf16,
-                    images=select_images(images, torch.arange(len(rows))),
-                )
-        # -- update: num_iterations passes x minibatches
-        t_up = time.perf_counter()
-        b = ids.shape[0]
-        agg_global = dist.all_sum(float(loss_mask.sum())) if cfg.loss_agg == "dapo" else None
-        stats: dict[str, float] = {}
-        for it in range(cfg.num_iterations):
-            # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-            for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, cfg.seed + step * 131 + it)):
-                # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
-                # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-                fwd = mb if len(mb) else torch.arange(1)
-                lp, ent = response_logps(
-                    policy,
-                    ids[fwd],
-                    attn[fwd],
-                    n_resp,
-                    cfg.temperature,
-                    with_entropy=True,
-                    bf16=cfg.bf16,
-                    images=select_images(images, fwd),
-                )
-                anchor = lp.sum() * 0.0
-                lp, ent = lp[: len(mb)], ent[: len(mb)]
-                old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_lp[mb]
-                g = None
-                if agg_global is not None:
-                    # the generation batch's global token count, shared out over the optimizer steps
-                    g = agg_global * dist.all_sum(len(mb)) / (b * world)
-                loss, m = clipped_policy_loss(
-                    lp,
-                    old,
-                    adv[mb],
-                    loss_mask[mb],
-                    clip_eps=cfg.clip_eps,
-                    clip_eps_high=cfg.clip_eps_high or None,
-                    importance=cfg.importance,
-                    beta=beta,
-                    ref_logps=None if ref_lp is None else ref_lp[mb],
-                    kl_estimator=cfg.kl_estimator,
-                    loss_agg=cfg.loss_agg,
-                    max_completion_length=cfg.max_new_tokens,
-                    global_count=g,
-                )
-                (loss + anchor).backward()
-                opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
-                grad_norm, lr = optimizer_step(policy, optimizer, opt_step, lr_cfg, sync_grads=True)
-                ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
-                for k, v in {
-                    "loss": dist.all_sum(loss.item()) / world,
-                    "grad_norm": grad_norm,
-                    "entropy": ent_mean,
-                    **{k: float(v) for k, v in m.items()},
-                }.items():
-                    stats[k] = stats.get(k, 0.0) + v / opt_steps_per_step
-        up_s = time.perf_counter() - t_up
-        dt = time.perf_counter() - t0
-        lengths = resp_mask.sum(1).float()
-        row = {
-            **metrics,
-            **stats,
-            "lr": lr,
-            "beta": beta,
-            **({"noise_strength": noise_strength(cfg, step)} if n_noisy else {}),
-            "advantages/mean": float(adv.mean()),
-            "advantages/std": float(adv.std()),
-            "advantages/max": float(adv.max()),
-            "advantages/min": float(adv.min()),
-            "completions/mean_length": float(lengths.mean()),
-            "completions/truncated_frac": float(truncated.float().mean()),
-            "groups/zero_signal_frac": zero_groups / (cfg.prompts_per_step * (rounds + 1)),
-            "tokens_per_s": float(attn.sum()) / dt,
-            "time/generation_s": gen_s,
-            "time/scoring_s": score_s,
-            "time/update_s": up_s,
-            "time/step_s": dt,
-        }
-        row.update({k: dist.all_mean(v) for k, v in metrics.items()})  # reward statistics over all ranks
-        if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(
-                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
-            )
-        history.append({"step": step + 1, **row})
-        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
-        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
-        if main:
-            log.log(step + 1, row)
-        if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(
-                cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
-            )
-        halt_if_signalled(cfg, step + 1, halt)
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
+            row.update({"noise_strength": noisy.strength_at(step)} if noisy else {})
+            row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
-    if main:
-        log.close()
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {
-        "steps": start + len(history),
-        "train_seconds": time.perf_counter() - t_train,
-        "skips": skipped,
-        "reward_faults": reward_set.faults,
-    }
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after GRPO", t_train, n_samples)
-    summary["evals"] = evals
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    summary = end_of_run(
+        run,
+        policy,
+        merged=not cfg.save_adapter_only,
+        report=cfg.report,
+        task=task,
+        examples=test or data,
+        max_new_tokens=cfg.max_new_tokens,
+        evaluate=final_eval and (lambda: final_eval(run.steps, "after GRPO")),
+    )
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
-    if main:
-        finish_run(cfg, policy, task, test or data)
-    dist.barrier()
-    summary["config"] = asdict(cfg)
-    return Result(policy, history, summary)
+    summary.update({"skips": skipped, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    return Result(policy, run.history, summary)

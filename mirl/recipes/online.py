@@ -14,40 +14,41 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
-from ..logging import MetricLogger, console
+from ..logging import console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
-from ..models.vision import cat_images
 from ..optim import make_optimizer
 from ..rollout.sample import row_seeds
-from ..rollout.score import pack_rows, rollout_and_score
+from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
-    checkpoint_due,
-    eval_due,
-    finish_run,
+    Run,
+    Schedule,
+    build_policy,
+    check_fsdp,
+    end_of_run,
+    end_of_step,
     frozen_reference,
     gathered_policy,
-    halt_if_signalled,
-    held_out_accuracy,
-    online_setup,
+    held_out_evaluator,
+    load_prompts,
     optimizer_step,
-    out_of_time,
-    save_final,
-    stop_signal,
+    policy_options,
+    prompt_options,
+    resume_state,
+    setup,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -84,134 +85,160 @@ class Config(ModelArgs):
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-def seq_logps(policy, ids, attn, resp, images=None, bf16: bool = False):
-    lp, _ = response_logps(policy, ids, attn, resp.shape[1], 1.0, images=cat_images(images or []), bf16=bf16)
-    return (lp * resp).sum(-1)
+def seq_logps(policy, batch: UpdateBatch, bf16: bool = False) -> torch.Tensor:
+    """Sequence log-probs (B,) of the batch's responses (summed over response tokens) at temperature 1."""
+    lp, _ = response_logps(policy, batch.ids, batch.attn, batch.n_resp, 1.0, images=batch.row_images(), bf16=bf16)
+    return (lp * batch.resp_mask).sum(-1)
+
+
+def group_outcomes(rewards: torch.Tensor, k: int, threshold: float):
+    """(scored, positive, negative), each (P, K) bool, from rewards (P * K,): an unscorable (NaN) response is no
+    outcome, neither a positive nor a negative."""
+    scored = ~torch.isnan(rewards).view(-1, k)
+    positive = (torch.nan_to_num(rewards, nan=0.0) >= threshold).view(-1, k) & scored
+    return scored, positive, scored & ~positive
+
+
+def contrastive_loss(policy, ref_model, sb, usable, outcomes, terms, *, cfg: Config, step: int, mine, options):
+    """The algorithm of this recipe: the preference loss on what was sampled. Group losses take the usable
+    groups whole, (U, K); pair losses take pairs_per_prompt (correct, incorrect) pairs drawn from each usable
+    group, both sides in one forward. -> (per_example_loss, metrics)."""
+    scored, positive, negative = outcomes
+    pad = policy.tokenizer.pad_token_id
+    if get_loss(terms[0][0]).kind == "group":
+        rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
+        batch = pack_rows(rows, pad)
+        lp = seq_logps(policy, batch, cfg.bf16).view(len(usable), cfg.k)
+        with torch.no_grad():
+            ref = seq_logps(ref_model, batch, cfg.bf16).view(len(usable), cfg.k)
+        return preference_loss(terms, lp, ref, positive[usable], beta=cfg.beta, options=options, mask=scored[usable])
+    pairs = []
+    for p in usable:
+        good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
+        bad = [p * cfg.k + j for j in range(cfg.k) if negative[p, j]]
+        rng = random.Random(f"{cfg.seed}/{step}/{mine[p]}")  # per prompt: the same on any rank layout
+        pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
+    rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
+    batch = pack_rows(rows, pad)
+    lp = seq_logps(policy, batch, cfg.bf16)
+    with torch.no_grad():
+        ref = seq_logps(ref_model, batch, cfg.bf16)
+    n, lengths = len(pairs), batch.resp_mask.sum(1).float()
+    per_ex, metrics = preference_loss(
+        terms,
+        torch.stack([lp[:n], lp[n:]], 1),
+        torch.stack([ref[:n], ref[n:]], 1),
+        torch.tensor([[True, False]]).expand(n, 2),
+        beta=cfg.beta,
+        options=options,
+        lengths=torch.stack([lengths[:n], lengths[n:]], 1),
+    )
+    return per_ex, {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
+
+
+def usable_groups(outcomes) -> tuple[list[int], dict]:
+    """The groups with both a positive and a negative, and the step's counts (all correct, all wrong, used,
+    unscorable responses)."""
+    scored, positive, negative = outcomes
+    n_pos, n_neg = positive.sum(1), negative.sum(1)
+    usable = [p for p in range(positive.shape[0]) if int(n_pos[p]) > 0 and int(n_neg[p]) > 0]
+    return usable, {
+        "all_correct": int(((n_pos > 0) & (n_neg == 0)).sum()),
+        "all_wrong": int(((n_pos == 0) & (n_neg > 0)).sum()),
+        "used": len(usable),
+        "unscorable": int((~scored).sum()),
+    }
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
     terms = parse_loss_spec(cfg.loss)
     group = get_loss(terms[0][0]).kind == "group"
-    if cfg.k < 2:
-        raise ValueError(f"k must be at least 2 to contrast samples, got {cfg.k}")
-    policy, task, data, reward_set, test = online_setup(cfg, model, data, "online")
-    tok = policy.tokenizer
-    world, main = dist.world_size(), dist.is_main()
-    seeded = cfg.row_seeded_sampling or world > 1
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
+    setup(cfg)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
+    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="online")
+    world = dist.world_size()
     ref_model = frozen_reference(policy)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
-    start, evals = 0, []
-    if cfg.resume:
-        state = load_checkpoint(cfg.out_dir, policy, optimizer)
-        start, evals = state["step"], state.get("evals", [])
-        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
-    if main and test and not cfg.resume:
-        held_out_accuracy(policy, task, test, cfg, evals, 0, f"before online {cfg.loss}")
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
+    if dist.is_main() and test and not cfg.resume:
+        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+            0, f"before online {cfg.loss}"
+        )
     if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
         dist.wrap(policy, fsdp=True)
         optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    log = (
-        MetricLogger(
-            cfg.out_dir,
-            cfg.steps,
-            desc=f"online {cfg.loss}",
-            resume=cfg.resume,
-            start_step=start,
-            show=("reward/mean",),
-        )
-        if main
-        else None
+
+    # ---- derived values: the schedule, when to save, evaluate and stop ------------------------------------
+    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
+    sampling = dict(
+        group_size=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen
     )
-    history, t_train, n_samples = [], time.perf_counter(), 0
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    cadence = Cadence(
+        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
+    )
+    name, show = f"online {cfg.loss}", ("reward/mean",)
+    run = Run(cfg.out_dir, cadence, desc=name, show=show, resume=cfg.resume, start=start, evals=evals)
+    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        # -- rollout and score: K samples per prompt of this rank's share of the global batch
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        sb = rollout_and_score(
-            policy,
-            [data[idx[i]] for i in mine],
-            reward_set,
-            group_size=cfg.k,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            generator=gen,
-            seeds=row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None,
-        )
-        n_samples += len(sb.batch.texts)
-        # an unscorable (NaN) response is no outcome: neither a positive nor a negative, left out of its group
-        scored = ~torch.isnan(sb.rewards).view(-1, cfg.k)  # (P, K)
-        positive = (torch.nan_to_num(sb.rewards, nan=0.0) >= cfg.positive_threshold).view(-1, cfg.k) & scored
-        negative = scored & ~positive
-        n_pos, n_neg = positive.sum(1), negative.sum(1)
-        all_correct = int(((n_pos > 0) & (n_neg == 0)).sum())
-        all_wrong = int(((n_pos == 0) & (n_neg > 0)).sum())
-        counts["all_correct"] += all_correct
-        counts["all_wrong"] += all_wrong
-        counts["unscorable"] += int((~scored).sum())
-        usable = [p for p in range(positive.shape[0]) if int(n_pos[p]) > 0 and int(n_neg[p]) > 0]
-        counts["used"] += len(usable)
+        seeds = row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None
+        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, seeds=seeds, **sampling)
+        run.samples += len(sb.batch.texts)
+        # -- outcomes: groups with both a positive and a negative are usable; the others are counted
+        outcomes = group_outcomes(sb.rewards, cfg.k, cfg.positive_threshold)
+        usable, step_counts = usable_groups(outcomes)
+        for k, v in step_counts.items():
+            counts[k] += v
         row = {
             **{k: dist.all_mean(v) for k, v in sb.metrics.items()},
-            "groups/all_correct": all_correct,
-            "groups/all_wrong": all_wrong,
-            "groups/used": len(usable),
             "time/generation_s": sb.gen_s,
             "time/scoring_s": sb.score_s,
+            **{f"groups/{k}": step_counts[k] for k in ("all_correct", "all_wrong", "used")},
         }
-        # every rank takes the step when any rank has a usable group (a rank without one adds zero gradient)
+        # -- update: every rank steps when any rank has a usable group (a rank without one adds zero gradient)
         n_examples = dist.all_sum(len(usable) * (1 if group else cfg.pairs_per_prompt))
         if n_examples:
-            if group:  # whole groups: (U, K) sequence log-probs
-                rows = [(sb.batch, p * cfg.k + j) for p in usable for j in range(cfg.k)]
-                ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
-                with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16).view(len(usable), cfg.k)
-                per_ex, metrics = preference_loss(
-                    terms, lp, ref, positive[usable], beta=cfg.beta, options=options, mask=scored[usable]
+            loss, metrics, n_tokens = torch.zeros(()), {}, 0
+            if usable:
+                per_ex, metrics = contrastive_loss(
+                    policy, ref_model, sb, usable, outcomes, terms, cfg=cfg, step=step, mine=mine, options=options
                 )
-            else:  # (correct, incorrect) pairs drawn from each usable group; one forward for both sides
-                pairs = []
-                for p in usable:
-                    good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
-                    bad = [p * cfg.k + j for j in range(cfg.k) if negative[p, j]]
-                    rng = random.Random(f"{cfg.seed}/{step}/{mine[p]}")  # per prompt: the same on any rank layout
-                    pairs += [(rng.choice(good), rng.choice(bad)) for _ in range(cfg.pairs_per_prompt)]
-                rows = [(sb.batch, c) for c, _ in pairs] + [(sb.batch, r) for _, r in pairs]
-                ids, attn, resp, _, _, images = pack_rows(rows, tok.pad_token_id)
-                lp = seq_logps(policy, ids, attn, resp, images, cfg.bf16)
-                with torch.no_grad():
-                    ref = seq_logps(ref_model, ids, attn, resp, images, cfg.bf16)
-                n = len(pairs)
-                lengths = resp.sum(1).float()
-                per_ex, metrics = preference_loss(
-                    terms,
-                    torch.stack([lp[:n], lp[n:]], 1),
-                    torch.stack([ref[:n], ref[n:]], 1),
-                    torch.tensor([[True, False]]).expand(n, 2),
-                    beta=cfg.beta,
-                    options=options,
-                    lengths=torch.stack([lengths[:n], lengths[n:]], 1),
-                )
-                metrics = {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
-            loss = mean_over_examples(per_ex, global_count=n_examples) if usable else None
-            if loss is not None:
+                loss = mean_over_examples(per_ex, global_count=n_examples)
                 loss.backward()
+                n_tokens = int(sb.batch.prompt_mask.sum() + sb.batch.response_mask.sum())
             elif cfg.fsdp and world > 1:  # FSDP2 reduces gradients inside the backward: every rank takes one
-                dummy = pack_rows([(sb.batch, 0)], tok.pad_token_id)
-                (seq_logps(policy, *dummy[:3], dummy[5], cfg.bf16).sum() * 0.0).backward()
-            grad_norm, lr = optimizer_step(policy, optimizer, step, cfg, sync_grads=True)
-            if loss is None:  # this rank had nothing usable: its zero gradient went into the average
-                loss, metrics, attn = torch.zeros(()), {}, torch.zeros(0)
+                dummy = pack_rows([(sb.batch, 0)], policy.tokenizer.pad_token_id)
+                (seq_logps(policy, dummy, cfg.bf16).sum() * 0.0).backward()
+            grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
             # each rank's loss carries world / global count: their sum over ranks / world is the global mean
             row.update(
                 {
@@ -219,49 +246,27 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     "grad_norm": grad_norm,
                     "lr": lr,
                     **{k: float(v.float().mean()) for k, v in metrics.items()},
-                    "tokens_per_s": float(attn.sum()) / (time.perf_counter() - t0),
+                    "tokens_per_s": n_tokens / (time.perf_counter() - t0),
                 }
             )
-        if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(
-                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
-            )
-        row["time/step_s"] = time.perf_counter() - t0
-        history.append({"step": step + 1, **row})
-        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
-        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
-        if main:
-            log.log(step + 1, row)
-        if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(
-                cfg.out_dir, policy, optimizer, step + 1, {"gen_rng": gen.get_state().tolist(), "evals": evals}
-            )
-        halt_if_signalled(cfg, step + 1, halt)
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
-    if main:
-        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {
-        "steps": start + len(history),
-        "train_seconds": time.perf_counter() - t_train,
-        "groups": counts,
-        "reward_faults": reward_set.faults,
-    }
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
     console.print(
         f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
     )
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        if test:
-            held_out_accuracy(
-                policy, task, test, cfg, evals, summary["steps"], f"after online {cfg.loss}", t_train, n_samples
-            )
-    summary["evals"] = evals
-    if main:
-        finish_run(cfg, policy, task, test or data)
-    dist.barrier()
-    summary["config"] = asdict(cfg)
-    return Result(policy, history, summary)
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    summary = end_of_run(
+        run,
+        policy,
+        merged=not cfg.save_adapter_only,
+        report=cfg.report,
+        task=task,
+        examples=test or data,
+        max_new_tokens=cfg.max_new_tokens,
+        evaluate=final_eval and (lambda: final_eval(run.steps, f"after online {cfg.loss}")),
+    )
+    summary.update({"groups": counts, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    return Result(policy, run.history, summary)

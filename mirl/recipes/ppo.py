@@ -24,36 +24,37 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
 from ..advantages import gae, whiten
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
-from ..logging import MetricLogger
 from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
-from ..models.vision import select_images
 from ..optim import make_optimizer
 from ..rollout.sample import row_seeds
-from ..rollout.score import pack_rows, rollout_and_score
+from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
-    checkpoint_due,
-    eval_due,
-    finish_run,
+    Run,
+    Schedule,
+    build_policy,
+    check_fsdp,
+    end_of_run,
+    end_of_step,
     frozen_reference,
     gathered_policy,
-    halt_if_signalled,
-    held_out_accuracy,
-    online_setup,
+    held_out_evaluator,
+    load_prompts,
     optimizer_step,
-    out_of_time,
-    save_final,
-    stop_signal,
+    policy_options,
+    prompt_options,
+    resume_state,
+    setup,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -93,6 +94,19 @@ class Config(ModelArgs):
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 class Critic(nn.Module):
@@ -124,47 +138,139 @@ def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: 
     return lp, entropy_from_logits(logits), values
 
 
+def minibatch_seed(seed: int, step: int, epoch: int) -> int:
+    """The seed of the minibatch permutation of PPO epoch `epoch` over rollout `step`."""
+    return seed + 7919 * step + epoch
+
+
+def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config):
+    """Before the update (no gradient): old log-probs and values, the per-token rewards (the score at the last
+    token, -beta KL on every token), GAE advantages (whitened) and returns. An unscorable (NaN) response is
+    no outcome: its rows leave the loss mask. -> (old_logps, old_values, advantages, returns, loss_mask, kl)."""
+    resp = batch.resp_mask
+    loss_mask = resp * (~torch.isnan(rewards)).unsqueeze(1).to(resp.dtype)
+    score = torch.nan_to_num(rewards, nan=0.0).float()  # (B,)
+    with torch.no_grad():
+        old_lp, _, old_values = _forward(
+            policy, critic, batch.ids, batch.attn, batch.n_resp, cfg.temperature, batch.row_images(), bf16=cfg.bf16
+        )
+        kl = torch.zeros_like(old_lp)
+        if ref_model is not None:
+            ref_lp, _ = response_logps(
+                ref_model,
+                batch.ids,
+                batch.attn,
+                batch.n_resp,
+                cfg.temperature,
+                bf16=cfg.bf16,
+                images=batch.row_images(),
+            )
+            kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
+        token_rewards = -cfg.beta * kl
+        last = (resp.sum(1) - 1).clamp(min=0)
+        token_rewards[torch.arange(len(last)), last] += score
+        adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
+        adv = whiten(adv, loss_mask)
+    return old_lp, old_values, adv, returns, loss_mask, kl
+
+
+def ppo_update(
+    policy, critic, both, optimizer, batch: UpdateBatch, targets, *, cfg: Config, step: int, schedule: Schedule
+) -> tuple[dict, float]:
+    """ppo_epochs passes over the rollout in `minibatches` optimizer steps of the clipped surrogate plus
+    vf_coef x the clipped value loss. -> (metrics averaged over the optimizer steps, the last lr)."""
+    old_lp, old_values, adv, returns, loss_mask, _ = targets
+    world, n_opt, stats = dist.world_size(), cfg.ppo_epochs * cfg.minibatches, {}
+    for ep in range(cfg.ppo_epochs):
+        # minibatches of one permutation of the global batch (the same under torchrun as in one process)
+        for j, mb in enumerate(dist.minibatches(len(batch), cfg.minibatches, minibatch_seed(cfg.seed, step, ep))):
+            # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
+            # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
+            fwd = mb if len(mb) else torch.arange(1)
+            lp, ent, values = _forward(
+                policy,
+                critic,
+                batch.ids[fwd],
+                batch.attn[fwd],
+                batch.n_resp,
+                cfg.temperature,
+                batch.row_images(fwd),
+                bf16=cfg.bf16,
+            )
+            anchor = (lp.sum() + values.sum()) * 0.0
+            lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
+            pg_loss, m = clipped_policy_loss(
+                lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, loss_agg="bnpo"
+            )
+            v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)
+            loss = pg_loss + cfg.vf_coef * v_loss
+            (loss + anchor).backward()
+            opt_step = (step * cfg.ppo_epochs + ep) * cfg.minibatches + j
+            grad_norm, lr = optimizer_step(both, optimizer, opt_step, schedule, sync_grads=True)
+            mask = loss_mask[mb].float()
+            for k, v in {
+                "loss": dist.all_sum(loss.item()) / world,
+                "policy_loss": pg_loss.item(),
+                "value_loss": v_loss.item(),
+                "grad_norm": grad_norm,
+                "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
+                **{k: float(v) for k, v in m.items()},
+            }.items():
+                stats[k] = stats.get(k, 0.0) + v / n_opt
+    return stats, lr
+
+
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.critic not in ("head", "separate"):
         raise ValueError(f"critic must be 'head' or 'separate', got {cfg.critic!r}")
-    policy, task, data, reward_set, test = online_setup(cfg, model, data, "ppo")
-    tok = policy.tokenizer
-    world, main = dist.world_size(), dist.is_main()
-    seeded = cfg.row_seeded_sampling or world > 1
+    check_fsdp(
+        cfg.fsdp,
+        lora_r=cfg.lora_r > 0,
+        resume=cfg.resume,
+        eval_every=bool(cfg.eval_every or cfg.eval_every_s),
+        critic=cfg.critic == "separate",
+    )
+    setup(cfg)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
+    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
+    world = dist.world_size()
     ref_model = frozen_reference(policy) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate")
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    start, evals = 0, []
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
     if cfg.resume:
-        state = load_checkpoint(cfg.out_dir, policy, optimizer)
         critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
-        start, evals = state["step"], state.get("evals", [])
-        gen.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
-    if main and test and not cfg.resume:
-        held_out_accuracy(policy, task, test, cfg, evals, 0, "before PPO")
+    if dist.is_main() and test and not cfg.resume:
+        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+            0, "before PPO"
+        )
     if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
         dist.wrap(policy, fsdp=True)
         optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
-    lr_cfg = copy.copy(cfg)
-    lr_cfg.steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches
-    log = (
-        MetricLogger(
-            cfg.out_dir, cfg.steps, desc="ppo", resume=cfg.resume, start_step=start, show=("reward/mean", "kl")
-        )
-        if main
-        else None
+
+    # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
+    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
+    optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches  # the learning-rate schedule's length
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    cadence = Cadence(
+        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
-    history, t_train, n_samples = [], time.perf_counter(), 0
+    run = Run(cfg.out_dir, cadence, desc="ppo", show=("reward/mean", "kl"), resume=cfg.resume, start=start, evals=evals)
+    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra(), write_extra=critic_file)
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        # -- rollout and score: samples_per_prompt responses to each of this rank's prompts
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        seeds = row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None
         sb = rollout_and_score(
             policy,
             [data[idx[i]] for i in mine],
@@ -173,86 +279,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             generator=gen,
-            seeds=seeds,
+            seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
         )
-        n_samples += len(sb.batch.texts)
-        ids, attn, resp, _, truncated, images = pack_rows(
-            [(sb.batch, i) for i in range(len(sb.batch.texts))], tok.pad_token_id
-        )
-        everything = torch.arange(len(ids))
-        n_resp = resp.shape[1]
-        # an unscorable (NaN) response is no outcome: left out of the update (policy and value losses), counted
-        scored = ~torch.isnan(sb.rewards)  # (B,)
-        score = torch.nan_to_num(sb.rewards, nan=0.0).float()  # (B,)
-        loss_mask = resp * scored.unsqueeze(1).to(resp.dtype)
-        # -- old log-probs, values, reference, per-token rewards, GAE (no gradient)
-        with torch.no_grad():
-            old_lp, _, old_values = _forward(
-                policy, critic, ids, attn, n_resp, cfg.temperature, select_images(images, everything), bf16=cfg.bf16
-            )
-            kl = torch.zeros_like(old_lp)
-            if ref_model is not None:
-                ref_lp, _ = response_logps(
-                    ref_model,
-                    ids,
-                    attn,
-                    n_resp,
-                    cfg.temperature,
-                    bf16=cfg.bf16,
-                    images=select_images(images, everything),
-                )
-                kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
-            token_rewards = -cfg.beta * kl
-            last = (resp.sum(1) - 1).clamp(min=0)
-            token_rewards[torch.arange(len(last)), last] += score
-            adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
-            adv = whiten(adv, loss_mask)
-        # -- PPO epochs
+        run.samples += len(sb.batch.texts)
+        batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
+        # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
+        targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg)
         t_up = time.perf_counter()
-        stats: dict[str, float] = {}
-        n_opt = cfg.ppo_epochs * cfg.minibatches
-        for ep in range(cfg.ppo_epochs):
-            # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-            for j, mb in enumerate(dist.minibatches(len(ids), cfg.minibatches, cfg.seed + 7919 * step + ep)):
-                # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
-                # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-                fwd = mb if len(mb) else torch.arange(1)
-                lp, ent, values = _forward(
-                    policy,
-                    critic,
-                    ids[fwd],
-                    attn[fwd],
-                    n_resp,
-                    cfg.temperature,
-                    select_images(images, fwd),
-                    bf16=cfg.bf16,
-                )
-                anchor = (lp.sum() + values.sum()) * 0.0
-                lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
-                pg_loss, m = clipped_policy_loss(
-                    lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, loss_agg="bnpo"
-                )
-                v_loss = clipped_value_loss(
-                    values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip
-                )
-                loss = pg_loss + cfg.vf_coef * v_loss
-                (loss + anchor).backward()
-                grad_norm, lr = optimizer_step(
-                    both, optimizer, (step * cfg.ppo_epochs + ep) * cfg.minibatches + j, lr_cfg, sync_grads=True
-                )
-                mask = loss_mask[mb].float()
-                upd = {
-                    "loss": dist.all_sum(loss.item()) / world,
-                    "policy_loss": pg_loss.item(),
-                    "value_loss": v_loss.item(),
-                    "grad_norm": grad_norm,
-                    "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
-                    **{k: float(v) for k, v in m.items()},
-                }
-                for k, v in upd.items():
-                    stats[k] = stats.get(k, 0.0) + v / n_opt
-        dt = time.perf_counter() - t0
-        rmask = resp.float()
+        stats, lr = ppo_update(policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule)
+        dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]
         row = {
             **sb.metrics,
             **stats,
@@ -260,55 +295,32 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "kl": float((kl * rmask).sum() / rmask.sum().clamp(min=1)),
             "values/mean": float((old_values * rmask).sum() / rmask.sum()),
             "completions/mean_length": float(rmask.sum(1).mean()),
-            "completions/truncated_frac": float(truncated.float().mean()),
-            "tokens_per_s": float(attn.sum()) / dt,
+            "completions/truncated_frac": float(batch.truncated.float().mean()),
+            "tokens_per_s": float(batch.attn.sum()) / dt,
             "time/generation_s": sb.gen_s,
             "time/scoring_s": sb.score_s,
             "time/update_s": time.perf_counter() - t_up,
         }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
-        if main and test and eval_due(cfg, step + 1, t_train, evals):
-            row["eval/accuracy"] = held_out_accuracy(
-                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, n_samples
-            )
-        history.append({"step": step + 1, **row})
-        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
-        stop = halt is not None or dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # all ranks alike
-        if main:
-            log.log(step + 1, row)
-        if main and checkpoint_due(cfg, step + 1, stop):
-            save_checkpoint(
-                cfg.out_dir,
-                policy,
-                optimizer,
-                step + 1,
-                {"gen_rng": gen.get_state().tolist(), "evals": evals},
-                write_extra=lambda d: save_file(_contiguous(critic.state_dict()), str(d / "critic.safetensors")),
-            )
-        halt_if_signalled(cfg, step + 1, halt)
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
-    if main:
-        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    summary = {
-        "steps": start + len(history),
-        "train_seconds": time.perf_counter() - t_train,
-        "reward_faults": reward_set.faults,
-    }
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        save_file(_contiguous(critic.state_dict()), str(Path(cfg.out_dir) / "final" / "critic.safetensors"))
-        if test:
-            held_out_accuracy(policy, task, test, cfg, evals, summary["steps"], "after PPO", t_train, n_samples)
-    summary["evals"] = evals
-    if main:
-        finish_run(cfg, policy, task, test or data)
-    dist.barrier()
-    summary["config"] = asdict(cfg)
-    return Result(policy, history, summary)
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    summary = end_of_run(
+        run,
+        policy,
+        merged=not cfg.save_adapter_only,
+        extra_save=critic_file,
+        report=cfg.report,
+        task=task,
+        examples=test or data,
+        max_new_tokens=cfg.max_new_tokens,
+        evaluate=final_eval and (lambda: final_eval(run.steps, "after PPO")),
+    )
+    summary.update({"reward_faults": reward_set.faults, "config": asdict(cfg)})
+    return Result(policy, run.history, summary)
 
 
 def _contiguous(sd):

@@ -17,40 +17,45 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
 from ..eval import evaluate
-from ..logging import MetricLogger, console, warn
+from ..logging import console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
+    Run,
+    Schedule,
     autocast,
+    build_policy,
     check_fsdp,
-    finish_run,
+    end_of_run,
+    end_of_step,
     frozen_reference,
     gathered_policy,
-    get_policy,
-    log_and_checkpoint,
     optimizer_step,
+    policy_options,
     report_skips,
     save_final,
     setup,
+    write_samples_and_report,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
     split: str = "train"  # the split to read when --data is a datasets folder with several
@@ -85,6 +90,19 @@ class Config(ModelArgs):
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
     max_new_tokens: int = 40  # generation length for sampling and evaluation
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 PAIR_POSITIVE = torch.tensor([[True, False]])  # (1, 2): a pair as a group of two, the chosen response positive
@@ -100,9 +118,20 @@ def pairs_fingerprint(pairs: list[tuple]) -> str:
     return h.hexdigest()
 
 
-def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
-    """One forward over chosen + rejected stacked: -> (chosen_logps, rejected_logps, chosen_len, rejected_len).
-    The LM head runs only on response positions, in chunks (no (2N, T, V) logits), when the model allows."""
+class PairLogps(NamedTuple):
+    """Sequence log-probs of a batch of pairs from one forward: chosen, rejected (N,) each, their response
+    lengths (N,) and the number of tokens that went through the model."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    n_tokens: int
+
+
+def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool) -> PairLogps:
+    """One forward over chosen + rejected stacked. The LM head runs only on response positions, in chunks (no
+    (2N, T, V) logits), when the model allows."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, pad_id)
     images = batch_images(seqs)
@@ -112,7 +141,7 @@ def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool):
     else:
         _, seq, lengths = sequence_logps(policy(ids, attn, images=images), ids, resp, average=average)
     n = len(pairs)
-    return seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum())
+    return PairLogps(seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum()))
 
 
 @torch.no_grad()
@@ -124,7 +153,8 @@ def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch
     cs, rs = [], []
     for s in range(0, len(pairs), batch_size):
         with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
-            c, r, *_ = pair_forward(policy, pairs[s : s + batch_size], pad_id, average)
+            out = pair_forward(policy, pairs[s : s + batch_size], pad_id, average)
+        c, r = out.chosen, out.rejected
         cs.append(c)
         rs.append(r)
     policy.train(was)
@@ -140,7 +170,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if cfg.logp_agg not in ("sum", "mean"):
         raise ValueError(f"logp_agg must be 'sum' or 'mean', got {cfg.logp_agg!r}")
     setup(cfg)
-    policy = get_policy(cfg, model)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
     tok = policy.tokenizer
     task = make_task(cfg.task) if cfg.task else None
     pair_stats = {}
@@ -202,47 +232,48 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 
-    check_fsdp(cfg, "dpo")
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start = 0
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    main = dist.is_main()
-    log = (
-        MetricLogger(
-            cfg.out_dir,
-            cfg.steps,
-            desc=cfg.loss,
-            resume=cfg.resume,
-            start_step=start,
-            show=("loss", "logps/chosen", "rewards/margins"),
-        )
-        if main
-        else None
+
+    # ---- derived values: the global batch, the schedule, when to save and stop -----------------------------
+    n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()  # pairs per optimizer step
+    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not cfg.fsdp)
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc=cfg.loss,
+        show=("loss", "logps/chosen", "rewards/margins"),
+        resume=cfg.resume,
+        start=start,
     )
-    history, first, warned = [], None, False
+    first, warned = None, False
     policy.train()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
-        n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()
         idx = dist.shard(batch_indices(len(pairs), n_global, step, cfg.seed))
         sums: dict[str, float] = {}
         n_tok = 0
         for m in range(cfg.grad_accum):
             mb = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
-            with autocast(cfg, policy):
-                pc, pr, lc, lr_, ntok = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
-            n_tok += ntok
+            with autocast(policy, cfg.bf16):
+                out = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
+            pc, pr = out.chosen, out.rejected
+            n_tok += out.n_tokens
             if not needs_ref:
                 rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
             elif ref_model is not None:
-                with torch.no_grad(), autocast(cfg, policy):  # the reference under the policy's arithmetic
-                    rc, rr, *_ = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
+                with torch.no_grad(), autocast(policy, cfg.bf16):  # the reference under the policy's arithmetic
+                    ref = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
+                rc, rr = ref.chosen, ref.rejected
             else:
                 rc, rr = ref_c_all[mb], ref_r_all[mb]
             # one call shape for every loss: each pair is a group of two with the chosen response first. With
@@ -254,7 +285,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 PAIR_POSITIVE.expand(len(mb), 2),
                 beta=cfg.beta,
                 options=options,
-                lengths=None if average else torch.stack([lc, lr_], 1),
+                lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),
             )
             loss = mean_over_examples(per_ex, global_count=n_global)
             loss.backward()
@@ -262,11 +293,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
-        grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
+        grad_norm, lr = optimizer_step(policy, optimizer, step, schedule)
         dt = time.perf_counter() - t0
         # every rank's loss carries a factor world (exact DDP gradients); metrics are sums over the global batch
         row = {k: dist.all_sum(v) / (dist.world_size() if k == "loss" else n_global) for k, v in sums.items()}
-        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt, "time/step_s": dt})
+        row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt})
         first = first or row
         if (
             not warned
@@ -284,18 +315,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
             row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
             row["probe/mass"] = float((pc_all.exp() + pr_all.exp()).mean())  # pi(w) + pi(l), mean over pairs
-        history.append({"step": step + 1, **row})
-        log_and_checkpoint(cfg, log, policy, optimizer, step + 1, row, main)
-        if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
+        if end_of_step(
+            run, step + 1, row, t_step=t0, save=lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
+        ):
             break
-    if main:
-        log.close()
+    if run.main:
         report_skips(skips, cfg.out_dir)
 
     # ---- summary, save, evaluate (rank 0) ----------------------------------------------------------
     end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
     summary = {
-        "steps": start + len(history),
         "pairs": len(pairs),
         "pair_sampling": pair_stats,
         "skipped": skips.counts,
@@ -308,14 +337,31 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "mass": float((start_c.exp() + start_r.exp()).mean()),
         },
     }
-    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        if task is not None and cfg.eval_n:
-            res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)
-            summary["eval"] = res.as_dict()
-            console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
-    if main:
-        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else data)
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+
+    def final_evaluation():
+        res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)
+        summary["eval"] = res.as_dict()
+        console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
+
+    summary.update(
+        end_of_run(
+            run,
+            policy,
+            save=lambda path: save_final(policy, path, merged=not cfg.save_adapter_only),
+            evaluate=final_evaluation if task is not None and cfg.eval_n else None,
+            report=(
+                lambda: write_samples_and_report(
+                    cfg.out_dir,
+                    policy,
+                    task,
+                    task.examples("test", 8, cfg.seed) if task is not None else data,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
+            )
+            if cfg.report
+            else None,
+        )
+    )
     summary["config"] = asdict(cfg)
-    return Result(policy, history, summary)
+    return Result(policy, run.history, summary)

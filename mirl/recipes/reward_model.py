@@ -22,30 +22,32 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
-from ..logging import MetricLogger, console
+from ..logging import console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
+    Run,
+    Schedule,
+    build_policy,
     check_fsdp,
-    checkpoint_due,
-    finish_run,
+    end_of_run,
+    end_of_step,
     gathered_policy,
-    get_policy,
-    halt_if_signalled,
     optimizer_step,
+    policy_options,
     report_skips,
     setup,
-    stop_signal,
+    write_samples_and_report,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
     split: str = "train"  # the split to read when --data is a datasets folder with several
@@ -73,6 +75,19 @@ class Config(ModelArgs):
     save_every: int = 0  # checkpoint every N steps
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end after this step as if interrupted
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
@@ -113,8 +128,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
     setup(cfg)
     synth_eval = None
-    check_fsdp(cfg, "rm")
-    policy = get_policy(cfg, model)
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
     tok = policy.tokenizer
     skips = SkipCounter()
     if data is None and cfg.data:
@@ -164,13 +179,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         start = load_checkpoint(cfg.out_dir, rm.policy, optimizer)["step"]
         rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
     acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
-    world, main = dist.world_size(), dist.is_main()
-    log = (
-        MetricLogger(cfg.out_dir, cfg.steps, desc="rm", resume=cfg.resume, start_step=start, show=("loss", "accuracy"))
-        if main
-        else None
-    )
-    history = []
+
+    # ---- derived values: the global batch, the schedule, when to save and stop -----------------------------
+    world = dist.world_size()
+    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not cfg.fsdp)
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    run = Run(cfg.out_dir, cadence, desc="rm", show=("loss", "accuracy"), resume=cfg.resume, start=start)
+
+    def save(step):
+        head = lambda d: save_file(
+            dict(rm.head.state_dict()),
+            str(d / "reward_head.safetensors"),  # noqa: E731
+            metadata={"aggregate": rm.aggregate},
+        )
+        save_checkpoint(cfg.out_dir, rm.policy, optimizer, step, write_extra=head)
+
     rm.train()
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -189,33 +212,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
             sums["loss"] += loss.item()
             sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
             sums["margin"] += float(metrics["margin"].sum()) / len(idx)
-        grad_norm, lr = optimizer_step(rm, optimizer, step, cfg, sync_grads=True)
+        grad_norm, lr = optimizer_step(rm, optimizer, step, schedule, sync_grads=True)
         sums = {k: dist.all_sum(v) / world for k, v in sums.items()}  # global means (equal shards)
         row = {**sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": ntok / (time.perf_counter() - t0)}
-        history.append({"step": step + 1, **row})
-        halt = stop_signal()  # SIGINT / SIGTERM: save this step, then stop
-        if main:
-            log.log(step + 1, row)
-        if main and checkpoint_due(cfg, step + 1, halt is not None):
-            save_checkpoint(
-                cfg.out_dir,
-                rm.policy,
-                optimizer,
-                step + 1,
-                write_extra=lambda d: save_file(
-                    dict(rm.head.state_dict()), str(d / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate}
-                ),
-            )
-        halt_if_signalled(cfg, step + 1, halt)
-        if cfg.stop_at_step and step + 1 >= cfg.stop_at_step:
+        if end_of_step(run, step + 1, row, t_step=t0, save=save):
             break
-    if main:
-        log.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    if main:
+    if run.main:
         report_skips(skips, cfg.out_dir)
-    summary = {"steps": start + len(history), "train_pairs": len(pairs), "held_out_pairs": len(held_out)}
+    summary = {"train_pairs": len(pairs), "held_out_pairs": len(held_out)}
     if held_out:
         summary["held_out_accuracy_before"] = acc0
         summary["held_out_accuracy"] = pair_accuracy(rm, held_out, tok.pad_token_id)
@@ -229,15 +235,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
             f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
             f"(n={len(synth_held_out)})"
         )
-    backbone = gathered_policy(rm.policy, cfg)  # FSDP2: the full backbone on rank 0 (every rank takes part)
-    if main and backbone is not rm.policy:
+    backbone = gathered_policy(rm.policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    if run.main and backbone is not rm.policy:
         plain = RewardModel(backbone, cfg.aggregate)
         plain.head.load_state_dict(rm.head.state_dict())
         rm = plain
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        rm.save(Path(cfg.out_dir) / "final")
-    if main:
-        finish_run(cfg, rm.policy)  # plots and config; a reward model writes no completions
-    dist.barrier()
+    summary.update(
+        end_of_run(  # plots and config; a reward model writes no completions
+            run,
+            rm,
+            save=lambda path: rm.save(path),
+            report=(lambda: write_samples_and_report(cfg.out_dir, rm.policy, max_new_tokens=1)) if cfg.report else None,
+        )
+    )
     summary["config"] = asdict(cfg)
-    return Result(rm, history, summary)
+    return Result(rm, run.history, summary)

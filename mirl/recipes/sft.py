@@ -11,40 +11,41 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
-from ..logging import MetricLogger, console
+from ..logging import console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
 from .common import (
-    ModelArgs,
+    Cadence,
     Result,
+    Run,
+    Schedule,
     autocast,
+    build_policy,
     check_fsdp,
-    eval_due,
-    finish_run,
+    end_of_run,
+    end_of_step,
     gathered_policy,
-    get_policy,
     held_out_accuracy,
-    log_and_checkpoint,
     optimizer_step,
-    out_of_time,
+    policy_options,
     report_skips,
     save_final,
     setup,
+    write_samples_and_report,
 )
 
 
 @dataclass
-class Config(ModelArgs):
+class Config:
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
@@ -70,13 +71,26 @@ class Config(ModelArgs):
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
     time_budget_s: float = 0.0  # stop after this many seconds of training (evaluations excluded; 0 = no limit)
     max_new_tokens: int = 40  # generation length for evaluation
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional [{'prompt', 'completion'}]; model: optional Policy (else cfg.model is loaded)."""
     # ---- setup -------------------------------------------------------------------------------------
     setup(cfg)
-    policy = get_policy(cfg, model)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
     tok = policy.tokenizer
     task = make_task(cfg.task) if cfg.task and not cfg.data else None
     if data is None:
@@ -112,26 +126,49 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise ValueError(f"no usable SFT examples: every row was skipped ({skips.report()})")
-    check_fsdp(cfg, "sft")
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start = 0
     if cfg.resume:
         start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
         console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
-    main = dist.is_main()
-    log = (
-        MetricLogger(cfg.out_dir, cfg.steps, desc="sft", resume=cfg.resume, start_step=start, show=("loss", "lr"))
-        if main
-        else None
-    )
-    history, evals = [], []
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+
+    # ---- derived values: the global batch, the schedule, when to save, evaluate and stop -----------------
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size()  # examples per optimizer step
-    if main and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
-        held_out_accuracy(policy, task, test, cfg, evals, start, "before SFT")
+    cadence = Cadence(
+        cfg.steps,
+        cfg.save_every,
+        cfg.eval_every,
+        cfg.eval_every_s,
+        cfg.time_budget_s,
+        cfg.stop_at_step,
+        resumable=not cfg.fsdp,
+    )
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    run = Run(cfg.out_dir, cadence, desc="sft", show=("loss", "lr"), resume=cfg.resume, start=start)
+
+    def evaluate(step, label=None):
+        run.samples = step * per_step
+        acc = held_out_accuracy(
+            policy,
+            task,
+            test,
+            max_new_tokens=cfg.max_new_tokens,
+            evals=run.evals,
+            step=step,
+            label=label or f"at step {step}",
+            run=run,
+        )
+        policy.train()
+        return acc
+
+    if run.main and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
+        held_out_accuracy(
+            policy, task, test, max_new_tokens=cfg.max_new_tokens, evals=run.evals, step=start, label="before SFT"
+        )
     policy.train()
-    t_train = time.perf_counter()
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
@@ -148,7 +185,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
         total_loss = 0.0
         for ids, attn, resp, images in micro:
-            with autocast(cfg, policy):
+            with autocast(policy, cfg.bf16):
                 # LM head on completion positions only, chunked
                 fused = model_fwd(ids, attn, images=images, hidden_only=True)
             if fused is not None:
@@ -159,38 +196,39 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
             loss.backward()
             total_loss += loss.item()
-        grad_norm, lr = optimizer_step(policy, optimizer, step, cfg)
+        grad_norm, lr = optimizer_step(policy, optimizer, step, schedule)
         dt = time.perf_counter() - t0
         n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _, _ in micro))
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
-        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
-        if main and test and eval_due(cfg, step + 1, t_train, evals):
-            metrics["eval/accuracy"] = held_out_accuracy(
-                policy, task, test, cfg, evals, step + 1, f"at step {step + 1}", t_train, (step + 1) * per_step
-            )
-            policy.train()
-        history.append({"step": step + 1, **metrics})
-        stop = dist.all_sum(float(out_of_time(cfg, t_train, evals))) > 0  # every rank stops at the same step
-        log_and_checkpoint(cfg, log, policy, optimizer, step + 1, metrics, main)
-        if (cfg.stop_at_step and step + 1 >= cfg.stop_at_step) or stop:
+        row = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
+        save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate if test else None):
             break
-    if main:
-        log.close()
 
     # ---- save and evaluate (rank 0) ----------------------------------------------------------------
-    summary = {"steps": len(history) + start, "skipped": skips.counts}
-    policy = gathered_policy(policy, cfg)  # FSDP2: the full weights on rank 0 (every rank takes part)
-    if main:
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    if run.main:
         report_skips(skips, cfg.out_dir)
-    if main and not (cfg.stop_at_step and cfg.stop_at_step < cfg.steps):
-        save_final(policy, cfg, Path(cfg.out_dir) / "final")
-        if test:
-            acc = held_out_accuracy(
-                policy, task, test, cfg, evals, summary["steps"], "after SFT", t_train, summary["steps"] * per_step
+    summary = end_of_run(
+        run,
+        policy,
+        save=lambda path: save_final(policy, path, merged=not cfg.save_adapter_only),
+        evaluate=(lambda: evaluate(run.steps, "after SFT")) if test else None,
+        report=(
+            lambda: write_samples_and_report(
+                cfg.out_dir,
+                policy,
+                task,
+                task.examples("test", 8, cfg.seed) if task is not None else data,
+                max_new_tokens=cfg.max_new_tokens,
             )
-            summary["eval"] = {"accuracy": acc, "n": len(test), "mean_score": evals[-1]["mean_score"]}
-    summary["evals"] = evals
-    if main:
-        finish_run(cfg, policy, task, task.examples("test", 8, cfg.seed) if task is not None else data)
+        )
+        if cfg.report
+        else None,
+    )
+    summary["skipped"] = skips.counts
+    if test and run.evals and run.cadence.finishes and run.main:
+        last = run.evals[-1]
+        summary["eval"] = {"accuracy": last["accuracy"], "n": len(test), "mean_score": last["mean_score"]}
     summary["config"] = asdict(cfg)
-    return Result(policy, history, summary)
+    return Result(policy, run.history, summary)

@@ -95,16 +95,18 @@ def rollout_and_score(
     top_k: int = 0,
     generator=None,
     ignore_eos: bool = False,
-    noisy: tuple | None = None,
+    noisy=None,
+    step: int = 0,
     seeds=None,
 ) -> ScoredBatch:
-    """noisy = (rows per group sampled on perturbed images, strength, rng[, kinds]): NoisyRollout; the batch
-    keeps the clean images for the update."""
+    """Sample group_size responses per example and score them. noisy: a NoisyRollout (rollout/groups.py),
+    whose perturbed images some rows are sampled from at `step`; the batch keeps the clean images for the
+    update. seeds: per-row sampling noise (row_seeds)."""
     t0 = time.perf_counter()
     prompts, images = encode_prompts(policy, examples)
     sample_images = None
-    if noisy is not None and images is not None and noisy[0] > 0 and noisy[1] > 0:
-        sample_images = noisy_sample_images(policy, examples, images, group_size, *noisy)
+    if noisy is not None and images is not None:
+        sample_images = noisy.sample_images(policy, examples, images, group_size, step)
     batch = generate(
         policy,
         prompts,
@@ -131,10 +133,55 @@ def rollout_and_score(
     return ScoredBatch(batch, rows, rewards, per_fn, metrics, t1 - t0, time.perf_counter() - t1)
 
 
-def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
-    """Rows (batch, index) from one or more rollouts -> one update batch, prompts left-padded and responses
-    right-padded after them: ids, attn (B, P + R), resp_mask, old_logps (B, R), truncated (B,), and
-    images: a list of per-row image inputs (None for text), to batch with cat_images for any subset."""
+@dataclass
+class UpdateBatch:
+    """The rows an update trains on, from one or more rollouts: prompts left-padded, responses right-padded
+    after them, so that the last R positions are the response area.
+
+        ids, attn    (B, P + R)   token ids and attention mask
+        resp_mask    (B, R)       1 on response tokens
+        old_logps    (B, R)       the sampler's log-probs of the response tokens (0 off the mask)
+        truncated    (B,)         the response hit max_new_tokens without ending
+        images       per-row image inputs (None for text rows), or None when no row has images
+    """
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    resp_mask: torch.Tensor
+    old_logps: torch.Tensor
+    truncated: torch.Tensor
+    images: list | None = None
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def n_resp(self) -> int:
+        """R, the width of the response area."""
+        return self.resp_mask.shape[1]
+
+    def row_images(self, rows=None) -> dict | None:
+        """The batched image inputs of `rows` (all rows when None), in row order; None for text."""
+        from ..models.vision import select_images
+
+        return select_images(self.images, range(len(self)) if rows is None else rows)
+
+    def select(self, rows) -> UpdateBatch:
+        """The rows `rows` (indices), images included."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        images = None if self.images is None else [self.images[int(i)] for i in idx]
+        return UpdateBatch(
+            self.ids[idx],
+            self.attn[idx],
+            self.resp_mask[idx],
+            self.old_logps[idx],
+            self.truncated[idx],
+            images if images and any(images) else None,
+        )
+
+
+def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int) -> UpdateBatch:
+    """Rows (rollout, index) from one or more rollouts -> one UpdateBatch (their concatenation, re-padded)."""
     items = []
     for b, i in rows:
         n = int(b.response_mask[i].sum())
@@ -156,7 +203,7 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int):
         resp[i, : len(r)] = 1
         old[i, : len(r)] = lp
     images = [None if b.images is None else b.images[i] for b, i in rows]
-    return ids, attn, resp, old, torch.tensor([t for *_, t in items]), (images if any(images) else None)
+    return UpdateBatch(ids, attn, resp, old, torch.tensor([t for *_, t in items]), images if any(images) else None)
 
 
 def completions(

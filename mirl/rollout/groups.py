@@ -1,0 +1,115 @@
+"""A step's groups for GRPO: sample G responses per prompt, score them, and, with dynamic sampling (DAPO),
+keep drawing new prompts until enough groups carry a learning signal. NoisyRollout's perturbed images.
+
+    groups = sample_groups(policy, data, rewards, step=s, prompts_per_step=P, group_size=G, seed=seed, ...)
+    groups.rounds: [(ScoredBatch, signal (P_round,) bool)], one per generation round; groups never mix
+    across rounds (their advantages are computed per round)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import distributed as dist
+from ..data.collate import batch_indices
+from .sample import row_seeds
+from .score import ScoredBatch, noisy_sample_images, rollout_and_score
+
+
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(P,) bool: groups whose scorable (non-NaN) rewards are not all equal; NaN is no outcome, so a group
+    [nan, 1, 1, 1] has no signal, nor has a group with fewer than two scorable rewards."""
+    r = rewards.view(-1, group_size)
+    ok = ~torch.isnan(r)
+    hi = torch.where(ok, r, float("-inf")).max(1).values
+    lo = torch.where(ok, r, float("inf")).min(1).values
+    return (ok.sum(1) >= 2) & ((hi - lo) > 1e-9)
+
+
+@dataclass
+class NoisyRollout:
+    """NoisyRollout (Liu et al. 2025): the last `rows` samples of each group are drawn on perturbed copies of
+    the prompt's images (models/vision.py perturb: crop and/or pixel noise), the update conditions on the clean
+    ones. The strength falls linearly from `strength` to 0 over `anneal_steps` steps."""
+
+    rows: int  # samples per group drawn on perturbed images
+    strength: float
+    anneal_steps: int
+    kinds: tuple[str, ...] = ("crop", "noise")
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def strength_at(self, step: int) -> float:
+        return self.strength * max(0.0, 1.0 - step / max(1, self.anneal_steps))
+
+    def sample_images(self, policy, examples: list[dict], clean: list, group_size: int, step: int) -> list | None:
+        """Per row, the image inputs to sample from (None: sample from the clean ones)."""
+        strength = self.strength_at(step)
+        if self.rows <= 0 or strength <= 0:
+            return None
+        return noisy_sample_images(policy, examples, clean, group_size, self.rows, strength, self.rng, self.kinds)
+
+
+@dataclass
+class Groups:
+    """What sample_groups drew for one step."""
+
+    rounds: list[tuple[ScoredBatch, torch.Tensor]]  # (scored batch, signal per group) per generation round
+    refills: int  # rounds beyond the first
+    zero_signal: int  # groups whose rewards were all equal (or unscorable), over all rounds
+    gen_s: float
+    score_s: float
+    samples: int  # responses drawn
+
+    @property
+    def metrics(self) -> dict:
+        """The first round's reward statistics."""
+        return self.rounds[0][0].metrics
+
+
+def sample_groups(
+    policy,
+    data: list[dict],
+    reward_set,
+    *,
+    step: int,
+    prompts_per_step: int,
+    group_size: int,
+    seed: int,
+    row_seeded: bool,
+    dynamic: bool = False,
+    max_refills: int = 0,
+    noisy: NoisyRollout | None = None,
+    generator=None,
+    **sampling,
+) -> Groups:
+    """One step's generation rounds. Round r of step s draws the global batch number s * (max_refills + 1) + r
+    of the prompt order (so a refill never repeats a batch); this rank samples its share. Without dynamic
+    sampling there is one round; with it, rounds continue until the kept groups (those with signal, over all
+    ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
+    (max_new_tokens, temperature, top_p, top_k, ignore_eos)."""
+    rounds, gen_s, score_s, samples, zero = [], 0.0, 0.0, 0, 0
+    while True:
+        batch_id = step * (max_refills + 1) + len(rounds)
+        idx = batch_indices(len(data), prompts_per_step, batch_id, seed)
+        mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
+        sb = rollout_and_score(
+            policy,
+            [data[idx[i]] for i in mine],
+            reward_set,
+            group_size=group_size,
+            generator=generator,
+            seeds=row_seeds(seed, batch_id, mine, group_size) if row_seeded else None,
+            noisy=noisy,
+            step=step,
+            **sampling,
+        )
+        gen_s, score_s, samples = gen_s + sb.gen_s, score_s + sb.score_s, samples + len(sb.batch.texts)
+        signal = groups_with_signal(sb.rewards, group_size)  # (P_round,)
+        zero += int((~signal).sum())
+        rounds.append((sb, signal))
+        kept = sum(int(s.sum()) for _, s in rounds) * dist.world_size()
+        if not dynamic or kept >= prompts_per_step or len(rounds) > max_refills:
+            return Groups(rounds, len(rounds) - 1, zero, gen_s, score_s, samples)
