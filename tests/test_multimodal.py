@@ -220,7 +220,7 @@ def test_iou_reward_by_hand():
 def test_noisy_rollout_perturbs_part_of_each_group_and_anneals():
     import random
 
-    from mirl.recipes.grpo import Config, noise_strength
+    from mirl.rollout.groups import NoisyRollout
     from mirl.rollout.score import noisy_sample_images
 
     img = _img((120, 60, 30))
@@ -235,8 +235,8 @@ def test_noisy_rollout_perturbs_part_of_each_group_and_anneals():
     clean = clean_inputs["pixel_values"]
     same = [torch.equal(r["pixel_values"], clean) for r in rows]
     assert same == [True, True, False, False]
-    cfg = Config(noise_strength=0.6, steps=100)
-    assert [noise_strength(cfg, s) for s in (0, 50, 100)] == pytest.approx([0.6, 0.3, 0.0])
+    noise = NoisyRollout(rows=2, strength=0.6, anneal_steps=100)
+    assert [noise.strength_at(s) for s in (0, 50, 100)] == pytest.approx([0.6, 0.3, 0.0])
 
 
 def test_noise_only_perturbation_keeps_positions_and_crop_moves_them():

@@ -19,8 +19,8 @@ from mirl.losses import parse_loss_spec, preference_loss
 from mirl.losses.mi import group_mi_loss
 from mirl.models import load_policy
 from mirl.recipes import online, ppo, preference, sft
-from mirl.rollout.groups import groups_with_signal
 from mirl.rewards import register_reward
+from mirl.rollout.groups import groups_with_signal
 from mirl.rollout.sample import bits_to_uniform, inverse_cdf_index, row_gumbel
 
 PAIRS = [

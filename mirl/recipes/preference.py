@@ -48,9 +48,7 @@ from .common import (
     optimizer_step,
     policy_options,
     report_skips,
-    save_final,
     setup,
-    write_samples_and_report,
 )
 
 
@@ -348,19 +346,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         end_of_run(
             run,
             policy,
-            save=lambda path: save_final(policy, path, merged=not cfg.save_adapter_only),
+            merged=not cfg.save_adapter_only,
             evaluate=final_evaluation if task is not None and cfg.eval_n else None,
-            report=(
-                lambda: write_samples_and_report(
-                    cfg.out_dir,
-                    policy,
-                    task,
-                    task.examples("test", 8, cfg.seed) if task is not None else data,
-                    max_new_tokens=cfg.max_new_tokens,
-                )
-            )
-            if cfg.report
-            else None,
+            report=cfg.report,
+            task=task,
+            examples=task.examples("test", 8, cfg.seed) if task is not None else data,
+            max_new_tokens=cfg.max_new_tokens,
         )
     )
     summary["config"] = asdict(cfg)

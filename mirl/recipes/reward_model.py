@@ -42,7 +42,6 @@ from .common import (
     policy_options,
     report_skips,
     setup,
-    write_samples_and_report,
 )
 
 
@@ -240,13 +239,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         plain = RewardModel(backbone, cfg.aggregate)
         plain.head.load_state_dict(rm.head.state_dict())
         rm = plain
-    summary.update(
-        end_of_run(  # plots and config; a reward model writes no completions
-            run,
-            rm,
-            save=lambda path: rm.save(path),
-            report=(lambda: write_samples_and_report(cfg.out_dir, rm.policy, max_new_tokens=1)) if cfg.report else None,
-        )
-    )
+    summary.update(end_of_run(run, rm, save=lambda path: rm.save(path), report=cfg.report))
     summary["config"] = asdict(cfg)
     return Result(rm, run.history, summary)
