@@ -98,10 +98,7 @@ def save_checkpoint(
 def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
     """Restore weights, optimizer and RNG in place; returns state.json (with 'step'). A missing or damaged
     file is an error naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .models.policy import ModelFileError, load_weights, read_json
+    from .models.policy import ModelFileError, read_json
 
     recover(run_dir)
     ckpt = Path(run_dir) / CKPT
@@ -110,19 +107,7 @@ def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
     state = read_json(ckpt / "state.json", "checkpoint state")
     if not isinstance(state.get("step"), int):
         raise ModelFileError(f"{ckpt / 'state.json'}: no integer 'step'")
-    model_dir = ckpt / "model"
-    if policy.kind == "tiny":
-        load_weights(policy.model, model_dir / "model.safetensors")
-    else:
-        sd = {}
-        try:
-            for f in sorted(model_dir.glob("*.safetensors")):
-                sd.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise ModelFileError(f"{model_dir}: cannot load the checkpoint's weights ({e})") from e
-        missing, unexpected = policy.model.load_state_dict(sd, strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {model_dir} has unexpected weights: {unexpected[:5]}")
+    policy.load_weights(ckpt / "model")
     try:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError) as e:

@@ -76,13 +76,7 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
     if not dist.is_initialized():
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for blk in model.blocks():
-            fully_shard(blk)
-        fully_shard(model.model)  # the root: every forward (training, generation steps) goes through it
-        model.fused_head = False  # the LM-head weight is sharded outside the forward: plain logits instead
-        model.lockstep = True  # generation: every rank takes the same number of steps (forwards are collective)
+        model.shard()  # the policy shards itself: its blocks, then its inner model as the root
         if is_main():
             print(f"FSDP2: {len(model.blocks())} blocks and the root sharded over {world_size()} ranks", flush=True)
         return model

@@ -162,7 +162,7 @@ def response_logps(
     if images is not None:
         images = {k: v.to(ids.device) for k, v in images.items()}
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = policy(ids, attn, images=images)[:, -n_resp - 1 : -1]
+        logits = policy(ids, attn, images=images).logits[:, -n_resp - 1 : -1]
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature

@@ -55,7 +55,7 @@ def test_left_and_right_padding_give_same_sequence_logps():
         out = []
         for side in ("right", "left"):
             ids, attn, resp = pad_batch(seqs, 0, side)
-            out.append(sequence_logps(policy(ids, attn), ids, resp)[1])
+            out.append(sequence_logps(policy(ids, attn).logits, ids, resp)[1])
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
     ids, mask = left_pad([[4, 5]], 0)
     assert ids.tolist() == [[4, 5]]
@@ -100,11 +100,12 @@ def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
     policy = load_policy("gpt-nano", seed=0) if which == "tiny" else load_policy(hf_tiny_dir)
     ids, attn, resp = pad_batch([([4, 5, 6, 7, 8, 9], 3), ([4, 10, 11, 12], 2)], policy.tokenizer.pad_token_id)
     w = torch.tensor([1.0, -2.0])
-    _, ref, ref_len = sequence_logps(policy(ids, attn), ids, resp)
+    _, ref, ref_len = sequence_logps(policy(ids, attn).logits, ids, resp)
     (ref * w).sum().backward()
     ref_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
-    fused, lengths = fused_sequence_logps(*policy(ids, attn, hidden_only=True), ids, resp, chunk=3)
+    out = policy(ids, attn, output="hidden_and_head")
+    fused, lengths = fused_sequence_logps(out.hidden, out.head_weight, ids, resp, chunk=3)
     (fused * w).sum().backward()
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == ref_len.tolist()

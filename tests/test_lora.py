@@ -51,7 +51,7 @@ def test_sft_lora_trains_adapters_only_and_saves(tmp_path, tiny_dir):
         assert back.has_lora == (not merged)
         ids = torch.tensor([[4, 5, 6, 7]])
         with torch.no_grad():
-            torch.testing.assert_close(back(ids), pol(ids), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(back(ids).logits, pol(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_dir):
@@ -79,8 +79,8 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path, tiny_dir):
     ids = torch.tensor([[4, 5, 6]])
     with torch.no_grad():
         with res.model.reference_context():
-            off = res.model(ids)
-        torch.testing.assert_close(off, load_policy(tiny_dir)(ids))
+            off = res.model(ids).logits
+        torch.testing.assert_close(off, load_policy(tiny_dir)(ids).logits)
 
 
 def test_grpo_lora_on_a_transformers_model(tmp_path, hf_tiny_dir):
@@ -105,4 +105,4 @@ def test_grpo_lora_on_a_transformers_model(tmp_path, hf_tiny_dir):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "g" / "final")  # merged: a plain transformers folder
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, res.model(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(ids).logits, res.model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -18,8 +18,8 @@ def test_left_padding_matches_unpadded(which, hf_tiny_dir):
     seqs = [[5, 6, 7, 8, 9, 10], [7, 8, 9]]
     ids, mask = left_pad(seqs, policy.tokenizer.pad_token_id)
     with torch.no_grad():
-        batched = policy(ids, mask)
-        alone = policy(torch.tensor([seqs[1]]), torch.ones(1, 3, dtype=torch.long))
+        batched = policy(ids, mask).logits
+        alone = policy(torch.tensor([seqs[1]]), torch.ones(1, 3, dtype=torch.long)).logits
     torch.testing.assert_close(batched[1, -3:], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -28,7 +28,7 @@ def test_kv_cache_matches_full_forward(which, hf_tiny_dir):
     policy = _policies(hf_tiny_dir)[which].eval()
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [7, 8, 9, 11]], policy.tokenizer.pad_token_id)
     with torch.no_grad():
-        full = policy(ids, mask)
+        full = policy(ids, mask).logits
         logits, cache = policy.step(ids[:, :4], mask[:, :4])
         outs = [logits]
         for t in range(4, ids.shape[1]):
@@ -49,7 +49,7 @@ def test_tiny_save_load_roundtrip(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").exists()
     q = load_policy(tmp_path / "m")
     ids = torch.tensor([[4, 5, 6]])
-    torch.testing.assert_close(p(ids), q(ids))
+    torch.testing.assert_close(p(ids).logits, q(ids).logits)
 
 
 def test_size_dial_and_bad_preset():
@@ -72,7 +72,7 @@ def test_hf_save_stays_loadable_by_transformers(hf_tiny_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     tok = AutoTokenizer.from_pretrained(tmp_path / "saved")
     ids = torch.tensor([tok.encode("12+3=15")])
-    torch.testing.assert_close(model(ids).logits, p(ids), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(ids).logits, p(ids).logits, atol=1e-6, rtol=1e-6)
     # the chat template travels with the tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")

@@ -45,12 +45,12 @@ def test_tiny_vlm_placeholders_become_image_tokens_and_save_load_roundtrip(tmp_p
     # no placeholder: the image goes first (TRL's convention)
     assert p.encode_prompt("add:", [_img()])[0] == ids
     x = torch.tensor([ids])
-    before = p(x, torch.ones_like(x), images=img)
+    before = p(x, torch.ones_like(x), images=img).logits
     p.save(tmp_path / "m")
     q = load_policy(tmp_path / "m")
-    assert q.is_vlm and torch.allclose(q(x, torch.ones_like(x), images=img), before)
+    assert q.is_vlm and torch.allclose(q(x, torch.ones_like(x), images=img).logits, before)
     # the image changes the prediction (it is really read)
-    other = p(x, torch.ones_like(x), images=p.encode_prompt("add:", [_img((0, 0, 255))])[1])
+    other = p(x, torch.ones_like(x), images=p.encode_prompt("add:", [_img((0, 0, 255))])[1]).logits
     assert not torch.allclose(other[:, -1], before[:, -1])
 
 
@@ -65,7 +65,7 @@ def test_sampled_logps_equal_a_full_forward_with_images(any_vlm):
     assert len(b.images) == 6 and b.images[0] is b.images[2] and b.images[3] is b.images[5]
     ids, attn, _ = b.full()
     r = ids.shape[1] - b.prompt_ids.shape[1]
-    logits = p(ids, attn, images=b.row_images(range(6)))[:, -r - 1 : -1]
+    logits = p(ids, attn, images=b.row_images(range(6))).logits[:, -r - 1 : -1]
     logits[..., p.never_sample] = float("-inf")  # generation never samples an image placeholder
     lp = token_logps(logits, ids[:, -r:])
     m = b.response_mask.bool()
@@ -84,9 +84,9 @@ def test_rows_keep_their_own_images_in_a_batch(any_vlm):
     from mirl.rollout.sample import left_pad
 
     ids, attn = left_pad(prompts, p.tokenizer.pad_token_id)
-    together = p(ids, attn, images=cat_images(images))
+    together = p(ids, attn, images=cat_images(images)).logits
     for i in range(3):
-        alone = p(torch.tensor([prompts[i]]), torch.ones(1, len(prompts[i]), dtype=torch.long), images=images[i])
+        alone = p(torch.tensor([prompts[i]]), torch.ones(1, len(prompts[i]), dtype=torch.long), images=images[i]).logits
         assert torch.allclose(together[i, -1], alone[0, -1], atol=1e-4)
 
 

@@ -169,7 +169,7 @@ def test_fused_head_only_where_it_equals_the_models_logits(tmp_path, hf_tiny_dir
     pairs = encode_pairs(policy, PAIRS[:4], 64, SkipCounter())
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, policy.tokenizer.pad_token_id)
-    assert (policy.hidden_and_head(ids, attn) is not None) == fused
+    assert (policy(ids, attn, output="hidden_and_head").head_weight is not None) == fused
     out = preference.pair_forward(policy, pairs, policy.tokenizer.pad_token_id, average=False)
     with torch.no_grad():
         logits = policy.model(input_ids=ids, attention_mask=attn).logits  # the model's own forward

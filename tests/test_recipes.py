@@ -187,7 +187,7 @@ def test_recipes_on_a_transformers_model(tmp_path, hf_tiny_dir):
     assert pref.history[0]["loss"] == pytest.approx(math.log(4), abs=1e-6)
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "pref" / "final")
     ids = torch.tensor([[5, 6, 7]])
-    torch.testing.assert_close(back(ids).logits, pref.model(ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back(ids).logits, pref.model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("which", ["tiny", "hf"])

@@ -12,7 +12,7 @@ def _greedy_reference(policy, prompt, n):
     ids = list(prompt)
     for _ in range(n):
         with torch.no_grad():
-            nxt = int(policy(torch.tensor([ids]))[0, -1].argmax())
+            nxt = int(policy(torch.tensor([ids])).logits[0, -1].argmax())
         ids.append(nxt)
         if nxt == policy.tokenizer.eos_token_id:
             break
@@ -44,7 +44,7 @@ def test_sampled_logps_equal_forward_and_shapes():
     assert b == 6 and r == 7 and batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     ids, attn, resp = batch.full()
     with torch.no_grad():
-        per_tok, _, _ = sequence_logps(policy(ids, attn), ids, resp)
+        per_tok, _, _ = sequence_logps(policy(ids, attn).logits, ids, resp)
     torch.testing.assert_close(per_tok[:, -r:], batch.logps, atol=1e-5, rtol=1e-5)
     # an untrained model rarely emits EOS in 7 tokens: rows that did not stop are flagged truncated
     stopped = (batch.response_ids == tok.eos_token_id).any(1)

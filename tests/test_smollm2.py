@@ -69,4 +69,4 @@ def test_smollm2_eval_mio_grpo_lora(smollm2, tmp_path):
     with torch.no_grad():
         # merged W + BA against x W + (x A) B: float32 sums in another order over 576-wide layers;
         # logits of magnitude ~10-20 agree to ~1e-5 relative (1.2e-4 absolute seen)
-        torch.testing.assert_close(back(ids).logits, pref.model(ids), atol=5e-4, rtol=1e-4)
+        torch.testing.assert_close(back(ids).logits, pref.model(ids).logits, atol=5e-4, rtol=1e-4)

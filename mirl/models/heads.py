@@ -51,7 +51,7 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask=None, images=None) -> torch.Tensor:
         """Score of each sequence (B,)."""
-        _, hidden = self.policy(input_ids, attention_mask, images=images, return_hidden=True)
+        hidden = self.policy(input_ids, attention_mask, images=images, output="logits_and_hidden").hidden
         scores = self.head(hidden)  # (B, T)
         if self.aggregate == "mean":
             if response_mask is None:

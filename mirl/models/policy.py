@@ -1,7 +1,7 @@
 """The one Policy interface every recipe uses, over the built-in tiny GPT or a transformers model.
 
     policy.encode_prompt(text, images, where) -> (ids, image inputs or None)
-    policy(input_ids (B,T), attention_mask (B,T), images=None) -> logits (B, T, V)
+    policy(input_ids (B,T), attention_mask (B,T), images=None, output="logits") -> PolicyOutput (.logits (B, T, V))
     policy.step(input_ids, attention_mask, cache, images=None) -> (logits, cache)   # incremental, generation
     policy.save(dir) / load_policy(dir or preset)
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -51,19 +52,205 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class PolicyOutput(NamedTuple):
+    """One forward's result; which fields are set depends on the output asked for:
+
+    "logits"            logits (B, T, V)
+    "logits_and_hidden" logits and the last hidden state (B, T, C) (value and reward heads)
+    "hidden_and_head"   the last hidden state and the LM-head weight (V, C), for fused log-probs; when the
+                        model's logits are not exactly hidden @ W^T (a scaled or soft-capped head, or a
+                        sharded head under FSDP2), logits instead, and head_weight None
+    """
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+
+
+OUTPUTS = ("logits", "logits_and_hidden", "hidden_and_head")
+
+
+class TinyBackend:
+    """The built-in tiny GPT and tiny VLM: positions from the mask, images as one tensor."""
+
+    name = "tiny"
+    lora_targets = ["qkv", "proj", "fc", "fc_out"]
+    peft_kwargs: dict = {}
+
+    def positions(self, base, input_ids, attention_mask, images, cache):
+        """(position ids of the new tokens (B, T), None)."""
+        return positions_from_mask(attention_mask)[:, -input_ids.shape[1] :], None
+
+    def image_kwargs(self, images) -> dict:
+        return {"images": images}
+
+    def step(self, model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, image_kw):
+        """-> (logits, cache)."""
+        return model(input_ids, attention_mask, position_ids, cache, **image_kw)
+
+    def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
+        logits, _, hidden = model(input_ids, attention_mask, position_ids, None, return_hidden=True, **image_kw)
+        return logits, hidden
+
+    def hidden_and_head(self, base, input_ids, attention_mask, position_ids, image_kw):
+        """(hidden, head weight): the tiny models' logits are exactly hidden @ lm_head.weight^T."""
+        _, _, hidden = base(
+            input_ids, attention_mask, position_ids, None, return_hidden=True, skip_lm_head=True, **image_kw
+        )
+        return hidden, base.lm_head.weight
+
+    def enable_activation_checkpointing(self, base) -> None:
+        base.checkpointing = True
+
+    def max_seq_len(self, base) -> int:
+        return base.config.max_seq_len
+
+    def hidden_size(self, base) -> int:
+        return base.config.n_embd
+
+    def save(self, model, tokenizer, vision, path: Path) -> None:
+        (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+        save_model(model, str(path / "model.safetensors"))
+        tokenizer.save_pretrained(path)
+
+    def load_weights(self, model, folder: Path) -> None:
+        """Weights saved by save() (a checkpoint's model/ folder) into `model`, strictly."""
+        load_weights(model, Path(folder) / "model.safetensors")
+
+
+class HFBackend:
+    """A transformers causal LM or image-text model. Qwen2-VL's 3-D M-RoPE positions are computed here: from
+    the model's own rope index at the prefill, then the mask count plus each row's rope delta."""
+
+    name = "hf"
+    lora_targets = "all-linear"
+    peft_kwargs = {"task_type": "CAUSAL_LM"}
+
+    def __init__(self, model):
+        self.mrope = getattr(model.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
+
+    def positions(self, base, input_ids, attention_mask, images, cache):
+        """(position ids of the new tokens, rope deltas or None); M-RoPE models: (3, B, T) positions."""
+        pos = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        if not self.mrope:
+            return pos, None
+        if cache is not None:  # decoding: text positions continue from each row's rope delta
+            deltas = cache[1]
+            return (pos + deltas)[None].expand(3, -1, -1), deltas
+        if images and "image_grid_thw" in images:
+            inner = base.model
+            mm = (input_ids == inner.config.image_token_id).int()
+            pos3, deltas = inner.get_rope_index(
+                input_ids, mm, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask
+            )
+            return pos3, deltas.to(pos.device)
+        return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
+
+    def image_kwargs(self, images) -> dict:
+        return dict(images)
+
+    def step(self, model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, image_kw):
+        """-> (logits, (the model's cache, rope deltas))."""
+        past = None if cache is None else cache[0]
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=use_cache,
+            **image_kw,
+        )
+        return out.logits, (out.past_key_values, deltas)
+
+    def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            **image_kw,
+        )
+        return out.logits, out.hidden_states[-1]
+
+    def hidden_and_head(self, base, input_ids, attention_mask, position_ids, image_kw):
+        """(hidden, head weight) for the allow-listed model types whose logits are exactly the head's output,
+        else None."""
+        head = base.get_output_embeddings()
+        plain = (
+            getattr(base.config, "model_type", "") in FUSED_HEAD_MODEL_TYPES
+            and isinstance(head, nn.Linear)
+            and head.bias is None
+            and hasattr(base, "model")
+        )
+        if not plain:
+            return None
+        out = base.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **image_kw
+        )
+        return out.last_hidden_state, head.weight
+
+    def enable_activation_checkpointing(self, base) -> None:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def max_seq_len(self, base) -> int:
+        return getattr(base.config, "max_position_embeddings", 1 << 20)
+
+    def hidden_size(self, base) -> int:
+        cfg = base.config
+        return cfg.text_config.hidden_size if hasattr(cfg, "text_config") else cfg.hidden_size
+
+    def save(self, model, tokenizer, vision, path: Path) -> None:
+        save_hf(model, tokenizer, path)
+        if vision is not None:
+            vision.processor.save_pretrained(str(path))
+
+    def load_weights(self, model, folder: Path) -> None:
+        """The safetensors shards of a saved folder into `model` (unexpected names are an error)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        sd = {}
+        try:
+            for f in sorted(Path(folder).glob("*.safetensors")):
+                sd.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ModelFileError(f"{folder}: cannot load the weights ({e})") from e
+        _, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected:
+            raise ValueError(f"{folder} has unexpected weights: {unexpected[:5]}")
+
+
 class Policy(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, kind: str, vision=None):
+    """The one interface every recipe uses, over two backends: the built-in tiny models (TinyBackend) and
+    transformers models (HFBackend), as vision is split into TinyVision and HFVision."""
+
+    def __init__(self, model: nn.Module, tokenizer, backend, vision=None):
         super().__init__()
-        if kind not in ("tiny", "hf"):
-            raise ValueError(f"policy kind must be 'tiny' or 'hf', got {kind!r}")
-        self.model, self.tokenizer, self.kind = model, tokenizer, kind
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.vision = vision  # TinyVision / HFVision for image+text models, None for text-only ones
-        self.mrope = kind == "hf" and getattr(model.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
         self.source: str | None = None  # where it was loaded from (an adapter-only save names its base)
+        self.sharded = False  # FSDP2 (shard()): the head weight lives outside the forward, generation in lockstep
+
+    @property
+    def kind(self) -> str:
+        """The backend's name: 'tiny' or 'hf'."""
+        return self.backend.name
+
+    @property
+    def mrope(self) -> bool:
+        """Whether positions are Qwen2-VL's 3-D M-RoPE ones."""
+        return getattr(self.backend, "mrope", False)
+
+    @property
+    def lockstep(self) -> bool:
+        """Generation takes the same number of steps on every rank (FSDP2: every forward is a collective)."""
+        return self.sharded
 
     # ---- prompts and images ---------------------------------------------------------------------------
     @property
     def is_vlm(self) -> bool:
+        """Whether the model takes images."""
         return self.vision is not None
 
     def encode_prompt(self, text: str, images=None, where: str = "prompt", base: str = ""):
@@ -111,29 +298,12 @@ class Policy(nn.Module):
             return {}
         if not self.is_vlm:
             raise ValueError("this policy is text-only; it cannot take images")
-        return {"images": images} if self.kind == "tiny" else dict(images)
-
-    def _positions(self, input_ids, attention_mask, images, cache=None):
-        """(position ids for the new tokens, rope deltas or None). M-RoPE models: 3-D positions."""
-        t = input_ids.shape[1]
-        pos = positions_from_mask(attention_mask)[:, -t:]
-        if not self.mrope:
-            return pos, None
-        if cache is not None:  # decoding: text positions continue from each row's rope delta
-            deltas = cache[1]
-            return (pos + deltas)[None].expand(3, -1, -1), deltas
-        if images and "image_grid_thw" in images:
-            inner = self._base().model
-            mm = (input_ids == inner.config.image_token_id).int()
-            pos3, deltas = inner.get_rope_index(
-                input_ids, mm, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask
-            )
-            return pos3, deltas.to(pos.device)
-        return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
+        return self.backend.image_kwargs(images)
 
     # ---- LoRA (PEFT) ----------------------------------------------------------------------------------
     @property
     def has_lora(self) -> bool:
+        """Whether PEFT LoRA adapters wrap the model."""
         return hasattr(self.model, "disable_adapter")
 
     def add_lora(self, r: int, alpha: int = 16, dropout: float = 0.0, targets: str = "") -> None:
@@ -141,21 +311,15 @@ class Policy(nn.Module):
         names (default: every linear layer of the blocks)."""
         from peft import LoraConfig, get_peft_model
 
-        if targets:
-            target = [t.strip() for t in targets.split(",") if t.strip()]
-        else:
-            target = ["qkv", "proj", "fc", "fc_out"] if self.kind == "tiny" else "all-linear"
-        kw = {"task_type": "CAUSAL_LM"} if self.kind == "hf" else {}
-        self.model = get_peft_model(
-            self.model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **kw)
+        target = [t.strip() for t in targets.split(",") if t.strip()] if targets else self.backend.lora_targets
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, **self.backend.peft_kwargs
         )
+        self.model = get_peft_model(self.model, config)
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them."""
-        if self.kind == "tiny":
-            self._base().checkpointing = True
-        else:
-            self._base().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.backend.enable_activation_checkpointing(self._base())
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks of the language model (tiny GPT blocks, or transformers decoder layers)."""
@@ -171,6 +335,16 @@ class Policy(nn.Module):
             blk.compile(dynamic=True)
         return len(blocks)
 
+    def shard(self) -> None:
+        """FSDP2: fully_shard every transformer block, then the inner model as the root (every forward,
+        training or generation, goes through it). Build the optimizer after this call."""
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in self.blocks():
+            fully_shard(blk)
+        fully_shard(self.model)
+        self.sharded = True
+
     def reference_context(self):
         """Adapters off: the base model, i.e. the reference of a LoRA run, with no second copy in memory."""
         from contextlib import nullcontext
@@ -179,95 +353,50 @@ class Policy(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.model.parameters()).device
 
     @property
     def max_seq_len(self) -> int:
-        if self.kind == "tiny":
-            return self._base().config.max_seq_len
-        return getattr(self.model.config, "max_position_embeddings", 1 << 20)
-
-    def forward(
-        self, input_ids, attention_mask=None, images=None, return_hidden: bool = False, hidden_only: bool = False
-    ):
-        """-> logits (B, T, V), or (logits, hidden (B, T, C)) with return_hidden (value and reward heads),
-        or (hidden, lm_head weight) with hidden_only (fused log-probs; None when the head is not plain).
-        Going through forward() keeps DDP's gradient hooks in play for every mode."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if hidden_only:
-            return self.hidden_and_head(input_ids, attention_mask, images)
-        if not return_hidden:
-            logits, _ = self.step(input_ids, attention_mask, None, use_cache=False, images=images)
-            return logits
-        position_ids, _ = self._positions(input_ids, attention_mask, images)
-        kw = self._image_kwargs(images)
-        if self.kind == "tiny":
-            logits, _, hidden = self.model(input_ids, attention_mask, position_ids, None, return_hidden=True, **kw)
-            return logits, hidden
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-            **kw,
-        )
-        return out.logits, out.hidden_states[-1]
-
-    def hidden_and_head(self, input_ids, attention_mask, images=None):
-        """(last hidden state (B, T, C), LM-head weight (V, C)) for fused log-probs, or None when the head
-        is not a plain linear map (soft-capped or scaled logits), in which case callers use forward()."""
-        if not getattr(self, "fused_head", True):  # FSDP2: the head weight is sharded outside the forward
-            return None
-        base = self._base()
-        position_ids, _ = self._positions(input_ids, attention_mask, images)
-        kw = self._image_kwargs(images)
-        if self.kind == "tiny":
-            _, _, hidden = base(
-                input_ids, attention_mask, position_ids, None, return_hidden=True, skip_lm_head=True, **kw
-            )
-            return hidden, base.lm_head.weight
-        head = base.get_output_embeddings()
-        if (
-            getattr(base.config, "model_type", "") not in FUSED_HEAD_MODEL_TYPES
-            or not isinstance(head, nn.Linear)
-            or head.bias is not None
-            or not hasattr(base, "model")
-        ):
-            return None
-        out = base.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kw
-        )
-        return out.last_hidden_state, head.weight
+        """The longest sequence the model takes (prompt + response)."""
+        return self.backend.max_seq_len(self._base())
 
     @property
     def hidden_size(self) -> int:
-        cfg = self._base().config
-        if self.kind == "tiny":
-            return cfg.n_embd
-        return cfg.text_config.hidden_size if hasattr(cfg, "text_config") else cfg.hidden_size
+        """The width of the last hidden state (value and reward heads)."""
+        return self.backend.hidden_size(self._base())
 
     def _base(self):
         return self.model.get_base_model() if self.has_lora else self.model
 
-    def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
-        """One incremental forward. attention_mask covers cached and new tokens: (B, S+T). Images go with
-        the step that holds their placeholders (the prefill)."""
-        position_ids, deltas = self._positions(input_ids, attention_mask, images, cache)
+    # ---- forward passes -------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, images=None, output: str = "logits") -> PolicyOutput:
+        """One full forward (no cache) -> PolicyOutput with the fields `output` asks for (see PolicyOutput).
+        Going through forward() keeps DDP's gradient hooks in play for every output."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, None)
         kw = self._image_kwargs(images)
-        if self.kind == "tiny":
-            return self.model(input_ids, attention_mask, position_ids, cache, **kw)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=None if cache is None else cache[0],
-            use_cache=use_cache,
-            **kw,
-        )
-        return out.logits, (out.past_key_values, deltas)
+        if output == "hidden_and_head" and not self.sharded:  # FSDP2: the head weight is sharded outside
+            fused = self.backend.hidden_and_head(self._base(), input_ids, attention_mask, position_ids, kw)
+            if fused is not None:
+                return PolicyOutput(hidden=fused[0], head_weight=fused[1])
+        if output == "logits_and_hidden":
+            logits, hidden = self.backend.logits_and_hidden(self.model, input_ids, attention_mask, position_ids, kw)
+            return PolicyOutput(logits=logits, hidden=hidden)
+        logits, _ = self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, None, False, kw)
+        return PolicyOutput(logits=logits)
 
+    def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
+        """One incremental forward for generation -> (logits, cache). attention_mask covers cached and new
+        tokens: (B, S + T). Images go with the step that holds their placeholders (the prefill)."""
+        position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, cache)
+        kw = self._image_kwargs(images)
+        return self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, kw)
+
+    # ---- saving and loading ---------------------------------------------------------------------------
     def save(self, path: str | Path, merged: bool = True) -> None:
         """Safetensors. With LoRA: merged into the base weights (a plain model folder), or adapter-only
         (merged=False: adapter_model.safetensors + adapter_config.json + the tokenizer)."""
@@ -285,14 +414,11 @@ class Policy(nn.Module):
                 (path / "mirl_adapter.json").write_text(json.dumps({"base": str(Path(self.source).resolve())}))
                 return
             model = copy.deepcopy(model).merge_and_unload()
-        if self.kind == "hf":
-            save_hf(model, self.tokenizer, path)
-            if self.is_vlm:
-                self.vision.processor.save_pretrained(str(path))
-            return
-        (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-        save_model(model, str(path / "model.safetensors"))
-        self.tokenizer.save_pretrained(path)
+        self.backend.save(model, self.tokenizer, self.vision, path)
+
+    def load_weights(self, folder: str | Path) -> None:
+        """The weights of a folder written by save() (a checkpoint's model/) into this policy, in place."""
+        self.backend.load_weights(self.model, Path(folder))
 
 
 class ModelFileError(ValueError):
@@ -345,13 +471,13 @@ def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int 
     tok = CharTokenizer()
     if seed is not None:
         torch.manual_seed(seed)
-    return Policy(TinyGPT(preset_config(preset, tok.vocab_size, max_seq_len)), tok, "tiny")
+    return Policy(TinyGPT(preset_config(preset, tok.vocab_size, max_seq_len)), tok, TinyBackend())
 
 
 def _tiny_vlm_policy(model: TinyVLM, tok: CharTokenizer) -> Policy:
     from .vision import TinyVision
 
-    return Policy(model, tok, "tiny", vision=TinyVision(model.config, tok))
+    return Policy(model, tok, TinyBackend(), vision=TinyVision(model.config, tok))
 
 
 def load_policy(
@@ -400,7 +526,7 @@ def load_policy(
             raise ModelFileError(f"{cfg_file}: not a valid mirl model config ({e})") from e
         load_weights(model, path / "model.safetensors")
         tok = read_tokenizer(path)
-        policy = _tiny_vlm_policy(model.to(dtype), tok) if vlm else Policy(model.to(dtype), tok, "tiny")
+        policy = _tiny_vlm_policy(model.to(dtype), tok) if vlm else Policy(model.to(dtype), tok, TinyBackend())
     elif is_hf_dir(path):
         try:
             model, tok, image_processor = load_hf(path, dtype)
@@ -414,7 +540,7 @@ def load_policy(
             from .vision import HFVision
 
             vision = HFVision(model.config, tok, image_processor)
-        policy = Policy(model, tok, "hf", vision=vision)
+        policy = Policy(model, tok, HFBackend(model), vision=vision)
     else:
         raise ValueError(f"cannot load a model from {path}")
     policy.source = str(path)

@@ -120,7 +120,7 @@ class Critic(nn.Module):
     def forward(self, hidden_from_policy, ids, attn, images=None):
         if self.backbone is None:
             return self.head(hidden_from_policy)
-        _, h = self.backbone(ids, attn, images=images, return_hidden=True)
+        h = self.backbone(ids, attn, images=images, output="logits_and_hidden").hidden
         return self.head(h)
 
 
@@ -129,7 +129,8 @@ def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: 
     predicts it (the state before the token). bf16: forward under bf16 autocast, log-softmax and values
     in float32."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits, hidden = policy(ids, attn, images=images, return_hidden=True)
+        out = policy(ids, attn, images=images, output="logits_and_hidden")
+        logits, hidden = out.logits, out.hidden
         values = critic(hidden, ids, attn, images)[:, -n_resp - 1 : -1]
     logits, values = logits[:, -n_resp - 1 : -1].float(), values.float()
     if temperature > 0 and temperature != 1.0:

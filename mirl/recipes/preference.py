@@ -133,11 +133,11 @@ def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool) -> Pair
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, pad_id)
     images = batch_images(seqs)
-    fused = policy(ids, attn, images=images, hidden_only=True)
-    if fused is not None:
-        seq, lengths = fused_sequence_logps(*fused, ids, resp, average=average)
+    out = policy(ids, attn, images=images, output="hidden_and_head")
+    if out.head_weight is not None:
+        seq, lengths = fused_sequence_logps(out.hidden, out.head_weight, ids, resp, average=average)
     else:
-        _, seq, lengths = sequence_logps(policy(ids, attn, images=images), ids, resp, average=average)
+        _, seq, lengths = sequence_logps(out.logits, ids, resp, average=average)
     n = len(pairs)
     return PairLogps(seq[:n], seq[n:], lengths[:n], lengths[n:], int(attn.sum()))
 

@@ -185,12 +185,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         for ids, attn, resp, images in micro:
             with autocast(policy, cfg.bf16):
                 # LM head on completion positions only, chunked
-                fused = model_fwd(ids, attn, images=images, hidden_only=True)
-            if fused is not None:
-                seq, _ = fused_sequence_logps(*fused, ids, resp)
+                out = model_fwd(ids, attn, images=images, output="hidden_and_head")
+            if out.head_weight is not None:
+                seq, _ = fused_sequence_logps(out.hidden, out.head_weight, ids, resp)
                 loss = masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
             else:
-                per_token, _, _ = sequence_logps(model_fwd(ids, attn, images=images), ids, resp)
+                per_token, _, _ = sequence_logps(out.logits, ids, resp)
                 loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
             loss.backward()
             total_loss += loss.item()
