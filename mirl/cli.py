@@ -35,6 +35,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a key given twice (PyYAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
+        """A mapping whose keys are checked for repeats before PyYAML builds it."""
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -72,6 +73,7 @@ def _field_help(cls) -> dict[str, str]:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a Config dataclass, typed from its annotation, with the field's comment as help."""
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
         t = _field_type(f)
@@ -133,6 +135,7 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def build_config(cls, args: argparse.Namespace):
+    """The Config of a command: dataclass defaults < the --config YAML file < flags; every option checked."""
     values = {}
     if getattr(args, "config", None):
         values.update(load_yaml_overrides(args.config, cls))

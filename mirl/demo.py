@@ -30,6 +30,8 @@ from .rollout.pairs import sample_pairs
 
 @dataclass
 class Config:
+    """The default job's options: SFT, then pairs sampled and verified, then DPO and MIO side by side."""
+
     out_dir: str = "runs/demo"  # where the SFT cache, runs, table and plot go
     task: str = "arith"  # built-in task
     sft_steps: int = 400  # SFT optimizer steps
@@ -45,6 +47,7 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
+    """SFT (cached), pairs sampled from it, DPO and MIO on them; prints the table and writes the plot."""
     t_start = time.time()
     out = Path(cfg.out_dir)
     task = make_task(cfg.task)

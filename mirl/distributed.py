@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 
 def init() -> tuple[int, int, torch.device]:
+    """Join torch.distributed when torchrun launched this process (gloo on CPU, NCCL on CUDA). -> (rank, world,
+    device)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -38,14 +40,17 @@ def shutdown(ok: bool = True) -> None:
 
 
 def world_size() -> int:
+    """The number of processes (1 without torchrun)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without torchrun)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main() -> bool:
+    """Whether this is rank 0 (the one that logs, evaluates and saves)."""
     return rank() == 0
 
 
@@ -86,6 +91,7 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     if dist.is_initialized():
         dist.barrier()
 

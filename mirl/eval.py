@@ -30,6 +30,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @dataclass
 class EvalResult:
+    """Held-out accuracy, pass@k, the mean score and a few samples of one evaluation."""
+
     accuracy: float
     pass_at_k: float | None
     k: int
@@ -39,6 +41,7 @@ class EvalResult:
     details: dict | None = None  # the task's breakdown of the greedy answers, if it has one (grounding)
 
     def as_dict(self) -> dict:
+        """The numbers as a JSON-able dict (pass@k under its name)."""
         d = {"accuracy": self.accuracy, "mean_score": self.mean_score, "n": self.n, **(self.details or {})}
         if self.pass_at_k is not None:
             d[f"pass@{self.k}"] = self.pass_at_k
@@ -57,6 +60,7 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
 ) -> EvalResult:
+    """Greedy accuracy on `examples` by the task's verifier, and pass@k from n_samples samples per prompt when k > 1."""
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)
@@ -85,6 +89,8 @@ def evaluate(
 
 @dataclass
 class Config:
+    """Options of `mirl eval`."""
+
     model: str = "runs/demo/sft/final"  # saved model folder or preset
     task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:pair]
     n: int = 200  # held-out prompts
@@ -98,6 +104,7 @@ class Config:
 
 
 def run(cfg: Config) -> EvalResult:
+    """`mirl eval`: load the model, evaluate it on the task's held-out split, print one JSON line."""
     import json
 
     from .data.tasks import make_task

@@ -15,10 +15,14 @@ console = Console(stderr=True, soft_wrap=True)  # no hard wraps: a message stays
 
 
 def warn(msg: str) -> None:
+    """Print a warning line (stderr)."""
     console.print(f"[bold yellow]warning:[/] {msg}")
 
 
 class MetricLogger:
+    """Metrics of a run to metrics.jsonl, TensorBoard and the terminal (a progress bar, or a line every tenth of the
+    run)."""
+
     def __init__(
         self,
         run_dir: str | Path,
@@ -75,6 +79,7 @@ class MetricLogger:
         self.desc = desc
 
     def log(self, step: int, metrics: dict) -> None:
+        """Write one step's metrics everywhere."""
         clean = {k: float(v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
@@ -89,6 +94,7 @@ class MetricLogger:
             console.print(f"{self.desc} step {step}/{self.total} {info}")
 
     def close(self) -> None:
+        """Stop the progress bar and close the files."""
         if self.progress is not None:
             self.progress.stop()
         if self.tb is not None:
@@ -97,5 +103,6 @@ class MetricLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

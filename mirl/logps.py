@@ -23,6 +23,7 @@ DEFAULT_CHUNK = 1024  # rows (tokens) per chunk
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        """log p(labels) per row, one chunk of rows at a time; keeps only the per-row log-sum-exp."""
         n, v = logits.shape
         out = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -36,6 +37,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """onehot(label) - softmax, recomputed chunk by chunk, times the incoming gradient."""
         logits, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad = torch.empty_like(logits)
@@ -101,6 +103,7 @@ class _FusedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        """log p(labels) from hidden states and the head weight, chunk by chunk: no (N, V) logits are kept."""
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -116,6 +119,7 @@ class _FusedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """Gradients of hidden states and head weight, recomputing each chunk's logits."""
         hidden, weight, labels, lse = ctx.saved_tensors
         w = weight.float()
         grad_h = torch.empty_like(hidden)

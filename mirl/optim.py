@@ -17,6 +17,7 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
+    """AdamW with weight decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -27,6 +28,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
 
 
 def set_lr(optimizer, value: float) -> None:
+    """Set the learning rate of every parameter group."""
     for g in optimizer.param_groups:
         g["lr"] = value
 

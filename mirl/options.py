@@ -162,6 +162,7 @@ RECIPE_RULES = {
 
 
 def flag(name: str) -> str:
+    """The command-line flag of an option name: lr_warmup -> --lr-warmup."""
     return "--" + name.replace("_", "-")
 
 

@@ -169,11 +169,14 @@ def _samples_html(run_dir: Path) -> str:
 
 @dataclass
 class Config:
+    """Options of `mirl report`."""
+
     runs: str = ""  # run folders, comma-separated (overlaid in the plots); or give them as arguments
     out: str = ""  # output folder (default: <first run>/report)
 
 
 def run(cfg: Config) -> Path:
+    """`mirl report RUN ...`: the plots and one HTML page of the runs, overlaid."""
     if not cfg.runs:
         raise ValueError("mirl report needs --runs RUN_DIR[,RUN_DIR...]")
     page = write_report([r.strip() for r in cfg.runs.split(",") if r.strip()], cfg.out or None)

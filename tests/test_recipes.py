@@ -225,3 +225,51 @@ def test_compile_blocks_gives_the_eager_losses(tmp_path):
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
     keys = {flag: set(load_file(str(tmp_path / str(flag) / "final" / "model.safetensors"))) for flag in runs}
     assert keys[True] == keys[False]
+
+
+def test_the_options_recipes_share_are_declared_alike():
+    """Flat Config dataclasses, no inheritance: the options that every training recipe has are written out in
+    each, and must stay alike. IDENTICAL: same type, default and help; SAME_HELP: same type and help, a
+    default of the recipe's own; OWN: same type, meaning worded for the recipe. A new shared option must be
+    put in one of the three."""
+    import dataclasses
+
+    from mirl.cli import _field_help
+    from mirl.recipes import grpo, online, ppo, reward_model
+
+    mods = [sft, preference, grpo, online, ppo, reward_model]
+    fields = [{f.name: f for f in dataclasses.fields(m.Config)} for m in mods]
+    helps = [_field_help(m.Config) for m in mods]
+    shared = set(fields[0]).intersection(*fields[1:])
+    identical = {
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_targets",
+        "save_adapter_only",
+        "bf16",
+        "activation_checkpointing",
+        "freeze_vision",
+        "compile",
+        "fsdp",
+        "report",
+        "allow_config_change",
+        "seed",
+        "threads",
+        "resume",
+        "save_every",
+        "stop_at_step",
+        "max_grad_norm",
+        "weight_decay",
+        "split",
+    }
+    same_help = {"out_dir", "min_lr_ratio", "warmup_steps"}
+    own = {"data", "model", "task", "steps", "lr", "max_len"}
+    assert shared == identical | same_help | own, sorted(shared ^ (identical | same_help | own))
+    for name in shared:
+        assert len({fs[name].type for fs in fields}) == 1, name
+        if name in identical | same_help:
+            assert len({h[name] for h in helps}) == 1, (name, {h[name] for h in helps})
+        if name in identical:
+            assert len({repr(fs[name].default) for fs in fields}) == 1, name
+    assert not any(len(m.Config.__mro__) > 2 for m in mods)  # no config inheritance

@@ -23,6 +23,8 @@ from ..errors import DataError
 
 @dataclass
 class Row:
+    """One row of a dataset, with where it came from (for error messages) and the folder of its images."""
+
     data: dict
     where: str  # "file.jsonl:12" or "folder row 3"
     base: str = ""  # folder that relative image paths start from
@@ -36,6 +38,7 @@ class SkipCounter:
     examples: dict = field(default_factory=dict)
 
     def add(self, reason: str, where: str) -> None:
+        """Count a row dropped for `reason`; the first row of each reason is kept for the report."""
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.examples.setdefault(reason, where)
 
@@ -43,14 +46,17 @@ class SkipCounter:
     note_examples: dict = field(default_factory=dict)
 
     def note(self, reason: str, where: str) -> None:
+        """Count a row kept but changed for `reason` (reported like the skips)."""
         self.notes[reason] = self.notes.get(reason, 0) + 1
         self.note_examples.setdefault(reason, where)
 
     @property
     def total(self) -> int:
+        """The number of rows skipped, over every reason."""
         return sum(self.counts.values())
 
     def report(self) -> str:
+        """One line: each reason with its count and its first row, then the notes."""
         parts = [f"{k}: {v} (first at {self.examples[k]})" for k, v in sorted(self.counts.items())]
         out = "skipped rows: " + ("; ".join(parts) if parts else "none")
         if self.notes:

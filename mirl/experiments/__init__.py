@@ -21,6 +21,8 @@ NAMES = ("mio-vs-dpo", "starvation", "rft-compare")
 
 @dataclass
 class Config:
+    """Options of `mirl experiment`."""
+
     name: str = ""  # mio-vs-dpo | starvation | rft-compare
     quick: bool = False  # the CI size: fewer seeds, steps and methods' budgets (<= 3 minutes)
     seeds: str = "0,1,2"  # comma-separated seeds (mean and std over them)
@@ -51,6 +53,7 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
+    """`mirl experiment NAME`: run one of the papers' claims and write its results folder."""
     if cfg.name not in NAMES:
         raise ValueError(f"mirl experiment needs a name: {', '.join(NAMES)} (got {cfg.name!r})")
     import torch

@@ -28,6 +28,7 @@ TOY_PANELS = (
 
 
 def run_toy(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
+    """The linear-softmax toy for every (loss, beta, lr, seed): curves of the chosen log-ratio, margin and accuracy."""
     betas = [float(b) for b in cfg.betas.split(",")]
     lrs = [float(x) for x in cfg.toy_lrs.split(",")]
     losses = [s.strip() for s in cfg.toy_losses.split(",") if s.strip()]
@@ -142,6 +143,7 @@ def run_toy(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
 
 
 def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
+    """The tiny GPT: SFT, sampled pairs, then each loss from the same start, per seed; probe curves and accuracy."""
     from ..data.tasks import make_task
     from ..eval import evaluate
     from ..models import load_policy
@@ -247,6 +249,7 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
 
 
 def run(cfg, seeds: list[int]) -> dict:
+    """The MIO-vs-DPO experiment: the toy and the tiny GPT, results.json, summary.md and plots."""
     t0 = time.time()
     out = Path(cfg.out_dir) / "mio-vs-dpo"
     toy_numbers, toy_pngs, toy_table = run_toy(cfg, seeds, out)

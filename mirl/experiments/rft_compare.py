@@ -94,6 +94,7 @@ def run_one(job: tuple) -> dict:
 
 
 def run(cfg, seeds: list[int]) -> dict:
+    """Every RFT method at the same wall-clock budget from the same SFT start, per task and seed."""
     from ..recipes import sft
 
     t_start = time.time()

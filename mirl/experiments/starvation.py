@@ -120,6 +120,7 @@ def train_bandit(
 
 
 def run(cfg, seeds: list[int]) -> dict:
+    """The bandit of the starvation claim: how fast each method finds a response the reference rarely samples."""
     t0 = time.time()
     out = Path(cfg.out_dir) / "starvation"
     steps = cfg.starve_steps // 2 if cfg.quick else cfg.starve_steps

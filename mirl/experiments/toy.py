@@ -28,6 +28,8 @@ from ..losses import get_loss
 
 @dataclass
 class Toy:
+    """The toy problem: features, clusters of near-duplicate responses, prompts, pairs and the reference weights."""
+
     x_train: torch.Tensor  # (P, dx)
     x_test: torch.Tensor  # (Q, dx)
     phi: torch.Tensor  # (N, d) unit rows
@@ -73,6 +75,7 @@ def make_toy(
 
 
 def log_probs(w: torch.Tensor, x: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) of every response for every prompt under weights W: (prompts, responses)."""
     return torch.log_softmax(x @ w @ phi.T, dim=-1)
 
 

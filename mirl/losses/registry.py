@@ -51,6 +51,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, kind: str = "pair", needs_reference: bool = True):
+    """Register a loss function under `name` (kind pair, group or policy)."""
     if kind not in ("pair", "group", "policy"):
         raise ValueError(f"loss kind must be 'pair', 'group' or 'policy', got {kind!r}")
 
@@ -65,6 +66,7 @@ def register_loss(name: str, kind: str = "pair", needs_reference: bool = True):
 
 
 def get_loss(name: str) -> LossSpec:
+    """The registered loss `name`; an unknown name is an error listing the valid ones."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]

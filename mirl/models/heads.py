@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 
 class ScalarHead(nn.Module):
+    """A linear map from hidden states to one number per position (value and reward heads)."""
+
     def __init__(self, hidden_size: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size, 1)
@@ -22,6 +24,7 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, C) -> (B, T)."""
         return self.proj(hidden).squeeze(-1)  # (B, T)
 
 
@@ -47,6 +50,7 @@ class RewardModel(nn.Module):
 
     @property
     def tokenizer(self):
+        """The backbone's tokenizer."""
         return self.policy.tokenizer
 
     def forward(self, input_ids, attention_mask, response_mask=None, images=None) -> torch.Tensor:
@@ -61,6 +65,7 @@ class RewardModel(nn.Module):
         return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
     def save(self, path: str | Path) -> None:
+        """The backbone (as a model folder) and the head (reward_head.safetensors, with its aggregation)."""
         self.policy.save(path)
         save_file(
             {k: v.contiguous() for k, v in self.head.state_dict().items()},
@@ -70,6 +75,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> RewardModel:
+        """A reward model folder written by save()."""
         from .policy import load_policy
 
         head_file = Path(path) / "reward_head.safetensors"

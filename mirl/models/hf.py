@@ -9,11 +9,13 @@ import torch
 
 
 def is_hf_dir(path: str | Path) -> bool:
+    """Whether `path` is a folder with a config.json (a transformers model folder)."""
     p = Path(path)
     return p.is_dir() and (p / "config.json").exists()
 
 
 def is_vlm_dir(path: str | Path) -> bool:
+    """Whether the folder's config has a vision part (an image+text model)."""
     import json
 
     cfg = json.loads((Path(path) / "config.json").read_text())
@@ -42,5 +44,6 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def save_hf(model, tokenizer, path: str | Path) -> None:
+    """save_pretrained of the model (safetensors) and of its tokenizer."""
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))

@@ -82,6 +82,7 @@ class TinyBackend:
         return positions_from_mask(attention_mask)[:, -input_ids.shape[1] :], None
 
     def image_kwargs(self, images) -> dict:
+        """The model's keyword arguments for a batch of image inputs."""
         return {"images": images}
 
     def step(self, model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, image_kw):
@@ -89,6 +90,7 @@ class TinyBackend:
         return model(input_ids, attention_mask, position_ids, cache, **image_kw)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
+        """-> (logits (B, T, V), last hidden state (B, T, C))."""
         logits, _, hidden = model(input_ids, attention_mask, position_ids, None, return_hidden=True, **image_kw)
         return logits, hidden
 
@@ -100,15 +102,19 @@ class TinyBackend:
         return hidden, base.lm_head.weight
 
     def enable_activation_checkpointing(self, base) -> None:
+        """Recompute block activations in the backward."""
         base.checkpointing = True
 
     def max_seq_len(self, base) -> int:
+        """The model's context length."""
         return base.config.max_seq_len
 
     def hidden_size(self, base) -> int:
+        """The width of the last hidden state."""
         return base.config.n_embd
 
     def save(self, model, tokenizer, vision, path: Path) -> None:
+        """config.json, model.safetensors and tokenizer.json in `path`."""
         (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
         save_model(model, str(path / "model.safetensors"))
         tokenizer.save_pretrained(path)
@@ -147,6 +153,7 @@ class HFBackend:
         return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
 
     def image_kwargs(self, images) -> dict:
+        """The model's keyword arguments for a batch of image inputs (the processor's tensors)."""
         return dict(images)
 
     def step(self, model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, image_kw):
@@ -163,6 +170,7 @@ class HFBackend:
         return out.logits, (out.past_key_values, deltas)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
+        """-> (logits (B, T, V), last hidden state (B, T, C))."""
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -191,16 +199,20 @@ class HFBackend:
         return out.last_hidden_state, head.weight
 
     def enable_activation_checkpointing(self, base) -> None:
+        """transformers' gradient checkpointing (non-reentrant)."""
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def max_seq_len(self, base) -> int:
+        """max_position_embeddings (unbounded when the config has none)."""
         return getattr(base.config, "max_position_embeddings", 1 << 20)
 
     def hidden_size(self, base) -> int:
+        """The text model's hidden size."""
         cfg = base.config
         return cfg.text_config.hidden_size if hasattr(cfg, "text_config") else cfg.hidden_size
 
     def save(self, model, tokenizer, vision, path: Path) -> None:
+        """save_pretrained of the model and tokenizer, and of the image processor for a VLM."""
         save_hf(model, tokenizer, path)
         if vision is not None:
             vision.processor.save_pretrained(str(path))
@@ -451,6 +463,7 @@ def load_weights(model: nn.Module, file: Path) -> None:
 
 
 def read_tokenizer(path: Path) -> CharTokenizer:
+    """The character tokenizer of a tiny-model folder; a missing or invalid tokenizer.json is named."""
     data = read_json(Path(path) / "tokenizer.json", "tokenizer")
     try:
         return CharTokenizer.from_pretrained(path)
@@ -461,6 +474,7 @@ def read_tokenizer(path: Path) -> CharTokenizer:
 
 
 def new_tiny_policy(preset: str = "gpt-nano", max_seq_len: int = 256, seed: int | None = None) -> Policy:
+    """A fresh built-in tiny GPT or tiny VLM of a preset size, seeded."""
     if preset in VLM_PRESETS:
         tok = CharTokenizer(image_token=IMAGE_PLACEHOLDER)
         if seed is not None:

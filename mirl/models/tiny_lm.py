@@ -19,6 +19,8 @@ PRESETS = {"gpt-nano": 2, "gpt-micro": 3, "gpt-mini": 4, "gpt-small": 6, "gpt-ba
 
 @dataclass
 class TinyGPTConfig:
+    """Sizes of the built-in GPT (vocabulary, context, depth, width, heads)."""
+
     vocab_size: int = 100
     depth: int = 2
     max_seq_len: int = 256
@@ -35,6 +37,7 @@ class TinyGPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
     def to_dict(self) -> dict:
+        """The config as saved in config.json (with model_type)."""
         return asdict(self)
 
 
@@ -50,6 +53,8 @@ def preset_config(name: str, vocab_size: int, max_seq_len: int = 256) -> TinyGPT
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block (RMSNorm): causal self-attention and a GELU MLP, each with a residual."""
+
     def __init__(self, cfg: TinyGPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
@@ -61,6 +66,7 @@ class Block(nn.Module):
         self.ln2 = nn.RMSNorm(cfg.n_embd)
 
     def forward(self, x, attn_mask, past):
+        """x (B, T, C) through the block, attending to the cached keys and values `past` -> (x, (keys, values))."""
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B,H,T,D)
@@ -77,6 +83,8 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
+    """The built-in decoder-only language model with a KV cache."""
+
     def __init__(self, cfg: TinyGPTConfig):
         super().__init__()
         self.config = cfg

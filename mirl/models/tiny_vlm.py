@@ -23,6 +23,8 @@ VLM_PRESETS = {"vlm-nano": "gpt-nano", "vlm-micro": "gpt-micro", "vlm-mini": "gp
 
 @dataclass
 class TinyVLMConfig(TinyGPTConfig):
+    """Sizes of the built-in image+text model: the GPT's, the image size and patching."""
+
     image_size: int = 32  # square images of this many pixels a side
     channels: int = 3  # 3 = RGB, 1 = grayscale
     patch: int = 8  # image tokens = (image_size / patch) ** 2
@@ -37,10 +39,12 @@ class TinyVLMConfig(TinyGPTConfig):
 
     @property
     def n_image_tokens(self) -> int:
+        """Tokens one image becomes (one per patch)."""
         return (self.image_size // self.patch) ** 2
 
 
 def vlm_preset_config(name: str, vocab_size: int, image_token_id: int, max_seq_len: int = 256) -> TinyVLMConfig:
+    """The config of a tiny VLM preset."""
     if name not in VLM_PRESETS:
         raise ValueError(f"unknown tiny VLM preset {name!r}; valid: {', '.join(VLM_PRESETS)}")
     return TinyVLMConfig(
@@ -49,6 +53,8 @@ def vlm_preset_config(name: str, vocab_size: int, image_token_id: int, max_seq_l
 
 
 class TinyVLM(nn.Module):
+    """The tiny GPT with a patch encoder and projector whose outputs replace the image placeholders."""
+
     def __init__(self, cfg: TinyVLMConfig):
         super().__init__()
         self.config = cfg
@@ -66,17 +72,21 @@ class TinyVLM(nn.Module):
     # the text model's attributes the Policy reads
     @property
     def lm_head(self):
+        """The language model's output layer."""
         return self.lm.lm_head
 
     @property
     def checkpointing(self) -> bool:
+        """Whether block activations are recomputed in the backward."""
         return self.lm.checkpointing
 
     @checkpointing.setter
     def checkpointing(self, value: bool) -> None:
+        """Whether block activations are recomputed in the backward."""
         self.lm.checkpointing = value
 
     def vision_tower(self) -> list[nn.Module | nn.Parameter]:
+        """The patch encoder (frozen by --freeze-vision)."""
         return [self.vision, self.patch_pos]
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

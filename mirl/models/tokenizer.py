@@ -17,6 +17,8 @@ CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
 class CharTokenizer:
+    """A character-level tokenizer for the built-in tasks, with pad, BOS, EOS, unknown and image tokens."""
+
     type_name = "mirl-char"
 
     def __init__(self, chars: str = CHARS, image_token: str | None = None):
@@ -32,12 +34,14 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The number of token ids."""
         return len(self.itos)
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (unknown characters become the unknown token); BOS first with add_special_tokens."""
         if self.image_token:
             ids = []
             for k, part in enumerate(text.split(self.image_token)):
@@ -47,6 +51,7 @@ class CharTokenizer:
         return [self.bos_token_id] + ids if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """The text of token ids; special tokens dropped unless asked for."""
         out = []
         for i in ids:
             i = int(i)
@@ -65,6 +70,7 @@ class CharTokenizer:
         return self.encode(text) if tokenize else text
 
     def save_pretrained(self, path: str | Path) -> None:
+        """tokenizer.json in `path`."""
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "tokenizer.json").write_text(
             json.dumps({"type": self.type_name, "chars": self.chars, "image_token": self.image_token})
@@ -72,6 +78,7 @@ class CharTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> CharTokenizer:
+        """The tokenizer saved in `path`."""
         data = json.loads((Path(path) / "tokenizer.json").read_text())
         if data.get("type") != cls.type_name:
             raise ValueError(f"{path}/tokenizer.json is not a {cls.type_name} tokenizer")

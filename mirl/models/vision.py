@@ -87,6 +87,8 @@ class TinyVision:
         self.cfg, self.tokenizer = config, tokenizer
 
     def encode(self, text: str, images: list, where: str):
+        """Prompt text and its images -> (token ids, image inputs) for the built-in VLM; the placeholders expand to
+        patch tokens."""
         import numpy as np
 
         cfg = self.cfg
@@ -103,6 +105,7 @@ class TinyVision:
         return ids, {"pixel_values": torch.stack(arrays)}
 
     def tower(self, model):
+        """The modules of the vision tower (for freezing)."""
         return model.vision_tower()
 
 
@@ -117,6 +120,8 @@ class HFVision:
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
 
     def encode(self, text: str, images: list, where: str):
+        """Prompt text and its images -> (token ids, the image processor's inputs); each placeholder expands to the
+        model's image tokens."""
         text = _placeholders(text, len(images), where)
         images = [check_image(img, f"{where} image {i}").convert("RGB") for i, img in enumerate(images)]
         out = self.processor(images=images, return_tensors="pt")
@@ -139,6 +144,7 @@ class HFVision:
         return n + (1 if getattr(self.config, "vision_feature_select_strategy", "default") == "full" else 0)
 
     def tower(self, model):
+        """The modules of the vision tower (for freezing)."""
         inner = getattr(model, "model", model)
         for name in ("visual", "vision_tower", "vision_model"):
             for owner in (inner, model):

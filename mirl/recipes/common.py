@@ -201,9 +201,11 @@ class Run:
         return time.perf_counter() - self.t_train - sum(e.get("eval_s", 0.0) for e in self.evals)
 
     def out_of_time(self) -> bool:
+        """Whether the time budget is spent (evaluation time excluded)."""
         return bool(self.cadence.time_budget_s) and self.train_seconds() > self.cadence.time_budget_s
 
     def eval_due(self, step: int) -> bool:
+        """Whether a held-out evaluation is due after `step` (every N steps, or N seconds of training)."""
         c = self.cadence
         if c.eval_every and step % c.eval_every == 0:
             return True
@@ -212,6 +214,7 @@ class Run:
 
     @property
     def steps(self) -> int:
+        """The steps completed so far, counting those before a resume."""
         return self.start + len(self.history)
 
 

@@ -58,6 +58,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl grpo` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
@@ -98,12 +100,12 @@ class Config:
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
-    min_lr_ratio: float = 1.0  # cosine decay floor; 1.0 = constant
+    min_lr_ratio: float = 1.0  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    seed: int = 0  # seed
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/grpo"  # run folder
+    out_dir: str = "runs/grpo"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)

@@ -49,6 +49,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl online` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -71,16 +73,16 @@ class Config:
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # model context for new tiny models
     lr: float = 2e-5  # learning rate
-    warmup_steps: int = 0  # linear warmup
-    min_lr_ratio: float = 1.0  # cosine floor (1 = constant)
+    warmup_steps: int = 0  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 1.0  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
-    max_grad_norm: float = 1.0  # gradient clipping
-    seed: int = 0  # seed
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/online"  # run folder
+    out_dir: str = "runs/online"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
-    stop_at_step: int = 0  # end after this step as if interrupted
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free

@@ -55,6 +55,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl ppo` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
@@ -80,16 +82,16 @@ class Config:
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # context of new tiny models
     lr: float = 5e-5  # learning rate (policy and critic)
-    warmup_steps: int = 0  # warmup (optimizer steps)
-    min_lr_ratio: float = 1.0  # cosine floor (1 = constant)
+    warmup_steps: int = 0  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 1.0  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
-    max_grad_norm: float = 1.0  # gradient clipping
-    seed: int = 0  # seed
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/ppo"  # run folder
-    save_every: int = 0  # checkpoint every N rollouts
+    out_dir: str = "runs/ppo"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
-    stop_at_step: int = 0  # end after this step as if interrupted
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated before and after
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
@@ -118,6 +120,7 @@ class Critic(nn.Module):
         self.head = ScalarHead(policy.hidden_size)
 
     def forward(self, hidden_from_policy, ids, attn, images=None):
+        """Values (B, T): the head on the policy's hidden states, or on the separate backbone's."""
         if self.backbone is None:
             return self.head(hidden_from_policy)
         h = self.backbone(ids, attn, images=images, output="logits_and_hidden").hidden

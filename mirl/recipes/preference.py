@@ -54,6 +54,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl dpo` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
     split: str = "train"  # the split to read when --data is a datasets folder with several
@@ -74,15 +76,15 @@ class Config:
     batch_size: int = 32  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate
-    warmup_steps: int = 10  # linear warmup steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     probe_every: int = 5  # every N steps log log-probs of a fixed set of 256 pairs (probe/*; 0 = off)
     chosen_drop_warn: float = 2.0  # warn when mean chosen logp fell this many nats while the margin grew
-    seed: int = 0  # seed for data order and sampling
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/dpo"  # run folder
+    out_dir: str = "runs/dpo"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)

@@ -47,6 +47,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl rm` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
     split: str = "train"  # the split to read when --data is a datasets folder with several
@@ -64,16 +66,16 @@ class Config:
     batch_size: int = 32  # pairs per step
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4  # learning rate
-    warmup_steps: int = 20  # warmup
-    min_lr_ratio: float = 0.1  # cosine floor
+    warmup_steps: int = 20  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
-    max_grad_norm: float = 1.0  # gradient clipping
-    seed: int = 0  # seed
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/rm"  # run folder
-    save_every: int = 0  # checkpoint every N steps
+    out_dir: str = "runs/rm"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
-    stop_at_step: int = 0  # end after this step as if interrupted
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
     lora_alpha: int = 16  # LoRA scaling alpha
@@ -104,6 +106,7 @@ def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
 
 
 def pair_scores(rm, pairs, pad_id):
+    """Reward-model scores of the chosen and rejected sides of encoded pairs: (chosen (N,), rejected (N,), tokens)."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
     ids, attn, resp = pad_batch(seqs, pad_id)
     s = rm(ids, attn, resp, images=batch_images(seqs))
@@ -112,6 +115,7 @@ def pair_scores(rm, pairs, pad_id):
 
 @torch.no_grad()
 def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
+    """The fraction of pairs whose chosen side scores higher."""
     rm.eval()
     correct = 0
     for s in range(0, len(pairs), batch_size):
@@ -123,6 +127,7 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
 
 def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
+    """Train a Bradley-Terry reward model. data / eval_data: optional preference records; model: optional Policy."""
     if cfg.bf16:
         raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
     setup(cfg)

@@ -44,6 +44,8 @@ from .common import (
 
 @dataclass
 class Config:
+    """Options of `mirl sft` (one line of doc each, the CLI's flags)."""
+
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
@@ -54,13 +56,13 @@ class Config:
     batch_size: int = 64  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
-    warmup_steps: int = 30  # linear warmup steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    seed: int = 0  # seed for init, data order and sampling
+    seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/sft"  # run folder: metrics.jsonl, tb/, checkpoint/, final/
+    out_dir: str = "runs/sft"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)

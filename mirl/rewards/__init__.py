@@ -147,6 +147,8 @@ class RewardSet:
             warn(f"reward {name!r}: {kind} on sample {sample[:120]!r}; counted, the run goes on")
 
     def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Score completions with every function: -> (weighted total (N,), per function (N, F), metrics); faults
+        counted."""
         n = len(completions)
         per_fn = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float64)
         for j, (name, fn, _) in enumerate(self.fns):

@@ -42,6 +42,7 @@ class NoisyRollout:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def strength_at(self, step: int) -> float:
+        """The perturbation strength at `step` (linear annealing to 0)."""
         return self.strength * max(0.0, 1.0 - step / max(1, self.anneal_steps))
 
     def sample_images(self, policy, examples: list[dict], clean: list, group_size: int, step: int) -> list | None:

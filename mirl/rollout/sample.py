@@ -22,6 +22,8 @@ Tensor = torch.Tensor
 
 @dataclass
 class RolloutBatch:
+    """What generation returns; shapes in the module docstring."""
+
     prompt_ids: Tensor
     prompt_mask: Tensor
     response_ids: Tensor

@@ -14,6 +14,8 @@ from .sample import RolloutBatch, generate
 
 @dataclass
 class ScoredBatch:
+    """A rollout with its rewards (NaN where no function applied), per-function scores and metrics."""
+
     batch: RolloutBatch
     examples: list[dict]  # one per row (prompt's example repeated group_size times)
     rewards: torch.Tensor  # (B,) float64, NaN where no reward function applied

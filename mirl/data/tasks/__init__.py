@@ -12,6 +12,7 @@ from .visual import DigitArithTask, GroundingTask, ShapeCountTask
 
 
 def make_task(name: str):
+    """A built-in task by name: arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:variant]."""
     base, _, arg = name.partition(":")
     if base in ("arith", "countdown"):
         lo, hi = (1, 12) if base == "arith" else (2, 8)

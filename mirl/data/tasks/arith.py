@@ -18,6 +18,7 @@ ANSWER_RE = re.compile(r"\|\s*(-?\d+)")
 
 
 def cot(a: int, b: int) -> str:
+    """The column-by-column chain of thought of a + b, ending in '|' and the sum."""
     xs, ys = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(xs), len(ys))):
@@ -70,14 +71,17 @@ class ArithTask:
         return {"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": cot(a, b)}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n examples of the split ('train' or 'test'), deterministic in seed."""
         return sample_split(self._problem, self.name, split, n, seed)
 
     def wrong_solution(self, example: dict, rng: random.Random) -> str:
+        """A plausible wrong solution (one column sum off by one, carried to the answer), for synthetic pairs."""
         a, b = map(int, example["prompt"][:-1].split("+"))
         return wrong_cot(a, b, rng)
 
     @staticmethod
     def extract(completion: str) -> str | None:
+        """The first number after a '|', or None."""
         m = ANSWER_RE.search(completion)
         return m.group(1) if m else None
 

@@ -48,6 +48,8 @@ def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
 
 
 class CountdownTask:
+    """Reach a target with + - * / over a few given numbers; checked by parsing the expression, never eval."""
+
     score_columns = ("numbers", "target")  # the fields of an example that score() reads
 
     def __init__(self, n_numbers: int = 3, max_number: int = 20):
@@ -73,10 +75,12 @@ class CountdownTask:
                 }
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n examples of the split ('train' or 'test'), deterministic in seed."""
         return sample_split(self._problem, self.name, split, n, seed)
 
     @staticmethod
     def extract(completion: str) -> str:
+        """The first line of the completion: the expression."""
         return completion.strip().splitlines()[0] if completion.strip() else ""
 
     def score(self, completion: str, example: dict) -> float:

@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 
 def is_test(prompt: str) -> bool:
+    """Whether a prompt is held out: one in ten by a CRC32 of its text (stable across runs and machines)."""
     return zlib.crc32(prompt.encode()) % 10 == 0
 
 
 def sample_split(make: Callable[[random.Random], dict], name: str, split: str, n: int, seed: int) -> list[dict]:
+    """n examples of one split drawn from make(rng), deterministic in (name, split, seed)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"{name}-{split}-{seed}")

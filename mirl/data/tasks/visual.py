@@ -65,11 +65,14 @@ def digit_image(i: int, j: int):
 
 
 class DigitArithTask:
+    """An image of two digits; the answer is their sum (an image+text task)."""
+
     score_columns = ("answer",)  # the fields of an example that score() reads
     name = "digits"
     success_threshold = 1.0
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n examples of the split ('train' or 'test'), deterministic in seed."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         _, labels = _digits()
@@ -116,6 +119,7 @@ def _scene(rng: random.Random, n: int, distinct: str = "") -> list[dict]:
 
 
 def draw_scene(shapes: list[dict]):
+    """A small RGB image of coloured shapes at the given boxes."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
@@ -133,6 +137,8 @@ def draw_scene(shapes: list[dict]):
 
 
 class ShapeCountTask:
+    """Images of 1-4 shapes; the question asks how many of one kind there are."""
+
     score_columns = ("answer",)  # the fields of an example that score() reads
     name = "shapes"
     success_threshold = 1.0
@@ -151,14 +157,17 @@ class ShapeCountTask:
         }
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n examples of the split ('train' or 'test'), deterministic in seed."""
         return sample_split(self._problem, self.name, split, n, seed)
 
     @staticmethod
     def extract(completion: str) -> str | None:
+        """The first integer in the completion, or None."""
         m = INT_RE.search(completion)
         return m.group(0) if m else None
 
     def score(self, completion: str, example: dict) -> float:
+        """1.0 when the extracted count equals the answer."""
         got = self.extract(completion)
         return float(got is not None and int(got) == int(example["answer"]))
 
@@ -215,9 +224,11 @@ class GroundingTask:
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         # one split name for both variants: `grounding:pair` draws the very scenes the task drew before it
         # had variants, so earlier runs and checkpoints keep their held-out set
+        """n scenes of the split with the asked shape's box, deterministic in seed."""
         return sample_split(self._problem, "grounding", split, n, seed)
 
     def score(self, completion: str, example: dict) -> float:
+        """The IoU of the first box in the completion with the asked shape's box (0 when there is none)."""
         pred = parse_box(completion)
         return 0.0 if pred is None else box_iou(pred, example["box"])
 
