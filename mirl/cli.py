@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     """The `mirl` command: parse, check every option, run; bad input exits 2 with one line naming it."""
     from .checkpoint import CheckpointError
     from .distributed import is_main, shutdown
-    from .recipes.common import Interrupted, TrainingDiverged
+    from .recipes.common import TrainingDiverged
+    from .recipes.run import Interrupted
 
     argv = sys.argv[1:] if argv is None else argv
     cmd, mod, args, cls = parse_command(argv)

@@ -36,21 +36,23 @@ from ..optim import make_optimizer
 from ..rollout.groups import NoisyRollout, sample_groups
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
-    Cadence,
-    Result,
-    Run,
     Schedule,
     build_policy,
     check_fsdp,
-    end_of_run,
-    end_of_step,
     frozen_reference,
     gathered_policy,
-    held_out_evaluator,
     load_prompts,
     optimizer_step,
     policy_options,
     prompt_options,
+)
+from .run import (
+    Cadence,
+    Result,
+    Run,
+    end_of_run,
+    end_of_step,
+    held_out_evaluator,
     resume_state,
     setup,
 )

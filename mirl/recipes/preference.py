@@ -34,20 +34,22 @@ from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_l
 from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
-    Cadence,
-    Result,
-    Run,
     Schedule,
     autocast,
     build_policy,
     check_fsdp,
-    end_of_run,
-    end_of_step,
     frozen_reference,
     gathered_policy,
     optimizer_step,
     policy_options,
     report_skips,
+)
+from .run import (
+    Cadence,
+    Result,
+    Run,
+    end_of_run,
+    end_of_step,
     setup,
 )
 

@@ -29,18 +29,20 @@ from ..models.heads import RewardModel
 from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
-    Cadence,
-    Result,
-    Run,
     Schedule,
     build_policy,
     check_fsdp,
-    end_of_run,
-    end_of_step,
     gathered_policy,
     optimizer_step,
     policy_options,
     report_skips,
+)
+from .run import (
+    Cadence,
+    Result,
+    Run,
+    end_of_run,
+    end_of_step,
     setup,
 )
 

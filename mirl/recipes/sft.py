@@ -24,20 +24,22 @@ from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
 from .common import (
-    Cadence,
-    Result,
-    Run,
     Schedule,
     autocast,
     build_policy,
     check_fsdp,
-    end_of_run,
-    end_of_step,
     gathered_policy,
-    held_out_accuracy,
     optimizer_step,
     policy_options,
     report_skips,
+)
+from .run import (
+    Cadence,
+    Result,
+    Run,
+    end_of_run,
+    end_of_step,
+    held_out_accuracy,
     setup,
 )
 

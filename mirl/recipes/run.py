@@ -1,0 +1,366 @@
+"""A run's lifecycle, the same in every recipe: the start (threads, seeds, the run folder, resume checks,
+signal handlers), the bookkeeping between steps (Run, Cadence), one end_of_step and one end_of_run, held-out
+evaluations, the samples and report page at the end, and the Result every train() returns."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..logging import MetricLogger, console
+from ..options import ConfigError, flag
+from .common import save_final
+
+
+def setup(cfg) -> None:
+    """Threads, seeds, torch.distributed when launched by torchrun. Few threads by default:
+    oversubscribing a small CPU makes every step slower. Every rank seeds alike (same initial weights)."""
+    from ..distributed import init, is_main
+    from ..options import check_config
+
+    check_config(cfg)  # the CLI checked already; the Python API gets the same answers
+    init()
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    recipe = type(cfg).__module__.rsplit(".", 1)[-1]
+    saved = out / "config.json"
+    if cfg.resume:
+        check_resume_config(cfg, recipe, saved)
+    if is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(saved, json.dumps({"recipe": recipe, **asdict(cfg)}, indent=1))
+        except OSError as e:
+            raise ConfigError(f"--out-dir {cfg.out_dir}: cannot write the run folder ({e.strerror or e})") from e
+    watch_stop_signals()
+
+
+# options that may change between a run and its resumption: they do not change what is trained
+RESUMABLE_CHANGES = {
+    "resume",
+    "out_dir",
+    "stop_at_step",
+    "threads",
+    "allow_config_change",
+    "report",
+    "eval_every",
+    "eval_every_s",
+    "eval_n",
+    "time_budget_s",
+    "save_every",
+}
+
+
+def check_resume_config(cfg, recipe: str, saved: Path) -> None:
+    """--resume continues the same run: the checkpoint must come from this recipe, and the options that
+    decide what is trained must be those it was started with (--allow-config-change lets them differ)."""
+    if not saved.exists():
+        return  # no run here: load_checkpoint says so
+    try:
+        old = json.loads(saved.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{saved}: cannot read the run's config to resume it ({e})") from e
+    if old.get("recipe", recipe) != recipe:
+        raise ConfigError(
+            f"{cfg.out_dir} holds a run of 'mirl {RECIPE_COMMANDS.get(old['recipe'], old['recipe'])}'; "
+            f"it cannot be resumed by 'mirl {RECIPE_COMMANDS.get(recipe, recipe)}'"
+        )
+    now = asdict(cfg)
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and k in old and old[k] != now[k]]
+    if diff and not cfg.allow_config_change:
+        shown = ", ".join(f"{flag(k)} {old[k]!r} -> {now[k]!r}" for k in diff[:8])
+        raise ConfigError(
+            f"--resume: the options differ from the run's in {saved}: {shown}; resume with the same "
+            "options, or pass --allow-config-change"
+        )
+
+
+RECIPE_COMMANDS = {"preference": "dpo", "reward_model": "rm"}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: the recipe saved the last completed step and stops."""
+
+    def __init__(self, step: int, signal_name: str, saved: bool, out_dir: str):
+        super().__init__(f"{signal_name} after step {step}")
+        self.step, self.signal_name, self.saved, self.out_dir = step, signal_name, saved, out_dir
+
+
+_STOP = {"signal": None}
+
+
+def watch_stop_signals() -> None:
+    """SIGINT / SIGTERM ask the run to stop after the current step (checkpoint, then Interrupted); a second
+    SIGINT stops at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _STOP["signal"] = None
+
+    def handler(signum, frame):
+        if _STOP["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _STOP["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_signal() -> str | None:
+    """The name of the signal that asked the run to stop (None when none did), the same on every rank."""
+    from .. import distributed as dist
+
+    name = _STOP["signal"]
+    if dist.world_size() > 1 and dist.all_sum(float(name is not None)) > 0:
+        return name or "SIGTERM"
+    return name
+
+
+@dataclass
+class Result:
+    """What every recipe's train() returns: the trained model, one dict of metrics per step, a summary."""
+
+    model: object
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cadence:
+    """When a run saves, evaluates and stops: part of the derived values each recipe computes near its top."""
+
+    steps: int  # steps of the recipe's loop
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    eval_every: int = 0  # held-out evaluation every N steps (0 = off)
+    eval_every_s: float = 0.0  # ... or every N seconds of training (evaluations excluded; 0 = off)
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    stop_at_step: int = 0  # end after this step as if interrupted (0 = run to the end)
+    resumable: bool = True  # False under FSDP2: the weights are sharded, no resumable checkpoint is written
+
+    def checkpoint_due(self, step: int, stopping: bool = False) -> bool:
+        """Every save_every steps, at the last step, and whenever the run stops early."""
+        return self.resumable and (
+            bool(self.save_every and step % self.save_every == 0) or step == self.steps or stopping
+        )
+
+    @property
+    def finishes(self) -> bool:
+        """The run goes to its last step (no --stop-at-step before it): it saves final/ and evaluates."""
+        return not (self.stop_at_step and self.stop_at_step < self.steps)
+
+
+class Run:
+    """The bookkeeping between a recipe's steps: the metrics log (rank 0), the held-out evaluations and the
+    training clock (evaluation time excluded), and the history returned in the Result."""
+
+    def __init__(
+        self,
+        out_dir,
+        cadence: Cadence,
+        *,
+        desc: str,
+        show: tuple[str, ...],
+        resume: bool,
+        start: int,
+        evals: list | None = None,
+    ):
+        import time
+
+        from .. import distributed as dist
+
+        self.out_dir, self.cadence, self.start = Path(out_dir), cadence, start
+        self.main = dist.is_main()
+        self.log = (
+            MetricLogger(out_dir, cadence.steps, desc=desc, resume=resume, start_step=start, show=show)
+            if self.main
+            else None
+        )
+        self.history: list[dict] = []
+        self.evals: list[dict] = evals if evals is not None else []
+        self.samples = 0  # responses sampled so far (online recipes)
+        self.t_train = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Seconds since training began, less the time spent in held-out evaluations."""
+        import time
+
+        return time.perf_counter() - self.t_train - sum(e.get("eval_s", 0.0) for e in self.evals)
+
+    def out_of_time(self) -> bool:
+        """Whether the time budget is spent (evaluation time excluded)."""
+        return bool(self.cadence.time_budget_s) and self.train_seconds() > self.cadence.time_budget_s
+
+    def eval_due(self, step: int) -> bool:
+        """Whether a held-out evaluation is due after `step` (every N steps, or N seconds of training)."""
+        c = self.cadence
+        if c.eval_every and step % c.eval_every == 0:
+            return True
+        last = max((e.get("train_s", 0.0) for e in self.evals), default=0.0)
+        return bool(c.eval_every_s) and self.train_seconds() - last >= c.eval_every_s
+
+    @property
+    def steps(self) -> int:
+        """The steps completed so far, counting those before a resume."""
+        return self.start + len(self.history)
+
+
+def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate=None) -> bool:
+    """The tail of every recipe's step, the same in all: the step's time, a held-out evaluation when due
+    (rank 0; evaluate(step) -> accuracy), the history and the metrics log, a checkpoint when due
+    (save(step) on rank 0), and whether to stop: the time budget, --stop-at-step or a signal (SIGINT /
+    SIGTERM: the checkpoint is written, then Interrupted is raised). Every rank decides alike."""
+    import time
+
+    from .. import distributed as dist
+
+    row["time/step_s"] = time.perf_counter() - t_step  # evaluations are not part of the step
+    if evaluate is not None and run.main and run.eval_due(step):
+        row["eval/accuracy"] = evaluate(step)
+    run.history.append({"step": step, **row})
+    halt = stop_signal()
+    stop = (
+        halt is not None
+        or dist.all_sum(float(run.out_of_time())) > 0
+        or bool(run.cadence.stop_at_step and step >= run.cadence.stop_at_step)
+    )
+    if run.main:
+        run.log.log(step, row)
+        if run.cadence.checkpoint_due(step, stop):
+            save(step)
+    dist.barrier()
+    if halt is not None:
+        raise Interrupted(step, halt, saved=run.cadence.checkpoint_due(step, True), out_dir=str(run.out_dir))
+    return stop
+
+
+def end_of_run(
+    run: Run,
+    policy,
+    *,
+    save=None,
+    merged: bool = True,
+    extra_save=None,
+    evaluate=None,
+    report: bool = False,
+    task=None,
+    examples=None,
+    max_new_tokens: int = 40,
+) -> dict:
+    """The end of every recipe, the same in all: close the log; when the run went to its last step, rank 0
+    saves final/ (save(folder), or the policy merged or as adapters, then extra_save(folder)) and evaluates
+    (evaluate() -> accuracy); rank 0 writes samples.jsonl and the report page (report); every rank waits.
+    -> the summary's common part (steps, seconds, evaluations)."""
+    from .. import distributed as dist
+
+    if run.main:
+        run.log.close()
+    if run.main and run.cadence.finishes:
+        folder = run.out_dir / "final"
+        if save is not None:
+            save(folder)
+        else:
+            save_final(policy, folder, merged=merged)
+        if extra_save is not None:
+            extra_save(folder)
+        if evaluate is not None:
+            evaluate()
+    if run.main and report:
+        write_samples_and_report(run.out_dir, policy, task, examples, max_new_tokens=max_new_tokens)
+    dist.barrier()
+    return {"steps": run.steps, "train_seconds": run.train_seconds(), "evals": run.evals}
+
+
+def held_out_evaluator(policy, task, test, *, run: Run | None, evals: list | None = None, max_new_tokens: int):
+    """evaluate(step, label=None) -> greedy held-out accuracy, recorded in run.evals (or `evals` before the
+    run exists); None when there is no held-out set."""
+    if not test:
+        return None
+
+    def evaluate(step: int, label: str | None = None) -> float:
+        return held_out_accuracy(
+            policy,
+            task,
+            test,
+            max_new_tokens=max_new_tokens,
+            evals=run.evals if run is not None else evals,
+            step=step,
+            label=label or f"at step {step}",
+            run=run,
+        )
+
+    return evaluate
+
+
+def resume_state(out_dir, policy, optimizer, generator=None) -> tuple[int, list]:
+    """Weights, optimizer, RNG (and the sampling generator's state) from <out_dir>/checkpoint.
+    -> (the checkpoint's step, the held-out evaluations so far)."""
+    from ..checkpoint import load_checkpoint
+
+    state = load_checkpoint(out_dir, policy, optimizer)
+    if generator is not None:
+        generator.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+    console.print(f"resumed from {out_dir}/checkpoint at step {state['step']}")
+    return state["step"], state.get("evals", [])
+
+
+def held_out_accuracy(
+    policy, task, test, *, max_new_tokens: int, evals: list, step: int, label: str, run: Run | None = None
+) -> float:
+    """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
+    samples drawn so far and the evaluation's own seconds) and printed. run None: before training."""
+    import time
+
+    from ..eval import evaluate
+
+    t0 = time.perf_counter()
+    train_s = 0.0 if run is None else run.train_seconds()
+    res = evaluate(policy, task, test, max_new_tokens=max_new_tokens)
+    acc = res.accuracy
+    # an evaluation before training (run None) is outside the training clock: nothing to subtract
+    evals.append(
+        {
+            "step": step,
+            "accuracy": acc,
+            "mean_score": res.mean_score,
+            "train_s": train_s,
+            "samples": 0 if run is None else run.samples,
+            "eval_s": 0.0 if run is None else time.perf_counter() - t0,
+            **(res.details or {}),
+        }
+    )
+    console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
+    return acc
+
+
+def write_samples_and_report(
+    out_dir, policy, task=None, examples: list[dict] | None = None, *, max_new_tokens: int, n_samples: int = 8
+) -> None:
+    """End of a run (rank 0): <out_dir>/samples.jsonl (greedy completions of a few held-out prompts with
+    their task score, or of the first training prompts when there is no task) and the report page."""
+    from ..report import write_report
+    from ..rollout.score import completions
+
+    examples = (examples or [])[:n_samples]
+    if examples:
+        images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
+        with open(Path(out_dir) / "samples.jsonl", "w") as f:
+            for e, o in zip(examples, outs):
+                score = task.score(o[0], e) if task is not None else None
+                row = {
+                    "prompt": e["prompt"],
+                    "completion": o[0],
+                    "reward": score,
+                    "reference": e.get("solution") or e.get("chosen"),
+                }
+                f.write(json.dumps(row) + "\n")
+    console.print(f"report: {write_report([out_dir])}")
