@@ -4,8 +4,9 @@ Shapes of the returned RolloutBatch (B = number of prompts x samples_per_prompt,
 left padding, R = longest response):
     prompt_ids (B, P) left-padded, prompt_mask (B, P)
     response_ids (B, R) right-padded with pad_id, response_mask (B, R): 1 on generated tokens (EOS incl.)
-    logps (B, R): log-prob of each sampled token under the sampling distribution (logits / temperature),
-                  recorded while sampling, so no extra forward pass is needed to get "old" log-probs
+    logps (B, R): log-prob of each sampled token under the sampling distribution (logits / temperature,
+                  after top-k / top-p), recorded while sampling; GRPO's later passes recompute their "old"
+                  log-probs unfiltered (recipes/grpo.py), so that the ratio at an unchanged policy is 1
     truncated (B,): hit max_new_tokens without EOS or a stop string
     prompt_index (B,): which input prompt each row belongs to (rows of one prompt are adjacent)
     images: B per-row image inputs (models/vision.py; None for a text row), each prompt's repeated G times
