@@ -24,6 +24,27 @@ def jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def sft_run(out_dir, steps, *extra) -> list[str]:
+    """`mirl sft` on 1-digit addition for `steps` steps, a checkpoint every step, no evaluation or report."""
+    return [
+        "sft",
+        "--task",
+        "arith:1",
+        "--steps",
+        str(steps),
+        "--save-every",
+        "1",
+        "--eval-n",
+        "0",
+        "--threads",
+        "1",
+        "--no-report",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
+
+
 FAST = ["--steps", "1", "--threads", "1", "--no-report", "--eval-n", "0"]
 DPO = ["dpo", "--task", "", "--out-dir", "{d}/run", "--steps", "1", "--threads", "1", "--no-report"]
 SFT = ["sft", "--task", "", "--out-dir", "{d}/run", *FAST]
@@ -430,27 +451,7 @@ def test_yaml_numbers_as_a_user_means_them(tmp_path):
 def tiny_run(tmp_path_factory):
     """A finished 2-step SFT run with a checkpoint."""
     out = tmp_path_factory.mktemp("run")
-    assert (
-        main(
-            [
-                "sft",
-                "--task",
-                "arith:1",
-                "--steps",
-                "2",
-                "--save-every",
-                "1",
-                "--eval-n",
-                "0",
-                "--threads",
-                "1",
-                "--no-report",
-                "--out-dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(sft_run(out, 2)) == 0
     return out
 
 
@@ -523,29 +524,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_run):
     run = _copy(tiny_run, tmp_path / "run")
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
-    assert (
-        main(
-            [
-                "sft",
-                "--task",
-                "arith:1",
-                "--steps",
-                "3",
-                "--save-every",
-                "1",
-                "--eval-n",
-                "0",
-                "--threads",
-                "1",
-                "--no-report",
-                "--out-dir",
-                str(run),
-                "--resume",
-                "--allow-config-change",
-            ]
-        )
-        == 0
-    )
+    assert main(sft_run(run, 3, "--resume", "--allow-config-change")) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] != 9.0
 
@@ -555,29 +534,7 @@ def test_crash_between_checkpoint_renames_recovers(tmp_path, capsys, tiny_run):
     between the two, only checkpoint.old/ is complete: resuming puts it back."""
     run = _copy(tiny_run, tmp_path / "run")
     (run / "checkpoint").rename(run / "checkpoint.old")
-    assert (
-        main(
-            [
-                "sft",
-                "--task",
-                "arith:1",
-                "--steps",
-                "3",
-                "--save-every",
-                "1",
-                "--eval-n",
-                "0",
-                "--threads",
-                "1",
-                "--no-report",
-                "--out-dir",
-                str(run),
-                "--resume",
-                "--allow-config-change",
-            ]
-        )
-        == 0
-    )
+    assert main(sft_run(run, 3, "--resume", "--allow-config-change")) == 0
     assert "recovered it from checkpoint.old" in capsys.readouterr().err
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
 
@@ -585,25 +542,7 @@ def test_crash_between_checkpoint_renames_recovers(tmp_path, capsys, tiny_run):
 def test_corrupt_checkpoint_state_is_named(tmp_path, capsys, tiny_run):
     run = _copy(tiny_run, tmp_path / "run")
     (run / "checkpoint" / "state.json").write_text("{")
-    rc = main(
-        [
-            "sft",
-            "--task",
-            "arith:1",
-            "--steps",
-            "2",
-            "--eval-n",
-            "0",
-            "--threads",
-            "1",
-            "--no-report",
-            "--save-every",
-            "1",
-            "--out-dir",
-            str(run),
-            "--resume",
-        ]
-    )
+    rc = main(sft_run(run, 2, "--resume"))
     err = capsys.readouterr().err
     assert rc == 2 and "checkpoint/state.json: invalid JSON in the checkpoint state" in err
 
@@ -635,24 +574,7 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
     out = tmp_path / "r"
-    rc = main(
-        [
-            "sft",
-            "--task",
-            "arith:1",
-            "--steps",
-            "3",
-            "--save-every",
-            "1",
-            "--eval-n",
-            "0",
-            "--threads",
-            "1",
-            "--no-report",
-            "--out-dir",
-            str(out),
-        ]
-    )
+    rc = main(sft_run(out, 3))
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert "checkpoint.tmp/optimizer.pt failed (No space left on device)" in err
