@@ -91,8 +91,10 @@ def evaluate(
 class Config:
     """Options of `mirl eval`."""
 
-    model: str = "runs/demo/sft/final"  # saved model folder or preset
+    model: str = "runs/demo/sft/final"  # saved model folder, preset or hub id
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:pair]
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     n: int = 200  # held-out prompts
     k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
     n_samples: int = 0  # samples per prompt for pass@k (0 = k)
@@ -111,8 +113,8 @@ def run(cfg: Config) -> EvalResult:
     from .models import load_policy
 
     torch.set_num_threads(max(1, cfg.threads))
-    policy = load_policy(cfg.model, seed=cfg.seed)
-    task = make_task(cfg.task)
+    policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision)
+    task = make_task(cfg.task, policy.tokenizer, cfg.chat)
     res = evaluate(
         policy,
         task,

@@ -1,4 +1,12 @@
-"""Metrics to the terminal (rich progress bar), to metrics.jsonl and to TensorBoard."""
+"""Metrics to the terminal (rich progress bar), to metrics.jsonl and to the experiment trackers a run reports to:
+TensorBoard (the default), Weights & Biases and trackio (optional extras: pip install 'mirl[wandb]' / 'mirl[trackio]').
+
+    --report-to tensorboard,wandb,trackio     --log-every 10 --log-completions 4
+
+W&B follows its own settings (WANDB_MODE=offline, WANDB_PROJECT, ...; offline runs land in <out_dir>/wandb);
+trackio keeps a local store (TRACKIO_DIR). Completion tables (prompt, completion, reward per function, answer,
+images) go to each tracker as a table and to <out_dir>/samples.jsonl.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,78 @@ def warn(msg: str) -> None:
     console.print(f"[bold yellow]warning:[/] {msg}")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def parse_report_to(spec: str) -> tuple[str, ...]:
+    """'tensorboard,wandb' -> ('tensorboard', 'wandb'); 'none' or '' -> (). Unknown names are an error."""
+    names = tuple(x.strip() for x in spec.split(",") if x.strip() and x.strip() != "none")
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise ValueError(f"--report-to {spec!r}: unknown tracker {bad[0]!r}; valid: {', '.join(TRACKERS)}, none")
+    return names
+
+
+class WandbTracker:
+    """Weights & Biases: one run per mirl run (WANDB_MODE decides online or offline; files in <out_dir>/wandb)."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import os
+
+        try:
+            import wandb
+        except ImportError as e:
+            raise ValueError("--report-to wandb needs the wandb package: pip install 'mirl[wandb]'") from e
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mirl"), name=name, dir=str(run_dir), config=config
+        )
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Scalars at a step."""
+        self.run.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], rows: list[list], images: list | None) -> None:
+        """A table of completions (a column of images when the prompts had some)."""
+        if images is not None:
+            columns = [*columns, "image"]
+            rows = [[*r, self.wandb.Image(im) if im is not None else None] for r, im in zip(rows, images)]
+        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        """Finish the run (offline: its files stay in <out_dir>/wandb)."""
+        self.run.finish()
+
+
+class TrackioTracker:
+    """trackio: a local-first tracker (its store under TRACKIO_DIR; `trackio show` to look)."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict):
+        import os
+
+        try:
+            import trackio
+        except ImportError as e:
+            raise ValueError("--report-to trackio needs the trackio package: pip install 'mirl[trackio]'") from e
+        self.trackio = trackio
+        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "mirl"), name=name, config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Scalars at a step."""
+        self.trackio.log(metrics, step=step)
+
+    def table(self, step: int, columns: list[str], rows: list[list], images: list | None) -> None:
+        """A table of completions (a column of images when the prompts had some)."""
+        if images is not None:
+            columns = [*columns, "image"]
+            rows = [[*r, self.trackio.Image(im) if im is not None else None] for r, im in zip(rows, images)]
+        self.trackio.log({"completions": self.trackio.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        """Finish the run."""
+        self.trackio.finish()
+
+
 class MetricLogger:
     """Metrics of a run to metrics.jsonl, TensorBoard and the terminal (a progress bar, or a line every tenth of the
     run)."""
@@ -34,9 +114,14 @@ class MetricLogger:
         resume: bool = False,
         start_step: int = 0,
         quiet: bool = False,
+        report_to: tuple[str, ...] = ("tensorboard",),
+        log_every: int = 1,
+        config: dict | None = None,
     ):
         """resume: continue metrics.jsonl and TensorBoard from start_step (the checkpoint's step): rows of
-        later steps, logged by the interrupted run after its checkpoint, are dropped, so none repeats."""
+        later steps, logged by the interrupted run after its checkpoint, are dropped, so none repeats.
+        report_to: the trackers (TRACKERS); they get every log_every-th step's metrics (metrics.jsonl every
+        step). tensorboard=False: none of TensorBoard whatever report_to says."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -49,10 +134,31 @@ class MetricLogger:
                 if line.strip() and json.loads(line).get("step", 0) <= start_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
+        samples = self.run_dir / "samples.jsonl"  # completions logged during the run, and the final greedy ones
+        if samples.exists():
+            kept = (
+                []
+                if not resume
+                else [
+                    line
+                    for line in samples.read_text().splitlines()
+                    if line.strip()
+                    and json.loads(line).get("kind") == "rollout"
+                    and json.loads(line)["step"] <= start_step
+                ]
+            )
+            samples.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.show = show
         self.tb = None
-        if tensorboard:
+        self.log_every = max(1, log_every)
+        name = f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.trackers = [
+            {"wandb": WandbTracker, "trackio": TrackioTracker}[t](self.run_dir, name, config or {})
+            for t in report_to
+            if t != "tensorboard"
+        ]
+        if tensorboard and "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -83,22 +189,51 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in clean.items():
-                if math.isfinite(v):
+        if step % self.log_every == 0 or step == self.total:
+            finite = {k: v for k, v in clean.items() if math.isfinite(v)}
+            if self.tb is not None:
+                for k, v in finite.items():
                     self.tb.add_scalar(k, v, step)
+            for t in self.trackers:
+                t.log(step, finite)
         info = " ".join(f"{k}={clean[k]:.4g}" for k in self.show if k in clean)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step == 1 or step % max(1, self.total // 10) == 0 or step == self.total:
             console.print(f"{self.desc} step {step}/{self.total} {info}")
 
+    def completions(self, step: int, rows: list[dict]) -> None:
+        """A table of sampled completions (completion_rows: prompt, completion, rewards, answer, images) to
+        samples.jsonl (with the step) and to every tracker."""
+        import html
+
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, "kind": "rollout", **{k: v for k, v in r.items() if k != "images"}}))
+                f.write("\n")
+        reward_names = sorted({k for r in rows for k in r["rewards"]})
+        columns = ["step", "prompt", "completion", "reward", *[f"reward/{n}" for n in reward_names], "answer"]
+        table = [
+            [step, r["prompt"], r["completion"], r["reward"], *[r["rewards"].get(n) for n in reward_names], r["answer"]]
+            for r in rows
+        ]
+        has_images = any(r.get("images") for r in rows)
+        images = [r["images"][0] if r.get("images") else None for r in rows] if has_images else None
+        if self.tb is not None:
+            md = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+            md += "".join("| " + " | ".join(html.escape(str(c)).replace("\n", " ") for c in r) + " |\n" for r in table)
+            self.tb.add_text("completions", md, step)
+        for t in self.trackers:
+            t.table(step, columns, table, images)
+
     def close(self) -> None:
-        """Stop the progress bar and close the files."""
+        """Stop the progress bar, close the files and finish the trackers' runs."""
         if self.progress is not None:
             self.progress.stop()
         if self.tb is not None:
             self.tb.close()
+        for t in self.trackers:
+            t.close()
         self.file.close()
 
 

@@ -76,6 +76,7 @@ RULES = {
             "gpt_seeds",
             "rft_seeds",
             "lora_alpha",
+            "log_every",
         )
     },
     **{
@@ -128,6 +129,8 @@ RULES = {
     "temperature": _float_in(0.0, lo_open=True),  # sampling recipes; eval allows 0 (greedy), below
     "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
     "advantage": _one_of("group", "rloo"),
+    "log_completions": NON_NEGATIVE,
+    "chat": _one_of("auto", "yes", "no"),
     "scale_rewards": _one_of("group", "batch", "none"),
     "loss_agg": _one_of("grpo", "bnpo", "dapo", "dr_grpo"),
     "importance": _one_of("token", "sequence"),
@@ -150,6 +153,7 @@ def _comma_choices(*choices: str):
 
 
 RULES["noise_kinds"] = _comma_choices("crop", "noise")
+RULES["report_to"] = _comma_choices("tensorboard", "wandb", "trackio", "none")
 # (recipe module, option) -> rule, where the range differs between recipes
 RECIPE_RULES = {
     ("grpo", "group_size"): _int_at_least(2),  # a group of one has no baseline

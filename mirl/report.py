@@ -136,7 +136,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
 
 
 def _samples_html(run_dir: Path) -> str:
-    """The run's samples.jsonl (prompt, completion, reward) as an HTML table; '' when there is none."""
+    """The run's samples.jsonl as HTML tables: the completions sampled during training (--log-completions:
+    step, prompt, completion, reward per function, answer) and the greedy held-out ones; '' when there are none."""
     import html
     import json
 
@@ -152,19 +153,41 @@ def _samples_html(run_dir: Path) -> str:
     def reward(v):
         return "<td>-</td>" if v is None else f"<td>{float(v):.3f}</td>"
 
-    body = "".join(
-        "<tr>"
-        + cell(r.get("prompt", ""))
-        + cell(r.get("completion", ""))
-        + reward(r.get("reward"))
-        + cell(r.get("reference") or "")
-        + "</tr>"
-        for r in rows
-    )
-    return (
-        f"<h2>{html.escape(run_dir.name)}: sample completions (greedy, held-out)</h2><table><tr><th>prompt</th>"
-        f"<th>completion</th><th>reward</th><th>reference</th></tr>{body}</table>"
-    )
+    out = ""
+    rollouts = [r for r in rows if r.get("kind") == "rollout"]
+    if rollouts:
+        names = sorted({k for r in rollouts for k in r.get("rewards", {})})
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        body = "".join(
+            f"<tr><td>{r['step']}</td>"
+            + cell(r.get("prompt", ""))
+            + cell(r.get("completion", ""))
+            + reward(r.get("reward"))
+            + "".join(reward(r.get("rewards", {}).get(n)) for n in names)
+            + cell(r.get("answer") or "")
+            + "</tr>"
+            for r in rollouts
+        )
+        out += (
+            f"<h2>{html.escape(run_dir.name)}: completions sampled during training</h2><table><tr><th>step</th>"
+            f"<th>prompt</th><th>completion</th><th>reward</th>{head}<th>answer</th></tr>{body}</table>"
+        )
+    held = [r for r in rows if r.get("kind") != "rollout"]
+    if held:
+        body = "".join(
+            "<tr>"
+            + cell(r.get("prompt", ""))
+            + cell(r.get("completion", ""))
+            + reward(r.get("reward"))
+            + cell(r.get("reference") or "")
+            + "</tr>"
+            for r in held
+        )
+        out += (
+            f"<h2>{html.escape(run_dir.name)}: sample completions (greedy, held-out)</h2><table><tr><th>prompt</th>"
+            f"<th>completion</th><th>reward</th><th>reference</th></tr>{body}</table>"
+        )
+    return out
 
 
 @dataclass

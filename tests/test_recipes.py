@@ -262,6 +262,12 @@ def test_the_options_recipes_share_are_declared_alike():
         "max_grad_norm",
         "weight_decay",
         "split",
+        "data_config",
+        "revision",
+        "model_revision",
+        "chat",
+        "report_to",
+        "log_every",
     }
     same_help = {"out_dir", "min_lr_ratio", "warmup_steps"}
     own = {"data", "model", "task", "steps", "lr", "max_len"}

@@ -66,12 +66,42 @@ class SkipCounter:
         return out
 
 
-def load_rows(path: str | Path, split: str = "train") -> list[Row]:
-    """Rows of a .jsonl/.json-lines file, a .parquet file, or a folder saved with Dataset.save_to_disk (a
-    DatasetDict: the split named `split`). An empty file, invalid UTF-8 or JSON is an error naming the line."""
+def hub_rows(name: str, split: str = "train", config: str = "", revision: str = "") -> list[Row]:
+    """Rows of a hub dataset by id, through datasets.load_dataset and its cache (config: the subset; revision:
+    a branch, tag or commit). Not cached and no hub (HF_HUB_OFFLINE=1, or no network): one line naming the id."""
+    import datasets
+
+    from ..models.hf import offline_hint
+
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split, revision=revision or None)
+    except ValueError as e:  # a split or config that the dataset does not have: its own message says which
+        raise DataError(f"dataset {name!r}: {str(e).splitlines()[0][:300]}") from e
+    except Exception as e:  # noqa: BLE001 - connection and cache errors of several libraries: one line
+        if "doesn't exist on the Hub" in str(e) or type(e).__name__ == "DatasetNotFoundError":
+            if "offline" not in str(e).lower():
+                raise DataError(f"dataset {name!r}: not found on the Hugging Face hub ({e})") from e
+        raise DataError(offline_hint(name, "dataset", e)) from e
+    where = f"{name}{'/' + config if config else ''} ({split})"
+    rows = [Row(dict(r), f"{where} row {i}", "") for i, r in enumerate(ds)]
+    if not rows:
+        raise DataError(f"dataset {name!r}: split {split!r} is empty (no rows)")
+    return rows
+
+
+def load_rows(path: str | Path, split: str = "train", config: str = "", revision: str = "") -> list[Row]:
+    """Rows of a .jsonl/.json-lines file, a .parquet file, a folder saved with Dataset.save_to_disk (a
+    DatasetDict: the split named `split`), or a hub dataset id ('trl-lib/ultrafeedback_binarized': hub_rows).
+    An empty file, invalid UTF-8 or JSON is an error naming the line."""
+    from ..models.hf import is_hub_id
+
+    if is_hub_id(str(path)):
+        return hub_rows(str(path), split, config, revision)
+    if config or revision:
+        raise DataError(f"{path}: --data-config and --revision are for hub datasets; this is a local path")
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such file or folder")
+        raise DataError(f"{p}: no such file or folder (nor a hub dataset id, owner/name)")
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 

@@ -1,8 +1,14 @@
 """Any transformers causal LM, or image-text model (AutoModelForImageTextToText with its image processor),
-with its tokenizer and chat template, by local path (lazy import)."""
+with its tokenizer and chat template: by local folder, or by hub id through transformers' own download and
+cache (lazy import).
+
+    load_hf("runs/sft/final")                          # a folder: nothing is downloaded
+    load_hf("Qwen/Qwen2.5-0.5B-Instruct", revision="main")   # a hub id: the Hugging Face cache, or the hub
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +20,14 @@ def is_hf_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").exists()
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub repository id ('owner/name') and is not an existing local path."""
+    return bool(HUB_ID.match(name)) and not Path(name).exists() and ".." not in name
+
+
 def is_vlm_dir(path: str | Path) -> bool:
     """Whether the folder's config has a vision part (an image+text model)."""
     import json
@@ -22,21 +36,37 @@ def is_vlm_dir(path: str | Path) -> bool:
     return "vision_config" in cfg
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, image processor or None) from a local folder saved with save_pretrained.
-    Nothing is downloaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def offline_hint(name: str, kind: str, error: Exception) -> str:
+    """The one line for a hub id that cannot be had: not cached and no hub (offline, or no network)."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    why = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    where = "--repo-type dataset " if kind == "dataset" else ""
+    return (
+        f"{kind} {name!r} is not in the Hugging Face cache and the hub cannot be reached ({why}): download it on a "
+        f"machine with network (hf download {where}{name}) and copy the cache, or pass a local "
+        f"{'file or folder' if kind == 'dataset' else 'folder'}"
+    )
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, revision: str = ""):
+    """(model, tokenizer, image processor or None) from a local folder saved with save_pretrained (nothing is
+    downloaded), or from a hub id (the Hugging Face cache, else the hub; `revision`: a branch, tag or commit)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    kw = {"local_files_only": True} if Path(path).is_dir() else {"revision": revision or None}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     image_processor = None
-    if is_vlm_dir(path):
+    vlm = is_vlm_dir(path) if Path(path).is_dir() else hasattr(AutoConfig.from_pretrained(path, **kw), "vision_config")
+    if vlm:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **kw)
+        image_processor = AutoImageProcessor.from_pretrained(path, **kw)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from .hf import is_hf_dir, load_hf, save_hf
+from .hf import is_hf_dir, is_hub_id, load_hf, offline_hint, save_hf
 from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig, preset_config
 from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
 from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer
@@ -423,7 +423,8 @@ class Policy(nn.Module):
                     raise ValueError("adapter-only saving needs a base model loaded from a folder; save merged")
                 model.save_pretrained(str(path))
                 self.tokenizer.save_pretrained(path)
-                (path / "mirl_adapter.json").write_text(json.dumps({"base": str(Path(self.source).resolve())}))
+                base = str(Path(self.source).resolve()) if Path(self.source).exists() else self.source  # or a hub id
+                (path / "mirl_adapter.json").write_text(json.dumps({"base": base}))
                 return
             model = copy.deepcopy(model).merge_and_unload()
         self.backend.save(model, self.tokenizer, self.vision, path)
@@ -495,9 +496,15 @@ def _tiny_vlm_policy(model: TinyVLM, tok: CharTokenizer) -> Policy:
 
 
 def load_policy(
-    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, max_seq_len: int = 256, seed: int | None = None
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int = 256,
+    seed: int | None = None,
+    revision: str = "",
 ) -> Policy:
-    """A preset name ('gpt-nano', 'gpt-d3') builds a fresh tiny GPT; a folder loads a saved policy."""
+    """A preset name ('gpt-nano', 'gpt-d3') builds a fresh tiny GPT; a folder loads a saved policy; a hub id
+    ('Qwen/Qwen2.5-0.5B-Instruct') loads through transformers' cache or download (`revision`: branch, tag, commit)."""
     s = str(name_or_path)
     if s in PRESETS or s in VLM_PRESETS or (s.startswith("gpt-d") and s[5:].isdigit()):
         return new_tiny_policy(s, max_seq_len, seed)
@@ -511,11 +518,12 @@ def load_policy(
 
         console.print(f"{path} is a run folder: loading its final model, {path / 'final'}")
         path = path / "final"
+    if is_hub_id(s):
+        return _hub_policy(s, dtype, revision)
     if not path.exists():
         raise FileNotFoundError(
             f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
-            "smollm2) "
-            "nor an existing folder"
+            "smollm2), nor an existing folder, nor a hub id (owner/name)"
         )
     if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
         from peft import PeftModel
@@ -543,19 +551,35 @@ def load_policy(
         policy = _tiny_vlm_policy(model.to(dtype), tok) if vlm else Policy(model.to(dtype), tok, TinyBackend())
     elif is_hf_dir(path):
         try:
-            model, tok, image_processor = load_hf(path, dtype)
+            policy = _hf_policy(*load_hf(path, dtype))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ModelFileError(
                 f"{path}: cannot load the transformers model ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300] if str(e) else ''})"
             ) from e
-        vision = None
-        if image_processor is not None:
-            from .vision import HFVision
-
-            vision = HFVision(model.config, tok, image_processor)
-        policy = Policy(model, tok, HFBackend(model), vision=vision)
     else:
         raise ValueError(f"cannot load a model from {path}")
     policy.source = str(path)
+    return policy
+
+
+def _hf_policy(model, tok, image_processor) -> Policy:
+    vision = None
+    if image_processor is not None:
+        from .vision import HFVision
+
+        vision = HFVision(model.config, tok, image_processor)
+    return Policy(model, tok, HFBackend(model), vision=vision)
+
+
+def _hub_policy(name: str, dtype: torch.dtype, revision: str) -> Policy:
+    """A transformers model by hub id: from the Hugging Face cache, or downloaded into it. Not cached and no hub
+    (HF_HUB_OFFLINE=1, or no network): a ModelFileError in one line naming the id."""
+    try:
+        policy = _hf_policy(*load_hf(name, dtype, revision))
+    except OSError as e:
+        raise ModelFileError(offline_hint(name, "model", e)) from e
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelFileError(f"model {name!r}: cannot load it with transformers ({type(e).__name__}: {e})") from e
+    policy.source = name
     return policy

@@ -35,10 +35,13 @@ def build_policy(
     activation_checkpointing: bool = False,
     freeze_vision: bool = False,
     compile: bool = False,
+    revision: str = "",
 ):
     """The policy to train: `model` when given, else loaded from `name` (a preset or a folder), with LoRA
     adapters, activation checkpointing, a frozen vision tower and compiled blocks as asked."""
-    policy = model if model is not None else load_policy(name, max_seq_len=max(256, max_len), seed=seed)
+    policy = (
+        model if model is not None else load_policy(name, max_seq_len=max(256, max_len), seed=seed, revision=revision)
+    )
     if save_adapter_only and not (lora_r > 0 or policy.has_lora):
         raise ConfigError("--save-adapter-only needs LoRA adapters (--lora-r > 0)")
     if save_adapter_only and policy.source is None:
@@ -67,6 +70,7 @@ def policy_options(cfg) -> dict:
         activation_checkpointing=cfg.activation_checkpointing,
         freeze_vision=cfg.freeze_vision,
         compile=cfg.compile,
+        revision=cfg.model_revision,
     )
 
 
@@ -156,7 +160,10 @@ def load_prompts(
     *,
     data_path: str,
     split: str,
+    data_config: str,
+    revision: str,
     task_name: str,
+    chat: str,
     n_prompts: int,
     seed: int,
     reward: str,
@@ -171,10 +178,10 @@ def load_prompts(
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
-    task = make_task(task_name) if task_name else None
+    task = make_task(task_name, policy.tokenizer, chat) if task_name else None
     if data is None:
         if data_path:
-            data = prompt_records(load_rows(data_path, split), policy.tokenizer)
+            data = prompt_records(load_rows(data_path, split, data_config, revision), policy.tokenizer)
         elif task is not None:
             data = task.examples("train", n_prompts, seed)
         else:
@@ -190,7 +197,10 @@ def prompt_options(cfg) -> dict:
     return dict(
         data_path=cfg.data,
         split=cfg.split,
+        data_config=cfg.data_config,
+        revision=cfg.revision,
         task_name=cfg.task,
+        chat=cfg.chat,
         n_prompts=cfg.n_prompts,
         seed=cfg.seed,
         reward=cfg.reward,

@@ -64,8 +64,12 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
-    split: str = "train"  # the split to read when --data is a datasets folder with several
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: names with weights, e.g. "task:1,format:0.1", "accuracy", "rm:<folder>"
     reward_timeout_s: float = 10.0  # a reward call running longer is cut off, counted and reported
@@ -126,6 +130,9 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
+    log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
@@ -320,7 +327,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
     show = ("reward/mean", "kl")
-    run = Run(cfg.out_dir, cadence, desc="grpo", show=show, resume=cfg.resume, start=start, evals=evals)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="grpo",
+        show=show,
+        resume=cfg.resume,
+        start=start,
+        evals=evals,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
@@ -331,6 +349,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         t0 = time.perf_counter()
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
         groups = sample_groups(policy, data, reward_set, step=step, **groups_of)
+        run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         run.samples += groups.samples
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills

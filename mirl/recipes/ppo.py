@@ -61,8 +61,12 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
-    split: str = "train"  # the split to read when --data is a datasets folder with several
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
@@ -110,6 +114,9 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
+    log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
@@ -265,7 +272,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     cadence = Cadence(
         cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
-    run = Run(cfg.out_dir, cadence, desc="ppo", show=("reward/mean", "kl"), resume=cfg.resume, start=start, evals=evals)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="ppo",
+        show=("reward/mean", "kl"),
+        resume=cfg.resume,
+        start=start,
+        evals=evals,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
     extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
@@ -288,6 +306,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
         )
         run.samples += len(sb.batch.texts)
+        run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
         targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg)

@@ -60,8 +60,12 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     data: str = ""  # TRL preference data (.jsonl, .parquet, datasets folder); empty = sample from --task
-    split: str = "train"  # the split to read when --data is a datasets folder with several
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     loss: str = "dpo"  # loss name or weighted mix, e.g. "mio" or "dpo:1,sft:0.2"
     beta: float = 0.1  # temperature of the implicit critic T = beta * (logp - logp_ref)
     neg_mix: float = 0.5  # weight of the chosen response in the negative mixture (mio, dv, js, nwj)
@@ -104,6 +108,8 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
@@ -174,12 +180,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     tok = policy.tokenizer
-    task = make_task(cfg.task) if cfg.task else None
+    task = make_task(cfg.task, tok, cfg.chat) if cfg.task else None
     pair_stats = {}
     skips = SkipCounter()
     if data is None:
         if cfg.data:
-            data = preference_records(load_rows(cfg.data, cfg.split), tok, skips)
+            data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
         elif task is not None:
             data, pair_stats = sample_pairs(
                 policy,
@@ -253,6 +259,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         show=("loss", "logps/chosen", "rewards/margins"),
         resume=cfg.resume,
         start=start,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
     )
     first, warned = None, False
     policy.train()

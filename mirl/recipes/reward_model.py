@@ -53,9 +53,13 @@ class Config:
 
     model: str = "gpt-nano"  # backbone (preset or folder); also the policy that samples pairs for --task
     data: str = ""  # TRL preference data; empty = pairs sampled from --model on --task
-    split: str = "train"  # the split to read when --data is a datasets folder with several
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
     task: str = "arith"  # task for generated pairs
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     pairs: str = "both"  # training pairs: synthetic (gold vs a corrupted solution), sampled (from --model), both
     n_prompts: int = 20000  # training prompts for synthetic pairs (one pair each)
     n_sampled_prompts: int = 2048  # training prompts for sampled pairs (K samples each)
@@ -90,6 +94,8 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
@@ -139,14 +145,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     tok = policy.tokenizer
     skips = SkipCounter()
     if data is None and cfg.data:
-        data = preference_records(load_rows(cfg.data, cfg.split), tok, skips)
+        data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
         if eval_data is None and cfg.eval_data:
-            eval_data = preference_records(load_rows(cfg.eval_data, cfg.split), tok, skips)
+            eval_data = preference_records(
+                load_rows(cfg.eval_data, cfg.split, cfg.data_config, cfg.revision), tok, skips
+            )
         elif eval_data is None:
             cut = max(1, len(data) // 10)
             data, eval_data = data[cut:], data[:cut]
     elif data is None:
-        task = make_task(cfg.task)
+        task = make_task(cfg.task, tok, cfg.chat)
         if cfg.pairs not in ("synthetic", "sampled", "both"):
             raise ValueError(f"pairs must be 'synthetic', 'sampled' or 'both', got {cfg.pairs!r}")
         if cfg.pairs != "sampled" and not hasattr(task, "wrong_solution"):
@@ -190,7 +198,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     world = dist.world_size()
     cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not cfg.fsdp)
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    run = Run(cfg.out_dir, cadence, desc="rm", show=("loss", "accuracy"), resume=cfg.resume, start=start)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="rm",
+        show=("loss", "accuracy"),
+        resume=cfg.resume,
+        start=start,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
 
     def save(step):
         head = lambda d: save_file(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write_text
-from ..logging import MetricLogger, console
+from ..logging import MetricLogger, console, parse_report_to
 from ..options import ConfigError, flag
 from .common import save_final
 
@@ -172,6 +172,9 @@ class Run:
         resume: bool,
         start: int,
         evals: list | None = None,
+        report_to: str = "tensorboard",
+        log_every: int = 1,
+        config: dict | None = None,
     ):
         import time
 
@@ -180,7 +183,17 @@ class Run:
         self.out_dir, self.cadence, self.start = Path(out_dir), cadence, start
         self.main = dist.is_main()
         self.log = (
-            MetricLogger(out_dir, cadence.steps, desc=desc, resume=resume, start_step=start, show=show)
+            MetricLogger(
+                out_dir,
+                cadence.steps,
+                desc=desc,
+                resume=resume,
+                start_step=start,
+                show=show,
+                report_to=parse_report_to(report_to),
+                log_every=log_every,
+                config=config,
+            )
             if self.main
             else None
         )
@@ -206,6 +219,14 @@ class Run:
             return True
         last = max((e.get("train_s", 0.0) for e in self.evals), default=0.0)
         return bool(c.eval_every_s) and self.train_seconds() - last >= c.eval_every_s
+
+    def log_completions(self, step: int, scored, reward_names: list[str], n: int) -> None:
+        """Every log_every steps (rank 0): n completions of the step's rollout (prompt, completion, reward per
+        function, answer) to samples.jsonl, the report and the trackers."""
+        from ..rollout.score import completion_rows
+
+        if n and self.main and (step % self.log.log_every == 0 or step == self.cadence.steps):
+            self.log.completions(step, completion_rows(scored, reward_names, n))
 
     @property
     def steps(self) -> int:
@@ -344,8 +365,9 @@ def held_out_accuracy(
 def write_samples_and_report(
     out_dir, policy, task=None, examples: list[dict] | None = None, *, max_new_tokens: int, n_samples: int = 8
 ) -> None:
-    """End of a run (rank 0): <out_dir>/samples.jsonl (greedy completions of a few held-out prompts with
-    their task score, or of the first training prompts when there is no task) and the report page."""
+    """End of a run (rank 0): <out_dir>/samples.jsonl gets the greedy completions of a few held-out prompts with
+    their task score (or of the first training prompts when there is no task), after the rollouts that
+    --log-completions logged; then the report page."""
     from ..report import write_report
     from ..rollout.score import completions
 
@@ -353,11 +375,12 @@ def write_samples_and_report(
     if examples:
         images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
         outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
-        with open(Path(out_dir) / "samples.jsonl", "w") as f:
+        with open(Path(out_dir) / "samples.jsonl", "a") as f:  # after the rollouts logged during the run
             for e, o in zip(examples, outs):
                 score = task.score(o[0], e) if task is not None else None
                 row = {
-                    "prompt": e["prompt"],
+                    "kind": "held-out",
+                    "prompt": e.get("question") or e["prompt"],
                     "completion": o[0],
                     "reward": score,
                     "reference": e.get("solution") or e.get("chosen"),

@@ -50,8 +50,12 @@ class Config:
 
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
-    split: str = "train"  # the split to read when --data is a datasets folder with several
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_train: int = 20000  # task examples to generate
     max_len: int = 64  # prompt + completion tokens; longer completions are truncated, counted
     steps: int = 600  # optimizer steps
@@ -85,6 +89,8 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
@@ -94,10 +100,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     tok = policy.tokenizer
-    task = make_task(cfg.task) if cfg.task and not cfg.data else None
+    task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data else None
     if data is None:
         if cfg.data:
-            data = completion_records(load_rows(cfg.data, cfg.split), tok)
+            data = completion_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok)
         elif task is not None:
             data = [
                 {
@@ -149,7 +155,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         resumable=not cfg.fsdp,
     )
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    run = Run(cfg.out_dir, cadence, desc="sft", show=("loss", "lr"), resume=cfg.resume, start=start)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="sft",
+        show=("loss", "lr"),
+        resume=cfg.resume,
+        start=start,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
 
     def evaluate(step, label=None):
         run.samples = step * per_step

@@ -137,6 +137,11 @@ class RewardSet:
     faults: dict = field(default_factory=dict)
     fault_examples: dict = field(default_factory=dict)
 
+    @property
+    def names(self) -> list[str]:
+        """The functions' names, in the order of score()'s per-function columns."""
+        return [name for name, _, _ in self.fns]
+
     def _fault(self, name: str, kind: str, sample: str) -> None:
         key = f"{name}/{kind}"
         self.faults[key] = self.faults.get(key, 0) + 1

@@ -91,6 +91,17 @@ def think_answer_format(prompts, completions, **_):
     return [float(bool(FORMAT_RE.match(c))) for c in completions]
 
 
+@register_reward("short")
+def short_answer(prompts, completions, max_chars: int = 40, **_):
+    """1.0 if the completion is one line of at most max_chars characters (a bare answer, no rambling), else 0.0:
+    the format reward of an instruct model asked to reply with just the answer.
+
+    >>> short_answer(["q", "q"], ["47 + 38 = 85", "The sum of 47 and 38 is a concept...\\nLet us see"])
+    [1.0, 0.0]
+    """
+    return [float(len(c.strip()) <= max_chars and "\n" not in c.strip()) for c in completions]
+
+
 @register_reward("overlong")
 def soft_overlong(
     prompts, completions, completion_lengths=None, max_completion_length: int = 0, overlong_buffer: int = 0, **_

@@ -25,6 +25,33 @@ class ScoredBatch:
     score_s: float
 
 
+def completion_rows(scored: ScoredBatch, reward_names: list[str], n: int) -> list[dict]:
+    """The first n rows of a scored rollout as loggable records: the prompt (its question when it has one), the
+    completion, the total reward, the reward of each function (None where it did not apply), the reference
+    answer and the prompt's images. One row per prompt first (the first sample of each group), then more."""
+    seen: dict[int, int] = {}
+    rank = []
+    for i, p in enumerate(scored.batch.prompt_index.tolist()):
+        rank.append((seen.get(p, 0), i))
+        seen[p] = seen.get(p, 0) + 1
+    rows = []
+    for _, i in sorted(rank)[:n]:
+        e = scored.examples[i]
+        total = float(scored.rewards[i])
+        per = {name: float(v) for name, v in zip(reward_names, scored.per_fn[i].tolist())}
+        rows.append(
+            {
+                "prompt": e.get("question") or e["prompt"],
+                "completion": scored.batch.texts[i],
+                "reward": None if total != total else total,
+                "rewards": {k: (None if v != v else v) for k, v in per.items()},
+                "answer": e.get("answer") if e.get("answer") is not None else e.get("solution"),
+                "images": e.get("images"),
+            }
+        )
+    return rows
+
+
 def check_reward_columns(reward_set, examples: list[dict], source: str) -> None:
     """Every column a reward function requires (a parameter without a default) must be in every example."""
     import inspect

@@ -6,13 +6,21 @@ score(completion, example) -> float in [0, 1] (1 = correct).
 """
 
 from .arith import ArithTask
+from .chat import ChatTask, chat_task
 from .countdown import CountdownTask
 from .rg import ReasoningGymTask
 from .visual import DigitArithTask, GroundingTask, ShapeCountTask
 
 
-def make_task(name: str):
-    """A built-in task by name: arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:variant]."""
+def make_task(name: str, tokenizer=None, chat: str = "auto"):
+    """A built-in task by name: arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:variant].
+    With the model's tokenizer: asked through its chat template when it has one (chat 'auto') or chat is 'yes'
+    (chat.py), in the compact format when it has none or chat is 'no'."""
+    task = _make_task(name)
+    return task if tokenizer is None else chat_task(task, tokenizer, chat)
+
+
+def _make_task(name: str):
     base, _, arg = name.partition(":")
     if base in ("arith", "countdown"):
         lo, hi = (1, 12) if base == "arith" else (2, 8)
@@ -37,10 +45,12 @@ def make_task(name: str):
 
 __all__ = [
     "ArithTask",
+    "ChatTask",
     "CountdownTask",
     "DigitArithTask",
     "GroundingTask",
     "ReasoningGymTask",
     "ShapeCountTask",
+    "chat_task",
     "make_task",
 ]

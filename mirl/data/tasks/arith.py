@@ -89,3 +89,29 @@ class ArithTask:
         """1.0 when the number after '|' equals the answer. score('1+2=3|3', {'answer': '3'}) == 1.0"""
         got = self.extract(completion)
         return float(got is not None and got.lstrip("0") == str(example["answer"]).lstrip("0"))
+
+    # ---- the chat form, for instruct models (chat.py) ----
+    @staticmethod
+    def chat_question(example: dict) -> str:
+        """'347+85=' -> 'What is 347 + 85? Reply with just the number.'"""
+        a, b = example["prompt"][:-1].split("+")
+        return f"What is {a} + {b}? Reply with just the number."
+
+    @staticmethod
+    def chat_answer(example: dict, solution: str) -> str:
+        """A compact solution as prose: '347 + 85 = 432' (the number after '|')."""
+        a, b = example["prompt"][:-1].split("+")
+        return f"{a} + {b} = {solution.rsplit('|', 1)[-1]}"
+
+    @staticmethod
+    def chat_extract(completion: str) -> str | None:
+        """The \\boxed{} answer, else the last number of the completion."""
+        from .chat import last_number
+
+        return last_number(completion)
+
+    def chat_score(self, completion: str, example: dict) -> float:
+        """1.0 when the answer read from prose equals the sum (math-verify). chat_score('47 + 38 = 85', ...) == 1.0"""
+        from .chat import same_number
+
+        return float(same_number(self.chat_extract(completion), str(example["answer"])))

@@ -92,3 +92,29 @@ class CountdownTask:
         if Counter(used) - Counter(example["numbers"]):
             return 0.0
         return float(value == Fraction(int(example["answer"])))
+
+    # ---- the chat form, for instruct models (chat.py) ----
+    @staticmethod
+    def chat_question(example: dict) -> str:
+        """The numbers and the target in words, asking for one expression."""
+        nums = ", ".join(map(str, example["numbers"]))
+        return (
+            f"Using the numbers {nums} (each at most once) and + - * /, write an expression equal to "
+            f"{example['answer']}. Reply with just the expression."
+        )
+
+    @staticmethod
+    def chat_answer(example: dict, solution: str) -> str:
+        """The expression as the answer: '25 + 3*7 = 46' reads back as the expression."""
+        return f"{solution} = {example['answer']}"
+
+    @staticmethod
+    def chat_extract(completion: str) -> str:
+        """The \\boxed{} answer, else the last line; a trailing '= target' dropped."""
+        from .chat import last_line
+
+        return last_line(completion).split("=")[0].strip()
+
+    def chat_score(self, completion: str, example: dict) -> float:
+        """The checker on the expression read from prose."""
+        return self.score(self.chat_extract(completion), example)

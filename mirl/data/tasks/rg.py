@@ -58,3 +58,25 @@ class ReasoningGymTask:
             raise ValueError(f"example has no 'rg_entry' for reasoning-gym scoring: {example.get('prompt')!r}")
         scorer = self._rg.get_score_answer_fn(self.dataset_name)
         return float(scorer(answer=self.extract(completion), entry=entry))
+
+    # ---- the chat form, for instruct models (chat.py) ----
+    @staticmethod
+    def chat_question(example: dict) -> str:
+        """reasoning-gym's own question, asking for a short final answer."""
+        return f"{example['rg_entry']['question']}\nEnd with the final answer alone on the last line."
+
+    @staticmethod
+    def chat_answer(example: dict, solution: str) -> str:
+        """The answer as the reply."""
+        return solution
+
+    @staticmethod
+    def chat_extract(completion: str) -> str:
+        """The \\boxed{} answer, else the last line."""
+        from .chat import last_line
+
+        return last_line(completion)
+
+    def chat_score(self, completion: str, example: dict) -> float:
+        """The dataset's own score of the answer read from prose."""
+        return self.score(self.chat_extract(completion), example)
