@@ -27,7 +27,7 @@ COMMANDS = {
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
     "report": ("mirl.report", "run", "PNG plots and one HTML page of one or more runs' metrics"),
     "experiment": ("mirl.experiments", "run", "the papers' claims as commands: mio-vs-dpo, starvation, rft-compare"),
-    "demo": ("mirl.demo", "run", "the embedded default: SFT, sampled pairs, DPO vs MIO (CPU, minutes)"),
+    "demo": ("mirl.demo", "run", "the default job: a weak SFT start, GRPO, DPO vs MIO on sampled pairs (CPU, ~3 min)"),
 }
 
 

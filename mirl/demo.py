@@ -1,11 +1,14 @@
-"""The embedded default job: `mirl demo` (or `make demo`), on a laptop CPU in a few minutes.
+"""The embedded default job: `mirl demo` (or `make demo`), on a laptop CPU in about three minutes.
 
-1. SFT of the tiny GPT on 3-digit addition with a chain of thought (cached in out_dir/sft after the
-   first run; --refresh retrains).
-2. Preference pairs: K samples per training prompt from the SFT model, verified (correct = chosen).
-3. DPO and MIO from the same SFT checkpoint, on the same pairs, with the same steps, lr and beta.
-4. A table of held-out greedy accuracy and of the change in chosen / rejected log-probs, and a PNG of
-   chosen and rejected log-probs over steps for both.
+1. A weak start: a short SFT of the tiny GPT on addition with a chain of thought (cached in out_dir/sft
+   after the first run; --refresh retrains).
+2. GRPO from that start, rewarded by the task's verifier: the online method, whose gain over the start is
+   what a user came for.
+3. Preference pairs: K samples per training prompt from the same start, verified (correct = chosen); DPO
+   and MIO from the same start, on the same pairs, with the same steps, lr and beta.
+4. A table of held-out greedy accuracy of every method against the start (and of the change in chosen /
+   rejected log-probs of DPO and MIO), and one PNG: the accuracies, and the chosen and rejected
+   log-probs over steps for DPO and MIO.
 """
 
 from __future__ import annotations
@@ -23,23 +26,26 @@ from .eval import evaluate
 from .experiments.common import cached_sft
 from .logging import console
 from .models import load_policy
-from .recipes import preference, sft
+from .recipes import grpo, preference, sft
 from .report import plot_preference_curves
 from .rollout.pairs import sample_pairs
 
 
 @dataclass
 class Config:
-    """The default job's options: SFT, then pairs sampled and verified, then DPO and MIO side by side."""
+    """The default job's options: a weak SFT start, then GRPO, and DPO and MIO on pairs sampled and verified."""
 
     out_dir: str = "runs/demo"  # where the SFT cache, runs, table and plot go
-    task: str = "arith"  # built-in task
-    sft_steps: int = 400  # SFT optimizer steps
+    task: str = "arith:2"  # built-in task
+    sft_steps: int = 110  # SFT optimizer steps (a weak start leaves room to improve)
+    grpo_steps: int = 600  # GRPO steps (16 prompts x 8 samples each)
+    grpo_lr: float = 2e-4  # GRPO learning rate
     pref_steps: int = 60  # DPO / MIO optimizer steps (each)
     beta: float = 0.1  # the same beta for DPO and MIO
-    lr: float = 1e-4  # the same learning rate for DPO and MIO
+    lr: float = 3e-5  # the same learning rate for DPO and MIO
     n_prompts: int = 512  # training prompts sampled for pairs
     k: int = 8  # samples per prompt
+    sample_temperature: float = 1.0  # sampling temperature of the pairs
     eval_n: int = 300  # held-out prompts
     seed: int = 0  # seed
     threads: int = 2  # torch CPU threads
@@ -47,35 +53,54 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    """SFT (cached), pairs sampled from it, DPO and MIO on them; prints the table and writes the plot."""
+    """SFT (cached), GRPO from it, pairs sampled from it and DPO and MIO on them; prints the table, writes the plot."""
     t_start = time.time()
     out = Path(cfg.out_dir)
     task = make_task(cfg.task)
     test = task.examples("test", cfg.eval_n, cfg.seed)
 
-    # ---- 1. SFT, cached ----------------------------------------------------------------------------
+    # ---- 1. a weak SFT start, cached ---------------------------------------------------------------------
     sft_cfg = sft.Config(
         task=cfg.task, steps=cfg.sft_steps, seed=cfg.seed, threads=cfg.threads, out_dir=str(out / "sft"), eval_n=0
     )
     if cfg.refresh:
         shutil.rmtree(out / "sft", ignore_errors=True)
     final = cached_sft(sft_cfg)
-    sft_policy = load_policy(final)
-    sft_acc = evaluate(sft_policy, task, test, max_new_tokens=40).accuracy
+    start = load_policy(final)
+    start_acc = evaluate(start, task, test, max_new_tokens=40).accuracy
+    console.print(f"start (SFT, {cfg.sft_steps} steps): held-out accuracy {start_acc:.3f}")
+    results = {}
 
-    # ---- 2. pairs from the SFT model's own samples -------------------------------------------------
-    pairs, stats = sample_pairs(
-        sft_policy, task, task.examples("train", cfg.n_prompts, cfg.seed + 1), k=cfg.k, seed=cfg.seed
+    # ---- 2. GRPO from the start --------------------------------------------------------------------------
+    t0 = time.time()
+    g = grpo.train(
+        grpo.Config(
+            model=str(final),
+            task=cfg.task,
+            steps=cfg.grpo_steps,
+            lr=cfg.grpo_lr,
+            group_size=8,
+            prompts_per_step=16,
+            eval_n=0,
+            seed=cfg.seed,
+            threads=cfg.threads,
+            out_dir=str(out / "grpo"),
+            report=False,
+        )
     )
+    results["GRPO"] = {"accuracy": evaluate(g.model, task, test, max_new_tokens=40).accuracy, "s": time.time() - t0}
+
+    # ---- 3. pairs from the start's own samples; DPO and MIO, same start, same pairs, same budget ----------
+    prompts = task.examples("train", cfg.n_prompts, cfg.seed + 1)
+    pairs, stats = sample_pairs(start, task, prompts, k=cfg.k, temperature=cfg.sample_temperature, seed=cfg.seed)
     console.print(
         f"pairs: {stats['pairs']} from {stats['prompts']} prompts (sample accuracy "
         f"{stats['sample_accuracy']:.2f}; {stats['skipped_all_correct']} all-correct and "
         f"{stats['skipped_all_wrong']} all-wrong prompts skipped)"
     )
-
-    # ---- 3. DPO and MIO, same start, same pairs, same budget ---------------------------------------
-    results = {}
+    histories = {}
     for loss in ("dpo", "mio"):
+        t0 = time.time()
         pcfg = preference.Config(
             loss=loss,
             beta=cfg.beta,
@@ -86,38 +111,45 @@ def run(cfg: Config) -> dict:
             threads=cfg.threads,
             out_dir=str(out / loss),
             eval_n=0,
+            report=False,
         )
         res = preference.train(pcfg, model=load_policy(final), data=pairs)
-        acc = evaluate(res.model, task, test, max_new_tokens=40).accuracy
-        results[loss] = {
-            "accuracy": acc,
+        results[loss.upper()] = {
+            "accuracy": evaluate(res.model, task, test, max_new_tokens=40).accuracy,
             "chosen_logp_change": res.summary["chosen_logp_change"],
             "rejected_logp_change": res.summary["rejected_logp_change"],
-            "history": res.history,
+            "s": time.time() - t0,
         }
+        histories[loss.upper()] = res.history
 
     # ---- 4. table and plot -------------------------------------------------------------------------
     table = Table(
-        title=f"mirl demo: {task.name}, held-out n={len(test)}, beta={cfg.beta}, "
-        f"{cfg.pref_steps} steps, {stats['pairs']} pairs"
+        title=f"mirl demo: {task.name}, held-out greedy accuracy (n={len(test)}); DPO and MIO: beta={cfg.beta}, "
+        f"{cfg.pref_steps} steps, the same {stats['pairs']} pairs"
     )
-    for col in ("method", "held-out accuracy", "chosen logp change", "rejected logp change"):
+    for col in ("method", "held-out accuracy", "vs start", "chosen logp change", "rejected logp change", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row("SFT", f"{sft_acc:.3f}", "-", "-")
-    for loss, r in results.items():
+    table.add_row(f"start (SFT {cfg.sft_steps} steps)", f"{start_acc:.3f}", "-", "-", "-", "-")
+    for name, r in results.items():
         table.add_row(
-            loss.upper(), f"{r['accuracy']:.3f}", f"{r['chosen_logp_change']:+.2f}", f"{r['rejected_logp_change']:+.2f}"
+            name,
+            f"{r['accuracy']:.3f}",
+            f"{r['accuracy'] - start_acc:+.3f}",
+            f"{r['chosen_logp_change']:+.2f}" if "chosen_logp_change" in r else "-",
+            f"{r['rejected_logp_change']:+.2f}" if "rejected_logp_change" in r else "-",
+            f"{r['s']:.0f}",
         )
     console.print(table)
     png = plot_preference_curves(
-        {k.upper(): v["history"] for k, v in results.items()},
-        out / "logps.png",
-        title=f"DPO vs MIO on {task.name} (beta={cfg.beta})",
+        histories,
+        out / "demo.png",
+        title=f"mirl demo on {task.name}: held-out accuracy; DPO vs MIO log-probs (beta={cfg.beta})",
+        accuracies={"start": start_acc, **{k: v["accuracy"] for k, v in results.items()}},
     )
     summary = {
-        "sft_accuracy": sft_acc,
+        "start_accuracy": start_acc,
         "pairs": stats,
-        **{k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in results.items()},
+        **{k.lower(): v for k, v in results.items()},
         "seconds": time.time() - t_start,
         "config": asdict(cfg),
     }

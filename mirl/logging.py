@@ -39,64 +39,37 @@ def parse_report_to(spec: str) -> tuple[str, ...]:
     return names
 
 
-class WandbTracker:
-    """Weights & Biases: one run per mirl run (WANDB_MODE decides online or offline; files in <out_dir>/wandb)."""
+class Tracker:
+    """Weights & Biases or trackio, through the calls both libraries have (init, log, Table, Image, finish): one
+    tracker run per mirl run. W&B: WANDB_MODE decides online or offline, its files go to <out_dir>/wandb, the
+    project is $WANDB_PROJECT (default mirl); trackio: its local store (TRACKIO_DIR), project $TRACKIO_PROJECT."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict):
+    def __init__(self, kind: str, run_dir: Path, name: str, config: dict):
+        import importlib
         import os
 
         try:
-            import wandb
+            self.lib = importlib.import_module(kind)
         except ImportError as e:
-            raise ValueError("--report-to wandb needs the wandb package: pip install 'mirl[wandb]'") from e
-        self.wandb = wandb
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "mirl"), name=name, dir=str(run_dir), config=config
-        )
+            raise ValueError(f"--report-to {kind} needs the {kind} package: pip install 'mirl[{kind}]'") from e
+        where = {"dir": str(run_dir)} if kind == "wandb" else {}
+        project = os.environ.get(f"{kind.upper()}_PROJECT", "mirl")
+        self.lib.init(project=project, name=name, config=config, **where)
 
     def log(self, step: int, metrics: dict) -> None:
         """Scalars at a step."""
-        self.run.log(metrics, step=step)
+        self.lib.log(metrics, step=step)
 
     def table(self, step: int, columns: list[str], rows: list[list], images: list | None) -> None:
         """A table of completions (a column of images when the prompts had some)."""
         if images is not None:
             columns = [*columns, "image"]
-            rows = [[*r, self.wandb.Image(im) if im is not None else None] for r, im in zip(rows, images)]
-        self.run.log({"completions": self.wandb.Table(columns=columns, data=rows)}, step=step)
+            rows = [[*r, None if im is None else self.lib.Image(im)] for r, im in zip(rows, images)]
+        self.lib.log({"completions": self.lib.Table(columns=columns, data=rows)}, step=step)
 
     def close(self) -> None:
-        """Finish the run (offline: its files stay in <out_dir>/wandb)."""
-        self.run.finish()
-
-
-class TrackioTracker:
-    """trackio: a local-first tracker (its store under TRACKIO_DIR; `trackio show` to look)."""
-
-    def __init__(self, run_dir: Path, name: str, config: dict):
-        import os
-
-        try:
-            import trackio
-        except ImportError as e:
-            raise ValueError("--report-to trackio needs the trackio package: pip install 'mirl[trackio]'") from e
-        self.trackio = trackio
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "mirl"), name=name, config=config)
-
-    def log(self, step: int, metrics: dict) -> None:
-        """Scalars at a step."""
-        self.trackio.log(metrics, step=step)
-
-    def table(self, step: int, columns: list[str], rows: list[list], images: list | None) -> None:
-        """A table of completions (a column of images when the prompts had some)."""
-        if images is not None:
-            columns = [*columns, "image"]
-            rows = [[*r, self.trackio.Image(im) if im is not None else None] for r, im in zip(rows, images)]
-        self.trackio.log({"completions": self.trackio.Table(columns=columns, data=rows)}, step=step)
-
-    def close(self) -> None:
-        """Finish the run."""
-        self.trackio.finish()
+        """Finish the tracker's run (W&B offline: its files stay in <out_dir>/wandb)."""
+        self.lib.finish()
 
 
 class MetricLogger:
@@ -153,11 +126,7 @@ class MetricLogger:
         self.tb = None
         self.log_every = max(1, log_every)
         name = f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.trackers = [
-            {"wandb": WandbTracker, "trackio": TrackioTracker}[t](self.run_dir, name, config or {})
-            for t in report_to
-            if t != "tensorboard"
-        ]
+        self.trackers = [Tracker(t, self.run_dir, name, config or {}) for t in report_to if t != "tensorboard"]
         if tensorboard and "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter

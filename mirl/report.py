@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
-    """Chosen and rejected log-probs of a fixed set of pairs, and the margin, over steps; one line per method."""
+def plot_preference_curves(
+    histories: dict[str, list[dict]], path: str | Path, title: str = "", accuracies: dict[str, float] | None = None
+) -> Path:
+    """Chosen and rejected log-probs of a fixed set of pairs, and the margin, over steps; one line per method.
+    accuracies: a first panel of held-out accuracy bars, one per method (the start included)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +24,15 @@ def plot_preference_curves(histories: dict[str, list[dict]], path: str | Path, t
         ("probe/rejected_logps", "rejected log-prob (fixed pairs)"),
         ("rewards/margins", "margin T_w - T_l (batch mean)"),
     ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    n = len(keys) + bool(accuracies)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
+    if accuracies:
+        ax, axes = axes[0], axes[1:]
+        bars = ax.bar(list(accuracies), list(accuracies.values()), color="#4c72b0")
+        ax.bar_label(bars, fmt="%.3f")
+        ax.set_ylim(0, 1)
+        ax.set_title("held-out greedy accuracy")
+        ax.grid(alpha=0.3, axis="y")
     for ax, (key, label) in zip(axes, keys):
         for name, hist in histories.items():
             pts = [(h["step"], h[key]) for h in hist if key in h]

@@ -157,10 +157,10 @@ def test_module_entry_point_help():
 
 def test_demo_small(tmp_path, capsys):
     argv = ["demo", "--out-dir", str(tmp_path / "d"), "--task", "arith:1", "--sft-steps", "80", "--pref-steps", "2"]
-    assert main(argv + ["--n-prompts", "32", "--k", "8", "--eval-n", "10", "--threads", "1"]) == 0
+    assert main(argv + ["--grpo-steps", "2", "--n-prompts", "32", "--k", "8", "--eval-n", "10", "--threads", "1"]) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
-    assert set(summary) >= {"sft_accuracy", "dpo", "mio", "pairs"}
-    assert (tmp_path / "d" / "logps.png").stat().st_size > 1000
+    assert set(summary) >= {"start_accuracy", "grpo", "dpo", "mio", "pairs"}
+    assert (tmp_path / "d" / "demo.png").stat().st_size > 1000
     err = capsys.readouterr().err
     assert "held-out accuracy" in err and "MIO" in err
 

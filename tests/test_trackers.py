@@ -137,3 +137,29 @@ def test_an_unknown_tracker_is_refused_before_anything_loads(tmp_path):
     )
     assert proc.returncode == 2 and "--report-to" in proc.stderr and "mlflow" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_completion_tables_carry_the_prompt_images(tmp_path):
+    """W&B keeps a table with images as an artifact: its table file and the PNGs are staged under
+    WANDB_DATA_DIR (offline), the run's own table file names the image column."""
+    out = tmp_path / "vlm"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DATA_DIR": str(tmp_path / "wd")}
+    args = ["grpo", "--model", "vlm-nano", "--task", "digits", "--steps", "1", "--group-size", "2"]
+    args += ["--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-n", "0", "--threads", "1", "--no-report"]
+    args += ["--report-to", "wandb", "--log-completions", "2", "--out-dir", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirl", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (logged,) = [h for h in wandb_history(out) if "completions/path" in h]
+    assert logged["completions/nrows"] == 2
+    (table_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / logged["completions/path"]))
+    assert json.loads(Path(table_file).read_text())["columns"][-1] == "image"
+    from PIL import Image
+
+    staged = [Path(f) for f in glob.glob(str(tmp_path / "wd" / "artifacts" / "staging" / "*"))]
+    pngs = [f for f in staged if f.read_bytes()[:4] == b"\x89PNG"]
+    assert pngs and all(Image.open(f).size == (32, 32) for f in pngs)  # the digits prompts' 32x32 images
+    tables = [json.loads(f.read_text()) for f in staged if f.read_bytes()[:1] == b"{"]
+    assert any("image" in t["column_types"]["params"]["type_map"] for t in tables)
+    assert not (out / "tb").exists()  # --report-to wandb alone: no TensorBoard

@@ -353,6 +353,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     def final_evaluation():
         res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)
         summary["eval"] = res.as_dict()
+        run.evals.append({"step": run.steps, "accuracy": res.accuracy, "mean_score": res.mean_score})
         console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
 
     summary.update(

@@ -278,7 +278,8 @@ def end_of_run(
 ) -> dict:
     """The end of every recipe, the same in all: close the log; when the run went to its last step, rank 0
     saves final/ (save(folder), or the policy merged or as adapters, then extra_save(folder)) and evaluates
-    (evaluate() -> accuracy); rank 0 writes samples.jsonl and the report page (report); every rank waits.
+    (evaluate() -> accuracy); rank 0 writes evals.json (every held-out evaluation: step, accuracy, training
+    seconds, samples), samples.jsonl and the report page (report); every rank waits.
     -> the summary's common part (steps, seconds, evaluations)."""
     from .. import distributed as dist
 
@@ -294,6 +295,8 @@ def end_of_run(
             extra_save(folder)
         if evaluate is not None:
             evaluate()
+    if run.main and run.evals:
+        (run.out_dir / "evals.json").write_text(json.dumps(run.evals, indent=1))  # every held-out evaluation
     if run.main and report:
         write_samples_and_report(run.out_dir, policy, task, examples, max_new_tokens=max_new_tokens)
     dist.barrier()
@@ -307,6 +310,12 @@ def held_out_evaluator(policy, task, test, *, run: Run | None, evals: list | Non
         return None
 
     def evaluate(step: int, label: str | None = None) -> float:
+        done = run.evals if run is not None else evals
+        if done and done[-1]["step"] == step and step > 0:  # evaluated at this step already (--eval-every)
+            console.print(
+                f"held-out accuracy {label or f'at step {step}'}: {done[-1]['accuracy']:.3f} (as at step {step})"
+            )
+            return done[-1]["accuracy"]
         return held_out_accuracy(
             policy,
             task,
