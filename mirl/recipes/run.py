@@ -25,6 +25,13 @@ def setup(cfg) -> None:
 
     check_config(cfg)  # the CLI checked already; the Python API gets the same answers
     init()
+    if cfg.bf16 and is_main():
+        from ..cpu import bf16_warning
+        from ..logging import warn
+
+        message = bf16_warning("cuda" if torch.cuda.is_available() else "cpu")
+        if message:
+            warn(message)
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

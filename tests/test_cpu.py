@@ -1,0 +1,41 @@
+"""bf16 on a CPU without native bf16 matmul is named before a run wastes its time on it."""
+
+from mirl.cpu import bf16_warning, cpu_info, native_bf16
+
+EPYC = """processor\t: 0
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma bmi2
+"""
+XEON = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+"""
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert cpu_info(EPYC) == ("AMD EPYC 7B13", {"fpu", "sse2", "avx", "avx2", "fma", "bmi2"})
+    assert not native_bf16(cpu_info(EPYC)[1]) and native_bf16(cpu_info(XEON)[1])
+    assert native_bf16({"amx_bf16"}) and native_bf16({"avx512_bf16"})
+    assert cpu_info("") == ("unknown", set())
+
+
+def test_bf16_is_named_only_where_it_is_emulated():
+    msg = bf16_warning("cpu", EPYC)
+    assert msg.startswith("--bf16 on this CPU (AMD EPYC 7B13) without native bf16 matmul")
+    assert "100x slower" in msg
+    assert bf16_warning("cpu", XEON) is None
+    assert bf16_warning("cuda", EPYC) is None
+    assert bf16_warning("cpu", "") is None  # flags unknown: no guess
+
+
+def test_a_bf16_run_on_such_a_cpu_warns_and_still_trains(tmp_path, monkeypatch, capsys):
+    import mirl.cpu
+    from mirl.recipes import sft
+
+    real = mirl.cpu.cpu_info
+    monkeypatch.setattr(mirl.cpu, "cpu_info", lambda text=None: real(EPYC))
+    res = sft.train(
+        sft.Config(task="arith:1", steps=2, bf16=True, eval_n=0, threads=1, report=False, out_dir=str(tmp_path / "s"))
+    )
+    assert len(res.history) == 2
+    assert "without native bf16 matmul" in capsys.readouterr().err
