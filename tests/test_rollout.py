@@ -1,5 +1,6 @@
 """Generation: greedy equals step-by-step argmax of a full forward; recorded log-probs equal a forward."""
 
+import pytest
 import torch
 
 from mirl.logps import sequence_logps
@@ -86,3 +87,72 @@ def test_samplers_draw_from_the_distribution():
         assert int((draws == 2).sum()) == 0
     # the row seeds do not depend on which other prompts share the batch
     assert torch.equal(row_seeds(1, 2, [5, 6, 7], 3)[3:], row_seeds(1, 2, [6, 7], 3))
+
+
+def _ragged_prompts(policy, n=12):
+    return [policy.tokenizer.encode(f"{i}+{(7 * i) % 10}=", add_special_tokens=True) for i in range(n)]
+
+
+def _same_batch(a, b):
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logps, b.logps, atol=2e-5, rtol=0)
+    assert a.texts == b.texts and torch.equal(a.truncated, b.truncated)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "hf", "vlm"])
+@pytest.mark.parametrize("sampling", ["generator", "row_seeds"])
+def test_dropping_finished_rows_keeps_every_sample(kind, sampling, hf_tiny_dir, hf_vlm_dir):
+    """Cutting ended rows out of the batch and its KV cache changes no token and no log-prob: the random
+    numbers are drawn for the whole batch either way (the tiny GPT's list cache, transformers' DynamicCache,
+    a Qwen2-VL with images and M-RoPE deltas)."""
+    images = None
+    if kind == "tiny":
+        torch.manual_seed(0)
+        policy = load_policy("gpt-nano", seed=0)
+    elif kind == "hf":
+        policy = load_policy(hf_tiny_dir)
+    else:
+        from PIL import Image
+
+        policy = load_policy(hf_vlm_dir)
+    if kind == "vlm":
+        enc = [policy.encode_prompt("<image>count:", [Image.new("RGB", (28, 28), (30 * i, 90, 200))]) for i in range(6)]
+        prompts, images = [ids for ids, _ in enc], [im for _, im in enc]
+    else:
+        prompts = _ragged_prompts(policy)
+    eos = policy.tokenizer.eos_token_id
+    # make rows end at different steps: a strong bias towards EOS on a random model
+    kw = dict(max_new_tokens=12, samples_per_prompt=2, images=images)
+    if sampling == "row_seeds":
+        kw["seeds"] = row_seeds(3, 0, list(range(len(prompts))), 2)
+    runs = {}
+    for drop in (False, True):
+        g = torch.Generator().manual_seed(5) if sampling == "generator" else None
+        with _eos_bias(policy, eos, 0.5):
+            runs[drop] = generate(policy, prompts, generator=g, drop_finished=drop, **kw)
+    lengths = runs[False].response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, lengths  # rows did end at different steps
+    _same_batch(runs[False], runs[True])
+
+
+class _eos_bias:
+    """Add `bias` x the step's number to the EOS logit of every policy.step: a random model then ends its rows
+    at various steps (the same for every row at a step, so it does not depend on the batch's make-up)."""
+
+    def __init__(self, policy, eos, bias):
+        self.policy, self.eos, self.bias = policy, eos, bias
+
+    def __enter__(self):
+        step, calls = self.policy.step, [0]
+
+        def biased(*a, **k):
+            logits, cache = step(*a, **k)
+            calls[0] += 1
+            logits = logits.clone()
+            logits[..., self.eos] += self.bias * (calls[0] - 1)
+            return logits, cache
+
+        self.policy.step = biased
+
+    def __exit__(self, *exc):
+        del self.policy.step

@@ -89,6 +89,10 @@ class TinyBackend:
         """-> (logits, cache)."""
         return model(input_ids, attention_mask, position_ids, cache, **image_kw)
 
+    def select_rows(self, cache, rows: torch.Tensor):
+        """The cache of these batch rows only (a list of (keys, values) per block, each (B, H, S, D))."""
+        return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]
+
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
         """-> (logits (B, T, V), last hidden state (B, T, C))."""
         logits, _, hidden = model(input_ids, attention_mask, position_ids, None, return_hidden=True, **image_kw)
@@ -168,6 +172,15 @@ class HFBackend:
             **image_kw,
         )
         return out.logits, (out.past_key_values, deltas)
+
+    def select_rows(self, cache, rows: torch.Tensor):
+        """The cache of these batch rows only (the transformers cache's batch_select_indices, in place), or None
+        for a cache type without it."""
+        past, deltas = cache
+        if not hasattr(past, "batch_select_indices"):
+            return None
+        past.batch_select_indices(rows)
+        return past, (None if deltas is None else deltas.index_select(0, rows))
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
         """-> (logits (B, T, V), last hidden state (B, T, C))."""
@@ -407,6 +420,11 @@ class Policy(nn.Module):
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, cache)
         kw = self._image_kwargs(images)
         return self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, kw)
+
+    def select_rows(self, cache, rows: torch.Tensor):
+        """The generation cache of these batch rows only (finished rows dropped from decoding), or None when
+        the backend's cache cannot be cut (decoding then goes on with every row)."""
+        return self.backend.select_rows(cache, rows)
 
     # ---- saving and loading ---------------------------------------------------------------------------
     def save(self, path: str | Path, merged: bool = True) -> None:

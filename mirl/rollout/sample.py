@@ -149,13 +149,17 @@ def generate(
     images: list | None = None,
     sample_images: list | None = None,
     seeds: Tensor | None = None,
+    drop_finished: bool = True,
 ) -> RolloutBatch:
     """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
     ignore_eos: always generate max_new_tokens (benchmarks). seeds: one per row (row_seeds) to sample by
     Gumbel-max with counter-based noise instead of the shared generator: a row's sample then does not
     depend on the other rows in the batch (torchrun ranks = one process).
     images: one image-input dict (or None) per prompt; sample_images: one per row, to sample from other
-    pixels than the batch records (NoisyRollout's perturbed copies)."""
+    pixels than the batch records (NoisyRollout's perturbed copies).
+    drop_finished: once a quarter of the rows being decoded have ended, cut them out of the batch and its
+    KV cache, so finished rows cost no compute. The random numbers drawn per step stay those of the whole
+    batch, so the samples are the same as without it (tests/test_rollout.py)."""
     from ..models.vision import cat_images
 
     tok = policy.tokenizer
@@ -182,6 +186,8 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     stopped = torch.zeros(b, dtype=torch.bool, device=device)  # ended by EOS or a stop string
     lengths = torch.zeros(b, dtype=torch.long, device=device)
+    live = torch.arange(b, device=device)  # the rows of the whole batch that the model still decodes
+    row_seeds_ = None if seeds is None else seeds.to(device)
     attn = prompt_mask
     was_training = policy.training
     policy.eval()
@@ -189,23 +195,26 @@ def generate(
     logits, cache = policy.step(prompt_ids, attn, images=prefill_images)
     n_steps = 0
     for t in range(max_new_tokens):
-        step_logits = logits[:, -1].float()
+        step_logits = logits[:, -1].float()  # (len(live), V)
         if banned:
             step_logits[:, banned] = float("-inf")
         if temperature > 0:
             step_logits = _filter_logits(step_logits / temperature, top_k, top_p)
             logprobs = torch.log_softmax(step_logits, -1)
-            if seeds is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
-                nxt = (logprobs + row_gumbel(seeds.to(device), t, logprobs.shape[-1])).argmax(-1)
-            else:
-                nxt = sample_inverse_cdf(logprobs.exp(), generator)
+            if row_seeds_ is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
+                nxt = (logprobs + row_gumbel(row_seeds_[live], t, logprobs.shape[-1])).argmax(-1)
+            else:  # one uniform for every row of the batch, decoded or not: the same stream either way
+                u = torch.rand(b, 1, generator=generator, dtype=torch.float64, device=device)
+                nxt = inverse_cdf_index(logprobs.exp(), u[live])
         else:
             logprobs = torch.log_softmax(step_logits, -1)
             nxt = logprobs.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out_ids[:, t] = nxt
-        out_logps[:, t] = torch.where(done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
-        newly = (~done) & (nxt == eos_id) & (not ignore_eos)
+        live_done = done[live]
+        nxt = torch.where(live_done, torch.full_like(nxt, pad_id), nxt)
+        out_ids[live, t] = nxt
+        out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        newly = torch.zeros(b, dtype=torch.bool, device=device)
+        newly[live] = (~live_done) & (nxt == eos_id) & (not ignore_eos)
         if stop_strings:
             for i in torch.nonzero(~done & ~newly).flatten().tolist():
                 text = tok.decode(out_ids[i, : t + 1].tolist(), skip_special_tokens=True)
@@ -223,7 +232,12 @@ def generate(
             finished = all_sum(0.0 if finished else 1.0) == 0
         if finished:
             break
-        attn = torch.cat([attn, live_before.long()[:, None]], 1)
+        attn = torch.cat([attn, live_before[live].long()[:, None]], 1)
+        keep = torch.nonzero(~done[live]).flatten()
+        if drop_finished and 0 < len(keep) <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
+            cut = policy.select_rows(cache, keep)
+            if cut is not None:
+                cache, live, attn, nxt = cut, live[keep], attn[keep], nxt[keep]
         logits, cache = policy.step(nxt[:, None], attn, cache)
     policy.train(was_training)
     out_ids, out_logps = out_ids[:, :n_steps], out_logps[:, :n_steps]
