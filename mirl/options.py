@@ -129,6 +129,10 @@ RULES = {
     "temperature": _float_in(0.0, lo_open=True),  # sampling recipes; eval allows 0 (greedy), below
     "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
     "advantage": _one_of("group", "rloo"),
+    "policy_loss": _one_of("clip", "dual_clip", "cispo", "sapo"),
+    "dual_clip_c": _float_in(1.0, lo_open=True),
+    "sapo_tau_pos": _float_in(0.0, lo_open=True),
+    "sapo_tau_neg": _float_in(0.0, lo_open=True),
     "log_completions": NON_NEGATIVE,
     "chat": _one_of("auto", "yes", "no"),
     "scale_rewards": _one_of("group", "batch", "none"),

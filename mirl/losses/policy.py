@@ -5,6 +5,13 @@ Per token k of response o (docs/algorithms.md §2):
                                            exp(mean_k (logp_k - old_logp_k)))
     l_k   = -min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A) + beta * KL_k
     KL_k  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1  (Schulman)
+The per-token term by policy_loss (the others replace the min/clip above; all equal -A at rho = 1):
+    clip       the PPO clipped surrogate above
+    dual_clip  for A < 0 also bounded: min(l_k, -c A), c = dual_clip_c (Ye et al. 2020; veRL's clip_ratio_c)
+    cispo      -sg(min(rho_k, 1 + eps_high)) A logp_k: the weight clipped and detached, every token keeps its
+               gradient (MiniMax-M1's CISPO)
+    sapo       -(4 / tau) sigmoid(tau (rho_k - 1)) A, tau = tau_pos for A > 0, tau_neg for A < 0: a soft gate
+               instead of the hard clip (SAPO; TRL's loss_type="sapo")
 Aggregation (loss_agg), the place where the GRPO variants differ:
     grpo     mean over responses of (token mean within the response)
     bnpo     token mean over the micro-batch
@@ -22,6 +29,36 @@ from .registry import register_loss
 
 Tensor = torch.Tensor
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+POLICY_LOSSES = ("clip", "dual_clip", "cispo", "sapo")
+
+
+def policy_term(
+    logps: Tensor,
+    ratio: Tensor,
+    adv: Tensor,
+    *,
+    policy_loss: str = "clip",
+    clip_eps: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip_c: float = 3.0,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+) -> Tensor:
+    """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table).
+    ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T)."""
+    if policy_loss in ("clip", "dual_clip"):
+        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high)
+        term = -torch.min(ratio * adv, clipped * adv)
+        if policy_loss == "dual_clip":
+            term = torch.where(adv < 0, torch.minimum(term, -dual_clip_c * adv), term)
+        return term
+    if policy_loss == "cispo":
+        weight = torch.clamp(ratio, max=1 + clip_eps_high).detach()
+        return -weight * adv * logps
+    if policy_loss == "sapo":
+        tau = torch.full_like(adv, sapo_tau_neg).masked_fill(adv > 0, sapo_tau_pos)
+        return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
+    raise ValueError(f"unknown policy loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
@@ -52,8 +89,13 @@ def clipped_policy_loss(
     loss_agg: str = "grpo",
     max_completion_length: int | None = None,
     global_count: Tensor | float | None = None,
+    policy_loss: str = "clip",
+    dual_clip_c: float = 3.0,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> tuple[Tensor, dict]:
-    """PPO/GRPO clipped surrogate. logps, old_logps, ref_logps, mask: (B, T); advantages (B,) or (B, T)."""
+    """PPO/GRPO clipped surrogate (or policy_loss: dual_clip, cispo, sapo). logps, old_logps, ref_logps, mask:
+    (B, T); advantages (B,) or (B, T)."""
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
     mask = mask.to(logps.dtype)
@@ -67,8 +109,17 @@ def clipped_policy_loss(
         raise ValueError(f"importance must be 'token' or 'sequence', got {importance!r}")
     ratio = torch.exp(log_w)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    per_token = policy_term(
+        logps,
+        ratio,
+        adv,
+        policy_loss=policy_loss,
+        clip_eps=clip_eps,
+        clip_eps_high=high,
+        dual_clip_c=dual_clip_c,
+        sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg,
+    )
     metrics = {}
     if beta != 0.0:
         if ref_logps is None:

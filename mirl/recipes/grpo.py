@@ -83,6 +83,10 @@ class Config:
     importance: str = "token"  # token (GRPO) or sequence (GSPO)
     clip_eps: float = 0.2  # lower clip range (and upper, unless clip_eps_high is set)
     clip_eps_high: float = 0.0  # upper clip range for clip-higher (DAPO 0.28); 0 = clip_eps
+    policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
+    dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
+    sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
+    sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
     beta: float = 0.0  # KL coefficient (0 = no reference model in memory)
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_schedule: str = "constant"  # constant | linear | cosine, from beta to beta_final over the run
@@ -238,6 +242,10 @@ def grpo_update(
                 loss_agg=cfg.loss_agg,
                 max_completion_length=cfg.max_new_tokens,
                 global_count=g,
+                policy_loss=cfg.policy_loss,
+                dual_clip_c=cfg.dual_clip_c,
+                sapo_tau_pos=cfg.sapo_tau_pos,
+                sapo_tau_neg=cfg.sapo_tau_neg,
             )
             (loss + anchor).backward()
             opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
