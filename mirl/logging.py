@@ -72,6 +72,13 @@ class Tracker:
         self.lib.finish()
 
 
+def keep_rows(path: Path, keep) -> None:
+    """Rewrite a JSON-lines file with only the rows for which keep(row) holds (nothing when it does not exist)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        path.write_text("".join(line + "\n" for line in rows if keep(json.loads(line))))
+
+
 class MetricLogger:
     """Metrics of a run to metrics.jsonl, TensorBoard and the terminal (a progress bar, or a line every tenth of the
     run)."""
@@ -98,29 +105,13 @@ class MetricLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
-        if resume and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        samples = self.run_dir / "samples.jsonl"  # completions logged during the run, and the final greedy ones
-        if samples.exists():
-            kept = (
-                []
-                if not resume
-                else [
-                    line
-                    for line in samples.read_text().splitlines()
-                    if line.strip()
-                    and json.loads(line).get("kind") == "rollout"
-                    and json.loads(line)["step"] <= start_step
-                ]
-            )
-            samples.write_text("".join(line + "\n" for line in kept))
+        # a fresh run starts both files empty; a resumed one keeps the rows up to the checkpoint's step
+        # (samples.jsonl: only the rollouts; the final greedy samples are written again at the end)
+        keep_rows(self.path, lambda r: resume and r.get("step", 0) <= start_step)
+        keep_rows(
+            self.run_dir / "samples.jsonl",
+            lambda r: resume and r.get("kind") == "rollout" and r["step"] <= start_step,
+        )
         self.file = self.path.open("a")
         self.show = show
         self.tb = None
