@@ -4,11 +4,19 @@
     python bench/run.py --only dpo-tiny --repeats 1
 
 Each measurement runs in its own process (peak RSS is that process's), mirl and TRL alternate, and the
-median step time after warm-up steps is reported. The model is a transformers Qwen2 built from a config
-and saved once; both libraries load that folder. A word-level tokenizer makes every word one token, so
-prompt and response lengths are exact. The matmul peak (fp32 and bf16) is measured in the same run with
+median step time after warm-up steps is reported. The model is a transformers Qwen2 (or, for the smol-*
+workloads, a Llama of SmolLM2-135M's sizes) built from a config with random weights and saved once; both
+libraries load that folder. A word-level tokenizer makes every word one token, so prompt and response
+lengths are exact. The matmul peak (fp32 and bf16) and the copy bandwidth are measured in the same run with
 the same thread count, and compute-bound workloads report achieved FLOP/s = 6 * parameters * tokens per
 step / step time (forward + backward of the policy; the reference pass is extra work neither counts).
+
+The limit column is what the hardware allows for the same work, measured in a third process per repeat:
+for a preference step, the plain PyTorch forward + backward of the same batch on the same model (one
+cross-entropy loss, no reference pass, no optimizer); for a GRPO step, that forward + backward of the
+sampled batch plus the roofline bound of decoding its tokens: each decode step takes at least the larger of
+its FLOPs over the matmul peak and the bytes of weights and KV cache it reads over the copy bandwidth.
+"mirl % of limit" is limit step time / mirl step time.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+SMOL = dict(arch="llama", hidden=576, layers=30, heads=9, kv_heads=3, mlp=1536, vocab=8000, model_vocab=49152)
 
 WORKLOADS = {
     # name: model config, pairs or prompts, lengths, threads
@@ -49,8 +59,8 @@ WORKLOADS = {
         prompt=128,
         response=128,
         threads=2,
-        steps=6,
-        warmup=2,
+        steps=4,
+        warmup=1,
     ),
     # MIO on the DPO workloads (TRL has no MIO: its sigmoid loss runs beside it), same model folder and rows
     "mio-tiny": dict(
@@ -80,8 +90,8 @@ WORKLOADS = {
         prompt=128,
         response=128,
         threads=2,
-        steps=6,
-        warmup=2,
+        steps=4,
+        warmup=1,
     ),
     "grpo-128": dict(
         kind="grpo",
@@ -97,6 +107,15 @@ WORKLOADS = {
         steps=6,
         warmup=2,
     ),
+    # SmolLM2-135M's shape (a Llama: hidden 576, 30 layers, 9 query and 3 key/value heads, MLP 1536, vocabulary
+    # 49152, tied embeddings) with random weights; the tokenizer covers 8000 of the rows, the head all 49152
+    "smol-dpo": dict(kind="dpo", **SMOL, batch=4, prompt=64, response=64, threads=2, steps=3, warmup=1),
+    "smol-dpo-lora": dict(
+        kind="dpo", same_as="smol-dpo", lora=16, **SMOL, batch=4, prompt=64, response=64, threads=2, steps=3, warmup=1
+    ),
+    "smol-grpo-64": dict(
+        kind="grpo", **SMOL, prompts=2, group=8, prompt=32, new_tokens=64, threads=2, steps=2, warmup=1
+    ),
 }
 
 
@@ -106,7 +125,7 @@ WORKLOADS = {
 def build(name: str, root: Path) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     w = WORKLOADS[name]
     out = root / w.get("same_as", name)
@@ -128,19 +147,21 @@ def build(name: str, root: Path) -> Path:
     tk.train_from_iterator([" " + " ".join(letters[: w["vocab"]])] * 50, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
+    config, causal_lm = (LlamaConfig, LlamaForCausalLM) if w.get("arch") == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = config(
+        vocab_size=w.get("model_vocab", len(tok)),
         hidden_size=w["hidden"],
-        intermediate_size=4 * w["hidden"],
+        intermediate_size=w.get("mlp", 4 * w["hidden"]),
         num_hidden_layers=w["layers"],
         num_attention_heads=w["heads"],
-        num_key_value_heads=w["heads"],
+        num_key_value_heads=w.get("kv_heads", w["heads"]),
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
     )
-    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    causal_lm(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     from transformers import AutoTokenizer
 
@@ -174,15 +195,14 @@ def worker(lib: str, name: str, folder: Path) -> dict:
     torch.set_num_threads(w["threads"])
     rows = json.loads((folder / "data.json").read_text())
     steps = w["steps"] + w["warmup"]
-    times = (
-        mirl_dpo
-        if lib == "mirl" and w["kind"] == "dpo"
-        else mirl_grpo
-        if lib == "mirl"
-        else trl_dpo
-        if w["kind"] == "dpo"
-        else trl_grpo
-    )(folder, rows, w, steps)
+    if lib == "limit":
+        return {"lib": lib, "workload": name, **limit(folder, rows, w)}
+    times = {
+        ("mirl", "dpo"): mirl_dpo,
+        ("mirl", "grpo"): mirl_grpo,
+        ("trl", "dpo"): trl_dpo,
+        ("trl", "grpo"): trl_grpo,
+    }[lib, w["kind"]](folder, rows, w, steps)
     step_s = statistics.median(times[w["warmup"] :])
     return {
         "lib": lib,
@@ -210,6 +230,8 @@ def mirl_dpo(folder, rows, w, steps):
         eval_n=0,
         probe_every=0,
         max_len=w["prompt"] + w["response"] + 2,
+        lora_r=w.get("lora", 0),
+        lora_alpha=2 * w.get("lora", 0),
         out_dir=tempfile.mkdtemp(),
     )
     res = preference.train(cfg, model=load_policy(folder), data=rows)
@@ -286,12 +308,18 @@ def trl_dpo(folder, rows, w, steps):
         dataloader_num_workers=0,
         **SAME_PRECISION,
     )
+    peft = None
+    if w.get("lora"):
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=w["lora"], lora_alpha=2 * w["lora"], target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(folder),
         callbacks=[timer.callback()],
+        peft_config=peft,
     )
     trainer.train()
     return timer.times
@@ -331,6 +359,66 @@ def trl_grpo(folder, rows, w, steps):
     )
     trainer.train()
     return timer.times
+
+
+def limit(folder, rows, w) -> dict:
+    """The hardware's bound for the same work (module docstring): the plain forward + backward of the step's
+    batch (median of 3 after one warm-up), plus for GRPO the roofline bound of decoding its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if w.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=w["lora"], lora_alpha=2 * w["lora"], target_modules="all-linear", task_type="CAUSAL_LM")
+        )
+    g = torch.Generator().manual_seed(0)
+    if w["kind"] == "dpo":  # chosen and rejected of every pair: 2 x batch sequences
+        n, length = 2 * w["batch"], w["prompt"] + w["response"]
+    else:
+        n, length = w["prompts"] * w["group"], w["prompt"] + w["new_tokens"]
+    ids = torch.randint(2, len(tok), (n, length), generator=g)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+    out = {"train_s": statistics.median(times[1:])}
+    if w["kind"] == "grpo":
+        cfg = model.config
+        params = sum(p.numel() for p in model.parameters())  # tied head: the embedding matrix is the head
+        peak = matmul_peak(w["threads"], "float32")
+        bw = copy_bandwidth(w["threads"])
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        decode = 0.0
+        for t in range(w["new_tokens"]):
+            ctx = w["prompt"] + t + 1
+            flops = 2 * params * n + 4 * n * cfg.num_hidden_layers * ctx * cfg.hidden_size  # matmuls + attention
+            nbytes = 4 * (params + n * ctx * kv)  # float32 weights once, every row's keys and values
+            decode += max(flops / peak, nbytes / bw)
+        out.update(decode_s=decode, copy_gbps=bw / 1e9)
+    out["limit_s"] = out["train_s"] + out.get("decode_s", 0.0)
+    return out
+
+
+def copy_bandwidth(threads: int, mb: int = 256) -> float:
+    """Bytes per second read + written by a large float32 copy (the bound on streaming weights and cache)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.empty(mb * 2**18)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best
 
 
 def matmul_peak(threads: int, dtype_name: str, n: int = 1024) -> float:
@@ -382,9 +470,9 @@ def main() -> None:
     for name in names:
         folder = build(name, root)
         w = WORKLOADS[name]
-        runs = {"mirl": [], "trl": []}
+        runs = {"mirl": [], "trl": [], "limit": []}
         for _ in range(args.repeats):
-            for lib in ("mirl", "trl"):
+            for lib in ("mirl", "trl", "limit"):
                 env = {**os.environ, "OMP_NUM_THREADS": str(w["threads"]), "TOKENIZERS_PARALLELISM": "false"}
                 r = subprocess.run(
                     [sys.executable, __file__, "--worker", lib, name, str(folder)],
@@ -399,9 +487,12 @@ def main() -> None:
                 runs[lib].append(json.loads(line[0][7:]))
         row = {"workload": name, "threads": w["threads"]}
         for lib, rs in runs.items():
-            if rs:
+            if rs and lib != "limit":
                 row[f"{lib}_steps_per_s"] = max(r["steps_per_s"] for r in rs)
                 row[f"{lib}_rss_mb"] = min(r["peak_rss_mb"] for r in rs)
+        if runs["limit"]:
+            best = min(runs["limit"], key=lambda r: r["limit_s"])
+            row.update({f"limit_{k}": v for k, v in best.items() if k.endswith(("_s", "_gbps"))})
         if w["kind"] == "dpo":
             tokens = 2 * w["batch"] * (w["prompt"] + w["response"])
             flops = 6 * n_params(folder) * tokens
@@ -425,9 +516,9 @@ def print_table(results):
     print(f"flags: {' '.join(simd) or 'unknown'}")
     print(
         "\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
-        "| RSS ratio | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |"
+        "| RSS ratio | limit steps/s | mirl % of limit | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m, t = r.get("mirl_steps_per_s"), r.get("trl_steps_per_s")
         ratio = f"{m / t:.2f}x" if m and t else "-"
@@ -438,9 +529,14 @@ def print_table(results):
             else "-"
         )
         peak = f"{r['fp32_peak_gflops']:.0f} / {r['bf16_peak_gflops']:.0f}" if "fp32_peak_gflops" in r else "-"
+        lim = r.get("limit_limit_s")
+        share = f"{100 / (lim * m):.0f}%" if lim and m else "-"
+        lim_txt = f"{1 / lim:.2f}" if lim else "-"
+        if "limit_decode_s" in r:  # GRPO: the forward + backward part and the decoding bound
+            lim_txt += f" ({r['limit_train_s']:.2f} s train + {r['limit_decode_s']:.2f} s decode)"
         print(
             f"| {r['workload']} | {r['threads']} | {m or 0:.2f} | {t or 0:.2f} | {ratio} | "
-            f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {gf} | {peak} |"
+            f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {lim_txt} | {share} | {gf} | {peak} |"
         )
 
 

@@ -99,26 +99,34 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
 
 
 class _FusedHeadLogps(torch.autograd.Function):
-    """log softmax(h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once."""
+    """log softmax(scale * h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once.
+    Also returns the entropy of each row's distribution (no gradient), taken from the same chunk of logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
-        """log p(labels) from hidden states and the head weight, chunk by chunk: no (N, V) logits are kept."""
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, scale: float, with_entropy: bool):
+        """(log p(labels), entropy or an empty tensor) from hidden states and the head weight, chunk by chunk."""
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
             for s in range(0, n, chunk):
                 logits = hidden[s : s + chunk].float() @ w.T  # (c, V)
+                if scale != 1.0:
+                    logits = logits * scale
                 lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
                 out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+                if with_entropy:
+                    lp = logits - lse[s : s + chunk, None]
+                    ent[s : s + chunk] = -(lp.exp() * lp).sum(-1)
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk = chunk
-        return out
+        ctx.chunk, ctx.scale = chunk, scale
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_ent=None):
         """Gradients of hidden states and head weight, recomputing each chunk's logits."""
         hidden, weight, labels, lse = ctx.saved_tensors
         w = weight.float()
@@ -127,11 +135,25 @@ class _FusedHeadLogps(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].float()
             g = grad_out[s : s + ctx.chunk, None].float()
-            dlogits = -g * torch.exp(h @ w.T - lse[s : s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
+            logits = h @ w.T
+            if ctx.scale != 1.0:
+                logits = logits * ctx.scale
+            dlogits = -g * torch.exp(logits - lse[s : s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
             dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
+            if ctx.scale != 1.0:
+                dlogits = dlogits * ctx.scale
             grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
             grad_w += dlogits.T @ h
-        return grad_h, grad_w.to(weight.dtype), None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+def fused_token_logps(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 1.0, with_entropy: bool = False, chunk=None
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(scale * hidden @ weight^T)[labels] for hidden (N, C) and labels (N,), without the (N, V)
+    logits -> (log-probs (N,), entropies (N,) without gradient, or None)."""
+    lp, ent = _FusedHeadLogps.apply(hidden, weight, labels, chunk or DEFAULT_CHUNK, scale, with_entropy)
+    return lp, (ent if with_entropy else None)
 
 
 def fused_sequence_logps(
@@ -149,7 +171,7 @@ def fused_sequence_logps(
     labels, mask = shift_for_labels(input_ids, response_mask)
     sel = mask.bool()  # (B, T-1)
     h = hidden[:, :-1][sel]  # (N, C): the positions that predict a response token
-    lp = _FusedHeadLogps.apply(h, weight, labels[sel], chunk)  # (N,)
+    lp, _ = fused_token_logps(h, weight, labels[sel], chunk=chunk)  # (N,)
     rows = torch.nonzero(sel)[:, 0]
     seq = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, lp)
     lengths = mask.sum(-1).to(seq.dtype)
@@ -161,13 +183,23 @@ def fused_sequence_logps(
 def response_logps(
     policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None, bf16: bool = False
 ):
-    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature. bf16: the forward
-    under bf16 autocast, the log-softmax in float32."""
+    """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature (and their entropies,
+    without gradient). bf16: the forward under bf16 autocast, the log-softmax in float32. Where the policy
+    gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
+    head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist."""
     if images is not None:
         images = {k: v.to(ids.device) for k, v in images.items()}
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = policy(ids, attn, images=images).logits[:, -n_resp - 1 : -1]
-    logits = logits.float()
+        out = policy(ids, attn, images=images, output="hidden_and_head")
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    if out.head_weight is not None:
+        h = out.hidden[:, -n_resp - 1 : -1]
+        b, r = h.shape[:2]
+        lp, ent = fused_token_logps(
+            h.reshape(b * r, -1), out.head_weight, ids[:, -n_resp:].reshape(-1), scale=scale, with_entropy=with_entropy
+        )
+        return lp.view(b, r), (None if ent is None else ent.view(b, r))
+    logits = out.logits[:, -n_resp - 1 : -1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     lp = token_logps(logits, ids[:, -n_resp:])

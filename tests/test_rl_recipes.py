@@ -240,9 +240,16 @@ class _EosFirst(torch.nn.Module):
 
     def step(self, ids, attn, cache=None, use_cache=True, images=None):
         logits, cache = self.inner.step(ids, attn, cache, use_cache, images)
+        return self._eos(logits), cache
+
+    def start_decode(self, ids, attn, new_tokens, images=None, static=True):
+        logits, cache = self.inner.start_decode(ids, attn, new_tokens, images, static)
+        return self._eos(logits), cache
+
+    def _eos(self, logits):
         logits = logits.clone()
         logits[..., self.tokenizer.eos_token_id] += 100.0
-        return logits, cache
+        return logits
 
 
 def test_empty_generations_are_counted(tmp_path, sft_dir):

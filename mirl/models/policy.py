@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
+from .decode import StaticCache, decode_step, hf_cache_layers, hf_decoder, tiny_decoder, to_static
 from .hf import is_hf_dir, is_hub_id, load_hf, offline_hint, save_hf
 from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig, preset_config
 from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
@@ -92,6 +93,11 @@ class TinyBackend:
     def select_rows(self, cache, rows: torch.Tensor):
         """The cache of these batch rows only (a list of (keys, values) per block, each (B, H, S, D))."""
         return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]
+
+    def to_static(self, base, cache, attention_mask, new_tokens: int) -> StaticCache | None:
+        """The prefill's cache copied into a preallocated one, with the decode weights (models/decode.py)."""
+        decoder = tiny_decoder(getattr(base, "lm", base))
+        return None if decoder is None else to_static(cache, attention_mask, new_tokens, decoder)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
         """-> (logits (B, T, V), last hidden state (B, T, C))."""
@@ -181,6 +187,13 @@ class HFBackend:
             return None
         past.batch_select_indices(rows)
         return past, (None if deltas is None else deltas.index_select(0, rows))
+
+    def to_static(self, base, cache, attention_mask, new_tokens: int) -> StaticCache | None:
+        """The prefill's cache copied into a preallocated one, for the families the native step reproduces
+        (models/decode.py); None for any other model (its own forward and cache are used)."""
+        past, deltas = cache
+        decoder = hf_decoder(base) if hasattr(past, "layers") else None
+        return None if decoder is None else to_static(hf_cache_layers(past), attention_mask, new_tokens, decoder, deltas)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
         """-> (logits (B, T, V), last hidden state (B, T, C))."""
@@ -416,14 +429,30 @@ class Policy(nn.Module):
 
     def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
         """One incremental forward for generation -> (logits, cache). attention_mask covers cached and new
-        tokens: (B, S + T). Images go with the step that holds their placeholders (the prefill)."""
+        tokens: (B, S + T). Images go with the step that holds their placeholders (the prefill). A StaticCache
+        (start_decode) takes one token per step, decoded in place."""
+        if isinstance(cache, StaticCache):
+            return decode_step(cache.decoder, input_ids, attention_mask, cache), cache
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, cache)
         kw = self._image_kwargs(images)
         return self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, kw)
 
+    def start_decode(self, input_ids, attention_mask, new_tokens: int, images=None, static: bool = True):
+        """The prefill through the model's own forward -> (logits, cache). static: the cache is then copied into
+        a preallocated one with room for `new_tokens`, and step() decodes on it in place (models/decode.py),
+        where the backend can (not under FSDP2, whose hooks sit on the blocks' forward)."""
+        logits, cache = self.step(input_ids, attention_mask, images=images)
+        if static and not self.sharded:
+            fast = self.backend.to_static(self._base(), cache, attention_mask, new_tokens)
+            if fast is not None:
+                cache = fast
+        return logits, cache
+
     def select_rows(self, cache, rows: torch.Tensor):
         """The generation cache of these batch rows only (finished rows dropped from decoding), or None when
         the backend's cache cannot be cut (decoding then goes on with every row)."""
+        if isinstance(cache, StaticCache):
+            return cache.select_rows(rows)
         return self.backend.select_rows(cache, rows)
 
     # ---- saving and loading ---------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def generate(
     sample_images: list | None = None,
     seeds: Tensor | None = None,
     drop_finished: bool = True,
+    static_cache: bool = True,
 ) -> RolloutBatch:
     """Sample `samples_per_prompt` responses for each prompt (token lists). temperature 0 = greedy.
     ignore_eos: always generate max_new_tokens (benchmarks). seeds: one per row (row_seeds) to sample by
@@ -159,7 +160,9 @@ def generate(
     pixels than the batch records (NoisyRollout's perturbed copies).
     drop_finished: once a quarter of the rows being decoded have ended, cut them out of the batch and its
     KV cache, so finished rows cost no compute. The random numbers drawn per step stay those of the whole
-    batch, so the samples are the same as without it (tests/test_rollout.py)."""
+    batch, so the samples are the same as without it (tests/test_rollout.py).
+    static_cache: decode on a preallocated KV cache written in place, through the backend's native step
+    (models/decode.py; the same tokens and log-probs as the model's own forward, tests/test_decode.py)."""
     from ..models.vision import cat_images
 
     tok = policy.tokenizer
@@ -192,14 +195,16 @@ def generate(
     was_training = policy.training
     policy.eval()
     banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
-    logits, cache = policy.step(prompt_ids, attn, images=prefill_images)
+    logits, cache = policy.start_decode(prompt_ids, attn, max_new_tokens, images=prefill_images, static=static_cache)
     n_steps = 0
     for t in range(max_new_tokens):
         step_logits = logits[:, -1].float()  # (len(live), V)
         if banned:
             step_logits[:, banned] = float("-inf")
         if temperature > 0:
-            step_logits = _filter_logits(step_logits / temperature, top_k, top_p)
+            if temperature != 1.0:
+                step_logits = step_logits / temperature
+            step_logits = _filter_logits(step_logits, top_k, top_p)
             logprobs = torch.log_softmax(step_logits, -1)
             if row_seeds_ is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
                 nxt = (logprobs + row_gumbel(row_seeds_[live], t, logprobs.shape[-1])).argmax(-1)

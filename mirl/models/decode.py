@@ -1,0 +1,286 @@
+"""The fast decode path: a preallocated KV cache written in place, and one incremental step per backend that
+calls the model's own modules (so LoRA adapters, disabled adapters and any dtype behave as in its forward).
+
+    cache = to_static(kv, attention_mask, max_new_tokens, tiny_decoder(gpt) or hf_decoder(model))
+    logits = decode_step(cache.decoder, ids, attention_mask, cache)
+
+The prefill (prompt, images) always goes through the model's own forward; only the per-token steps that
+follow are ours. At the prefill the weights are snapshotted as decoding uses them (q, k and v in one
+matrix, gate and up in another; active LoRA adapters merged in, once per generation instead of two extra
+matmuls per layer and token). A step writes one slot of the preallocated keys and values (no
+concatenation per token) and attends to the slots filled so far. The positions are those of the plain path (the mask count; plus
+each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are equal for generated text).
+tests/test_decode.py checks tokens and log-probs against the plain path for the tiny GPT, the tiny VLM with
+images, a transformers Llama, Qwen2, Qwen3 and Qwen2-VL with images, with and without LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# transformers families whose decoder layers are exactly: x + o(attn(rope(q), rope(k), v)) on the input norm,
+# then x + mlp(post-attention norm); q_norm / k_norm on the head dimension when the layer has them (Qwen3).
+# Sliding-window layers are excluded at run time (hf_decoder).
+NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl"})
+
+
+@dataclass
+class StaticCache:
+    """Keys and values of every layer, preallocated for the prompt and all new tokens.
+
+    keys[i], values[i]: (B, H_kv, S, D) with S = prompt length + max_new_tokens; slots [0, length) are filled.
+    mask: (B, S) bool, the filled slots that hold real tokens (left padding and finished rows' steps are False).
+    deltas: (B, 1) M-RoPE rope deltas (Qwen2-VL), else None.
+    decoder: the weights the steps use (snapshotted at the prefill).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    mask: Tensor
+    length: int
+    deltas: Tensor | None = None
+    decoder: Decoder | None = None
+    rope: tuple | None = None  # (cos, sin) per position (S, D), built at the first step (1-D rotary models)
+
+    def select_rows(self, rows: Tensor) -> StaticCache:
+        """The cache of these batch rows only (finished rows cut out of decoding)."""
+        return StaticCache(
+            [k.index_select(0, rows) for k in self.keys],
+            [v.index_select(0, rows) for v in self.values],
+            self.mask.index_select(0, rows),
+            self.length,
+            None if self.deltas is None else self.deltas.index_select(0, rows),
+            self.decoder,
+            self.rope,
+        )
+
+
+def to_static(kv, attention_mask: Tensor, new_tokens: int, decoder: Decoder, deltas=None) -> StaticCache:
+    """A prefill's per-layer (keys, values) (B, H, P, D) and its mask (B, P) -> a StaticCache with room for
+    `new_tokens` more slots."""
+    b, p = attention_mask.shape
+    s = p + new_tokens
+    keys, values = [], []
+    for k, v in kv:
+        kk = k.new_zeros(b, k.shape[1], s, k.shape[3])
+        vv = v.new_zeros(b, v.shape[1], s, v.shape[3])
+        kk[:, :, :p] = k
+        vv[:, :, :p] = v
+        keys.append(kk)
+        values.append(vv)
+    mask = torch.zeros(b, s, dtype=torch.bool, device=attention_mask.device)
+    mask[:, :p] = attention_mask.bool()
+    return StaticCache(keys, values, mask, p, deltas, decoder)
+
+
+def _advance(cache: StaticCache, attention_mask: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Take the new token's mask bit from the sampler's mask (B, length + 1) -> (slot, attention mask over the
+    filled slots (B, 1, 1, slot + 1), position ids (B, 1))."""
+    slot = cache.length
+    if slot >= cache.mask.shape[1]:
+        raise ValueError(f"the static cache holds {cache.mask.shape[1]} tokens; step {slot + 1} does not fit")
+    cache.mask[:, slot] = attention_mask[:, -1]
+    cache.length = slot + 1
+    pos = attention_mask.sum(-1, keepdim=True) - 1  # the plain path's positions: the mask count (<= slot)
+    return slot, cache.mask[:, None, None, : slot + 1], pos.clamp_(min=0)
+
+
+def _attend(q: Tensor, layer: int, k: Tensor, v: Tensor, cache: StaticCache, slot: int, mask: Tensor):
+    """Write k, v (B, H_kv, 1, D) into the slot, attend q (B, H, 1, D) to the filled slots -> (B, H, 1, D)."""
+    kk, vv = cache.keys[layer], cache.values[layer]
+    kk[:, :, slot : slot + 1] = k
+    vv[:, :, slot : slot + 1] = v
+    gqa = q.shape[1] != kk.shape[1]
+    return F.scaled_dot_product_attention(q, kk[:, :, : slot + 1], vv[:, :, : slot + 1], attn_mask=mask, enable_gqa=gqa)
+
+
+def linear_weights(m) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) that m computes: an nn.Linear, or a PEFT LoRA Linear with its active adapters merged in
+    (none when the adapters are disabled: the reference context); None for anything else (DoRA, quantised)."""
+    if isinstance(m, torch.nn.Linear):
+        return m.weight, m.bias
+    if not (hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")):
+        return None
+    base = m.get_base_layer()
+    if not isinstance(base, torch.nn.Linear) or any(getattr(m, "use_dora", {}).values()):
+        return None
+    w = base.weight
+    if not m.disable_adapters and not m.merged:
+        for name in m.active_adapters:
+            if name in m.lora_A:
+                w = w + m.get_delta_weight(name).to(w.dtype)
+    return w, base.bias
+
+
+def _cat_linears(*mods) -> tuple[Tensor, Tensor | None] | None:
+    """One (in, out) matrix for several linear layers that read the same input (q, k, v; gate, up): x @ W is
+    one matmul instead of several, and the (in, out) layout is the faster one for a few rows."""
+    parts = [linear_weights(m) for m in mods]
+    if any(p is None for p in parts):
+        return None
+    w = torch.cat([w.t() for w, _ in parts], dim=1)
+    if all(b is None for _, b in parts):
+        return w, None
+    return w, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+
+
+def _norm(m) -> tuple[Tensor, float] | None:
+    """(weight, eps) of a transformers RMSNorm (variance_epsilon) or torch's nn.RMSNorm."""
+    if isinstance(m, torch.nn.RMSNorm):
+        return m.weight, m.eps
+    eps = getattr(m, "variance_epsilon", None)
+    return None if eps is None or getattr(m, "weight", None) is None else (m.weight, eps)
+
+
+def rms_norm(x: Tensor, norm: tuple[Tensor, float | None]) -> Tensor:
+    """The transformers RMSNorm formula (float32 statistics, then the weight in the input's dtype)."""
+    w, eps = norm
+    if x.dtype == torch.float32 and w.dtype == torch.float32:  # torch's fused kernel: one call instead of six
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _matmul(x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
+    """x @ W (+ b) for an (in, out) matrix from _cat_linears."""
+    w, b = wb
+    return torch.matmul(x, w) if b is None else torch.addmm(b, x.view(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights as decoding uses them: q, k and v in one matrix, gate and up in another."""
+
+    norm1: tuple
+    qkv: tuple
+    o: tuple
+    norm2: tuple
+    mlp_in: tuple  # gate and up stacked (SwiGLU), or the single input projection (the tiny GPT's GELU MLP)
+    mlp_out: tuple
+    heads: tuple[int, int, int]  # query heads, key/value heads, head dimension
+    q_norm: tuple | None = None  # Qwen3
+    k_norm: tuple | None = None
+
+
+@dataclass
+class Decoder:
+    """The weights of a model's decode step, snapshotted at the prefill (LoRA adapters merged in)."""
+
+    kind: str  # "tiny" (learned positions, GELU) or "hf" (rotary, SwiGLU)
+    embed: Tensor
+    layers: list[Layer]
+    norm: tuple
+    head: tuple
+    pos_embed: Tensor | None = None  # the tiny GPT's learned positions
+    rotary: object = None  # the transformers rotary module (its inv_freq and scaling)
+
+
+def tiny_decoder(gpt) -> Decoder | None:
+    """The built-in GPT's decode weights (models/tiny_lm.py; the tiny VLM's text model too)."""
+    layers = []
+    for blk in gpt.blocks:
+        parts = [_cat_linears(blk.qkv), linear_weights(blk.proj), _cat_linears(blk.fc), linear_weights(blk.fc_out)]
+        if any(p is None for p in parts):
+            return None
+        c = parts[0][0].shape[0]
+        heads = (blk.n_head, blk.n_head, c // blk.n_head)
+        layers.append(Layer(_norm(blk.ln1), parts[0], parts[1], _norm(blk.ln2), parts[2], parts[3], heads))
+    head = linear_weights(gpt.lm_head)
+    return Decoder("tiny", gpt.wte.weight, layers, _norm(gpt.ln_f), head, gpt.wpe.weight)
+
+
+def hf_decoder(base) -> Decoder | None:
+    """The decode weights of a transformers model whose layers the native step reproduces exactly, else None
+    (its own forward and cache are then used)."""
+    cfg = base.config
+    if getattr(cfg, "model_type", "") not in NATIVE_MODEL_TYPES:
+        return None
+    text_cfg = getattr(cfg, "text_config", cfg)
+    if any(t != "full_attention" for t in (getattr(text_cfg, "layer_types", None) or ())):
+        return None
+    if getattr(text_cfg, "hidden_act", "silu") != "silu":
+        return None
+    inner = getattr(base, "model", None)
+    inner = getattr(inner, "language_model", inner)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    if getattr(inner.rotary_emb, "rope_type", "default") == "dynamic":  # inv_freq depends on the sequence length
+        return None
+    layers = []
+    for layer in inner.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        if not all(hasattr(a, x) for x in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return None
+        if abs(a.scaling - a.head_dim**-0.5) > 1e-12 or not hasattr(mlp, "gate_proj"):
+            return None
+        qkv, o = _cat_linears(a.q_proj, a.k_proj, a.v_proj), linear_weights(a.o_proj)
+        gate_up, down = _cat_linears(mlp.gate_proj, mlp.up_proj), linear_weights(mlp.down_proj)
+        norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
+        qk_norms = [_norm(a.q_norm), _norm(a.k_norm)] if hasattr(a, "q_norm") else [None, None]
+        if None in (qkv, o, gate_up, down, *norms) or (hasattr(a, "q_norm") and None in qk_norms):
+            return None
+        kv_out = linear_weights(a.k_proj)[0].shape[0]
+        heads = ((qkv[0].shape[1] - 2 * kv_out) // a.head_dim, kv_out // a.head_dim, a.head_dim)
+        layers.append(Layer(norms[0], qkv, o, norms[1], gate_up, down, heads, *qk_norms))
+    head = linear_weights(base.get_output_embeddings())
+    norm = _norm(inner.norm)
+    if head is None or norm is None:
+        return None
+    return Decoder("hf", inner.embed_tokens.weight, layers, norm, head, rotary=inner.rotary_emb)
+
+
+def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rotate_half(x) = roll(x, D/2) with its first half negated: fold that sign into sin, so that rotary is
+    x * cos + roll(x, D/2) * sin."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+@torch.no_grad()
+def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: StaticCache) -> Tensor:
+    """One token (B, 1) per row through the snapshotted weights, written into the cache in place -> logits
+    (B, 1, V). The same arithmetic as the model's forward (tests/test_decode.py)."""
+    slot, mask, pos = _advance(cache, attention_mask)  # (generate() checked prompt + new tokens <= max positions)
+    x = F.embedding(input_ids, dec.embed)
+    b, t = input_ids.shape
+    if dec.kind == "tiny":
+        x = x + F.embedding(pos, dec.pos_embed)
+    else:
+        if cache.deltas is not None:  # M-RoPE: generated text has equal t/h/w positions, offset by the delta
+            cos, sin = _signed_rope(*dec.rotary(x, (pos + cache.deltas)[None].expand(3, -1, -1)))
+        else:  # positions never exceed the slot: one table for the whole generation, looked up per step
+            if cache.rope is None:
+                table = torch.arange(cache.mask.shape[1], device=x.device)[None]
+                cache.rope = tuple(z[0] for z in _signed_rope(*dec.rotary(x, table)))
+            cos, sin = F.embedding(pos, cache.rope[0]), F.embedding(pos, cache.rope[1])  # (B, T, D)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, D): broadcast over heads
+    for i, lay in enumerate(dec.layers):
+        hq, hk, d = lay.heads
+        qkv = _matmul(rms_norm(x, lay.norm1), lay.qkv).view(b, t, hq + 2 * hk, d)
+        qk, v = qkv[:, :, : hq + hk], qkv[:, :, hq + hk :]
+        if lay.q_norm is not None:  # Qwen3: RMSNorm of each head's query and key
+            qk = torch.cat([rms_norm(qk[:, :, :hq], lay.q_norm), rms_norm(qk[:, :, hq:], lay.k_norm)], 2)
+        if dec.kind == "hf":  # rotary on the queries and keys at once: x cos + rotate_half(x) sin
+            qk = qk * cos + qk.roll(d // 2, -1) * sin
+        q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+        y = _attend(q, i, k, v.transpose(1, 2), cache, slot, mask)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, t, hq * d), *lay.o)
+        h = _matmul(rms_norm(x, lay.norm2), lay.mlp_in)
+        if dec.kind == "tiny":
+            h = F.gelu(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        x = x + F.linear(h, *lay.mlp_out)
+    return F.linear(rms_norm(x, dec.norm), *dec.head)
+
+
+def hf_cache_layers(past) -> list[tuple[Tensor, Tensor]]:
+    """(keys, values) per layer of a transformers cache after the prefill."""
+    return [(layer.keys, layer.values) for layer in past.layers]
