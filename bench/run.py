@@ -536,7 +536,8 @@ def print_table(results):
             lim_txt += f" ({r['limit_train_s']:.2f} s train + {r['limit_decode_s']:.2f} s decode)"
         print(
             f"| {r['workload']} | {r['threads']} | {m or 0:.2f} | {t or 0:.2f} | {ratio} | "
-            f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {lim_txt} | {share} | {gf} | {peak} |"
+            f"{r.get('mirl_rss_mb', 0):.0f} | {r.get('trl_rss_mb', 0):.0f} | {rss} | {lim_txt} | {share} | "
+            f"{gf} | {peak} |"
         )
 
 

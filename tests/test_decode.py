@@ -3,18 +3,17 @@ tokens and log-probs of the model's own forward and cache, for every backend, wi
 
 import pytest
 import torch
+from test_rollout import _eos_bias, _ragged_prompts, _same_batch
 
 from mirl.models import load_policy
 from mirl.models.decode import StaticCache, linear_weights
 from mirl.rollout import generate
-from test_rollout import _eos_bias, _ragged_prompts, _same_batch
 
 
 def _hf_text(tmp_path, kind):
     """A tiny Llama / Qwen3 (q_norm, k_norm) / Mistral with the Qwen2 fixture's tokenizer."""
-    from transformers import AutoTokenizer
-
     import conftest
+    from transformers import AutoTokenizer
 
     src = conftest.build_hf_tiny(tmp_path / "qwen2")
     tok = AutoTokenizer.from_pretrained(src)
@@ -87,7 +86,7 @@ def test_static_decode_equals_the_models_own_cache(kind, lora, tmp_path, hf_tiny
     _, cache = policy.start_decode(ids, mask, 4, images=None if images is None else images[0])
     assert isinstance(cache, StaticCache)  # the fast path is the one under test
     eos = policy.tokenizer.eos_token_id
-    for reference in ([False, True] if lora else [False]):
+    for reference in [False, True] if lora else [False]:
         runs = {}
         for static in (False, True):
             g = torch.Generator().manual_seed(7)
@@ -151,7 +150,9 @@ def test_unsupported_models_keep_their_own_forward(tmp_path, hf_tiny_dir):
     )
     models = {
         "granite": GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0)),
-        "sliding": Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+        "sliding": Qwen2ForCausalLM(
+            Qwen2Config(**common, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+        ),
     }
     for name, model in models.items():
         model.save_pretrained(str(tmp_path / name))

@@ -8,8 +8,9 @@ The prefill (prompt, images) always goes through the model's own forward; only t
 follow are ours. At the prefill the weights are snapshotted as decoding uses them (q, k and v in one
 matrix, gate and up in another; active LoRA adapters merged in, once per generation instead of two extra
 matmuls per layer and token). A step writes one slot of the preallocated keys and values (no
-concatenation per token) and attends to the slots filled so far. The positions are those of the plain path (the mask count; plus
-each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are equal for generated text).
+concatenation per token) and attends to the slots filled so far. The positions are those of the plain
+path (the mask count; plus each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are
+equal for generated text).
 tests/test_decode.py checks tokens and log-probs against the plain path for the tiny GPT, the tiny VLM with
 images, a transformers Llama, Qwen2, Qwen3 and Qwen2-VL with images, with and without LoRA.
 """

@@ -193,7 +193,9 @@ class HFBackend:
         (models/decode.py); None for any other model (its own forward and cache are used)."""
         past, deltas = cache
         decoder = hf_decoder(base) if hasattr(past, "layers") else None
-        return None if decoder is None else to_static(hf_cache_layers(past), attention_mask, new_tokens, decoder, deltas)
+        if decoder is None:
+            return None
+        return to_static(hf_cache_layers(past), attention_mask, new_tokens, decoder, deltas)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
         """-> (logits (B, T, V), last hidden state (B, T, C))."""
