@@ -231,7 +231,7 @@ def mirl_dpo(folder, rows, w, steps):
         probe_every=0,
         max_len=w["prompt"] + w["response"] + 2,
         lora_r=w.get("lora", 0),
-        lora_alpha=2 * w.get("lora", 0),
+        lora_alpha=2 * w["lora"] if w.get("lora") else 16,
         out_dir=tempfile.mkdtemp(),
     )
     res = preference.train(cfg, model=load_policy(folder), data=rows)
