@@ -380,7 +380,7 @@ def limit(folder, rows, w) -> dict:
         n, length = 2 * w["batch"], w["prompt"] + w["response"]
     else:
         n, length = w["prompts"] * w["group"], w["prompt"] + w["new_tokens"]
-    ids = torch.randint(2, len(tok), (n, length), generator=g)
+    ids = torch.randint(2, min(len(tok), model.config.vocab_size), (n, length), generator=g)
     times = []
     for _ in range(4):
         t = time.perf_counter()
