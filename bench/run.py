@@ -12,9 +12,10 @@ the same thread count, and compute-bound workloads report achieved FLOP/s = 6 * 
 step / step time (forward + backward of the policy; the reference pass is extra work neither counts).
 
 The limit column is what the hardware allows for the same work, measured in a third process per repeat:
-for a preference step, the plain PyTorch forward + backward of the same batch on the same model (one
-cross-entropy loss, no reference pass, no optimizer); for a GRPO step, that forward + backward of the
-sampled batch plus the roofline bound of decoding its tokens: each decode step takes at least the larger of
+for a preference step, the plain PyTorch forward + backward of the same batch on the same model (the
+decoder over every position, the LM head and one cross-entropy loss on the response positions only, as
+any DPO must; no reference pass, no optimizer); for a GRPO step, that forward + backward of the sampled
+batch plus the roofline bound of decoding its tokens: each decode step takes at least the larger of
 its FLOPs over the matmul peak and the bytes of weights and KV cache it reads over the copy bandwidth.
 "mirl % of limit" is limit step time / mirl step time.
 """
@@ -381,10 +382,14 @@ def limit(folder, rows, w) -> dict:
     else:
         n, length = w["prompts"] * w["group"], w["prompt"] + w["new_tokens"]
     ids = torch.randint(2, min(len(tok), model.config.vocab_size), (n, length), generator=g)
+    resp = w.get("response", w.get("new_tokens"))  # the positions whose tokens are scored
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
     times = []
-    for _ in range(4):
+    for _ in range(4):  # the decoder over every position, the head and the loss on the response positions only
         t = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        hidden = base.model(input_ids=ids).last_hidden_state[:, -resp - 1 : -1]
+        torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), ids[:, -resp:].flatten()).backward()
         times.append(time.perf_counter() - t)
         model.zero_grad(set_to_none=True)
     out = {"train_s": statistics.median(times[1:])}
@@ -530,7 +535,7 @@ def print_table(results):
         )
         peak = f"{r['fp32_peak_gflops']:.0f} / {r['bf16_peak_gflops']:.0f}" if "fp32_peak_gflops" in r else "-"
         lim = r.get("limit_limit_s")
-        share = f"{100 / (lim * m):.0f}%" if lim and m else "-"
+        share = f"{100 * lim * m:.0f}%" if lim and m else "-"
         lim_txt = f"{1 / lim:.2f}" if lim else "-"
         if "limit_decode_s" in r:  # GRPO: the forward + backward part and the decoding bound
             lim_txt += f" ({r['limit_train_s']:.2f} s train + {r['limit_decode_s']:.2f} s decode)"

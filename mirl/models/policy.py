@@ -613,6 +613,9 @@ def load_policy(
 
 
 def _hf_policy(model, tok, image_processor) -> Policy:
+    from .lean import lean_layers
+
+    lean_layers(model)  # RMSNorm and SwiGLU keep only their inputs for the backward (models/lean.py)
     vision = None
     if image_processor is not None:
         from .vision import HFVision
