@@ -6,8 +6,9 @@ calls the model's own modules (so LoRA adapters, disabled adapters and any dtype
 
 The prefill (prompt, images) always goes through the model's own forward; only the per-token steps that
 follow are ours. At the prefill the weights are snapshotted as decoding uses them (q, k and v in one
-matrix, gate and up in another; active LoRA adapters merged in, once per generation instead of two extra
-matmuls per layer and token). A step writes one slot of the preallocated keys and values (no
+matrix, gate and up in another, every matrix stored (in, out); active LoRA adapters merged in, once per
+generation instead of two extra matmuls per layer and token). The snapshot is a copy of the linear weights
+for the duration of one generate() call. A step writes one slot of the preallocated keys and values (no
 concatenation per token) and attends to the slots filled so far. The positions are those of the plain
 path (the mask count; plus each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are
 equal for generated text).
@@ -119,8 +120,9 @@ def linear_weights(m) -> tuple[Tensor, Tensor | None] | None:
 
 
 def _cat_linears(*mods) -> tuple[Tensor, Tensor | None] | None:
-    """One (in, out) matrix for several linear layers that read the same input (q, k, v; gate, up): x @ W is
-    one matmul instead of several, and the (in, out) layout is the faster one for a few rows."""
+    """One (in, out) matrix for one linear layer or several that read the same input (q, k, v; gate, up): x @ W
+    is one matmul instead of several, and for a few rows the (in, out) layout is the faster one (SmolLM2's
+    shapes, 16 rows, 2 threads: 0.13 against 0.22 ms for q/k/v, 0.17 against 0.37 ms for the down projection)."""
     parts = [linear_weights(m) for m in mods]
     if any(p is None for p in parts):
         return None
@@ -186,13 +188,13 @@ def tiny_decoder(gpt) -> Decoder | None:
     """The built-in GPT's decode weights (models/tiny_lm.py; the tiny VLM's text model too)."""
     layers = []
     for blk in gpt.blocks:
-        parts = [_cat_linears(blk.qkv), linear_weights(blk.proj), _cat_linears(blk.fc), linear_weights(blk.fc_out)]
+        parts = [_cat_linears(m) for m in (blk.qkv, blk.proj, blk.fc, blk.fc_out)]
         if any(p is None for p in parts):
             return None
         c = parts[0][0].shape[0]
         heads = (blk.n_head, blk.n_head, c // blk.n_head)
         layers.append(Layer(_norm(blk.ln1), parts[0], parts[1], _norm(blk.ln2), parts[2], parts[3], heads))
-    head = linear_weights(gpt.lm_head)
+    head = _cat_linears(gpt.lm_head)
     return Decoder("tiny", gpt.wte.weight, layers, _norm(gpt.ln_f), head, gpt.wpe.weight)
 
 
@@ -220,8 +222,8 @@ def hf_decoder(base) -> Decoder | None:
             return None
         if abs(a.scaling - a.head_dim**-0.5) > 1e-12 or not hasattr(mlp, "gate_proj"):
             return None
-        qkv, o = _cat_linears(a.q_proj, a.k_proj, a.v_proj), linear_weights(a.o_proj)
-        gate_up, down = _cat_linears(mlp.gate_proj, mlp.up_proj), linear_weights(mlp.down_proj)
+        qkv, o = _cat_linears(a.q_proj, a.k_proj, a.v_proj), _cat_linears(a.o_proj)
+        gate_up, down = _cat_linears(mlp.gate_proj, mlp.up_proj), _cat_linears(mlp.down_proj)
         norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
         qk_norms = [_norm(a.q_norm), _norm(a.k_norm)] if hasattr(a, "q_norm") else [None, None]
         if None in (qkv, o, gate_up, down, *norms) or (hasattr(a, "q_norm") and None in qk_norms):
@@ -229,7 +231,7 @@ def hf_decoder(base) -> Decoder | None:
         kv_out = linear_weights(a.k_proj)[0].shape[0]
         heads = ((qkv[0].shape[1] - 2 * kv_out) // a.head_dim, kv_out // a.head_dim, a.head_dim)
         layers.append(Layer(norms[0], qkv, o, norms[1], gate_up, down, heads, *qk_norms))
-    head = linear_weights(base.get_output_embeddings())
+    head = _cat_linears(base.get_output_embeddings())
     norm = _norm(inner.norm)
     if head is None or norm is None:
         return None
@@ -271,15 +273,15 @@ def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: 
             qk = qk * cos + qk.roll(d // 2, -1) * sin
         q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
         y = _attend(q, i, k, v.transpose(1, 2), cache, slot, mask)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, t, hq * d), *lay.o)
+        x = x + _matmul(y.transpose(1, 2).reshape(b, t, hq * d), lay.o)
         h = _matmul(rms_norm(x, lay.norm2), lay.mlp_in)
         if dec.kind == "tiny":
             h = F.gelu(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        x = x + F.linear(h, *lay.mlp_out)
-    return F.linear(rms_norm(x, dec.norm), *dec.head)
+        x = x + _matmul(h, lay.mlp_out)
+    return _matmul(rms_norm(x, dec.norm), dec.head)
 
 
 def hf_cache_layers(past) -> list[tuple[Tensor, Tensor]]:
