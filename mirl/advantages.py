@@ -5,6 +5,10 @@
     nanstd_over_ranks the global batch's std, for scale="batch" under torchrun
     gae               A_t = sum_l (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t   (PPO)
     whiten            batch-level normalisation of advantages under a mask (REINFORCE++-style)
+    gdpo_advantages   GDPO: each reward function normalised within its group, the weighted sum normalised
+                      over the batch (TRL's multi_objective_aggregation="normalize_then_sum")
+    reinforce_pp      REINFORCE++: outcome rewards whitened over every token of the global batch, with or
+                      without the group mean subtracted first (veRL's reinforce_plus_plus[_baseline])
 
 Rewards may be NaN ("not applicable" from every reward function): such rows are left out of the
 group statistics and get advantage 0, as in TRL. std is Bessel-corrected and eps = 1e-4, as TRL's.
@@ -99,3 +103,53 @@ def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     mean = global_sum((x * m).sum()) / n
     var = global_sum((((x - mean) * m) ** 2).sum()) / n
     return (x - mean) / (var.sqrt() + eps) * m
+
+
+def nanmean_over_ranks(x: Tensor) -> Tensor:
+    """Mean of the non-NaN values of every rank (a plain nanmean in one process)."""
+    from .losses.reduce import global_sum
+
+    x = x.to(torch.float64)
+    ok = ~torch.isnan(x)
+    return global_sum(torch.where(ok, x, 0.0).sum()) / global_sum(ok.sum().to(torch.float64)).clamp(min=1)
+
+
+def gdpo_advantages(per_fn: Tensor, weights: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GDPO (normalize_then_sum): per_fn (N * G, F) rewards of F functions (NaN where one did not apply), rows
+    of one prompt adjacent; weights (F,). Each function's rewards are normalised within the group,
+    (r_k - mean_g r_k) / (std_g r_k + eps), the weighted sum over functions is then normalised over the
+    (global) batch. A row where no function applied gets advantage 0. -> (N * G,)"""
+    if per_fn.shape[0] % group_size:
+        raise ValueError(f"{per_fn.shape[0]} rows do not split into groups of {group_size}")
+    grouped = per_fn.view(-1, group_size, per_fn.shape[1])
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    std = _nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    normed = ((grouped - mean) / (std + eps)).view(-1, per_fn.shape[1])
+    total = torch.nansum(normed * weights.to(normed.dtype), dim=1)
+    total[torch.isnan(per_fn).all(1)] = float("nan")
+    adv = (total - nanmean_over_ranks(total)) / (nanstd_over_ranks(total) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+def reinforce_pp(rewards: Tensor, lengths: Tensor, group_size: int = 0, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ for outcome rewards: rewards (B,) (NaN: not scorable, advantage 0), lengths (B,) response
+    tokens. With group_size > 0 (REINFORCE++-baseline) the group's mean is subtracted first (a group of one
+    keeps its reward). Every token of a response carries its reward; the tokens of the (global) batch are
+    whitened: (r - mean) / sqrt(var + eps), var Bessel-corrected over tokens. -> per-row advantages (B,)."""
+    from .losses.reduce import global_sum
+
+    r = rewards.to(torch.float64)
+    ok = ~torch.isnan(r)
+    if group_size:
+        if r.numel() % group_size:
+            raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+        grouped = r.view(-1, group_size)
+        base = torch.nanmean(grouped, dim=1, keepdim=True)
+        many = (~torch.isnan(grouped)).sum(1, keepdim=True) > 1
+        r = (grouped - torch.where(many, base, torch.zeros_like(base))).view(-1)
+    w = torch.where(ok, lengths.to(torch.float64), 0.0)
+    x = torch.where(ok, r, 0.0)
+    n = global_sum(w.sum())
+    mean = global_sum((w * x).sum()) / n.clamp(min=1)
+    var = global_sum((w * (x - mean) ** 2).sum()) / (n - 1).clamp(min=1)
+    return torch.where(ok & (w > 0), (x - mean) * torch.rsqrt(var + eps), 0.0).to(rewards.dtype)

@@ -130,8 +130,8 @@ class _FusedHeadLogps(torch.autograd.Function):
         """Gradients of hidden states and head weight, recomputing each chunk's logits."""
         hidden, weight, labels, lse = ctx.saved_tensors
         w = weight.float()
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros_like(w)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # a frozen head (LoRA): none
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].float()
             g = grad_out[s : s + ctx.chunk, None].float()
@@ -142,9 +142,11 @@ class _FusedHeadLogps(torch.autograd.Function):
             dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
             if ctx.scale != 1.0:
                 dlogits = dlogits * ctx.scale
-            grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
-            grad_w += dlogits.T @ h
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+            if grad_h is not None:
+                grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w += dlogits.T @ h
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def fused_token_logps(

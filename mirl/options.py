@@ -128,7 +128,10 @@ RULES = {
     "sample_temperature": _float_in(0.0, lo_open=True),
     "temperature": _float_in(0.0, lo_open=True),  # sampling recipes; eval allows 0 (greedy), below
     "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
-    "advantage": _one_of("group", "rloo"),
+    "kl_target": _float_in(0.0),  # grpo, ppo: 0 = a fixed (or scheduled) beta
+    "kl_horizon": _float_in(0.0, lo_open=True),
+    "advantage": _one_of("group", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
+    "reward_aggregation": _one_of("sum_then_normalize", "normalize_then_sum"),
     "policy_loss": _one_of("clip", "dual_clip", "cispo", "sapo"),
     "dual_clip_c": _float_in(1.0, lo_open=True),
     "sapo_tau_pos": _float_in(0.0, lo_open=True),

@@ -139,6 +139,8 @@ def weak_sft(tmp_path_factory):
         ("grpo_batch_small", False),
         ("grpo_batch_small", True),
         ("ppo_small", False),
+        ("grpo_gdpo", False),
+        ("grpo_rpp", False),
     ],
     ids=[
         "grpo",
@@ -153,6 +155,8 @@ def weak_sft(tmp_path_factory):
         "grpo_batch_small",
         "grpo_batch_small-fsdp2",
         "ppo_small",
+        "grpo_gdpo",
+        "grpo_reinforce_pp",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -193,6 +197,11 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
             "--scale-rewards",
             "batch",
         ]
+    elif recipe == "grpo_gdpo":  # GDPO's batch normalisation runs over the global batch
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--reward", "task:1,format:0.1"]
+        args += ["--reward-aggregation", "normalize_then_sum"]
+    elif recipe == "grpo_rpp":  # REINFORCE++'s token whitening runs over the global batch
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--advantage", "reinforce_pp_baseline"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
         args = [
             "ppo",

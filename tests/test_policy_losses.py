@@ -198,3 +198,98 @@ def test_grpo_trains_with_each_policy_loss_and_refuses_an_unknown_one(tmp_path):
         assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
     with pytest.raises(ConfigError, match="--policy-loss"):
         grpo.train(grpo.Config(**common, policy_loss="gspo", out_dir=str(tmp_path / "bad")))
+
+
+def _loop_std(xs):
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def test_gdpo_matches_loop_and_trl_formula():
+    """GDPO (--reward-aggregation normalize_then_sum): a loop over groups and functions, and TRL's
+    normalize_then_sum lines (per-function group normalisation, weighted nansum, batch normalisation) on the
+    same tensors; a function that does not apply to a row (NaN) is left out of that row's sum and group
+    statistics; a row where none applies gets 0."""
+    from mirl.advantages import gdpo_advantages
+
+    g = torch.Generator().manual_seed(0)
+    per_fn = torch.randint(0, 2, (12, 2), generator=g).double()
+    per_fn[:, 1] = torch.rand(12, generator=g, dtype=torch.float64) * 0.1  # a small format-like reward
+    per_fn[5, 1] = float("nan")
+    per_fn[7] = float("nan")
+    w = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    ours = gdpo_advantages(per_fn, w, 4)
+    # loop reference
+    totals = []
+    for i in range(12):
+        grp = range(4 * (i // 4), 4 * (i // 4) + 4)
+        t, any_ok = 0.0, False
+        for k in range(2):
+            v = float(per_fn[i, k])
+            if v != v:
+                continue
+            vals = [float(per_fn[j, k]) for j in grp if float(per_fn[j, k]) == float(per_fn[j, k])]
+            t += float(w[k]) * (v - sum(vals) / len(vals)) / (_loop_std(vals) + 1e-4)
+            any_ok = True
+        totals.append(t if any_ok else None)
+    ok = [t for t in totals if t is not None]
+    mean, std = sum(ok) / len(ok), _loop_std(ok)
+    ref = torch.tensor([0.0 if t is None else (t - mean) / (std + 1e-4) for t in totals], dtype=torch.float64)
+    torch.testing.assert_close(ours, ref)
+    # TRL's formula (GRPOTrainer._generate_and_score_completions, normalize_then_sum)
+    from trl.trainer.utils import nanstd
+
+    grouped = per_fn.view(-1, 4, 2)
+    reward_k = (grouped - torch.nanmean(grouped, 1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+    rewards = (reward_k.view(-1, 2) * w.unsqueeze(0)).nansum(dim=1)
+    rewards[torch.isnan(per_fn).all(1)] = float("nan")
+    trl = (rewards - torch.nanmean(rewards)) / (nanstd(rewards) + 1e-4)
+    torch.testing.assert_close(ours, torch.nan_to_num(trl, nan=0.0))
+    # one reward function: GDPO is group normalisation followed by batch normalisation
+    one = gdpo_advantages(per_fn[:, :1].nan_to_num(0.0), w[:1], 4)
+    two_step = group_advantages(per_fn[:, 0].nan_to_num(0.0), 4)
+    torch.testing.assert_close(one, (two_step - two_step.mean()) / (two_step.std() + 1e-4))
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_pp_matches_loop_and_verl_formula(baseline):
+    """REINFORCE++ (--advantage reinforce_pp[_baseline]): every response token carries its outcome reward
+    (minus the group mean with the baseline), whitened over the batch's tokens with a Bessel-corrected
+    variance, as veRL's compute_reinforce_plus_plus[_baseline]_outcome_advantage with masked_whiten; NaN rows
+    get 0 and are left out of the statistics."""
+    from mirl.advantages import reinforce_pp
+
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randint(0, 3, (8,), generator=g).double()
+    rewards[3] = float("nan")
+    lengths = torch.randint(1, 6, (8,), generator=g)
+    ours = reinforce_pp(rewards, lengths, 4 if baseline else 0)
+    # loop reference over tokens
+    r = [float(x) for x in rewards]
+    if baseline:
+        for s in (0, 4):
+            vals = [r[j] for j in range(s, s + 4) if r[j] == r[j]]
+            m = sum(vals) / len(vals) if len(vals) > 1 else 0.0
+            for j in range(s, s + 4):
+                r[j] -= m
+    tokens = [r[i] for i in range(8) if r[i] == r[i] for _ in range(int(lengths[i]))]
+    mean = sum(tokens) / len(tokens)
+    var = sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1)
+    ref = torch.tensor([0.0 if x != x else (x - mean) / (var + 1e-8) ** 0.5 for x in r], dtype=torch.float64)
+    torch.testing.assert_close(ours, ref)
+    # veRL's formula on (B, T) token tensors (scorable rows only, as veRL has no NaN rewards)
+    keep = ~torch.isnan(rewards)
+    t = int(lengths.max())
+    mask = (torch.arange(t)[None] < lengths[keep][:, None]).double()
+    scores = rewards[keep].clone()
+    if baseline:
+        idx = torch.arange(8)[keep] // 4
+        for k in idx.unique():
+            sel = idx == k
+            scores[sel] = scores[sel] - (scores[sel].mean() if sel.sum() > 1 else 0.0)
+    vals = scores[:, None] * mask
+    n = mask.sum()
+    m = (vals * mask).sum() / n
+    v = (((vals - m) ** 2) * mask).sum() / n * n / (n - 1)
+    verl = ((vals - m) * torch.rsqrt(v + 1e-8)) * mask
+    torch.testing.assert_close(ours[keep][:, None] * mask, verl)

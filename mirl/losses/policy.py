@@ -73,6 +73,14 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
 
 
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: int) -> float:
+    """The adaptive KL controller of Ziegler et al. (2019), as veRL's kl_ctrl and OpenRLHF's kl target:
+    beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon), with kl the batch's mean per-token KL to the
+    reference and n the samples in the batch. beta grows while the KL is above target and shrinks below."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n / horizon)
+
+
 @register_loss("clipped_pg", kind="policy")
 def clipped_policy_loss(
     logps: Tensor,

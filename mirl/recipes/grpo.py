@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed as dist
-from ..advantages import group_advantages, nanstd_over_ranks, rloo
+from ..advantages import gdpo_advantages, group_advantages, nanstd_over_ranks, reinforce_pp, rloo
 from ..checkpoint import save_checkpoint
 from ..logging import console
 from ..logps import response_logps
-from ..losses.policy import clipped_policy_loss
+from ..losses.policy import adaptive_kl_coef, clipped_policy_loss
 from ..optim import make_optimizer
+from ..options import ConfigError
 from ..rollout.groups import NoisyRollout, sample_groups
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
@@ -77,7 +78,8 @@ class Config:
     prompts_per_step: int = 16  # prompts per generation batch
     steps: int = 200  # generation batches (optimizer steps = steps * num_iterations * minibatches)
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
-    advantage: str = "group"  # group (GRPO) or rloo
+    advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp | reinforce_pp_baseline (REINFORCE++)
+    reward_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO: each reward per group first)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
     importance: str = "token"  # token (GRPO) or sequence (GSPO)
@@ -91,6 +93,8 @@ class Config:
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_schedule: str = "constant"  # constant | linear | cosine, from beta to beta_final over the run
     beta_final: float = 0.0  # KL coefficient at the end of a schedule
+    kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = off)
+    kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
     num_iterations: int = 1  # optimisation passes over each generation batch
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
@@ -157,17 +161,23 @@ def minibatch_seed(seed: int, step: int, pass_: int) -> int:
     return seed + step * 131 + pass_
 
 
-def advantages(cfg: Config, groups) -> tuple[list, torch.Tensor]:
-    """Per generation round (groups never mix across rounds): group-normalised or RLOO advantages; with
-    dynamic sampling only the groups with signal are kept. -> (rows [(rollout, index)], advantages (B,))."""
+def advantages(cfg: Config, groups, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Per generation round (groups never mix across rounds): group-normalised, RLOO, REINFORCE++ or GDPO
+    advantages (weights: the reward functions', for GDPO); with dynamic sampling only the groups with signal
+    are kept. -> (rows [(rollout, index)], advantages (B,))."""
     rows, adv = [], []
     for sb, signal in groups.rounds:
-        batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
-        a = (
-            group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
-            if cfg.advantage == "group"
-            else rloo(sb.rewards, cfg.group_size)
-        ).float()
+        if cfg.reward_aggregation == "normalize_then_sum":  # GDPO
+            a = gdpo_advantages(sb.per_fn, weights, cfg.group_size)
+        elif cfg.advantage == "group":
+            batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
+            a = group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
+        elif cfg.advantage == "rloo":
+            a = rloo(sb.rewards, cfg.group_size)
+        else:  # REINFORCE++: whitened over the batch's tokens, with the group mean subtracted first (_baseline)
+            baseline = cfg.group_size if cfg.advantage == "reinforce_pp_baseline" else 0
+            a = reinforce_pp(sb.rewards, sb.batch.response_mask.sum(1), baseline)
+        a = a.float()
         keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(a, dtype=bool)
         for i in torch.nonzero(keep).flatten().tolist():
             rows.append((sb.batch, i))
@@ -303,6 +313,13 @@ def batch_metrics(batch: UpdateBatch, adv: torch.Tensor) -> dict:
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
+    if cfg.kl_target > 0 and (cfg.beta <= 0 or cfg.kl_schedule != "constant"):
+        raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 and --kl-schedule constant")
+    if cfg.reward_aggregation == "normalize_then_sum" and cfg.advantage != "group":
+        raise ConfigError(
+            f"--reward-aggregation normalize_then_sum (GDPO) normalises per group itself; it needs --advantage "
+            f"group, not {cfg.advantage}"
+        )
     evaluating = bool(cfg.eval_every or cfg.eval_every_s)
     check_fsdp(
         cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating, dynamic_sampling=cfg.dynamic_sampling
@@ -318,7 +335,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
+    kl_state = {"beta": cfg.beta}  # the adaptive KL coefficient (--kl-target), saved with checkpoints
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
     if dist.is_main() and test and not cfg.resume:
         held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
             0, "before GRPO"
@@ -348,7 +366,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         config=asdict(cfg),
     )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_state}
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
@@ -362,11 +380,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills
         # -- advantages, then the update: num_iterations passes x minibatches
-        rows, adv = advantages(cfg, groups)
+        rows, adv = advantages(cfg, groups, reward_set.weights)
         row = {**groups.metrics, "skipped_step": float(not rows)}  # no rows: every group's rewards were equal
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
-            beta = kl_coef(cfg, step)
+            beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)
             t_up = time.perf_counter()
             stats, lr = grpo_update(
                 policy, optimizer, batch, adv, cfg=cfg, step=step, beta=beta, ref_model=ref_model, schedule=schedule
@@ -385,6 +403,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 }
             )
             row.update({"noise_strength": noisy.strength_at(step)} if noisy else {})
+            if cfg.kl_target > 0:  # the controller, on the KL this update measured (all ranks)
+                n = len(batch) * world
+                kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(stats["kl"]), cfg.kl_target, cfg.kl_horizon, n)
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break

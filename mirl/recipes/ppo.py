@@ -27,9 +27,10 @@ from ..advantages import gae, whiten
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
+from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
+from ..options import ConfigError
 from ..rollout.sample import row_seeds
 from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
@@ -81,6 +82,8 @@ class Config:
     value_clip: float = 0.2  # value clip range
     vf_coef: float = 0.5  # value loss weight
     beta: float = 0.02  # per-token KL penalty coefficient (0 = none, no reference model)
+    kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = fixed beta)
+    kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
     kl_estimator: str = "k1"  # estimator of the per-token KL in the reward
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
@@ -156,10 +159,11 @@ def minibatch_seed(seed: int, step: int, epoch: int) -> int:
     return seed + 7919 * step + epoch
 
 
-def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config):
+def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config, beta: float):
     """Before the update (no gradient): old log-probs and values, the per-token rewards (the score at the last
     token, -beta KL on every token), GAE advantages (whitened) and returns. An unscorable (NaN) response is
-    no outcome: its rows leave the loss mask. -> (old_logps, old_values, advantages, returns, loss_mask, kl)."""
+    no outcome: its rows leave the loss mask. beta: the KL coefficient of this step (--beta, or the adaptive
+    controller's). -> (old_logps, old_values, advantages, returns, loss_mask, kl)."""
     resp = batch.resp_mask
     loss_mask = resp * (~torch.isnan(rewards)).unsqueeze(1).to(resp.dtype)
     score = torch.nan_to_num(rewards, nan=0.0).float()  # (B,)
@@ -179,7 +183,7 @@ def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torc
                 images=batch.row_images(),
             )
             kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
-        token_rewards = -cfg.beta * kl
+        token_rewards = -beta * kl
         last = (resp.sum(1) - 1).clamp(min=0)
         token_rewards[torch.arange(len(last)), last] += score
         adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
@@ -245,6 +249,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         eval_every=bool(cfg.eval_every or cfg.eval_every_s),
         critic=cfg.critic == "separate",
     )
+    if cfg.kl_target > 0 and cfg.beta <= 0:
+        raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 (its starting value)")
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
@@ -254,7 +260,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
+    kl_state = {"beta": cfg.beta}  # the adaptive KL coefficient (--kl-target), saved with checkpoints
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
     if cfg.resume:
         critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
     if dist.is_main() and test and not cfg.resume:
@@ -286,7 +293,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_state}
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra(), write_extra=critic_file)
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -309,7 +316,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
-        targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg)
+        beta = kl_state["beta"]
+        targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
         t_up = time.perf_counter()
         stats, lr = ppo_update(policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule)
         dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]
@@ -327,6 +335,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "time/update_s": time.perf_counter() - t_up,
         }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
+        row["beta"] = beta
+        if cfg.kl_target > 0:  # the controller, on this rollout's KL to the reference (all ranks)
+            n = len(batch) * world
+            kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(row["kl"]), cfg.kl_target, cfg.kl_horizon, n)
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
 

@@ -337,14 +337,17 @@ def held_out_evaluator(policy, task, test, *, run: Run | None, evals: list | Non
     return evaluate
 
 
-def resume_state(out_dir, policy, optimizer, generator=None) -> tuple[int, list]:
-    """Weights, optimizer, RNG (and the sampling generator's state) from <out_dir>/checkpoint.
+def resume_state(out_dir, policy, optimizer, generator=None, extras: dict | None = None) -> tuple[int, list]:
+    """Weights, optimizer, RNG (and the sampling generator's state) from <out_dir>/checkpoint; extras: the
+    recipe's own saved values (e.g. the adaptive KL coefficient), filled in place from the checkpoint.
     -> (the checkpoint's step, the held-out evaluations so far)."""
     from ..checkpoint import load_checkpoint
 
     state = load_checkpoint(out_dir, policy, optimizer)
     if generator is not None:
         generator.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+    if extras is not None:
+        extras.update({k: state[k] for k in extras if k in state})
     console.print(f"resumed from {out_dir}/checkpoint at step {state['step']}")
     return state["step"], state.get("evals", [])
 

@@ -142,6 +142,11 @@ class RewardSet:
         """The functions' names, in the order of score()'s per-function columns."""
         return [name for name, _, _ in self.fns]
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """The functions' weights (F,), float64, in the order of names."""
+        return torch.tensor([w for _, _, w in self.fns], dtype=torch.float64)
+
     def _fault(self, name: str, kind: str, sample: str) -> None:
         key = f"{name}/{kind}"
         self.faults[key] = self.faults.get(key, 0) + 1
@@ -188,8 +193,7 @@ class RewardSet:
                     self._fault(name, "non-finite value", f"{prompts[i]!r} -> {completions[i]!r} = {v}")
                     continue
                 per_fn[i, j] = v
-        weights = torch.tensor([w for _, _, w in self.fns], dtype=torch.float64)
-        total = torch.nansum(per_fn * weights, dim=1)
+        total = torch.nansum(per_fn * self.weights, dim=1)
         total[torch.isnan(per_fn).all(1)] = float("nan")
         metrics = {}
         for j, (name, _, _) in enumerate(self.fns):
