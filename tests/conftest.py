@@ -15,6 +15,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def tiny_text_config(tok, **kw) -> dict:
+    """The sizes of every tiny transformers text model in the tests (hidden 32, 2 layers, 4 query and 2 key/value
+    heads) with the tokenizer's vocabulary and special tokens; kw adds or overrides."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kw,
+    )
+
+
 def build_hf_tiny(path, seed=0):
     """Qwen2 config (hidden 32, 2 layers) + a byte-level BPE tokenizer trained here on task-like text."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -23,18 +39,7 @@ def build_hf_tiny(path, seed=0):
     corpus += ["user: hello assistant: hi there", "What is two plus two? Four."] * 20
     fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], corpus)
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    cfg = Qwen2Config(**tiny_text_config(fast, max_position_embeddings=256, tie_word_embeddings=True))
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(str(path))
     fast.save_pretrained(str(path))

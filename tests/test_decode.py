@@ -17,18 +17,7 @@ def _hf_text(tmp_path, kind):
 
     src = conftest.build_hf_tiny(tmp_path / "qwen2")
     tok = AutoTokenizer.from_pretrained(src)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    common = conftest.tiny_text_config(tok, max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(1)
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -135,19 +124,11 @@ def test_lora_linear_weights_compute_what_the_layer_computes(hf_tiny_dir):
 def test_unsupported_models_keep_their_own_forward(tmp_path, hf_tiny_dir):
     """A family outside the allow-list (Granite scales its logits) or with sliding-window layers decodes through
     its own forward and cache: start_decode returns the transformers cache, and generation still works."""
+    import conftest
     from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(hf_tiny_dir)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    common = conftest.tiny_text_config(tok)
     models = {
         "granite": GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0)),
         "sliding": Qwen2ForCausalLM(

@@ -135,20 +135,11 @@ def test_logp_agg_mean_divides_by_the_length_once(tmp_path, loss):
 
 # 4 ---------------------------------------------------------------------------------------------------------
 def _tiny_hf(tmp_path, name, hf_tiny_dir):
+    from conftest import tiny_text_config
     from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(hf_tiny_dir))
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    common = tiny_text_config(tok, max_position_embeddings=128)
     torch.manual_seed(0)
     if name == "granite":  # logits = lm_head(h) / logits_scaling
         model = GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **common))
