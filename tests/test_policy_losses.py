@@ -1,6 +1,8 @@
 """Policy-gradient losses and advantages: hand values and loop references (they run without TRL; the equality
 with TRL's GRPOTrainer is in tests/test_trl_policy_equality.py)."""
 
+import math
+
 import pytest
 import torch
 
@@ -293,3 +295,95 @@ def test_reinforce_pp_matches_loop_and_verl_formula(baseline):
     v = (((vals - m) ** 2) * mask).sum() / n * n / (n - 1)
     verl = ((vals - m) * torch.rsqrt(v + 1e-8)) * mask
     torch.testing.assert_close(ours[keep][:, None] * mask, verl)
+
+
+def _correction_loop(p, q, mask, level, mode, cap):
+    """rollout_correction written out one row and token at a time."""
+    w = torch.zeros_like(p)
+    for i in range(p.shape[0]):
+        toks = [k for k in range(p.shape[1]) if mask[i, k]]
+        seq = math.exp(sum(float(p[i, k] - q[i, k]) for k in toks))
+        for k in toks:
+            x = seq if level == "sequence" else math.exp(float(p[i, k] - q[i, k]))
+            if mode == "truncate":
+                x = min(x, cap)
+            elif x > cap:
+                x = 0.0
+            w[i, k] = x
+    return w
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_correction_equals_loop_and_trl_formula(level, mode):
+    import math as m
+
+    from mirl.losses.policy import rollout_correction
+
+    g = torch.Generator().manual_seed(0)
+    p = -torch.rand(6, 5, generator=g) * 3
+    q = p + torch.randn(6, 5, generator=g) * 0.6  # a sampler that disagrees with the trainer
+    mask = torch.ones(6, 5)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    w, stats = rollout_correction(p, q, mask, level=level, mode=mode, cap=2.0)
+    torch.testing.assert_close(w, _correction_loop(p, q, mask, level, mode, 2.0))
+    # TRL's GRPOTrainer (vllm_importance_sampling_mode = f"{level}_{mode}", clip_max 2, clip_min None), restated
+    diff = (p - q) * mask
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if level == "sequence" else diff)
+    hit = (ratio.expand_as(mask) > 2.0).float() * mask
+    if mode == "truncate":
+        ratio = torch.clamp(ratio, min=None, max=2.0)
+    else:
+        ratio = ratio.masked_fill((ratio < -m.inf) | (ratio > 2.0), 0.0)
+    torch.testing.assert_close(w, ratio.expand_as(mask) * mask)
+    assert stats["is/logp_gap_max"] == pytest.approx(float(((p - q) * mask).abs().max()))
+    key = "is/masked_frac" if mode == "mask" else "is/capped_frac"
+    assert stats[key] == pytest.approx(float(hit.sum() / mask.sum()))
+    assert 0 < stats[key] < 1  # the example exercises the bound
+
+
+def test_rollout_correction_is_the_identity_when_the_sampler_is_the_trainer():
+    from mirl.losses.policy import rollout_correction
+
+    lp = -torch.rand(4, 6)
+    mask = (torch.rand(4, 6) > 0.3).float()
+    for level in ("token", "sequence"):
+        for mode in ("truncate", "mask"):
+            w, stats = rollout_correction(lp, lp.clone(), mask, level=level, mode=mode, cap=3.0)
+            torch.testing.assert_close(w, mask)
+            assert stats["is/weight_mean"] == pytest.approx(1.0) and stats["is/logp_gap_max"] == 0.0
+    adv = torch.randn(4)
+    plain, _ = clipped_policy_loss(lp, lp.detach(), adv, mask)
+    weighted, _ = clipped_policy_loss(lp, lp.detach(), adv, mask, is_weights=mask)
+    torch.testing.assert_close(weighted, plain)
+    # a weight of 2 on one row's tokens doubles that row's share of the seq-mean loss (grpo aggregation)
+    w = mask.clone()
+    w[0] *= 2
+    weighted, _ = clipped_policy_loss(lp, lp.detach(), adv, mask, is_weights=w)
+    torch.testing.assert_close(weighted, plain + (-adv[0]) / 4)
+
+
+def test_grpo_and_ppo_log_the_rollout_correction_and_refuse_bad_engine_options(tmp_path):
+    from mirl.options import ConfigError
+    from mirl.recipes import grpo, ppo
+
+    common = dict(task="arith:1", steps=2, max_new_tokens=6, eval_n=0, threads=1, report=False)
+    res = grpo.train(
+        grpo.Config(**common, group_size=4, prompts_per_step=4, is_correction="token", out_dir=str(tmp_path / "g"))
+    )
+    # mirl's sampler records the log-probs the trainer recomputes, up to the KV cache's float rounding
+    for h in res.history:
+        assert h["is/weight_mean"] == pytest.approx(1.0, abs=1e-3) and h["is/logp_gap_max"] < 1e-3
+        assert h["is/masked_frac"] == 0.0
+    res = ppo.train(
+        ppo.Config(**common, prompts_per_step=4, is_correction="sequence", is_mode="truncate", out_dir=str(tmp_path))
+    )
+    assert all(h["is/capped_frac"] == 0.0 and h["is/weight_mean"] == pytest.approx(1.0, abs=1e-3) for h in res.history)
+    with pytest.raises(ConfigError, match="--is-mode"):
+        grpo.train(grpo.Config(**common, is_mode="clip", out_dir=str(tmp_path / "bad")))
+    with pytest.raises(ConfigError, match="--engine"):
+        grpo.train(grpo.Config(**common, engine="sglang", out_dir=str(tmp_path / "bad2")))
+    # the built-in tiny GPT has no vLLM implementation (or vLLM is not installed here): a clear error either way
+    with pytest.raises(ConfigError, match="--engine vllm"):
+        grpo.train(grpo.Config(**common, engine="vllm", out_dir=str(tmp_path / "bad3")))

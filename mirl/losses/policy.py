@@ -18,6 +18,12 @@ Aggregation (loss_agg), the place where the GRPO variants differ:
     dapo     token mean over the whole generation batch (pass global_count = its token count)
     dr_grpo  sum over tokens / (number of responses * max_completion_length)     (Dr. GRPO)
 These match TRL's GRPOTrainer for the same names (tests/test_policy_losses.py).
+
+Rollout/train mismatch (rollout_correction): when the sampler's log-probs q are not the trainer's p (vLLM's
+kernels, bf16), the samples come from q, not p; each token's loss is weighted by w = p / q (detached):
+    level token     w_k = exp(p_k - q_k)                 level sequence  w = exp(sum_k (p_k - q_k)), every token
+    mode truncate   w <- min(w, cap)  (TIS)              mode mask       w <- 0 where w > cap (or w < 1 / cap,
+                                                                         MIS; TRL's default: sequence, mask, 3)
 """
 
 from __future__ import annotations
@@ -30,6 +36,47 @@ from .registry import register_loss
 Tensor = torch.Tensor
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
 POLICY_LOSSES = ("clip", "dual_clip", "cispo", "sapo")
+IS_LEVELS = ("none", "token", "sequence")
+IS_MODES = ("truncate", "mask")
+
+
+def rollout_correction(
+    trainer_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    *,
+    level: str = "sequence",
+    mode: str = "mask",
+    cap: float = 3.0,
+    floor: float = 0.0,
+) -> tuple[Tensor, dict]:
+    """Importance weights p / q for samples drawn from the sampler q and trained on as if from the trainer p
+    (the module docstring). trainer_logps, sampler_logps, mask: (B, T). -> (weights (B, T), zero off the mask,
+    and their statistics: the mean weight, the fraction of tokens masked (mode mask) or capped (truncate),
+    the mean and largest |p - q| per token). floor: the lower bound of mode mask (0 = none)."""
+    if level not in IS_LEVELS[1:]:
+        raise ValueError(f"unknown correction level {level!r}; valid: token, sequence")
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown correction mode {mode!r}; valid: {', '.join(IS_MODES)}")
+    mask = mask.to(trainer_logps.dtype)
+    diff = ((trainer_logps - sampler_logps) * mask).detach()
+    log_w = diff.sum(-1, keepdim=True) if level == "sequence" else diff
+    w = torch.exp(log_w).expand_as(mask)
+    if mode == "truncate":
+        hit = w > cap
+        w = torch.clamp(w, max=cap)
+    else:
+        hit = (w > cap) | (w < floor)
+        w = w.masked_fill(hit, 0.0)
+    n = mask.sum().clamp(min=1)
+    gap = diff.abs()
+    stats = {
+        "is/weight_mean": float((w * mask).sum() / n),
+        "is/masked_frac" if mode == "mask" else "is/capped_frac": float((hit.to(mask.dtype) * mask).sum() / n),
+        "is/logp_gap_mean": float(gap.sum() / n),
+        "is/logp_gap_max": float(gap.max()) if gap.numel() else 0.0,
+    }
+    return w * mask, stats
 
 
 def policy_term(
@@ -101,9 +148,11 @@ def clipped_policy_loss(
     dual_clip_c: float = 3.0,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO/GRPO clipped surrogate (or policy_loss: dual_clip, cispo, sapo). logps, old_logps, ref_logps, mask:
-    (B, T); advantages (B,) or (B, T)."""
+    (B, T); advantages (B,) or (B, T). is_weights (B, T): the rollout correction's weights on the policy term
+    (rollout_correction; the KL term is not reweighted, as in TRL)."""
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
     mask = mask.to(logps.dtype)
@@ -128,6 +177,8 @@ def clipped_policy_loss(
         sapo_tau_pos=sapo_tau_pos,
         sapo_tau_neg=sapo_tau_neg,
     )
+    if is_weights is not None:
+        per_token = per_token * is_weights
     metrics = {}
     if beta != 0.0:
         if ref_logps is None:

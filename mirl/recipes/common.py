@@ -231,3 +231,11 @@ def gathered_policy(policy, *, fsdp: bool, model: str, max_len: int, seed: int):
     plain = load_policy(model, max_seq_len=max(256, max_len), seed=seed)
     plain.load_state_dict(state)
     return plain
+
+
+def correction_level(is_correction: str, engine: str) -> str:
+    """--is-correction's level: auto is sequence for an engine whose log-probs are not the trainer's (vllm) and
+    none for mirl's own sampler (its log-probs are the policy's, up to the cache's float rounding)."""
+    if is_correction == "auto":
+        return "sequence" if engine != "local" else "none"
+    return is_correction

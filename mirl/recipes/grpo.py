@@ -31,15 +31,17 @@ from ..advantages import gdpo_advantages, group_advantages, nanstd_over_ranks, r
 from ..checkpoint import save_checkpoint
 from ..logging import console
 from ..logps import response_logps
-from ..losses.policy import adaptive_kl_coef, clipped_policy_loss
+from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, rollout_correction
 from ..optim import make_optimizer
 from ..options import ConfigError
+from ..rollout.engine import make_engine
 from ..rollout.groups import NoisyRollout, sample_groups
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     Schedule,
     build_policy,
     check_fsdp,
+    correction_level,
     frozen_reference,
     gathered_policy,
     load_prompts,
@@ -105,6 +107,11 @@ class Config:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 40  # response length limit
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
+    is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
+    is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
+    is_cap: float = 3.0  # the importance weights' bound
     noisy_rollout: float = 0.0  # NoisyRollout: fraction of each group sampled on perturbed images (0 = off)
     noise_strength: float = 0.5  # initial perturbation strength (crop 1 - s/4 of each side, pixel noise s * 64)
     noise_anneal_steps: int = 0  # strength falls linearly to 0 over this many steps (0 = over all steps)
@@ -206,6 +213,10 @@ def grpo_update(
     world, b, n_opt = dist.world_size(), len(batch), cfg.num_iterations * cfg.minibatches
     loss_mask = batch.resp_mask * (~batch.truncated).unsqueeze(1) if cfg.mask_truncated else batch.resp_mask
     old_logps = batch.old_logps
+    level = correction_level(cfg.is_correction, cfg.engine)
+    correct = lambda trainer, rows: rollout_correction(
+        trainer, batch.old_logps[rows], loss_mask[rows], level=level, mode=cfg.is_mode, cap=cfg.is_cap
+    )
     if n_opt > 1:
         # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
         # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
@@ -236,6 +247,9 @@ def grpo_update(
             anchor = lp.sum() * 0.0
             lp, ent = lp[: len(mb)], ent[: len(mb)]
             old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_logps[mb]
+            # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler, from the
+            # trainer's log-probs before this update (the "old" ones)
+            is_weights, is_stats = correct(old, mb) if level != "none" else (None, {})
             # dapo: the generation batch's global token count, shared out over the optimizer steps
             g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
             loss, m = clipped_policy_loss(
@@ -256,6 +270,7 @@ def grpo_update(
                 dual_clip_c=cfg.dual_clip_c,
                 sapo_tau_pos=cfg.sapo_tau_pos,
                 sapo_tau_neg=cfg.sapo_tau_neg,
+                is_weights=is_weights,
             )
             (loss + anchor).backward()
             opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
@@ -266,6 +281,7 @@ def grpo_update(
                 "grad_norm": grad_norm,
                 "entropy": ent_mean,
                 **{k: float(v) for k, v in m.items()},
+                **is_stats,
             }.items():
                 stats[k] = stats.get(k, 0.0) + v / n_opt
     return stats, lr
@@ -330,6 +346,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     world = dist.world_size()
     if world > 1 and cfg.dynamic_sampling:
         raise ValueError("--dynamic-sampling under torchrun is not supported yet (ranks would refill unevenly)")
+    if cfg.noisy_rollout and cfg.engine != "local":
+        raise ConfigError("--noisy-rollout samples from perturbed pixels: it needs --engine local")
     if cfg.noisy_rollout and not policy.is_vlm:
         raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
     ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
@@ -347,6 +365,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
     groups_of, noisy = group_sampling(cfg, world, gen)
+    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
     optimizer_steps = cfg.steps * cfg.num_iterations * cfg.minibatches  # the learning-rate schedule's length
     schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
     cadence = Cadence(
@@ -374,7 +393,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
-        groups = sample_groups(policy, data, reward_set, step=step, **groups_of)
+        groups = sample_groups(policy, data, reward_set, step=step, engine=engine, **groups_of)
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         run.samples += groups.samples
         skipped["zero_signal_groups"] += groups.zero_signal
@@ -402,6 +421,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     "time/update_s": time.perf_counter() - t_up,
                 }
             )
+            engine.sync(policy)  # the next rollout samples from the updated weights
             row.update({"noise_strength": noisy.strength_at(step)} if noisy else {})
             if cfg.kl_target > 0:  # the controller, on the KL this update measured (all ranks)
                 n = len(batch) * world

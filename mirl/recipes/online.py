@@ -24,6 +24,7 @@ from ..logging import console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import make_optimizer
+from ..rollout.engine import make_engine
 from ..rollout.sample import row_seeds
 from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
@@ -76,6 +77,8 @@ class Config:
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
+    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # model context for new tiny models
     lr: float = 2e-5  # learning rate
@@ -204,6 +207,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     sampling = dict(
         group_size=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen
     )
+    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
+    sampling["engine"] = engine
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
     cadence = Cadence(
         cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
@@ -262,6 +267,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 dummy = pack_rows([(sb.batch, 0)], policy.tokenizer.pad_token_id)
                 (seq_logps(policy, dummy, cfg.bf16).sum() * 0.0).backward()
             grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
+            engine.sync(policy)  # the next rollout samples from the updated weights
             # each rank's loss carries world / global count: their sum over ranks / world is the global mean
             row.update(
                 {

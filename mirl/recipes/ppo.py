@@ -27,16 +27,18 @@ from ..advantages import gae, whiten
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate
+from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
 from ..options import ConfigError
+from ..rollout.engine import make_engine
 from ..rollout.sample import row_seeds
 from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
     Schedule,
     build_policy,
     check_fsdp,
+    correction_level,
     frozen_reference,
     gathered_policy,
     load_prompts,
@@ -88,6 +90,11 @@ class Config:
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     temperature: float = 1.0  # sampling temperature
+    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
+    is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
+    is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
+    is_cap: float = 3.0  # the importance weights' bound
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # context of new tiny models
     lr: float = 5e-5  # learning rate (policy and critic)
@@ -163,7 +170,8 @@ def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torc
     """Before the update (no gradient): old log-probs and values, the per-token rewards (the score at the last
     token, -beta KL on every token), GAE advantages (whitened) and returns. An unscorable (NaN) response is
     no outcome: its rows leave the loss mask. beta: the KL coefficient of this step (--beta, or the adaptive
-    controller's). -> (old_logps, old_values, advantages, returns, loss_mask, kl)."""
+    controller's). -> (old_logps, old_values, advantages, returns, loss_mask, kl, the rollout correction's
+    weights (None when off) and statistics)."""
     resp = batch.resp_mask
     loss_mask = resp * (~torch.isnan(rewards)).unsqueeze(1).to(resp.dtype)
     score = torch.nan_to_num(rewards, nan=0.0).float()  # (B,)
@@ -188,7 +196,13 @@ def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torc
         token_rewards[torch.arange(len(last)), last] += score
         adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
         adv = whiten(adv, loss_mask)
-    return old_lp, old_values, adv, returns, loss_mask, kl
+    level = correction_level(cfg.is_correction, cfg.engine)
+    is_weights, is_stats = None, {}
+    if level != "none":  # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler
+        is_weights, is_stats = rollout_correction(
+            old_lp, batch.old_logps, loss_mask, level=level, mode=cfg.is_mode, cap=cfg.is_cap
+        )
+    return old_lp, old_values, adv, returns, loss_mask, kl, is_weights, is_stats
 
 
 def ppo_update(
@@ -196,7 +210,7 @@ def ppo_update(
 ) -> tuple[dict, float]:
     """ppo_epochs passes over the rollout in `minibatches` optimizer steps of the clipped surrogate plus
     vf_coef x the clipped value loss. -> (metrics averaged over the optimizer steps, the last lr)."""
-    old_lp, old_values, adv, returns, loss_mask, _ = targets
+    old_lp, old_values, adv, returns, loss_mask, _, is_weights, _ = targets
     world, n_opt, stats = dist.world_size(), cfg.ppo_epochs * cfg.minibatches, {}
     for ep in range(cfg.ppo_epochs):
         # minibatches of one permutation of the global batch (the same under torchrun as in one process)
@@ -217,7 +231,13 @@ def ppo_update(
             anchor = (lp.sum() + values.sum()) * 0.0
             lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
             pg_loss, m = clipped_policy_loss(
-                lp, old_lp[mb], adv[mb], loss_mask[mb], clip_eps=cfg.clip_eps, loss_agg="bnpo"
+                lp,
+                old_lp[mb],
+                adv[mb],
+                loss_mask[mb],
+                clip_eps=cfg.clip_eps,
+                loss_agg="bnpo",
+                is_weights=None if is_weights is None else is_weights[mb],
             )
             v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)
             loss = pg_loss + cfg.vf_coef * v_loss
@@ -274,6 +294,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
     seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
+    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches  # the learning-rate schedule's length
     schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
     cadence = Cadence(
@@ -311,6 +332,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             temperature=cfg.temperature,
             generator=gen,
             seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
+            engine=engine,
         )
         run.samples += len(sb.batch.texts)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
@@ -320,6 +342,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
         t_up = time.perf_counter()
         stats, lr = ppo_update(policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule)
+        engine.sync(policy)  # the next rollout samples from the updated weights
         dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]
         row = {
             **sb.metrics,
@@ -333,6 +356,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "time/generation_s": sb.gen_s,
             "time/scoring_s": sb.score_s,
             "time/update_s": time.perf_counter() - t_up,
+            **targets[7],
         }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
         row["beta"] = beta

