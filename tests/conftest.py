@@ -31,15 +31,16 @@ def tiny_text_config(tok, **kw) -> dict:
     )
 
 
-def build_hf_tiny(path, seed=0):
-    """Qwen2 config (hidden 32, 2 layers) + a byte-level BPE tokenizer trained here on task-like text."""
+def build_hf_tiny(path, seed=0, **sizes):
+    """Qwen2 config (hidden 32, 2 layers; sizes overrides) + a byte-level BPE tokenizer trained here on task-like
+    text."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     corpus = [f"{a}+{b}={a + b} the answer is {a * b}" for a in range(40) for b in range(0, 40, 3)]
     corpus += ["user: hello assistant: hi there", "What is two plus two? Four."] * 20
     fast = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], corpus)
     torch.manual_seed(seed)
-    cfg = Qwen2Config(**tiny_text_config(fast, max_position_embeddings=256, tie_word_embeddings=True))
+    cfg = Qwen2Config(**{**tiny_text_config(fast, max_position_embeddings=256, tie_word_embeddings=True), **sizes})
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(str(path))
     fast.save_pretrained(str(path))
@@ -69,9 +70,10 @@ def _bpe_tokenizer(specials, corpus=None):
     return fast
 
 
-def build_hf_vlm(path, kind="qwen2_vl", seed=0):
+def build_hf_vlm(path, kind="qwen2_vl", seed=0, mrope_section=(1, 1, 2), **sizes):
     """A tiny transformers VLM from a config (Qwen2-VL or LLaVA with a Qwen2 text model), a locally trained
-    BPE tokenizer and a PIL image processor: nothing downloaded."""
+    BPE tokenizer and a PIL image processor: nothing downloaded. sizes overrides the text model's sizes
+    (mrope_section: Qwen2-VL's rotary split, summing to head_dim / 2)."""
     torch.manual_seed(seed)
     text = dict(
         hidden_size=32,
@@ -81,6 +83,7 @@ def build_hf_vlm(path, kind="qwen2_vl", seed=0):
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
+    text.update(sizes)
     if kind == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
@@ -97,7 +100,9 @@ def build_hf_vlm(path, kind="qwen2_vl", seed=0):
         )
         ids = {t: fast.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
         cfg = Qwen2VLConfig(
-            text_config=dict(vocab_size=len(fast), rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **text),
+            text_config=dict(
+                vocab_size=len(fast), rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)}, **text
+            ),
             vision_config=dict(
                 depth=1,
                 embed_dim=32,

@@ -108,7 +108,7 @@ class Config:
     max_new_tokens: int = 40  # response length limit
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
-    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
+    vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
     is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
     is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
     is_cap: float = 3.0  # the importance weights' bound
@@ -405,6 +405,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
             beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)
             t_up = time.perf_counter()
+            engine.sleep()  # a colocated engine frees its device memory for the update
             stats, lr = grpo_update(
                 policy, optimizer, batch, adv, cfg=cfg, step=step, beta=beta, ref_model=ref_model, schedule=schedule
             )
@@ -421,6 +422,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     "time/update_s": time.perf_counter() - t_up,
                 }
             )
+            engine.wake()  # (vLLM on CUDA slept through the update)
             engine.sync(policy)  # the next rollout samples from the updated weights
             row.update({"noise_strength": noisy.strength_at(step)} if noisy else {})
             if cfg.kl_target > 0:  # the controller, on the KL this update measured (all ranks)
@@ -429,6 +431,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
+
+    engine.close()
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
     policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)

@@ -78,7 +78,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
-    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
+    vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # model context for new tiny models
     lr: float = 2e-5  # learning rate
@@ -256,6 +256,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_examples = dist.all_sum(len(usable) * (1 if group else cfg.pairs_per_prompt))
         if n_examples:
             loss, metrics, n_tokens = torch.zeros(()), {}, 0
+            engine.sleep()  # a colocated engine frees its device memory for the update
             if usable:
                 per_ex, metrics = contrastive_loss(
                     policy, ref_model, sb, usable, outcomes, terms, cfg=cfg, step=step, mine=mine, options=options
@@ -267,6 +268,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 dummy = pack_rows([(sb.batch, 0)], policy.tokenizer.pad_token_id)
                 (seq_logps(policy, dummy, cfg.bf16).sum() * 0.0).backward()
             grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
+            engine.wake()  # (vLLM on CUDA slept through the update)
             engine.sync(policy)  # the next rollout samples from the updated weights
             # each rank's loss carries world / global count: their sum over ranks / world is the global mean
             row.update(
@@ -280,6 +282,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             )
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
+
+    engine.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
     policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)

@@ -91,7 +91,7 @@ class Config:
     lam: float = 0.95  # GAE lambda
     temperature: float = 1.0  # sampling temperature
     engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
-    vllm_memory: float = 0.3  # --engine vllm: the share of device memory (CPU: of RAM) vLLM reserves
+    vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
     is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
     is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
     is_cap: float = 3.0  # the importance weights' bound
@@ -341,7 +341,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         beta = kl_state["beta"]
         targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
         t_up = time.perf_counter()
+        engine.sleep()  # a colocated engine frees its device memory for the update
         stats, lr = ppo_update(policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule)
+        engine.wake()  # (vLLM on CUDA slept through the update)
         engine.sync(policy)  # the next rollout samples from the updated weights
         dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]
         row = {
@@ -365,6 +367,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(row["kl"]), cfg.kl_target, cfg.kl_horizon, n)
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
+
+    engine.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
     policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)

