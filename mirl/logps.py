@@ -183,17 +183,34 @@ def fused_sequence_logps(
 
 
 def response_logps(
-    policy, ids, attn, n_resp: int, temperature: float, with_entropy: bool = False, images=None, bf16: bool = False
+    policy,
+    ids,
+    attn,
+    n_resp: int,
+    temperature: float,
+    with_entropy: bool = False,
+    images=None,
+    bf16: bool = False,
+    entropy_grad: bool = False,
 ):
     """Per-token log-probs (B, R) of the last n_resp tokens under logits / temperature (and their entropies,
     without gradient). bf16: the forward under bf16 autocast, the log-softmax in float32. Where the policy
     gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
-    head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist."""
+    head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist. entropy_grad: the entropies with
+    their gradient (an entropy bonus), from the response positions' (B, R, V) logits."""
     if images is not None:
         images = {k: v.to(ids.device) for k, v in images.items()}
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head")
     scale = 1.0 / temperature if temperature > 0 else 1.0
+    if entropy_grad:
+        if out.head_weight is not None:
+            logits = (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float() * scale
+        else:
+            logits = out.logits[:, -n_resp - 1 : -1].float() * scale
+        logp_all = torch.log_softmax(logits, -1)
+        lp = logp_all.gather(-1, ids[:, -n_resp:].unsqueeze(-1)).squeeze(-1)
+        return lp, -(logp_all.exp() * logp_all).sum(-1)
     if out.head_weight is not None:
         h = out.hidden[:, -n_resp - 1 : -1]
         b, r = h.shape[:2]

@@ -387,3 +387,69 @@ def test_grpo_and_ppo_log_the_rollout_correction_and_refuse_bad_engine_options(t
     # the built-in tiny GPT has no vLLM implementation (or vLLM is not installed here): a clear error either way
     with pytest.raises(ConfigError, match="--engine vllm"):
         grpo.train(grpo.Config(**common, engine="vllm", out_dir=str(tmp_path / "bad3")))
+
+
+def test_adaptive_entropy_coef_by_hand():
+    from mirl.losses.policy import adaptive_entropy_coef
+
+    assert adaptive_entropy_coef(0.01, 0.1, 0.2, 0.005, 0.05) == pytest.approx(0.015)  # below target: up
+    assert adaptive_entropy_coef(0.01, 0.3, 0.2, 0.005, 0.05) == pytest.approx(0.005)  # above: down
+    assert adaptive_entropy_coef(0.002, 0.3, 0.2, 0.005, 0.05) == 0.0  # never negative
+    assert adaptive_entropy_coef(0.049, 0.1, 0.2, 0.005, 0.05) == 0.05  # capped
+
+
+def _quantile_loop(values, q):
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def test_top_entropy_mask_equals_loop_and_keeps_the_fraction():
+    from mirl.losses.policy import top_entropy_mask
+
+    g = torch.Generator().manual_seed(0)
+    ent = torch.rand(10, 12, generator=g) * 3
+    mask = (torch.rand(10, 12, generator=g) > 0.2).float()
+    for q in (0.2, 0.5, 0.9):
+        kept = top_entropy_mask(ent, mask, q)
+        vals = [float(ent[i, k]) for i in range(10) for k in range(12) if mask[i, k]]
+        thr = _quantile_loop(vals, 1 - q)
+        ref = torch.tensor([[float(mask[i, k] and ent[i, k] >= thr) for k in range(12)] for i in range(10)])
+        torch.testing.assert_close(kept, ref)
+    ent = torch.randperm(100).float().view(4, 25)  # distinct values: exactly the top 20 of 100 tokens
+    kept = top_entropy_mask(ent, torch.ones(4, 25), 0.2)
+    assert int(kept.sum()) == 20 and bool((ent[kept.bool()] >= 80).all())
+    assert torch.equal(top_entropy_mask(ent, torch.ones(4, 25), 1.0), torch.ones(4, 25))
+
+
+def test_entropy_with_gradient_equals_the_fused_heads_entropy():
+    from mirl.logps import response_logps
+    from mirl.models.policy import new_tiny_policy
+
+    policy = new_tiny_policy("gpt-nano", seed=0)
+    ids = torch.randint(3, 20, (3, 10))
+    attn = torch.ones_like(ids)
+    lp, ent = response_logps(policy, ids, attn, 4, 0.7, with_entropy=True)
+    lp2, ent2 = response_logps(policy, ids, attn, 4, 0.7, entropy_grad=True)
+    torch.testing.assert_close(lp2, lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent2, ent, atol=1e-5, rtol=1e-5)
+    assert ent2.requires_grad and not ent.requires_grad
+    ent2.sum().backward()
+    assert float(policy.model.lm_head.weight.grad.abs().sum()) > 0
+
+
+def test_grpo_entropy_control_switches(tmp_path):
+    from mirl.recipes import grpo
+
+    common = dict(task="arith:1", steps=3, group_size=4, prompts_per_step=4, max_new_tokens=6, eval_n=0)
+    common.update(threads=1, report=False)
+    res = grpo.train(grpo.Config(**common, entropy_coef=0.01, out_dir=str(tmp_path / "bonus")))
+    assert all(h["entropy_coef"] == 0.01 for h in res.history)
+    # a target above any entropy reached: the coefficient climbs by delta every step, from 0
+    res = grpo.train(grpo.Config(**common, entropy_target=50.0, entropy_coef_delta=0.004, out_dir=str(tmp_path / "a")))
+    assert [h["entropy_coef"] for h in res.history] == pytest.approx([0.0, 0.004, 0.008])
+    res = grpo.train(grpo.Config(**common, top_entropy_quantile=0.2, out_dir=str(tmp_path / "q")))
+    assert all(0.15 < h["tokens/trained_frac"] <= 0.3 for h in res.history)
+    res = grpo.train(grpo.Config(**common, out_dir=str(tmp_path / "plain")))
+    assert all(h["tokens/trained_frac"] == 1.0 for h in res.history)

@@ -173,7 +173,11 @@ def test_grpo_with_vllm_learns_like_the_built_in_engine(sft_dir, tmp_path):
         last = sum(r["reward/mean"] for r in h[-15:]) / 15
         evals = res.summary["evals"]
         runs[engine] = (first, last, evals[0]["accuracy"], evals[-1]["accuracy"])
-        print(f"{engine}: train reward first 15 steps {first:.3f}, last 15 {last:.3f}; held-out {runs[engine][2:]}")
+        print(
+            f"{engine}: train reward first 15 steps {first:.3f}, last 15 {last:.3f}; held-out {runs[engine][2:]}; "
+            f"{res.summary['train_seconds']:.1f} s of training, "
+            f"{sum(r['time/generation_s'] for r in h):.1f} s of generation"
+        )
         if engine == "vllm":  # the correction's statistics are logged every step (sequence-level mask at 3)
             assert all("is/weight_mean" in r and "is/masked_frac" in r for r in h)
             assert max(r["is/logp_gap_max"] for r in h) < 1e-3  # float32 on both sides: a tiny mismatch
@@ -194,3 +198,26 @@ def test_ppo_and_online_run_with_vllm(recipe, sft_dir, tmp_path):
 
     rows = [json.loads(x) for x in (tmp_path / recipe / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "reward/mean" in r]) == 2
+
+
+def test_torchrun_two_ranks_each_with_its_engine_sample_what_one_process_samples(sft_dir, tmp_path):
+    # each rank its own engine (vLLM's external launcher); a prompt's sampling seed comes from its global
+    # position (row-seeded sampling), so 2 ranks draw the samples 1 process draws
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["grpo", "--model", str(sft_dir), "--task", "arith:1", "--steps", "2", "--prompts-per-step", "4"]
+    args += ["--group-size", "4", "--max-new-tokens", "8", "--eval-n", "0", "--no-report", "--engine", "vllm"]
+    args += ["--vllm-memory", str(MEMORY), "--threads", "1", "--row-seeded-sampling"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rewards = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "mirl"]
+        proc = subprocess.run(launcher + args + ["--out-dir", str(out)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        rewards[ranks] = [r["reward/mean"] for r in rows if "reward/mean" in r]
+    assert len(rewards[1]) == 2 and rewards[1] == pytest.approx(rewards[2], abs=1e-6), rewards

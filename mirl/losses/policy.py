@@ -128,6 +128,26 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: i
     return beta * (1.0 + error * n / horizon)
 
 
+def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float, max_coef: float) -> float:
+    """Skywork-OR1's adaptive entropy control: the bonus coefficient rises by delta while the batch's mean
+    token entropy is below target and falls by delta above it, within [0, max_coef]."""
+    coef = coef + delta if entropy < target else coef - delta
+    return min(max(coef, 0.0), max_coef)
+
+
+def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """The loss mask restricted to the highest-entropy `quantile` of its tokens (Wang et al. 2025, "Beyond the
+    80/20 rule": the forking tokens carry the learning signal; 0.2 there). entropy, mask: (B, T). A token is kept
+    when its entropy is at least the (1 - quantile) quantile of the masked tokens' entropies (ties kept)."""
+    if quantile >= 1.0:
+        return mask
+    m = mask.bool()
+    if not m.any():
+        return mask
+    threshold = torch.quantile(entropy[m].float(), 1.0 - quantile)
+    return mask * (entropy >= threshold).to(mask.dtype)
+
+
 @register_loss("clipped_pg", kind="policy")
 def clipped_policy_loss(
     logps: Tensor,

@@ -31,7 +31,13 @@ from ..advantages import gdpo_advantages, group_advantages, nanstd_over_ranks, r
 from ..checkpoint import save_checkpoint
 from ..logging import console
 from ..logps import response_logps
-from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, rollout_correction
+from ..losses.policy import (
+    adaptive_entropy_coef,
+    adaptive_kl_coef,
+    clipped_policy_loss,
+    rollout_correction,
+    top_entropy_mask,
+)
 from ..optim import make_optimizer
 from ..options import ConfigError
 from ..rollout.engine import make_engine
@@ -97,6 +103,11 @@ class Config:
     beta_final: float = 0.0  # KL coefficient at the end of a schedule
     kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = off)
     kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
+    entropy_coef: float = 0.0  # entropy bonus: loss - coef x mean token entropy (0 = off)
+    entropy_target: float = 0.0  # adaptive entropy control (Skywork-OR1): coef moves to keep entropy here (0 = off)
+    entropy_coef_delta: float = 0.005  # adaptive entropy control: the coefficient's change per step
+    entropy_coef_max: float = 0.05  # adaptive entropy control: the coefficient's upper bound
+    top_entropy_quantile: float = 1.0  # train only this highest-entropy fraction of tokens (0.2: the 80/20 rule)
     num_iterations: int = 1  # optimisation passes over each generation batch
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
@@ -193,11 +204,22 @@ def advantages(cfg: Config, groups, weights: torch.Tensor) -> tuple[list, torch.
 
 
 def grpo_update(
-    policy, optimizer, batch: UpdateBatch, adv, *, cfg: Config, step: int, beta: float, ref_model, schedule: Schedule
+    policy,
+    optimizer,
+    batch: UpdateBatch,
+    adv,
+    *,
+    cfg: Config,
+    step: int,
+    beta: float,
+    ref_model,
+    schedule: Schedule,
+    entropy_coef: float = 0.0,
 ) -> tuple[dict, float]:
     """num_iterations passes over the batch, each in `minibatches` optimizer steps of the clipped surrogate
-    (+ beta KL to the reference, whose log-probs are taken once). -> (metrics averaged over the optimizer steps,
-    the last lr)."""
+    (+ beta KL to the reference, whose log-probs are taken once; - entropy_coef x the mean token entropy; on the
+    top-entropy quantile of tokens only, with --top-entropy-quantile). -> (metrics averaged over the optimizer
+    steps, the last lr)."""
     ref_logps = None
     if ref_model is not None and beta > 0:
         with torch.no_grad():
@@ -243,6 +265,7 @@ def grpo_update(
                 with_entropy=True,
                 bf16=cfg.bf16,
                 images=batch.row_images(fwd),
+                entropy_grad=entropy_coef > 0,
             )
             anchor = lp.sum() * 0.0
             lp, ent = lp[: len(mb)], ent[: len(mb)]
@@ -250,13 +273,15 @@ def grpo_update(
             # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler, from the
             # trainer's log-probs before this update (the "old" ones)
             is_weights, is_stats = correct(old, mb) if level != "none" else (None, {})
+            # the 80/20 rule: the policy-gradient loss on the minibatch's highest-entropy tokens only
+            pg_mask = top_entropy_mask(ent.detach(), loss_mask[mb], cfg.top_entropy_quantile)
             # dapo: the generation batch's global token count, shared out over the optimizer steps
             g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
             loss, m = clipped_policy_loss(
                 lp,
                 old,
                 adv[mb],
-                loss_mask[mb],
+                pg_mask,
                 clip_eps=cfg.clip_eps,
                 clip_eps_high=cfg.clip_eps_high or None,
                 importance=cfg.importance,
@@ -272,14 +297,19 @@ def grpo_update(
                 sapo_tau_neg=cfg.sapo_tau_neg,
                 is_weights=is_weights,
             )
+            if entropy_coef > 0:  # the bonus, a token mean over the response (with its gradient)
+                lm = loss_mask[mb].to(ent.dtype)
+                loss = loss - entropy_coef * (ent * lm).sum() / lm.sum().clamp(min=1)
             (loss + anchor).backward()
             opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
             grad_norm, lr = optimizer_step(policy, optimizer, opt_step, schedule, sync_grads=True)
-            ent_mean = float((ent * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
+            ent_mean = float((ent.detach() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
+            kept = float(pg_mask.sum() / loss_mask[mb].sum().clamp(min=1))
             for k, v in {
                 "loss": dist.all_sum(loss.item()) / world,
                 "grad_norm": grad_norm,
                 "entropy": ent_mean,
+                "tokens/trained_frac": kept,
                 **{k: float(v) for k, v in m.items()},
                 **is_stats,
             }.items():
@@ -353,7 +383,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    kl_state = {"beta": cfg.beta}  # the adaptive KL coefficient (--kl-target), saved with checkpoints
+    # the adaptive KL coefficient (--kl-target) and entropy coefficient (--entropy-target), saved with checkpoints
+    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef}
     start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
     if dist.is_main() and test and not cfg.resume:
         held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
@@ -406,8 +437,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)
             t_up = time.perf_counter()
             engine.sleep()  # a colocated engine frees its device memory for the update
+            ent_coef = kl_state["entropy_coef"]
             stats, lr = grpo_update(
-                policy, optimizer, batch, adv, cfg=cfg, step=step, beta=beta, ref_model=ref_model, schedule=schedule
+                policy,
+                optimizer,
+                batch,
+                adv,
+                cfg=cfg,
+                step=step,
+                beta=beta,
+                ref_model=ref_model,
+                schedule=schedule,
+                entropy_coef=ent_coef,
             )
             row.update(
                 {
@@ -415,6 +456,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     **batch_metrics(batch, adv),
                     "lr": lr,
                     "beta": beta,
+                    "entropy_coef": ent_coef,
                     "groups/zero_signal_frac": groups.zero_signal / (cfg.prompts_per_step * (groups.refills + 1)),
                     "tokens_per_s": float(batch.attn.sum()) / (time.perf_counter() - t0),
                     "time/generation_s": groups.gen_s,
@@ -428,6 +470,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if cfg.kl_target > 0:  # the controller, on the KL this update measured (all ranks)
                 n = len(batch) * world
                 kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(stats["kl"]), cfg.kl_target, cfg.kl_horizon, n)
+            if cfg.entropy_target > 0:  # adaptive entropy control, on this update's mean entropy (all ranks)
+                kl_state["entropy_coef"] = adaptive_entropy_coef(
+                    ent_coef,
+                    dist.all_mean(stats["entropy"]),
+                    cfg.entropy_target,
+                    cfg.entropy_coef_delta,
+                    cfg.entropy_coef_max,
+                )
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
