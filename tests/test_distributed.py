@@ -141,6 +141,7 @@ def weak_sft(tmp_path_factory):
         ("ppo_small", False),
         ("grpo_gdpo", False),
         ("grpo_rpp", False),
+        ("grpo_pass_rate", False),
     ],
     ids=[
         "grpo",
@@ -157,6 +158,7 @@ def weak_sft(tmp_path_factory):
         "ppo_small",
         "grpo_gdpo",
         "grpo_reinforce_pp",
+        "grpo_pass_rate",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -202,6 +204,8 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         args += ["--reward-aggregation", "normalize_then_sum"]
     elif recipe == "grpo_rpp":  # REINFORCE++'s token whitening runs over the global batch
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--advantage", "reinforce_pp_baseline"]
+    elif recipe == "grpo_pass_rate":  # the tracker gathers every rank's pass rates: the same prompts are drawn
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--prompt-sampler", "pass-rate"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
         args = [
             "ppo",

@@ -42,6 +42,7 @@ from ..optim import make_optimizer
 from ..options import ConfigError
 from ..rollout.engine import make_engine
 from ..rollout.groups import NoisyRollout, sample_groups
+from ..rollout.prompts import PromptSampler
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     Schedule,
@@ -110,6 +111,9 @@ class Config:
     top_entropy_quantile: float = 1.0  # train only this highest-entropy fraction of tokens (0.2: the 80/20 rule)
     num_iterations: int = 1  # optimisation passes over each generation batch
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
+    prompt_sampler: str = "uniform"  # uniform | curriculum (easy to hard by difficulty) | pass-rate (0 < rate < 1)
+    curriculum_stages: int = 3  # curriculum: stages, evenly over the steps (stage k: the easiest (k+1)/n prompts)
+    pass_rate_oversample: int = 4  # pass-rate: candidates drawn per prompt kept
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
     max_refills: int = 4  # dynamic sampling: extra generation rounds per step at most
     mask_truncated: bool = False  # no loss on responses that hit max_new_tokens
@@ -384,8 +388,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     # the adaptive KL coefficient (--kl-target) and entropy coefficient (--entropy-target), saved with checkpoints
-    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef}
+    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef, "pass_rates": {}}
     start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
+    sampler = PromptSampler(
+        cfg.prompt_sampler,
+        data,
+        prompts_per_step=cfg.prompts_per_step,
+        seed=cfg.seed,
+        steps=cfg.steps,
+        stages=cfg.curriculum_stages,
+        oversample=cfg.pass_rate_oversample,
+    )
+    sampler.load(kl_state.pop("pass_rates"))  # the tracker's rates at the checkpoint (resume)
     if dist.is_main() and test and not cfg.resume:
         held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
             0, "before GRPO"
@@ -416,7 +430,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         config=asdict(cfg),
     )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_state}
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, "pass_rates": sampler.state(), **kl_state}
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
@@ -424,14 +438,18 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
-        groups = sample_groups(policy, data, reward_set, step=step, engine=engine, **groups_of)
+        groups = sample_groups(policy, data, reward_set, step=step, engine=engine, sampler=sampler, **groups_of)
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         run.samples += groups.samples
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills
         # -- advantages, then the update: num_iterations passes x minibatches
         rows, adv = advantages(cfg, groups, reward_set.weights)
-        row = {**groups.metrics, "skipped_step": float(not rows)}  # no rows: every group's rewards were equal
+        row = {
+            **groups.metrics,
+            **sampler.metrics(step),
+            "skipped_step": float(not rows),
+        }  # no rows: every group's rewards were equal
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
             beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)

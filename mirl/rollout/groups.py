@@ -85,17 +85,19 @@ def sample_groups(
     noisy: NoisyRollout | None = None,
     generator=None,
     engine=None,
+    sampler=None,
     **sampling,
 ) -> Groups:
     """One step's generation rounds. Round r of step s draws the global batch number s * (max_refills + 1) + r
     of the prompt order (so a refill never repeats a batch); this rank samples its share. Without dynamic
     sampling there is one round; with it, rounds continue until the kept groups (those with signal, over all
     ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
-    (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py)."""
+    (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py); sampler:
+    which prompts each round draws and the pass-rate tracker it feeds (rollout/prompts.py; default uniform)."""
     rounds, gen_s, score_s, samples, zero = [], 0.0, 0.0, 0, 0
     while True:
         batch_id = step * (max_refills + 1) + len(rounds)
-        idx = batch_indices(len(data), prompts_per_step, batch_id, seed)
+        idx = sampler.indices(batch_id, step) if sampler else batch_indices(len(data), prompts_per_step, batch_id, seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
         sb = rollout_and_score(
             policy,
@@ -109,6 +111,8 @@ def sample_groups(
             engine=engine,
             **sampling,
         )
+        if sampler is not None:
+            sampler.observe([idx[i] for i in mine], sb.rewards, group_size)
         gen_s, score_s, samples = gen_s + sb.gen_s, score_s + sb.score_s, samples + len(sb.batch.texts)
         signal = groups_with_signal(sb.rewards, group_size)  # (P_round,)
         zero += int((~signal).sum())

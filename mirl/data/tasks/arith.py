@@ -68,7 +68,8 @@ class ArithTask:
             rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1),
             rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1),
         )
-        return {"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": cot(a, b)}
+        # difficulty (the curriculum's order, rollout/prompts.py): the longer operand's digits
+        return {"prompt": f"{a}+{b}=", "answer": str(a + b), "solution": cot(a, b), "difficulty": max(da, db)}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
         """n examples of the split ('train' or 'test'), deterministic in seed."""
