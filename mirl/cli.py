@@ -23,6 +23,11 @@ COMMANDS = {
     "grpo": ("mirl.recipes.grpo", "train", "GRPO family: Dr. GRPO, DAPO, GSPO, RLOO, KL schedules"),
     "online": ("mirl.recipes.online", "train", "online contrastive fine-tuning: MIO/DPO/group losses on samples"),
     "ppo": ("mirl.recipes.ppo", "train", "PPO with a value head or a separate critic, GAE, KL penalty"),
+    "distill": (
+        "mirl.recipes.distill",
+        "train",
+        "on-policy distillation: reverse KL / JSD to a teacher on the student's samples",
+    ),
     "rm": ("mirl.recipes.reward_model", "train", "Bradley-Terry reward model on preference pairs"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),
     "report": ("mirl.report", "run", "PNG plots and one HTML page of one or more runs' metrics"),

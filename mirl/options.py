@@ -140,6 +140,7 @@ RULES = {
     "is_correction": _one_of("auto", "none", "token", "sequence"),
     "is_mode": _one_of("truncate", "mask"),
     "is_cap": _float_in(1.0, lo_open=True),
+    "jsd_beta": _float_in(0.0, 1.0),
     "prompt_sampler": _one_of("uniform", "curriculum", "pass-rate"),
     "entropy_coef": _float_in(0.0),
     "entropy_target": _float_in(0.0),

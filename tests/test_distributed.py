@@ -142,6 +142,7 @@ def weak_sft(tmp_path_factory):
         ("grpo_gdpo", False),
         ("grpo_rpp", False),
         ("grpo_pass_rate", False),
+        ("distill", False),
     ],
     ids=[
         "grpo",
@@ -159,6 +160,7 @@ def weak_sft(tmp_path_factory):
         "grpo_gdpo",
         "grpo_reinforce_pp",
         "grpo_pass_rate",
+        "distill",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -206,6 +208,8 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--advantage", "reinforce_pp_baseline"]
     elif recipe == "grpo_pass_rate":  # the tracker gathers every rank's pass rates: the same prompts are drawn
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--prompt-sampler", "pass-rate"]
+    elif recipe == "distill":  # the token mean of the divergence divides by the global token count
+        args = ["distill", "--teacher", "gpt-micro", "--prompts-per-step", "16", "--samples-per-prompt", "2"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
         args = [
             "ppo",

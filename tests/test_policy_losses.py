@@ -200,6 +200,14 @@ def test_grpo_trains_with_each_policy_loss_and_refuses_an_unknown_one(tmp_path):
         assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
     with pytest.raises(ConfigError, match="--policy-loss"):
         grpo.train(grpo.Config(**common, policy_loss="gspo", out_dir=str(tmp_path / "bad")))
+    from mirl.recipes import ppo
+
+    for kind in ("dual_clip", "cispo", "sapo"):  # PPO takes the same choices
+        res = ppo.train(
+            ppo.Config(task="arith:1", steps=2, prompts_per_step=4, max_new_tokens=6, eval_n=0, threads=1,
+                       report=False, policy_loss=kind, out_dir=str(tmp_path / f"ppo_{kind}"))
+        )  # fmt: skip
+        assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
 
 
 def _loop_std(xs):

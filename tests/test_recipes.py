@@ -235,9 +235,9 @@ def test_the_options_recipes_share_are_declared_alike():
     import dataclasses
 
     from mirl.cli import _field_help
-    from mirl.recipes import grpo, online, ppo, reward_model
+    from mirl.recipes import distill, grpo, online, ppo, reward_model
 
-    mods = [sft, preference, grpo, online, ppo, reward_model]
+    mods = [sft, preference, grpo, online, ppo, reward_model, distill]
     fields = [{f.name: f for f in dataclasses.fields(m.Config)} for m in mods]
     helps = [_field_help(m.Config) for m in mods]
     shared = set(fields[0]).intersection(*fields[1:])

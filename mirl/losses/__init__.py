@@ -1,6 +1,6 @@
 """Pure loss functions over log-probs, registered by name. See registry.py for the contract."""
 
-from . import mi, policy, preference  # noqa: F401  (registers the losses)
+from . import distill, mi, policy, preference  # noqa: F401  (registers the losses)
 from .reduce import masked_reduce, mean_over_examples
 from .registry import LOSSES, LossSpec, get_loss, parse_loss_spec, register_loss
 

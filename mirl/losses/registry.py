@@ -5,6 +5,8 @@ kind "pair": fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 kind "group": fn(policy_logps (N,K), ref_logps (N,K), positive (N,K) bool, *, beta, **options)
               -> (per_group_loss (N,), metrics)
 kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss, metrics)   (losses/policy.py)
+kind "distill": fn(student_logits (..., V), teacher_logits (..., V), beta, temperature) -> per position (...)
+                (losses/distill.py)
 `needs_reference=False` lets a recipe skip the reference model (SimPO, the SFT term).
 """
 
@@ -26,7 +28,7 @@ class LossSpec:
 
     name: str
     fn: Callable
-    kind: str  # "pair" | "group" | "policy"
+    kind: str  # "pair" | "group" | "policy" | "distill"
     needs_reference: bool = True
     doc: str = ""
 
@@ -51,9 +53,9 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, kind: str = "pair", needs_reference: bool = True):
-    """Register a loss function under `name` (kind pair, group or policy)."""
-    if kind not in ("pair", "group", "policy"):
-        raise ValueError(f"loss kind must be 'pair', 'group' or 'policy', got {kind!r}")
+    """Register a loss function under `name` (kind pair, group, policy or distill)."""
+    if kind not in ("pair", "group", "policy", "distill"):
+        raise ValueError(f"loss kind must be 'pair', 'group', 'policy' or 'distill', got {kind!r}")
 
     def wrap(fn):
         if name in LOSSES:
@@ -97,6 +99,8 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
     kinds = {get_loss(n).kind for n, _ in terms}
     if "policy" in kinds:
         raise ValueError(f"{spec!r}: policy-gradient losses are used by the grpo/ppo recipes, not as preference losses")
+    if "distill" in kinds:
+        raise ValueError(f"{spec!r}: distillation losses are used by `mirl distill`, not as preference losses")
     if len(kinds) > 1:
         raise ValueError(f"cannot combine pair and group losses in one spec: {spec!r}")
     return terms

@@ -81,6 +81,10 @@ class Config:
     ppo_epochs: int = 2  # passes over each rollout
     minibatches: int = 2  # optimizer steps per pass
     clip_eps: float = 0.2  # policy clip range
+    policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
+    dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
+    sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
+    sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
     value_clip: float = 0.2  # value clip range
     vf_coef: float = 0.5  # value loss weight
     beta: float = 0.02  # per-token KL penalty coefficient (0 = none, no reference model)
@@ -237,6 +241,10 @@ def ppo_update(
                 loss_mask[mb],
                 clip_eps=cfg.clip_eps,
                 loss_agg="bnpo",
+                policy_loss=cfg.policy_loss,
+                dual_clip_c=cfg.dual_clip_c,
+                sapo_tau_pos=cfg.sapo_tau_pos,
+                sapo_tau_neg=cfg.sapo_tau_neg,
                 is_weights=None if is_weights is None else is_weights[mb],
             )
             v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)

@@ -1,0 +1,251 @@
+"""On-policy distillation: the student samples responses to the prompts, and the loss on each of its
+response tokens is the divergence from the teacher's next-token distribution there (losses/distill.py:
+reverse KL by default, or the generalised JSD with --jsd-beta), a token mean over the batch. The teacher is
+frozen and must share the student's tokenizer. The task's reward of the student's samples is logged, not
+trained on.
+
+    mirl distill --teacher runs/teacher/final --model runs/student/final --task arith --steps 300
+    mirl distill --teacher runs/vlm_teacher/final --model vlm-nano --task shapes
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import save_checkpoint
+from ..data.collate import batch_indices
+from ..losses.distill import generalized_jsd
+from ..losses.reduce import masked_reduce
+from ..models.policy import load_policy
+from ..optim import make_optimizer
+from ..options import ConfigError
+from ..rollout.sample import row_seeds
+from ..rollout.score import pack_rows, rollout_and_score
+from .common import (
+    Schedule,
+    build_policy,
+    check_fsdp,
+    gathered_policy,
+    load_prompts,
+    optimizer_step,
+    policy_options,
+    prompt_options,
+)
+from .run import Cadence, Result, Run, end_of_run, end_of_step, held_out_evaluator, resume_state, setup
+
+
+@dataclass
+class Config:
+    """Options of `mirl distill` (one line of doc each, the CLI's flags)."""
+
+    model: str = "gpt-nano"  # the student: preset or saved model folder
+    teacher: str = ""  # the teacher: a saved model folder (or preset) with the student's tokenizer
+    task: str = "arith"  # task for prompts, the logged reward and held-out evaluation
+    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with a 'prompt' column; overrides task prompts
+    split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
+    model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
+    n_prompts: int = 5000  # training prompts generated from the task
+    reward: str = "task"  # reward spec of the logged (not trained on) reward of the student's samples
+    reward_timeout_s: float = 10.0  # a reward call running longer is cut off, counted and reported
+    jsd_beta: float = 1.0  # the divergence: 1 = reverse KL(student || teacher), 0 = forward KL, between: JSD
+    samples_per_prompt: int = 1  # student samples per prompt
+    prompts_per_step: int = 32  # prompts per step (one generation batch and one optimizer step each)
+    steps: int = 200  # optimizer steps
+    time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
+    temperature: float = 1.0  # sampling temperature (and the temperature of both distributions in the loss)
+    max_new_tokens: int = 40  # response length limit
+    max_len: int = 128  # model context for new tiny models
+    lr: float = 1e-4  # learning rate
+    warmup_steps: int = 0  # linear warmup (optimizer steps)
+    min_lr_ratio: float = 1.0  # cosine decay floor as a fraction of lr (1 = constant after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    seed: int = 0  # seed of initialisation, data order and sampling
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/distill"  # run folder: config.json, metrics.jsonl, tb/, checkpoint/, final/, report/
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
+    eval_n: int = 200  # held-out prompts evaluated (greedy) before and after, for the student and the teacher
+    eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
+    eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
+    row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
+    # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
+    lora_alpha: int = 16  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # dropout on the LoRA path
+    lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
+    save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
+    report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
+    log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
+
+
+def response_logits(policy, ids, attn, n_resp: int, images=None, bf16: bool = False) -> torch.Tensor:
+    """The logits (B, R, V) that predict the last n_resp tokens (only those positions go through the head)."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = policy(ids, attn, images=images, output="hidden_and_head")
+    if out.head_weight is not None:
+        return (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float()
+    return out.logits[:, -n_resp - 1 : -1].float()
+
+
+def distill_loss(student, teacher, batch, *, beta: float, temperature: float, bf16: bool = False, global_count=None):
+    """The token mean over the batch's response tokens of the divergence student -> teacher (losses/distill.py),
+    and the sampled reverse-KL estimate log p_s - log p_t of the student's own tokens (a diagnostic)."""
+    images = batch.row_images()
+    s = response_logits(student, batch.ids, batch.attn, batch.n_resp, images, bf16)
+    with torch.no_grad():
+        t = response_logits(teacher, batch.ids, batch.attn, batch.n_resp, images, bf16)
+    per_token = generalized_jsd(s, t, beta=beta, temperature=temperature)
+    mask = batch.resp_mask.to(per_token.dtype)
+    loss = masked_reduce(per_token, mask, "token_mean", global_count=global_count)
+    tok = batch.ids[:, -batch.n_resp :].unsqueeze(-1)
+    with torch.no_grad():
+        lp_s = torch.log_softmax(s / temperature, -1).gather(-1, tok).squeeze(-1)
+        lp_t = torch.log_softmax(t / temperature, -1).gather(-1, tok).squeeze(-1)
+        sampled = float(((lp_s - lp_t) * mask).sum() / mask.sum().clamp(min=1))
+    return loss, {"divergence": float(loss.detach()), "reverse_kl_sampled": sampled}
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers give the same ids (vocabulary size, special tokens, a probe text)."""
+    probe = "Question: 12+7=? Answer: 19. The quick brown fox, 0123456789."
+    return (
+        len(a) == len(b)
+        and a.encode(probe) == b.encode(probe)
+        and (a.eos_token_id, a.pad_token_id) == (b.eos_token_id, b.pad_token_id)
+    )
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None) -> Result:
+    """data: optional prompt records [{'prompt', ...}]; model: optional student Policy; teacher: optional Policy."""
+    # ---- setup -------------------------------------------------------------------------------------
+    if not cfg.teacher and teacher is None:
+        raise ConfigError("--teacher is required: a saved model folder (or preset) to distil from")
+    if not 0.0 <= cfg.jsd_beta <= 1.0:
+        raise ConfigError(f"--jsd-beta {cfg.jsd_beta!r}: must be a number in [0, 1]")
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
+    setup(cfg)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
+    teacher = teacher if teacher is not None else load_policy(cfg.teacher, max_seq_len=cfg.max_len, seed=cfg.seed)
+    if policy.is_vlm != teacher.is_vlm:
+        raise ConfigError("--teacher and --model must both take images, or neither")
+    if not same_tokenizer(policy.tokenizer, teacher.tokenizer):
+        raise ConfigError(
+            f"--teacher {cfg.teacher!r} and --model {cfg.model!r} have different tokenizers: on-policy "
+            "distillation compares their next-token distributions token by token"
+        )
+    teacher.eval().requires_grad_(False)
+    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="distill")
+    world = dist.world_size()
+    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
+    teacher_eval = []
+    if dist.is_main() and test and not cfg.resume:
+        held_out_evaluator(teacher, task, test, run=None, evals=teacher_eval, max_new_tokens=cfg.max_new_tokens)(
+            0, "teacher"
+        )
+        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+            0, "student before distillation"
+        )
+    if cfg.fsdp and world > 1:
+        dist.wrap(policy, fsdp=True)
+        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+
+    # ---- derived values: the schedule, when to save, evaluate and stop --------------------------------
+    seeded = cfg.row_seeded_sampling or world > 1
+    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    cadence = Cadence(
+        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
+    )
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="distill",
+        show=("divergence", "reward/mean"),
+        resume=cfg.resume,
+        start=start,
+        evals=evals,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
+    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
+    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        # -- the student samples this rank's share of the global batch
+        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
+        mine = dist.shard(list(range(len(idx))))
+        sb = rollout_and_score(
+            policy,
+            [data[idx[i]] for i in mine],
+            reward_set,
+            group_size=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator=gen,
+            seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
+        )
+        run.samples += len(sb.batch.texts)
+        run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
+        batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
+        # -- the divergence to the teacher on the student's tokens, a token mean over all ranks' tokens
+        t_up = time.perf_counter()
+        n_tokens = dist.all_sum(float(batch.resp_mask.sum()))
+        loss, m = distill_loss(
+            policy, teacher, batch, beta=cfg.jsd_beta, temperature=cfg.temperature, bf16=cfg.bf16, global_count=n_tokens
+        )
+        loss.backward()
+        grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
+        rmask = batch.resp_mask.float()
+        row = {
+            **{k: dist.all_mean(v) for k, v in sb.metrics.items()},
+            # each rank's loss carries world / global token count: their sum over ranks / world is the global mean
+            "loss": dist.all_sum(loss.item()) / world,
+            "divergence": dist.all_sum(m["divergence"]) / world,
+            "reverse_kl_sampled": dist.all_mean(m["reverse_kl_sampled"]),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "completions/mean_length": float(rmask.sum(1).mean()),
+            "tokens_per_s": float(batch.attn.sum()) / (time.perf_counter() - t0),
+            "time/generation_s": sb.gen_s,
+            "time/update_s": time.perf_counter() - t_up,
+        }
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
+            break
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    summary = end_of_run(
+        run,
+        policy,
+        merged=not cfg.save_adapter_only,
+        report=cfg.report,
+        task=task,
+        examples=test or data,
+        max_new_tokens=cfg.max_new_tokens,
+        evaluate=final_eval and (lambda: final_eval(run.steps, "student after distillation")),
+    )
+    summary.update({"teacher_evals": teacher_eval, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    return Result(policy, run.history, summary)
