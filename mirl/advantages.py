@@ -9,6 +9,9 @@
                       over the batch (TRL's multi_objective_aggregation="normalize_then_sum")
     reinforce_pp      REINFORCE++: outcome rewards whitened over every token of the global batch, with or
                       without the group mean subtracted first (veRL's reinforce_plus_plus[_baseline])
+    process_advantages  step rewards -> token advantages: normalised over every step of the group, each
+                      token's advantage the sum of the normalised rewards of the steps ending at or after it
+                      (DeepSeekMath's process supervision; StepGRPO's step-wise rewards)
 
 Rewards may be NaN ("not applicable" from every reward function): such rows are left out of the
 group statistics and get advantage 0, as in TRL. std is Bessel-corrected and eps = 1e-4, as TRL's.
@@ -153,3 +156,22 @@ def reinforce_pp(rewards: Tensor, lengths: Tensor, group_size: int = 0, eps: flo
     mean = global_sum((w * x).sum()) / n.clamp(min=1)
     var = global_sum((w * (x - mean) ** 2).sum()) / (n - 1).clamp(min=1)
     return torch.where(ok & (w > 0), (x - mean) * torch.rsqrt(var + eps), 0.0).to(rewards.dtype)
+
+
+def process_advantages(
+    step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int, width: int, eps: float = 1e-4
+) -> Tensor:
+    """Per response i (rows of one prompt adjacent): its steps' rewards r_ik and the response-token index where
+    each step ends. Within a group every step reward is normalised, r~ = (r - mean) / (std + eps) over all the
+    group's steps; token t of response i gets sum_k r~_ik over the steps with end >= t (its return-to-go);
+    tokens after the last step get 0. -> advantages (B, width)."""
+    out = torch.zeros(len(step_rewards), width)
+    for g in range(0, len(step_rewards), group_size):
+        flat = torch.tensor([r for i in range(g, g + group_size) for r in step_rewards[i]], dtype=torch.float32)
+        if flat.numel() == 0:
+            continue
+        mean, std = flat.mean(), (flat.std() if flat.numel() > 1 else torch.tensor(0.0))
+        for i in range(g, g + group_size):
+            for r, end in zip(step_rewards[i], step_ends[i]):
+                out[i, : min(end, width - 1) + 1] += (r - mean) / (std + eps)
+    return out

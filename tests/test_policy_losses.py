@@ -461,3 +461,56 @@ def test_grpo_entropy_control_switches(tmp_path):
     assert all(0.15 < h["tokens/trained_frac"] <= 0.3 for h in res.history)
     res = grpo.train(grpo.Config(**common, out_dir=str(tmp_path / "plain")))
     assert all(h["tokens/trained_frac"] == 1.0 for h in res.history)
+
+
+def test_arith_step_verifier_by_hand():
+    from mirl.data.tasks.arith import ArithTask
+
+    t, ex = ArithTask(3), {"prompt": "47+85=", "answer": "132"}
+    assert t.step_scores("7+5=12,4+8+1=13|132", ex) == [(6, 1.0), (15, 1.0), (19, 1.0)]
+    assert t.step_scores("7+5=12,4+8=12|122", ex) == [(6, 1.0), (13, 0.0), (17, 0.0)]  # the carry forgotten
+    assert t.step_scores("7+5=1", ex) == [(5, 0.0)]  # no answer step without '|'
+    assert t.step_scores("7+5=12,4+8+1=13,0+0=0|132", ex)[2] == (21, 0.0)  # an extra column scores 0
+
+
+def test_process_advantages_by_hand_and_through_grpo(tmp_path):
+    from mirl.advantages import process_advantages
+    from mirl.options import ConfigError
+    from mirl.recipes import grpo
+
+    # one group of two: step rewards [1, 1] and [1, 0], steps ending at tokens 2 and 5; over the group's four
+    # steps mean 0.75, std 0.5 (Bessel): a right step is worth 0.25 / 0.5 = 0.5, a wrong one -1.5
+    adv = process_advantages([[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], group_size=2, width=7, eps=0.0)
+    torch.testing.assert_close(adv[0], torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]))
+    torch.testing.assert_close(adv[1], torch.tensor([-1.0, -1.0, -1.0, -1.5, -1.5, -1.5, 0.0]))
+    assert torch.equal(process_advantages([[1.0], [1.0]], [[1], [1]], 2, 3), torch.zeros(2, 3))  # no signal
+    common = dict(steps=2, group_size=4, prompts_per_step=4, max_new_tokens=12, eval_n=0, threads=1, report=False)
+    res = grpo.train(grpo.Config(task="arith:2", step_rewards=True, out_dir=str(tmp_path / "s"), **common))
+    assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
+    with pytest.raises(ConfigError, match="--step-rewards needs a task with a step verifier"):
+        grpo.train(
+            grpo.Config(task="", reward="accuracy", step_rewards=True, out_dir=str(tmp_path / "c"), **common),
+            data=[{"prompt": "1+1=", "answer": "2"}] * 8,
+        )
+
+
+def test_step_advantages_map_character_offsets_to_tokens():
+    from types import SimpleNamespace
+
+    from mirl.data.tasks.arith import ArithTask
+    from mirl.models.policy import new_tiny_policy
+    from mirl.recipes.grpo import step_advantages
+    from mirl.rollout.sample import left_pad
+
+    tok = new_tiny_policy("gpt-nano", seed=0).tokenizer  # one token per character
+    texts = ["7+5=12,4+8+1=13|132", "7+5=12,4+8=12|122"]
+    ids, _ = left_pad([tok.encode(t, add_special_tokens=False)[::-1] for t in texts], tok.pad_token_id)
+    ids = ids.flip(1)  # right-padded
+    batch = SimpleNamespace(texts=texts, response_ids=ids, response_mask=(ids != tok.pad_token_id).long())
+    sb = SimpleNamespace(batch=batch, examples=[{"prompt": "47+85=", "answer": "132"}] * 2)
+    adv = step_advantages(ArithTask(3), sb, 2, tok)
+    # steps end at characters 6, 15, 19 (right: [1, 1, 1]) and 6, 13, 17 (right, wrong, wrong): tokens 5, 14, 18
+    # and 5, 12, 16; the second response's first step is as right as the first's, so its first tokens agree
+    assert adv[0, 0] > adv[0, 6] > adv[0, 15] > 0 and adv[0, 18] > 0
+    assert adv[1, 13] < 0 and adv[1, 17] == 0
+    assert float(adv[1, 6] - adv[1, 12]) == pytest.approx(0.0, abs=1e-6)  # tokens 6..12: the same steps remain

@@ -27,7 +27,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed as dist
-from ..advantages import gdpo_advantages, group_advantages, nanstd_over_ranks, reinforce_pp, rloo
+from ..advantages import (
+    gdpo_advantages,
+    group_advantages,
+    nanstd_over_ranks,
+    process_advantages,
+    reinforce_pp,
+    rloo,
+)
 from ..checkpoint import save_checkpoint
 from ..logging import console
 from ..logps import response_logps
@@ -88,6 +95,7 @@ class Config:
     steps: int = 200  # generation batches (optimizer steps = steps * num_iterations * minibatches)
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
     advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp | reinforce_pp_baseline (REINFORCE++)
+    step_rewards: bool = False  # step-wise rewards (StepGRPO): the task's step verifier -> token advantages
     reward_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO: each reward per group first)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
@@ -183,13 +191,31 @@ def minibatch_seed(seed: int, step: int, pass_: int) -> int:
     return seed + step * 131 + pass_
 
 
-def advantages(cfg: Config, groups, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+def step_advantages(task, sb, group_size: int, tokenizer) -> torch.Tensor:
+    """Token advantages (B, R) of a scored rollout from the task's step verifier (step_scores: each step's end
+    in characters and its reward), the character offsets mapped to response tokens."""
+    rewards, ends = [], []
+    for i, (text, example) in enumerate(zip(sb.batch.texts, sb.examples)):
+        steps = task.step_scores(text, example)
+        ids = sb.batch.response_ids[i][sb.batch.response_mask[i].bool()].tolist()
+        # each token's characters, decoded one token at a time (exact for character and byte-level vocabularies
+        # on ASCII text, the step verifiers' tasks)
+        lengths = torch.tensor([len(tokenizer.decode([t], skip_special_tokens=True)) for t in ids]).cumsum(0).tolist()
+        ends.append([next((t for t, n in enumerate(lengths) if n >= e), max(0, len(ids) - 1)) for e, _ in steps])
+        rewards.append([r for _, r in steps])
+    return process_advantages(rewards, ends, group_size, sb.batch.response_ids.shape[1])
+
+
+def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[list, torch.Tensor]:
     """Per generation round (groups never mix across rounds): group-normalised, RLOO, REINFORCE++ or GDPO
-    advantages (weights: the reward functions', for GDPO); with dynamic sampling only the groups with signal
-    are kept. -> (rows [(rollout, index)], advantages (B,))."""
+    advantages (weights: the reward functions', for GDPO), or token advantages from step rewards (steps: a
+    function of a scored rollout -> (B, R)); with dynamic sampling only the groups with signal are kept.
+    -> (rows [(rollout, index)], advantages (B,) or (B, R))."""
     rows, adv = [], []
     for sb, signal in groups.rounds:
-        if cfg.reward_aggregation == "normalize_then_sum":  # GDPO
+        if steps is not None:
+            a = steps(sb)
+        elif cfg.reward_aggregation == "normalize_then_sum":  # GDPO
             a = gdpo_advantages(sb.per_fn, weights, cfg.group_size)
         elif cfg.advantage == "group":
             batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
@@ -200,10 +226,15 @@ def advantages(cfg: Config, groups, weights: torch.Tensor) -> tuple[list, torch.
             baseline = cfg.group_size if cfg.advantage == "reinforce_pp_baseline" else 0
             a = reinforce_pp(sb.rewards, sb.batch.response_mask.sum(1), baseline)
         a = a.float()
-        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones_like(a, dtype=bool)
+        keep = (
+            signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(a), dtype=torch.bool)
+        )
         for i in torch.nonzero(keep).flatten().tolist():
             rows.append((sb.batch, i))
             adv.append(a[i])
+    if adv and adv[0].dim() == 1:  # token advantages: rounds of different lengths padded to the longest
+        width = max(len(x) for x in adv)
+        adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in adv]
     return rows, (torch.stack(adv) if adv else torch.zeros(0))
 
 
@@ -350,6 +381,7 @@ def group_sampling(cfg: Config, world: int, generator) -> tuple[dict, NoisyRollo
 def batch_metrics(batch: UpdateBatch, adv: torch.Tensor) -> dict:
     """The update batch's diagnostics: advantage statistics, response lengths, the truncated fraction."""
     lengths = batch.resp_mask.sum(1).float()
+    adv = adv[batch.resp_mask.bool()] if adv.dim() == 2 else adv  # token advantages: response tokens only
     return {
         "advantages/mean": float(adv.mean()),
         "advantages/std": float(adv.std()),
@@ -384,6 +416,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ConfigError("--noisy-rollout samples from perturbed pixels: it needs --engine local")
     if cfg.noisy_rollout and not policy.is_vlm:
         raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
+    steps = None
+    if cfg.step_rewards:
+        if task is None or not hasattr(task, "step_scores"):
+            raise ConfigError(
+                f"--step-rewards needs a task with a step verifier (the compact arith tasks); {cfg.task!r} "
+                "has none (a chat-template task is scored on its prose answer)"
+            )
+        if cfg.advantage != "group" or cfg.reward_aggregation != "sum_then_normalize":
+            raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
+        steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer)
     ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
@@ -444,7 +486,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills
         # -- advantages, then the update: num_iterations passes x minibatches
-        rows, adv = advantages(cfg, groups, reward_set.weights)
+        rows, adv = advantages(cfg, groups, reward_set.weights, steps)
         row = {
             **groups.metrics,
             **sampler.metrics(step),
@@ -452,6 +494,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         }  # no rows: every group's rewards were equal
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
+            adv = adv[:, : batch.n_resp] if adv.dim() == 2 else adv  # token advantages: the response area
             beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)
             t_up = time.perf_counter()
             engine.sleep()  # a colocated engine frees its device memory for the update

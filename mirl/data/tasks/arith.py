@@ -91,6 +91,26 @@ class ArithTask:
         got = self.extract(completion)
         return float(got is not None and got.lstrip("0") == str(example["answer"]).lstrip("0"))
 
+    def step_scores(self, completion: str, example: dict) -> list[tuple[int, float]]:
+        """The step-level verifier (StepGRPO, process rewards): each column of the scratchpad and the answer
+        is a step, checked against the reference chain of thought -> [(character offset where the step ends,
+        1.0 if right else 0.0)]. A completion without '|' has no answer step; extra columns score 0.
+        step_scores('7+5=12,4+8+1=13|132', {'prompt': '47+85=', ...}) == [(6, 1.0), (15, 1.0), (19, 1.0)]"""
+        a, b = map(int, example["prompt"][:-1].split("+"))
+        want_steps, want_answer = cot(a, b).split("|")
+        want = want_steps.split(",")
+        head, bar, tail = completion.partition("|")
+        out, pos = [], 0
+        for k, step in enumerate(head.split(",")):
+            pos += len(step)
+            out.append((pos, float(k < len(want) and step == want[k])))
+            pos += 1  # the comma
+        if bar:
+            m = re.match(r"\s*-?\d+", tail)
+            end = len(head) + 1 + (m.end() if m else 0)
+            out.append((end, float(self.score(completion, example) == 1.0)))
+        return out
+
     # ---- the chat form, for instruct models (chat.py) ----
     @staticmethod
     def chat_question(example: dict) -> str:

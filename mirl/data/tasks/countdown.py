@@ -50,7 +50,7 @@ def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
 class CountdownTask:
     """Reach a target with + - * / over a few given numbers; checked by parsing the expression, never eval."""
 
-    score_columns = ("numbers", "target")  # the fields of an example that score() reads
+    score_columns = ("numbers", "answer")  # the fields of an example that score() reads
 
     def __init__(self, n_numbers: int = 3, max_number: int = 20):
         self.n_numbers, self.max_number = n_numbers, max_number
