@@ -469,7 +469,8 @@ def test_arith_step_verifier_by_hand():
     t, ex = ArithTask(3), {"prompt": "47+85=", "answer": "132"}
     assert t.step_scores("7+5=12,4+8+1=13|132", ex) == [(6, 1.0), (15, 1.0), (19, 1.0)]
     assert t.step_scores("7+5=12,4+8=12|122", ex) == [(6, 1.0), (13, 0.0), (17, 0.0)]  # the carry forgotten
-    assert t.step_scores("7+5=1", ex) == [(5, 0.0)]  # no answer step without '|'
+    assert t.step_scores("7+5=1", ex) == [(5, 0.0), (5, 0.0), (5, 0.0)]  # a column and the answer left out
+    assert t.step_scores("7+5=12", ex) == [(6, 1.0), (6, 0.0), (6, 0.0)]  # stopping early scores the rest 0
     assert t.step_scores("7+5=12,4+8+1=13,0+0=0|132", ex)[2] == (21, 0.0)  # an extra column scores 0
 
 

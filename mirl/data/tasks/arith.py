@@ -92,23 +92,24 @@ class ArithTask:
         return float(got is not None and got.lstrip("0") == str(example["answer"]).lstrip("0"))
 
     def step_scores(self, completion: str, example: dict) -> list[tuple[int, float]]:
-        """The step-level verifier (StepGRPO, process rewards): each column of the scratchpad and the answer
-        is a step, checked against the reference chain of thought -> [(character offset where the step ends,
-        1.0 if right else 0.0)]. A completion without '|' has no answer step; extra columns score 0.
+        """The step-level verifier (StepGRPO, process rewards): each column of the reference chain of thought
+        and the answer is a step -> [(character offset where the step ends in the completion, 1.0 if right
+        else 0.0)]. A column or answer the completion leaves out is a wrong step at its end (so stopping early
+        is not a way around a wrong step); an extra column scores 0.
         step_scores('7+5=12,4+8+1=13|132', {'prompt': '47+85=', ...}) == [(6, 1.0), (15, 1.0), (19, 1.0)]"""
         a, b = map(int, example["prompt"][:-1].split("+"))
-        want_steps, want_answer = cot(a, b).split("|")
-        want = want_steps.split(",")
+        want = cot(a, b).split("|")[0].split(",")
         head, bar, tail = completion.partition("|")
+        got = head.split(",") if head else []
         out, pos = [], 0
-        for k, step in enumerate(head.split(",")):
+        for k, step in enumerate(got):
             pos += len(step)
             out.append((pos, float(k < len(want) and step == want[k])))
             pos += 1  # the comma
-        if bar:
-            m = re.match(r"\s*-?\d+", tail)
-            end = len(head) + 1 + (m.end() if m else 0)
-            out.append((end, float(self.score(completion, example) == 1.0)))
+        out += [(len(head), 0.0)] * max(0, len(want) - len(got))  # columns left out
+        m = re.match(r"\s*-?\d+", tail) if bar else None
+        end = len(head) + 1 + m.end() if m else len(completion)
+        out.append((end, float(self.score(completion, example) == 1.0)))
         return out
 
     # ---- the chat form, for instruct models (chat.py) ----
