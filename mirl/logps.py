@@ -182,6 +182,14 @@ def fused_sequence_logps(
     return seq, lengths
 
 
+def head_logits(out, n_resp: int) -> Tensor:
+    """The float32 logits (B, R, V) that predict the last n_resp tokens, from a forward's PolicyOutput (only
+    those positions go through the head when it gives the hidden state and head weight)."""
+    if out.head_weight is not None:
+        return (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float()
+    return out.logits[:, -n_resp - 1 : -1].float()
+
+
 def response_logps(
     policy,
     ids,
@@ -204,11 +212,7 @@ def response_logps(
         out = policy(ids, attn, images=images, output="hidden_and_head")
     scale = 1.0 / temperature if temperature > 0 else 1.0
     if entropy_grad:
-        if out.head_weight is not None:
-            logits = (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float() * scale
-        else:
-            logits = out.logits[:, -n_resp - 1 : -1].float() * scale
-        logp_all = torch.log_softmax(logits, -1)
+        logp_all = torch.log_softmax(head_logits(out, n_resp) * scale, -1)
         lp = logp_all.gather(-1, ids[:, -n_resp:].unsqueeze(-1)).squeeze(-1)
         return lp, -(logp_all.exp() * logp_all).sum(-1)
     if out.head_weight is not None:

@@ -18,6 +18,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
+from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
 from ..models.policy import load_policy
@@ -99,9 +100,7 @@ def response_logits(policy, ids, attn, n_resp: int, images=None, bf16: bool = Fa
     """The logits (B, R, V) that predict the last n_resp tokens (only those positions go through the head)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head")
-    if out.head_weight is not None:
-        return (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float()
-    return out.logits[:, -n_resp - 1 : -1].float()
+    return head_logits(out, n_resp)
 
 
 def distill_loss(student, teacher, batch, *, beta: float, temperature: float, bf16: bool = False, global_count=None):
