@@ -55,6 +55,7 @@ RULES = {
             "group_size",
             "prompts_per_step",
             "curriculum_stages",
+            "mc_rollouts",
             "rounds",
             "sft_steps",
             "grpo_steps",

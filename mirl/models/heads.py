@@ -35,17 +35,38 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(1).values
 
 
+def step_token_mask(tokenizer, response_ids: list[int], separators: str) -> list[int]:
+    """1 on the response tokens that end a step: the token before each separator character (the step's last
+    character) and the last token; the characters of each token from decoding it alone (exact for character
+    and byte-level vocabularies on ASCII text)."""
+    text_ends = torch.tensor([len(tokenizer.decode([t], skip_special_tokens=True)) for t in response_ids]).cumsum(0)
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    ends = {i for i, c in enumerate(text) if c in separators and i > 0}  # a step's text ends before position i
+    mask = [0] * len(response_ids)
+    for e in ends:
+        t = int(torch.searchsorted(text_ends, e, right=False))  # the first token whose text reaches e chars
+        if t < len(mask):
+            mask[t] = 1
+    if mask:
+        mask[-1] = 1
+    return mask
+
+
 class RewardModel(nn.Module):
     """aggregate="last": the head read at the last token (the usual sequence classifier);
     aggregate="mean": the mean of the head over response tokens, so that local checks (is this step of
-    the worked solution right?) add up; it learns verifiable tasks much faster on small backbones."""
+    the worked solution right?) add up; it learns verifiable tasks much faster on small backbones;
+    aggregate="step": a process reward model (recipes/prm.py): the head at each step's last token is the
+    logit that the solution is still right there; the score is the smallest of those probabilities (PRM-min).
+    Steps end before each of `separators` and at the last token."""
 
-    def __init__(self, policy, aggregate: str = "mean"):
+    def __init__(self, policy, aggregate: str = "mean", separators: str = ",|"):
         super().__init__()
-        if aggregate not in ("last", "mean"):
-            raise ValueError(f"reward aggregate must be 'last' or 'mean', got {aggregate!r}")
+        if aggregate not in ("last", "mean", "step"):
+            raise ValueError(f"reward aggregate must be 'last', 'mean' or 'step', got {aggregate!r}")
         self.policy = policy
         self.aggregate = aggregate
+        self.separators = separators
         self.head = ScalarHead(policy.hidden_size)
 
     @property
@@ -53,10 +74,19 @@ class RewardModel(nn.Module):
         """The backbone's tokenizer."""
         return self.policy.tokenizer
 
-    def forward(self, input_ids, attention_mask, response_mask=None, images=None) -> torch.Tensor:
-        """Score of each sequence (B,)."""
+    def token_scores(self, input_ids, attention_mask, images=None) -> torch.Tensor:
+        """The head at every position (B, T)."""
         hidden = self.policy(input_ids, attention_mask, images=images, output="logits_and_hidden").hidden
-        scores = self.head(hidden)  # (B, T)
+        return self.head(hidden)
+
+    def forward(self, input_ids, attention_mask, response_mask=None, images=None, step_mask=None) -> torch.Tensor:
+        """Score of each sequence (B,). step_mask (B, T): the step ends, for aggregate="step"."""
+        scores = self.token_scores(input_ids, attention_mask, images)  # (B, T)
+        if self.aggregate == "step":
+            if step_mask is None:
+                raise ValueError("a process reward model needs the step mask (step_token_mask)")
+            probs = torch.sigmoid(scores).masked_fill(~step_mask.bool(), 1.0)
+            return probs.min(1).values
         if self.aggregate == "mean":
             if response_mask is None:
                 raise ValueError("a mean-aggregated reward model needs the response mask")
@@ -70,7 +100,7 @@ class RewardModel(nn.Module):
         save_file(
             {k: v.contiguous() for k, v in self.head.state_dict().items()},
             str(Path(path) / "reward_head.safetensors"),
-            metadata={"aggregate": self.aggregate},
+            metadata={"aggregate": self.aggregate, "separators": self.separators},
         )
 
     @classmethod
@@ -84,7 +114,7 @@ class RewardModel(nn.Module):
         from safetensors import safe_open
 
         with safe_open(str(head_file), "pt") as f:
-            aggregate = (f.metadata() or {}).get("aggregate", "last")
-        rm = cls(load_policy(path), aggregate)
+            meta = f.metadata() or {}
+        rm = cls(load_policy(path), meta.get("aggregate", "last"), meta.get("separators", ",|"))
         rm.head.load_state_dict(load_file(str(head_file)))
         return rm.eval()

@@ -19,6 +19,7 @@ class RewardModelReward:
     @torch.no_grad()
     def __call__(self, prompts, completions, images=None, **_):
         from ..data.collate import batch_images, pad_batch
+        from ..models.heads import step_token_mask
 
         tok = self.rm.tokenizer
         images = images or [None] * len(prompts)
@@ -32,5 +33,10 @@ class RewardModelReward:
                 ids = pi + tok.encode(completions[i], add_special_tokens=False) + [tok.eos_token_id]
                 seqs.append((ids, len(pi)) if img is None else (ids, len(pi), img))
             ids, attn, resp = pad_batch(seqs, tok.pad_token_id)
-            out += self.rm(ids, attn, resp, images=batch_images(seqs)).tolist()
+            steps = None
+            if self.rm.aggregate == "step":  # a process reward model: the step ends of each response
+                steps = torch.zeros_like(resp)
+                for r, (seq, plen, *_) in enumerate(seqs):
+                    steps[r, plen : len(seq)] = torch.tensor(step_token_mask(tok, seq[plen:], self.rm.separators))
+            out += self.rm(ids, attn, resp, images=batch_images(seqs), step_mask=steps).tolist()
         return out

@@ -1,0 +1,205 @@
+"""A process reward model: per-step labels for sampled solutions, and a scalar head trained to predict, at
+each step's last token, whether the solution is still right there (binary cross-entropy, the two classes
+weighted to balance). The saved model
+serves as a reward (`--reward rm:<out_dir>/final`: the smallest step probability, PRM-min).
+
+Labels (--labels):
+    verifier  the task's step verifier (arith: each column and the answer, ArithTask.step_scores): a step is
+              right when it and every step before it are (prefix correctness)
+    mc        Monte-Carlo rollouts of the policy (Math-Shepherd): a step is right when at least one of
+              --mc-rollouts continuations from just after it reaches the right answer
+Solutions: --samples-per-prompt samples of the policy per training prompt, plus the task's worked solution and
+one of its plausible wrong ones per prompt (balanced labels from the start).
+
+    mirl prm --model runs/sft1/final --task arith:1 --steps 300
+    mirl grpo --model runs/sft1/final --task arith:1 --reward rm:runs/prm/final
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.collate import batch_indices, pad_batch
+from ..data.tasks import make_task
+from ..logging import console
+from ..models.heads import RewardModel, step_token_mask
+from ..optim import make_optimizer
+from ..options import ConfigError, check_config
+from ..rollout.score import completions
+from .common import build_policy
+from .run import Result
+
+LABELS = ("verifier", "mc")
+
+
+@dataclass
+class Config:
+    """Options of `mirl prm` (one line of doc each, the CLI's flags)."""
+
+    model: str = "gpt-nano"  # the backbone and the policy whose samples are labelled: preset or saved folder
+    task: str = "arith"  # a built-in task with a step verifier (the compact arith tasks)
+    labels: str = "verifier"  # verifier (the task's step checks) | mc (Monte-Carlo rollouts of the policy)
+    mc_rollouts: int = 4  # --labels mc: continuations sampled after each step
+    n_prompts: int = 512  # training prompts (held-out: the task's test split)
+    samples_per_prompt: int = 4  # policy samples per prompt (besides one worked and one wrong solution)
+    temperature: float = 1.0  # sampling temperature
+    max_new_tokens: int = 40  # response length limit
+    separators: str = ",|"  # a step ends before each of these characters and at the end
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # solutions per step
+    lr: float = 3e-4  # learning rate (head and backbone)
+    max_len: int = 128  # model context for new tiny models
+    eval_n: int = 200  # held-out prompts whose samples measure the step accuracy (0 = skip)
+    seed: int = 0  # seed of prompts, sampling and initialisation
+    threads: int = 2  # torch CPU threads
+    out_dir: str = "runs/prm"  # run folder: metrics.jsonl, summary.json, final/ (the process reward model)
+
+
+def prefix_labels(step_scores: list[tuple[int, float]], ends: list[int]) -> list[float]:
+    """Per step boundary (the character offset where the prefix ends, in order; the last one the whole text):
+    1.0 when every verifier step ending at or before it is right (the last boundary: every step)."""
+    out = [float(all(s == 1.0 for e, s in step_scores if e <= end)) for end in ends[:-1]]
+    return out + [float(all(s == 1.0 for _, s in step_scores))]
+
+
+def boundaries(text: str, separators: str) -> list[int]:
+    """The character offsets where steps end: before each separator (not at 0) and the end of the text."""
+    return [i for i, c in enumerate(text) if c in separators and i > 0] + [len(text)]
+
+
+def mc_labels(policy, task, example: dict, text: str, ends: list[int], *, k: int, max_new_tokens: int, seed: int):
+    """Math-Shepherd's hard estimate: 1.0 at a boundary when one of k continuations of the prefix (from the
+    policy) reaches the right answer; the last boundary: whether the text itself is right."""
+    prefixes = [text[:e] for e in ends[:-1]]
+    outs = completions(
+        policy, [example["prompt"] + p for p in prefixes], max_new_tokens=max_new_tokens, samples=k,
+        temperature=1.0, seed=seed,
+    ) if prefixes else []  # fmt: skip
+    got = [float(any(task.score(p + c, example) >= 1.0 for c in cs)) for p, cs in zip(prefixes, outs)]
+    return got + [float(task.score(text, example) >= 1.0)]
+
+
+def labelled(policy, task, examples, cfg: Config, seed: int) -> list[dict]:
+    """Solutions with their per-step labels: [{'prompt', 'text', 'labels'}] (labels in boundary order)."""
+    rng = random.Random(seed)
+    samples = completions(
+        policy, [e["prompt"] for e in examples], max_new_tokens=cfg.max_new_tokens, samples=cfg.samples_per_prompt,
+        temperature=cfg.temperature, seed=seed,
+    )  # fmt: skip
+    out = []
+    for i, (e, texts) in enumerate(zip(examples, samples)):
+        for text in [*texts, e["solution"], task.wrong_solution(e, rng)]:
+            if not text.strip():
+                continue
+            ends = boundaries(text, cfg.separators)
+            if cfg.labels == "verifier":
+                labels = prefix_labels(task.step_scores(text, e), ends)
+            else:
+                kw = dict(k=cfg.mc_rollouts, max_new_tokens=cfg.max_new_tokens, seed=seed + i)
+                labels = mc_labels(policy, task, e, text, ends, **kw)
+            out.append({"prompt": e["prompt"], "text": text, "labels": labels})
+    return out
+
+
+def encode(rm: RewardModel, rows: list[dict]):
+    """-> ids, attention mask, step mask (B, T) and the labels at the step mask's positions (N,)."""
+    tok = rm.tokenizer
+    seqs, step_rows, labels = [], [], []
+    for r in rows:
+        p = tok.encode(r["prompt"], add_special_tokens=True)
+        resp = tok.encode(r["text"], add_special_tokens=False) + [tok.eos_token_id]
+        mask = step_token_mask(tok, resp, rm.separators)
+        if sum(mask) != len(r["labels"]):  # a boundary the tokenizer merged away: the row is not usable
+            continue
+        seqs.append((p + resp, len(p)))
+        step_rows.append([0] * len(p) + mask)
+        labels += r["labels"]
+    ids, attn, _ = pad_batch(seqs, tok.pad_token_id)
+    steps = torch.zeros_like(ids)
+    for i, m in enumerate(step_rows):
+        steps[i, : len(m)] = torch.tensor(m)
+    return ids, attn, steps, torch.tensor(labels)
+
+
+@torch.no_grad()
+def step_accuracy(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> dict:
+    """Held-out: the fraction of step labels predicted right (probability 0.5), the balanced accuracy (the mean
+    of the right and the wrong steps' recall: 0.5 for a constant guess, whatever the label balance), and the
+    fraction of last steps (whether the whole solution is right) predicted right."""
+    preds, wants, lasts = [], [], []
+    for s in range(0, len(rows), batch_size):
+        ids, attn, steps, labels = encode(rm, rows[s : s + batch_size])
+        preds.append((rm.token_scores(ids, attn)[steps.bool()] > 0).float())  # row by row, boundaries in order
+        wants.append(labels.float())
+        lasts.append(steps.sum(1).cumsum(0) - 1 + sum(len(w) for w in wants[:-1]))  # each row's last boundary
+    pred, want, last = torch.cat(preds), torch.cat(wants), torch.cat(lasts)
+    recall = [float((pred[want == c] == c).float().mean()) if (want == c).any() else 1.0 for c in (0.0, 1.0)]
+    return {
+        "step_accuracy": float((pred == want).float().mean()),
+        "balanced_accuracy": sum(recall) / 2,
+        "outcome_accuracy": float((pred[last] == want[last]).float().mean()),
+        "steps": len(want),
+    }
+
+
+def train(cfg: Config, model=None) -> Result:
+    """model: optional Policy (backbone and the sampled policy)."""
+    check_config(cfg)
+    if cfg.labels not in LABELS:
+        raise ConfigError(f"--labels {cfg.labels!r}: must be one of {', '.join(LABELS)}")
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    task = make_task(cfg.task, policy.tokenizer, "no")
+    if not hasattr(task, "step_scores"):
+        raise ConfigError(f"mirl prm needs a task with a step verifier (the arith tasks); {cfg.task!r} has none")
+    t0 = time.perf_counter()
+    train_rows = labelled(policy, task, task.examples("train", cfg.n_prompts, cfg.seed), cfg, cfg.seed)
+    test_rows = (
+        labelled(policy, task, task.examples("test", cfg.eval_n, cfg.seed), cfg, cfg.seed + 1) if cfg.eval_n else []
+    )
+    label_s = time.perf_counter() - t0
+    positive = sum(sum(r["labels"]) for r in train_rows) / max(1, sum(len(r["labels"]) for r in train_rows))
+    console.print(f"prm: {len(train_rows)} labelled solutions ({positive:.2f} of steps right) in {label_s:.1f} s")
+    pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6))
+    rm = RewardModel(policy, "step", cfg.separators)
+    optimizer = make_optimizer(rm, cfg.lr, 0.0)
+    before = step_accuracy(rm.eval(), test_rows) if test_rows else {}
+    history = []
+    rm.train()
+    with (out / "metrics.jsonl").open("w") as log:
+        for step in range(cfg.steps):
+            idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
+            ids, attn, steps, labels = encode(rm, [train_rows[i] for i in idx])
+            logits = rm.token_scores(ids, attn)[steps.bool()]
+            # the classes weighted to balance (most sampled steps of a weak policy are wrong)
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "step_accuracy": float(((logits > 0) == labels).float().mean()),
+            }
+            history.append(row)
+            log.write(json.dumps(row) + "\n")
+            if (step + 1) % max(1, cfg.steps // 10) == 0:
+                console.print(f"prm step {step + 1}/{cfg.steps} loss={row['loss']:.4g}")
+    after = step_accuracy(rm.eval(), test_rows) if test_rows else {}
+    rm.save(out / "final")
+    summary = {"before": before, "after": after, "labelled": len(train_rows), "positive_frac": positive,
+               "label_seconds": label_s, "config": asdict(cfg)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(f"prm: held-out {after}")
+    return Result(rm, history, summary)
