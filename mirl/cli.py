@@ -28,7 +28,11 @@ COMMANDS = {
         "train",
         "on-policy distillation: reverse KL / JSD to a teacher on the student's samples",
     ),
-    "iterate": ("mirl.recipes.iterate", "train", "iterative SFT <-> RL: rejection-sampled SFT, then GRPO, N rounds"),
+    "iterate": (
+        "mirl.experiments.iterate",
+        "train",
+        "iterative SFT <-> RL: rejection-sampled SFT then GRPO, N rounds",
+    ),
     "prm": ("mirl.recipes.prm", "train", "process reward model on step labels (verifier or Monte-Carlo rollouts)"),
     "rm": ("mirl.recipes.reward_model", "train", "Bradley-Terry reward model on preference pairs"),
     "eval": ("mirl.eval", "run", "held-out accuracy and pass@k on a task"),

@@ -3,7 +3,7 @@
 import json
 
 from mirl.cli import main
-from mirl.recipes.iterate import verified_samples
+from mirl.experiments.iterate import verified_samples
 
 
 def test_verified_samples_keep_only_what_the_verifier_accepts():

@@ -20,10 +20,10 @@ from ..data.tasks import make_task
 from ..eval import evaluate
 from ..logging import console
 from ..options import ConfigError
+from ..recipes import grpo, sft
+from ..recipes.common import build_policy
+from ..recipes.run import Result
 from ..rollout.score import completions
-from . import grpo, sft
-from .common import build_policy
-from .run import Result
 
 
 @dataclass
