@@ -37,18 +37,15 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def step_token_mask(tokenizer, response_ids: list[int], separators: str) -> list[int]:
     """1 on the response tokens that end a step: the token before each separator character (the step's last
-    character) and the last token; the characters of each token from decoding it alone (exact for character
-    and byte-level vocabularies on ASCII text)."""
-    text_ends = torch.tensor([len(tokenizer.decode([t], skip_special_tokens=True)) for t in response_ids]).cumsum(0)
+    character) and the last token (models/tokenizer.py: tokens_at_chars)."""
+    from .tokenizer import tokens_at_chars
+
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    ends = {i for i, c in enumerate(text) if c in separators and i > 0}  # a step's text ends before position i
+    ends = [i for i, c in enumerate(text) if c in separators and i > 0]  # a step's text ends before position i
     mask = [0] * len(response_ids)
-    for e in ends:
-        t = int(torch.searchsorted(text_ends, e, right=False))  # the first token whose text reaches e chars
-        if t < len(mask):
+    if response_ids:
+        for t in [*tokens_at_chars(tokenizer, response_ids, ends), len(response_ids) - 1]:
             mask[t] = 1
-    if mask:
-        mask[-1] = 1
     return mask
 
 

@@ -16,6 +16,19 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
+def tokens_at_chars(tokenizer, ids: list[int], offsets: list[int]) -> list[int]:
+    """For each character offset e of the decoded text, the first token whose text reaches e characters (the
+    token holding character e - 1), clamped to the last token; each token's characters from decoding it alone
+    (exact for character and byte-level vocabularies on ASCII text: the step verifiers' tasks)."""
+    import torch
+
+    if not ids:
+        return [0 for _ in offsets]
+    ends = torch.tensor([len(tokenizer.decode([t], skip_special_tokens=True)) for t in ids]).cumsum(0)
+    at = torch.searchsorted(ends, torch.tensor(offsets, dtype=ends.dtype), right=False)
+    return at.clamp(max=len(ids) - 1).tolist()
+
+
 class CharTokenizer:
     """A character-level tokenizer for the built-in tasks, with pad, BOS, EOS, unknown and image tokens."""
 

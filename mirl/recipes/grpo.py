@@ -45,6 +45,7 @@ from ..losses.policy import (
     rollout_correction,
     top_entropy_mask,
 )
+from ..models.tokenizer import tokens_at_chars
 from ..optim import make_optimizer
 from ..options import ConfigError
 from ..rollout.engine import make_engine
@@ -198,10 +199,7 @@ def step_advantages(task, sb, group_size: int, tokenizer) -> torch.Tensor:
     for i, (text, example) in enumerate(zip(sb.batch.texts, sb.examples)):
         steps = task.step_scores(text, example)
         ids = sb.batch.response_ids[i][sb.batch.response_mask[i].bool()].tolist()
-        # each token's characters, decoded one token at a time (exact for character and byte-level vocabularies
-        # on ASCII text, the step verifiers' tasks)
-        lengths = torch.tensor([len(tokenizer.decode([t], skip_special_tokens=True)) for t in ids]).cumsum(0).tolist()
-        ends.append([next((t for t, n in enumerate(lengths) if n >= e), max(0, len(ids) - 1)) for e, _ in steps])
+        ends.append(tokens_at_chars(tokenizer, ids, [e for e, _ in steps]))
         rewards.append([r for _, r in steps])
     return process_advantages(rewards, ends, group_size, sb.batch.response_ids.shape[1])
 
