@@ -99,12 +99,27 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
     assert numbers["seconds"] < 180
     if name == "rft-compare":
         runs = numbers["runs"]
-        assert {r["method"] for r in runs} == {"sft", "grpo", "dr_grpo", "dapo", "ppo", "online_dpo", "online_mio"}
+        from mirl.experiments import Config
+
+        assert {r["method"] for r in runs} == set(Config().methods.split(","))
         for r in runs:
             for run in r["runs"]:
                 ev = run["evals"]
                 assert len(ev) >= 2 and ev[0]["train_s"] == 0 and ev[-1]["samples"] > 0
+                assert ev[-1]["tokens"] >= ev[-1]["samples"]  # every response has a token at least
                 assert ev[-1]["train_s"] < numbers["budget_s"] + 5  # evaluations are not counted
+
+
+def test_rft_compare_equal_samples_budget(tmp_path):
+    """--budget-samples: every method stops after the same samples (SFT: training examples), whatever its
+    speed: 256 = two GRPO/PPO/online steps of 8 x 16, four SFT steps of 64."""
+    args = ["experiment", "rft-compare", "--quick", "--budget-samples", "1", "--tasks", "arith"]
+    assert main(args + ["--methods", "sft,grpo,ppo,online_mio", "--out-dir", str(tmp_path)]) == 0
+    numbers = json.loads((tmp_path / "rft-compare" / "results.json").read_text())
+    assert numbers["budget_samples"] == 256 and numbers["budget_s"] == 0
+    got = {r["method"]: (r["steps"][0], r["samples"][0]) for r in numbers["runs"]}
+    assert got == {"sft": (4, 256), "grpo": (2, 256), "ppo": (2, 256), "online_mio": (2, 256)}
+    assert main(["experiment", "rft-compare", "--budget-s", "0", "--out-dir", str(tmp_path)]) == 2
 
 
 def test_every_run_writes_a_report_with_sample_completions(tmp_path):

@@ -1,24 +1,27 @@
-"""`mirl experiment rft-compare`: which fine-tuning method, at an equal wall-clock budget?
+"""`mirl experiment rft-compare`: which fine-tuning method, at an equal budget?
 
-SFT (more steps on the worked solutions), GRPO, Dr. GRPO, DAPO, PPO, online DPO and online MIO, each from
-the same weak SFT start, on the arithmetic task (tiny GPT) and the visual digit task (tiny VLM), for each
-seed. Every run gets the same training seconds (held-out evaluations are not counted) and is evaluated
-greedily every budget/3 seconds. Runs go two at a time in separate processes with one thread each (the
-machine has two cores), so each method gets one core for the same time.
+SFT (more steps on the worked solutions), GRPO and its variants, PPO, online DPO and online MIO, each from the
+same weak SFT start, on the arithmetic task (tiny GPT) and the visual digit task (tiny VLM), for each seed.
+Every run gets the same training seconds (held-out evaluations are not counted; evaluated greedily every
+budget/3 seconds), or with --budget-samples the same number of samples (evaluated every third of its steps).
+Runs go two at a time in separate processes with one thread each (the machine has two cores), so each method
+gets one core for the same time.
 
-RL methods share one learning rate and temperature per task (those of examples/<task>/grpo.yaml).
-"Samples" are sampled completions for the RL methods and training examples for SFT.
+RL methods share one learning rate, temperature, group size (8) and prompts per step (16) per task (those of
+examples/<task>/grpo.yaml). "Samples" are sampled completions for the RL methods and training examples for
+SFT; "tokens" are the sampled response tokens (SFT: the completion tokens trained on).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 from ..logging import console
-from .common import cached_sft, fmt, markdown_table, mean_std, plot_curve_grid, write_outputs
+from .common import cached_sft, markdown_table, mean_std, plot_curve_grid, write_outputs
 
 TASKS = {  # start model, RL settings per task
     "arith": {
@@ -38,39 +41,77 @@ TASKS = {  # start model, RL settings per task
         "temperature": 0.3,
     },
 }
-METHODS = ("sft", "grpo", "dr_grpo", "dapo", "ppo", "online_dpo", "online_mio")
+METHODS = (
+    "sft",
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "grpo_2x2",
+    "cispo",
+    "sapo",
+    "gdpo",
+    "reinforce_pp_baseline",
+    "pass_rate",
+    "ppo",
+    "online_dpo",
+    "online_mio",
+)
+GROUP, PROMPTS, SFT_BATCH = 8, 16, 64  # responses per prompt, prompts per step; SFT examples per step
+OFF_POLICY = dict(num_iterations=2, minibatches=2)  # where the policy-loss variants differ from each other
 
 
-def method_config(method: str, task: str, start: str, seed: int, budget: float, eval_n: int, out: str):
-    """The recipe config of one method: (recipe module name, Config)."""
+def samples_per_step(method: str) -> int:
+    """Samples one step draws (SFT: training examples); DAPO's refills draw more, counted in its results."""
+    return SFT_BATCH if method == "sft" else GROUP * PROMPTS
+
+
+def method_config(
+    method: str, task: str, start: str, seed: int, budget: float, eval_n: int, out: str, budget_samples: int = 0
+):
+    """The recipe config of one method: (recipe module name, Config). budget_samples > 0: that many samples
+    (steps = budget_samples / samples per step) instead of `budget` seconds."""
     from ..recipes import grpo, online, ppo, sft
 
     t = TASKS[task]
+    if budget_samples > 0:
+        steps = max(1, math.ceil(budget_samples / samples_per_step(method)))
+        clock = dict(steps=steps, time_budget_s=0.0, eval_every=max(1, steps // 3))
+    else:
+        clock = dict(steps=100000, time_budget_s=budget, eval_every_s=budget / 3)
     common = dict(
         model=str(start),
         task=task,
         seed=seed,
         threads=1,
         out_dir=out,
-        time_budget_s=budget,
         eval_n=eval_n,
-        eval_every_s=budget / 3,
         max_new_tokens=t["max_new_tokens"],
         report=False,
+        **clock,
     )
-    rl = dict(common, lr=t["rl_lr"], temperature=t["temperature"], steps=100000)
+    rl = dict(common, lr=t["rl_lr"], temperature=t["temperature"])
+    g = dict(rl, group_size=GROUP, prompts_per_step=PROMPTS)
+    variants = {
+        "grpo": {},
+        "dr_grpo": dict(loss_agg="dr_grpo", scale_rewards="none"),
+        "dapo": dict(loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True),
+        "grpo_2x2": OFF_POLICY,
+        "cispo": dict(OFF_POLICY, policy_loss="cispo"),
+        "sapo": dict(OFF_POLICY, policy_loss="sapo"),
+        "gdpo": dict(reward="task:1,format:0.1", reward_aggregation="normalize_then_sum"),
+        "reinforce_pp_baseline": dict(advantage="reinforce_pp_baseline"),
+        "pass_rate": dict(prompt_sampler="pass-rate"),
+    }
     if method == "sft":
-        return "sft", sft.Config(**common, steps=100000, lr=1e-3, warmup_steps=0, max_len=t["max_len"], n_train=5000)
-    if method == "grpo":
-        return "grpo", grpo.Config(**rl)
-    if method == "dr_grpo":
-        return "grpo", grpo.Config(**rl, loss_agg="dr_grpo", scale_rewards="none")
-    if method == "dapo":
-        return "grpo", grpo.Config(**rl, loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True)
+        return "sft", sft.Config(
+            **common, lr=1e-3, warmup_steps=0, max_len=t["max_len"], n_train=5000, batch_size=SFT_BATCH
+        )
+    if method in variants:
+        return "grpo", grpo.Config(**g, **variants[method])
     if method == "ppo":
-        return "ppo", ppo.Config(**rl, samples_per_prompt=8, prompts_per_step=16)
+        return "ppo", ppo.Config(**rl, samples_per_prompt=GROUP, prompts_per_step=PROMPTS)
     if method in ("online_dpo", "online_mio"):
-        return "online", online.Config(**rl, loss=method.split("_")[1], k=8, prompts_per_step=16)
+        return "online", online.Config(**rl, loss=method.split("_")[1], k=GROUP, prompts_per_step=PROMPTS)
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
@@ -78,8 +119,8 @@ def run_one(job: tuple) -> dict:
     """One method x task x seed in its own process: -> its evaluations and counts."""
     import importlib
 
-    method, task, start, seed, budget, eval_n, out = job
-    recipe, cfg = method_config(method, task, start, seed, budget, eval_n, out)
+    method, task, start, seed, budget, eval_n, out, budget_samples = job
+    recipe, cfg = method_config(method, task, start, seed, budget, eval_n, out, budget_samples)
     t0 = time.time()
     res = importlib.import_module(f"mirl.recipes.{recipe}").train(cfg)
     evals = res.summary.get("evals", [])
@@ -89,12 +130,19 @@ def run_one(job: tuple) -> dict:
         "seed": seed,
         "steps": res.summary["steps"],
         "wall_s": time.time() - t0,
-        "evals": [{k: e[k] for k in ("step", "accuracy", "train_s", "samples")} for e in evals],
+        "evals": [{k: e[k] for k in ("step", "accuracy", "train_s", "samples", "tokens")} for e in evals],
     }
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (std / sqrt(n); 0 for one value)."""
+    m, sd = mean_std(values)
+    n = len([v for v in values if v == v])
+    return m, sd / math.sqrt(n) if n else float("nan")
+
+
 def run(cfg, seeds: list[int]) -> dict:
-    """Every RFT method at the same wall-clock budget from the same SFT start, per task and seed."""
+    """Every RFT method at the same budget (seconds, or samples) from the same SFT start, per task and seed."""
     from ..recipes import sft
 
     t_start = time.time()
@@ -104,12 +152,19 @@ def run(cfg, seeds: list[int]) -> dict:
     methods = [s.strip() for s in cfg.methods.split(",") if s.strip()]
     for name in tasks:
         if name not in TASKS:
-            raise ValueError(f"rft-compare tasks: {', '.join(TASKS)} (got {name!r})")
+            raise ValueError(f"rft-compare --tasks: {', '.join(TASKS)} (got {name!r})")
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"rft-compare methods: {', '.join(METHODS)} (got {m!r})")
+            raise ValueError(f"rft-compare --methods: {', '.join(METHODS)} (got {m!r})")
+    if cfg.budget_samples < 0 or (cfg.budget_s <= 0 and not cfg.budget_samples):
+        raise ValueError(
+            f"rft-compare needs a budget: --budget-s > 0 or --budget-samples > 0 "
+            f"(got {cfg.budget_s:g} and {cfg.budget_samples})"
+        )
     seeds = seeds[:1] if q else seeds[: cfg.rft_seeds]
+    by_samples = cfg.budget_samples > 0
     budget = 5.0 if q else cfg.budget_s
+    budget_samples = (256 if q else cfg.budget_samples) if by_samples else 0
     eval_n = 50 if q else 200
     starts = {}
     for name in tasks:  # the weak SFT start of each task (cached)
@@ -132,33 +187,40 @@ def run(cfg, seeds: list[int]) -> dict:
             )
         )
     jobs = [
-        (m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"))
+        (m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"), budget_samples)
         for name in tasks
         for s in seeds
         for m in methods
     ]
-    console.print(f"rft-compare: {len(jobs)} runs of {budget:g} s training each, {cfg.workers} at a time")
+    what = f"{budget_samples} samples" if by_samples else f"{budget:g} s of training"
+    console.print(f"rft-compare: {len(jobs)} runs of {what} each, {cfg.workers} at a time")
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(run_one, jobs))
 
     panels, rows, numbers = [], [], []
     for name in tasks:
-        for axis, label in (("train_s", "training seconds"), ("samples", "samples (SFT: training examples)")):
+        for axis, label in (
+            ("train_s", "training seconds"),
+            ("samples", "samples (SFT: training examples)"),
+            ("tokens", "sampled tokens (SFT: trained)"),
+        ):
             lines = {}
             for m in methods:
                 rs = [r for r in results if r["task"] == name and r["method"] == m]
                 n = min(len(r["evals"]) for r in rs)
                 xs = [sum(r["evals"][i][axis] for r in rs) / len(rs) for i in range(n)]
-                ms = [mean_std([r["evals"][i]["accuracy"] for r in rs]) for i in range(n)]
+                ms = [mean_se([r["evals"][i]["accuracy"] for r in rs]) for i in range(n)]
                 lines[m] = (xs, [a for a, _ in ms], [b for _, b in ms])
             panels.append({"title": f"{name}: held-out accuracy vs {label}", "xlabel": label, "lines": lines})
         for m in methods:
             rs = [r for r in results if r["task"] == name and r["method"] == m]
-            a0 = mean_std([r["evals"][0]["accuracy"] for r in rs])
-            a1 = mean_std([r["evals"][-1]["accuracy"] for r in rs])
-            gain = mean_std([r["evals"][-1]["accuracy"] - r["evals"][0]["accuracy"] for r in rs])
+            a0 = mean_se([r["evals"][0]["accuracy"] for r in rs])
+            a1 = mean_se([r["evals"][-1]["accuracy"] for r in rs])
+            gain = mean_se([r["evals"][-1]["accuracy"] - r["evals"][0]["accuracy"] for r in rs])
             steps = mean_std([r["steps"] for r in rs])
             samples = mean_std([r["evals"][-1]["samples"] for r in rs])
+            tokens = mean_std([r["evals"][-1]["tokens"] for r in rs])
+            train_s = mean_std([r["evals"][-1]["train_s"] for r in rs])
             numbers.append(
                 {
                     "task": name,
@@ -168,6 +230,8 @@ def run(cfg, seeds: list[int]) -> dict:
                     "gain": gain,
                     "steps": steps,
                     "samples": samples,
+                    "tokens": tokens,
+                    "train_s": train_s,
                     "runs": rs,
                 }
             )
@@ -177,22 +241,34 @@ def run(cfg, seeds: list[int]) -> dict:
                     m,
                     f"{a0[0]:.3f}",
                     f"{a1[0]:.3f} ± {a1[1]:.3f}",
-                    fmt(*gain, digits=3),
+                    f"{gain[0]:+.3f} ± {gain[1]:.3f}",
                     f"{steps[0]:.0f}",
                     f"{samples[0]:.0f}",
+                    f"{tokens[0]:.0f}",
+                    f"{train_s[0]:.0f}",
                 ]
             )
     png = plot_curve_grid(
         panels,
         out / "rft_compare.png",
-        ncols=2,
-        title=f"rft-compare: {budget:g} s of training per run (1 thread), {len(seeds)} seed(s)",
+        ncols=3,
+        title=f"rft-compare: {what} per run (1 thread), {len(seeds)} seed(s), mean ± s.e.",
     )
     table = (
-        f"{budget:g} s of training per run (evaluations excluded), one thread each, held-out greedy "
-        f"accuracy on {eval_n} prompts, {len(seeds)} seed(s) (mean ± std).\n\n"
-        + markdown_table(["task", "method", "accuracy start", "accuracy end", "gain", "steps", "samples"], rows)
+        f"{what} per run (evaluations excluded), one thread each, {cfg.workers} runs at a time, held-out greedy "
+        f"accuracy on {eval_n} prompts, {len(seeds)} seed(s) (mean ± standard error over seeds; steps, samples, "
+        "tokens and training seconds: means).\n\n"
+        + markdown_table(
+            ["task", "method", "accuracy start", "accuracy end", "gain", "steps", "samples", "tokens", "train s"], rows
+        )
     )
     console.print(table)
-    numbers = {"budget_s": budget, "eval_n": eval_n, "seeds": seeds, "runs": numbers, "seconds": time.time() - t_start}
+    numbers = {
+        "budget_s": 0.0 if by_samples else budget,
+        "budget_samples": budget_samples,
+        "eval_n": eval_n,
+        "seeds": seeds,
+        "runs": numbers,
+        "seconds": time.time() - t_start,
+    }
     return write_outputs(out, "rft-compare", numbers, table, [png]) | {"seconds": numbers["seconds"]}

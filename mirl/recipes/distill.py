@@ -205,7 +205,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             generator=gen,
             seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
         )
-        run.samples += len(sb.batch.texts)
+        run.count_samples(sb)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- the divergence to the teacher on the student's tokens, a token mean over all ranks' tokens

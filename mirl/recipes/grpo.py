@@ -480,7 +480,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
         groups = sample_groups(policy, data, reward_set, step=step, engine=engine, sampler=sampler, **groups_of)
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
-        run.samples += groups.samples
+        for sb, _ in groups.rounds:  # every round's responses count, refills included
+            run.count_samples(sb)
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills
         # -- advantages, then the update: num_iterations passes x minibatches

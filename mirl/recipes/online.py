@@ -240,7 +240,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         seeds = row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None
         sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, seeds=seeds, **sampling)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
-        run.samples += len(sb.batch.texts)
+        run.count_samples(sb)
         # -- outcomes: groups with both a positive and a negative are usable; the others are counted
         outcomes = group_outcomes(sb.rewards, cfg.k, cfg.positive_threshold)
         usable, step_counts = usable_groups(outcomes)

@@ -342,7 +342,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
             engine=engine,
         )
-        run.samples += len(sb.batch.texts)
+        run.count_samples(sb)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs

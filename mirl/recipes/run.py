@@ -206,8 +206,14 @@ class Run:
         )
         self.history: list[dict] = []
         self.evals: list[dict] = evals if evals is not None else []
-        self.samples = 0  # responses sampled so far (online recipes)
+        self.samples = 0  # responses sampled so far (online recipes; SFT: training examples)
+        self.tokens = 0  # response tokens sampled so far (SFT: completion tokens trained on)
         self.t_train = time.perf_counter()
+
+    def count_samples(self, scored) -> None:
+        """Add a scored rollout's responses and their tokens to the run's counts (this rank's)."""
+        self.samples += len(scored.batch.texts)
+        self.tokens += int(scored.batch.response_mask.sum())
 
     def train_seconds(self) -> float:
         """Seconds since training began, less the time spent in held-out evaluations."""
@@ -373,6 +379,7 @@ def held_out_accuracy(
             "mean_score": res.mean_score,
             "train_s": train_s,
             "samples": 0 if run is None else run.samples,
+            "tokens": 0 if run is None else run.tokens,
             "eval_s": 0.0 if run is None else time.perf_counter() - t0,
             **(res.details or {}),
         }

@@ -201,6 +201,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         micro = [(*pad_batch(c, tok.pad_token_id), batch_images(c)) for c in chunks]
         # global divisor over micro-batches and ranks: exact accumulation and exact DDP
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
+        run.tokens += n_tokens
         total_loss = 0.0
         for ids, attn, resp, images in micro:
             with autocast(policy, cfg.bf16):

@@ -62,7 +62,6 @@ class Groups:
     zero_signal: int  # groups whose rewards were all equal (or unscorable), over all rounds
     gen_s: float
     score_s: float
-    samples: int  # responses drawn
 
     @property
     def metrics(self) -> dict:
@@ -94,7 +93,7 @@ def sample_groups(
     ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
     (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py); sampler:
     which prompts each round draws and the pass-rate tracker it feeds (rollout/prompts.py; default uniform)."""
-    rounds, gen_s, score_s, samples, zero = [], 0.0, 0.0, 0, 0
+    rounds, gen_s, score_s, zero = [], 0.0, 0.0, 0
     while True:
         batch_id = step * (max_refills + 1) + len(rounds)
         idx = sampler.indices(batch_id, step) if sampler else batch_indices(len(data), prompts_per_step, batch_id, seed)
@@ -113,10 +112,10 @@ def sample_groups(
         )
         if sampler is not None:
             sampler.observe([idx[i] for i in mine], sb.rewards, group_size)
-        gen_s, score_s, samples = gen_s + sb.gen_s, score_s + sb.score_s, samples + len(sb.batch.texts)
+        gen_s, score_s = gen_s + sb.gen_s, score_s + sb.score_s
         signal = groups_with_signal(sb.rewards, group_size)  # (P_round,)
         zero += int((~signal).sum())
         rounds.append((sb, signal))
         kept = sum(int(s.sum()) for _, s in rounds) * dist.world_size()
         if not dynamic or kept >= prompts_per_step or len(rounds) > max_refills:
-            return Groups(rounds, len(rounds) - 1, zero, gen_s, score_s, samples)
+            return Groups(rounds, len(rounds) - 1, zero, gen_s, score_s)
