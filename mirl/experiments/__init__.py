@@ -5,7 +5,7 @@
     mirl experiment rft-compare [--quick]                   # SFT, GRPO and its variants, PPO, online DPO / MIO
 
 Output: <out_dir>/<name>/{results.json, summary.md, *.png}. --quick is the CI size (at most 3 minutes on
-a 2-core CPU); the full sizes take 5-15 minutes, rft-compare's about 100 (docs/results.md).
+a 2-core CPU); the full sizes take 5-15 minutes, rft-compare's about 130 (docs/results.md).
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class Config:
     # starvation
     starve_steps: int = 200  # steps per method
     # rft-compare
-    budget_s: float = 180.0  # wall-clock training budget per method, task and seed (evaluations excluded)
+    budget_s: float = 240.0  # wall-clock training budget per method, task and seed (evaluations excluded)
     budget_samples: int = 0  # instead an equal-samples budget: each run stops after this many samples (0 = off)
     workers: int = 2  # rft-compare: runs at a time (separate processes, one thread each)
-    rft_seeds: int = 3  # rft-compare: how many of --seeds to run (3 x 10 methods x 2 tasks: about 100 minutes)
+    rft_seeds: int = 3  # rft-compare: how many of --seeds to run (3 x 10 methods x 2 tasks: about 130 minutes)
     tasks: str = "arith,digits"  # tasks compared
     methods: str = "sft,grpo,ppo,online_dpo,online_mio,cispo,sapo,gdpo,reinforce_pp_baseline,pass_rate"  # also:
     # dr_grpo, dapo, grpo_2x2 (GRPO's clipped loss with the two passes x two minibatches that cispo and sapo use)
