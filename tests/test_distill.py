@@ -52,28 +52,23 @@ def test_divergence_is_zero_at_the_teacher_and_its_gradient_reaches_the_student_
 
 @pytest.fixture(scope="module")
 def teacher_and_student(tmp_path_factory):
-    """A gpt-micro teacher trained longer on 1-digit addition and a weak gpt-nano student."""
+    """A gpt-micro teacher trained longer on sums of up to two digits and a weak gpt-nano student. arith:2, not
+    arith:1: the held-out split of arith:1 has 16 distinct pairs, too few for a steady accuracy (docs/rl.md)."""
     from mirl.recipes import sft
 
     out = tmp_path_factory.mktemp("distill")
-    common = dict(task="arith:1", n_train=400, batch_size=32, eval_n=0, threads=2, report=False)
+    common = dict(task="arith:2", n_train=400, batch_size=32, eval_n=0, threads=2, report=False)
     sft.train(sft.Config(model="gpt-micro", steps=150, out_dir=str(out / "teacher"), **common))
     sft.train(sft.Config(model="gpt-nano", steps=40, out_dir=str(out / "student"), **common))
     return out / "teacher" / "final", out / "student" / "final"
 
 
-@pytest.mark.xfail(
-    reason="open defect, 2026-12-02 13:00: in this session's fresh environment the student's greedy held-out "
-    "accuracy stays 0.07 -> 0.07 (sampled reward 0.125 -> 0.5, divergence 1.12 -> 0.3), also at 682663e where "
-    "it passed in the morning's CI; not yet understood",
-    strict=False,
-)
 def test_distill_moves_the_student_towards_the_teacher(teacher_and_student, tmp_path):
     from mirl.recipes import distill
 
     teacher, student = teacher_and_student
     cfg = distill.Config(
-        model=str(student), teacher=str(teacher), task="arith:1", steps=150, prompts_per_step=32, lr=2e-3,
+        model=str(student), teacher=str(teacher), task="arith:2", steps=150, prompts_per_step=32, lr=2e-3,
         max_new_tokens=16, eval_n=100, threads=2, report=False, out_dir=str(tmp_path / "d"),
     )  # fmt: skip
     res = distill.train(cfg)
@@ -83,6 +78,7 @@ def test_distill_moves_the_student_towards_the_teacher(teacher_and_student, tmp_
     assert last < 0.7 * first, (first, last)  # the divergence to the teacher on the student's own samples falls
     before, after = res.summary["evals"][0]["accuracy"], res.summary["evals"][-1]["accuracy"]
     teacher_acc = res.summary["teacher_evals"][0]["accuracy"]
+    # measured over seeds 0-3: 0.05 -> 0.23, 0.01 -> 0.38, 0.05 -> 0.31, 0.03 -> 0.35 (teacher 0.52-0.64)
     assert after > before + 0.1 and teacher_acc > before, (before, after, teacher_acc)
 
 

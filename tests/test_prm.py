@@ -32,13 +32,15 @@ def sft_dir(tmp_path_factory):
 def test_prm_learns_step_labels_and_serves_as_a_reward(sft_dir, tmp_path):
     from mirl.recipes import grpo
 
-    cfg = prm.Config(model=str(sft_dir), task="arith:1", steps=300, n_prompts=256, eval_n=100, threads=2,
+    # arith:2, not arith:1: the held-out split of arith:1 has 16 distinct pairs, too few for a steady score (on
+    # arith:1 seeds 0-3 measured 0.69, 0.52, 0.57, 0.51); on arith:2 0.754, 0.813, 0.771, 0.763 (from 0.48-0.56)
+    cfg = prm.Config(model=str(sft_dir), task="arith:2", steps=300, n_prompts=256, eval_n=100, threads=2,
                      out_dir=str(tmp_path / "prm"))  # fmt: skip
     res = prm.train(cfg)
     before, after = res.summary["before"]["balanced_accuracy"], res.summary["after"]["balanced_accuracy"]
     assert 0.15 < res.summary["positive_frac"] < 0.85  # the worked and wrong solutions: both labels present
     print("prm balanced step accuracy", before, after, res.summary["after"])
-    assert after > 0.65 and after > before + 0.1, (before, after)  # a constant guess scores 0.5; measured 0.69
+    assert after > 0.7 and after > before + 0.15, (before, after)  # a constant guess scores 0.5
     out = grpo.train(
         grpo.Config(
             model=str(sft_dir),
