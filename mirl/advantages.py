@@ -159,19 +159,53 @@ def reinforce_pp(rewards: Tensor, lengths: Tensor, group_size: int = 0, eps: flo
 
 
 def process_advantages(
-    step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int, width: int, eps: float = 1e-4
+    step_rewards: list[list[float]],
+    step_ends: list[list[int]],
+    group_size: int,
+    width: int,
+    eps: float = 1e-4,
+    baseline: str = "position",
 ) -> Tensor:
     """Per response i (rows of one prompt adjacent): its steps' rewards r_ik and the response-token index where
-    each step ends. Within a group every step reward is normalised, r~ = (r - mean) / (std + eps) over all the
-    group's steps; token t of response i gets sum_k r~_ik over the steps with end >= t (its return-to-go);
-    tokens after the last step get 0. -> advantages (B, width)."""
+    each step ends. Each step reward is normalised within its group, r~ = (r - mean) / (std + eps), and token t
+    of response i gets sum_k r~_ik over the steps with end >= t (its return-to-go); tokens after the last step
+    get 0. -> advantages (B, width).
+    baseline "group": mean and std over all the group's steps (DeepSeekMath's process supervision); on arith
+    it collapsed (docs/rl.md: the advantages average below 0 per token, shorter answers win).
+    baseline "position" (the default): step k against the group's k-th steps, and the last step (the outcome)
+    against the group's last steps, so the normalised rewards of each step position sum to 0 over the group
+    whatever the responses' step counts. Steps that all agree, or a position only one response reaches, get 0."""
+    if baseline not in ("group", "position"):
+        raise ValueError(f"baseline {baseline!r}: must be group or position")
     out = torch.zeros(len(step_rewards), width)
+
+    def normalised(values: list[float]) -> Tensor:
+        x = torch.tensor(values, dtype=torch.float32)
+        if x.numel() < 2 or bool((x == x[0]).all()):
+            return torch.zeros_like(x)  # one step or all equal: no signal
+        return (x - x.mean()) / (x.std() + eps)
+
     for g in range(0, len(step_rewards), group_size):
-        flat = torch.tensor([r for i in range(g, g + group_size) for r in step_rewards[i]], dtype=torch.float32)
-        if flat.numel() == 0:
+        rows = range(g, g + group_size)
+        if not any(step_rewards[i] for i in rows):
             continue
-        mean, std = flat.mean(), (flat.std() if flat.numel() > 1 else torch.tensor(0.0))
-        for i in range(g, g + group_size):
-            for r, end in zip(step_rewards[i], step_ends[i]):
-                out[i, : min(end, width - 1) + 1] += (r - mean) / (std + eps)
+        if baseline == "group":
+            flat = normalised([r for i in rows for r in step_rewards[i]]).tolist()
+            norm = {}
+            for i in rows:
+                norm[i], flat = flat[: len(step_rewards[i])], flat[len(step_rewards[i]) :]
+        else:
+            # key of step k of response i: its index, or "last" for the final step
+            key = lambda i, k: "last" if k == len(step_rewards[i]) - 1 else k
+            members: dict = {}
+            for i in rows:
+                for k in range(len(step_rewards[i])):
+                    members.setdefault(key(i, k), []).append((i, k))
+            norm = {i: [0.0] * len(step_rewards[i]) for i in rows}
+            for cells in members.values():
+                for (i, k), v in zip(cells, normalised([step_rewards[i][k] for i, k in cells]).tolist()):
+                    norm[i][k] = v
+        for i in rows:
+            for v, end in zip(norm[i], step_ends[i]):
+                out[i, : min(end, width - 1) + 1] += v
     return out

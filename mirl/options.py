@@ -140,6 +140,7 @@ RULES = {
     "advantage": _one_of("group", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
     "reward_aggregation": _one_of("sum_then_normalize", "normalize_then_sum"),
     "policy_loss": _one_of("clip", "dual_clip", "cispo", "sapo"),
+    "step_baseline": _one_of("group", "position"),
     "engine": _one_of("local", "vllm"),
     "vllm_memory": _float_in(0.0, 1.0, lo_open=True),
     "is_correction": _one_of("auto", "none", "token", "sequence"),

@@ -479,15 +479,34 @@ def test_process_advantages_by_hand_and_through_grpo(tmp_path):
     from mirl.options import ConfigError
     from mirl.recipes import grpo
 
-    # one group of two: step rewards [1, 1] and [1, 0], steps ending at tokens 2 and 5; over the group's four
-    # steps mean 0.75, std 0.5 (Bessel): a right step is worth 0.25 / 0.5 = 0.5, a wrong one -1.5
-    adv = process_advantages([[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], group_size=2, width=7, eps=0.0)
+    # baseline "group", one group of two: step rewards [1, 1] and [1, 0], steps ending at tokens 2 and 5; over
+    # the group's four steps mean 0.75, std 0.5 (Bessel): a right step is worth 0.25 / 0.5 = 0.5, a wrong one -1.5
+    adv = process_advantages(
+        [[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], group_size=2, width=7, eps=0.0, baseline="group"
+    )
     torch.testing.assert_close(adv[0], torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]))
     torch.testing.assert_close(adv[1], torch.tensor([-1.0, -1.0, -1.0, -1.5, -1.5, -1.5, 0.0]))
-    assert torch.equal(process_advantages([[1.0], [1.0]], [[1], [1]], 2, 3), torch.zeros(2, 3))  # no signal
+    for baseline in ("group", "position"):  # no signal
+        assert torch.equal(process_advantages([[1.0], [1.0]], [[1], [1]], 2, 3, baseline=baseline), torch.zeros(2, 3))
+    # baseline "position": step k against the group's step k, the last step against the last steps. Same group:
+    # the first steps agree (0); the last ones are 1 and 0, mean 0.5, std 0.7071 (Bessel): +-0.7071
+    r = 0.5**0.5
+    adv = process_advantages([[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], 2, 7, eps=0.0, baseline="position")
+    torch.testing.assert_close(adv, torch.tensor([[r] * 6 + [0.0], [-r] * 6 + [0.0]]))
+    # unequal step counts [0, 1, 0] and [1, 1]: step 0 -> -r, +r; step 1 only in the first response -> 0; the
+    # last steps (0 and 1) -> -r, +r. Ends [1, 3, 5] and [1, 4]
+    adv = process_advantages([[0.0, 1.0, 0.0], [1.0, 1.0]], [[1, 3, 5], [1, 4]], 2, 6, eps=0.0, baseline="position")
+    want = torch.tensor([[-2 * r] * 2 + [-r] * 4, [2 * r] * 2 + [r] * 3 + [0.0]])
+    torch.testing.assert_close(adv, want)
+    assert float(adv.sum(0)[:2].abs().max()) < 1e-6  # tokens before every step: the group's advantages sum to 0
+    with pytest.raises(ValueError, match="baseline 'mean'"):
+        process_advantages([[1.0]], [[0]], 1, 2, baseline="mean")
     common = dict(steps=2, group_size=4, prompts_per_step=4, max_new_tokens=12, eval_n=0, threads=1, report=False)
-    res = grpo.train(grpo.Config(task="arith:2", step_rewards=True, out_dir=str(tmp_path / "s"), **common))
-    assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
+    for baseline in ("group", "position"):
+        cfg = grpo.Config(task="arith:2", step_rewards=True, step_baseline=baseline, out_dir=str(tmp_path / baseline),
+                          **common)  # fmt: skip
+        res = grpo.train(cfg)
+        assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
     with pytest.raises(ConfigError, match="--step-rewards needs a task with a step verifier"):
         grpo.train(
             grpo.Config(task="", reward="accuracy", step_rewards=True, out_dir=str(tmp_path / "c"), **common),
@@ -509,9 +528,17 @@ def test_step_advantages_map_character_offsets_to_tokens():
     ids = ids.flip(1)  # right-padded
     batch = SimpleNamespace(texts=texts, response_ids=ids, response_mask=(ids != tok.pad_token_id).long())
     sb = SimpleNamespace(batch=batch, examples=[{"prompt": "47+85=", "answer": "132"}] * 2)
-    adv = step_advantages(ArithTask(3), sb, 2, tok)
+    adv = step_advantages(ArithTask(3), sb, 2, tok, baseline="group")
     # steps end at characters 6, 15, 19 (right: [1, 1, 1]) and 6, 13, 17 (right, wrong, wrong): tokens 5, 14, 18
     # and 5, 12, 16; the second response's first step is as right as the first's, so its first tokens agree
     assert adv[0, 0] > adv[0, 6] > adv[0, 15] > 0 and adv[0, 18] > 0
     assert adv[1, 13] < 0 and adv[1, 17] == 0
     assert float(adv[1, 6] - adv[1, 12]) == pytest.approx(0.0, abs=1e-6)  # tokens 6..12: the same steps remain
+    # the default baseline "position": first steps agree (0), the second and the last are [1, 0] -> +-0.7071 each
+    # (up to the normaliser's eps, 1e-4)
+    r = 0.5**0.5
+    adv = step_advantages(ArithTask(3), sb, 2, tok)
+    torch.testing.assert_close(adv[0, [0, 5, 6, 14, 15, 18]], torch.tensor([2 * r] * 4 + [r] * 2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        adv[1, [0, 5, 6, 12, 13, 16, 17]], torch.tensor([-2 * r] * 4 + [-r] * 2 + [0.0]), atol=1e-3, rtol=0
+    )

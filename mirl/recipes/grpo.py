@@ -97,6 +97,7 @@ class Config:
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
     advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp | reinforce_pp_baseline (REINFORCE++)
     step_rewards: bool = False  # step-wise rewards (StepGRPO): the task's step verifier -> token advantages
+    step_baseline: str = "position"  # --step-rewards: position (step k vs the group's step k) | group (all steps)
     reward_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO: each reward per group first)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
@@ -192,7 +193,7 @@ def minibatch_seed(seed: int, step: int, pass_: int) -> int:
     return seed + step * 131 + pass_
 
 
-def step_advantages(task, sb, group_size: int, tokenizer) -> torch.Tensor:
+def step_advantages(task, sb, group_size: int, tokenizer, baseline: str = "position") -> torch.Tensor:
     """Token advantages (B, R) of a scored rollout from the task's step verifier (step_scores: each step's end
     in characters and its reward), the character offsets mapped to response tokens."""
     rewards, ends = [], []
@@ -201,7 +202,7 @@ def step_advantages(task, sb, group_size: int, tokenizer) -> torch.Tensor:
         ids = sb.batch.response_ids[i][sb.batch.response_mask[i].bool()].tolist()
         ends.append(tokens_at_chars(tokenizer, ids, [e for e, _ in steps]))
         rewards.append([r for _, r in steps])
-    return process_advantages(rewards, ends, group_size, sb.batch.response_ids.shape[1])
+    return process_advantages(rewards, ends, group_size, sb.batch.response_ids.shape[1], baseline=baseline)
 
 
 def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[list, torch.Tensor]:
@@ -423,7 +424,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             )
         if cfg.advantage != "group" or cfg.reward_aggregation != "sum_then_normalize":
             raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
-        steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer)
+        steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer, cfg.step_baseline)
     ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
