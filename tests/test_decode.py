@@ -10,19 +10,19 @@ from mirl.models.decode import StaticCache, linear_weights
 from mirl.rollout import generate
 
 
-def _hf_text(tmp_path, kind):
-    """A tiny Llama / Qwen3 (q_norm, k_norm) / Mistral with the Qwen2 fixture's tokenizer."""
+def _hf_text(tmp_path, kind, **config):
+    """A tiny Llama / Qwen3 (q_norm, k_norm) / Mistral with the Qwen2 fixture's tokenizer; config overrides."""
     import conftest
     from transformers import AutoTokenizer
 
     src = conftest.build_hf_tiny(tmp_path / "qwen2")
     tok = AutoTokenizer.from_pretrained(src)
-    common = conftest.tiny_text_config(tok, max_position_embeddings=256, tie_word_embeddings=False)
+    common = conftest.tiny_text_config(tok, **{"max_position_embeddings": 256, "tie_word_embeddings": False, **config})
     torch.manual_seed(1)
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True))
+        model = LlamaForCausalLM(LlamaConfig(**{"attention_bias": True, **common}))
     elif kind == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -30,7 +30,7 @@ def _hf_text(tmp_path, kind):
     else:
         from transformers import MistralConfig, MistralForCausalLM
 
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+        model = MistralForCausalLM(MistralConfig(**{"sliding_window": None, **common}))
     out = tmp_path / kind
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
@@ -144,3 +144,123 @@ def test_unsupported_models_keep_their_own_forward(tmp_path, hf_tiny_dir):
         assert not isinstance(cache, StaticCache), name
         out = generate(policy, [ids[0].tolist()], max_new_tokens=4, temperature=0)
         assert out.response_ids.shape[0] == 1
+
+
+def _forward_logps(model, batch):
+    """Log-probs (B, R, V) of transformers' own forward over prompt + response, at the response positions."""
+    ids, attn, _ = batch.full()
+    p = batch.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    return torch.log_softmax(logits[:, p - 1 : -1].float(), -1)
+
+
+def _equal_length_prompts(n, length, vocab):
+    """n prompts of `length` token ids each: no padding, so transformers' forward sees each row as it is."""
+    return [[(5 + 7 * i + 13 * j) % vocab for j in range(length)] for i in range(n)]
+
+
+def test_sliding_window_of_mistral_is_applied(tmp_path):
+    """Mistral declares sliding_window=8 without layer_types: every layer attends to its last 8 positions. Prompts of
+    6 tokens + 12 greedy tokens run past the window; the tokens and log-probs of generate (whichever decode path it
+    takes) are the arg-max and log-probs of transformers' own forward over the whole sequence. The window does bite:
+    the same forward without it gives other log-probs."""
+    policy = load_policy(_hf_text(tmp_path, "mistral", sliding_window=8))
+    prompts = _equal_length_prompts(6, 6, len(policy.tokenizer))
+    out = generate(policy, prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert out.response_ids.shape == (6, 12)
+    logps = _forward_logps(policy.model, out)
+    assert torch.equal(logps.argmax(-1), out.response_ids)
+    torch.testing.assert_close(logps.gather(-1, out.response_ids[..., None])[..., 0], out.logps, atol=2e-5, rtol=0)
+    policy.model.config.sliding_window = None
+    assert (_forward_logps(policy.model, out) - logps).abs().max() > 1e-3
+
+
+ROPE = {
+    "longrope": dict(short_factor=[1.0] * 4, long_factor=[3.0] * 4, original_max_position_embeddings=8),
+    "dynamic": dict(factor=4.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=64),
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+}
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE))
+def test_length_dependent_rope_decodes_as_the_models_own_cache(rope_type, tmp_path):
+    """longrope switches to its long factors once the sequence passes original_max_position_embeddings (8 here:
+    prompts of 6 tokens + 10 new ones cross it), dynamic NTK rescales past max_position_embeddings: both depend on
+    the length at run time, so they decode through the model's own forward and cache (the fast path's one rope
+    table would give every step the long factors). yarn and llama3 are fixed functions of the position and keep
+    the fast path. Either way the greedy tokens and log-probs are those of the plain path; for all but longrope
+    also those of one forward over the whole sequence (longrope's cached keys keep the short factors they were
+    computed with, as in transformers' own cached forward, while one forward over 16 positions uses the long
+    factors throughout)."""
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE[rope_type]}
+    policy = load_policy(_hf_text(tmp_path, "llama", rope_parameters=rope))
+    assert policy._base().model.rotary_emb.rope_type == rope_type
+    prompts = _equal_length_prompts(4, 6, len(policy.tokenizer))
+    ids = torch.tensor(prompts[:1])
+    _, cache = policy.start_decode(ids, torch.ones_like(ids), 10)
+    assert isinstance(cache, StaticCache) == (rope_type in ("yarn", "llama3"))
+    runs = {
+        s: generate(policy, prompts, max_new_tokens=10, temperature=0, ignore_eos=True, static_cache=s)
+        for s in (False, True)
+    }
+    _same_batch(runs[False], runs[True])
+    if rope_type == "longrope":
+        return
+    logps = _forward_logps(policy.model, runs[True])
+    torch.testing.assert_close(
+        logps.gather(-1, runs[True].response_ids[..., None])[..., 0], runs[True].logps, atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize("kind", ["tiny", "llama"])
+def test_lora_on_the_token_embedding_reaches_the_decode_steps(kind, tmp_path):
+    """An adapter on the embedding (--lora-targets embed_tokens,...) changes every token's input vector: the fast
+    decode embeds through the adapted module, so it samples what the model's own forward samples, adapters on
+    and off."""
+    if kind == "tiny":
+        policy, targets = load_policy("gpt-nano", seed=0), "wte,qkv"
+    else:
+        policy, targets = load_policy(_hf_text(tmp_path, kind)), "embed_tokens,q_proj"
+    policy.add_lora(r=4, alpha=8, targets=targets)
+    torch.manual_seed(2)
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name or "lora_embedding" in name:  # (PEFT starts embedding A at zero)
+            p.data.normal_(0, 0.3)
+    prompts = _ragged_prompts(policy, 8)
+    ids = torch.tensor([prompts[0]])
+    _, cache = policy.start_decode(ids, torch.ones_like(ids), 4)
+    assert isinstance(cache, StaticCache)
+    for reference in (False, True):
+        runs = {}
+        for static in (False, True):
+            ctx = policy.reference_context() if reference else _nothing()
+            with ctx:
+                g = torch.Generator().manual_seed(7)
+                runs[static] = generate(
+                    policy, prompts, max_new_tokens=10, samples_per_prompt=2, generator=g, static_cache=static
+                )
+        _same_batch(runs[False], runs[True])
+    with torch.no_grad(), policy.reference_context():
+        off = policy(ids).logits
+    assert (policy(ids).logits - off).abs().max() > 1e-3  # the adapters change the outputs
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_no_forward_after_the_last_token(static, hf_tiny_dir):
+    """max_new_tokens=N tokens take N forwards: the prefill (whose logits give the first token) and N - 1 steps.
+    The N-th token is sampled from the (N-1)-th step's logits and feeds nothing."""
+    policy = load_policy(hf_tiny_dir)
+    calls, step = [0], policy.step
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return step(*a, **k)
+
+    policy.step = counted
+    out = generate(
+        policy, _ragged_prompts(policy, 3), max_new_tokens=5, temperature=0, ignore_eos=True, static_cache=static
+    )
+    assert out.response_ids.shape[1] == 5
+    assert calls[0] == 5

@@ -1,19 +1,24 @@
 """The fast decode path: a preallocated KV cache written in place, and one incremental step per backend that
 calls the model's own modules (so LoRA adapters, disabled adapters and any dtype behave as in its forward).
 
-    cache = to_static(kv, attention_mask, max_new_tokens, tiny_decoder(gpt) or hf_decoder(model))
+    cache = to_static(kv, attention_mask, max_new_tokens, tiny_decoder(gpt) or hf_decoder(model, length))
     logits = decode_step(cache.decoder, ids, attention_mask, cache)
 
 The prefill (prompt, images) always goes through the model's own forward; only the per-token steps that
 follow are ours. At the prefill the weights are snapshotted as decoding uses them (q, k and v in one
 matrix, gate and up in another, every matrix stored (in, out); active LoRA adapters merged in, once per
 generation instead of two extra matmuls per layer and token). The snapshot is a copy of the linear weights
-for the duration of one generate() call. A step writes one slot of the preallocated keys and values (no
+for the duration of one generate() call. The token embedding is not copied: the step calls the model's own
+embedding module (a LoRA adapter on it included; merging it would copy the whole vocabulary's matrix for a
+few rows per step). A step writes one slot of the preallocated keys and values (no
 concatenation per token) and attends to the slots filled so far. The positions are those of the plain
 path (the mask count; plus each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are
 equal for generated text).
+Models whose attention or positions the step does not reproduce keep their own forward: a sliding window
+that bites within the generation's length, a rope whose frequencies change with the length (hf_decoder).
 tests/test_decode.py checks tokens and log-probs against the plain path for the tiny GPT, the tiny VLM with
-images, a transformers Llama, Qwen2, Qwen3 and Qwen2-VL with images, with and without LoRA.
+images, a transformers Llama, Qwen2, Qwen3 and Qwen2-VL with images, with and without LoRA (on the embedding
+too), and against transformers' forward for a windowed Mistral and the rope types.
 """
 
 from __future__ import annotations
@@ -27,8 +32,14 @@ Tensor = torch.Tensor
 
 # transformers families whose decoder layers are exactly: x + o(attn(rope(q), rope(k), v)) on the input norm,
 # then x + mlp(post-attention norm); q_norm / k_norm on the head dimension when the layer has them (Qwen3).
-# Sliding-window layers are excluded at run time (hf_decoder).
+# A sliding window that would mask keys within the generation's length is excluded at run time (hf_decoder).
 NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl"})
+
+# rope types whose cos / sin are a fixed function of the position (transformers' ROPE_INIT_FUNCTIONS ignore
+# seq_len for these): the step looks them up in one table built for the whole generation. "dynamic" (NTK) and
+# "longrope" change their frequencies with the sequence length at run time (dynamic_rope_update): those models,
+# and any rope type not listed, decode through their own forward.
+POSITIONAL_ROPE_TYPES = frozenset({"default", "linear", "yarn", "llama3", "proportional", "mrope"})
 
 
 @dataclass
@@ -176,7 +187,7 @@ class Decoder:
     """The weights of a model's decode step, snapshotted at the prefill (LoRA adapters merged in)."""
 
     kind: str  # "tiny" (learned positions, GELU) or "hf" (rotary, SwiGLU)
-    embed: Tensor
+    embed: torch.nn.Module  # the model's own token embedding, called: a LoRA adapter on it stays in play
     layers: list[Layer]
     norm: tuple
     head: tuple
@@ -195,17 +206,34 @@ def tiny_decoder(gpt) -> Decoder | None:
         heads = (blk.n_head, blk.n_head, c // blk.n_head)
         layers.append(Layer(_norm(blk.ln1), parts[0], parts[1], _norm(blk.ln2), parts[2], parts[3], heads))
     head = _cat_linears(gpt.lm_head)
-    return Decoder("tiny", gpt.wte.weight, layers, _norm(gpt.ln_f), head, gpt.wpe.weight)
+    return Decoder("tiny", gpt.wte, layers, _norm(gpt.ln_f), head, gpt.wpe.weight)
 
 
-def hf_decoder(base) -> Decoder | None:
-    """The decode weights of a transformers model whose layers the native step reproduces exactly, else None
-    (its own forward and cache are then used)."""
+def window_masks_within(cfg, length: int) -> bool:
+    """Whether a sliding-window layer of this (text) config would hide a key from a query within `length`
+    positions. transformers masks key k for query q when k <= q - window (masking_utils), which needs
+    length > window. Mistral declares sliding_window for every layer (no layer_types); Qwen2/Qwen3 only with
+    use_sliding_window, on the layers layer_types names."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return False
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return False
+    return length > window
+
+
+def hf_decoder(base, length: int) -> Decoder | None:
+    """The decode weights of a transformers model whose layers the native step reproduces exactly for a
+    generation of `length` positions (prompt + new tokens), else None (its own forward and cache are then used)."""
     cfg = base.config
     if getattr(cfg, "model_type", "") not in NATIVE_MODEL_TYPES:
         return None
     text_cfg = getattr(cfg, "text_config", cfg)
-    if any(t != "full_attention" for t in (getattr(text_cfg, "layer_types", None) or ())):
+    layer_types = getattr(text_cfg, "layer_types", None) or ()
+    if any(t not in ("full_attention", "sliding_attention") for t in layer_types):
+        return None
+    if window_masks_within(text_cfg, length):  # the step attends to every filled slot
         return None
     if getattr(text_cfg, "hidden_act", "silu") != "silu":
         return None
@@ -213,7 +241,7 @@ def hf_decoder(base) -> Decoder | None:
     inner = getattr(inner, "language_model", inner)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return None
-    if getattr(inner.rotary_emb, "rope_type", "default") == "dynamic":  # inv_freq depends on the sequence length
+    if getattr(inner.rotary_emb, "rope_type", "default") not in POSITIONAL_ROPE_TYPES:
         return None
     layers = []
     for layer in inner.layers:
@@ -235,7 +263,7 @@ def hf_decoder(base) -> Decoder | None:
     norm = _norm(inner.norm)
     if head is None or norm is None:
         return None
-    return Decoder("hf", inner.embed_tokens.weight, layers, norm, head, rotary=inner.rotary_emb)
+    return Decoder("hf", inner.embed_tokens, layers, norm, head, rotary=inner.rotary_emb)
 
 
 def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,7 +278,7 @@ def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: 
     """One token (B, 1) per row through the snapshotted weights, written into the cache in place -> logits
     (B, 1, V). The same arithmetic as the model's forward (tests/test_decode.py)."""
     slot, mask, pos = _advance(cache, attention_mask)  # (generate() checked prompt + new tokens <= max positions)
-    x = F.embedding(input_ids, dec.embed)
+    x = dec.embed(input_ids)
     b, t = input_ids.shape
     if dec.kind == "tiny":
         x = x + F.embedding(pos, dec.pos_embed)

@@ -192,7 +192,7 @@ class HFBackend:
         """The prefill's cache copied into a preallocated one, for the families the native step reproduces
         (models/decode.py); None for any other model (its own forward and cache are used)."""
         past, deltas = cache
-        decoder = hf_decoder(base) if hasattr(past, "layers") else None
+        decoder = hf_decoder(base, attention_mask.shape[1] + new_tokens) if hasattr(past, "layers") else None
         if decoder is None:
             return None
         return to_static(hf_cache_layers(past), attention_mask, new_tokens, decoder, deltas)

@@ -235,7 +235,7 @@ def generate(
             from ..distributed import all_sum
 
             finished = all_sum(0.0 if finished else 1.0) == 0
-        if finished:
+        if finished or t == max_new_tokens - 1:  # the last token feeds no further step
             break
         attn = torch.cat([attn, live_before[live].long()[:, None]], 1)
         keep = torch.nonzero(~done[live]).flatten()
