@@ -198,14 +198,19 @@ def parse_command(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """The `mirl` command: parse, check every option, run; bad input exits 2 with one line naming it."""
+    import time
+
     from .checkpoint import CheckpointError
     from .distributed import is_main, shutdown
     from .recipes.common import TrainingDiverged
     from .recipes.run import Interrupted
+    from .stop import StopRequested
 
+    _START["t"] = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     cmd, mod, args, cls = parse_command(argv)
     fn_name = COMMANDS[cmd][1]
+    cfg = None
     try:
         cfg = build_config(cls, args)
         if cmd in ("dpo", "online"):
@@ -239,12 +244,49 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mirl {cmd}: stopped by {e.signal_name} after step {e.step}: {where}", file=sys.stderr)
         shutdown(ok=False)
         return 130
+    except StopRequested as e:  # a signal while the run waited in the middle of a step (a reward function)
+        if is_main():
+            print(f"mirl {cmd}: stopped by {e.signal_name} {e.where}: {_last_checkpoint(cmd, cfg)}", file=sys.stderr)
+        shutdown(ok=False)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever the run was
+        if is_main():
+            print(f"mirl {cmd}: stopped at once by a second SIGINT: {_last_checkpoint(cmd, cfg)}", file=sys.stderr)
+        shutdown(ok=False)
+        return 130
     if cmd not in ("eval", "demo", "report", "experiment") and is_main():
         import json
 
         print(json.dumps({k: v for k, v in result.summary.items() if k != "config"}, default=str))
     shutdown()
     return 0
+
+
+_START = {"t": None}
+
+
+def _clock() -> float:
+    """Seconds since main() started (a checkpoint older than that is an earlier run's)."""
+    import time
+
+    return time.monotonic() - (_START["t"] or time.monotonic())
+
+
+def _last_checkpoint(cmd: str, cfg) -> str:
+    """What a run stopped in the middle of a step left behind: its last checkpoint, if any."""
+    import time
+
+    out = Path(getattr(cfg, "out_dir", "") or ".")
+    state = out / "checkpoint" / "state.json"
+    resumed = getattr(cfg, "resume", False)
+    if cfg is not None and state.exists() and (resumed or state.stat().st_mtime >= time.time() - _clock()):
+        return (
+            f"the unfinished step was not saved; the last checkpoint is in {out / 'checkpoint'}: resume with the "
+            "same command and --resume"
+        )
+    if cmd == "iterate" and cfg is not None and (out / "iterate.json").exists():
+        return f"the finished phases are in {out}: resume with the same command and --resume"
+    return "the unfinished step was not saved, and no checkpoint had been written yet"
 
 
 if __name__ == "__main__":

@@ -100,23 +100,23 @@ class Interrupted(Exception):
         self.step, self.signal_name, self.saved, self.out_dir = step, signal_name, saved, out_dir
 
 
-_STOP = {"signal": None}
-
-
 def watch_stop_signals() -> None:
     """SIGINT / SIGTERM ask the run to stop after the current step (checkpoint, then Interrupted); a second
-    SIGINT stops at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    SIGINT stops at once. Only in the main thread (signal handlers cannot be set elsewhere). The request is
+    kept in mirl/stop.py, where code waiting in the middle of a step (the reward worker) sees it too."""
     import signal
     import threading
 
+    from .. import stop
+
     if threading.current_thread() is not threading.main_thread():
         return
-    _STOP["signal"] = None
+    stop.clear()
 
     def handler(signum, frame):
-        if _STOP["signal"] is not None and signum == signal.SIGINT:
+        if stop.requested() is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        _STOP["signal"] = signal.Signals(signum).name
+        stop.request(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -125,8 +125,9 @@ def watch_stop_signals() -> None:
 def stop_signal() -> str | None:
     """The name of the signal that asked the run to stop (None when none did), the same on every rank."""
     from .. import distributed as dist
+    from .. import stop
 
-    name = _STOP["signal"]
+    name = stop.requested()
     if dist.world_size() > 1 and dist.all_sum(float(name is not None)) > 0:
         return name or "SIGTERM"
     return name
@@ -163,6 +164,12 @@ class Cadence:
     def finishes(self) -> bool:
         """The run goes to its last step (no --stop-at-step before it): it saves final/ and evaluates."""
         return not (self.stop_at_step and self.stop_at_step < self.steps)
+
+    def progress(self, steps_done: int, train_s: float) -> float:
+        """The fraction of the run done, in [0, 1]: steps done / steps or training seconds / time budget,
+        whichever is larger (whichever ends the run), for the schedules that follow the run (curriculum, KL)."""
+        by_time = train_s / self.time_budget_s if self.time_budget_s else 0.0
+        return min(1.0, max(steps_done / max(1, self.steps), by_time))
 
 
 class Run:
@@ -220,6 +227,19 @@ class Run:
         import time
 
         return time.perf_counter() - self.t_train - sum(e.get("eval_s", 0.0) for e in self.evals)
+
+    def progress(self, step: int) -> float:
+        """Cadence.progress before 0-based `step`, from the training seconds of the slowest rank (a collective
+        under torchrun with a time budget), so that every rank follows the same schedule."""
+        train_s = 0.0
+        if self.cadence.time_budget_s:
+            import torch.distributed as tdist
+
+            t = torch.tensor(self.train_seconds(), dtype=torch.float64)
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            train_s = float(t)
+        return self.cadence.progress(step, train_s)
 
     def out_of_time(self) -> bool:
         """Whether the time budget is spent (evaluation time excluded)."""

@@ -1,58 +1,35 @@
 """Rewards: plain callables f(prompts, completions, **columns) -> list[float | None], registered by name.
 
-None means "not applicable to this sample". Several are combined with weights:
+None means "not applicable to this sample"; RewardFault(reason) means "this sample's input is bad" (counted
+and reported like any fault). Several are combined with weights:
     "task"                  the built-in task's checker (arith, countdown, reasoning-gym scorers)
     "task:1,format:0.1"     weighted sum; a sample where every function says None gets NaN (advantage 0)
+    "my_rewards.py:fn@0.5"  the function fn of a Python file, weight 0.5
 Built in: accuracy (math-verify equivalence), exact, numeric, format, overlong, reasoning_gym, task,
 and a learned reward model ("rm:<folder>", see recipes/reward_model.py).
 
-A reward function that raises, returns NaN/inf, or runs past the timeout gives None for that call's
-samples; the fault is counted and the first sample is reported, and the run goes on.
+Reward functions run in a worker process (rewards/worker.py) that is killed and replaced when a call runs
+past the timeout, whatever the function does (catch the timeout, ignore signals, loop forever). A reward
+function that raises, returns NaN/inf, or runs past the timeout gives None for that call's samples; the
+fault is counted and the first sample is reported, and the run goes on. A learned reward model runs in
+the training process (it is mirl's own code, and a model is too big to copy per call).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import signal
-import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import builtin  # noqa: F401  (registers the built-in rewards)
-from .registry import REWARDS, get_reward, register_reward
+from .registry import REWARDS, RewardFault, get_reward, register_reward
+from .worker import RewardWorker, call_reward, can_fork
 
-__all__ = ["REWARDS", "get_reward", "register_reward", "RewardSet", "parse_reward_spec"]
-
-
-class RewardTimeout(BaseException):
-    """Raised inside a reward call that ran past its limit. A BaseException, so that a reward's own
-    `except Exception:` cannot swallow it."""
-
-
-@contextmanager
-def _time_limit(seconds: float):
-    """SIGALRM-based limit in the main thread (a hung pure-Python scorer is interrupted); none elsewhere.
-    Yields a dict whose 'fired' turns True when the limit was hit (even if the reward swallowed the signal)."""
-    state = {"fired": False}
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        state["fired"] = True
-        raise RewardTimeout(f"timed out after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield state
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+__all__ = ["REWARDS", "get_reward", "register_reward", "RewardFault", "RewardSet", "parse_reward_spec"]
 
 
 def _weight(text: str, name: str) -> float:
@@ -64,24 +41,6 @@ def _weight(text: str, name: str) -> float:
     if not math.isfinite(w):
         raise ValueError(f"reward weight for {name!r} must be finite, got {text!r}")
     return w
-
-
-def _check_values(values, n: int) -> str | None:
-    """Why a reward's return value is unusable (None when it is a list of n numbers or None entries)."""
-    if not isinstance(values, (list, tuple)):
-        if isinstance(values, torch.Tensor) and values.dim() == 1:
-            values = values.tolist()
-        else:
-            return f"returned {type(values).__name__}, not a list of {n} scores"
-    if len(values) != n:
-        return f"returned {len(values)} values for {n} samples"
-    for v in values:
-        number = (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
-            isinstance(v, torch.Tensor) and v.dim() == 0
-        )  # numpy scalars are float / int subclasses or below
-        if v is not None and not number and not type(v).__module__.startswith("numpy"):
-            return f"returned a {type(v).__name__} ({str(v)[:40]!r}) among its scores; each must be a number or None"
-    return None
 
 
 def check_signature(name: str, fn: Callable) -> None:
@@ -98,8 +57,46 @@ def check_signature(name: str, fn: Callable) -> None:
         raise ValueError(f"reward {name!r} must have the signature f(prompts, completions, **columns); it has {sig}")
 
 
+def _file_reward(part: str) -> tuple[str, Callable, float]:
+    """'path/to/rewards.py:fn@0.5' -> (name, the function fn of that file, weight). The file is imported
+    once, here, in the training process (its top level should only define functions); the function itself
+    runs in the reward worker."""
+    import importlib.util
+    import sys
+
+    body, _, w = part.partition("@")
+    path, _, fname = body.rpartition(":") if not body.endswith(".py") else (body, "", "")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"reward file {path}: no such file (a reward spec 'file.py:function[@weight]')")
+    key = f"mirl_user_reward_{abs(hash(str(p.resolve())))}"
+    module = sys.modules.get(key)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(key, p)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ValueError(f"reward file {path}:{e.lineno}: syntax error ({e.msg})") from e
+        except BaseException as e:  # noqa: BLE001 - user code: any failure is the file's
+            raise ValueError(f"reward file {path}: importing it raised {type(e).__name__}: {e}") from e
+        sys.modules[key] = module
+    functions = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+    if not fname:
+        raise ValueError(
+            f"reward file {path}: name the function after a colon ({path}:<function>); it defines: "
+            f"{', '.join(functions) or 'no functions'}"
+        )
+    fn = getattr(module, fname, None)
+    if not callable(fn):
+        raise ValueError(f"reward file {path} has no function {fname!r}; it defines: {', '.join(functions) or 'none'}")
+    name = f"{p.name}:{fname}"
+    return name, fn, _weight(w, name)
+
+
 def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]:
-    """'task:1,format:0.1' -> [(name, fn, weight)]; 'rm:<folder>' loads a learned reward model."""
+    """'task:1,format:0.1' -> [(name, fn, weight)]; 'rm:<folder>' loads a learned reward model;
+    'file.py:fn@w' takes the function fn of a Python file."""
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -113,6 +110,12 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
 
             out.append(("rm", RewardModelReward(path), _weight(w, "rm")))
             continue
+        body = part.partition("@")[0]
+        if body.endswith(".py") or ".py:" in body:
+            name, fn, weight = _file_reward(part)
+            check_signature(name, fn)
+            out.append((name, fn, weight))
+            continue
         name, _, w = part.partition(":")
         weight = _weight(w, name)
         if name == "task":
@@ -124,18 +127,42 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
         check_signature(name, fn)
         out.append((name, fn, weight))
     if not out:
-        raise ValueError(f"empty reward spec {spec!r}; valid: task, rm:<folder>, {', '.join(sorted(REWARDS))}")
+        raise ValueError(
+            f"empty reward spec {spec!r}; valid: task, rm:<folder>, file.py:function, {', '.join(sorted(REWARDS))}"
+        )
     return out
 
 
 @dataclass
 class RewardSet:
-    """Weighted rewards with fault accounting: score() -> (total (N,), per_function (N, F), metrics)."""
+    """Weighted rewards with fault accounting: score() -> (total (N,), per_function (N, F), metrics).
+
+    Every function but a learned reward model (in_process = True) runs in one worker process (rewards/worker.py),
+    forked when the set is made and replaced after a call that ran past timeout_s (0 = no limit)."""
 
     fns: list[tuple[str, Callable, float]]
     timeout_s: float = 10.0
     faults: dict = field(default_factory=dict)
     fault_examples: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        isolated = [j for j, (_, fn, _) in enumerate(self.fns) if not getattr(fn, "in_process", False)]
+        self.worker = RewardWorker([fn for _, fn, _ in self.fns]) if isolated and can_fork() else None
+        if self.worker is not None:
+            self.worker.start()  # now, before the run's own threads (progress bar, trackers) exist
+
+    def close(self) -> None:
+        """Stop the reward worker (it also dies with the process)."""
+        if self.worker is not None:
+            self.worker.stop()
+
+    def check_rows(self, rows: list[dict]) -> None:
+        """Refuse at start what no call could score: each function's own check_rows(rows), when it has one
+        (a text-only reward model on prompts with images)."""
+        for _, fn, _ in self.fns:
+            check = getattr(fn, "check_rows", None)
+            if check is not None:
+                check(rows)
 
     @property
     def names(self) -> list[str]:
@@ -156,38 +183,29 @@ class RewardSet:
 
             warn(f"reward {name!r}: {kind} on sample {sample[:120]!r}; counted, the run goes on")
 
+    def _call(self, j: int, fn, prompts, completions, columns) -> tuple[str, object]:
+        if self.worker is None or getattr(fn, "in_process", False):
+            return call_reward(fn, prompts, completions, columns)
+        return self.worker.call(j, prompts, completions, columns, self.timeout_s)
+
     def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Score completions with every function: -> (weighted total (N,), per function (N, F), metrics); faults
         counted."""
         n = len(completions)
         per_fn = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float64)
         for j, (name, fn, _) in enumerate(self.fns):
-            try:
-                with _time_limit(self.timeout_s) as limit:
-                    values = fn(prompts, completions, **columns)
-                if limit["fired"]:  # the reward caught the timeout itself and returned
-                    raise RewardTimeout("swallowed")
-            except (Exception, SystemExit, RewardTimeout) as e:  # noqa: BLE001 - a faulty scorer must not kill the run
-                kind = (
-                    "timeout"
-                    if isinstance(e, RewardTimeout)
-                    else f"exit ({type(e).__name__}: {e})"
-                    if isinstance(e, SystemExit)
-                    else f"error ({type(e).__name__}: {e})"
-                )
-                self._fault(name, kind, f"{prompts[0]!r} -> {completions[0]!r}")
+            status, values = self._call(j, fn, prompts, completions, columns)
+            if status == "timeout":
+                self._fault(name, "timeout", f"{prompts[0]!r} -> {completions[0]!r}")
                 continue
-            bad = _check_values(values, n)
-            if bad is not None:
-                self._fault(name, bad, completions[0])
+            if status != "ok":
+                self._fault(name, values, f"{prompts[0]!r} -> {completions[0]!r}")
                 continue
-            for i, v in enumerate(list(values)):
+            for i, v in enumerate(values):
                 if v is None:
                     continue
-                try:
-                    v = float(v)
-                except (TypeError, ValueError):
-                    self._fault(name, f"non-numeric value {str(v)[:40]!r}", f"{prompts[i]!r} -> {completions[i]!r}")
+                if isinstance(v, RewardFault):
+                    self._fault(name, v.reason, f"{prompts[i]!r} -> {completions[i]!r}")
                     continue
                 if not math.isfinite(v):
                     self._fault(name, "non-finite value", f"{prompts[i]!r} -> {completions[i]!r} = {v}")
@@ -205,4 +223,5 @@ class RewardSet:
         metrics["reward/mean"] = float(ok.mean()) if len(ok) else float("nan")
         metrics["reward/std"] = float(ok.std()) if len(ok) > 1 else 0.0
         metrics["reward/unscorable"] = float(torch.isnan(total).sum())
+        metrics["reward/faults"] = float(sum(self.faults.values()))
         return total, per_fn, metrics
