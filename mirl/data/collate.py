@@ -108,3 +108,30 @@ def encode_pairs(policy, pairs: list[dict], max_len: int, skips: SkipCounter) ->
         elif c and r:
             out.append((c, r))
     return out
+
+
+def prompts_that_fit(policy, records: list[dict], max_new_tokens: int) -> tuple[list[dict], list[str]]:
+    """The prompt records whose prompt + max_new_tokens fit the model's context (policy.max_seq_len), and the
+    places ('file.jsonl:3 (300 tokens)') of those that do not. Prompts whose UTF-8 bytes alone fit (a token is
+    at least one byte) are not encoded."""
+    room = policy.max_seq_len - max_new_tokens
+    keep, too_long = [], []
+    for i, r in enumerate(records):
+        text = r["prompt"]
+        if not r.get("images") and len(text.encode("utf-8")) + 8 <= room:  # 8: the tokenizer's special tokens, at most
+            keep.append(r)
+            continue
+        ids, _ = policy.encode_prompt(text, r.get("images"), r.get("where", f"prompt {i}"), r.get("image_base", ""))
+        if len(ids) > room:
+            too_long.append(f"{r.get('where', f'prompt {i}')} ({len(ids)} tokens)")
+        else:
+            keep.append(r)
+    return keep, too_long
+
+
+def too_long_message(too_long: list[str], n: int, policy, max_new_tokens: int, hint: str) -> str:
+    """One line on the prompts that leave no room for --max-new-tokens within the model's context."""
+    return (
+        f"{len(too_long)} of {n} prompts are too long for the model's context of {policy.max_seq_len} tokens with "
+        f"--max-new-tokens {max_new_tokens} (first: {too_long[0]}); {hint}"
+    )

@@ -170,9 +170,12 @@ def load_prompts(
     reward_timeout_s: float,
     eval_n: int,
     recipe: str,
+    max_new_tokens: int = 0,
 ):
-    """The start every online recipe shares: the task, the prompt records, the rewards (their columns checked
-    against every row) and the held-out examples. -> (task, data, reward_set, test)."""
+    """The start every online recipe shares: the task, the prompt records (those too long for the model's
+    context with max_new_tokens left out, counted and reported), the rewards (their columns checked against
+    every row) and the held-out examples. -> (task, data, reward_set, test)."""
+    from ..data.collate import prompts_that_fit, too_long_message
     from ..data.formats import load_rows, prompt_records
     from ..data.tasks import make_task
     from ..rewards import RewardSet, parse_reward_spec
@@ -186,8 +189,22 @@ def load_prompts(
             data = task.examples("train", n_prompts, seed)
         else:
             raise ValueError(f"{recipe} needs --task or --data")
+    if max_new_tokens:
+        hint = "lower --max-new-tokens" + (
+            ", or raise --max-len (a new tiny model's context)" if policy.source is None else ""
+        )
+        kept, too_long = prompts_that_fit(policy, data, max_new_tokens)
+        if too_long:
+            message = too_long_message(too_long, len(data), policy, max_new_tokens, hint)
+            if not kept:
+                raise ValueError(message)
+            from ..logging import warn
+
+            warn(f"{message}; those prompts are skipped")
+            data = kept
     reward_set = RewardSet(parse_reward_spec(reward, task), timeout_s=reward_timeout_s)
     check_reward_columns(reward_set, data, data_path or task_name)
+    reward_set.check_rows(data)
     test = task.examples("test", eval_n, seed) if task is not None and eval_n else []
     return task, data, reward_set, test
 
@@ -206,6 +223,7 @@ def prompt_options(cfg) -> dict:
         reward=cfg.reward,
         reward_timeout_s=cfg.reward_timeout_s,
         eval_n=cfg.eval_n,
+        max_new_tokens=cfg.max_new_tokens,
     )
 
 
