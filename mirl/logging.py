@@ -39,6 +39,49 @@ def parse_report_to(spec: str) -> tuple[str, ...]:
     return names
 
 
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Before anything is loaded: each tracker's package is installed, and W&B has credentials unless it logs
+    offline (WANDB_MODE=offline or disabled). Nothing contacts a network; a problem is a ValueError naming the
+    fix."""
+    import importlib.util
+
+    for kind in names:
+        if kind == "tensorboard":
+            continue
+        if importlib.util.find_spec(kind) is None:
+            raise ValueError(f"--report-to {kind} needs the {kind} package: pip install 'mirl[{kind}]'")
+        if kind == "wandb" and not wandb_credentials():
+            raise ValueError(
+                "--report-to wandb: no W&B credentials (WANDB_API_KEY is not set and the netrc file has no entry "
+                f"for {_wandb_host()}): run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline to keep the "
+                "W&B run in <out_dir>/wandb without an account (wandb sync uploads it later)"
+            )
+
+
+def _wandb_host() -> str:
+    import os
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B can log: offline or disabled mode, an API key or identity token in the environment, or an
+    entry for the W&B host in the netrc file (what `wandb login` writes). Read locally, never checked online."""
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(_wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class Tracker:
     """Weights & Biases or trackio, through the calls both libraries have (init, log, Table, Image, finish): one
     tracker run per mirl run. W&B: WANDB_MODE decides online or offline, its files go to <out_dir>/wandb, the
@@ -54,7 +97,13 @@ class Tracker:
             raise ValueError(f"--report-to {kind} needs the {kind} package: pip install 'mirl[{kind}]'") from e
         where = {"dir": str(run_dir)} if kind == "wandb" else {}
         project = os.environ.get(f"{kind.upper()}_PROJECT", "mirl")
-        self.lib.init(project=project, name=name, config=config, **where)
+        try:
+            self.lib.init(project=project, name=name, config=config, **where)
+        except Exception as e:  # noqa: BLE001 - each library's own errors (no login, no network): one line
+            offline = " (or set WANDB_MODE=offline)" if kind == "wandb" else ""
+            raise ValueError(
+                f"--report-to {kind}: {kind}.init failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}){offline}"
+            ) from e
 
     def log(self, step: int, metrics: dict) -> None:
         """Scalars at a step."""
@@ -72,11 +121,31 @@ class Tracker:
         self.lib.finish()
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file a run wrote (metrics.jsonl, samples.jsonl). A line that is not a JSON
+    object is a ValueError naming the file and its line number (1-based, blank lines counted)."""
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); the file is damaged (a run killed while "
+                "writing it leaves a half line): delete that line"
+            ) from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def keep_rows(path: Path, keep) -> None:
     """Rewrite a JSON-lines file with only the rows for which keep(row) holds (nothing when it does not exist)."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in rows if keep(json.loads(line))))
+        path.write_text("".join(json.dumps(row) + "\n" for row in read_jsonl(path) if keep(row)))
 
 
 class MetricLogger:
@@ -198,6 +267,5 @@ class MetricLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl (a damaged line: an error naming the file and line)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

@@ -198,7 +198,8 @@ def flag(name: str) -> str:
 
 
 def check_config(cfg) -> None:
-    """Every option of a Config dataclass against its range or choices; the first bad one raises ConfigError."""
+    """Every option of a Config dataclass against its range or choices, then the options that need another one
+    (check_combinations); the first bad one raises ConfigError."""
     recipe = type(cfg).__module__.rsplit(".", 1)[-1]
     for f in dataclasses.fields(cfg):
         rule = RECIPE_RULES.get((recipe, f.name)) or RULES.get(f.name)
@@ -208,3 +209,88 @@ def check_config(cfg) -> None:
         value = getattr(cfg, f.name)
         if not ok(value):
             raise ConfigError(f"{flag(f.name)} {value!r}: must be {what}")
+    check_combinations(cfg)
+
+
+def _get(cfg, name: str, default=None):
+    return getattr(cfg, name, default)
+
+
+def _corrects(cfg) -> bool:
+    """Whether --is-correction reweights anything: token or sequence, or auto with an engine other than mirl's
+    own sampler (recipes/common.py: correction_level)."""
+    level = _get(cfg, "is_correction", "none")
+    return level in ("token", "sequence") or (level == "auto" and _get(cfg, "engine", "local") != "local")
+
+
+def _hub_model(cfg) -> bool:
+    from .models.hf import is_hub_id
+
+    return is_hub_id(str(_get(cfg, "model", "")))
+
+
+# An option that only acts when another is set: (options, whether they act in cfg, what they need). Given with
+# a value other than its default while it cannot act, it is an error: a setting silently ignored is a run that
+# is not the one the user asked for.
+NEEDS = [
+    (("is_cap", "is_mode"), _corrects, "--is-correction token or sequence (or --engine vllm, where auto is sequence)"),
+    (("step_baseline",), lambda c: _get(c, "step_rewards", False), "--step-rewards"),
+    (("dual_clip_c",), lambda c: _get(c, "policy_loss") == "dual_clip", "--policy-loss dual_clip"),
+    (("sapo_tau_pos", "sapo_tau_neg"), lambda c: _get(c, "policy_loss") == "sapo", "--policy-loss sapo"),
+    (("entropy_coef_delta", "entropy_coef_max"), lambda c: _get(c, "entropy_target", 0) > 0, "--entropy-target > 0"),
+    (("curriculum_stages",), lambda c: _get(c, "prompt_sampler") == "curriculum", "--prompt-sampler curriculum"),
+    (("pass_rate_oversample",), lambda c: _get(c, "prompt_sampler") == "pass-rate", "--prompt-sampler pass-rate"),
+    (("max_refills",), lambda c: _get(c, "dynamic_sampling", False), "--dynamic-sampling"),
+    (("vllm_memory",), lambda c: _get(c, "engine") == "vllm", "--engine vllm"),
+    (("kl_horizon",), lambda c: _get(c, "kl_target", 0) > 0, "--kl-target > 0 (the adaptive KL controller)"),
+    (("beta_final",), lambda c: _get(c, "kl_schedule", "constant") != "constant", "--kl-schedule linear or cosine"),
+    (
+        ("noise_strength", "noise_anneal_steps", "noise_kinds"),
+        lambda c: _get(c, "noisy_rollout", 0) > 0,
+        "--noisy-rollout > 0",
+    ),
+    (("mc_rollouts",), lambda c: _get(c, "labels") == "mc", "--labels mc"),
+    (("lora_alpha", "lora_dropout", "lora_targets"), lambda c: _get(c, "lora_r", 0) > 0, "--lora-r > 0"),
+    (("model_revision",), _hub_model, "a hub model id as --model (owner/name); a local folder or preset has none"),
+    (("split",), lambda c: bool(_get(c, "data", "")), "--data (a datasets folder or hub dataset with splits)"),
+    (("data_config", "revision"), lambda c: bool(_get(c, "data", "")), "--data (a hub dataset)"),
+]
+# options that act only without --data, per recipe: pairs or examples made from --task
+WITHOUT_DATA = {
+    "sft": ("n_train",),
+    "preference": ("k", "sample_temperature", "n_prompts"),
+    "reward_model": ("pairs", "n_prompts", "n_sampled_prompts", "eval_prompts", "k", "pairs_per_prompt"),
+}
+
+
+def check_combinations(cfg) -> None:
+    """Options that cannot act in this combination (NEEDS, WITHOUT_DATA) and values that contradict another
+    option: ConfigError naming the option, its value and what it needs. Trackers: installed, W&B logged in."""
+    recipe = type(cfg).__module__.rsplit(".", 1)[-1]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for names, acts, needs in NEEDS:
+        for name in names:
+            if name in defaults and getattr(cfg, name) != defaults[name] and not acts(cfg):
+                raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r} has no effect: it needs {needs}")
+    for name in WITHOUT_DATA.get(recipe, ()):
+        if _get(cfg, "data") and getattr(cfg, name) != defaults[name]:
+            what = "pairs sampled from --task" if recipe != "sft" else "examples made from --task"
+            raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r} has no effect with --data: it is for {what}")
+    if recipe == "sft" and _get(cfg, "data") and cfg.task and cfg.task != defaults["task"]:
+        raise ConfigError(f"--task {cfg.task!r} has no effect with --data: sft trains on --data alone (drop one)")
+    if _get(cfg, "entropy_target", 0) > 0 and _get(cfg, "entropy_coef", 0) > _get(cfg, "entropy_coef_max", 0):
+        raise ConfigError(
+            f"--entropy-coef {cfg.entropy_coef!r} is above --entropy-coef-max {cfg.entropy_coef_max!r}: with "
+            "--entropy-target the coefficient starts at --entropy-coef and is kept at most --entropy-coef-max"
+        )
+    if recipe == "eval" and cfg.k == 1:
+        for name in ("n_samples", "temperature"):
+            if getattr(cfg, name) != defaults[name]:
+                raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r} has no effect: it is for pass@k, with --k > 1")
+    if (_get(cfg, "eval_every", 0) or _get(cfg, "eval_every_s", 0)) and _get(cfg, "eval_n", 1) == 0:
+        which = "--eval-every" if _get(cfg, "eval_every", 0) else "--eval-every-s"
+        raise ConfigError(f"{which} has no effect with --eval-n 0 (no held-out prompts to evaluate)")
+    if _get(cfg, "report_to"):
+        from .logging import check_trackers, parse_report_to
+
+        check_trackers(parse_report_to(cfg.report_to))

@@ -126,9 +126,11 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     for d in dirs:
         parts.append(_samples_html(d))
         cfg = (d / "config.json").read_text() if (d / "config.json").exists() else "{}"
-        parts.append(
-            f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(json.dumps(json.loads(cfg), indent=1))}</pre>"
-        )
+        try:
+            cfg = json.dumps(json.loads(cfg), indent=1)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{d / 'config.json'}: invalid JSON in the run's config ({e})") from e
+        parts.append(f"<h2>{html.escape(d.name)}: config</h2><pre>{html.escape(cfg)}</pre>")
     page = out / "index.html"
     # the page reports how many of its images decoded (body[data-images-loaded] = "loaded/total"): the
     # headless-browser test reads it
@@ -155,7 +157,9 @@ def _samples_html(run_dir: Path) -> str:
     f = run_dir / "samples.jsonl"
     if not f.exists():
         return ""
-    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    from .logging import read_jsonl
+
+    rows = read_jsonl(f)
 
     def cell(v):
         text = v if isinstance(v, str) else json.dumps(v)

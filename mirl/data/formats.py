@@ -99,9 +99,16 @@ def load_rows(path: str | Path, split: str = "train", config: str = "", revision
         return hub_rows(str(path), split, config, revision)
     if config or revision:
         raise DataError(f"{path}: --data-config and --revision are for hub datasets; this is a local path")
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"{p}: no such file or folder (nor a hub dataset id, owner/name)")
+        raise DataError(
+            f"no such file or folder: {path} (data is a .jsonl or .parquet file, a datasets folder or a hub id)"
+        )
+    if p.is_file() and split != "train":
+        raise DataError(
+            f"--split {split!r}: {p} is one file, with no splits; --split chooses a split of a datasets folder or "
+            "a hub dataset (leave it out for a file)"
+        )
     if p.is_dir():
         from datasets import DatasetDict, load_from_disk
 
@@ -190,9 +197,17 @@ def _is_messages(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
 
-def _message_text(messages) -> str:
+def _message_text(messages, where: str = "", field_name: str = "") -> str:
+    """The text of the assistant turns of a list of messages; with `where`, none is a DataError naming the row
+    and field (a conversation of user turns only has no response to train on)."""
     from ..models.tokenizer import _content_text
 
+    if where and not any(m["role"] == "assistant" for m in messages):
+        roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
+        raise DataError(
+            f"{where}: field {field_name!r} has no assistant turn (its messages are {roles} only): the response "
+            "must be an assistant message"
+        )
     return "".join(_content_text(m["content"]) for m in messages if m["role"] == "assistant")
 
 
@@ -215,7 +230,7 @@ def _completion_text(x, where: str, field_name: str) -> str:
         return x
     if _is_messages(x):
         check_messages(x, where, field_name)
-        return _message_text(x)
+        return _message_text(x, where, field_name)
     raise DataError(
         f"{where}: field {field_name!r} must be a string or a list of chat messages, got {type(x).__name__}"
     )
@@ -231,7 +246,11 @@ def _split_implicit(chosen, rejected, tokenizer, where):
             i += 1
         if i == 0:
             raise DataError(f"{where}: implicit-prompt row: chosen and rejected share no leading message")
-        return (_prompt_text(chosen[:i], tokenizer, where), _message_text(chosen[i:]), _message_text(rejected[i:]))
+        return (
+            _prompt_text(chosen[:i], tokenizer, where),
+            _message_text(chosen[i:], where, "chosen"),
+            _message_text(rejected[i:], where, "rejected"),
+        )
     if isinstance(chosen, str) and isinstance(rejected, str):
         i = 0
         while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
@@ -252,10 +271,44 @@ def row_images(row: Row) -> dict:
         return {}
     if not isinstance(raw, (list, tuple)):
         raw = [raw]
-    return {
-        "images": [load_image(x, f"{row.where} field 'images'[{i}]", row.base) for i, x in enumerate(raw)],
-        "image_base": row.base,
-    }
+    images = []
+    for i, x in enumerate(raw):
+        where = f"{row.where} field 'images'[{i}]"
+        images.append(load_image(decode_image_string(x, where), where, row.base))
+    return {"images": images, "image_base": row.base}
+
+
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def decode_image_string(x, where: str):
+    """An image given as text: a data: URI ('data:image/png;base64,...') or bare base64 of an image file becomes
+    its bytes; any other string is a path, returned as it is. Base64 that does not decode is a DataError."""
+    import base64
+    import binascii
+    import re
+
+    if not isinstance(x, str):
+        return x
+    if x.startswith("data:"):
+        head, sep, payload = x.partition(",")
+        if not sep or ";base64" not in head:
+            raise DataError(f"{where}: a data: URI image must be 'data:image/<type>;base64,<data>', got {x[:40]!r}")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(f"{where}: the data: URI's base64 does not decode ({e})") from e
+    if len(x) >= 64 and re.fullmatch(r"[A-Za-z0-9+/\s]+=*", x) and not Path(x).exists():
+        try:
+            data = base64.b64decode(x, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(f"{where}: neither an image file nor base64 that decodes ({e}): {x[:40]!r}...") from e
+        if not data.startswith(IMAGE_MAGIC):
+            raise DataError(
+                f"{where}: neither an image file nor base64 of an image (PNG, JPEG, GIF, WEBP, BMP, TIFF): {x[:32]!r}"
+            )
+        return data
+    return x
 
 
 def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = None) -> list[dict]:
@@ -277,6 +330,19 @@ def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = N
             continue
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where, **row_images(row)})
     return out
+
+
+def _number(x, where: str, field_name: str) -> float:
+    """A numeric field (a number, or a string holding one) as a float; anything else is a DataError naming it."""
+    import math
+
+    try:
+        v = float(x) if not isinstance(x, bool) else math.nan
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v):
+        raise DataError(f"{where}: field {field_name!r} must be a finite number, got {str(x)[:40]!r}")
+    return v
 
 
 def completion_records(rows: list[Row], tokenizer) -> list[dict]:
@@ -309,6 +375,8 @@ def prompt_records(rows: list[Row], tokenizer) -> list[dict]:
         _require(row, "prompt")
         rec = dict(row.data)
         rec["prompt"] = _prompt_text(row.data["prompt"], tokenizer, row.where)
+        if rec.get("difficulty") is not None:  # the curriculum sampler's sort key
+            rec["difficulty"] = _number(rec["difficulty"], row.where, "difficulty")
         rec["where"] = row.where
         rec.pop("image", None)
         rec.update(row_images(row))

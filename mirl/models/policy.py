@@ -256,7 +256,10 @@ class HFBackend:
                 sd.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
             raise ModelFileError(f"{folder}: cannot load the weights ({e})") from e
-        _, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            _, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # size mismatches
+            raise ModelFileError(f"{folder}: cannot load the weights ({load_error_reason(e)})") from e
         if unexpected:
             raise ValueError(f"{folder} has unexpected weights: {unexpected[:5]}")
 
@@ -509,7 +512,17 @@ def load_weights(model: nn.Module, file: Path) -> None:
     try:
         load_model(model, str(file))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ModelFileError(f"{file}: cannot load the weights ({str(e).splitlines()[0][:300]})") from e
+        raise ModelFileError(f"{file}: cannot load the weights ({load_error_reason(e)})") from e
+
+
+def load_error_reason(e: Exception) -> str:
+    """The reason of a failed weight load in one line: torch's 'Error(s) in loading state_dict for X:' heading
+    is followed by the lines that say what (size mismatch for ..., missing keys ...); keep those."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        shown = "; ".join(lines[1:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
+        return f"{lines[0]} {shown}; the weights and config.json are of different model sizes"
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def read_tokenizer(path: Path) -> CharTokenizer:
@@ -571,8 +584,8 @@ def load_policy(
         return _hub_policy(s, dtype, revision)
     if not path.exists():
         raise FileNotFoundError(
-            f"model {s!r} is neither a preset ({', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
-            "smollm2), nor an existing folder, nor a hub id (owner/name)"
+            f"no such file or folder: {s} (a model is a preset: {', '.join([*PRESETS, *VLM_PRESETS])}, gpt-d<N>, "
+            "smollm2; a saved model folder; or a hub id, owner/name)"
         )
     if (path / "mirl_adapter.json").exists():  # adapter-only save: base model + LoRA adapters
         from peft import PeftModel

@@ -14,6 +14,7 @@ Log-probs are summed over response tokens (DPO's convention) or averaged (logp_a
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,6 +170,33 @@ def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch
     return torch.cat(cs), torch.cat(rs)
 
 
+def load_reference_logps(ref_file: Path, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached reference log-probs of a run being resumed: (chosen (n,), rejected (n,)). A damaged or
+    truncated file, or one of other pairs, is an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(ref_file), "pt") as f:
+            saved_fp = (f.metadata() or {}).get("pairs")
+        saved = load_file(str(ref_file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"{ref_file}: cannot read the cached reference log-probs ({str(e).splitlines()[0][:200]}); the file is "
+            "damaged or truncated: delete it and resume with the same --model (the reference log-probs are then "
+            "computed again from it, before the checkpoint is loaded)"
+        ) from e
+    if saved_fp != pairs_fingerprint(pairs):
+        raise ValueError(
+            f"--resume: the preference pairs differ from those the run started with ({ref_file} "
+            "holds the reference log-probs of those); resume with the same data, or start a new run"
+        )
+    chosen, rejected = saved.get("chosen"), saved.get("rejected")
+    n = len(pairs)
+    if chosen is None or rejected is None or chosen.shape != (n,) or rejected.shape != (n,):
+        raise ValueError(f"{ref_file}: expected 'chosen' and 'rejected' log-probs of {n} pairs each")
+    return chosen, rejected
+
+
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional [{'prompt', 'chosen', 'rejected'}] strings; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
@@ -218,25 +246,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if needs_ref and cfg.ref_mode == "model":
         ref_model = frozen_reference(policy)
     elif needs_ref and cfg.resume and ref_file.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(ref_file), "pt") as f:
-            saved_fp = (f.metadata() or {}).get("pairs")
-        if saved_fp != pairs_fingerprint(pairs):
-            raise ValueError(
-                f"--resume: the preference pairs differ from those the run started with ({ref_file} "
-                "holds the reference log-probs of those); resume with the same data, or start a new run"
-            )
-        saved = load_file(str(ref_file))
-        ref_c_all, ref_r_all = saved["chosen"], saved["rejected"]
+        ref_c_all, ref_r_all = load_reference_logps(ref_file, pairs)
     elif needs_ref:
         ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
-        if dist.is_main():
+        if dist.is_main():  # written whole or not at all: a run killed here leaves no half file
+            tmp = ref_file.with_name(ref_file.name + ".tmp")
             save_file(
                 {"chosen": ref_c_all, "rejected": ref_r_all},
-                str(ref_file),
+                str(tmp),
                 metadata={"pairs": pairs_fingerprint(pairs)},
             )
+            os.replace(tmp, ref_file)
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
     start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
 

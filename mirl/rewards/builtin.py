@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .registry import register_reward
+from .registry import RewardFault, register_reward
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
@@ -124,10 +124,13 @@ def soft_overlong(
 @register_reward("iou")
 def box_iou_reward(prompts, completions, box, **_):
     """IoU of the first box '[x1,y1,x2,y2]' in the completion with the row's ground-truth `box`; 0 when the
-    completion has no box. Rows whose box is None get None.
+    completion has no box. Rows whose box is None get None; a reference box that is not four numbers (or a
+    string holding them) is a RewardFault, counted and reported, not a silent 0.
 
     >>> box_iou_reward(["q", "q"], ["[0,0,2,2]", "no box"], box=[[1, 0, 3, 2], [0, 0, 1, 1]])
     [0.3333333333333333, 0.0]
+    >>> box_iou_reward(["q"], ["[0,0,2,2]"], box=[[1, 2]])
+    [RewardFault('reference box [1, 2] has 2 numbers, not 4 (x1, y1, x2, y2)')]
     """
     from ..data.tasks.visual import box_iou, parse_box
 
@@ -136,11 +139,37 @@ def box_iou_reward(prompts, completions, box, **_):
         if gt is None:
             out.append(None)
             continue
-        if isinstance(gt, str):
-            gt = parse_box(gt)
+        ref = reference_box(gt)
+        if isinstance(ref, RewardFault):
+            out.append(ref)
+            continue
         pred = parse_box(c)
-        out.append(0.0 if pred is None or gt is None else box_iou(pred, [float(v) for v in gt]))
+        out.append(0.0 if pred is None else box_iou(pred, ref))
     return out
+
+
+def reference_box(gt) -> list[float] | RewardFault:
+    """A row's reference box as four floats, corners in order, or a RewardFault saying what is wrong with it."""
+    import math
+
+    from ..data.tasks.visual import parse_box
+
+    if isinstance(gt, str):
+        parsed = parse_box(gt)
+        if parsed is None:
+            return RewardFault(f"reference box {gt[:40]!r} is not '[x1, y1, x2, y2]'")
+        return parsed
+    if not isinstance(gt, (list, tuple)):
+        return RewardFault(f"reference box {str(gt)[:40]!r} is a {type(gt).__name__}, not [x1, y1, x2, y2]")
+    if len(gt) != 4:
+        return RewardFault(f"reference box {str(list(gt))[:40]} has {len(gt)} numbers, not 4 (x1, y1, x2, y2)")
+    try:
+        x1, y1, x2, y2 = (float(v) for v in gt)
+    except (TypeError, ValueError):
+        return RewardFault(f"reference box {str(list(gt))[:40]} holds a value that is not a number")
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return RewardFault(f"reference box {str(list(gt))[:40]} holds a non-finite number")
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
 
 
 @register_reward("reasoning_gym")
