@@ -109,16 +109,26 @@ def run(cfg: Config) -> EvalResult:
     """`mirl eval`: load the model, evaluate it on the task's held-out split, print one JSON line."""
     import json
 
+    from .data.collate import prompts_that_fit, too_long_message
     from .data.tasks import make_task
     from .models import load_policy
+    from .options import check_config
+    from .recipes.common import reward_model_note
 
+    check_config(cfg)
     torch.set_num_threads(max(1, cfg.threads))
+    reward_model_note(cfg.model, "--model")
     policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision)
     task = make_task(cfg.task, policy.tokenizer, cfg.chat)
+    examples = task.examples("test", cfg.n, cfg.seed)
+    _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)
+    if too_long:  # every held-out prompt is scored, or the accuracy would be of another set
+        hint = "lower --max-new-tokens"
+        raise ValueError(too_long_message(too_long, len(examples), policy, cfg.max_new_tokens, hint))
     res = evaluate(
         policy,
         task,
-        task.examples("test", cfg.n, cfg.seed),
+        examples,
         max_new_tokens=cfg.max_new_tokens,
         k=cfg.k,
         n_samples=cfg.n_samples or None,

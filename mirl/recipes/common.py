@@ -39,6 +39,8 @@ def build_policy(
 ):
     """The policy to train: `model` when given, else loaded from `name` (a preset or a folder), with LoRA
     adapters, activation checkpointing, a frozen vision tower and compiled blocks as asked."""
+    if model is None:
+        reward_model_note(name, "--model")
     policy = (
         model if model is not None else load_policy(name, max_seq_len=max(256, max_len), seed=seed, revision=revision)
     )
@@ -55,6 +57,31 @@ def build_policy(
     if compile and not policy.compile_blocks():
         raise ValueError("--compile found no transformer blocks to compile in this model")
     return policy
+
+
+def check_context(policy, max_len: int, name: str) -> None:
+    """The recipes whose --max-len is the length of the training sequences (sft, dpo, rm): it must fit the
+    model's context, or a long row would fail in the middle of training."""
+    if max_len > policy.max_seq_len:
+        raise ConfigError(
+            f"--max-len {max_len}: the model's context is {policy.max_seq_len} tokens ({name}); use --max-len "
+            f"{policy.max_seq_len} or less"
+        )
+
+
+def reward_model_note(name: str, option: str) -> None:
+    """A reward model folder (saved by mirl rm or prm: a backbone plus reward_head.safetensors) given where a
+    policy is wanted loads as its backbone alone: say so, once, naming the head that is dropped."""
+    from ..logging import warn
+
+    p = Path(str(name))
+    for d in (p, p / "final"):
+        if (d / "reward_head.safetensors").exists():
+            warn(
+                f"{option} {name} is a reward model folder: its backbone is loaded as a policy and its reward head "
+                f"({d / 'reward_head.safetensors'}) is dropped (to score with it, use --reward rm:{d})"
+            )
+            return
 
 
 def policy_options(cfg) -> dict:

@@ -35,6 +35,7 @@ from .common import (
     optimizer_step,
     policy_options,
     prompt_options,
+    reward_model_note,
 )
 from .run import Cadence, Result, Run, end_of_run, end_of_step, held_out_evaluator, resume_state, setup
 
@@ -131,6 +132,22 @@ def same_tokenizer(a, b) -> bool:
     )
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two --model values name the same model: the same preset (built alike from the seed), or the
+    same folder (a run folder and its final/ alike)."""
+    from pathlib import Path
+
+    def where(x: str):
+        p = Path(x).expanduser()
+        if not p.exists():
+            return x
+        p = p.resolve()  # a run folder loads as its final/ (models/policy.py: load_policy)
+        run = p.is_dir() and not any(p.glob("*.safetensors")) and (p / "final" / "config.json").exists()
+        return p / "final" if run else p
+
+    return where(a) == where(b)
+
+
 def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None) -> Result:
     """data: optional prompt records [{'prompt', ...}]; model: optional student Policy; teacher: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
@@ -138,10 +155,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
         raise ConfigError("--teacher is required: a saved model folder (or preset) to distil from")
     if not 0.0 <= cfg.jsd_beta <= 1.0:
         raise ConfigError(f"--jsd-beta {cfg.jsd_beta!r}: must be a number in [0, 1]")
+    if teacher is None and model is None and same_model(cfg.teacher, cfg.model):
+        raise ConfigError(
+            f"--teacher {cfg.teacher!r} is the student (--model {cfg.model!r}): the divergence between a model and "
+            "itself is 0 and nothing would be learned; distil from a stronger model"
+        )
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
-    teacher = teacher if teacher is not None else load_policy(cfg.teacher, max_seq_len=cfg.max_len, seed=cfg.seed)
+    if teacher is None:
+        reward_model_note(cfg.teacher, "--teacher")
+        teacher = load_policy(cfg.teacher, max_seq_len=cfg.max_len, seed=cfg.seed)
     if policy.is_vlm != teacher.is_vlm:
         raise ConfigError("--teacher and --model must both take images, or neither")
     if not same_tokenizer(policy.tokenizer, teacher.tokenizer):

@@ -38,6 +38,7 @@ from .common import (
     Schedule,
     autocast,
     build_policy,
+    check_context,
     check_fsdp,
     frozen_reference,
     gathered_policy,
@@ -207,6 +208,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"logp_agg must be 'sum' or 'mean', got {cfg.logp_agg!r}")
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
+    check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
     task = make_task(cfg.task, tok, cfg.chat) if cfg.task else None
     pair_stats = {}

@@ -31,6 +31,7 @@ from ..rollout.pairs import sample_pairs
 from .common import (
     Schedule,
     build_policy,
+    check_context,
     check_fsdp,
     gathered_policy,
     optimizer_step,
@@ -142,6 +143,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     synth_eval = None
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
+    check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
     skips = SkipCounter()
     if data is None and cfg.data:

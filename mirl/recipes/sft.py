@@ -27,6 +27,7 @@ from .common import (
     Schedule,
     autocast,
     build_policy,
+    check_context,
     check_fsdp,
     gathered_policy,
     optimizer_step,
@@ -99,6 +100,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
+    check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
     task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data else None
     if data is None:

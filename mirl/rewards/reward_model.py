@@ -19,7 +19,8 @@ class RewardModelReward:
             self.rm = RewardModel.load(path)
         except RuntimeError as e:  # a head of another backbone's width
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            raise ValueError(f"reward rm:{path}: the reward head does not fit the backbone ({'; '.join(lines)[:400]})") from e
+            why = "; ".join(lines)[:400]
+            raise ValueError(f"reward rm:{path}: the reward head does not fit the backbone ({why})") from e
         self.batch_size = batch_size
         self.path = path
         self.__name__ = f"rm:{path}"
