@@ -106,3 +106,45 @@ def test_grpo_lora_on_a_transformers_model(tmp_path, hf_tiny_dir):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, res.model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_vllm_weights_merge_every_adapter_the_embeddings_too(tmp_path):
+    """What a vLLM sync sends (rollout/engine.py: vllm_state_dict) is the policy's function: loaded strictly into a
+    fresh copy of the base model, it gives the adapted policy's logits, with adapters on the token embedding (PEFT
+    keeps those in lora_embedding_A/B, not lora_A/B), the attention and the MLP."""
+    from test_decode import _hf_text
+    from transformers import AutoModelForCausalLM
+
+    from mirl.rollout.engine import vllm_state_dict
+
+    folder = _hf_text(tmp_path, "llama")
+    policy = load_policy(folder)
+    policy.add_lora(r=4, alpha=8, targets="embed_tokens,q_proj,down_proj")
+    torch.manual_seed(3)
+    for name, p in policy.model.named_parameters():
+        if "lora_" in name:  # PEFT starts B (embedding: A) at zero: give every adapter an effect
+            p.data.normal_(0, 0.3)
+    fresh = AutoModelForCausalLM.from_pretrained(folder)
+    fresh.load_state_dict(vllm_state_dict(policy), strict=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = policy(ids).logits
+        with policy.reference_context():
+            assert (policy(ids).logits - want).abs().max() > 1e-2  # the adapters matter
+        torch.testing.assert_close(fresh(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_vllm_weights_refuse_an_embedding_adapter_on_tied_embeddings(hf_tiny_dir):
+    """With tied embeddings the trained policy's head is the base embedding while vLLM would tie its head to the
+    merged one: a clear error instead of samples from another model."""
+    from mirl.options import ConfigError
+    from mirl.rollout.engine import vllm_state_dict
+
+    policy = load_policy(hf_tiny_dir)
+    assert policy.model.get_output_embeddings().weight is policy.model.get_input_embeddings().weight
+    policy.add_lora(r=4, targets="embed_tokens,q_proj")
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        vllm_state_dict(policy)
+    untouched = load_policy(hf_tiny_dir)
+    untouched.add_lora(r=4, targets="q_proj")
+    assert "model.embed_tokens.weight" in vllm_state_dict(untouched)

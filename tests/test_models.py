@@ -88,3 +88,110 @@ def test_max_len_error():
     p = load_policy("gpt-nano", max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len 8"):
         p(torch.ones(1, 9, dtype=torch.long))
+
+
+def test_hf_step_passes_the_cache_by_the_name_the_forward_takes(hf_tiny_dir):
+    """transformers 5 renamed forward's past_key_values to cache (the old name warns, and goes in 5.40): the step
+    passes and reads the cache under the name the model's forward declares, new or old, and the installed
+    transformers sees no deprecated keyword."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mirl.models.policy import HFBackend
+
+    class New(torch.nn.Module):
+        config = SimpleNamespace(model_type="new")
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            return SimpleNamespace(logits=input_ids.float(), cache=("new", cache))
+
+    class Old(torch.nn.Module):
+        config = SimpleNamespace(model_type="old")
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            return SimpleNamespace(logits=input_ids.float(), past_key_values=("old", past_key_values))
+
+    ids = torch.tensor([[5, 6]])
+    for model in (New(), Old()):
+        _, (cache, _) = HFBackend(model).step(model, ids, torch.ones_like(ids), ids, None, ("prev", None), True, {})
+        assert cache == (model.config.model_type, "prev")
+    policy = load_policy(hf_tiny_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, cache = policy.step(ids, torch.ones_like(ids))
+        policy.step(ids[:, :1], torch.ones(1, 3, dtype=torch.long), cache)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def _two_eos_model(tmp_path, hf_tiny_dir):
+    """The tiny Qwen2 whose generation_config ends on [the tokenizer's EOS, the token of '7'] (as Llama-3 and
+    Qwen2.5-Instruct list several): -> (folder, the extra id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_tiny_dir)
+    extra = tok.convert_tokens_to_ids("7")
+    model = AutoModelForCausalLM.from_pretrained(hf_tiny_dir)
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    model.save_pretrained(str(tmp_path / "two_eos"))
+    tok.save_pretrained(str(tmp_path / "two_eos"))
+    return tmp_path / "two_eos", extra
+
+
+def test_eos_ids_are_the_union_of_config_generation_config_and_tokenizer(tmp_path, hf_tiny_dir):
+    from mirl.models.tokenizer import eos_token_ids
+
+    assert eos_token_ids(2, [5, 2], None, (9,)) == (2, 5, 9)
+    assert eos_token_ids(None) == ()
+    folder, extra = _two_eos_model(tmp_path, hf_tiny_dir)
+    policy = load_policy(folder)
+    assert policy.eos_ids == tuple(sorted({policy.tokenizer.eos_token_id, extra}))
+    assert load_policy("gpt-nano").eos_ids == (2,)  # the character tokenizer's <eos>
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_generation_stops_on_every_eos_id_of_the_generation_config(static, tmp_path, hf_tiny_dir):
+    """vLLM ends a sample on any of generation_config.eos_token_id; the built-in sampler must end on the same set.
+    Here the extra EOS is made the likeliest token from the third step on: every row ends there, not truncated."""
+    from mirl.rollout import generate
+
+    folder, extra = _two_eos_model(tmp_path, hf_tiny_dir)
+    policy = load_policy(folder)
+    step, calls = policy.step, [0]
+
+    def biased(*a, **k):
+        logits, cache = step(*a, **k)
+        calls[0] += 1
+        if calls[0] >= 3:
+            logits = logits.clone()
+            logits[..., extra] += 100.0
+        return logits, cache
+
+    policy.step = biased
+    out = generate(policy, [[5, 6, 7], [8, 9]], max_new_tokens=8, temperature=0, static_cache=static)
+    assert out.response_mask.sum(1).tolist() == [3, 3]
+    assert out.response_ids[:, 2].tolist() == [extra, extra]
+    assert not out.truncated.any()
+
+
+def test_vllm_engine_stops_on_the_same_eos_ids(tmp_path, hf_tiny_dir):
+    """The vLLM engine hands the sampler's EOS set (Policy.eos_ids) to SamplingParams.stop_token_ids (a stand-in
+    for vLLM's LLM records the parameters: no vLLM needed)."""
+    from types import SimpleNamespace
+
+    from mirl.rollout.engine import SamplingSettings, VLLMEngine
+
+    class LLM:
+        def generate(self, requests, params, use_tqdm=False):
+            self.params = params
+            done = SimpleNamespace(index=0, token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}])
+            return [SimpleNamespace(outputs=[SimpleNamespace(**vars(done), finish_reason="stop")]) for _ in requests]
+
+    folder, extra = _two_eos_model(tmp_path, hf_tiny_dir)
+    engine = VLLMEngine.__new__(VLLMEngine)  # without vLLM's engine: only generate's translation is under test
+    engine.policy, engine.banned, engine.llm = load_policy(folder), [], LLM()
+    engine.SamplingParams = dict
+    out = engine.generate([[5, 6]], 2, SamplingSettings(max_new_tokens=4))
+    assert engine.llm.params[0]["stop_token_ids"] == sorted({engine.policy.tokenizer.eos_token_id, extra})
+    assert out.response_ids.shape == (2, 1)
+    engine.generate([[5, 6]], 1, SamplingSettings(max_new_tokens=4, ignore_eos=True))
+    assert engine.llm.params[0]["stop_token_ids"] == []

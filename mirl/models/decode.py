@@ -112,22 +112,34 @@ def _attend(q: Tensor, layer: int, k: Tensor, v: Tensor, cache: StaticCache, slo
     return F.scaled_dot_product_attention(q, kk[:, :, : slot + 1], vv[:, :, : slot + 1], attn_mask=mask, enable_gqa=gqa)
 
 
+def is_lora_layer(m) -> bool:
+    """Whether m is a PEFT LoRA layer (Linear, Embedding, ...) wrapping a base layer."""
+    return hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")
+
+
+def lora_merged_weight(m) -> Tensor:
+    """The weight a PEFT LoRA layer computes with: its base layer's, plus PEFT's delta (scaled B A, in the base
+    weight's layout) of each active adapter; the base weight alone while the adapters are disabled (the reference
+    context) or already merged. For DoRA the delta is not the whole change: callers check use_dora."""
+    w = m.get_base_layer().weight
+    if not m.disable_adapters and not m.merged:
+        for name in m.active_adapters:
+            if name in m.lora_A or name in getattr(m, "lora_embedding_A", {}):
+                w = w + m.get_delta_weight(name).to(w.dtype)
+    return w
+
+
 def linear_weights(m) -> tuple[Tensor, Tensor | None] | None:
     """(weight, bias) that m computes: an nn.Linear, or a PEFT LoRA Linear with its active adapters merged in
     (none when the adapters are disabled: the reference context); None for anything else (DoRA, quantised)."""
     if isinstance(m, torch.nn.Linear):
         return m.weight, m.bias
-    if not (hasattr(m, "get_delta_weight") and hasattr(m, "get_base_layer")):
+    if not is_lora_layer(m):
         return None
     base = m.get_base_layer()
     if not isinstance(base, torch.nn.Linear) or any(getattr(m, "use_dora", {}).values()):
         return None
-    w = base.weight
-    if not m.disable_adapters and not m.merged:
-        for name in m.active_adapters:
-            if name in m.lora_A:
-                w = w + m.get_delta_weight(name).to(w.dtype)
-    return w, base.bias
+    return lora_merged_weight(m), base.bias
 
 
 def _cat_linears(*mods) -> tuple[Tensor, Tensor | None] | None:

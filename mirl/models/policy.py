@@ -13,6 +13,7 @@ images in placeholder order) is accepted everywhere; a text-only model rejects a
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +26,7 @@ from .decode import StaticCache, decode_step, hf_cache_layers, hf_decoder, tiny_
 from .hf import is_hf_dir, is_hub_id, load_hf, offline_hint, save_hf
 from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig, preset_config
 from .tiny_vlm import VLM_PRESETS, TinyVLM, TinyVLMConfig, vlm_preset_config
-from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer
+from .tokenizer import IMAGE_PLACEHOLDER, CharTokenizer, eos_token_ids
 
 # transformers model types whose logits are exactly lm_head(model(...).last_hidden_state): no scaling,
 # soft-capping or multiplier after the head (Granite's logits_scaling, Falcon-H1's lm_head_multiplier,
@@ -144,6 +145,10 @@ class HFBackend:
 
     def __init__(self, model):
         self.mrope = getattr(model.config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl")
+        # transformers 5 renamed forward's past_key_values (and the output's field) to cache; the old name warns
+        # and goes in 5.40. The name the model's own forward declares (read before PEFT wraps it in **kwargs).
+        params = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
 
     def positions(self, base, input_ids, attention_mask, images, cache):
         """(position ids of the new tokens, rope deltas or None); M-RoPE models: (3, B, T) positions."""
@@ -173,11 +178,11 @@ class HFBackend:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past,
             use_cache=use_cache,
+            **{self.cache_name: past},
             **image_kw,
         )
-        return out.logits, (out.past_key_values, deltas)
+        return out.logits, (getattr(out, self.cache_name), deltas)
 
     def select_rows(self, cache, rows: torch.Tensor):
         """The cache of these batch rows only (the transformers cache's batch_select_indices, in place), or None
@@ -318,6 +323,21 @@ class Policy(nn.Module):
 
         pils = [load_image(x, f"{where} image {i}", base) for i, x in enumerate(images)]
         return self.vision.encode(text, pils, where)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The token ids that end a sample: the model config's eos_token_id (its text config's too), its
+        generation config's (a list for Llama-3 or Qwen2.5-Instruct: vLLM stops on all of them) and the
+        tokenizer's."""
+        base = self._base()
+        cfg, gen = base.config, getattr(base, "generation_config", None)
+        text_cfg = getattr(cfg, "text_config", None)
+        return eos_token_ids(
+            getattr(cfg, "eos_token_id", None),
+            getattr(text_cfg, "eos_token_id", None),
+            getattr(gen, "eos_token_id", None),
+            self.tokenizer.eos_token_id,
+        )
 
     @property
     def never_sample(self) -> list[int]:

@@ -29,6 +29,22 @@ def tokens_at_chars(tokenizer, ids: list[int], offsets: list[int]) -> list[int]:
     return at.clamp(max=len(ids) - 1).tolist()
 
 
+def eos_token_ids(*sources) -> tuple[int, ...]:
+    """The end-of-sequence ids a sample ends on, sorted: the union of every source, each an id, a list of ids or
+    None. Both engines stop on this one set (rollout/sample.py; rollout/engine.py gives it to vLLM).
+
+    >>> eos_token_ids(2, [7, 2], None)
+    (2, 7)
+    """
+    ids: set[int] = set()
+    for s in sources:
+        if isinstance(s, (list, tuple, set)):
+            ids.update(int(i) for i in s)
+        elif s is not None:
+            ids.add(int(s))
+    return tuple(sorted(ids))
+
+
 class CharTokenizer:
     """A character-level tokenizer for the built-in tasks, with pad, BOS, EOS, unknown and image tokens."""
 

@@ -90,25 +90,32 @@ class LocalEngine:
 
 def vllm_state_dict(policy) -> dict[str, torch.Tensor]:
     """The policy's weights under their checkpoint names (as save_pretrained writes them), LoRA adapters merged
-    into the values (not into the training model): what vLLM's load_weights takes."""
+    into the values (not into the training model): what vLLM's load_weights takes. Every LoRA layer is merged
+    by PEFT's own delta (models/decode.py: lora_merged_weight), the token embedding's adapter included."""
+    from ..models.decode import is_lora_layer, lora_merged_weight
+
     model = policy.model
     sd = model.state_dict()
     if not policy.has_lora:
         return sd
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if is_lora_layer(embed) and head is not None and head.weight is embed.get_base_layer().weight:
+        raise ConfigError(
+            "--engine vllm with a LoRA adapter on the token embedding of a model whose output head shares it "
+            "(tie_word_embeddings): vLLM's head would take the merged embedding, the trained policy's stays the "
+            "base one. Leave embed_tokens out of --lora-targets, or use --engine local"
+        )
+    merged = {}
+    for name, module in model.named_modules():
+        if is_lora_layer(module):
+            if any(getattr(module, "use_dora", {}).values()):
+                raise ConfigError(f"--engine vllm cannot merge the DoRA adapter of {name}: use plain LoRA")
+            merged[f"{name}.base_layer.weight"] = lora_merged_weight(module)
     out = {}
-    scaled = {}
-    for name, module in model.named_modules():  # delta W = B A * scaling of each adapted layer
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            scaled[name] = (b @ a) * module.scaling["default"]
     for k, v in sd.items():
-        if "lora_" in k:
+        if ".lora_" in k:  # the adapters' own matrices (lora_A/B, lora_embedding_A/B): merged above
             continue
-        base = k.replace(".base_layer.", ".")
-        layer = k.rsplit(".base_layer.", 1)[0] if ".base_layer." in k else None
-        if layer in scaled and k.endswith(".base_layer.weight"):
-            v = v + scaled[layer].to(v.dtype)
-        out[base.removeprefix("base_model.model.")] = v
+        out[k.replace(".base_layer.", ".").removeprefix("base_model.model.")] = merged.get(k, v)
     return out
 
 
@@ -209,7 +216,7 @@ class VLLMEngine:
         if sample_images is not None:
             raise ConfigError("--noisy-rollout with --engine vllm is not supported yet (use --engine local)")
         tok = self.policy.tokenizer
-        eos = tok.eos_token_id
+        stop_ids = [] if sampling.ignore_eos else list(self.policy.eos_ids)  # the set the local sampler ends on
         requests, params = [], []
         for i, ids in enumerate(prompts):
             if seeds is not None:
@@ -225,7 +232,7 @@ class VLLMEngine:
                     max_tokens=sampling.max_new_tokens,
                     logprobs=0,
                     ignore_eos=sampling.ignore_eos,
-                    stop_token_ids=[] if sampling.ignore_eos or eos is None else [eos],
+                    stop_token_ids=stop_ids,
                     seed=seed,
                     logit_bias={t: -100.0 for t in self.banned} or None,  # image placeholders never sampled
                     detokenize=False,

@@ -163,11 +163,15 @@ def generate(
     batch, so the samples are the same as without it (tests/test_rollout.py).
     static_cache: decode on a preallocated KV cache written in place, through the backend's native step
     (models/decode.py; the same tokens and log-probs as the model's own forward, tests/test_decode.py)."""
+    from ..models.tokenizer import eos_token_ids
     from ..models.vision import cat_images
 
     tok = policy.tokenizer
-    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    pad_id = tok.pad_token_id
     device = policy.device
+    # every EOS id of the model (Policy.eos_ids: config, generation config, tokenizer), as vLLM stops on them
+    eos_ids = getattr(policy, "eos_ids", None) or eos_token_ids(tok.eos_token_id)
+    eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=device)
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     row_images = None if images is None else [im for im in images for _ in range(samples_per_prompt)]
     if sample_images is not None and len(sample_images) != len(rows):
@@ -219,7 +223,7 @@ def generate(
         out_ids[live, t] = nxt
         out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
         newly = torch.zeros(b, dtype=torch.bool, device=device)
-        newly[live] = (~live_done) & (nxt == eos_id) & (not ignore_eos)
+        newly[live] = (~live_done) & torch.isin(nxt, eos_ids) & (not ignore_eos)
         if stop_strings:
             for i in torch.nonzero(~done & ~newly).flatten().tolist():
                 text = tok.decode(out_ids[i, : t + 1].tolist(), skip_special_tokens=True)
