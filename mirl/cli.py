@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever the run was
         if is_main():
-            print(f"mirl {cmd}: stopped at once by a second SIGINT: {_last_checkpoint(cmd, cfg)}", file=sys.stderr)
+            print(f"mirl {cmd}: stopped at once by SIGINT (Ctrl-C): {_last_checkpoint(cmd, cfg)}", file=sys.stderr)
         shutdown(ok=False)
         return 130
     if cmd not in ("eval", "demo", "report", "experiment") and is_main():
@@ -286,6 +286,8 @@ def _last_checkpoint(cmd: str, cfg) -> str:
         )
     if cmd == "iterate" and cfg is not None and (out / "iterate.json").exists():
         return f"the finished phases are in {out}: resume with the same command and --resume"
+    if not getattr(cfg, "out_dir", ""):
+        return "nothing was written"
     return "the unfinished step was not saved, and no checkpoint had been written yet"
 
 

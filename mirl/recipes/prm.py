@@ -9,7 +9,9 @@ Labels (--labels):
     mc        Monte-Carlo rollouts of the policy (Math-Shepherd): a step is right when at least one of
               --mc-rollouts continuations from just after it reaches the right answer
 Solutions: --samples-per-prompt samples of the policy per training prompt, plus the task's worked solution and
-one of its plausible wrong ones per prompt (balanced labels from the start).
+one of its plausible wrong ones per prompt (balanced labels from the start). Solutions whose step ends the
+tokenizer merges away are left out, counted. The labelled solutions are kept in <out_dir>/labels.json, so that
+a run resumed from its checkpoint (--save-every, --resume, as in every recipe) trains on the same ones.
 
     mirl prm --model runs/sft1/final --task arith:1 --steps 300
     mirl grpo --model runs/sft1/final --task arith:1 --reward rm:runs/prm/final
@@ -25,16 +27,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices, pad_batch
 from ..data.tasks import make_task
 from ..logging import console
 from ..models.heads import RewardModel, step_token_mask
 from ..optim import make_optimizer
-from ..options import ConfigError, check_config
+from ..options import ConfigError
 from ..rollout.score import completions
-from .common import build_policy
-from .run import Result
+from .common import Schedule, autocast, build_policy, optimizer_step
+from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
 
 LABELS = ("verifier", "mc")
 
@@ -59,7 +63,14 @@ class Config:
     eval_n: int = 200  # held-out prompts whose samples measure the step accuracy (0 = skip)
     seed: int = 0  # seed of prompts, sampling and initialisation
     threads: int = 2  # torch CPU threads
-    out_dir: str = "runs/prm"  # run folder: metrics.jsonl, summary.json, final/ (the process reward model)
+    out_dir: str = "runs/prm"  # run folder: metrics.jsonl, labels.json, summary.json, checkpoint/, final/ (the PRM)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: bool = False  # continue from out_dir/checkpoint
+    stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
+    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
+    allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
 def prefix_labels(step_scores: list[tuple[int, float]], ends: list[int]) -> list[float]:
@@ -149,57 +160,153 @@ def step_accuracy(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> di
     }
 
 
+def check_separators(task, separators: str, n: int = 64) -> None:
+    """--separators must split the task's worked solutions into steps: characters that none of them holds make
+    every solution one step (an outcome reward model, not a process one)."""
+    solutions = [e["solution"] for e in task.examples("train", n, 0)]
+    if not separators or not any(len(boundaries(x, separators)) > 1 for x in solutions):
+        raise ConfigError(
+            f"--separators {separators!r}: none of these characters is inside {task.name}'s worked solutions (e.g. "
+            f"{solutions[0]!r}), so every solution would be one step; give the characters that end its steps (the "
+            "arith tasks: ',|', the default)"
+        )
+
+
+def usable(rm: RewardModel, rows: list[dict], which: str) -> list[dict]:
+    """The labelled solutions whose step ends fall on distinct tokens (encode() can place their labels); the
+    others are counted in a warning. None usable: an error."""
+    tok = rm.tokenizer
+
+    def fits(r: dict) -> bool:
+        ids = tok.encode(r["text"], add_special_tokens=False) + [tok.eos_token_id]
+        return sum(step_token_mask(tok, ids, rm.separators)) == len(r["labels"])
+
+    keep = [r for r in rows if fits(r)]
+    if rows and not keep:
+        raise ValueError(
+            f"none of the {len(rows)} {which} solutions is usable: the tokenizer merges their step ends "
+            f"(--separators {rm.separators!r}) into the tokens around them"
+        )
+    if len(keep) < len(rows):
+        from ..logging import warn
+
+        warn(f"{len(rows) - len(keep)} of {len(rows)} {which} solutions left out: the tokenizer merges a step end")
+    return keep
+
+
+def labels_for_run(policy, task, cfg: Config) -> tuple[list[dict], list[dict], float]:
+    """The labelled training and held-out solutions -> (train rows, test rows, labelling seconds): made once
+    and kept in <out_dir>/labels.json, read back when the run is resumed (the policy has trained since). A stop
+    signal during labelling stops the run before training (nothing to save yet)."""
+    from ..checkpoint import atomic_write_text
+    from ..stop import StopRequested, requested
+
+    path = Path(cfg.out_dir) / "labels.json"
+    if cfg.resume and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            return saved["train"], saved["test"], saved["label_seconds"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: cannot read the run's labelled solutions ({e}); start the run afresh") from e
+    t0 = time.perf_counter()
+    train_rows = labelled(policy, task, task.examples("train", cfg.n_prompts, cfg.seed), cfg, cfg.seed)
+    if requested():
+        raise StopRequested(requested(), "while labelling the training solutions (before any step)")
+    test_rows = (
+        labelled(policy, task, task.examples("test", cfg.eval_n, cfg.seed), cfg, cfg.seed + 1) if cfg.eval_n else []
+    )
+    if requested():
+        raise StopRequested(requested(), "while labelling the held-out solutions (before any step)")
+    label_s = time.perf_counter() - t0
+    atomic_write_text(path, json.dumps({"train": train_rows, "test": test_rows, "label_seconds": label_s}))
+    return train_rows, test_rows, label_s
+
+
 def train(cfg: Config, model=None) -> Result:
     """model: optional Policy (backbone and the sampled policy)."""
-    check_config(cfg)
+    # ---- setup -------------------------------------------------------------------------------------
     if cfg.labels not in LABELS:
         raise ConfigError(f"--labels {cfg.labels!r}: must be one of {', '.join(LABELS)}")
-    torch.set_num_threads(max(1, cfg.threads))
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    setup(cfg)
     policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed)
     task = make_task(cfg.task, policy.tokenizer, "no")
     if not hasattr(task, "step_scores"):
         raise ConfigError(f"mirl prm needs a task with a step verifier (the arith tasks); {cfg.task!r} has none")
-    t0 = time.perf_counter()
-    train_rows = labelled(policy, task, task.examples("train", cfg.n_prompts, cfg.seed), cfg, cfg.seed)
-    test_rows = (
-        labelled(policy, task, task.examples("test", cfg.eval_n, cfg.seed), cfg, cfg.seed + 1) if cfg.eval_n else []
-    )
-    label_s = time.perf_counter() - t0
-    positive = sum(sum(r["labels"]) for r in train_rows) / max(1, sum(len(r["labels"]) for r in train_rows))
+    check_separators(task, cfg.separators)
+    train_rows, test_rows, label_s = labels_for_run(policy, task, cfg)
+    rm = RewardModel(policy, "step", cfg.separators)
+    train_rows, test_rows = usable(rm, train_rows, "training"), usable(rm, test_rows, "held-out")
+    n_labels = sum(len(r["labels"]) for r in train_rows)
+    positive = sum(sum(r["labels"]) for r in train_rows) / max(1, n_labels)
     console.print(f"prm: {len(train_rows)} labelled solutions ({positive:.2f} of steps right) in {label_s:.1f} s")
     pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6))
-    rm = RewardModel(policy, "step", cfg.separators)
     optimizer = make_optimizer(rm, cfg.lr, 0.0)
-    before = step_accuracy(rm.eval(), test_rows) if test_rows else {}
-    history = []
+    state = {"before": {}}  # the held-out accuracy before training, kept with checkpoints
+    start = 0
+    if cfg.resume:
+        start, _ = resume_state(cfg.out_dir, rm.policy, optimizer, extras=state)
+        head = Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors"
+        try:
+            rm.head.load_state_dict(load_file(str(head)))
+        except Exception as e:  # noqa: BLE001 - safetensors' and torch's errors: one line naming the file
+            raise ValueError(f"{head}: cannot load the checkpoint's reward head ({str(e).splitlines()[0]})") from e
+    elif test_rows:
+        state["before"] = step_accuracy(rm.eval(), test_rows)
+
+    # ---- derived values: the schedule (constant lr, gradients clipped to 1), when to save and stop ----------
+    schedule = Schedule(cfg.lr, 0, cfg.steps, 1.0, 1.0)
+    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step)
+    run = Run(
+        cfg.out_dir,
+        cadence,
+        desc="prm",
+        show=("loss", "step_accuracy"),
+        resume=cfg.resume,
+        start=start,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
+
+    def save(step):
+        def head(folder):
+            save_file(
+                {k: v.contiguous() for k, v in rm.head.state_dict().items()},
+                str(folder / "reward_head.safetensors"),
+                metadata={"aggregate": rm.aggregate, "separators": rm.separators},
+            )
+
+        save_checkpoint(cfg.out_dir, rm.policy, optimizer, step, extra=state, write_extra=head)
+
     rm.train()
-    with (out / "metrics.jsonl").open("w") as log:
-        for step in range(cfg.steps):
-            idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
-            ids, attn, steps, labels = encode(rm, [train_rows[i] for i in idx])
-            logits = rm.token_scores(ids, attn)[steps.bool()]
-            # the classes weighted to balance (most sampled steps of a weak policy are wrong)
-            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            row = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "step_accuracy": float(((logits > 0) == labels).float().mean()),
-            }
-            history.append(row)
-            log.write(json.dumps(row) + "\n")
-            if (step + 1) % max(1, cfg.steps // 10) == 0:
-                console.print(f"prm step {step + 1}/{cfg.steps} loss={row['loss']:.4g}")
-    after = step_accuracy(rm.eval(), test_rows) if test_rows else {}
-    rm.save(out / "final")
-    summary = {"before": before, "after": after, "labelled": len(train_rows), "positive_frac": positive,
-               "label_seconds": label_s, "config": asdict(cfg)}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"prm: held-out {after}")
-    return Result(rm, history, summary)
+
+    # ---- training loop -----------------------------------------------------------------------------
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
+        ids, attn, steps, labels = encode(rm, [train_rows[i] for i in idx])
+        with autocast(policy, cfg.bf16):
+            logits = rm.token_scores(ids, attn)[steps.bool()].float()
+        # the classes weighted to balance (most sampled steps of a weak policy are wrong)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+        loss.backward()
+        grad_norm, _ = optimizer_step(rm, optimizer, step, schedule)
+        row = {
+            "loss": loss.item(),
+            "step_accuracy": float(((logits > 0) == labels).float().mean()),
+            "grad_norm": grad_norm,
+        }
+        if end_of_step(run, step + 1, row, t_step=t0, save=save):
+            break
+
+    # ---- evaluate and save -------------------------------------------------------------------------
+    after = step_accuracy(rm.eval(), test_rows) if test_rows and run.cadence.finishes else {}
+    summary = end_of_run(run, rm, save=lambda path: rm.save(path))
+    summary.update(
+        {"before": state["before"], "after": after, "labelled": len(train_rows), "positive_frac": positive,
+         "label_seconds": label_s, "config": asdict(cfg)}
+    )  # fmt: skip
+    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if after:
+        console.print(f"prm: held-out {after}")
+    return Result(rm, run.history, summary)
