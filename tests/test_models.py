@@ -54,9 +54,9 @@ def test_tiny_save_load_roundtrip(tmp_path):
 
 def test_size_dial_and_bad_preset():
     assert load_policy("gpt-d5").model.config.n_embd == 320
-    with pytest.raises(FileNotFoundError, match="neither a preset .*gpt-nano"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder: gpt-huge .*a preset: gpt-nano"):
         load_policy("gpt-huge")
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_policy("/nonexistent/model")
 
 
