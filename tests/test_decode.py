@@ -164,9 +164,17 @@ def test_sliding_window_of_mistral_is_applied(tmp_path):
     """Mistral declares sliding_window=8 without layer_types: every layer attends to its last 8 positions. Prompts of
     6 tokens + 12 greedy tokens run past the window; the tokens and log-probs of generate (whichever decode path it
     takes) are the arg-max and log-probs of transformers' own forward over the whole sequence. The window does bite:
-    the same forward without it gives other log-probs."""
+    the same forward without it gives other log-probs. A window longer than prompt + new tokens masks nothing: such
+    a model (Mistral-7B-v0.1 declares 4096) keeps the fast path."""
     policy = load_policy(_hf_text(tmp_path, "mistral", sliding_window=8))
     prompts = _equal_length_prompts(6, 6, len(policy.tokenizer))
+    ids = torch.tensor(prompts[:1])
+    assert not isinstance(policy.start_decode(ids, torch.ones_like(ids), 12)[1], StaticCache)
+    wide = load_policy(_hf_text(tmp_path / "wide", "mistral", sliding_window=18))
+    assert isinstance(wide.start_decode(ids, torch.ones_like(ids), 12)[1], StaticCache)
+    out = generate(wide, prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+    logps = _forward_logps(wide.model, out)
+    torch.testing.assert_close(logps.gather(-1, out.response_ids[..., None])[..., 0], out.logps, atol=2e-5, rtol=0)
     out = generate(policy, prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
     assert out.response_ids.shape == (6, 12)
     logps = _forward_logps(policy.model, out)
