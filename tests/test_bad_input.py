@@ -167,7 +167,7 @@ CASES = [
     ("yaml-inf", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: .inf\n"}, 2, ["--lr inf: must be a finite"]),
     ("yaml-range", ["sft", "--config", "{d}/c.yaml"], {"c.yaml": "lr: -1e-4\n"}, 2, ["--lr -0.0001"]),
     # ---- data files --------------------------------------------------------------------------------------
-    ("data-missing", [*DPO, "--data", "{d}/none.jsonl"], {}, 2, ["none.jsonl: no such file or folder"]),
+    ("data-missing", [*DPO, "--data", "{d}/none.jsonl"], {}, 2, ["no such file or folder: {d}/none.jsonl"]),
     ("data-empty", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": ""}, 2, ["p.jsonl: the dataset is empty"]),
     ("data-blank", [*DPO, "--data", "{d}/p.jsonl"], {"p.jsonl": "\n  \n\n"}, 2, ["p.jsonl: the dataset is empty"]),
     (
@@ -337,7 +337,13 @@ CASES = [
         2,
         ["run0 is a run folder without a final model"],
     ),
-    ("model-missing", [*SFT, "--task", "arith:1", "--model", "{d}/nomodel"], {}, 2, ["neither a preset"]),
+    (
+        "model-missing",
+        [*SFT, "--task", "arith:1", "--model", "{d}/nomodel"],
+        {},
+        2,
+        ["no such file or folder: {d}/nomodel"],
+    ),
     ("model-no-config", [*SFT, "--task", "arith:1", "--model", "{d}/m"], {"m/x.txt": "x"}, 2, ["has no config.json"]),
     (
         "model-bad-config-json",
@@ -370,6 +376,239 @@ CASES = [
         ["is not a reward model folder"],
     ),
 ]
+
+
+BOX_PROMPTS = jsonl([{"prompt": "where?", "box": [0, 0, 1, 1]}])
+NEW_CASES = [
+    # ---- options that cannot act in the combination given: the option, its value and what it needs --------
+    ("is-cap-without-correction", ["grpo", "--is-cap", "5"], {}, 2, ["--is-cap 5.0 has no effect", "--is-correction"]),
+    ("is-mode-without-correction", ["ppo", "--is-mode", "truncate"], {}, 2, ["--is-mode 'truncate' has no effect"]),
+    ("step-baseline-without-step-rewards", ["grpo", "--step-baseline", "group"], {}, 2, ["needs --step-rewards"]),
+    (
+        "model-revision-on-a-local-folder",
+        [*SFT, "--task", "arith:1", "--model", "{d}/m", "--model-revision", "main"],
+        {"m/config.json": "{}"},
+        2,
+        ["--model-revision 'main' has no effect", "hub model id"],
+    ),
+    (
+        "split-on-a-jsonl-file",
+        [*SFT, "--data", "{d}/s.jsonl", "--split", "test"],
+        {"s.jsonl": jsonl([{"prompt": "1+1=", "completion": "2"}])},
+        2,
+        ["--split 'test'", "s.jsonl is one file, with no splits"],
+    ),
+    ("split-without-data", ["grpo", "--split", "test"], {}, 2, ["--split 'test' has no effect: it needs --data"]),
+    (
+        "data-config-on-a-local-file",
+        [*SFT, "--data", "{d}/s.jsonl", "--data-config", "en"],
+        {"s.jsonl": jsonl([{"prompt": "1+1=", "completion": "2"}])},
+        2,
+        ["--data-config and --revision are for hub datasets"],
+    ),
+    (
+        "entropy-coef-above-its-max",
+        ["grpo", "--entropy-coef", "0.1", "--entropy-target", "0.5"],
+        {},
+        2,
+        ["--entropy-coef 0.1 is above --entropy-coef-max 0.05"],
+    ),
+    ("entropy-coef-max-without-target", ["grpo", "--entropy-coef-max", "0.2"], {}, 2, ["needs --entropy-target > 0"]),
+    ("dual-clip-c-with-clip", ["grpo", "--dual-clip-c", "5"], {}, 2, ["--dual-clip-c 5.0", "--policy-loss dual_clip"]),
+    (
+        "sapo-tau-with-cispo",
+        ["ppo", "--policy-loss", "cispo", "--sapo-tau-pos", "2"],
+        {},
+        2,
+        ["--sapo-tau-pos 2.0 has no effect", "--policy-loss sapo"],
+    ),
+    ("policy-loss-unknown", ["grpo", "--policy-loss", "ppo"], {}, 2, ["--policy-loss 'ppo'", "cispo, sapo"]),
+    (
+        "curriculum-stages-with-uniform",
+        ["grpo", "--curriculum-stages", "5"],
+        {},
+        2,
+        ["--curriculum-stages 5", "--prompt-sampler curriculum"],
+    ),
+    ("oversample-with-uniform", ["grpo", "--pass-rate-oversample", "8"], {}, 2, ["--prompt-sampler pass-rate"]),
+    ("prompt-sampler-unknown", ["grpo", "--prompt-sampler", "hard-first"], {}, 2, ["--prompt-sampler 'hard-first'"]),
+    ("vllm-memory-with-local-engine", ["grpo", "--vllm-memory", "0.5"], {}, 2, ["--vllm-memory 0.5", "--engine vllm"]),
+    ("engine-unknown", ["online", "--engine", "sglang"], {}, 2, ["--engine 'sglang'", "local, vllm"]),
+    ("max-refills-without-dynamic", ["grpo", "--max-refills", "2"], {}, 2, ["--max-refills 2", "--dynamic-sampling"]),
+    ("kl-horizon-without-target", ["ppo", "--kl-horizon", "100"], {}, 2, ["--kl-horizon 100.0", "--kl-target > 0"]),
+    ("beta-final-constant-schedule", ["grpo", "--beta-final", "0.1"], {}, 2, ["--kl-schedule linear or cosine"]),
+    ("noise-without-noisy-rollout", ["grpo", "--noise-strength", "0.3"], {}, 2, ["--noisy-rollout > 0"]),
+    ("lora-alpha-without-lora", ["dpo", "--lora-alpha", "32"], {}, 2, ["--lora-alpha 32 has no effect", "--lora-r"]),
+    ("mc-rollouts-with-verifier", ["prm", "--mc-rollouts", "8"], {}, 2, ["--mc-rollouts 8", "--labels mc"]),
+    (
+        "sft-task-with-data",
+        [*SFT, "--task", "arith:2", "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "1+1=", "completion": "2"}])},
+        2,
+        ["--task 'arith:2' has no effect with --data"],
+    ),
+    ("dpo-k-with-data", [*DPO, "--data", "{d}/p.jsonl", "--k", "4"], {"p.jsonl": jsonl(PAIRS)}, 2, ["--k 4 has no"]),
+    ("eval-n-samples-without-k", ["eval", "--n-samples", "8"], {}, 2, ["--n-samples 8 has no effect", "--k > 1"]),
+    ("eval-every-without-eval-n", [*SFT, "--eval-every", "5"], {}, 2, ["--eval-every has no effect with --eval-n 0"]),
+    ("iterate-grpo-lr", ["iterate", "--grpo-lr", "-1"], {}, 2, ["--grpo-lr -1.0", "(the grpo phase's --lr)"]),
+    ("iterate-group-size-one", ["iterate", "--group-size", "1"], {}, 2, ["--group-size 1", "the grpo phase's"]),
+    ("iterate-sft-lr", ["iterate", "--sft-lr", "nan"], {}, 2, ["--sft-lr nan", "(the sft phase's --lr)"]),
+    ("iterate-resume-nothing", ["iterate", "--resume", "--out-dir", "{d}/it"], {}, 2, ["no iterate run to resume"]),
+    (
+        "prm-resume-nothing",
+        [
+            "prm",
+            "--resume",
+            "--out-dir",
+            "{d}/p",
+            "--n-prompts",
+            "2",
+            "--eval-n",
+            "0",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ],
+        {},
+        2,
+        ["no checkpoint to resume from"],
+    ),  # fmt: skip
+    ("prm-separators-one-step", ["prm", "--separators", ";"], {}, 2, ["--separators ';'", "every solution would be"]),
+    ("prm-separators-empty", ["prm", "--separators", ""], {}, 2, ["--separators ''", "one step"]),
+    (
+        "distill-teacher-is-student",
+        ["distill", "--teacher", "gpt-nano"],
+        {},
+        2,
+        ["--teacher 'gpt-nano' is the student"],
+    ),
+    (
+        "distill-teacher-is-student-folder",
+        ["distill", "--teacher", "{d}/run", "--model", "{d}/run/final"],
+        {"run/config.json": "{}", "run/final/config.json": "{}"},
+        2,
+        ["is the student"],
+    ),
+    ("distill-teacher-missing", ["distill", "--teacher", "{d}/none"], {}, 2, ["no such file or folder: {d}/none"]),
+    ("chat-yes-without-template", ["eval", "--model", "gpt-nano", "--chat", "yes"], {}, 2, ["has no chat template"]),
+    ("report-to-unknown", ["grpo", "--report-to", "mlflow"], {}, 2, ["--report-to 'mlflow'"]),
+    # ---- paths that look local are never taken for hub ids ------------------------------------------------
+    (
+        "model-typo-run-folder",
+        [*SFT, "--task", "arith:1", "--model", "sftrun/final"],
+        {},
+        2,
+        ["no such file or folder: sftrun/final"],
+    ),
+    ("model-dot-slash", [*SFT, "--task", "arith:1", "--model", "./nope"], {}, 2, ["no such file or folder: ./nope"]),
+    ("model-home", ["eval", "--model", "~/nope-model"], {}, 2, ["no such file or folder: ~/nope-model"]),
+    ("data-typo-file", [*DPO, "--data", "data/x.jsonl"], {}, 2, ["no such file or folder: data/x.jsonl"]),
+    # ---- reward files ---------------------------------------------------------------------------------------
+    (
+        "reward-file-missing",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/none.py:f"],
+        {},
+        2,
+        ["none.py: no such file"],
+    ),
+    (
+        "reward-file-no-function",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/r.py"],
+        {"r.py": "def score(prompts, completions, **_):\n    return [1.0] * len(completions)\n"},
+        2,
+        ["name the function after a colon", "it defines: score"],
+    ),
+    (
+        "reward-file-unknown-function",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/r.py:scorer"],
+        {"r.py": "def score(prompts, completions, **_):\n    return [1.0] * len(completions)\n"},
+        2,
+        ["has no function 'scorer'; it defines: score"],
+    ),
+    (
+        "reward-file-syntax-error",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/r.py:f"],
+        {"r.py": "def f(prompts, completions, **_)\n    return []\n"},
+        2,
+        ["r.py:1: syntax error"],
+    ),
+    (
+        "reward-file-import-fails",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/r.py:f"],
+        {"r.py": "import no_such_module_here\n"},
+        2,
+        ["importing it raised ModuleNotFoundError"],
+    ),
+    (
+        "reward-file-wrong-signature",
+        [*GRPO, "--task", "arith:1", "--reward", "{d}/r.py:f@0.5"],
+        {"r.py": "def f(completions):\n    return []\n"},
+        2,
+        ["reward 'r.py:f' must have the signature"],
+    ),
+    (
+        "reward-head-truncated",
+        [*GRPO, "--task", "arith:1", "--reward", "rm:{d}/m"],
+        {"m/config.json": "{}", "m/reward_head.safetensors": b'\x40\x00\x00\x00\x00\x00\x00\x00{"proj.w'},
+        2,
+        ["m/reward_head.safetensors: cannot read the reward head", "truncated"],
+    ),
+    # ---- data -----------------------------------------------------------------------------------------------
+    (
+        "data-chosen-user-only",
+        [*DPO, "--data", "{d}/p.jsonl"],
+        {
+            "p.jsonl": jsonl(
+                [
+                    {
+                        "prompt": "1+1=",
+                        "chosen": [{"role": "user", "content": "a"}],
+                        "rejected": [{"role": "user", "content": "b"}],
+                    }
+                ]
+            )
+        },  # fmt: skip
+        2,
+        ["p.jsonl:1: field 'chosen' has no assistant turn"],
+    ),
+    (
+        "data-difficulty-not-a-number",
+        [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "exact", "--prompt-sampler", "curriculum"],
+        {"p.jsonl": jsonl([{"prompt": "1+1=", "answer": "2", "difficulty": "easy"}])},
+        2,
+        ["p.jsonl:1: field 'difficulty' must be a finite number, got 'easy'"],
+    ),
+    (
+        "data-prompt-longer-than-context",
+        [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "exact"],
+        {"p.jsonl": jsonl([{"prompt": "1" * 300 + "+1=", "answer": "2"}])},
+        2,
+        ["1 of 1 prompts are too long", "p.jsonl:1 (", "--max-new-tokens 4", "--max-len"],
+    ),
+    (
+        "data-image-bad-data-uri",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "<image>n", "completion": "1", "images": ["data:image/png;base64,@@"]}])},
+        2,
+        ["s.jsonl:1 field 'images'[0]: the data: URI's base64 does not decode"],
+    ),
+    (
+        "data-image-base64-not-an-image",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/s.jsonl"],
+        {"s.jsonl": jsonl([{"prompt": "<image>n", "completion": "1", "image": "QUJD" * 20}])},
+        2,
+        ["s.jsonl:1 field 'images'[0]: neither an image file nor base64 of an image"],
+    ),
+    (
+        "report-corrupt-metrics",
+        ["report", "{d}/r"],
+        {"r/metrics.jsonl": '{"step": 1, "loss": 1}\n\n{"step": 2, "loss":\n{"step": 3}\n'},
+        2,
+        ["{d}/r/metrics.jsonl:3: malformed JSON"],
+    ),
+]
+CASES += NEW_CASES
 
 
 def _write(d, files):
@@ -706,3 +945,230 @@ def test_signal_saves_the_last_step_and_says_how_to_resume(tmp_path, sig):
     logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert step >= 2 and logged[-1] == step
     assert not (out / "final").exists()
+
+
+# ---- rewards that will not stop, and stop signals --------------------------------------------------------
+STUBBORN = """import time
+
+
+def stubborn(prompts, completions, **_):
+    while True:
+        try:
+            time.sleep(0.1)
+        except BaseException:
+            pass
+"""
+
+
+def test_a_reward_that_swallows_its_timeout_is_cut_off_counted_and_reported(tmp_path, capsys):
+    """The reward catches everything (its timeout too) and loops forever: it runs in the reward worker, which is
+    killed after --reward-timeout-s 1; the fault is counted, reported, and the run ends."""
+    (tmp_path / "hang.py").write_text(STUBBORN)
+    argv = [a.replace("{d}", str(tmp_path)) for a in GRPO] + ["--task", "arith:1", "--steps", "2"]
+    t0 = time.time()
+    rc = main(argv + ["--reward", f"{tmp_path}/hang.py:stubborn", "--reward-timeout-s", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0 and time.time() - t0 < 60, captured.err[-2000:]
+    assert "reward 'hang.py:stubborn': timeout" in captured.err and "Traceback" not in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["reward_faults"] == {"hang.py:stubborn/timeout": 2}
+
+
+def test_sigterm_while_a_stubborn_reward_runs_ends_the_run_within_seconds(tmp_path):
+    (tmp_path / "hang.py").write_text(STUBBORN)
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "mirl", "grpo", "--task", "arith:1", "--steps", "100", "--max-new-tokens", "4"]
+    cmd += ["--group-size", "2", "--prompts-per-step", "2", "--eval-n", "0", "--threads", "1", "--no-report"]
+    cmd += ["--reward", f"{tmp_path}/hang.py:stubborn", "--reward-timeout-s", "300", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "config.json").exists():
+        time.sleep(0.2)
+    time.sleep(2)  # the model is built and the first rollout is being scored: the reward loops
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 10, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGTERM while a reward function was running" in err and "Traceback" not in err
+    assert "no checkpoint had been written yet" in err
+
+
+def test_reward_faults_the_worker_counts(tmp_path):
+    """An unparseable or two-number IoU reference box is a counted fault (not a silent 0.0); a reward that kills
+    its own process (os._exit) is a fault too, and the next call gets a fresh worker."""
+    import os
+
+    from mirl.rewards import get_reward
+
+    rs = _reward_set(get_reward("iou"), "iou")
+    total, per_fn, _ = rs.score(["q"] * 4, ["[0,0,2,2]"] * 4, box=["[1, 2]", [1, 2], "nonsense", [0, 0, 2, 2]])
+    assert torch.isnan(per_fn[:3, 0]).all() and per_fn[3, 0] == 1.0
+    assert rs.faults == {
+        "iou/reference box '[1, 2]' is not '[x1, y1, x2, y2]'": 1,
+        "iou/reference box [1, 2] has 2 numbers, not 4 (x1, y1, x2, y2)": 1,
+        "iou/reference box 'nonsense' is not '[x1, y1, x2, y2]'": 1,
+    }
+
+    def dies(prompts, completions, **_):
+        os._exit(3)
+
+    rs = _reward_set(dies, "dies")
+    for _ in range(2):
+        total, _, _ = rs.score(["p"], ["a"])
+        assert torch.isnan(total).all()
+    assert sum(rs.faults.values()) == 2 and all("died" in k for k in rs.faults), rs.faults
+    assert rs.worker.starts == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_prm_saves_a_checkpoint_that_resumes(tmp_path, sig):
+    """prm had no signal handling (SIGINT: a traceback; SIGTERM: no message, nothing saved) and no checkpoints."""
+    out = tmp_path / "prm"
+    base = [sys.executable, "-m", "mirl", "prm", "--task", "arith:1", "--n-prompts", "4", "--samples-per-prompt", "1"]
+    base += ["--eval-n", "0", "--batch-size", "4", "--threads", "1", "--out-dir", str(out)]
+    proc = subprocess.Popen(base + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"stopped by {sig.name} after step" in err and "resume with the same command and --resume" in err
+    assert "Traceback" not in err
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert step >= 2 and (out / "checkpoint" / "reward_head.safetensors").exists() and not (out / "final").exists()
+    if sig == signal.SIGINT:
+        return  # resuming is the same after either signal
+    done = subprocess.run(
+        base + ["--steps", str(step + 1), "--resume", "--allow-config-change"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 2)) and (out / "final" / "reward_head.safetensors").exists()
+
+
+# ---- trackers --------------------------------------------------------------------------------------------
+def test_wandb_without_credentials_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none: no `wandb login` either
+    rc = main(["grpo", "--report-to", "tensorboard,wandb", "--out-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--report-to wandb: no W&B credentials" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    from mirl.logging import wandb_credentials
+
+    assert wandb_credentials()
+
+
+def test_a_tracker_that_is_not_installed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    assert main(["sft", "--report-to", "trackio", "--out-dir", str(tmp_path / "r")]) == 2
+    assert "--report-to trackio needs the trackio package: pip install 'mirl[trackio]'" in capsys.readouterr().err
+
+
+# ---- model folders ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["eval", "grpo", "sft"])
+def test_transformers_folder_without_tokenizer_files_is_named(tmp_path, capsys, hf_tiny_dir, command):
+    """Without them transformers makes an empty tokenizer: every text encodes to nothing and sft trained at loss
+    0; grpo and eval failed deep in the model."""
+    import shutil
+
+    m = tmp_path / "m"
+    shutil.copytree(hf_tiny_dir, m)
+    for f in m.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    argv = {
+        "eval": ["eval", "--task", "arith:1", "--n", "2", "--threads", "1"],
+        "grpo": [a.replace("{d}", str(tmp_path)) for a in GRPO] + ["--task", "arith:1"],
+        "sft": [a.replace("{d}", str(tmp_path)) for a in SFT] + ["--task", "arith:1"],
+    }[command]
+    rc = main(argv + ["--model", str(m)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{m}: no tokenizer files" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_weights_of_another_size_name_the_mismatch(tmp_path, capsys, tiny_run):
+    m = _copy(tiny_run / "final", tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "n_embd": 2 * cfg["n_embd"]}))
+    assert main(["eval", "--model", str(m), "--task", "arith:1", "--n", "2", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the weights (Error(s) in loading state_dict for TinyGPT: size mismatch for" in err
+    assert "different model sizes" in err
+
+
+def test_max_len_beyond_a_saved_models_context_is_refused(tmp_path, capsys, tiny_run):
+    argv = [a.replace("{d}", str(tmp_path)) for a in SFT] + ["--task", "arith:1", "--model", str(tiny_run / "final")]
+    assert main(argv + ["--max-len", "1000"]) == 2
+    assert "--max-len 1000: the model's context is 256 tokens" in capsys.readouterr().err
+
+
+def test_a_reward_model_folder_used_as_a_policy_is_warned_about(tmp_path, capsys, tiny_run):
+    from safetensors.torch import save_file
+
+    m = _copy(tiny_run / "final", tmp_path / "rm")
+    save_file({"proj.weight": torch.zeros(1, 128), "proj.bias": torch.zeros(1)}, str(m / "reward_head.safetensors"))
+    assert main(["eval", "--model", str(m), "--task", "arith:1", "--n", "2", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"--model {m} is a reward model folder" in err and "reward head" in err and "is dropped" in err
+
+
+def test_a_text_only_reward_model_on_image_prompts_is_refused_at_start(tmp_path, capsys):
+    from mirl.models.heads import RewardModel
+    from mirl.models.policy import new_tiny_policy
+
+    RewardModel(new_tiny_policy("gpt-nano", seed=0)).save(tmp_path / "rm")
+    argv = [a.replace("{d}", str(tmp_path)) for a in GRPO] + ["--model", "vlm-nano", "--task", "shapes"]
+    assert main(argv + ["--reward", f"rm:{tmp_path / 'rm'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the reward model rm:{tmp_path / 'rm'} is text-only" in err and "mirl rm --model vlm-nano" in err
+    assert "use a VLM: --model" not in err  # the user passed one already
+
+
+def test_truncated_reference_logps_cache_is_named_on_resume(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text(jsonl(PAIRS))
+    base = ["dpo", "--task", "", "--steps", "2", "--threads", "1", "--no-report", "--out-dir", str(tmp_path / "r")]
+    base += ["--data", str(tmp_path / "p.jsonl")]
+    assert main(base + ["--save-every", "1", "--stop-at-step", "1"]) == 0
+    ref = tmp_path / "r" / "ref_logps.safetensors"
+    ref.write_bytes(ref.read_bytes()[:40])
+    assert main(base + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ref}: cannot read the cached reference log-probs" in err and "Traceback" not in err
+
+
+def test_base64_images_are_decoded_not_taken_for_paths(tmp_path, capsys):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    rows = [
+        {"prompt": "<image>count", "completion": "1", "images": [f"data:image/png;base64,{b64}"]},
+        {"prompt": "<image>count", "completion": "1", "image": b64},
+    ]
+    (tmp_path / "s.jsonl").write_text(jsonl(rows))
+    argv = [a.replace("{d}", str(tmp_path)) for a in SFT] + ["--model", "vlm-nano", "--data", str(tmp_path / "s.jsonl")]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+
+
+def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, capsys):
+    rows = [{"prompt": "1" * 300 + "+1=", "answer": "2"}] + [
+        {"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(4)
+    ]
+    (tmp_path / "p.jsonl").write_text(jsonl(rows))
+    argv = [a.replace("{d}", str(tmp_path)) for a in GRPO] + ["--task", "", "--reward", "exact"]
+    assert main(argv + ["--data", str(tmp_path / "p.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 5 prompts are too long" in err and "p.jsonl:1 (" in err and "those prompts are skipped" in err

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import recover, save_checkpoint
 from ..data.collate import batch_indices, pad_batch
 from ..data.tasks import make_task
 from ..logging import console
@@ -228,6 +228,10 @@ def train(cfg: Config, model=None) -> Result:
     if cfg.labels not in LABELS:
         raise ConfigError(f"--labels {cfg.labels!r}: must be one of {', '.join(LABELS)}")
     setup(cfg)
+    if cfg.resume:  # before the labelling, which takes a while
+        recover(cfg.out_dir)
+        if not (Path(cfg.out_dir) / "checkpoint" / "state.json").exists():
+            raise FileNotFoundError(f"no checkpoint to resume from in {cfg.out_dir} (expected checkpoint/state.json)")
     policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed)
     task = make_task(cfg.task, policy.tokenizer, "no")
     if not hasattr(task, "step_scores"):
