@@ -4,7 +4,7 @@
     rloo              A_i = r_i - mean_{j != i} r_j               leave-one-out baseline (RLOO)
     nanstd_over_ranks the global batch's std, for scale="batch" under torchrun
     gae               A_t = sum_l (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V_{t+1} - V_t   (PPO)
-    whiten            batch-level normalisation of advantages under a mask (REINFORCE++-style)
+    whiten            batch-level normalisation of advantages under a mask (PPO), with REINFORCE++'s statistics
     gdpo_advantages   GDPO: each reward function normalised within its group, the weighted sum normalised
                       over the batch (TRL's multi_objective_aggregation="normalize_then_sum")
     reinforce_pp      REINFORCE++: outcome rewards whitened over every token of the global batch, with or
@@ -12,6 +12,7 @@
     process_advantages  step rewards -> token advantages: normalised over every step of the group, each
                       token's advantage the sum of the normalised rewards of the steps ending at or after it
                       (DeepSeekMath's process supervision; StepGRPO's step-wise rewards)
+    outcome_advantages  one estimator above by name, over the rows of one update batch
 
 Rewards may be NaN ("not applicable" from every reward function): such rows are left out of the
 group statistics and get advantage 0, as in TRL. std is Bessel-corrected and eps = 1e-4, as TRL's.
@@ -98,14 +99,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked entries of all ranks (under torchrun); zero off the mask."""
+    """(x - mean) * rsqrt(var + eps) over the masked entries of all ranks (under torchrun); zero off the mask.
+    var is Bessel-corrected (sum of squares / (n - 1)) and eps inside the root, as veRL's and TRL's
+    masked_whiten (unbiased=True by default) and as reinforce_pp, so that PPO and REINFORCE++ whiten alike; the
+    biased variance would scale every advantage by sqrt((n - 1) / n), which matters on small batches only."""
     from .losses.reduce import global_sum
 
     m = mask.to(x.dtype)
-    n = global_sum(m.sum()).clamp(min=1)
-    mean = global_sum((x * m).sum()) / n
-    var = global_sum((((x - mean) * m) ** 2).sum()) / n
-    return (x - mean) / (var.sqrt() + eps) * m
+    n = global_sum(m.sum())
+    mean = global_sum((x * m).sum()) / n.clamp(min=1)
+    var = global_sum((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
 
 
 def nanmean_over_ranks(x: Tensor) -> Tensor:
@@ -165,11 +169,14 @@ def process_advantages(
     width: int,
     eps: float = 1e-4,
     baseline: str = "position",
+    lengths: list[int] | None = None,
 ) -> Tensor:
     """Per response i (rows of one prompt adjacent): its steps' rewards r_ik and the response-token index where
     each step ends. Each step reward is normalised within its group, r~ = (r - mean) / (std + eps), and token t
-    of response i gets sum_k r~_ik over the steps with end >= t (its return-to-go); tokens after the last step
-    get 0. -> advantages (B, width).
+    of response i gets sum_k r~_ik over the steps with end >= t (its return-to-go); the tokens after the last
+    step's end, up to the response's length (lengths[i] tokens, EOS included; None: up to width), get the last
+    (answer) step's r~, so that stopping is reinforced with the answer and text after it penalised with it.
+    -> advantages (B, width).
     baseline "group": mean and std over all the group's steps (DeepSeekMath's process supervision); on arith
     it collapsed (docs/rl.md: the advantages average below 0 per token, shorter answers win).
     baseline "position" (the default): step k against the group's k-th steps, and the last step (the outcome)
@@ -208,4 +215,37 @@ def process_advantages(
         for i in rows:
             for v, end in zip(norm[i], step_ends[i]):
                 out[i, : min(end, width - 1) + 1] += v
+            if norm[i]:  # after the answer: EOS and any trailing text carry the answer step's advantage
+                stop = width if lengths is None else min(width, lengths[i])
+                out[i, min(step_ends[i][-1], width - 1) + 1 : stop] = norm[i][-1]
     return out
+
+
+ESTIMATORS = ("group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")
+
+
+def outcome_advantages(
+    estimator: str,
+    rewards: Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    lengths: Tensor | None = None,
+    per_fn: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Per-row advantages (B,) of the rows of one update batch (rows of one prompt adjacent) by estimator: group
+    (scale group | batch | none), rloo, reinforce_pp[_baseline] (lengths (B,): response tokens), gdpo (per_fn
+    (B, F) and weights (F,)). The batch-level statistics (scale batch, REINFORCE++'s whitening, GDPO's second
+    normalisation) are over these rows, of every rank: pass only the rows trained on (dynamic sampling drops
+    the groups without signal first, as veRL's DAPO does, so that they do not shrink the batch's std)."""
+    if estimator == "gdpo":
+        return gdpo_advantages(per_fn, weights, group_size)
+    if estimator == "group":
+        batch_std = nanstd_over_ranks(rewards) if scale == "batch" else None
+        return group_advantages(rewards, group_size, scale, batch_std=batch_std)
+    if estimator == "rloo":
+        return rloo(rewards, group_size)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        return reinforce_pp(rewards, lengths, group_size if estimator == "reinforce_pp_baseline" else 0)
+    raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")

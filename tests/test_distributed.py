@@ -143,6 +143,7 @@ def weak_sft(tmp_path_factory):
         ("grpo_rpp", False),
         ("grpo_pass_rate", False),
         ("distill", False),
+        ("grpo_entropy", False),
     ],
     ids=[
         "grpo",
@@ -161,6 +162,7 @@ def weak_sft(tmp_path_factory):
         "grpo_reinforce_pp",
         "grpo_pass_rate",
         "distill",
+        "grpo_entropy",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -208,6 +210,11 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--advantage", "reinforce_pp_baseline"]
     elif recipe == "grpo_pass_rate":  # the tracker gathers every rank's pass rates: the same prompts are drawn
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--prompt-sampler", "pass-rate"]
+    elif recipe == "grpo_entropy":
+        # the 80/20 rule's threshold over every rank's token entropies of a minibatch, the entropy bonus a global
+        # token mean, the adaptive coefficient on the global entropy; 2 minibatches, one pass
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--minibatches", "2"]
+        args += ["--top-entropy-quantile", "0.2", "--entropy-coef", "0.05", "--entropy-target", "5"]
     elif recipe == "distill":  # the token mean of the divergence divides by the global token count
         args = ["distill", "--teacher", "gpt-micro", "--prompts-per-step", "16", "--samples-per-prompt", "2"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above

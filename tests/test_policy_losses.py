@@ -82,8 +82,8 @@ def test_group_advantages_match_loop_and_trl_formula(scale):
 def test_rloo_and_whiten_by_hand():
     assert rloo(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2).tolist() == [1.0, -1.0, -1.0, 1.0]
     assert rloo(torch.tensor([3.0, 0.0, 0.0]), 3).tolist() == [3.0, -1.5, -1.5]
-    w = whiten(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1, 1, 0]]))
-    assert w.tolist()[0][:2] == pytest.approx([-1.0, 1.0], abs=1e-6) and w[0, 2] == 0
+    w = whiten(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1, 1, 0]]))  # mean 2, var (1 + 1) / (2 - 1) = 2
+    assert w.tolist()[0][:2] == pytest.approx([-(0.5**0.5), 0.5**0.5], abs=1e-6) and w[0, 2] == 0
 
 
 def _gae_loop(rewards, values, mask, gamma, lam):
@@ -115,7 +115,7 @@ def test_gae_matches_loop(gamma, lam):
 # ---- policy-loss variants: dual-clip, CISPO, SAPO -----------------------------------------------------------
 
 
-def _loop_term(kind, lp, ratio, a, eps=0.2, high=0.28, c=3.0, tp=1.0, tn=1.05):
+def _loop_term(kind, lp, ratio, a, eps=0.2, high=0.28, c=3.0, tp=1.0, tn=1.05, cap=2.5):
     """One token's loss, written from the papers' formulas with Python floats."""
     import math
 
@@ -126,7 +126,7 @@ def _loop_term(kind, lp, ratio, a, eps=0.2, high=0.28, c=3.0, tp=1.0, tn=1.05):
             term = min(term, -c * a)
         return term
     if kind == "cispo":
-        return -min(ratio, 1 + high) * a * lp
+        return -min(ratio, cap) * a * lp
     tau = tp if a > 0 else tn
     return -(4 / tau) * a / (1 + math.exp(-tau * (ratio - 1)))
 
@@ -139,7 +139,9 @@ def test_policy_loss_variants_equal_a_loop_reference(kind):
     lp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3
     ratio = torch.exp(torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.8)  # far outside the clip range
     adv = torch.randn(4, 1, generator=g, dtype=torch.float64) * 2
-    got = policy_term(lp, ratio, adv, policy_loss=kind, clip_eps=0.2, clip_eps_high=0.28, dual_clip_c=3.0)
+    got = policy_term(
+        lp, ratio, adv, policy_loss=kind, clip_eps=0.2, clip_eps_high=0.28, dual_clip_c=3.0, cispo_cap=2.5
+    )
     want = [
         [_loop_term(kind, lp[i, k].item(), ratio[i, k].item(), adv[i, 0].item()) for k in range(6)] for i in range(4)
     ]
@@ -158,10 +160,11 @@ def test_policy_loss_variants_match_trl_and_verl_formulas():
     old = lp + torch.randn(3, 5, generator=g) * 0.5
     adv = torch.randn(3, 1, generator=g)
     coef_1 = torch.exp(lp - old)
-    # TRL cispo: clamped_ratios = clamp(coef_1, max=epsilon_high).detach(); loss = -clamped * A * logps
+    # TRL cispo: clamped_ratios = clamp(coef_1, max=epsilon_high).detach(); loss = -clamped * A * logps (for cispo
+    # TRL's epsilon_high is the cap itself: our cispo_cap)
     eps_high = 1.28
     trl_cispo = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
-    torch.testing.assert_close(policy_term(lp, coef_1, adv, policy_loss="cispo", clip_eps_high=0.28), trl_cispo)
+    torch.testing.assert_close(policy_term(lp, coef_1, adv, policy_loss="cispo", cispo_cap=eps_high), trl_cispo)
     # TRL sapo: temperatures = where(A > 0, pos, neg); loss = -sigmoid(t (coef_1 - 1)) * 4 / t * A
     temps = torch.where(adv > 0, 1.0, 1.05)
     trl_sapo = -torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps * adv
@@ -459,8 +462,14 @@ def test_grpo_entropy_control_switches(tmp_path):
     assert [h["entropy_coef"] for h in res.history] == pytest.approx([0.0, 0.004, 0.008])
     res = grpo.train(grpo.Config(**common, top_entropy_quantile=0.2, out_dir=str(tmp_path / "q")))
     assert all(0.15 < h["tokens/trained_frac"] <= 0.3 for h in res.history)
-    res = grpo.train(grpo.Config(**common, out_dir=str(tmp_path / "plain")))
-    assert all(h["tokens/trained_frac"] == 1.0 for h in res.history)
+    plain = grpo.train(grpo.Config(**common, out_dir=str(tmp_path / "plain")))
+    assert all(h["tokens/trained_frac"] == 1.0 for h in plain.history)
+    # a target below any entropy reached: the coefficient (0.05, then falling) never applies, so the run is the
+    # plain one, loss for loss (before the fix the bonus applied whatever the entropy)
+    res = grpo.train(grpo.Config(**common, entropy_coef=0.05, entropy_target=1e-6, out_dir=str(tmp_path / "low")))
+    assert [h["entropy_coef"] for h in res.history] == pytest.approx([0.05, 0.045, 0.04])
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in plain.history]
+    assert all(h["entropy_bonus_coef"] == 0.0 for h in res.history)
 
 
 def test_arith_step_verifier_by_hand():
@@ -480,9 +489,10 @@ def test_process_advantages_by_hand_and_through_grpo(tmp_path):
     from mirl.recipes import grpo
 
     # baseline "group", one group of two: step rewards [1, 1] and [1, 0], steps ending at tokens 2 and 5; over
-    # the group's four steps mean 0.75, std 0.5 (Bessel): a right step is worth 0.25 / 0.5 = 0.5, a wrong one -1.5
+    # the group's four steps mean 0.75, std 0.5 (Bessel): a right step is worth 0.25 / 0.5 = 0.5, a wrong one -1.5;
+    # both responses 6 tokens long (token 6 is padding)
     adv = process_advantages(
-        [[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], group_size=2, width=7, eps=0.0, baseline="group"
+        [[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], group_size=2, width=7, eps=0.0, baseline="group", lengths=[6, 6]
     )
     torch.testing.assert_close(adv[0], torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]))
     torch.testing.assert_close(adv[1], torch.tensor([-1.0, -1.0, -1.0, -1.5, -1.5, -1.5, 0.0]))
@@ -491,11 +501,15 @@ def test_process_advantages_by_hand_and_through_grpo(tmp_path):
     # baseline "position": step k against the group's step k, the last step against the last steps. Same group:
     # the first steps agree (0); the last ones are 1 and 0, mean 0.5, std 0.7071 (Bessel): +-0.7071
     r = 0.5**0.5
-    adv = process_advantages([[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], 2, 7, eps=0.0, baseline="position")
+    adv = process_advantages(
+        [[1.0, 1.0], [1.0, 0.0]], [[2, 5], [2, 5]], 2, 7, eps=0.0, baseline="position", lengths=[6, 6]
+    )
     torch.testing.assert_close(adv, torch.tensor([[r] * 6 + [0.0], [-r] * 6 + [0.0]]))
     # unequal step counts [0, 1, 0] and [1, 1]: step 0 -> -r, +r; step 1 only in the first response -> 0; the
-    # last steps (0 and 1) -> -r, +r. Ends [1, 3, 5] and [1, 4]
-    adv = process_advantages([[0.0, 1.0, 0.0], [1.0, 1.0]], [[1, 3, 5], [1, 4]], 2, 6, eps=0.0, baseline="position")
+    # last steps (0 and 1) -> -r, +r. Ends [1, 3, 5] and [1, 4], lengths 6 and 5
+    adv = process_advantages(
+        [[0.0, 1.0, 0.0], [1.0, 1.0]], [[1, 3, 5], [1, 4]], 2, 6, eps=0.0, baseline="position", lengths=[6, 5]
+    )
     want = torch.tensor([[-2 * r] * 2 + [-r] * 4, [2 * r] * 2 + [r] * 3 + [0.0]])
     torch.testing.assert_close(adv, want)
     assert float(adv.sum(0)[:2].abs().max()) < 1e-6  # tokens before every step: the group's advantages sum to 0
@@ -542,3 +556,184 @@ def test_step_advantages_map_character_offsets_to_tokens():
     torch.testing.assert_close(
         adv[1, [0, 5, 6, 12, 13, 16, 17]], torch.tensor([-2 * r] * 4 + [-r] * 2 + [0.0]), atol=1e-3, rtol=0
     )
+
+
+# ---- fixes of the GRPO/PPO switches' numbers (each derived by hand) -------------------------------------------
+
+
+def test_top_entropy_mask_restricts_the_policy_term_only():
+    """--top-entropy-quantile: the entropy mask multiplies the policy-gradient term alone; the KL term, its `kl`
+    metric and the normaliser keep the full loss mask (TRL masks only per_token_loss before adding the KL).
+
+    Ratio 1 (logps = old), beta 0.1, k1 = logp - ref. Row 0: mask [1, 1, 1, 1], kept [1, 0, 0, 0], A = 1,
+    k1 [0.5, 1, 1, 1]; row 1: mask [1, 1, 0, 0], kept [1, 1, 0, 0], A = -1, k1 [1, 1, ., .].
+    Per token: kept x (-A) + 0.1 k1 -> row 0 [-0.95, 0.1, 0.1, 0.1] (sum -0.65, mean -0.1625), row 1
+    [1.1, 1.1] (sum 2.2, mean 1.1).
+        bnpo = (-0.65 + 2.2) / 6 = 0.258333;  grpo = (-0.1625 + 1.1) / 2 = 0.46875;  kl = (3.5 + 2) / 6 = 0.916667
+    (the entropy mask as the loss mask gave bnpo (-1 + 0.05 + 2.2) / 3 = 0.416667 and kl 2.5 / 3 = 0.833333)."""
+    logps = torch.zeros(2, 4, dtype=torch.float64)
+    ref = -torch.tensor([[0.5, 1.0, 1.0, 1.0], [1.0, 1.0, 7.0, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    kept = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    common = dict(beta=0.1, ref_logps=ref, kl_estimator="k1", pg_mask=kept)
+    bnpo, m = clipped_policy_loss(logps, logps, adv, mask, loss_agg="bnpo", **common)
+    assert bnpo.item() == pytest.approx(1.55 / 6) and float(m["kl"]) == pytest.approx(5.5 / 6)
+    grpo, _ = clipped_policy_loss(logps, logps, adv, mask, loss_agg="grpo", **common)
+    assert grpo.item() == pytest.approx(0.46875)
+
+
+def test_top_entropy_quantile_equals_trl():
+    """TRL 1.16's GRPOTrainer._compute_loss with top_entropy_quantile 0.2 (get_high_entropy_mask, the KL added
+    after the entropy mask) on identical tensors equals clipped_policy_loss with pg_mask = top_entropy_mask."""
+    grpo_mod = pytest.importorskip("trl.trainer.grpo_trainer")
+    from collections import defaultdict
+    from functools import partial
+    from types import SimpleNamespace
+
+    from mirl.losses.policy import top_entropy_mask
+
+    class Accel:
+        num_processes = 1
+        gather = gather_for_metrics = staticmethod(lambda x: x)
+        reduce = staticmethod(lambda x, reduction="sum": x)
+        pad_across_processes = staticmethod(lambda x, dim=0, pad_index=0: x)
+
+    g = torch.Generator().manual_seed(3)
+    b, t = 5, 7
+    mask = (torch.arange(t)[None] < torch.tensor([7, 3, 5, 2, 6])[:, None]).long()
+    logps = -torch.rand(b, t, generator=g, dtype=torch.float64) * 2
+    old = logps + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ref = logps + 0.2 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ent = torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    for agg in ("grpo", "bnpo"):
+        trainer = SimpleNamespace(
+            _get_per_token_logps_and_entropies=lambda *a, **k: (logps, ent, None),
+            top_entropy_quantile=0.2, off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.04,
+            args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), loss_type=agg,
+            epsilon_low=0.2, epsilon_high=0.28, use_vllm=False, model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1, max_completion_length=t, accelerator=Accel(),
+            _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        )  # fmt: skip
+        trainer.get_high_entropy_mask = partial(grpo_mod.GRPOTrainer.get_high_entropy_mask, trainer)
+        inputs = {
+            "prompt_ids": torch.zeros(b, 2, dtype=torch.long),
+            "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+            "completion_ids": torch.zeros(b, t, dtype=torch.long),
+            "completion_mask": mask,
+            "advantages": adv,
+            "old_per_token_logps": old,
+            "ref_per_token_logps": ref,
+            "num_items_in_batch": mask.sum(),
+        }
+        expected = grpo_mod.GRPOTrainer._compute_loss(trainer, None, inputs)
+        kept = top_entropy_mask(ent, mask, 0.2)
+        ours, _ = clipped_policy_loss(
+            logps, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28, beta=0.04, ref_logps=ref, loss_agg=agg,
+            pg_mask=kept,
+        )  # fmt: skip
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_entropy_bonus_applies_only_at_or_below_the_target():
+    """Adaptive entropy control (Skywork-OR1, TRL's use_adaptive_entropy): the coefficient moves up while the
+    measured entropy is at or below the target and down above it, and the bonus uses it only while the last
+    measured entropy is at or below the target (0 above it, and 0 before any measurement, as TRL's inf start).
+    Without a target (0) the constant --entropy-coef always applies."""
+    from mirl.losses.policy import adaptive_entropy_coef, entropy_bonus_coef
+
+    assert entropy_bonus_coef(0.02, 0.5, 0.3) == 0.0  # above the target: no bonus
+    assert entropy_bonus_coef(0.02, 0.3, 0.3) == 0.02  # at the target: the bonus
+    assert entropy_bonus_coef(0.02, 0.1, 0.3) == 0.02
+    assert entropy_bonus_coef(0.02, None, 0.3) == 0.0  # nothing measured yet
+    assert entropy_bonus_coef(0.02, 0.5, 0.0) == 0.02  # no adaptive control: the constant coefficient
+    assert adaptive_entropy_coef(0.01, 0.2, 0.2, 0.005, 0.05) == pytest.approx(0.015)  # at the target: up
+
+
+def test_cispo_caps_the_weight_at_cispo_cap():
+    """CISPO's weight is sg(min(rho, cispo_cap)) (TRL's epsilon_high for cispo is the cap itself; ScaleRL and
+    TRL recommend 5), not 1 + clip_eps_high. bnpo over 3 tokens, A = 1, ratios [0.5, 2, 8]: the loss is
+    -sum_k min(rho_k, cap) logp_k / 3, so d loss / d logp = -min(rho, cap) / 3:
+        cap 5 (the default): [-0.5, -2, -5] / 3;  cap 1.5: [-0.5, -1.5, -1.5] / 3
+    (the old cap 1 + 0.2 gave [-0.5, -1.2, -1.2] / 3)."""
+    old = torch.log(torch.tensor([[2.0, 0.5, 0.125]], dtype=torch.float64))  # logp = 0: rho = 1 / old prob
+    for cap, want in ((None, [-0.5, -2.0, -5.0]), (1.5, [-0.5, -1.5, -1.5])):
+        lp = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+        opts = {} if cap is None else {"cispo_cap": cap}
+        loss, m = clipped_policy_loss(lp, old, torch.ones(1), torch.ones(1, 3), policy_loss="cispo",
+                                      loss_agg="bnpo", **opts)  # fmt: skip
+        loss.backward()
+        torch.testing.assert_close(lp.grad, torch.tensor([want], dtype=torch.float64) / 3)
+        assert float(m["clip_fraction/high"]) == pytest.approx(1 / 3 if cap is None else 2 / 3)
+
+
+def test_cispo_cap_without_cispo_is_an_error(tmp_path):
+    from mirl.options import ConfigError
+    from mirl.recipes import grpo, ppo
+
+    with pytest.raises(ConfigError, match="--cispo-cap caps the weight of --policy-loss cispo; .* to clip"):
+        grpo.train(grpo.Config(cispo_cap=3.0, out_dir=str(tmp_path / "g")))
+    with pytest.raises(ConfigError, match="--cispo-cap caps the weight of --policy-loss cispo; .* to sapo"):
+        ppo.train(ppo.Config(cispo_cap=3.0, policy_loss="sapo", out_dir=str(tmp_path / "p")))
+    with pytest.raises(ConfigError, match="--cispo-cap 0.5: must be at least 1"):
+        grpo.train(grpo.Config(cispo_cap=0.5, policy_loss="cispo", out_dir=str(tmp_path / "g2")))
+
+
+def test_whiten_uses_the_unbiased_variance_like_reinforce_pp():
+    """PPO's whitening and REINFORCE++'s use the same statistics, those of veRL's and TRL's masked_whiten:
+    Bessel-corrected variance, (x - mean) * rsqrt(var + 1e-8). x = [1, 3, 5] on the mask, 100 off it:
+    mean 3, squared deviations 4 + 0 + 4 = 8, var 8 / 2 = 4 (the biased 8 / 3 gave +-1.2247), so
+    [-2, 0, 2] / 2 = [-1, 0, 1]; REINFORCE++ on rewards [1, 3, 5] of one token each gives the same."""
+    from mirl.advantages import reinforce_pp
+
+    w = whiten(torch.tensor([[1.0, 3.0, 5.0, 100.0]]), torch.tensor([[1, 1, 1, 0]]))
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    r = reinforce_pp(torch.tensor([1.0, 3.0, 5.0]), torch.ones(3))
+    torch.testing.assert_close(r, w[0, :3], atol=1e-6, rtol=0)
+
+
+def test_tokens_after_the_last_step_carry_the_answer_steps_advantage():
+    """--step-rewards: every response token after the last step's end (EOS included, and any text after the
+    answer) gets the last (answer) step's advantage, so stopping is reinforced and trailing junk penalised;
+    padding (beyond each response's length) stays 0. Baseline "position", a group of two: first steps agree
+    (0), the last steps 1 and 0: +-r, r = 0.5 / std([1, 0]) = 0.7071 (eps 0). Steps end at tokens 2 and 4;
+    lengths 7 and 6 (tokens 5, 6 and 5 come after the answer):
+        row 0  [r, r, r, r, r | r, r | 0]      row 1  [-r, -r, -r, -r, -r | -r | 0, 0]
+    (before the fix tokens 5.. were 0)."""
+    from mirl.advantages import process_advantages
+
+    r = 0.5**0.5
+    adv = process_advantages(
+        [[1.0, 1.0], [1.0, 0.0]], [[2, 4], [2, 4]], 2, 8, eps=0.0, baseline="position", lengths=[7, 6]
+    )
+    torch.testing.assert_close(adv, torch.tensor([[r] * 7 + [0.0], [-r] * 6 + [0.0] * 2]))
+    # without lengths: up to the width
+    adv = process_advantages([[1.0, 1.0], [1.0, 0.0]], [[2, 4], [2, 4]], 2, 8, eps=0.0, baseline="position")
+    torch.testing.assert_close(adv, torch.tensor([[r] * 8, [-r] * 8]))
+
+
+def test_step_advantages_give_the_eos_token_the_answers_advantage():
+    """Through step_advantages: each response ends with EOS (in the response mask, not in the decoded text).
+    The answers are right and wrong ([1, 1, 1] and [1, 0, 0], "position"): the last steps get +-r; the EOS
+    tokens (19 and 17, after the answers' last characters 18 and 16) get the same, the padding after the
+    shorter response 0 (before the fix the EOS tokens got 0)."""
+    from types import SimpleNamespace
+
+    from mirl.data.tasks.arith import ArithTask
+    from mirl.models.policy import new_tiny_policy
+    from mirl.recipes.grpo import step_advantages
+
+    tok = new_tiny_policy("gpt-nano", seed=0).tokenizer
+    texts = ["7+5=12,4+8+1=13|132", "7+5=12,4+8=12|122"]
+    rows = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    ids = torch.full((2, 20), tok.pad_token_id)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    mask = (torch.arange(20)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    batch = SimpleNamespace(texts=texts, response_ids=ids, response_mask=mask)
+    sb = SimpleNamespace(batch=batch, examples=[{"prompt": "47+85=", "answer": "132"}] * 2)
+    adv = step_advantages(ArithTask(3), sb, 2, tok)
+    r = 0.5**0.5
+    torch.testing.assert_close(adv[0, [18, 19]], torch.tensor([r, r]), atol=1e-3, rtol=0)  # "2", EOS
+    torch.testing.assert_close(adv[1, [16, 17, 18]], torch.tensor([-r, -r, 0.0]), atol=1e-3, rtol=0)  # "2", EOS, pad

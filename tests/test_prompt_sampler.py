@@ -22,28 +22,29 @@ def test_select_by_pass_rate_keeps_informative_prompts_first():
 
 def test_curriculum_pool_by_hand():
     order = list(range(9))
-    assert [len(curriculum_pool(order, s, 9, 3)) for s in range(9)] == [3, 3, 3, 6, 6, 6, 9, 9, 9]
-    assert curriculum_pool(order, 100, 9, 3) == order  # past the end: everything
+    # progress s / 8 of a 9-step run (0 at the first step, 1 at the last): stage floor(3 s / 8)
+    assert [len(curriculum_pool(order, s / 8, 3)) for s in range(9)] == [3, 3, 3, 6, 6, 6, 9, 9, 9]
+    assert curriculum_pool(order, 1.0, 3) == order  # the end: everything
 
 
 def test_sampler_draws_easy_first_and_filters_solved_prompts():
     data = [{"prompt": str(i), "difficulty": i % 3} for i in range(30)]
-    cur = PromptSampler("curriculum", data, prompts_per_step=4, seed=0, steps=6, stages=3)
-    assert all(data[i]["difficulty"] == 0 for s in (0, 1) for i in cur.indices(s, s))
-    assert all(data[i]["difficulty"] <= 1 for s in (2, 3) for i in cur.indices(s, s))
-    assert {data[i]["difficulty"] for s in range(4, 40) for i in cur.indices(s, 5)} == {0, 1, 2}
+    cur = PromptSampler("curriculum", data, prompts_per_step=4, seed=0, stages=3)  # steps s of 6: progress s / 5
+    assert all(data[i]["difficulty"] == 0 for s in (0, 1) for i in cur.indices(s, s / 5))
+    assert all(data[i]["difficulty"] <= 1 for s in (2, 3) for i in cur.indices(s, s / 5))
+    assert {data[i]["difficulty"] for s in range(4, 40) for i in cur.indices(s, 1.0)} == {0, 1, 2}
     assert cur.metrics(0)["prompts/curriculum_max_difficulty"] == 0.0
-    pr = PromptSampler("pass-rate", data, prompts_per_step=4, seed=0, steps=6)
-    first = pr.indices(0, 0)
+    pr = PromptSampler("pass-rate", data, prompts_per_step=4, seed=0)
+    first = pr.indices(0)
     pr.observe(first, torch.tensor([1.0] * 8 + [0.0] * 4 + [1.0, 0.0, 1.0, 0.0]), 4)
     assert pr.rates == {first[0]: 1.0, first[1]: 1.0, first[2]: 0.0, first[3]: 0.5}
     for s in range(1, 20):  # solved (1) and hopeless (0) prompts are not drawn while others are left
-        assert not set(pr.indices(s, s)) & set(first[:3])
+        assert not set(pr.indices(s)) & set(first[:3])
     m = pr.metrics(1)
     assert m["prompts/pass_rate_1"] == 0.5 and m["prompts/pass_rate_0"] == 0.25 and m["prompts/measured"] == 4
-    restored = PromptSampler("pass-rate", data, prompts_per_step=4, seed=0, steps=6)
+    restored = PromptSampler("pass-rate", data, prompts_per_step=4, seed=0)
     restored.load(json.loads(json.dumps(pr.state())))  # through a checkpoint's JSON
-    assert restored.rates == pr.rates and restored.indices(5, 5) == pr.indices(5, 5)
+    assert restored.rates == pr.rates and restored.indices(5) == pr.indices(5)
 
 
 def test_grpo_prompt_samplers_run_log_and_refuse_bad_input(tmp_path):

@@ -388,3 +388,72 @@ def test_new_grpo_and_ppo_switches_run_from_the_cli(tmp_path, sft_dir, capsys):
     ):
         assert main(["grpo", "--task", "arith:1", "--steps", "1", "--out-dir", str(tmp_path / "bad"), *bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "opts,want,old",
+    [
+        (dict(advantage="reinforce_pp"), 0.5**0.5, 0.5),
+        (dict(scale_rewards="batch"), 0.5 / (0.5**0.5 + 1e-4), 0.5 / (0.5 + 1e-4)),
+        (dict(reward_aggregation="normalize_then_sum"), 0.70706, 1.22474),
+    ],
+    ids=["reinforce_pp", "scale_batch", "gdpo"],
+)
+def test_dynamic_sampling_filters_groups_before_the_batch_statistics(opts, want, old):
+    """--dynamic-sampling with a batch-level normaliser: the zero-signal groups are dropped before the batch
+    statistics (veRL's DAPO filters first), so they do not shrink them. Groups of two, rewards [1, 1] (no
+    signal) and [1, 0], one token each; the kept rows get +-want:
+        reinforce_pp  kept rewards [1, 0]: mean 0.5, var (0.25 + 0.25) / 1 = 0.5 -> +-0.5 / sqrt(0.5) = +-0.70711
+                      (old: over [1, 1, 1, 0], mean 0.75, var 0.75 / 3 = 0.25: +0.5, -1.5)
+        scale batch   (r - group mean) / (std of the kept rewards [1, 0] + 1e-4) = +-0.5 / (0.70711 + 1e-4)
+                      (old: std of [1, 1, 1, 0] = 0.5: +-0.5 / 0.5001)
+        GDPO          group-normalised a = +-0.5 / (0.70711 + 1e-4) = +-0.70701, then over the kept batch
+                      [a, -a]: std a sqrt(2), a / (a sqrt(2) + 1e-4) = 0.70706 (old: [0, 0, a, -a], std
+                      a sqrt(2/3): 1.22474)"""
+    from types import SimpleNamespace
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    batch = SimpleNamespace(response_mask=torch.ones(4, 1, dtype=torch.long))
+    sb = SimpleNamespace(rewards=rewards, per_fn=rewards[:, None], batch=batch)
+    groups = SimpleNamespace(rounds=[(sb, torch.tensor([False, True]))])
+    cfg = grpo.Config(group_size=2, dynamic_sampling=True, **opts)
+    rows, adv = grpo.advantages(cfg, groups, torch.ones(1))
+    assert [i for _, i in rows] == [2, 3]
+    torch.testing.assert_close(adv, torch.tensor([want, -want]), atol=1e-4, rtol=0)
+    assert abs(float(adv[0]) - old) > 0.1
+
+
+def test_time_budget_moves_the_curriculum_and_the_kl_schedule(tmp_path):
+    """A run ended by --time-budget-s goes through the curriculum's stages and the KL schedule: progress is
+    max(step / (steps - 1), training seconds / budget) (Cadence.progress), not the steps alone.
+    arith:2 in 6 stages: stage 0 (progress < 1/6) draws 1-digit prompts only (max difficulty 1). With 1000 steps
+    and a 3 s budget the last step starts after more than half of the budget (steps take well under 1 s), so its
+    stage is at least 1 (difficulty 2 drawn) and beta = 0.04 (1 - progress) < 0.02; the first step's beta is
+    0.04 (progress 0 then, up to a few ms). Before the fix every step was in stage 0 with beta ~ 0.04."""
+    cfg = grpo.Config(task="arith:2", steps=1000, time_budget_s=3.0, prompt_sampler="curriculum",
+                      curriculum_stages=6, beta=0.04, kl_schedule="linear", beta_final=0.0, group_size=2,
+                      prompts_per_step=2, max_new_tokens=4, eval_n=0, threads=1, report=False,
+                      out_dir=str(tmp_path))  # fmt: skip
+    hist = grpo.train(cfg).history
+    assert 2 < len(hist) < 1000
+    assert hist[0]["beta"] == pytest.approx(0.04, rel=0.02) and hist[0]["prompts/curriculum_max_difficulty"] == 1.0
+    assert hist[-1]["beta"] < 0.02 and hist[-1]["prompts/curriculum_max_difficulty"] == 2.0
+    betas = [h["beta"] for h in hist]
+    assert betas == sorted(betas, reverse=True)
+
+
+def test_progress_is_the_larger_of_steps_and_time():
+    """Cadence.progress before 0-based step s of 11: s / 10 (the first step 0, the last 1) or seconds / budget,
+    whichever is larger, within [0, 1]."""
+    from mirl.recipes.run import Cadence
+
+    assert Cadence(11).progress(3, 1e9) == pytest.approx(0.3)  # no budget: steps alone
+    assert Cadence(11).progress(10, 0.0) == 1.0 and Cadence(11).progress(0, 0.0) == 0.0
+    assert Cadence(11, time_budget_s=100.0).progress(3, 50.0) == pytest.approx(0.5)
+    assert Cadence(11, time_budget_s=100.0).progress(3, 10.0) == pytest.approx(0.3)
+    assert Cadence(11, time_budget_s=100.0).progress(30, 500.0) == 1.0
+    from mirl.losses.policy import scheduled_beta
+
+    assert scheduled_beta("linear", 0.04, 0.0, 0.25) == pytest.approx(0.03)
+    assert scheduled_beta("cosine", 0.04, 0.0, 0.5) == pytest.approx(0.02)
+    assert scheduled_beta("constant", 0.04, 0.0, 0.9) == 0.04

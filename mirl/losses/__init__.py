@@ -12,8 +12,7 @@ __all__ = [
     "register_loss",
     "masked_reduce",
     "mean_over_examples",
-    "combined_pair_loss",
-    "combined_group_loss",
+    "preference_loss",
 ]
 
 

@@ -8,8 +8,9 @@ Per token k of response o (docs/algorithms.md §2):
 The per-token term by policy_loss (the others replace the min/clip above; all equal -A at rho = 1):
     clip       the PPO clipped surrogate above
     dual_clip  for A < 0 also bounded: min(l_k, -c A), c = dual_clip_c (Ye et al. 2020; veRL's clip_ratio_c)
-    cispo      -sg(min(rho_k, 1 + eps_high)) A logp_k: the weight clipped and detached, every token keeps its
-               gradient (MiniMax-M1's CISPO)
+    cispo      -sg(min(rho_k, cap)) A logp_k: the weight capped and detached, every token keeps its gradient
+               (MiniMax-M1's CISPO); cap = cispo_cap, 5 by default (TRL's epsilon_high for cispo is the cap
+               itself, and ScaleRL recommends 5), not 1 + eps_high
     sapo       -(4 / tau) sigmoid(tau (rho_k - 1)) A, tau = tau_pos for A > 0, tau_neg for A < 0: a soft gate
                instead of the hard clip (SAPO; TRL's loss_type="sapo")
 Aggregation (loss_agg), the place where the GRPO variants differ:
@@ -17,7 +18,9 @@ Aggregation (loss_agg), the place where the GRPO variants differ:
     bnpo     token mean over the micro-batch
     dapo     token mean over the whole generation batch (pass global_count = its token count)
     dr_grpo  sum over tokens / (number of responses * max_completion_length)     (Dr. GRPO)
-These match TRL's GRPOTrainer for the same names (tests/test_policy_losses.py).
+These match TRL's GRPOTrainer for the same names (tests/test_policy_losses.py). pg_mask (the 80/20 rule's
+top-entropy tokens, top_entropy_mask) multiplies the policy term alone: the KL term and the normaliser keep the
+whole loss mask, as in TRL.
 
 Rollout/train mismatch (rollout_correction): when the sampler's log-probs q are not the trainer's p (vLLM's
 kernels, bf16), the samples come from q, not p; each token's loss is weighted by w = p / q (detached):
@@ -28,9 +31,11 @@ kernels, bf16), the samples come from q, not p; each token's loss is weighted by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .reduce import masked_reduce
+from .reduce import gather_all, masked_reduce
 from .registry import register_loss
 
 Tensor = torch.Tensor
@@ -90,6 +95,7 @@ def policy_term(
     dual_clip_c: float = 3.0,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    cispo_cap: float = 5.0,
 ) -> Tensor:
     """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table).
     ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T)."""
@@ -100,7 +106,7 @@ def policy_term(
             term = torch.where(adv < 0, torch.minimum(term, -dual_clip_c * adv), term)
         return term
     if policy_loss == "cispo":
-        weight = torch.clamp(ratio, max=1 + clip_eps_high).detach()
+        weight = torch.clamp(ratio, max=cispo_cap).detach()
         return -weight * adv * logps
     if policy_loss == "sapo":
         tau = torch.full_like(adv, sapo_tau_neg).masked_fill(adv > 0, sapo_tau_pos)
@@ -130,21 +136,46 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: i
 
 def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float, max_coef: float) -> float:
     """Skywork-OR1's adaptive entropy control: the bonus coefficient rises by delta while the batch's mean
-    token entropy is below target and falls by delta above it, within [0, max_coef]."""
-    coef = coef + delta if entropy < target else coef - delta
+    token entropy is at or below target and falls by delta above it, within [0, max_coef] (as TRL's
+    use_adaptive_entropy). The bonus applies it only at or below the target: entropy_bonus_coef."""
+    coef = coef + delta if entropy <= target else coef - delta
     return min(max(coef, 0.0), max_coef)
+
+
+def entropy_bonus_coef(coef: float, entropy: float | None, target: float) -> float:
+    """The entropy bonus's coefficient in the loss: coef, except under adaptive control (target > 0) while the
+    last measured mean token entropy is above the target, or none was measured yet: 0 (Skywork-OR1; TRL starts
+    its measurement at inf, so its first step has no bonus either)."""
+    if target <= 0:
+        return coef
+    return coef if entropy is not None and entropy <= target else 0.0
+
+
+def scheduled_beta(schedule: str, beta: float, beta_final: float, progress: float) -> float:
+    """The KL coefficient at `progress` (the fraction of the run done, in [0, 1]): beta, or a linear / cosine
+    schedule from beta to beta_final."""
+    if schedule == "constant":
+        return beta
+    frac = min(1.0, max(0.0, progress))
+    if schedule == "linear":
+        return beta + (beta_final - beta) * frac
+    if schedule == "cosine":
+        return beta_final + (beta - beta_final) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"kl_schedule must be constant, linear or cosine, got {schedule!r}")
 
 
 def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     """The loss mask restricted to the highest-entropy `quantile` of its tokens (Wang et al. 2025, "Beyond the
     80/20 rule": the forking tokens carry the learning signal; 0.2 there). entropy, mask: (B, T). A token is kept
-    when its entropy is at least the (1 - quantile) quantile of the masked tokens' entropies (ties kept)."""
+    when its entropy is at least the (1 - quantile) quantile of the masked tokens' entropies (ties kept), those of
+    every rank under torch.distributed (a collective: every rank calls it, also with no rows), so N ranks keep
+    the tokens one process would (TRL gathers them too). For clipped_policy_loss's pg_mask."""
     if quantile >= 1.0:
         return mask
-    m = mask.bool()
-    if not m.any():
+    values = gather_all(entropy.detach()[mask.bool()].float())
+    if not values.numel():
         return mask
-    threshold = torch.quantile(entropy[m].float(), 1.0 - quantile)
+    threshold = torch.quantile(values, 1.0 - quantile)
     return mask * (entropy >= threshold).to(mask.dtype)
 
 
@@ -168,11 +199,14 @@ def clipped_policy_loss(
     dual_clip_c: float = 3.0,
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    cispo_cap: float = 5.0,
     is_weights: Tensor | None = None,
+    pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO/GRPO clipped surrogate (or policy_loss: dual_clip, cispo, sapo). logps, old_logps, ref_logps, mask:
     (B, T); advantages (B,) or (B, T). is_weights (B, T): the rollout correction's weights on the policy term
-    (rollout_correction; the KL term is not reweighted, as in TRL)."""
+    (rollout_correction; the KL term is not reweighted, as in TRL). pg_mask (B, T): the tokens whose policy
+    term counts (top_entropy_mask); the KL term, its metric and the aggregation's normaliser keep `mask`."""
     if loss_agg not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
     mask = mask.to(logps.dtype)
@@ -196,9 +230,12 @@ def clipped_policy_loss(
         dual_clip_c=dual_clip_c,
         sapo_tau_pos=sapo_tau_pos,
         sapo_tau_neg=sapo_tau_neg,
+        cispo_cap=cispo_cap,
     )
     if is_weights is not None:
         per_token = per_token * is_weights
+    if pg_mask is not None:
+        per_token = per_token * pg_mask.to(per_token.dtype)
     metrics = {}
     if beta != 0.0:
         if ref_logps is None:
@@ -216,7 +253,8 @@ def clipped_policy_loss(
             raise ValueError("dr_grpo aggregation needs max_completion_length")
         loss = masked_reduce(per_token, mask, "constant", constant=max_completion_length, global_count=global_count)
     low_clip = ((ratio < 1 - clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
-    high_clip = ((ratio > 1 + high) & (adv > 0)).to(mask.dtype).expand_as(mask)
+    cap = cispo_cap if policy_loss == "cispo" else 1 + high
+    high_clip = ((ratio > cap) & (adv > 0)).to(mask.dtype).expand_as(mask)
     n = mask.sum().clamp(min=1)
     metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
     metrics["clip_fraction/high"] = ((high_clip * mask).sum() / n).detach()

@@ -33,6 +33,26 @@ def global_sum(x: Tensor) -> Tensor:
     return x
 
 
+def gather_all(x: Tensor) -> Tensor:
+    """Every rank's 1-D tensor x (their lengths may differ), concatenated in rank order; x in one process.
+    all_gather needs one size on every rank: each pads to the longest, and the padding is cut off again."""
+    world = _world()
+    if world == 1:
+        return x
+    x = x.detach().reshape(-1)
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:
+        return x
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
 def masked_reduce(
     loss: Tensor,
     mask: Tensor,

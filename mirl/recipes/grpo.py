@@ -19,7 +19,6 @@ at temperature T (not the sampler's top-k/top-p-filtered record), so at lr 0 eve
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,14 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed as dist
-from ..advantages import (
-    gdpo_advantages,
-    group_advantages,
-    nanstd_over_ranks,
-    process_advantages,
-    reinforce_pp,
-    rloo,
-)
+from ..advantages import outcome_advantages, process_advantages
 from ..checkpoint import save_checkpoint
 from ..logging import console
 from ..logps import response_logps
@@ -42,9 +34,12 @@ from ..losses.policy import (
     adaptive_entropy_coef,
     adaptive_kl_coef,
     clipped_policy_loss,
+    entropy_bonus_coef,
     rollout_correction,
+    scheduled_beta,
     top_entropy_mask,
 )
+from ..losses.reduce import masked_reduce
 from ..models.tokenizer import tokens_at_chars
 from ..optim import make_optimizer
 from ..options import ConfigError
@@ -106,6 +101,7 @@ class Config:
     clip_eps_high: float = 0.0  # upper clip range for clip-higher (DAPO 0.28); 0 = clip_eps
     policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
     dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
+    cispo_cap: float = 5.0  # cispo: the cap on the detached importance weight (TRL's epsilon_high for cispo)
     sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
     beta: float = 0.0  # KL coefficient (0 = no reference model in memory)
@@ -115,14 +111,14 @@ class Config:
     kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = off)
     kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
     entropy_coef: float = 0.0  # entropy bonus: loss - coef x mean token entropy (0 = off)
-    entropy_target: float = 0.0  # adaptive entropy control (Skywork-OR1): coef moves to keep entropy here (0 = off)
+    entropy_target: float = 0.0  # adaptive entropy control (Skywork-OR1): bonus only at or below this entropy (0 = off)
     entropy_coef_delta: float = 0.005  # adaptive entropy control: the coefficient's change per step
     entropy_coef_max: float = 0.05  # adaptive entropy control: the coefficient's upper bound
     top_entropy_quantile: float = 1.0  # train only this highest-entropy fraction of tokens (0.2: the 80/20 rule)
     num_iterations: int = 1  # optimisation passes over each generation batch
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
     prompt_sampler: str = "uniform"  # uniform | curriculum (easy to hard by difficulty) | pass-rate (0 < rate < 1)
-    curriculum_stages: int = 3  # curriculum: stages, evenly over the steps (stage k: the easiest (k+1)/n prompts)
+    curriculum_stages: int = 3  # curriculum: stages, evenly over the run (stage k: the easiest (k+1)/n prompts)
     pass_rate_oversample: int = 4  # pass-rate: candidates drawn per prompt kept
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
     max_refills: int = 4  # dynamic sampling: extra generation rounds per step at most
@@ -176,18 +172,6 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-def kl_coef(cfg: Config, step: int) -> float:
-    """The KL coefficient at `step`: beta, or a linear / cosine schedule from beta to beta_final."""
-    if cfg.kl_schedule == "constant":
-        return cfg.beta
-    frac = min(1.0, step / max(1, cfg.steps - 1))
-    if cfg.kl_schedule == "linear":
-        return cfg.beta + (cfg.beta_final - cfg.beta) * frac
-    if cfg.kl_schedule == "cosine":
-        return cfg.beta_final + (cfg.beta - cfg.beta_final) * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"kl_schedule must be constant, linear or cosine, got {cfg.kl_schedule!r}")
-
-
 def minibatch_seed(seed: int, step: int, pass_: int) -> int:
     """The seed of the minibatch permutation of pass `pass_` over step `step`'s batch."""
     return seed + step * 131 + pass_
@@ -195,46 +179,50 @@ def minibatch_seed(seed: int, step: int, pass_: int) -> int:
 
 def step_advantages(task, sb, group_size: int, tokenizer, baseline: str = "position") -> torch.Tensor:
     """Token advantages (B, R) of a scored rollout from the task's step verifier (step_scores: each step's end
-    in characters and its reward), the character offsets mapped to response tokens."""
+    in characters and its reward), the character offsets mapped to response tokens; the tokens after the last step
+    (EOS, text after the answer) take the answer step's advantage."""
     rewards, ends = [], []
     for i, (text, example) in enumerate(zip(sb.batch.texts, sb.examples)):
         steps = task.step_scores(text, example)
         ids = sb.batch.response_ids[i][sb.batch.response_mask[i].bool()].tolist()
         ends.append(tokens_at_chars(tokenizer, ids, [e for e, _ in steps]))
         rewards.append([r for _, r in steps])
-    return process_advantages(rewards, ends, group_size, sb.batch.response_ids.shape[1], baseline=baseline)
+    lengths = sb.batch.response_mask.sum(1).tolist()
+    width = sb.batch.response_ids.shape[1]
+    return process_advantages(rewards, ends, group_size, width, baseline=baseline, lengths=lengths)
 
 
 def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[list, torch.Tensor]:
-    """Per generation round (groups never mix across rounds): group-normalised, RLOO, REINFORCE++ or GDPO
-    advantages (weights: the reward functions', for GDPO), or token advantages from step rewards (steps: a
-    function of a scored rollout -> (B, R)); with dynamic sampling only the groups with signal are kept.
-    -> (rows [(rollout, index)], advantages (B,) or (B, R))."""
-    rows, adv = [], []
+    """The rows trained on (with dynamic sampling: the groups with signal of every round, dropped *before* any
+    batch statistics, as veRL's DAPO) and their group-normalised, RLOO, REINFORCE++ or GDPO advantages (weights:
+    the reward functions', for GDPO), over those rows together; or token advantages from step rewards (steps: a
+    function of a scored rollout -> (B, R), per group). -> (rows [(rollout, index)], advantages (B,) or (B, R))."""
+    rows, rewards, per_fn, lengths, token_adv = [], [], [], [], []
     for sb, signal in groups.rounds:
+        n = len(sb.rewards)
+        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(n, dtype=torch.bool)
+        rows += [(sb.batch, i) for i in torch.nonzero(keep).flatten().tolist()]
         if steps is not None:
-            a = steps(sb)
-        elif cfg.reward_aggregation == "normalize_then_sum":  # GDPO
-            a = gdpo_advantages(sb.per_fn, weights, cfg.group_size)
-        elif cfg.advantage == "group":
-            batch_std = nanstd_over_ranks(sb.rewards) if cfg.scale_rewards == "batch" else None
-            a = group_advantages(sb.rewards, cfg.group_size, cfg.scale_rewards, batch_std=batch_std)
-        elif cfg.advantage == "rloo":
-            a = rloo(sb.rewards, cfg.group_size)
-        else:  # REINFORCE++: whitened over the batch's tokens, with the group mean subtracted first (_baseline)
-            baseline = cfg.group_size if cfg.advantage == "reinforce_pp_baseline" else 0
-            a = reinforce_pp(sb.rewards, sb.batch.response_mask.sum(1), baseline)
-        a = a.float()
-        keep = (
-            signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(a), dtype=torch.bool)
-        )
-        for i in torch.nonzero(keep).flatten().tolist():
-            rows.append((sb.batch, i))
-            adv.append(a[i])
-    if adv and adv[0].dim() == 1:  # token advantages: rounds of different lengths padded to the longest
-        width = max(len(x) for x in adv)
-        adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in adv]
-    return rows, (torch.stack(adv) if adv else torch.zeros(0))
+            token_adv += list(steps(sb).float()[keep])
+        else:
+            rewards.append(sb.rewards[keep])
+            per_fn.append(sb.per_fn[keep])
+            lengths.append(sb.batch.response_mask.sum(1)[keep])
+    if steps is not None:  # rounds of different response widths padded to the longest
+        width = max((len(x) for x in token_adv), default=0)
+        token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
+        return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0))
+    estimator = "gdpo" if cfg.reward_aggregation == "normalize_then_sum" else cfg.advantage
+    a = outcome_advantages(
+        estimator,
+        torch.cat(rewards),
+        cfg.group_size,
+        scale=cfg.scale_rewards,
+        lengths=torch.cat(lengths),
+        per_fn=torch.cat(per_fn),
+        weights=weights,
+    )
+    return rows, a.float()
 
 
 def grpo_update(
@@ -251,9 +239,9 @@ def grpo_update(
     entropy_coef: float = 0.0,
 ) -> tuple[dict, float]:
     """num_iterations passes over the batch, each in `minibatches` optimizer steps of the clipped surrogate
-    (+ beta KL to the reference, whose log-probs are taken once; - entropy_coef x the mean token entropy; on the
-    top-entropy quantile of tokens only, with --top-entropy-quantile). -> (metrics averaged over the optimizer
-    steps, the last lr)."""
+    (+ beta KL to the reference, whose log-probs are taken once; - entropy_coef x the mean token entropy over
+    every rank's response tokens; the policy term on the top-entropy quantile of every rank's tokens only, with
+    --top-entropy-quantile). -> (metrics averaged over the optimizer steps, the last lr)."""
     ref_logps = None
     if ref_model is not None and beta > 0:
         with torch.no_grad():
@@ -307,15 +295,17 @@ def grpo_update(
             # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler, from the
             # trainer's log-probs before this update (the "old" ones)
             is_weights, is_stats = correct(old, mb) if level != "none" else (None, {})
-            # the 80/20 rule: the policy-gradient loss on the minibatch's highest-entropy tokens only
+            # the 80/20 rule: the policy-gradient term on the minibatch's highest-entropy tokens (of every rank) only
             pg_mask = top_entropy_mask(ent.detach(), loss_mask[mb], cfg.top_entropy_quantile)
+            lm = loss_mask[mb].to(ent.dtype)
             # dapo: the generation batch's global token count, shared out over the optimizer steps
             g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
             loss, m = clipped_policy_loss(
                 lp,
                 old,
                 adv[mb],
-                pg_mask,
+                lm,
+                pg_mask=pg_mask if cfg.top_entropy_quantile < 1 else None,
                 clip_eps=cfg.clip_eps,
                 clip_eps_high=cfg.clip_eps_high or None,
                 importance=cfg.importance,
@@ -329,16 +319,17 @@ def grpo_update(
                 dual_clip_c=cfg.dual_clip_c,
                 sapo_tau_pos=cfg.sapo_tau_pos,
                 sapo_tau_neg=cfg.sapo_tau_neg,
+                cispo_cap=cfg.cispo_cap,
                 is_weights=is_weights,
             )
-            if entropy_coef > 0:  # the bonus, a token mean over the response (with its gradient)
-                lm = loss_mask[mb].to(ent.dtype)
-                loss = loss - entropy_coef * (ent * lm).sum() / lm.sum().clamp(min=1)
+            if entropy_coef > 0:  # the bonus, a token mean over every rank's response tokens (with its gradient)
+                loss = loss - entropy_coef * masked_reduce(ent, lm, "token_mean")
             (loss + anchor).backward()
             opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
             grad_norm, lr = optimizer_step(policy, optimizer, opt_step, schedule, sync_grads=True)
-            ent_mean = float((ent.detach() * loss_mask[mb]).sum() / loss_mask[mb].sum().clamp(min=1))
-            kept = float(pg_mask.sum() / loss_mask[mb].sum().clamp(min=1))
+            n_tokens = max(1.0, dist.all_sum(float(lm.sum())))  # the minibatch's, over every rank
+            ent_mean = dist.all_sum(float((ent.detach() * lm).sum())) / n_tokens
+            kept = dist.all_sum(float(pg_mask.sum())) / n_tokens
             for k, v in {
                 "loss": dist.all_sum(loss.item()) / world,
                 "grad_norm": grad_norm,
@@ -396,6 +387,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.kl_target > 0 and (cfg.beta <= 0 or cfg.kl_schedule != "constant"):
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 and --kl-schedule constant")
+    if cfg.cispo_cap != Config.cispo_cap and cfg.policy_loss != "cispo":
+        raise ConfigError(f"--cispo-cap caps the weight of --policy-loss cispo; it does nothing to {cfg.policy_loss}")
+    if cfg.cispo_cap < 1:
+        raise ConfigError(f"--cispo-cap {cfg.cispo_cap}: must be at least 1 (the cap on cispo's importance weight)")
     if cfg.reward_aggregation == "normalize_then_sum" and cfg.advantage != "group":
         raise ConfigError(
             f"--reward-aggregation normalize_then_sum (GDPO) normalises per group itself; it needs --advantage "
@@ -429,14 +424,14 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     # the adaptive KL coefficient (--kl-target) and entropy coefficient (--entropy-target), saved with checkpoints
-    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef, "pass_rates": {}}
+    # (and the entropy last measured: under --entropy-target the bonus applies only at or below the target)
+    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef, "entropy": None, "pass_rates": {}}
     start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
     sampler = PromptSampler(
         cfg.prompt_sampler,
         data,
         prompts_per_step=cfg.prompts_per_step,
         seed=cfg.seed,
-        steps=cfg.steps,
         stages=cfg.curriculum_stages,
         oversample=cfg.pass_rate_oversample,
     )
@@ -478,8 +473,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        progress = run.progress(step)  # steps or seconds, whichever ends the run: the curriculum and KL schedules
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
-        groups = sample_groups(policy, data, reward_set, step=step, engine=engine, sampler=sampler, **groups_of)
+        groups = sample_groups(
+            policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler, **groups_of
+        )
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         for sb, _ in groups.rounds:  # every round's responses count, refills included
             run.count_samples(sb)
@@ -489,16 +487,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         rows, adv = advantages(cfg, groups, reward_set.weights, steps)
         row = {
             **groups.metrics,
-            **sampler.metrics(step),
+            **sampler.metrics(progress),
             "skipped_step": float(not rows),
         }  # no rows: every group's rewards were equal
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
             adv = adv[:, : batch.n_resp] if adv.dim() == 2 else adv  # token advantages: the response area
-            beta = kl_state["beta"] if cfg.kl_target > 0 else kl_coef(cfg, step)
+            beta = (
+                kl_state["beta"]
+                if cfg.kl_target > 0
+                else scheduled_beta(cfg.kl_schedule, cfg.beta, cfg.beta_final, progress)
+            )
             t_up = time.perf_counter()
             engine.sleep()  # a colocated engine frees its device memory for the update
             ent_coef = kl_state["entropy_coef"]
+            bonus_coef = entropy_bonus_coef(ent_coef, kl_state["entropy"], cfg.entropy_target)
             stats, lr = grpo_update(
                 policy,
                 optimizer,
@@ -509,7 +512,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 beta=beta,
                 ref_model=ref_model,
                 schedule=schedule,
-                entropy_coef=ent_coef,
+                entropy_coef=bonus_coef,
             )
             row.update(
                 {
@@ -518,6 +521,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     "lr": lr,
                     "beta": beta,
                     "entropy_coef": ent_coef,
+                    "entropy_bonus_coef": bonus_coef,
                     "groups/zero_signal_frac": groups.zero_signal / (cfg.prompts_per_step * (groups.refills + 1)),
                     "tokens_per_s": float(batch.attn.sum()) / (time.perf_counter() - t0),
                     "time/generation_s": groups.gen_s,
@@ -532,12 +536,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 n = len(batch) * world
                 kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(stats["kl"]), cfg.kl_target, cfg.kl_horizon, n)
             if cfg.entropy_target > 0:  # adaptive entropy control, on this update's mean entropy (all ranks)
+                kl_state["entropy"] = dist.all_mean(stats["entropy"])
                 kl_state["entropy_coef"] = adaptive_entropy_coef(
-                    ent_coef,
-                    dist.all_mean(stats["entropy"]),
-                    cfg.entropy_target,
-                    cfg.entropy_coef_delta,
-                    cfg.entropy_coef_max,
+                    ent_coef, kl_state["entropy"], cfg.entropy_target, cfg.entropy_coef_delta, cfg.entropy_coef_max
                 )
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):

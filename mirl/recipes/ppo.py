@@ -83,6 +83,7 @@ class Config:
     clip_eps: float = 0.2  # policy clip range
     policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
     dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
+    cispo_cap: float = 5.0  # cispo: the cap on the detached importance weight (TRL's epsilon_high for cispo)
     sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
     sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
     value_clip: float = 0.2  # value clip range
@@ -245,6 +246,7 @@ def ppo_update(
                 dual_clip_c=cfg.dual_clip_c,
                 sapo_tau_pos=cfg.sapo_tau_pos,
                 sapo_tau_neg=cfg.sapo_tau_neg,
+                cispo_cap=cfg.cispo_cap,
                 is_weights=None if is_weights is None else is_weights[mb],
             )
             v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)
@@ -279,6 +281,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     if cfg.kl_target > 0 and cfg.beta <= 0:
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 (its starting value)")
+    if cfg.cispo_cap != Config.cispo_cap and cfg.policy_loss != "cispo":
+        raise ConfigError(f"--cispo-cap caps the weight of --policy-loss cispo; it does nothing to {cfg.policy_loss}")
+    if cfg.cispo_cap < 1:
+        raise ConfigError(f"--cispo-cap {cfg.cispo_cap}: must be at least 1 (the cap on cispo's importance weight)")
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")

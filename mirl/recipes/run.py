@@ -165,11 +165,12 @@ class Cadence:
         """The run goes to its last step (no --stop-at-step before it): it saves final/ and evaluates."""
         return not (self.stop_at_step and self.stop_at_step < self.steps)
 
-    def progress(self, steps_done: int, train_s: float) -> float:
-        """The fraction of the run done, in [0, 1]: steps done / steps or training seconds / time budget,
-        whichever is larger (whichever ends the run), for the schedules that follow the run (curriculum, KL)."""
+    def progress(self, step: int, train_s: float) -> float:
+        """The fraction of the run done when 0-based `step` starts, in [0, 1], for the schedules that follow the
+        run (curriculum, KL): step / (steps - 1) (0 at the first step, 1 at the last) or training seconds / time
+        budget, whichever is larger (whichever ends the run)."""
         by_time = train_s / self.time_budget_s if self.time_budget_s else 0.0
-        return min(1.0, max(steps_done / max(1, self.steps), by_time))
+        return min(1.0, max(step / max(1, self.steps - 1), by_time))
 
 
 class Run:

@@ -75,6 +75,7 @@ def sample_groups(
     reward_set,
     *,
     step: int,
+    progress: float = 0.0,
     prompts_per_step: int,
     group_size: int,
     seed: int,
@@ -92,11 +93,15 @@ def sample_groups(
     sampling there is one round; with it, rounds continue until the kept groups (those with signal, over all
     ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
     (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py); sampler:
-    which prompts each round draws and the pass-rate tracker it feeds (rollout/prompts.py; default uniform)."""
+    which prompts each round draws and the pass-rate tracker it feeds (rollout/prompts.py; default uniform), at
+    `progress` (the fraction of the run done, Run.progress: the curriculum's stage)."""
     rounds, gen_s, score_s, zero = [], 0.0, 0.0, 0
     while True:
         batch_id = step * (max_refills + 1) + len(rounds)
-        idx = sampler.indices(batch_id, step) if sampler else batch_indices(len(data), prompts_per_step, batch_id, seed)
+        if sampler is not None:
+            idx = sampler.indices(batch_id, progress)
+        else:
+            idx = batch_indices(len(data), prompts_per_step, batch_id, seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
         sb = rollout_and_score(
             policy,

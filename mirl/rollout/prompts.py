@@ -3,7 +3,8 @@
     uniform     a fresh permutation per epoch (data/collate.py: batch_indices), a pure function of the step
     curriculum  staged from easy to hard (Curr-ReFT): the prompts sorted by their 'difficulty' field (arith:
                 the longer operand's digits; a --data file may carry the column); stage k of n draws from the
-                easiest (k + 1) / n of them, the stages evenly over the run's steps
+                easiest (k + 1) / n of them, the stages evenly over the run's progress (step / (steps - 1) or
+                seconds / time budget, whichever ends the run: Cadence.progress)
     pass-rate   online filtering (ThinkLite-VL, MM-EUREKA): each prompt's pass rate is tracked from its
                 rollouts; a round draws `oversample` x prompts_per_step candidates in the uniform order and keeps
                 those whose latest pass rate is neither 0 nor 1 (or not measured yet), topped up in order from
@@ -39,10 +40,11 @@ def select_by_pass_rate(candidates: list[int], rates: dict[int, float], k: int) 
     return (informative + rest)[:k]
 
 
-def curriculum_pool(order: list[int], step: int, steps: int, stages: int) -> list[int]:
-    """The prompts curriculum stage of `step` may draw: order sorts the prompts from easy to hard; stage
-    s = step * stages // steps (0-based) allows the easiest (s + 1) / stages of them."""
-    stage = min(stages - 1, step * stages // max(1, steps))
+def curriculum_pool(order: list[int], progress: float, stages: int) -> list[int]:
+    """The prompts the curriculum may draw at `progress` (the fraction of the run done, in [0, 1]): order sorts
+    the prompts from easy to hard; stage s = floor(progress * stages) (0-based) allows the easiest
+    (s + 1) / stages of them."""
+    stage = min(stages - 1, int(progress * stages + 1e-9))  # 1e-9: 3 / 9 * 3 is stage 1, whatever the rounding
     return order[: max(1, round(len(order) * (stage + 1) / stages))]
 
 
@@ -50,12 +52,12 @@ class PromptSampler:
     """--prompt-sampler: the prompt indices of each generation round, and the pass-rate tracker."""
 
     def __init__(
-        self, kind: str, data: list[dict], *, prompts_per_step: int, seed: int, steps: int, stages: int = 3,
+        self, kind: str, data: list[dict], *, prompts_per_step: int, seed: int, stages: int = 3,
         oversample: int = 4, threshold: float = 0.5,
     ):  # fmt: skip
         if kind not in SAMPLERS:
             raise ConfigError(f"--prompt-sampler {kind!r}: must be one of {', '.join(SAMPLERS)}")
-        self.kind, self.n, self.k, self.seed, self.steps = kind, len(data), prompts_per_step, seed, steps
+        self.kind, self.n, self.k, self.seed = kind, len(data), prompts_per_step, seed
         self.stages, self.oversample, self.threshold = stages, oversample, threshold
         self.rates: dict[int, float] = {}
         self.order: list[int] = []
@@ -69,12 +71,13 @@ class PromptSampler:
             self.order = sorted(range(self.n), key=lambda i: (float(data[i]["difficulty"]), i))
             self.difficulty = [float(data[i]["difficulty"]) for i in range(self.n)]
 
-    def indices(self, batch_id: int, step: int) -> list[int]:
-        """The global batch of prompt indices for round `batch_id` of `step`."""
+    def indices(self, batch_id: int, progress: float = 0.0) -> list[int]:
+        """The global batch of prompt indices for round `batch_id`, at `progress` (the fraction of the run done,
+        the same on every rank: Run.progress)."""
         if self.kind == "uniform":
             return batch_indices(self.n, self.k, batch_id, self.seed)
         if self.kind == "curriculum":
-            pool = curriculum_pool(self.order, step, self.steps, self.stages)
+            pool = curriculum_pool(self.order, progress, self.stages)
             return [pool[i] for i in batch_indices(len(pool), self.k, batch_id, self.seed)]
         candidates = batch_indices(self.n, self.k * self.oversample, batch_id, self.seed)
         return select_by_pass_rate(list(dict.fromkeys(candidates)), self.rates, self.k)
@@ -89,7 +92,7 @@ class PromptSampler:
             pairs = [p for part in gathered for p in part]
         self.rates.update(pairs)
 
-    def metrics(self, step: int) -> dict:
+    def metrics(self, progress: float) -> dict:
         """The pass-rate histogram of the prompts measured so far (and the curriculum's stage)."""
         out = {}
         if self.rates:
@@ -102,7 +105,7 @@ class PromptSampler:
                 "prompts/pass_rate_mean": float(v.mean()),
             }
         if self.kind == "curriculum":
-            pool = curriculum_pool(self.order, step, self.steps, self.stages)
+            pool = curriculum_pool(self.order, progress, self.stages)
             out["prompts/curriculum_max_difficulty"] = self.difficulty[pool[-1]]
         return out
 
