@@ -87,6 +87,23 @@ def evaluate(
     return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)), details)
 
 
+def sampled_accuracy(
+    policy, task, examples: list[dict], *, max_new_tokens: int, samples: int = 8, temperature: float = 1.0, seed=0
+) -> float:
+    """The fraction of `samples` sampled responses per prompt that the task's verifier accepts (pass@1 estimated
+    from n samples): what an RL step optimises, measured with far less noise than greedy accuracy on the same
+    prompts (300 prompts x 8 samples: a standard error of about 0.01 against about 0.03)."""
+    images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+    prompts = [e["prompt"] for e in examples]
+    sampled = completions(
+        policy, prompts, max_new_tokens=max_new_tokens, samples=samples, temperature=temperature, seed=seed,
+        batch_size=max(1, 256 // samples), images=images,
+    )  # fmt: skip
+    success = getattr(task, "success_threshold", 1.0)
+    right = sum(task.score(c, e) >= success for cs, e in zip(sampled, examples) for c in cs)
+    return right / max(1, samples * len(examples))
+
+
 @dataclass
 class Config:
     """Options of `mirl eval`."""
