@@ -213,16 +213,8 @@ def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[
         token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
         return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0))
     estimator = "gdpo" if cfg.reward_aggregation == "normalize_then_sum" else cfg.advantage
-    a = outcome_advantages(
-        estimator,
-        torch.cat(rewards),
-        cfg.group_size,
-        scale=cfg.scale_rewards,
-        lengths=torch.cat(lengths),
-        per_fn=torch.cat(per_fn),
-        weights=weights,
-    )
-    return rows, a.float()
+    kept = dict(scale=cfg.scale_rewards, lengths=torch.cat(lengths), per_fn=torch.cat(per_fn), weights=weights)
+    return rows, outcome_advantages(estimator, torch.cat(rewards), cfg.group_size, **kept).float()
 
 
 def grpo_update(
