@@ -220,3 +220,14 @@ def test_rlaif_v_shaped_image_preferences_train_dpo(tmp_path, kind):
         )
     )
     assert len(res.history) == 2
+
+
+def test_names_that_look_local_are_never_hub_ids(tmp_path, monkeypatch):
+    """A mistyped local path must get 'no such file or folder', not the hint to download it from the hub."""
+    from mirl.models.hf import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and is_hub_id("trl-lib/ultrafeedback_binarized")
+    for name in ("sftrun/final", "data/x.jsonl", "./nope", "../nope", "/abs/nope", "~/nope", "a/b/c", "runs/x"):
+        assert not is_hub_id(name), name

@@ -43,3 +43,23 @@ def test_iterate_runs_rounds_in_one_folder(tmp_path):
         assert (out / f"round{r}" / "sft" / "metrics.jsonl").exists() and (out / f"round{r}" / "grpo").is_dir()
     assert (out / "final").is_dir()
     assert main(["iterate", "--rounds", "0", "--out-dir", str(out)]) == 2  # bad input: one line, exit 2
+
+
+def test_iterate_resumes_at_the_phase_it_reached(tmp_path):
+    """A run stopped after round 1's SFT phase: --resume loads that phase's model (its run folder untouched) and
+    runs round 1's GRPO phase only; a changed option is refused like every recipe's resume."""
+    out = tmp_path / "it"
+    args = ["iterate", "--model", "gpt-nano", "--task", "arith:1", "--rounds", "1", "--n-prompts", "8"]
+    args += ["--samples-per-prompt", "2", "--sft-steps", "2", "--grpo-steps", "2", "--prompts-per-step", "2"]
+    args += ["--group-size", "2", "--max-new-tokens", "8", "--eval-n", "4", "--threads", "1", "--out-dir", str(out)]
+    assert main(args) == 0
+    table = json.loads((out / "iterate.json").read_text())
+    (out / "iterate.json").write_text(json.dumps({**table, "phases": table["phases"][:2]}))  # stopped after SFT
+    verified_at = (out / "round1" / "verified.json").stat().st_mtime_ns
+    grpo_metrics = out / "round1" / "grpo" / "metrics.jsonl"
+    grpo_metrics.unlink()
+    assert main(args + ["--resume"]) == 0
+    phases = json.loads((out / "iterate.json").read_text())["phases"]
+    assert [(p["round"], p["phase"]) for p in phases] == [(0, "start"), (1, "sft"), (1, "grpo")]
+    assert (out / "round1" / "verified.json").stat().st_mtime_ns == verified_at and grpo_metrics.exists()
+    assert main(args + ["--resume", "--grpo-lr", "1e-3"]) == 2

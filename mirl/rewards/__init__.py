@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,7 @@ class RewardSet:
         self.worker = RewardWorker([fn for _, fn, _ in self.fns]) if isolated and can_fork() else None
         if self.worker is not None:
             self.worker.start()  # now, before the run's own threads (progress bar, trackers) exist
+            weakref.finalize(self, self.worker.stop)  # the worker goes when the set does, not at exit only
 
     def close(self) -> None:
         """Stop the reward worker (it also dies with the process)."""
