@@ -493,6 +493,28 @@ NEW_CASES = [
     ("distill-teacher-missing", ["distill", "--teacher", "{d}/none"], {}, 2, ["no such file or folder: {d}/none"]),
     ("chat-yes-without-template", ["eval", "--model", "gpt-nano", "--chat", "yes"], {}, 2, ["has no chat template"]),
     ("report-to-unknown", ["grpo", "--report-to", "mlflow"], {}, 2, ["--report-to 'mlflow'"]),
+    (
+        "step-rewards-without-a-step-verifier",
+        [*GRPO, "--task", "countdown:3", "--step-rewards"],
+        {},
+        2,
+        ["--step-rewards needs a task with a step verifier"],
+    ),
+    (
+        "step-rewards-with-rloo",
+        [*GRPO, "--task", "arith:1", "--step-rewards", "--advantage", "rloo"],
+        {},
+        2,
+        ["--step-rewards makes its own token advantages"],
+    ),
+    (
+        "curriculum-without-difficulty",
+        [*GRPO, "--task", "", "--data", "{d}/p.jsonl", "--reward", "exact", "--prompt-sampler", "curriculum"],
+        {"p.jsonl": jsonl([{"prompt": "1+1=", "answer": "2"}])},
+        2,
+        ["--prompt-sampler curriculum needs a 'difficulty' per prompt", "p.jsonl:1"],
+    ),
+    ("distill-jsd-beta-above-one", ["distill", "--jsd-beta", "2"], {}, 2, ["--jsd-beta 2.0", "[0, 1]"]),
     # ---- paths that look local are never taken for hub ids ------------------------------------------------
     (
         "model-typo-run-folder",
