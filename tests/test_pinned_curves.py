@@ -1,10 +1,21 @@
-"""Pinned loss curves: the first five losses (and gradient norms) of a seeded CPU float32 run of a tiny model,
-for every recipe, stored here and compared at 1e-6. A change that alters what a recipe computes (a
-normaliser, an order of operations, a seed) moves them; a pure refactoring must not. To re-pin after an
-intended change, run `python tests/test_pinned_curves.py` and paste its output, saying why in the commit.
+"""Pinned loss curves: the first losses (and gradient norms) of a seeded CPU float32 run of a tiny model, for
+every recipe, stored here. A change that alters what a recipe computes (a normaliser, an order of operations, a
+seed) moves them; a pure refactoring must not. To re-pin after an intended change, run
+`python tests/test_pinned_curves.py` and paste its output, saying why in the commit.
 
-One thread: the same arithmetic order on every run. Machines whose float32 kernels differ (AVX-512 vs
-AVX2) may differ in the last bits; the pins were taken on the CI machine class (Intel Xeon, AVX-512).
+One thread: the same arithmetic order on every run. CPUs differ in the last bits of float32 (AVX-512 vs AVX2
+vs the plain kernels, `ATEN_CPU_CAPABILITY=avx2|default`), and the tolerances are set from that spread,
+measured on 2026-12-03 by running this file under the three capabilities (AMD EPYC, AVX2: avx2 and default;
+the earlier pins from an Intel Xeon, AVX-512). The pins below were taken on the AMD EPYC (avx2), 2026-12-03, after
+PPO's whitening became unbiased (Bessel-corrected, as veRL and REINFORCE++), which moved ppo's step 3 by 15%.
+The spread:
+- offline recipes (sft, dpo, mio, ipo, rm): no sampling; the largest relative difference over the 5 steps was
+  5.5e-6 (rm's step-4 gradient norm), the rest below 2e-6: compared at 5e-5.
+- online recipes (grpo, online, ppo): the weak SFT start differs by ~1e-6 between kernels, and a sampled token
+  that falls the other way changes everything after it: grpo's step 4 differed by 27% and ppo's by 41% between
+  avx2 and AVX-512. Steps 1-3 differed by at most 1.7e-3 (grpo) and 3.7e-3 (ppo): only those three are run and
+  compared, at 1e-2. A wrong normaliser or aggregation moves them by far more (a factor in the loss or the
+  gradient); a 1% change in a loss term is within the tolerance and left to the hand-derived loss tests.
 """
 
 import json
@@ -22,7 +33,7 @@ PAIRS = [
     for b in range(5)
 ]
 COMMON = dict(threads=1, report=False, seed=0)
-RL = dict(task="arith:1", steps=5, eval_n=0, max_new_tokens=12, lr=1e-3, **COMMON)
+RL = dict(task="arith:1", steps=3, eval_n=0, max_new_tokens=12, lr=1e-3, **COMMON)
 
 
 def weak_sft(out):
@@ -32,7 +43,8 @@ def weak_sft(out):
 
 
 def run(recipe, out, sft_dir):
-    """The history of a five-step run of `recipe` -> [(step, loss, grad_norm)] of the steps that updated."""
+    """The history of a short run of `recipe` (5 steps; 3 for the online recipes) -> [(step, loss, grad_norm)]
+    of the steps that updated."""
     torch.set_num_threads(1)
     if recipe == "sft":
         res = sft.train(
@@ -98,59 +110,53 @@ def run(recipe, out, sft_dir):
 PINNED = {
     "sft": [
         [1, 4.625176906585693, 6.643507957458496],
-        [2, 3.7762463092803955, 3.5418412685394287],
-        [3, 3.5089786052703857, 3.5437684059143066],
-        [4, 3.17490553855896, 3.4243264198303223],
-        [5, 3.072374105453491, 3.2681210041046143],
+        [2, 3.7762463092803955, 3.5418410301208496],
+        [3, 3.5089786052703857, 3.5437679290771484],
+        [4, 3.17490553855896, 3.4243268966674805],
+        [5, 3.0723745822906494, 3.268120050430298],
     ],
     "dpo": [
-        [1, 0.6931471824645996, 0.8363814949989319],
-        [2, 0.744375467300415, 0.7958875894546509],
-        [3, 0.6983869075775146, 0.4982668161392212],
-        [4, 0.7033544778823853, 0.5353837609291077],
-        [5, 0.6668084859848022, 0.6269291043281555],
+        [1, 0.6931471824645996, 0.8363816142082214],
+        [2, 0.744375467300415, 0.795887291431427],
+        [3, 0.6983869075775146, 0.49826696515083313],
+        [4, 0.7033543586730957, 0.5353837609291077],
+        [5, 0.6668084859848022, 0.6269291639328003],
     ],
     "mio": [
-        [1, 1.3862943649291992, 0.41819074749946594],
-        [2, 1.418206810951233, 0.3932463526725769],
-        [3, 1.3932725191116333, 0.2812844216823578],
-        [4, 1.3945667743682861, 0.2789055407047272],
-        [5, 1.3745810985565186, 0.33653324842453003],
+        [1, 1.3862943649291992, 0.4181908071041107],
+        [2, 1.418206810951233, 0.39324623346328735],
+        [3, 1.3932725191116333, 0.2812844514846802],
+        [4, 1.3945667743682861, 0.2789055109024048],
+        [5, 1.3745810985565186, 0.33653318881988525],
     ],
     "ipo_mean": [
         [1, 25.0, 41.81907272338867],
         [2, 27.565196990966797, 39.92483139038086],
-        [3, 25.272323608398438, 24.91254997253418],
-        [4, 25.5836124420166, 26.946455001831055],
-        [5, 23.608585357666016, 31.131885528564453],
+        [3, 25.27232551574707, 24.912534713745117],
+        [4, 25.58361053466797, 26.946449279785156],
+        [5, 23.608591079711914, 31.131885528564453],
     ],
     "grpo": [
-        [1, 0.1283121220767498, 4.877194195985794],
-        [2, 0.031124673783779144, 2.4061057567596436],
-        [3, 0.008988121524453163, 0.5830289721488953],
-        [4, 0.008885348215699196, 0.49891698360443115],
-        [5, 0.008563293609768152, 0.038756001740694046],
+        [1, 0.12830790504813194, 4.876970618963242],
+        [2, 0.03113325498998165, 2.40675687789917],
+        [3, 0.008974337484687567, 0.5820201933383942],
     ],
     "online": [
-        [1, 1.3862943649291992, 0.9799302220344543],
-        [2, 1.4837898015975952, 1.0630968809127808],
-        [3, 1.420053243637085, 0.9174753427505493],
-        [4, 1.536993384361267, 1.9318976402282715],
-        [5, 1.6393847465515137, 1.801745057106018],
+        [1, 1.3862943649291992, 0.9799414277076721],
+        [2, 1.4837995767593384, 1.0631343126296997],
+        [3, 1.4200505018234253, 0.9174486994743347],
     ],
     "ppo": [
-        [1, 0.3461000993847847, 2.4665165543556213],
-        [2, 0.11610945127904415, 2.149408906698227],
-        [3, 0.08791473135352135, 2.393408164381981],
-        [4, 0.05383224040269852, 1.5568200945854187],
-        [5, 0.03339829295873642, 4.5156698524951935],
+        [1, 0.345967635512352, 2.4619643092155457],
+        [2, 0.11646984703838825, 2.1342785209417343],
+        [3, 0.10118982754647732, 2.6602187156677246],
     ],
     "rm": [
         [1, 0.7544385194778442, 5.485816478729248],
-        [2, 1.3933875560760498, 16.134933471679688],
-        [3, 0.7356479167938232, 2.6765706539154053],
-        [4, 0.693590521812439, 1.53952157497406],
-        [5, 0.6437852382659912, 1.2811923027038574],
+        [2, 1.3933855295181274, 16.134906768798828],
+        [3, 0.7356483936309814, 2.676574468612671],
+        [4, 0.6935899257659912, 1.5395137071609497],
+        [5, 0.6437856554985046, 1.2811897993087769],
     ],
 }
 
@@ -162,6 +168,14 @@ def sft_dir(tmp_path_factory):
     return weak_sft(tmp_path_factory.mktemp("sft"))
 
 
+ONLINE = ("grpo", "online", "ppo")
+
+
+def tolerance(recipe: str) -> float:
+    """The relative tolerance of a recipe's pins (the module docstring: measured spread across CPU kernels)."""
+    return 1e-2 if recipe in ONLINE else 5e-5
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_pinned_curve(tmp_path, sft_dir, recipe):
     threads = torch.get_num_threads()
@@ -171,9 +185,18 @@ def test_pinned_curve(tmp_path, sft_dir, recipe):
         torch.set_num_threads(threads)
     want = PINNED[recipe]
     assert [s for s, _, _ in got] == [s for s, _, _ in want]
-    for (_, loss, gn), (_, want_loss, want_gn) in zip(got, want):
-        assert loss == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
-        assert gn == pytest.approx(want_gn, rel=1e-6, abs=1e-6)
+    rel = tolerance(recipe)
+    for (step, loss, gn), (_, want_loss, want_gn) in zip(got, want):
+        assert loss == pytest.approx(want_loss, rel=rel, abs=1e-7), (recipe, step)
+        assert gn == pytest.approx(want_gn, rel=rel, abs=1e-7), (recipe, step)
+
+
+def test_the_tolerance_catches_a_wrong_normaliser():
+    """The online tolerance (1e-2) is far below what a wrong normaliser does: grpo's first loss with a
+    normaliser off by one response in 32 (the smallest such slip at this batch) moves by 1/32 = 3%."""
+    want = PINNED["grpo"][0][1]
+    assert want * 32 / 31 != pytest.approx(want, rel=tolerance("grpo"))
+    assert want * (1 + 1e-3) == pytest.approx(want, rel=tolerance("grpo"))
 
 
 if __name__ == "__main__":  # print the pins of the current code
