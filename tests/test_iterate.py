@@ -63,3 +63,26 @@ def test_iterate_resumes_at_the_phase_it_reached(tmp_path):
     assert [(p["round"], p["phase"]) for p in phases] == [(0, "start"), (1, "sft"), (1, "grpo")]
     assert (out / "round1" / "verified.json").stat().st_mtime_ns == verified_at and grpo_metrics.exists()
     assert main(args + ["--resume", "--grpo-lr", "1e-3"]) == 2
+
+
+def test_a_stop_signal_during_rejection_sampling_is_not_lost(tmp_path, monkeypatch):
+    """A SIGTERM that comes while round 1 samples used to be forgotten by the SFT phase's setup (it clears the
+    stop request), so the phase trained anyway; now the run stops after the sampling, its samples kept (fails on the old code)."""
+    import mirl.experiments.iterate as it
+    from mirl import stop
+
+    def sampling_then_sigterm(policy, task, cfg, r, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "verified.json").write_text("{}")
+        stop.request("SIGTERM")
+        return [{"prompt": "1+2=", "completion": "1+2=3|3"}] * 4, 0.5  # something to fine-tune on
+
+    monkeypatch.setattr(it, "round_samples", sampling_then_sigterm)
+    out = tmp_path / "it"
+    args = ["iterate", "--model", "gpt-nano", "--task", "arith:1", "--rounds", "1", "--n-prompts", "4"]
+    args += ["--samples-per-prompt", "2", "--sft-steps", "2", "--grpo-steps", "1", "--prompts-per-step", "2"]
+    args += ["--group-size", "2", "--max-new-tokens", "4", "--eval-n", "0", "--threads", "1", "--out-dir", str(out)]
+    rc = main(args)
+    stop.clear()
+    assert rc != 0 and (out / "round1" / "verified.json").exists()
+    assert not (out / "round1" / "sft" / "metrics.jsonl").exists()

@@ -228,6 +228,8 @@ def train(cfg: Config, model=None) -> Result:
             extra = {}
             if phase == "sft":
                 records, rate = round_samples(policy, task, cfg, r, folder.parent)
+                if stop.requested():  # (sft.train's setup would forget a signal that came while sampling)
+                    raise stop.StopRequested(stop.requested(), f"after round {r}'s rejection sampling")
                 if records:  # nothing verified: the round goes straight to GRPO (counted in the table)
                     policy = sft.train(phase_config(cfg, "sft", folder, again), model=policy, data=records).model
                 extra = {"verified_prompts": len(records), "accepted_frac": rate}
