@@ -217,6 +217,7 @@ class Run:
         self.samples = 0  # responses sampled so far (online recipes; SFT: training examples)
         self.tokens = 0  # response tokens sampled so far (SFT: completion tokens trained on)
         self.t_train = time.perf_counter()
+        self.eval_s_before = sum(e.get("eval_s", 0.0) for e in self.evals)  # a resumed run's earlier sessions'
 
     def count_samples(self, scored) -> None:
         """Add a scored rollout's responses and their tokens to the run's counts (this rank's)."""
@@ -224,10 +225,12 @@ class Run:
         self.tokens += int(scored.batch.response_mask.sum())
 
     def train_seconds(self) -> float:
-        """Seconds since training began, less the time spent in held-out evaluations."""
+        """Seconds since training began in this session (a resumed run's time budget starts again, and so does
+        this clock), less the time this session spent in held-out evaluations."""
         import time
 
-        return time.perf_counter() - self.t_train - sum(e.get("eval_s", 0.0) for e in self.evals)
+        evals_s = sum(e.get("eval_s", 0.0) for e in self.evals) - self.eval_s_before
+        return time.perf_counter() - self.t_train - evals_s
 
     def progress(self, step: int) -> float:
         """Cadence.progress before 0-based `step`, from the training seconds of the slowest rank (a collective
