@@ -669,15 +669,21 @@ def test_cispo_caps_the_weight_at_cispo_cap():
 
 
 def test_cispo_cap_without_cispo_is_an_error(tmp_path):
+    """--cispo-cap acts only with cispo, --clip-eps-high only with the clipped losses (an old command that set
+    cispo's cap through --clip-eps-high must not run silently with cap 5); a cap below 1 or NaN is refused."""
     from mirl.options import ConfigError
     from mirl.recipes import grpo, ppo
 
-    with pytest.raises(ConfigError, match="--cispo-cap caps the weight of --policy-loss cispo; .* to clip"):
+    with pytest.raises(ConfigError, match="--cispo-cap 3.0 has no effect: it needs --policy-loss cispo"):
         grpo.train(grpo.Config(cispo_cap=3.0, out_dir=str(tmp_path / "g")))
-    with pytest.raises(ConfigError, match="--cispo-cap caps the weight of --policy-loss cispo; .* to sapo"):
+    with pytest.raises(ConfigError, match="--cispo-cap 3.0 has no effect: it needs --policy-loss cispo"):
         ppo.train(ppo.Config(cispo_cap=3.0, policy_loss="sapo", out_dir=str(tmp_path / "p")))
-    with pytest.raises(ConfigError, match="--cispo-cap 0.5: must be at least 1"):
-        grpo.train(grpo.Config(cispo_cap=0.5, policy_loss="cispo", out_dir=str(tmp_path / "g2")))
+    for kind in ("cispo", "sapo"):
+        with pytest.raises(ConfigError, match="--clip-eps-high 4.0 has no effect: it needs --policy-loss clip or"):
+            grpo.train(grpo.Config(clip_eps_high=4.0, policy_loss=kind, out_dir=str(tmp_path / "g3")))
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ConfigError, match="--cispo-cap"):
+            grpo.train(grpo.Config(cispo_cap=bad, policy_loss="cispo", out_dir=str(tmp_path / "g2")))
 
 
 def test_whiten_uses_the_unbiased_variance_like_reinforce_pp():

@@ -379,10 +379,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.kl_target > 0 and (cfg.beta <= 0 or cfg.kl_schedule != "constant"):
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 and --kl-schedule constant")
-    if cfg.cispo_cap != Config.cispo_cap and cfg.policy_loss != "cispo":
-        raise ConfigError(f"--cispo-cap caps the weight of --policy-loss cispo; it does nothing to {cfg.policy_loss}")
-    if cfg.cispo_cap < 1:
-        raise ConfigError(f"--cispo-cap {cfg.cispo_cap}: must be at least 1 (the cap on cispo's importance weight)")
     if cfg.reward_aggregation == "normalize_then_sum" and cfg.advantage != "group":
         raise ConfigError(
             f"--reward-aggregation normalize_then_sum (GDPO) normalises per group itself; it needs --advantage "

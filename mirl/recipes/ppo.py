@@ -281,10 +281,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     if cfg.kl_target > 0 and cfg.beta <= 0:
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 (its starting value)")
-    if cfg.cispo_cap != Config.cispo_cap and cfg.policy_loss != "cispo":
-        raise ConfigError(f"--cispo-cap caps the weight of --policy-loss cispo; it does nothing to {cfg.policy_loss}")
-    if cfg.cispo_cap < 1:
-        raise ConfigError(f"--cispo-cap {cfg.cispo_cap}: must be at least 1 (the cap on cispo's importance weight)")
     setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
