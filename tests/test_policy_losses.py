@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mirl.advantages import gae, group_advantages, rloo, whiten
-from mirl.losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate
+from mirl.losses.policy import clipped_policy_loss, clipped_value_loss, kl_estimate, top_entropy_mask
 
 
 def test_ratio_one_gives_minus_advantage_and_policy_gradient():
@@ -743,3 +743,18 @@ def test_step_advantages_give_the_eos_token_the_answers_advantage():
     r = 0.5**0.5
     torch.testing.assert_close(adv[0, [18, 19]], torch.tensor([r, r]), atol=1e-3, rtol=0)  # "2", EOS
     torch.testing.assert_close(adv[1, [16, 17, 18]], torch.tensor([-r, -r, 0.0]), atol=1e-3, rtol=0)  # "2", EOS, pad
+
+
+def test_top_entropy_threshold_is_torch_quantile_without_its_size_limit():
+    """The threshold equals torch.quantile's (linear interpolation) on every size and quantile, and holds past
+    2^24 tokens, where torch.quantile raises (a minibatch's tokens gathered from every rank can reach it)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 7, 100):
+        for q in (0.01, 0.2, 0.5, 0.99):
+            e, m = torch.randn(1, n, generator=g), torch.ones(1, n)
+            want = m * (e >= torch.quantile(e[m.bool()], 1 - q)).float()
+            assert torch.equal(top_entropy_mask(e, m, q), want), (n, q)
+    big = torch.rand(1, 2**24 + 1, generator=g)
+    with pytest.raises(RuntimeError):
+        torch.quantile(big.flatten(), 0.8)
+    assert float(top_entropy_mask(big, torch.ones_like(big), 0.2).mean()) == pytest.approx(0.2, abs=1e-6)
