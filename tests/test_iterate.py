@@ -67,7 +67,8 @@ def test_iterate_resumes_at_the_phase_it_reached(tmp_path):
 
 def test_a_stop_signal_during_rejection_sampling_is_not_lost(tmp_path, monkeypatch):
     """A SIGTERM that comes while round 1 samples used to be forgotten by the SFT phase's setup (it clears the
-    stop request), so the phase trained anyway; now the run stops after the sampling, its samples kept (fails on the old code)."""
+    stop request), so the phase trained anyway; now the run stops after the sampling, its samples kept (this
+    failed on the old code)."""
     import mirl.experiments.iterate as it
     from mirl import stop
 
