@@ -98,14 +98,6 @@ def test_grpo_resume_equals_uninterrupted(tmp_path, sft_dir):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
 
-def test_grpo_learns_one_digit_addition(tmp_path, sft_dir):
-    # mean training reward of the last 20 steps beats the first 20 by at least 0.08 (measured: 0.21 -> 0.36)
-    res = grpo.train(gcfg(tmp_path, sft_dir, steps=150, lr=2e-4, prompts_per_step=16))
-    first = sum(h["reward/mean"] for h in res.history[:20]) / 20
-    last = sum(h["reward/mean"] for h in res.history[-20:]) / 20
-    assert last > first + 0.08, (first, last)
-
-
 def test_grpo_bad_input(tmp_path, sft_dir):
     with pytest.raises(ValueError, match="--group-size 1: must be an integer >= 2"):
         grpo.train(gcfg(tmp_path, sft_dir, group_size=1))
@@ -167,20 +159,27 @@ def test_ppo_runs_and_updates(tmp_path, sft_dir, critic):
 
 
 def test_reward_model_learns_and_serves_as_reward(tmp_path, sft_dir):
-    # separable pairs: the right sum vs a sum off by 5 on 1-digit addition
+    """Separable pairs over sums of 0-29 and 0-29 (the right sum vs a sum off by 5), shuffled once: 600 to train
+    on, 300 distinct held-out. Held-out pair accuracy before -> after 80 steps, seeds 0-3 (AMD EPYC, AVX2,
+    2026-12-03): 0.417 -> 0.853, 0.463 -> 0.940, 0.540 -> 0.940, 0.420 -> 0.963 (gains 0.40-0.54). Asserted:
+    a gain of 0.2, half the smallest (the standard error of a 300-pair accuracy is about 0.03)."""
+    import random
+
     data = [
         {"prompt": f"{a}+{b}=", "chosen": f"{a}+{b}={a + b}|{a + b}", "rejected": f"{a}+{b}={a + b + 5}|{a + b + 5}"}
-        for a in range(10)
-        for b in range(10)
+        for a in range(30)
+        for b in range(30)
     ]
+    random.Random(0).shuffle(data)
     res = reward_model.train(
         reward_model.Config(
             model="gpt-nano", steps=80, batch_size=16, lr=1e-3, threads=2, out_dir=str(tmp_path / "rm")
         ),
-        data=data[10:],
-        eval_data=data[:10],
+        data=data[300:],
+        eval_data=data[:300],
     )
-    assert sum(h["accuracy"] for h in res.history[-10:]) / 10 > 0.9
+    before, after = res.summary["held_out_accuracy_before"], res.summary["held_out_accuracy"]
+    assert after >= before + 0.2, (before, after)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": d["prompt"]}) + "\n" for d in data))
     g = grpo.train(
         gcfg(
