@@ -285,7 +285,9 @@ def test_freeze_vision_keeps_the_tower_and_trains_the_rest(tmp_path):
 
 
 def test_sft_teaches_the_tiny_vlm_to_read_digits(tmp_path):
-    """Learning: 150 SFT steps take held-out digit-sum accuracy from 0 to above 20% (about 40% measured)."""
+    """Learning: 150 SFT steps take held-out digit-sum accuracy (200 distinct image pairs) from 0 (an untrained
+    model writes no sum) to, over seeds 0-3 (AMD EPYC, AVX2, 2026-12-03): 0.485, 0.260, 0.595, 0.470. Asserted:
+    half the smallest, 0.13 (the standard error of a 200-prompt accuracy is about 0.035)."""
     from mirl.recipes import sft
 
     res = sft.train(
@@ -296,12 +298,12 @@ def test_sft_teaches_the_tiny_vlm_to_read_digits(tmp_path):
             steps=150,
             warmup_steps=10,
             max_len=48,
-            eval_n=100,
+            eval_n=200,
             max_new_tokens=12,
             out_dir=str(tmp_path / "s"),
         )
     )
-    assert res.summary["eval"]["accuracy"] > 0.2
+    assert res.summary["eval"]["accuracy"] >= 0.13, res.summary["eval"]
 
 
 @pytest.mark.parametrize("recipe", ["sft", "dpo", "online", "grpo", "grpo_noisy", "ppo", "rm"])
