@@ -11,10 +11,9 @@ checkpoints, logging) is plumbing around these same calls.
     python examples/minimal_grpo.py --model runs/sft2/final
 
 Measured (AMD EPYC, AVX2, 2026-12-03), 400 steps of 16 prompts x 8 samples (150-300 s at one thread, beside
-another run) from
-that start, seeds 0-3, on 300 distinct held-out prompts: sampled accuracy (8 samples a prompt) 0.096 -> 0.330,
-0.078 -> 0.167, 0.073 -> 0.140, 0.071 -> 0.207; greedy 0.177 -> 0.447, 0.143 -> 0.217, 0.190 -> 0.193, 0.157 ->
-0.257. At 200 steps the gains were a third as large. tests/test_learning.py runs it.
+another run) from that start, seeds 0-3, on 300 distinct held-out prompts: sampled accuracy (8 samples a
+prompt) 0.096 -> 0.330, 0.078 -> 0.167, 0.073 -> 0.140, 0.071 -> 0.207; greedy 0.177 -> 0.447, 0.143 -> 0.217,
+0.190 -> 0.193, 0.157 -> 0.257. At 200 steps the gains were a third as large. tests/test_learning.py runs it.
 """
 
 from __future__ import annotations
