@@ -155,7 +155,7 @@ def grpo_run(model, out, engine, steps, **kw):
         threads=2,
         report=False,
         engine=engine,
-        vllm_memory=MEMORY,
+        **({"vllm_memory": MEMORY} if engine == "vllm" else {}),  # an error with the local engine: no effect there
         out_dir=str(out),
         **kw,
     )
