@@ -132,7 +132,7 @@ def gdpo_advantages(per_fn: Tensor, weights: Tensor, group_size: int, eps: float
     mean = torch.nanmean(grouped, dim=1, keepdim=True)
     std = _nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     normed = ((grouped - mean) / (std + eps)).view(-1, per_fn.shape[1])
-    total = torch.nansum(normed * weights.to(normed.dtype), dim=1)
+    total = torch.nansum(normed * weights.to(normed.device, normed.dtype), dim=1)
     total[torch.isnan(per_fn).all(1)] = float("nan")
     adv = (total - nanmean_over_ranks(total)) / (nanstd_over_ranks(total) + eps)
     return torch.nan_to_num(adv, nan=0.0)
@@ -170,6 +170,7 @@ def process_advantages(
     eps: float = 1e-4,
     baseline: str = "position",
     lengths: list[int] | None = None,
+    device=None,
 ) -> Tensor:
     """Per response i (rows of one prompt adjacent): its steps' rewards r_ik and the response-token index where
     each step ends. Each step reward is normalised within its group, r~ = (r - mean) / (std + eps), and token t
@@ -181,7 +182,8 @@ def process_advantages(
     it collapsed (docs/rl.md: the advantages average below 0 per token, shorter answers win).
     baseline "position" (the default): step k against the group's k-th steps, and the last step (the outcome)
     against the group's last steps, so the normalised rewards of each step position sum to 0 over the group
-    whatever the responses' step counts. Steps that all agree, or a position only one response reaches, get 0."""
+    whatever the responses' step counts. Steps that all agree, or a position only one response reaches, get 0.
+    The step rewards come from text on the host: the advantages are made there and moved to `device` once."""
     if baseline not in ("group", "position"):
         raise ValueError(f"baseline {baseline!r}: must be group or position")
     out = torch.zeros(len(step_rewards), width)
@@ -218,7 +220,7 @@ def process_advantages(
             if norm[i]:  # after the answer: EOS and any trailing text carry the answer step's advantage
                 stop = width if lengths is None else min(width, lengths[i])
                 out[i, min(step_ends[i][-1], width - 1) + 1 : stop] = norm[i][-1]
-    return out
+    return out.to(device)
 
 
 ESTIMATORS = ("group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")

@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     """The `mirl` command: parse, check every option, run; bad input exits 2 with one line naming it."""
     import time
 
+    import torch
+
     from .checkpoint import CheckpointError
+    from .device import LOWER_MEMORY, DeviceOutOfMemory
     from .distributed import is_main, shutdown
     from .recipes.common import TrainingDiverged
     from .recipes.run import Interrupted
@@ -229,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (TrainingDiverged, CheckpointError) as e:
         print(f"mirl {cmd}: stopped: {e}", file=sys.stderr)
+        shutdown(ok=False)
+        return 1
+    except (DeviceOutOfMemory, torch.cuda.OutOfMemoryError) as e:  # one line, not the allocator's page
+        said = str(e) if isinstance(e, DeviceOutOfMemory) else f"out of GPU memory; to use less, lower {LOWER_MEMORY}"
+        print(f"mirl {cmd}: stopped: {said}; {_last_checkpoint(cmd, cfg)}", file=sys.stderr)
         shutdown(ok=False)
         return 1
     except Interrupted as e:

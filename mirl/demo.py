@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .data.tasks import make_task
+from .device import resolve_device
 from .eval import evaluate
 from .experiments.common import cached_sft
 from .logging import console
@@ -49,24 +50,32 @@ class Config:
     eval_n: int = 300  # held-out prompts
     seed: int = 0  # seed
     threads: int = 2  # torch CPU threads
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     refresh: bool = False  # retrain the cached SFT model
 
 
 def run(cfg: Config) -> dict:
     """SFT (cached), GRPO from it, pairs sampled from it and DPO and MIO on them; prints the table, writes the plot."""
     t_start = time.time()
+    device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     task = make_task(cfg.task)
     test = task.examples("test", cfg.eval_n, cfg.seed)
 
     # ---- 1. a weak SFT start, cached ---------------------------------------------------------------------
     sft_cfg = sft.Config(
-        task=cfg.task, steps=cfg.sft_steps, seed=cfg.seed, threads=cfg.threads, out_dir=str(out / "sft"), eval_n=0
+        task=cfg.task,
+        steps=cfg.sft_steps,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        device=cfg.device,
+        out_dir=str(out / "sft"),
+        eval_n=0,
     )
     if cfg.refresh:
         shutil.rmtree(out / "sft", ignore_errors=True)
     final = cached_sft(sft_cfg)
-    start = load_policy(final)
+    start = load_policy(final).to(device)
     start_acc = evaluate(start, task, test, max_new_tokens=40).accuracy
     console.print(f"start (SFT, {cfg.sft_steps} steps): held-out accuracy {start_acc:.3f}")
     results = {}
@@ -84,6 +93,7 @@ def run(cfg: Config) -> dict:
             eval_n=0,
             seed=cfg.seed,
             threads=cfg.threads,
+            device=cfg.device,
             out_dir=str(out / "grpo"),
             report=False,
         )
@@ -109,11 +119,12 @@ def run(cfg: Config) -> dict:
             task=cfg.task,
             seed=cfg.seed,
             threads=cfg.threads,
+            device=cfg.device,
             out_dir=str(out / loss),
             eval_n=0,
             report=False,
         )
-        res = preference.train(pcfg, model=load_policy(final), data=pairs)
+        res = preference.train(pcfg, model=load_policy(final).to(device), data=pairs)
         results[loss.upper()] = {
             "accuracy": evaluate(res.model, task, test, max_new_tokens=40).accuracy,
             "chosen_logp_change": res.summary["chosen_logp_change"],

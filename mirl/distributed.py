@@ -54,12 +54,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def comm_device() -> torch.device:
+    """Where the tensors of a collective must be: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_sum(x: float | int) -> float:
     """Sum of a Python number over ranks."""
     if not dist.is_initialized():
         return x
-    t = torch.tensor(float(x), dtype=torch.float64)
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
+    return t.item()
+
+
+def all_max(x: float) -> float:
+    """Largest of a Python number over ranks."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
@@ -125,14 +141,15 @@ def all_mean(x: float) -> float:
     return all_sum(x) / world_size()
 
 
-def minibatches(n_local: int, n_chunks: int, seed: int) -> list[torch.Tensor]:
+def minibatches(n_local: int, n_chunks: int, seed: int, device=None) -> list[torch.Tensor]:
     """This rank's row indices for each minibatch of one global random permutation of all ranks' rows
     (rank r holds global rows r * n_local ... (r + 1) * n_local - 1): N ranks take the same minibatches as one
-    process with the whole batch. A rank's part of a minibatch may be empty."""
+    process with the whole batch. A rank's part of a minibatch may be empty. The permutation is drawn on the
+    host (the same on every device), the indices moved to `device`."""
     r = rank()
     perm = torch.randperm(n_local * world_size(), generator=torch.Generator().manual_seed(seed))
     lo = r * n_local
-    return [c[(c >= lo) & (c < lo + n_local)] - lo for c in perm.chunk(n_chunks)]
+    return [(c[(c >= lo) & (c < lo + n_local)] - lo).to(device) for c in perm.chunk(n_chunks)]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:

@@ -120,6 +120,7 @@ class Config:
     batch_size: int = 64  # prompts per generation batch
     seed: int = 0  # seed of the held-out split and of sampling
     threads: int = 2  # torch CPU threads
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
 
 
 def run(cfg: Config) -> EvalResult:
@@ -135,7 +136,9 @@ def run(cfg: Config) -> EvalResult:
     check_config(cfg)
     torch.set_num_threads(max(1, cfg.threads))
     reward_model_note(cfg.model, "--model")
-    policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision)
+    from .device import resolve_device
+
+    policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision).to(resolve_device(cfg.device))
     task = make_task(cfg.task, policy.tokenizer, cfg.chat)
     examples = task.examples("test", cfg.n, cfg.seed)
     _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)

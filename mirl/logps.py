@@ -206,9 +206,9 @@ def response_logps(
     gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
     head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist. entropy_grad: the entropies with
     their gradient (an entropy bonus), from the response positions' (B, R, V) logits."""
-    if images is not None:
-        images = {k: v.to(ids.device) for k, v in images.items()}
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+    from .device import autocast
+
+    with autocast(policy, bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head")
     scale = 1.0 / temperature if temperature > 0 else 1.0
     if entropy_grad:

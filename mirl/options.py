@@ -180,6 +180,16 @@ def _comma_choices(*choices: str):
     return ok, "a comma-separated list of " + ", ".join(choices)
 
 
+def _device():
+    def ok(v):
+        head, _, index = v.partition(":") if isinstance(v, str) else ("", "", "")
+        return v in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit())
+
+    return ok, "auto, cpu, cuda or cuda:N"
+
+
+RULES["device"] = _device()
+RULES["dtype"] = _one_of("float32", "bfloat16")
 RULES["noise_kinds"] = _comma_choices("crop", "noise")
 RULES["report_to"] = _comma_choices("tensorboard", "wandb", "trackio", "none")
 # (recipe module, option) -> rule, where the range differs between recipes
@@ -230,6 +240,18 @@ def _hub_model(cfg) -> bool:
     return is_hub_id(str(_get(cfg, "model", "")))
 
 
+def _frozen_copy(cfg) -> bool:
+    """Whether the run loads a frozen model whose dtype --dtype sets: a reference copy (not under LoRA, whose
+    reference is the policy with its adapters off), a distillation teacher or a reward model as a reward."""
+    recipe = type(cfg).__module__.rsplit(".", 1)[-1]
+    reference = _get(cfg, "lora_r", 0) == 0 and (
+        recipe == "online"
+        or (recipe == "preference" and _get(cfg, "ref_mode") == "model")
+        or (recipe in ("grpo", "ppo") and (_get(cfg, "beta", 0) > 0 or _get(cfg, "beta_final", 0) > 0))
+    )
+    return reference or recipe == "distill" or "rm:" in str(_get(cfg, "reward", ""))
+
+
 # An option that only acts when another is set: (options, whether they act in cfg, what they need). Given with
 # a value other than its default while it cannot act, it is an error: a setting silently ignored is a run that
 # is not the one the user asked for.
@@ -256,6 +278,7 @@ NEEDS = [
         lambda c: _get(c, "noisy_rollout", 0) > 0,
         "--noisy-rollout > 0",
     ),
+    (("dtype",), _frozen_copy, "a frozen model to load: a reference copy (--beta > 0, no LoRA), a teacher or rm:"),
     (("mc_rollouts",), lambda c: _get(c, "labels") == "mc", "--labels mc"),
     (("lora_alpha", "lora_dropout", "lora_targets"), lambda c: _get(c, "lora_r", 0) > 0, "--lora-r > 0"),
     (("model_revision",), _hub_model, "a hub model id as --model (owner/name); a local folder or preset has none"),

@@ -61,19 +61,23 @@ def batch_images(seqs) -> dict | None:
     return cat_images([s[2] if len(s) > 2 else None for s in seqs])
 
 
-def pad_batch(seqs: list[tuple[list[int], int]], pad_id: int, side: str = "right"):
-    """[(ids, prompt_len)] -> input_ids, attention_mask, response_mask: (B, T) each."""
+def pad_batch(seqs: list[tuple[list[int], int]], pad_id: int, side: str = "right", device=None):
+    """[(ids, prompt_len)] -> input_ids, attention_mask, response_mask: (B, T) each, made on `device` (the
+    host lists padded first, then one copy per tensor)."""
     width = max(len(s[0]) for s in seqs)
-    b = len(seqs)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    resp = torch.zeros((b, width), dtype=torch.long)
-    for i, (ids, plen, *_) in enumerate(seqs):
-        off = 0 if side == "right" else width - len(ids)
-        input_ids[i, off : off + len(ids)] = torch.tensor(ids)
-        attn[i, off : off + len(ids)] = 1
-        resp[i, off + plen : off + len(ids)] = 1
-    return input_ids, attn, resp
+    ids_rows, attn_rows, resp_rows = [], [], []
+    for ids, plen, *_ in seqs:
+        pad = [0] * (width - len(ids))
+        ones, resp = [1] * len(ids), [0] * plen + [1] * (len(ids) - plen)
+        if side == "right":
+            ids_rows.append(ids + [pad_id] * len(pad))
+            attn_rows.append(ones + pad)
+            resp_rows.append(resp + pad)
+        else:
+            ids_rows.append([pad_id] * len(pad) + ids)
+            attn_rows.append(pad + ones)
+            resp_rows.append(pad + resp)
+    return tuple(torch.tensor(rows, dtype=torch.long, device=device) for rows in (ids_rows, attn_rows, resp_rows))
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -28,6 +28,7 @@ class Config:
     seeds: str = "0,1,2"  # comma-separated seeds (mean and std over them)
     out_dir: str = "runs/experiments"  # results go to <out_dir>/<name>/
     threads: int = 2  # torch CPU threads
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     # mio-vs-dpo
     betas: str = "0.1,0.5,1.0"  # toy: betas
     toy_lrs: str = "1,10"  # toy: gradient-descent learning rates (one plot each)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..data.tasks import make_task
+from ..device import resolve_device
 from ..eval import evaluate
 from ..logging import console
 from ..options import ConfigError
@@ -52,6 +53,7 @@ class Config:
     eval_n: int = 200  # held-out prompts evaluated (greedy) at the start and after every phase
     seed: int = 0  # seed of initialisation, prompts and sampling
     threads: int = 2  # torch CPU threads
+    device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     out_dir: str = "runs/iterate"  # run folder: iterate.json, round<r>/{sft,grpo}/, final/
     report: bool = False  # each phase's HTML report (off by default: one per phase)
     resume: bool = False  # continue the run in out_dir: finished phases are skipped, a stopped one resumes
@@ -96,7 +98,9 @@ PHASE_OPTIONS = {
 
 def phase_config(cfg: Config, phase: str, folder: Path, resume: bool = False):
     """The sft or grpo Config of a phase, its run folder `folder`."""
-    common = dict(task=cfg.task, chat=cfg.chat, eval_n=0, threads=cfg.threads, report=cfg.report, seed=cfg.seed)
+    common = dict(
+        task=cfg.task, chat=cfg.chat, eval_n=0, threads=cfg.threads, device=cfg.device, report=cfg.report, seed=cfg.seed
+    )
     common.update(out_dir=str(folder), resume=resume, max_len=cfg.max_len)
     if phase == "sft":
         return sft.Config(steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.sft_batch_size, **common)
@@ -203,7 +207,7 @@ def train(cfg: Config, model=None) -> Result:
     watch_stop_signals()
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
-    policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed, device=resolve_device(cfg.device))
     task = make_task(cfg.task, policy.tokenizer, cfg.chat)
     test = task.examples("test", cfg.eval_n, cfg.seed) if cfg.eval_n else []
     held_out = lambda p: evaluate(p, task, test, max_new_tokens=cfg.max_new_tokens).accuracy if test else None
@@ -219,6 +223,7 @@ def train(cfg: Config, model=None) -> Result:
             if row is not None:  # finished before the resume: its model (none when SFT had no samples)
                 if (folder / "final").exists():
                     policy = load_policy(folder / "final", max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
+                    policy.to(resolve_device(cfg.device))
                 table.append(row)
                 continue
             if stop.requested():

@@ -145,6 +145,7 @@ def run_toy(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
 def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
     """The tiny GPT: SFT, sampled pairs, then each loss from the same start, per seed; probe curves and accuracy."""
     from ..data.tasks import make_task
+    from ..device import resolve_device
     from ..eval import evaluate
     from ..models import load_policy
     from ..recipes import preference, sft
@@ -159,18 +160,23 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
             steps=200 if q else cfg.sft_steps,
             seed=0,
             threads=cfg.threads,
+            device=cfg.device,
             out_dir=str(out / "sft"),
             eval_n=0,
         )
     )
-    sft_acc = evaluate(load_policy(final), task, test, max_new_tokens=40).accuracy
+    sft_acc = evaluate(load_policy(final).to(resolve_device(cfg.device)), task, test, max_new_tokens=40).accuracy
     losses = [s.strip() for s in (cfg.quick_gpt_losses if q else cfg.gpt_losses).split(",") if s.strip()]
     steps = 30 if q else cfg.pref_steps
     runs: dict = {loss: [] for loss in losses}
     pair_stats = {}
     for seed in seeds:
         pairs, stats = sample_pairs(
-            load_policy(final), task, task.examples("train", 128 if q else cfg.n_prompts, seed + 1), k=8, seed=seed
+            load_policy(final).to(resolve_device(cfg.device)),
+            task,
+            task.examples("train", 128 if q else cfg.n_prompts, seed + 1),
+            k=8,
+            seed=seed,
         )
         pair_stats[seed] = stats
         for loss in losses:
@@ -183,12 +189,13 @@ def run_gpt(cfg, seeds: list[int], out: Path) -> tuple[dict, list[Path], str]:
                     task="arith",
                     seed=seed,
                     threads=cfg.threads,
+                    device=cfg.device,
                     eval_n=0,
                     probe_every=2 if q else 5,
                     report=False,
                     out_dir=str(out / f"gpt_{loss}_seed{seed}"),
                 ),
-                model=load_policy(final),
+                model=load_policy(final).to(resolve_device(cfg.device)),
                 data=pairs,
             )
             start = res.summary["probe_start"]

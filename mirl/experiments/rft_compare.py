@@ -66,7 +66,15 @@ def samples_per_step(method: str) -> int:
 
 
 def method_config(
-    method: str, task: str, start: str, seed: int, budget: float, eval_n: int, out: str, budget_samples: int = 0
+    method: str,
+    task: str,
+    start: str,
+    seed: int,
+    budget: float,
+    eval_n: int,
+    out: str,
+    budget_samples: int = 0,
+    device: str = "auto",
 ):
     """The recipe config of one method: (recipe module name, Config). budget_samples > 0: that many samples
     (steps = budget_samples / samples per step) instead of `budget` seconds."""
@@ -83,6 +91,7 @@ def method_config(
         task=task,
         seed=seed,
         threads=1,
+        device=device,
         out_dir=out,
         eval_n=eval_n,
         max_new_tokens=t["max_new_tokens"],
@@ -119,8 +128,8 @@ def run_one(job: tuple) -> dict:
     """One method x task x seed in its own process: -> its evaluations and counts."""
     import importlib
 
-    method, task, start, seed, budget, eval_n, out, budget_samples = job
-    recipe, cfg = method_config(method, task, start, seed, budget, eval_n, out, budget_samples)
+    method, task, start, seed, budget, eval_n, out, budget_samples, device = job
+    recipe, cfg = method_config(method, task, start, seed, budget, eval_n, out, budget_samples, device)
     t0 = time.time()
     res = importlib.import_module(f"mirl.recipes.{recipe}").train(cfg)
     evals = res.summary.get("evals", [])
@@ -181,13 +190,14 @@ def run(cfg, seeds: list[int]) -> dict:
                 n_train=5000,
                 max_new_tokens=t["max_new_tokens"],
                 threads=cfg.threads,
+                device=cfg.device,
                 eval_n=0,
                 report=False,
                 out_dir=str(out / f"start_{name}"),
             )
         )
     jobs = [
-        (m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"), budget_samples)
+        (m, name, str(starts[name]), s, budget, eval_n, str(out / f"{name}_{m}_seed{s}"), budget_samples, cfg.device)
         for name in tasks
         for s in seeds
         for m in methods

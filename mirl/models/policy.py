@@ -361,7 +361,8 @@ class Policy(nn.Module):
             return {}
         if not self.is_vlm:
             raise ValueError("this policy is text-only; it cannot take images")
-        return self.backend.image_kwargs(images)
+        device = self.device  # image inputs come from the host (the processor): moved here, once per forward
+        return self.backend.image_kwargs({k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()})
 
     # ---- LoRA (PEFT) ----------------------------------------------------------------------------------
     @property

@@ -32,13 +32,17 @@ def build_policy(
     lora_dropout: float = 0.0,
     lora_targets: str = "",
     save_adapter_only: bool = False,
-    activation_checkpointing: bool = False,
+    device: str = "cpu",
+    activation_checkpointing: bool | None = None,
     freeze_vision: bool = False,
     compile: bool = False,
     revision: str = "",
 ):
-    """The policy to train: `model` when given, else loaded from `name` (a preset or a folder), with LoRA
-    adapters, activation checkpointing, a frozen vision tower and compiled blocks as asked."""
+    """The policy to train, on `device`: `model` when given, else loaded from `name` (a preset or a folder), with
+    LoRA adapters, activation checkpointing (None: mirl/device.py decides), a frozen vision tower and compiled
+    blocks as asked."""
+    from ..device import wants_activation_checkpointing
+
     if model is None:
         reward_model_note(name, "--model")
     policy = (
@@ -50,7 +54,9 @@ def build_policy(
         raise ConfigError("--save-adapter-only needs a base model loaded from a folder (not a preset); save merged")
     if lora_r > 0 and not policy.has_lora:
         policy.add_lora(lora_r, lora_alpha, lora_dropout, lora_targets)
-    if activation_checkpointing:
+    device = torch.device(device)
+    policy.to(device)  # (always called: a shadow-device test sees the parameters put on the device here)
+    if wants_activation_checkpointing(activation_checkpointing, policy, device):
         policy.enable_activation_checkpointing()
     if freeze_vision:
         policy.freeze_vision()
@@ -94,16 +100,12 @@ def policy_options(cfg) -> dict:
         lora_dropout=cfg.lora_dropout,
         lora_targets=cfg.lora_targets,
         save_adapter_only=cfg.save_adapter_only,
+        device=cfg.device,
         activation_checkpointing=cfg.activation_checkpointing,
         freeze_vision=cfg.freeze_vision,
         compile=cfg.compile,
         revision=cfg.model_revision,
     )
-
-
-def autocast(policy, bf16: bool):
-    """bf16 autocast around the training forward when bf16 (a no-op context otherwise)."""
-    return torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 class AdapterOffReference:
@@ -113,18 +115,30 @@ class AdapterOffReference:
         self.policy = policy
         self.tokenizer = policy.tokenizer
 
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
     def __call__(self, *args, **kwargs):
         with torch.no_grad(), self.policy.reference_context():
             return self.policy(*args, **kwargs)
 
 
-def frozen_reference(policy):
-    """A frozen reference policy: adapters switched off under LoRA, else a frozen copy."""
+def frozen_reference(policy, dtype: str = "float32"):
+    """A frozen reference policy: adapters switched off under LoRA, else a frozen copy on the policy's device
+    (in bf16 with dtype "bfloat16": half the memory)."""
+    return AdapterOffReference(policy) if policy.has_lora else frozen_copy(policy, dtype)
+
+
+def frozen_copy(model, dtype: str = "float32"):
+    """A frozen copy of a model (eval mode, no gradients), cast to --dtype's type."""
     import copy
 
-    if policy.has_lora:
-        return AdapterOffReference(policy)
-    return copy.deepcopy(policy).eval().requires_grad_(False)
+    from ..device import frozen_dtype
+
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    cast = frozen_dtype(dtype)
+    return copy_ if cast is None else copy_.to(cast)
 
 
 def save_final(policy, path, *, merged: bool = True) -> None:
@@ -198,6 +212,7 @@ def load_prompts(
     eval_n: int,
     recipe: str,
     max_new_tokens: int = 0,
+    dtype: str = "float32",
 ):
     """The start every online recipe shares: the task, the prompt records (those too long for the model's
     context with max_new_tokens left out, counted and reported), the rewards (their columns checked against
@@ -229,7 +244,8 @@ def load_prompts(
 
             warn(f"{message}; those prompts are skipped")
             data = kept
-    reward_set = RewardSet(parse_reward_spec(reward, task), timeout_s=reward_timeout_s)
+    spec = parse_reward_spec(reward, task, device=policy.device, dtype=dtype)
+    reward_set = RewardSet(spec, timeout_s=reward_timeout_s)
     check_reward_columns(reward_set, data, data_path or task_name)
     reward_set.check_rows(data)
     test = task.examples("test", eval_n, seed) if task is not None and eval_n else []
@@ -251,6 +267,7 @@ def prompt_options(cfg) -> dict:
         reward_timeout_s=cfg.reward_timeout_s,
         eval_n=cfg.eval_n,
         max_new_tokens=cfg.max_new_tokens,
+        dtype=cfg.dtype,
     )
 
 
@@ -262,20 +279,20 @@ def check_fsdp(fsdp: bool, **unsupported: bool) -> None:
         raise ValueError(f"--fsdp does not support {', '.join(bad)} yet")
 
 
-def gathered_policy(policy, *, fsdp: bool, model: str, max_len: int, seed: int):
-    """After FSDP2 training: every rank gathers the full weights (a collective); rank 0 gets a plain copy of
-    the policy (built from `model` like the trained one) to save, evaluate and report, the others None.
-    Without FSDP2: the policy itself."""
+def gathered_policy(policy, cfg):
+    """After FSDP2 training (cfg.fsdp): every rank gathers the full weights (a collective); rank 0 gets a plain
+    copy of the policy on cfg.device (built from cfg.model like the trained one) to save, evaluate and report,
+    the others None. Without FSDP2: the policy itself."""
     from .. import distributed as dist
 
-    if not (fsdp and dist.world_size() > 1):
+    if not (cfg.fsdp and dist.world_size() > 1):
         return policy
     state = dist.full_state_dict(policy)
     if not dist.is_main():
         return None
-    plain = load_policy(model, max_seq_len=max(256, max_len), seed=seed)
+    plain = load_policy(cfg.model, max_seq_len=max(256, cfg.max_len), seed=cfg.seed)
     plain.load_state_dict(state)
-    return plain
+    return plain.to(cfg.device)
 
 
 def correction_level(is_correction: str, engine: str) -> str:

@@ -18,6 +18,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
+from ..device import autocast, place_frozen
 from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
@@ -85,8 +86,10 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -99,7 +102,7 @@ class Config:
 
 def response_logits(policy, ids, attn, n_resp: int, images=None, bf16: bool = False) -> torch.Tensor:
     """The logits (B, R, V) that predict the last n_resp tokens (only those positions go through the head)."""
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(policy, bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head")
     return head_logits(out, n_resp)
 
@@ -161,7 +164,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             "itself is 0 and nothing would be learned; distil from a stronger model"
         )
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     if teacher is None:
         reward_model_note(cfg.teacher, "--teacher")
@@ -173,7 +176,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             f"--teacher {cfg.teacher!r} and --model {cfg.model!r} have different tokenizers: on-policy "
             "distillation compares their next-token distributions token by token"
         )
-    teacher.eval().requires_grad_(False)
+    teacher = place_frozen(teacher, policy.device, cfg.dtype)
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="distill")
     world = dist.world_size()
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
@@ -258,7 +261,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             break
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
     final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary = end_of_run(
         run,

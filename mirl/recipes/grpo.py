@@ -28,6 +28,7 @@ import torch
 from .. import distributed as dist
 from ..advantages import outcome_advantages, process_advantages
 from ..checkpoint import save_checkpoint
+from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses.policy import (
@@ -160,8 +161,10 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -182,14 +185,14 @@ def step_advantages(task, sb, group_size: int, tokenizer, baseline: str = "posit
     in characters and its reward), the character offsets mapped to response tokens; the tokens after the last step
     (EOS, text after the answer) take the answer step's advantage."""
     rewards, ends = [], []
-    for i, (text, example) in enumerate(zip(sb.batch.texts, sb.examples)):
+    lengths = sb.batch.response_mask.sum(1).tolist()  # (responses are right-padded: the first n tokens)
+    for text, example, ids, n in zip(sb.batch.texts, sb.examples, sb.batch.response_ids.tolist(), lengths):
         steps = task.step_scores(text, example)
-        ids = sb.batch.response_ids[i][sb.batch.response_mask[i].bool()].tolist()
-        ends.append(tokens_at_chars(tokenizer, ids, [e for e, _ in steps]))
+        ends.append(tokens_at_chars(tokenizer, ids[:n], [e for e, _ in steps]))
         rewards.append([r for _, r in steps])
-    lengths = sb.batch.response_mask.sum(1).tolist()
     width = sb.batch.response_ids.shape[1]
-    return process_advantages(rewards, ends, group_size, width, baseline=baseline, lengths=lengths)
+    device = sb.batch.response_ids.device
+    return process_advantages(rewards, ends, group_size, width, baseline=baseline, lengths=lengths, device=device)
 
 
 def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[list, torch.Tensor]:
@@ -200,7 +203,8 @@ def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[
     rows, rewards, per_fn, lengths, token_adv = [], [], [], [], []
     for sb, signal in groups.rounds:
         n = len(sb.rewards)
-        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(n, dtype=torch.bool)
+        every = torch.ones(n, dtype=torch.bool, device=sb.rewards.device)
+        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else every
         rows += [(sb.batch, i) for i in torch.nonzero(keep).flatten().tolist()]
         if steps is not None:
             token_adv += list(steps(sb).float()[keep])
@@ -211,7 +215,7 @@ def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[
     if steps is not None:  # rounds of different response widths padded to the longest
         width = max((len(x) for x in token_adv), default=0)
         token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
-        return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0))
+        return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0, device=sb.rewards.device))
     estimator = "gdpo" if cfg.reward_aggregation == "normalize_then_sum" else cfg.advantage
     kept = dict(scale=cfg.scale_rewards, lengths=torch.cat(lengths), per_fn=torch.cat(per_fn), weights=weights)
     return rows, outcome_advantages(estimator, torch.cat(rewards), cfg.group_size, **kept).float()
@@ -236,7 +240,7 @@ def grpo_update(
     --top-entropy-quantile). -> (metrics averaged over the optimizer steps, the last lr)."""
     ref_logps = None
     if ref_model is not None and beta > 0:
-        with torch.no_grad():
+        with torch.no_grad(), phase("reference", step + 1, batch.ids.shape):
             ref_logps, _ = response_logps(
                 ref_model,
                 batch.ids,
@@ -266,10 +270,11 @@ def grpo_update(
     stats: dict[str, float] = {}
     for it in range(cfg.num_iterations):
         # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-        for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, minibatch_seed(cfg.seed, step, it))):
+        seed = minibatch_seed(cfg.seed, step, it)
+        for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, seed, batch.ids.device)):
             # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
             # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-            fwd = mb if len(mb) else torch.arange(1)
+            fwd = mb if len(mb) else torch.arange(1, device=mb.device)
             lp, ent = response_logps(
                 policy,
                 batch.ids[fwd],
@@ -388,7 +393,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     check_fsdp(
         cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating, dynamic_sampling=cfg.dynamic_sampling
     )
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="grpo")
     world = dist.world_size()
@@ -408,7 +413,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if cfg.advantage != "group" or cfg.reward_aggregation != "sum_then_normalize":
             raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
         steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer, cfg.step_baseline)
-    ref_model = frozen_reference(policy) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none kept at beta 0
+    ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     # the adaptive KL coefficient (--kl-target) and entropy coefficient (--entropy-target), saved with checkpoints
@@ -463,9 +468,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         t0 = time.perf_counter()
         progress = run.progress(step)  # steps or seconds, whichever ends the run: the curriculum and KL schedules
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
-        groups = sample_groups(
-            policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler, **groups_of
-        )
+        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens)):
+            groups = sample_groups(
+                policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler, **groups_of
+            )
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         for sb, _ in groups.rounds:  # every round's responses count, refills included
             run.count_samples(sb)
@@ -490,18 +496,19 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             engine.sleep()  # a colocated engine frees its device memory for the update
             ent_coef = kl_state["entropy_coef"]
             bonus_coef = entropy_bonus_coef(ent_coef, kl_state["entropy"], cfg.entropy_target)
-            stats, lr = grpo_update(
-                policy,
-                optimizer,
-                batch,
-                adv,
-                cfg=cfg,
-                step=step,
-                beta=beta,
-                ref_model=ref_model,
-                schedule=schedule,
-                entropy_coef=bonus_coef,
-            )
+            with phase("update", step + 1, batch.ids.shape):
+                stats, lr = grpo_update(
+                    policy,
+                    optimizer,
+                    batch,
+                    adv,
+                    cfg=cfg,
+                    step=step,
+                    beta=beta,
+                    ref_model=ref_model,
+                    schedule=schedule,
+                    entropy_coef=bonus_coef,
+                )
             row.update(
                 {
                     **stats,
@@ -535,7 +542,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     engine.close()
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
     final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary = end_of_run(
         run,

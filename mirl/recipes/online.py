@@ -102,8 +102,10 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -185,11 +187,11 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     terms = parse_loss_spec(cfg.loss)
     group = get_loss(terms[0][0]).kind == "group"
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="online")
     world = dist.world_size()
-    ref_model = frozen_reference(policy)
+    ref_model = frozen_reference(policy, cfg.dtype)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
@@ -286,7 +288,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     engine.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
     console.print(
         f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
     )

@@ -26,6 +26,7 @@ from .. import distributed as dist
 from ..advantages import gae, whiten
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
+from ..device import autocast
 from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
 from ..models.heads import ScalarHead
@@ -123,8 +124,10 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -155,7 +158,7 @@ def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: 
     """Response log-probs, entropies and values: (B, R) each. V at token t is read at the position that
     predicts it (the state before the token). bf16: forward under bf16 autocast, log-softmax and values
     in float32."""
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(policy, bf16):
         out = policy(ids, attn, images=images, output="logits_and_hidden")
         logits, hidden = out.logits, out.hidden
         values = critic(hidden, ids, attn, images)[:, -n_resp - 1 : -1]
@@ -198,7 +201,7 @@ def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torc
             kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
         token_rewards = -beta * kl
         last = (resp.sum(1) - 1).clamp(min=0)
-        token_rewards[torch.arange(len(last)), last] += score
+        token_rewards[torch.arange(len(last), device=last.device), last] += score
         adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
         adv = whiten(adv, loss_mask)
     level = correction_level(cfg.is_correction, cfg.engine)
@@ -219,10 +222,11 @@ def ppo_update(
     world, n_opt, stats = dist.world_size(), cfg.ppo_epochs * cfg.minibatches, {}
     for ep in range(cfg.ppo_epochs):
         # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-        for j, mb in enumerate(dist.minibatches(len(batch), cfg.minibatches, minibatch_seed(cfg.seed, step, ep))):
+        seed = minibatch_seed(cfg.seed, step, ep)
+        for j, mb in enumerate(dist.minibatches(len(batch), cfg.minibatches, seed, batch.ids.device)):
             # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
             # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-            fwd = mb if len(mb) else torch.arange(1)
+            fwd = mb if len(mb) else torch.arange(1, device=mb.device)
             lp, ent, values = _forward(
                 policy,
                 critic,
@@ -281,12 +285,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     if cfg.kl_target > 0 and cfg.beta <= 0:
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 (its starting value)")
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
     world = dist.world_size()
-    ref_model = frozen_reference(policy) if cfg.beta > 0 else None
-    critic = Critic(policy, cfg.critic == "separate")
+    ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 else None
+    critic = Critic(policy, cfg.critic == "separate").to(policy.device)
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
@@ -381,7 +385,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     engine.close()
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
     final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary = end_of_run(
         run,

@@ -28,6 +28,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
+from ..device import autocast
 from ..eval import evaluate
 from ..logging import console, warn
 from ..logps import fused_sequence_logps, sequence_logps
@@ -36,7 +37,6 @@ from ..optim import make_optimizer
 from ..rollout.pairs import sample_pairs
 from .common import (
     Schedule,
-    autocast,
     build_policy,
     check_context,
     check_fsdp,
@@ -104,8 +104,10 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -143,7 +145,7 @@ def pair_forward(policy, pairs: list[tuple], pad_id: int, average: bool) -> Pair
     """One forward over chosen + rejected stacked. The LM head runs only on response positions, in chunks (no
     (2N, T, V) logits), when the model allows."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    ids, attn, resp = pad_batch(seqs, pad_id)
+    ids, attn, resp = pad_batch(seqs, pad_id, device=policy.device)
     images = batch_images(seqs)
     out = policy(ids, attn, images=images, output="hidden_and_head")
     if out.head_weight is not None:
@@ -162,7 +164,7 @@ def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch
     policy.eval()
     cs, rs = [], []
     for s in range(0, len(pairs), batch_size):
-        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(policy, bf16):
             out = pair_forward(policy, pairs[s : s + batch_size], pad_id, average)
         c, r = out.chosen, out.rejected
         cs.append(c)
@@ -206,7 +208,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ValueError(f"ref_mode must be 'precompute' or 'model', got {cfg.ref_mode!r}")
     if cfg.logp_agg not in ("sum", "mean"):
         raise ValueError(f"logp_agg must be 'sum' or 'mean', got {cfg.logp_agg!r}")
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
@@ -246,7 +248,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
     ref_model, ref_c_all, ref_r_all = None, None, None
     if needs_ref and cfg.ref_mode == "model":
-        ref_model = frozen_reference(policy)
+        ref_model = frozen_reference(policy, cfg.dtype)
     elif needs_ref and cfg.resume and ref_file.exists():
         ref_c_all, ref_r_all = load_reference_logps(ref_file, pairs)
     elif needs_ref:
@@ -370,7 +372,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "mass": float((start_c.exp() + start_r.exp()).mean()),
         },
     }
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
 
     def final_evaluation():
         res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)

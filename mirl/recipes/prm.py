@@ -32,12 +32,13 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import recover, save_checkpoint
 from ..data.collate import batch_indices, pad_batch
 from ..data.tasks import make_task
+from ..device import autocast
 from ..logging import console
 from ..models.heads import RewardModel, step_token_mask
 from ..optim import make_optimizer
 from ..options import ConfigError
 from ..rollout.score import completions
-from .common import Schedule, autocast, build_policy, optimizer_step
+from .common import Schedule, build_policy, optimizer_step
 from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
 
 LABELS = ("verifier", "mc")
@@ -67,7 +68,8 @@ class Config:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
     report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
@@ -132,11 +134,10 @@ def encode(rm: RewardModel, rows: list[dict]):
         seqs.append((p + resp, len(p)))
         step_rows.append([0] * len(p) + mask)
         labels += r["labels"]
-    ids, attn, _ = pad_batch(seqs, tok.pad_token_id)
-    steps = torch.zeros_like(ids)
-    for i, m in enumerate(step_rows):
-        steps[i, : len(m)] = torch.tensor(m)
-    return ids, attn, steps, torch.tensor(labels)
+    device = rm.policy.device
+    ids, attn, _ = pad_batch(seqs, tok.pad_token_id, device=device)
+    steps, _, _ = pad_batch([(m, 0) for m in step_rows], 0, device=device)  # the step-end mask, padded alike
+    return ids, attn, steps, torch.tensor(labels, device=device)
 
 
 @torch.no_grad()
@@ -227,23 +228,23 @@ def train(cfg: Config, model=None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.labels not in LABELS:
         raise ConfigError(f"--labels {cfg.labels!r}: must be one of {', '.join(LABELS)}")
-    setup(cfg)
+    cfg = setup(cfg)
     if cfg.resume:  # before the labelling, which takes a while
         recover(cfg.out_dir)
         if not (Path(cfg.out_dir) / "checkpoint" / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {cfg.out_dir} (expected checkpoint/state.json)")
-    policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = build_policy(model, cfg.model, max_len=cfg.max_len, seed=cfg.seed, device=cfg.device)
     task = make_task(cfg.task, policy.tokenizer, "no")
     if not hasattr(task, "step_scores"):
         raise ConfigError(f"mirl prm needs a task with a step verifier (the arith tasks); {cfg.task!r} has none")
     check_separators(task, cfg.separators)
     train_rows, test_rows, label_s = labels_for_run(policy, task, cfg)
-    rm = RewardModel(policy, "step", cfg.separators)
+    rm = RewardModel(policy, "step", cfg.separators).to(policy.device)
     train_rows, test_rows = usable(rm, train_rows, "training"), usable(rm, test_rows, "held-out")
     n_labels = sum(len(r["labels"]) for r in train_rows)
     positive = sum(sum(r["labels"]) for r in train_rows) / max(1, n_labels)
     console.print(f"prm: {len(train_rows)} labelled solutions ({positive:.2f} of steps right) in {label_s:.1f} s")
-    pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6))
+    pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6), device=policy.device)
     optimizer = make_optimizer(rm, cfg.lr, 0.0)
     state = {"before": {}}  # the held-out accuracy before training, kept with checkpoints
     start = 0

@@ -89,8 +89,9 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -117,7 +118,7 @@ def synthetic_pairs(task, examples: list[dict], seed: int) -> list[dict]:
 def pair_scores(rm, pairs, pad_id):
     """Reward-model scores of the chosen and rejected sides of encoded pairs: (chosen (N,), rejected (N,), tokens)."""
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    ids, attn, resp = pad_batch(seqs, pad_id)
+    ids, attn, resp = pad_batch(seqs, pad_id, device=rm.policy.device)
     s = rm(ids, attn, resp, images=batch_images(seqs))
     return s[: len(pairs)], s[len(pairs) :], int(attn.sum())
 
@@ -139,7 +140,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     """Train a Bradley-Terry reward model. data / eval_data: optional preference records; model: optional Policy."""
     if cfg.bf16:
         raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
-    setup(cfg)
+    cfg = setup(cfg)
     synth_eval = None
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
@@ -186,7 +187,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     held_out = encode_pairs(policy, eval_data or [], cfg.max_len, skips)
     if not pairs:
         raise ValueError(f"no usable preference pairs for the reward model ({skips.report()})")
-    rm = RewardModel(policy, cfg.aggregate)
+    rm = RewardModel(policy, cfg.aggregate).to(policy.device)
     if cfg.fsdp and dist.world_size() > 1:  # FSDP2 on the backbone; the small head stays whole (averaged by hand)
         dist.wrap(policy, fsdp=True)
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
@@ -261,9 +262,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
             f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
             f"(n={len(synth_held_out)})"
         )
-    backbone = gathered_policy(rm.policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    backbone = gathered_policy(rm.policy, cfg)
     if run.main and backbone is not rm.policy:
-        plain = RewardModel(backbone, cfg.aggregate)
+        plain = RewardModel(backbone, cfg.aggregate).to(backbone.device)
         plain.head.load_state_dict(rm.head.state_dict())
         rm = plain
     summary.update(end_of_run(run, rm, save=lambda path: rm.save(path), report=cfg.report))

@@ -17,19 +17,24 @@ from ..options import ConfigError, flag
 from .common import save_final
 
 
-def setup(cfg) -> None:
-    """Threads, seeds, torch.distributed when launched by torchrun. Few threads by default:
-    oversubscribing a small CPU makes every step slower. Every rank seeds alike (same initial weights)."""
+def setup(cfg):
+    """Threads, seeds, torch.distributed when launched by torchrun, the device. Few threads by default:
+    oversubscribing a small CPU makes every step slower. Every rank seeds alike (same initial weights).
+    -> the Config with its automatic values made concrete (--device, --bf16: mirl/device.py), as saved."""
+    from ..device import resolved
     from ..distributed import init, is_main
     from ..options import check_config
 
     check_config(cfg)  # the CLI checked already; the Python API gets the same answers
     init()
+    cfg = resolved(cfg)
+    if torch.device(cfg.device).type == "cuda":
+        torch.cuda.set_device(torch.device(cfg.device))  # the current device: allocations, peak memory, NCCL
     if cfg.bf16 and is_main():
         from ..cpu import bf16_warning
         from ..logging import warn
 
-        message = bf16_warning("cuda" if torch.cuda.is_available() else "cpu")
+        message = bf16_warning(torch.device(cfg.device).type)
         if message:
             warn(message)
     torch.set_num_threads(max(1, cfg.threads))
@@ -47,12 +52,14 @@ def setup(cfg) -> None:
         except OSError as e:
             raise ConfigError(f"--out-dir {cfg.out_dir}: cannot write the run folder ({e.strerror or e})") from e
     watch_stop_signals()
+    return cfg
 
 
 # options that may change between a run and its resumption: they do not change what is trained
 RESUMABLE_CHANGES = {
     "resume",
     "out_dir",
+    "device",
     "stop_at_step",
     "threads",
     "allow_config_change",
@@ -197,6 +204,8 @@ class Run:
 
         self.out_dir, self.cadence, self.start = Path(out_dir), cadence, start
         self.main = dist.is_main()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # a GPU run: its peak memory per step
+            show = (*show, "memory/peak_gb")
         self.log = (
             MetricLogger(
                 out_dir,
@@ -235,14 +244,9 @@ class Run:
     def progress(self, step: int) -> float:
         """Cadence.progress before 0-based `step`, from the training seconds of the slowest rank (a collective
         under torchrun with a time budget), so that every rank follows the same schedule."""
-        train_s = 0.0
-        if self.cadence.time_budget_s:
-            import torch.distributed as tdist
+        from .. import distributed as dist
 
-            t = torch.tensor(self.train_seconds(), dtype=torch.float64)
-            if tdist.is_available() and tdist.is_initialized():
-                tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-            train_s = float(t)
+        train_s = dist.all_max(self.train_seconds()) if self.cadence.time_budget_s else 0.0
         return self.cadence.progress(step, train_s)
 
     def out_of_time(self) -> bool:
@@ -281,6 +285,7 @@ def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate
     from .. import distributed as dist
 
     row["time/step_s"] = time.perf_counter() - t_step  # evaluations are not part of the step
+    row.update(step_peak_memory())
     if evaluate is not None and run.main and run.eval_due(step):
         row["eval/accuracy"] = evaluate(step)
     run.history.append({"step": step, **row})
@@ -298,6 +303,19 @@ def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate
     if halt is not None:
         raise Interrupted(step, halt, saved=run.cadence.checkpoint_due(step, True), out_dir=str(run.out_dir))
     return stop
+
+
+def step_peak_memory() -> dict:
+    """{'memory/peak_gb': the peak device memory allocated since the last call} when the run computes on a GPU
+    (mirl/device.py), else {}; the count then starts again for the next step."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    from ..device import peak_memory_gb, reset_peak_memory
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    peak = peak_memory_gb(device)
+    reset_peak_memory(device)
+    return peak
 
 
 def end_of_run(

@@ -19,13 +19,13 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
+from ..device import autocast
 from ..logging import console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import make_optimizer
 from .common import (
     Schedule,
-    autocast,
     build_policy,
     check_context,
     check_fsdp,
@@ -84,8 +84,9 @@ class Config:
     lora_dropout: float = 0.0  # dropout on the LoRA path
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
-    bf16: bool = False  # bf16 autocast for the training forward and backward (CPU and CUDA)
-    activation_checkpointing: bool = False  # recompute block activations in the backward: less memory
+    device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
@@ -98,7 +99,7 @@ class Config:
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional [{'prompt', 'completion'}]; model: optional Policy (else cfg.model is loaded)."""
     # ---- setup -------------------------------------------------------------------------------------
-    setup(cfg)
+    cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
@@ -200,7 +201,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         chunks = [
             [encoded[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]] for m in range(cfg.grad_accum)
         ]
-        micro = [(*pad_batch(c, tok.pad_token_id), batch_images(c)) for c in chunks]
+        micro = [(*pad_batch(c, tok.pad_token_id, device=policy.device), batch_images(c)) for c in chunks]
         # global divisor over micro-batches and ranks: exact accumulation and exact DDP
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
         run.tokens += n_tokens
@@ -227,7 +228,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             break
 
     # ---- save and evaluate (rank 0) ----------------------------------------------------------------
-    policy = gathered_policy(policy, fsdp=cfg.fsdp, model=cfg.model, max_len=cfg.max_len, seed=cfg.seed)
+    policy = gathered_policy(policy, cfg)
     if run.main:
         report_skips(skips, cfg.out_dir)
     summary = end_of_run(

@@ -95,9 +95,9 @@ def _file_reward(part: str) -> tuple[str, Callable, float]:
     return name, fn, _weight(w, name)
 
 
-def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]:
-    """'task:1,format:0.1' -> [(name, fn, weight)]; 'rm:<folder>' loads a learned reward model;
-    'file.py:fn@w' takes the function fn of a Python file."""
+def parse_reward_spec(spec: str, task=None, device="cpu", dtype: str = "float32") -> list[tuple[str, Callable, float]]:
+    """'task:1,format:0.1' -> [(name, fn, weight)]; 'rm:<folder>' loads a learned reward model (on `device`, in
+    --dtype's type); 'file.py:fn@w' takes the function fn of a Python file."""
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -109,7 +109,7 @@ def parse_reward_spec(spec: str, task=None) -> list[tuple[str, Callable, float]]
                 raise ValueError("reward 'rm:<folder>' needs the reward model's folder after 'rm:'")
             from .reward_model import RewardModelReward
 
-            out.append(("rm", RewardModelReward(path), _weight(w, "rm")))
+            out.append(("rm", RewardModelReward(path, device=device, dtype=dtype), _weight(w, "rm")))
             continue
         body = part.partition("@")[0]
         if body.endswith(".py") or ".py:" in body:
@@ -190,9 +190,11 @@ class RewardSet:
             return call_reward(fn, prompts, completions, columns)
         return self.worker.call(j, prompts, completions, columns, self.timeout_s)
 
-    def score(self, prompts: list[str], completions: list[str], **columns) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Score completions with every function: -> (weighted total (N,), per function (N, F), metrics); faults
-        counted."""
+    def score(
+        self, prompts: list[str], completions: list[str], device=None, **columns
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Score completions with every function (on the host, from text): -> (weighted total (N,), per function
+        (N, F), both moved to `device` once, and metrics); faults counted."""
         n = len(completions)
         per_fn = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float64)
         for j, (name, fn, _) in enumerate(self.fns):
@@ -226,4 +228,4 @@ class RewardSet:
         metrics["reward/std"] = float(ok.std()) if len(ok) > 1 else 0.0
         metrics["reward/unscorable"] = float(torch.isnan(total).sum())
         metrics["reward/faults"] = float(sum(self.faults.values()))
-        return total, per_fn, metrics
+        return total.to(device), per_fn.to(device), metrics

@@ -11,7 +11,8 @@ class RewardModelReward:
 
     in_process = True  # mirl's own code, and a model: it runs in the training process, not the reward worker
 
-    def __init__(self, path: str, batch_size: int = 64):
+    def __init__(self, path: str, batch_size: int = 64, device="cpu", dtype: str = "float32"):
+        from ..device import place_frozen
         from ..models.heads import RewardModel
 
         check_head_file(path)
@@ -21,6 +22,7 @@ class RewardModelReward:
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
             why = "; ".join(lines)[:400]
             raise ValueError(f"reward rm:{path}: the reward head does not fit the backbone ({why})") from e
+        self.rm = place_frozen(self.rm, device, dtype)
         self.batch_size = batch_size
         self.path = path
         self.__name__ = f"rm:{path}"
@@ -54,12 +56,12 @@ class RewardModelReward:
                 # Llama-style tokenizer would add BOS in front of the completion by default)
                 ids = pi + tok.encode(completions[i], add_special_tokens=False) + [tok.eos_token_id]
                 seqs.append((ids, len(pi)) if img is None else (ids, len(pi), img))
-            ids, attn, resp = pad_batch(seqs, tok.pad_token_id)
+            device = self.rm.policy.device
+            ids, attn, resp = pad_batch(seqs, tok.pad_token_id, device=device)
             steps = None
             if self.rm.aggregate == "step":  # a process reward model: the step ends of each response
-                steps = torch.zeros_like(resp)
-                for r, (seq, plen, *_) in enumerate(seqs):
-                    steps[r, plen : len(seq)] = torch.tensor(step_token_mask(tok, seq[plen:], self.rm.separators))
+                marks = [[0] * plen + step_token_mask(tok, seq[plen:], self.rm.separators) for seq, plen, *_ in seqs]
+                steps, _, _ = pad_batch([(m, 0) for m in marks], 0, device=device)
             out += self.rm(ids, attn, resp, images=batch_images(seqs), step_mask=steps).tolist()
         return out
 

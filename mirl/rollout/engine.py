@@ -79,7 +79,11 @@ class LocalEngine:
         """Nothing to do: the sampler reads the policy's own weights."""
 
     def sleep(self) -> None:
-        """Nothing to free."""
+        """Between the rollout and the update: on a GPU, give back the blocks the decoding's KV cache held to the
+        allocator's free pool (torch.cuda.empty_cache), so that the update's activations can use them."""
+        from ..device import free_cached
+
+        free_cached(self.policy.device)
 
     def wake(self) -> None:
         """Nothing to restore."""
@@ -167,7 +171,9 @@ class VLLMEngine:
         if dist.is_main() or not folder.exists():
             policy.save(folder, merged=True)
         dist.barrier()
-        dtype = next(policy.model.parameters()).dtype
+        # on a GPU vLLM serves in bf16 (the trainer keeps fp32 master weights; the sync casts, and the rollout
+        # correction weighs the mismatch); on a CPU in the policy's dtype
+        dtype = torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else next(policy.parameters()).dtype
         kw = dict(
             model=str(folder),
             dtype=str(dtype).removeprefix("torch."),
@@ -218,11 +224,12 @@ class VLLMEngine:
         tok = self.policy.tokenizer
         stop_ids = [] if sampling.ignore_eos else list(self.policy.eos_ids)  # the set the local sampler ends on
         requests, params = [], []
-        for i, ids in enumerate(prompts):
-            if seeds is not None:
-                seed = int(seeds[i * n]) & 0x7FFFFFFF
-            else:
-                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        if seeds is not None:  # (one read of the seeds to the host)
+            prompt_seeds = [s & 0x7FFFFFFF for s in seeds[::n].tolist()]
+        else:
+            where = generator.device if generator is not None else None
+            prompt_seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator, device=where).tolist()
+        for i, (ids, seed) in enumerate(zip(prompts, prompt_seeds)):
             params.append(
                 self.SamplingParams(
                     n=n,
@@ -249,7 +256,7 @@ class VLLMEngine:
                 rows_ids.append(list(c.token_ids))
                 rows_lp.append([next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else [])
                 truncated.append(c.finish_reason == "length")
-        return to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images)
+        return to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images, device=self.policy.device)
 
     @torch.no_grad()
     def sync(self, policy) -> None:
@@ -272,9 +279,10 @@ class VLLMEngine:
         self.syncs += 1
 
     def sleep(self) -> None:
-        """Free the KV cache and weights' device memory during the update (CUDA; nothing on a CPU)."""
+        """Free the KV cache and the weights' device memory during the update (CUDA; nothing on a CPU). Level 2:
+        the weights are dropped, not kept in host memory: the sync after the update sends them anyway."""
         if self.sleeps:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
 
     def wake(self) -> None:
         """Restore what sleep freed (the weights are then re-synced by the recipe)."""
@@ -292,24 +300,30 @@ class VLLMEngine:
         gc.collect()
 
 
-def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images) -> RolloutBatch:
-    """An engine's token lists -> RolloutBatch (rollout/sample.py's layout): prompts left-padded, responses
-    right-padded; a response's mask covers its tokens, the EOS included."""
+def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images, device=None) -> RolloutBatch:
+    """An engine's token lists -> RolloutBatch (rollout/sample.py's layout) on `device`: prompts left-padded,
+    responses right-padded; a response's mask covers its tokens, the EOS included. Padded on the host, then one
+    copy per tensor."""
     rows = [p for p in prompts for _ in range(n)]
     prompt_ids, prompt_mask = left_pad(rows, tok.pad_token_id)
     width = max(1, max(len(r) for r in rows_ids))
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    logps = torch.zeros((len(rows), width))
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lp) in enumerate(zip(rows_ids, rows_lp)):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        logps[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        mask[i, : len(r)] = 1
+    ids = [r + [tok.pad_token_id] * (width - len(r)) for r in rows_ids]
+    logps = [list(lp) + [0.0] * (width - len(lp)) for lp in rows_lp]
+    mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows_ids]
     texts = [tok.decode(r, skip_special_tokens=True) for r in rows_ids]
     row_images = None if images is None else [im for im in images for _ in range(n)]
     prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
+    mask = torch.tensor(mask, dtype=torch.long, device=device)
     return RolloutBatch(
-        prompt_ids, prompt_mask, ids, mask, logps * mask, torch.tensor(truncated), prompt_index, texts, row_images
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        torch.tensor(ids, dtype=torch.long, device=device),
+        mask,
+        torch.tensor(logps, dtype=torch.float32, device=device) * mask,
+        torch.tensor(truncated, dtype=torch.bool, device=device),
+        prompt_index.to(device),
+        texts,
+        row_images,
     )
 
 

@@ -133,6 +133,24 @@ def bits_to_uniform(u: Tensor) -> Tensor:
     return ((u >> 9).float() + 0.5) * 2.0**-23
 
 
+def stop_string_rows(text_ids: list[list[int]], tokens: Tensor, ended: Tensor, newly: Tensor, tok, stops) -> int:
+    """One decoding step's stop strings: the step's tokens and which rows had ended, read to the host at once;
+    each row still going gets its token appended to text_ids and ends (newly, in place) when its text holds a
+    stop string. -> the number of rows that go on."""
+    host = torch.stack([tokens, ended.long()]).tolist()
+    hits = []
+    for i, (token, was_done) in enumerate(zip(*host)):
+        if was_done:
+            continue
+        text_ids[i].append(token)
+        text = tok.decode(text_ids[i], skip_special_tokens=True)
+        if any(s in text for s in stops):
+            hits.append(i)
+    if hits:
+        newly[torch.tensor(hits, device=newly.device)] = True
+    return sum(1 for d in host[1] if not d) - len(hits)
+
+
 @torch.no_grad()
 def generate(
     policy,
@@ -201,6 +219,7 @@ def generate(
     banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
     logits, cache = policy.start_decode(prompt_ids, attn, max_new_tokens, images=prefill_images, static=static_cache)
     n_steps = 0
+    text_ids: list[list[int]] = [[] for _ in range(b)]  # with stop strings: each row's tokens so far, on the host
     for t in range(max_new_tokens):
         step_logits = logits[:, -1].float()  # (len(live), V)
         if banned:
@@ -224,17 +243,17 @@ def generate(
         out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
         newly = torch.zeros(b, dtype=torch.bool, device=device)
         newly[live] = (~live_done) & torch.isin(nxt, eos_ids) & (not ignore_eos)
-        if stop_strings:
-            for i in torch.nonzero(~done & ~newly).flatten().tolist():
-                text = tok.decode(out_ids[i, : t + 1].tolist(), skip_special_tokens=True)
-                if any(s in text for s in stop_strings):
-                    newly[i] = True
         live_before = ~done
         lengths += live_before.long()
+        # the step's one read on the host: how many rows go on (with stop strings, also the new tokens)
+        if stop_strings:
+            n_left = stop_string_rows(text_ids, out_ids[:, t], done | newly, newly, tok, stop_strings)
+        else:
+            n_left = int(b - (done | newly).sum())
         stopped |= newly
         done |= newly
         n_steps = t + 1
-        finished = bool(done.all())
+        finished = n_left == 0
         if getattr(policy, "lockstep", False):  # FSDP2: stop only when every rank's rows are done
             from ..distributed import all_sum
 
@@ -242,8 +261,9 @@ def generate(
         if finished or t == max_new_tokens - 1:  # the last token feeds no further step
             break
         attn = torch.cat([attn, live_before[live].long()[:, None]], 1)
-        keep = torch.nonzero(~done[live]).flatten()
-        if drop_finished and 0 < len(keep) <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
+        # the live rows not done are all the rows not done (the others were dropped finished): n_left of them
+        if drop_finished and 0 < n_left <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
+            keep = torch.argsort(done[live].to(torch.int8), stable=True)[:n_left]  # the unfinished, in order
             cut = policy.select_rows(cache, keep)
             if cut is not None:
                 cache, live, attn, nxt = cut, live[keep], attn[keep], nxt[keep]
@@ -251,7 +271,7 @@ def generate(
     policy.train(was_training)
     out_ids, out_logps = out_ids[:, :n_steps], out_logps[:, :n_steps]
     response_mask = (torch.arange(n_steps, device=device)[None, :] < lengths[:, None]).long()
-    texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(out_ids, response_mask)]
+    texts = [tok.decode(r[:n], skip_special_tokens=True) for r, n in zip(out_ids.tolist(), lengths.tolist())]
     return RolloutBatch(
         prompt_ids,
         prompt_mask,

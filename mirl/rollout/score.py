@@ -170,7 +170,8 @@ def rollout_and_score(
     columns["example"] = rows
     columns["completion_lengths"] = batch.response_mask.sum(1).tolist()
     columns["max_completion_length"] = max_new_tokens
-    rewards, per_fn, metrics = reward_set.score([r["prompt"] for r in rows], batch.texts, **columns)
+    prompts_ = [r["prompt"] for r in rows]
+    rewards, per_fn, metrics = reward_set.score(prompts_, batch.texts, device=batch.prompt_ids.device, **columns)
     empty = sum(1 for t in batch.texts if not t.strip())
     metrics["completions/empty"] = float(empty)
     return ScoredBatch(batch, rows, rewards, per_fn, metrics, t1 - t0, time.perf_counter() - t1)
@@ -224,29 +225,30 @@ class UpdateBatch:
 
 
 def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int) -> UpdateBatch:
-    """Rows (rollout, index) from one or more rollouts -> one UpdateBatch (their concatenation, re-padded)."""
-    items = []
-    for b, i in rows:
-        n = int(b.response_mask[i].sum())
-        items.append(
-            (b.prompt_ids[i][b.prompt_mask[i].bool()], b.response_ids[i, :n], b.logps[i, :n], bool(b.truncated[i]))
-        )
-    pw = max(len(p) for p, *_ in items)
-    rw = max(1, max(len(r) for _, r, *_ in items))
-    bsz = len(items)
-    ids = torch.full((bsz, pw + rw), pad_id, dtype=torch.long)
-    attn = torch.zeros((bsz, pw + rw), dtype=torch.long)
-    resp = torch.zeros((bsz, rw), dtype=torch.long)
-    old = torch.zeros((bsz, rw))
-    for i, (p, r, lp, _) in enumerate(items):
-        ids[i, pw - len(p) : pw] = p
-        attn[i, pw - len(p) : pw] = 1
-        ids[i, pw : pw + len(r)] = r
-        attn[i, pw : pw + len(r)] = 1
-        resp[i, : len(r)] = 1
-        old[i, : len(r)] = lp
+    """Rows (rollout, index) from one or more rollouts -> one UpdateBatch (their concatenation, re-padded), on
+    the rollouts' device: one host read of each rollout's lengths, then copies between device tensors."""
+    device = rows[0][0].prompt_ids.device
+    lengths = {}  # id(rollout) -> (prompt lengths, response lengths), host lists
+    for b, _ in rows:
+        if id(b) not in lengths:
+            lengths[id(b)] = torch.stack([b.prompt_mask.sum(1), b.response_mask.sum(1)]).tolist()
+    sizes = [(lengths[id(b)][0][i], lengths[id(b)][1][i]) for b, i in rows]
+    pw = max(p for p, _ in sizes)
+    rw = max(1, max(r for _, r in sizes))
+    bsz = len(rows)
+    ids = torch.full((bsz, pw + rw), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((bsz, pw + rw), dtype=torch.long, device=device)
+    resp = torch.zeros((bsz, rw), dtype=torch.long, device=device)
+    old = torch.zeros((bsz, rw), device=device)
+    for k, ((b, i), (p, r)) in enumerate(zip(rows, sizes)):
+        ids[k, pw - p : pw] = b.prompt_ids[i, b.prompt_ids.shape[1] - p :]  # prompts are left-padded
+        ids[k, pw : pw + r] = b.response_ids[i, :r]
+        old[k, :r] = b.logps[i, :r]
+        attn[k, pw - p : pw + r] = 1
+        resp[k, :r] = 1
+    truncated = torch.stack([b.truncated[i] for b, i in rows])
     images = [None if b.images is None else b.images[i] for b, i in rows]
-    return UpdateBatch(ids, attn, resp, old, torch.tensor([t for *_, t in items]), images if any(images) else None)
+    return UpdateBatch(ids, attn, resp, old, truncated, images if any(images) else None)
 
 
 def completions(
