@@ -18,7 +18,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
-from ..device import autocast, place_frozen
+from ..device import autocast, phase, place_frozen
 from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
@@ -222,26 +222,34 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
         # -- the student samples this rank's share of the global batch
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))
-        sb = rollout_and_score(
-            policy,
-            [data[idx[i]] for i in mine],
-            reward_set,
-            group_size=cfg.samples_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            generator=gen,
-            seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
-        )
+        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.samples_per_prompt, cfg.max_new_tokens)):
+            sb = rollout_and_score(
+                policy,
+                [data[idx[i]] for i in mine],
+                reward_set,
+                group_size=cfg.samples_per_prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                generator=gen,
+                seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
+            )
         run.count_samples(sb)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- the divergence to the teacher on the student's tokens, a token mean over all ranks' tokens
         t_up = time.perf_counter()
         n_tokens = dist.all_sum(float(batch.resp_mask.sum()))
-        loss, m = distill_loss(
-            policy, teacher, batch, beta=cfg.jsd_beta, temperature=cfg.temperature, bf16=cfg.bf16, global_count=n_tokens
-        )
-        loss.backward()
+        with phase("update", step + 1, batch.ids.shape):
+            loss, m = distill_loss(
+                policy,
+                teacher,
+                batch,
+                beta=cfg.jsd_beta,
+                temperature=cfg.temperature,
+                bf16=cfg.bf16,
+                global_count=n_tokens,
+            )
+            loss.backward()
         grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
         rmask = batch.resp_mask.float()
         row = {

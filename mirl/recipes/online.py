@@ -20,6 +20,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
+from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
@@ -240,7 +241,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
         seeds = row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None
-        sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, seeds=seeds, **sampling)
+        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.k, cfg.max_new_tokens)):
+            sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, seeds=seeds, **sampling)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         run.count_samples(sb)
         # -- outcomes: groups with both a positive and a negative are usable; the others are counted
@@ -260,11 +262,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             loss, metrics, n_tokens = torch.zeros(()), {}, 0
             engine.sleep()  # a colocated engine frees its device memory for the update
             if usable:
-                per_ex, metrics = contrastive_loss(
-                    policy, ref_model, sb, usable, outcomes, terms, cfg=cfg, step=step, mine=mine, options=options
-                )
-                loss = mean_over_examples(per_ex, global_count=n_examples)
-                loss.backward()
+                with phase("update", step + 1, tuple(sb.batch.response_ids.shape)):
+                    per_ex, metrics = contrastive_loss(
+                        policy, ref_model, sb, usable, outcomes, terms, cfg=cfg, step=step, mine=mine, options=options
+                    )
+                    loss = mean_over_examples(per_ex, global_count=n_examples)
+                    loss.backward()
                 n_tokens = int(sb.batch.prompt_mask.sum() + sb.batch.response_mask.sum())
             elif cfg.fsdp and world > 1:  # FSDP2 reduces gradients inside the backward: every rank takes one
                 dummy = pack_rows([(sb.batch, 0)], policy.tokenizer.pad_token_id)

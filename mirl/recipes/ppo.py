@@ -26,7 +26,7 @@ from .. import distributed as dist
 from ..advantages import gae, whiten
 from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
-from ..device import autocast
+from ..device import autocast, phase
 from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
 from ..models.heads import ScalarHead
@@ -337,26 +337,31 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- rollout and score: samples_per_prompt responses to each of this rank's prompts
         idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        sb = rollout_and_score(
-            policy,
-            [data[idx[i]] for i in mine],
-            reward_set,
-            group_size=cfg.samples_per_prompt,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            generator=gen,
-            seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
-            engine=engine,
-        )
+        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.samples_per_prompt, cfg.max_new_tokens)):
+            sb = rollout_and_score(
+                policy,
+                [data[idx[i]] for i in mine],
+                reward_set,
+                group_size=cfg.samples_per_prompt,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                generator=gen,
+                seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
+                engine=engine,
+            )
         run.count_samples(sb)
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
         beta = kl_state["beta"]
-        targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
+        with phase("reference", step + 1, batch.ids.shape):
+            targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
         t_up = time.perf_counter()
         engine.sleep()  # a colocated engine frees its device memory for the update
-        stats, lr = ppo_update(policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule)
+        with phase("update", step + 1, batch.ids.shape):
+            stats, lr = ppo_update(
+                policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule
+            )
         engine.wake()  # (vLLM on CUDA slept through the update)
         engine.sync(policy)  # the next rollout samples from the updated weights
         dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]

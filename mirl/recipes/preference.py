@@ -28,7 +28,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
-from ..device import autocast
+from ..device import autocast, phase
 from ..eval import evaluate
 from ..logging import console, warn
 from ..logps import fused_sequence_logps, sequence_logps
@@ -297,37 +297,38 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         idx = dist.shard(batch_indices(len(pairs), n_global, step, cfg.seed))
         sums: dict[str, float] = {}
         n_tok = 0
-        for m in range(cfg.grad_accum):
-            mb = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
-            with autocast(policy, cfg.bf16):
-                out = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
-            pc, pr = out.chosen, out.rejected
-            n_tok += out.n_tokens
-            if not needs_ref:
-                rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
-            elif ref_model is not None:
-                with torch.no_grad(), autocast(policy, cfg.bf16):  # the reference under the policy's arithmetic
-                    ref = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
-                rc, rr = ref.chosen, ref.rejected
-            else:
-                rc, rr = ref_c_all[mb], ref_r_all[mb]
-            # one call shape for every loss: each pair is a group of two with the chosen response first. With
-            # logp_agg=mean the log-probs are token means already: no second division by the lengths
-            per_ex, metrics = preference_loss(
-                terms,
-                torch.stack([pc, pr], 1),
-                torch.stack([rc, rr], 1),
-                PAIR_POSITIVE.expand(len(mb), 2),
-                beta=cfg.beta,
-                options=options,
-                lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),
-            )
-            loss = mean_over_examples(per_ex, global_count=n_global)
-            loss.backward()
-            metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        with phase("update", step + 1, (2 * len(idx), cfg.max_len)):
+            for m in range(cfg.grad_accum):
+                mb = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+                with autocast(policy, cfg.bf16):
+                    out = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
+                pc, pr = out.chosen, out.rejected
+                n_tok += out.n_tokens
+                if not needs_ref:
+                    rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+                elif ref_model is not None:
+                    with torch.no_grad(), autocast(policy, cfg.bf16):  # the reference under the policy's arithmetic
+                        ref = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
+                    rc, rr = ref.chosen, ref.rejected
+                else:
+                    rc, rr = ref_c_all[mb], ref_r_all[mb]
+                # one call shape for every loss: each pair is a group of two with the chosen response first. With
+                # logp_agg=mean the log-probs are token means already: no second division by the lengths
+                per_ex, metrics = preference_loss(
+                    terms,
+                    torch.stack([pc, pr], 1),
+                    torch.stack([rc, rr], 1),
+                    PAIR_POSITIVE.expand(len(mb), 2),
+                    beta=cfg.beta,
+                    options=options,
+                    lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),
+                )
+                loss = mean_over_examples(per_ex, global_count=n_global)
+                loss.backward()
+                metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                sums["loss"] = sums.get("loss", 0.0) + loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, schedule)
         dt = time.perf_counter() - t0
         # every rank's loss carries a factor world (exact DDP gradients); metrics are sums over the global batch

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import recover, save_checkpoint
 from ..data.collate import batch_indices, pad_batch
 from ..data.tasks import make_task
-from ..device import autocast
+from ..device import autocast, phase
 from ..logging import console
 from ..models.heads import RewardModel, step_token_mask
 from ..optim import make_optimizer
@@ -290,11 +290,12 @@ def train(cfg: Config, model=None) -> Result:
         t0 = time.perf_counter()
         idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
         ids, attn, steps, labels = encode(rm, [train_rows[i] for i in idx])
-        with autocast(policy, cfg.bf16):
-            logits = rm.token_scores(ids, attn)[steps.bool()].float()
-        # the classes weighted to balance (most sampled steps of a weak policy are wrong)
-        loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
-        loss.backward()
+        with phase("update", step + 1, ids.shape):
+            with autocast(policy, cfg.bf16):
+                logits = rm.token_scores(ids, attn)[steps.bool()].float()
+            # the classes weighted to balance (most sampled steps of a weak policy are wrong)
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+            loss.backward()
         grad_norm, _ = optimizer_step(rm, optimizer, step, schedule)
         row = {
             "loss": loss.item(),

@@ -22,6 +22,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
+from ..device import phase
 from ..logging import console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
@@ -229,16 +230,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
         idx = dist.shard(batch_indices(len(pairs), cfg.batch_size * cfg.grad_accum * world, step, cfg.seed))
         sums, ntok = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, 0
-        for m in range(cfg.grad_accum):
-            mb = [pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
-            c, r, n = pair_scores(rm, mb, tok.pad_token_id)
-            ntok += n
-            per_ex, metrics = bradley_terry_loss(c, r)
-            loss = mean_over_examples(per_ex, global_count=len(idx) * world)
-            loss.backward()
-            sums["loss"] += loss.item()
-            sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
-            sums["margin"] += float(metrics["margin"].sum()) / len(idx)
+        with phase("update", step + 1, (2 * len(idx), cfg.max_len)):
+            for m in range(cfg.grad_accum):
+                mb = [pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
+                c, r, n = pair_scores(rm, mb, tok.pad_token_id)
+                ntok += n
+                per_ex, metrics = bradley_terry_loss(c, r)
+                loss = mean_over_examples(per_ex, global_count=len(idx) * world)
+                loss.backward()
+                sums["loss"] += loss.item()
+                sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
+                sums["margin"] += float(metrics["margin"].sum()) / len(idx)
         grad_norm, lr = optimizer_step(rm, optimizer, step, schedule, sync_grads=True)
         sums = {k: dist.all_sum(v) / world for k, v in sums.items()}  # global means (equal shards)
         row = {**sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": ntok / (time.perf_counter() - t0)}

@@ -19,7 +19,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
-from ..device import autocast
+from ..device import autocast, phase
 from ..logging import console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
@@ -206,18 +206,21 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
         run.tokens += n_tokens
         total_loss = 0.0
-        for ids, attn, resp, images in micro:
-            with autocast(policy, cfg.bf16):
-                # LM head on completion positions only, chunked
-                out = model_fwd(ids, attn, images=images, output="hidden_and_head")
-            if out.head_weight is not None:
-                seq, _ = fused_sequence_logps(out.hidden, out.head_weight, ids, resp)
-                loss = masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
-            else:
-                per_token, _, _ = sequence_logps(out.logits, ids, resp)
-                loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
-            loss.backward()
-            total_loss += loss.item()
+        with phase("update", step + 1, (len(idx), max(len(e[0]) for e in encoded))):
+            for ids, attn, resp, images in micro:
+                with autocast(policy, cfg.bf16):
+                    # LM head on completion positions only, chunked
+                    out = model_fwd(ids, attn, images=images, output="hidden_and_head")
+                if out.head_weight is not None:
+                    seq, _ = fused_sequence_logps(out.hidden, out.head_weight, ids, resp)
+                    loss = masked_reduce(
+                        -seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens
+                    )
+                else:
+                    per_token, _, _ = sequence_logps(out.logits, ids, resp)
+                    loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
+                loss.backward()
+                total_loss += loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, schedule)
         dt = time.perf_counter() - t0
         n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _, _ in micro))
