@@ -443,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     from mirl.rewards import REWARDS, register_reward
 
     device = resolve_device(args.device)
+    if args.device == "auto" and device.type == "cpu" and not args.quick:  # hours on a CPU: say so, run nothing
+        print(
+            f"gpu-check: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA GPU; "
+            "--quick is the CPU dry form, --device cpu runs the full check on the CPU anyway",
+            file=sys.stderr,
+        )
+        return 2
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     steps = 2 if args.quick else 5
     if "gpu_check_length" not in REWARDS:
