@@ -58,8 +58,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _field_type(f: dataclasses.Field):
     t = f.type
-    if isinstance(t, str):
-        t = {"int": int, "float": float, "str": str, "bool": bool}.get(t, str)
+    if isinstance(t, str):  # (from __future__ import annotations): "bool | None" is a bool option that may be unset
+        t = {"int": int, "float": float, "str": str, "bool": bool}.get(t.removesuffix(" | None"), str)
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return t

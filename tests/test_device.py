@@ -73,6 +73,7 @@ def _cases(root, hf: str) -> dict:
         "eval": (ev.run, ev.Config, dict(model=s, task="arith:1", n=4, k=2, max_new_tokens=6, threads=1, device="cpu")),
         "vlm_grpo": (grpo.train, grpo.Config, dict(RL, model="vlm-nano", task="shapes", max_new_tokens=4, **group)),
         "hf_grpo": (grpo.train, grpo.Config, dict(RL, model=hf, beta=0.1, max_new_tokens=4, **group)),
+        "hf_grpo_lora": (grpo.train, grpo.Config, dict(RL, model=hf, beta=0.1, lora_r=4, max_new_tokens=4, **group)),
         "hf_sft_lora": (
             sft.train,
             sft.Config,
@@ -82,7 +83,7 @@ def _cases(root, hf: str) -> dict:
 
 
 RECIPES = ["sft", "dpo", "rm", "prm", "grpo", "grpo_step_rewards", "online", "ppo", "distill", "eval"]
-RECIPES += ["vlm_grpo", "hf_grpo", "hf_sft_lora"]
+RECIPES += ["vlm_grpo", "hf_grpo", "hf_grpo_lora", "hf_sft_lora"]  # LoRA: the reference is the policy, adapters off
 
 
 @pytest.mark.parametrize("case", RECIPES)

@@ -240,6 +240,7 @@ def test_the_options_recipes_share_are_declared_alike():
         "lora_targets",
         "save_adapter_only",
         "bf16",
+        "device",
         "activation_checkpointing",
         "freeze_vision",
         "compile",

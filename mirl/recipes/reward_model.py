@@ -22,7 +22,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
-from ..device import phase
+from ..device import autocast, phase
 from ..logging import console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
@@ -139,8 +139,6 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
 def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     """Train a Bradley-Terry reward model. data / eval_data: optional preference records; model: optional Policy."""
-    if cfg.bf16:
-        raise ValueError("--bf16 is implemented for sft and dpo; rm trains in float32 for now")
     cfg = setup(cfg)
     synth_eval = None
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
@@ -233,7 +231,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         with phase("update", step + 1, (2 * len(idx), cfg.max_len)):
             for m in range(cfg.grad_accum):
                 mb = [pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
-                c, r, n = pair_scores(rm, mb, tok.pad_token_id)
+                with autocast(rm.policy, cfg.bf16):  # the scores and the loss in float32
+                    c, r, n = pair_scores(rm, mb, tok.pad_token_id)
+                c, r = c.float(), r.float()
                 ntok += n
                 per_ex, metrics = bradley_terry_loss(c, r)
                 loss = mean_over_examples(per_ex, global_count=len(idx) * world)
