@@ -110,7 +110,7 @@ def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
         raise ModelFileError(f"{ckpt / 'state.json'}: no integer 'step'")
     policy.load_weights(ckpt / "model")
     try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelFileError(
             f"{ckpt / 'optimizer.pt'}: cannot load the optimizer state ({str(e).splitlines()[0][:200]})"

@@ -41,6 +41,10 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {spec}: this machine has no CUDA GPU that torch can use (use --device cpu)")
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"--device {spec}: under torchrun every rank takes its own GPU (LOCAL_RANK); use --device cuda or auto"
+            )
         index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
         if index >= torch.cuda.device_count():
             raise ConfigError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int, torch.device]:
-    """Join torch.distributed when torchrun launched this process (gloo on CPU, NCCL on CUDA). -> (rank, world,
-    device)."""
+def init(device: torch.device | None = None) -> tuple[int, int, torch.device]:
+    """Join torch.distributed when torchrun launched this process: NCCL when the run computes on CUDA, gloo on
+    the CPU (device None: CUDA when there is one). -> (rank, world, device)."""
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available() and dist.is_initialized():
+    if cuda and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)

@@ -186,7 +186,7 @@ def head_logits(out, n_resp: int) -> Tensor:
     """The float32 logits (B, R, V) that predict the last n_resp tokens, from a forward's PolicyOutput (only
     those positions go through the head when it gives the hidden state and head weight)."""
     if out.head_weight is not None:
-        return (out.hidden[:, -n_resp - 1 : -1] @ out.head_weight.t()).float()
+        return out.hidden[:, -n_resp - 1 : -1].float() @ out.head_weight.float().t()  # (a bf16 teacher's head too)
     return out.logits[:, -n_resp - 1 : -1].float()
 
 

@@ -52,6 +52,22 @@ SYNCS = {
 }
 
 
+# ops that take a host 0-dim tensor only as an elementwise scalar operand: not in these (an index, a list)
+NOT_ELEMENTWISE = {
+    torch.cat,
+    torch.stack,
+    torch.Tensor.__getitem__,
+    torch.Tensor.__setitem__,
+    torch.index_select,
+    torch.Tensor.index_select,
+    torch.gather,
+    torch.Tensor.gather,
+    torch.Tensor.scatter_,
+    torch.Tensor.index_add_,
+    torch.Tensor.index_put_,
+}
+
+
 def tag(t) -> str:
     return getattr(t, TAG, "host") if isinstance(t, torch.Tensor) else "host"
 
@@ -115,7 +131,11 @@ class ShadowDevice(TorchFunctionMode):
             return out
         if func in (torch.Tensor.to, torch.Tensor.cuda):  # (the run's device is the CPU: any device named is it)
             where = _device_arg(func, args, kwargs) if func is torch.Tensor.to else "cuda"
+            if where is not None and out is args[0]:  # on the CPU .to(device) returns the host tensor itself: a
+                out = out.view_as(out)  # new tensor object, so that the host original keeps its tag
             _set(out, tag(args[0]) if where is None else "host" if where == "host" else "device")
+            return out
+        if name in ("__set__", "_has_compatible_shallow_copy_type"):  # Module.to's bookkeeping (it tags below)
             return out
         if func is torch.Tensor.copy_:  # an explicit copy between host and device
             return out
@@ -125,7 +145,8 @@ class ShadowDevice(TorchFunctionMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         tags = [tag(t) for t in tensors]
         if "device" in tags:
-            if any(tg == "host" and t.dim() > 0 for t, tg in zip(tensors, tags)):
+            scalar_ok = func not in NOT_ELEMENTWISE
+            if any(tg == "host" and (t.dim() > 0 or not scalar_ok) for t, tg in zip(tensors, tags)):
                 self.violations[f"{name or func} at {_caller()}"] += 1
             for o in _outputs(out):
                 _set(o, "device")
@@ -142,10 +163,23 @@ class ShadowDevice(TorchFunctionMode):
             return out
 
         torch.nn.Parameter.__deepcopy__ = deepcopy
+        # Module.to(device): its parameters and buffers are then on the device (a dtype-only .to keeps the tags)
+        self._module_to = torch.nn.Module.to
+
+        def module_to(module, *args, _orig=self._module_to, **kwargs):
+            out = _orig(module, *args, **kwargs)
+            device = torch._C._nn._parse_to(*args, **kwargs)[0]
+            if device is not None:
+                for t in [*module.parameters(), *module.buffers()]:
+                    _set(t, "device")
+            return out
+
+        torch.nn.Module.to = module_to
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.nn.Parameter.__deepcopy__ = self._deepcopy
+        torch.nn.Module.to = self._module_to
         return super().__exit__(*exc)
 
     def report(self) -> str:

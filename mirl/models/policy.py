@@ -361,8 +361,15 @@ class Policy(nn.Module):
             return {}
         if not self.is_vlm:
             raise ValueError("this policy is text-only; it cannot take images")
-        device = self.device  # image inputs come from the host (the processor): moved here, once per forward
-        return self.backend.image_kwargs({k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()})
+        return self.backend.image_kwargs(images)
+
+    def _images_here(self, images):
+        """Image inputs come from the host (the processor): moved to the model's device once per forward, before
+        anything (the positions of an M-RoPE model, the vision tower) reads them."""
+        if images is None or not len(images):
+            return images
+        device = self.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}
 
     # ---- LoRA (PEFT) ----------------------------------------------------------------------------------
     @property
@@ -441,6 +448,7 @@ class Policy(nn.Module):
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        images = self._images_here(images)
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, None)
         kw = self._image_kwargs(images)
         if output == "hidden_and_head" and not self.sharded:  # FSDP2: the head weight is sharded outside
@@ -459,6 +467,7 @@ class Policy(nn.Module):
         (start_decode) takes one token per step, decoded in place."""
         if isinstance(cache, StaticCache):
             return decode_step(cache.decoder, input_ids, attention_mask, cache), cache
+        images = self._images_here(images)
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, cache)
         kw = self._image_kwargs(images)
         return self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, kw)

@@ -165,7 +165,8 @@ def select_images(per_row: list | None, rows) -> dict | None:
     """Batched image inputs of the given rows (a tensor or list of indices) of a per-row list."""
     if per_row is None:
         return None
-    return cat_images([per_row[int(i)] for i in rows])
+    rows = rows.tolist() if torch.is_tensor(rows) else rows  # (one read of a device index tensor)
+    return cat_images([per_row[i] for i in rows])
 
 
 NOISE_KINDS = ("crop", "noise")

@@ -160,7 +160,7 @@ def contrastive_loss(policy, ref_model, sb, usable, outcomes, terms, *, cfg: Con
         terms,
         torch.stack([lp[:n], lp[n:]], 1),
         torch.stack([ref[:n], ref[n:]], 1),
-        torch.tensor([[True, False]]).expand(n, 2),
+        torch.tensor([[True, False]], device=lp.device).expand(n, 2),
         beta=cfg.beta,
         options=options,
         lengths=torch.stack([lengths[:n], lengths[n:]], 1),

@@ -117,7 +117,6 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-PAIR_POSITIVE = torch.tensor([[True, False]])  # (1, 2): a pair as a group of two, the chosen response positive
 
 
 def pairs_fingerprint(pairs: list[tuple]) -> str:
@@ -171,6 +170,11 @@ def all_pair_logps(policy, pairs: list[tuple], pad_id: int, average: bool, batch
         rs.append(r)
     policy.train(was)
     return torch.cat(cs), torch.cat(rs)
+
+
+def pair_positive(n: int, device) -> torch.Tensor:
+    """(n, 2): each pair as a group of two, the chosen response (first) positive."""
+    return torch.tensor([[True, False]], device=device).expand(n, 2)
 
 
 def load_reference_logps(ref_file: Path, pairs: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +254,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if needs_ref and cfg.ref_mode == "model":
         ref_model = frozen_reference(policy, cfg.dtype)
     elif needs_ref and cfg.resume and ref_file.exists():
-        ref_c_all, ref_r_all = load_reference_logps(ref_file, pairs)
+        ref_c_all, ref_r_all = (x.to(policy.device) for x in load_reference_logps(ref_file, pairs))
     elif needs_ref:
         ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
         if dist.is_main():  # written whole or not at all: a run killed here leaves no half file
@@ -318,7 +322,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     terms,
                     torch.stack([pc, pr], 1),
                     torch.stack([rc, rr], 1),
-                    PAIR_POSITIVE.expand(len(mb), 2),
+                    pair_positive(len(mb), pc.device),
                     beta=cfg.beta,
                     options=options,
                     lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),

@@ -26,8 +26,8 @@ def setup(cfg):
     from ..options import check_config
 
     check_config(cfg)  # the CLI checked already; the Python API gets the same answers
-    init()
     cfg = resolved(cfg)
+    init(torch.device(cfg.device))  # (NCCL for a CUDA run, gloo for a CPU one)
     if torch.device(cfg.device).type == "cuda":
         torch.cuda.set_device(torch.device(cfg.device))  # the current device: allocations, peak memory, NCCL
     if cfg.bf16 and is_main():
@@ -393,7 +393,13 @@ def resume_state(out_dir, policy, optimizer, generator=None, extras: dict | None
 
     state = load_checkpoint(out_dir, policy, optimizer)
     if generator is not None:
-        generator.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+        try:
+            generator.set_state(torch.tensor(state["gen_rng"], dtype=torch.uint8))
+        except RuntimeError:  # a CPU generator's state does not fit a CUDA one (the run moved between devices)
+            from ..logging import warn
+
+            generator.manual_seed(int(state["step"]) + 1)
+            warn(f"--resume on another kind of device: the sampling stream restarts (seeded from step {state['step']})")
     if extras is not None:
         extras.update({k: state[k] for k in extras if k in state})
     console.print(f"resumed from {out_dir}/checkpoint at step {state['step']}")

@@ -163,7 +163,7 @@ class VLLMEngine:
         from .. import distributed as dist
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: in-place sync
-        self.cuda = torch.cuda.is_available()
+        self.cuda = policy.device.type == "cuda"  # vLLM where the policy is (--device)
         if not self.cuda:
             _keep_cpu_linear_weights()
         self.policy = policy

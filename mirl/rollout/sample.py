@@ -217,12 +217,13 @@ def generate(
     was_training = policy.training
     policy.eval()
     banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
+    banned = torch.tensor(banned, dtype=torch.long, device=device) if banned else None  # (indexed once per step)
     logits, cache = policy.start_decode(prompt_ids, attn, max_new_tokens, images=prefill_images, static=static_cache)
     n_steps = 0
     text_ids: list[list[int]] = [[] for _ in range(b)]  # with stop strings: each row's tokens so far, on the host
     for t in range(max_new_tokens):
         step_logits = logits[:, -1].float()  # (len(live), V)
-        if banned:
+        if banned is not None:
             step_logits[:, banned] = float("-inf")
         if temperature > 0:
             if temperature != 1.0:
