@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .logps import autocast, device_of  # noqa: F401 (the recipes import them from here)
 from .options import ConfigError
 
 ACTIVATION_CHECKPOINTING_PARAMS = 1_000_000_000  # auto: on above this many parameters (on a GPU)
@@ -73,18 +74,6 @@ def resolved(cfg):
 def frozen_dtype(name: str) -> torch.dtype | None:
     """--dtype: the dtype of frozen copies (reference, teacher, reward model); None keeps float32."""
     return {"float32": None, "bfloat16": torch.bfloat16}[name]
-
-
-def device_of(model) -> torch.device:
-    """The device a model computes on (a Policy, a LoRA reference, a DDP wrapper, any module)."""
-    device = getattr(model, "device", None)
-    return device if isinstance(device, torch.device) else next(model.parameters()).device
-
-
-def autocast(model, bf16: bool):
-    """bf16 autocast for the model's device when bf16 (a no-op context otherwise): keyed on where the model
-    computes, never on where an input happens to be."""
-    return torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def place_frozen(model, device, dtype: str = "float32"):

@@ -182,6 +182,18 @@ def fused_sequence_logps(
     return seq, lengths
 
 
+def device_of(model) -> torch.device:
+    """The device a model computes on (a Policy, a LoRA reference, a DDP wrapper, any module)."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def autocast(model, bf16: bool):
+    """bf16 autocast for the model's device when bf16 (a no-op context otherwise): keyed on where the model
+    computes, never on where an input happens to be."""
+    return torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def head_logits(out, n_resp: int) -> Tensor:
     """The float32 logits (B, R, V) that predict the last n_resp tokens, from a forward's PolicyOutput (only
     those positions go through the head when it gives the hidden state and head weight)."""
@@ -206,8 +218,6 @@ def response_logps(
     gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
     head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist. entropy_grad: the entropies with
     their gradient (an entropy bonus), from the response positions' (B, R, V) logits."""
-    from .device import autocast
-
     with autocast(policy, bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head")
     scale = 1.0 / temperature if temperature > 0 else 1.0

@@ -220,14 +220,14 @@ def test_a_resumed_dpo_run_keeps_its_cached_reference_on_the_device(start, tmp_p
 
 
 def test_autocast_is_keyed_on_the_model_in_one_place():
-    """torch.autocast is entered only in mirl/device.py (keyed on the model's device, never on an input's): a
-    recipe that wrote torch.autocast(ids.device.type, ...) would run without bf16 on a GPU when its ids were on
-    the host."""
+    """torch.autocast is entered only through logps.autocast (keyed on the model's device, never on an input's):
+    a recipe that wrote torch.autocast(ids.device.type, ...) would run without bf16 on a GPU when its ids were
+    on the host."""
     from pathlib import Path
 
     import mirl
 
     root = Path(mirl.__file__).parent
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "torch.autocast(" in p.read_text())
-    assert users == ["device.py", "logps.py"], users  # logps.py: the head kept in float32 (enabled=False)
+    assert users == ["logps.py"], users  # autocast(), and the head kept in float32 (enabled=False)
     assert "torch.autocast(hidden.device.type, enabled=False)" in (root / "logps.py").read_text()

@@ -183,8 +183,9 @@ def test_vllm_engine_stops_on_the_same_eos_ids(tmp_path, hf_tiny_dir):
     class LLM:
         def generate(self, requests, params, use_tqdm=False):
             self.params = params
-            done = SimpleNamespace(index=0, token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}])
-            return [SimpleNamespace(outputs=[SimpleNamespace(**vars(done), finish_reason="stop")]) for _ in requests]
+            one = lambda i: SimpleNamespace(index=i, token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-1.0)}])
+            outs = lambda p: [SimpleNamespace(**vars(one(i)), finish_reason="stop") for i in range(p["n"])]
+            return [SimpleNamespace(outputs=outs(p)) for p in params]
 
     folder, extra = _two_eos_model(tmp_path, hf_tiny_dir)
     engine = VLLMEngine.__new__(VLLMEngine)  # without vLLM's engine: only generate's translation is under test

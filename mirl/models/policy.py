@@ -366,7 +366,7 @@ class Policy(nn.Module):
     def _images_here(self, images):
         """Image inputs come from the host (the processor): moved to the model's device once per forward, before
         anything (the positions of an M-RoPE model, the vision tower) reads them."""
-        if images is None or not len(images):
+        if not isinstance(images, dict) or not images:  # (none; anything else is refused by _image_kwargs)
             return images
         device = self.device
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}

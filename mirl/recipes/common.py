@@ -117,6 +117,7 @@ class AdapterOffReference:
 
     @property
     def device(self) -> torch.device:
+        """The policy's device (the reference is the policy)."""
         return self.policy.device
 
     def __call__(self, *args, **kwargs):

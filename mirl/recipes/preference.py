@@ -117,8 +117,6 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-
-
 def pairs_fingerprint(pairs: list[tuple]) -> str:
     """SHA-256 of the encoded pairs' token ids: cached reference log-probs belong to exactly these pairs."""
     import hashlib
