@@ -89,7 +89,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        h = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
+        default = "auto" if f.default is None else repr(f.default)  # (None: decided at the start, mirl/device.py)
+        h = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if t is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h

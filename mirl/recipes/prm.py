@@ -69,7 +69,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
-    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
     report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's

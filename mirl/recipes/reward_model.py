@@ -91,8 +91,8 @@ class Config:
     lora_targets: str = ""  # comma-separated module names (default: every linear layer of the blocks)
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
-    bf16: bool | None = None  # bf16 autocast for the training forward and backward (default: on a bf16 GPU)
-    activation_checkpointing: bool | None = None  # recompute activations in the backward (default: GPU, HF model > 1B)
+    bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
+    activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
