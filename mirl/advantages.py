@@ -12,13 +12,16 @@
     process_advantages  step rewards -> token advantages: normalised over every step of the group, each
                       token's advantage the sum of the normalised rewards of the steps ending at or after it
                       (DeepSeekMath's process supervision; StepGRPO's step-wise rewards)
-    outcome_advantages  one estimator above by name, over the rows of one update batch
+    ESTIMATORS        --advantage's table: group, rloo, reinforce_pp[_baseline], gdpo, each f(RoundRewards)
+    outcome_advantages  one estimator by name, over the rows of one update batch
 
 Rewards may be NaN ("not applicable" from every reward function): such rows are left out of the
 group statistics and get advantage 0, as in TRL. std is Bessel-corrected and eps = 1e-4, as TRL's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -223,31 +226,41 @@ def process_advantages(
     return out.to(device)
 
 
-ESTIMATORS = ("group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo")
+@dataclass
+class RoundRewards:
+    """What an outcome advantage estimator sees of the rows of one update batch (rows of one prompt adjacent):
+    the weighted total reward (B,), each function's reward (B, F) and the functions' weights (F,), the responses'
+    token counts (B,), the group size and --scale-rewards (group | batch | none, for the group estimator)."""
+
+    total: Tensor
+    per_fn: Tensor
+    weights: Tensor
+    lengths: Tensor
+    group_size: int
+    scale: str = "group"
 
 
-def outcome_advantages(
-    estimator: str,
-    rewards: Tensor,
-    group_size: int,
-    *,
-    scale: str = "group",
-    lengths: Tensor | None = None,
-    per_fn: Tensor | None = None,
-    weights: Tensor | None = None,
-) -> Tensor:
-    """Per-row advantages (B,) of the rows of one update batch (rows of one prompt adjacent) by estimator: group
-    (scale group | batch | none), rloo, reinforce_pp[_baseline] (lengths (B,): response tokens), gdpo (per_fn
-    (B, F) and weights (F,)). The batch-level statistics (scale batch, REINFORCE++'s whitening, GDPO's second
-    normalisation) are over these rows, of every rank: pass only the rows trained on (dynamic sampling drops
-    the groups without signal first, as veRL's DAPO does, so that they do not shrink the batch's std)."""
-    if estimator == "gdpo":
-        return gdpo_advantages(per_fn, weights, group_size)
-    if estimator == "group":
-        batch_std = nanstd_over_ranks(rewards) if scale == "batch" else None
-        return group_advantages(rewards, group_size, scale, batch_std=batch_std)
-    if estimator == "rloo":
-        return rloo(rewards, group_size)
-    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
-        return reinforce_pp(rewards, lengths, group_size if estimator == "reinforce_pp_baseline" else 0)
-    raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+def _group(r: RoundRewards) -> Tensor:
+    batch_std = nanstd_over_ranks(r.total) if r.scale == "batch" else None
+    return group_advantages(r.total, r.group_size, r.scale, batch_std=batch_std)
+
+
+# --advantage: name -> f(RoundRewards) -> advantages (B,). A new estimator is one entry here (and its test); the
+# recipes call whichever they are given the same way. The batch-level statistics (scale batch, REINFORCE++'s
+# whitening, GDPO's second normalisation) are over the rows given, of every rank: pass only the rows trained on
+# (dynamic sampling drops the groups without signal first, as veRL's DAPO does, so that they do not shrink the
+# batch's std).
+ESTIMATORS = {
+    "group": _group,
+    "rloo": lambda r: rloo(r.total, r.group_size),
+    "reinforce_pp": lambda r: reinforce_pp(r.total, r.lengths, 0),
+    "reinforce_pp_baseline": lambda r: reinforce_pp(r.total, r.lengths, r.group_size),
+    "gdpo": lambda r: gdpo_advantages(r.per_fn, r.weights, r.group_size),
+}
+
+
+def outcome_advantages(estimator: str, rewards: RoundRewards) -> Tensor:
+    """Per-row advantages (B,) of one update batch's rows by the estimator named (ESTIMATORS)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[estimator](rewards)

@@ -138,8 +138,7 @@ RULES = {
     "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
     "kl_target": _float_in(0.0),  # grpo, ppo: 0 = a fixed (or scheduled) beta
     "kl_horizon": _float_in(0.0, lo_open=True),
-    "advantage": _one_of("group", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
-    "reward_aggregation": _one_of("sum_then_normalize", "normalize_then_sum"),
+    "advantage": _one_of("group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo"),
     "policy_loss": _one_of("clip", "dual_clip", "cispo", "sapo"),
     "step_baseline": _one_of("group", "position"),
     "engine": _one_of("local", "vllm"),
@@ -258,6 +257,7 @@ def _frozen_copy(cfg) -> bool:
 NEEDS = [
     (("is_cap", "is_mode"), _corrects, "--is-correction token or sequence (or --engine vllm, where auto is sequence)"),
     (("step_baseline",), lambda c: _get(c, "step_rewards", False), "--step-rewards"),
+    (("scale_rewards",), lambda c: _get(c, "advantage", "group") == "group", "--advantage group"),
     (("dual_clip_c",), lambda c: _get(c, "policy_loss") == "dual_clip", "--policy-loss dual_clip"),
     (("sapo_tau_pos", "sapo_tau_neg"), lambda c: _get(c, "policy_loss") == "sapo", "--policy-loss sapo"),
     (("cispo_cap",), lambda c: _get(c, "policy_loss") == "cispo", "--policy-loss cispo (its weight's cap)"),

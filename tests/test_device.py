@@ -72,7 +72,7 @@ def _cases(root, hf: str) -> dict:
         "grpo_gdpo_dynamic": (
             grpo.train,
             grpo.Config,
-            dict(reward="task:1,format:0.1", reward_aggregation="normalize_then_sum", dynamic_sampling=True)
+            dict(reward="task:1,format:0.1", advantage="gdpo", dynamic_sampling=True)
             | dict(max_refills=1, prompt_sampler="pass-rate", **group, **rl),
         ),
         "online": (online.train, online.Config, dict(k=2, prompts_per_step=2, **rl)),

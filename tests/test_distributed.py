@@ -205,7 +205,7 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         ]
     elif recipe == "grpo_gdpo":  # GDPO's batch normalisation runs over the global batch
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--reward", "task:1,format:0.1"]
-        args += ["--reward-aggregation", "normalize_then_sum"]
+        args += ["--advantage", "gdpo"]
     elif recipe == "grpo_rpp":  # REINFORCE++'s token whitening runs over the global batch
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--advantage", "reinforce_pp_baseline"]
     elif recipe == "grpo_pass_rate":  # the tracker gathers every rank's pass rates: the same prompts are drawn

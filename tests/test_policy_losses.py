@@ -219,7 +219,7 @@ def _loop_std(xs):
 
 
 def test_gdpo_matches_loop_and_trl_formula():
-    """GDPO (--reward-aggregation normalize_then_sum): a loop over groups and functions, and TRL's
+    """GDPO (--advantage gdpo): a loop over groups and functions, and TRL's
     normalize_then_sum lines (per-function group normalisation, weighted nansum, batch normalisation) on the
     same tensors; a function that does not apply to a row (NaN) is left out of that row's sum and group
     statistics; a row where none applies gets 0."""

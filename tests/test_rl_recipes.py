@@ -331,7 +331,7 @@ def test_adaptive_kl_controller_matches_the_formula():
 
 
 def test_new_grpo_and_ppo_switches_run_from_the_cli(tmp_path, sft_dir, capsys):
-    """--reward-aggregation normalize_then_sum (GDPO), --advantage reinforce_pp / reinforce_pp_baseline and
+    """--advantage gdpo, --advantage reinforce_pp / reinforce_pp_baseline and
     --kl-target (adaptive KL) for grpo and ppo, two steps each from the command line; the adaptive beta is
     logged, moves, and a resumed run continues from the saved value; bad combinations are one-line errors."""
     import json
@@ -347,7 +347,7 @@ def test_new_grpo_and_ppo_switches_run_from_the_cli(tmp_path, sft_dir, capsys):
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     common = ["--group-size", "4", "--prompts-per-step", "4"]
-    rows = run("grpo", "gdpo", *common, "--reward", "task:1,format:0.1", "--reward-aggregation", "normalize_then_sum")
+    rows = run("grpo", "gdpo", *common, "--reward", "task:1,format:0.1", "--advantage", "gdpo")
     assert len([r for r in rows if "loss" in r]) == 2
     for adv in ("reinforce_pp", "reinforce_pp_baseline"):
         rows = run("grpo", adv, *common, "--advantage", adv)
@@ -382,7 +382,7 @@ def test_new_grpo_and_ppo_switches_run_from_the_cli(tmp_path, sft_dir, capsys):
     rows = [json.loads(x) for x in (tmp_path / "akl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["beta"] for r in rows if "beta" in r][-1] == pytest.approx(saved)
     for bad, msg in (
-        (["--reward-aggregation", "normalize_then_sum", "--advantage", "rloo"], "needs --advantage group"),
+        (["--advantage", "gdpo", "--scale-rewards", "batch"], "needs --advantage group"),
         (["--kl-target", "0.01"], "needs --beta > 0"),
     ):
         assert main(["grpo", "--task", "arith:1", "--steps", "1", "--out-dir", str(tmp_path / "bad"), *bad]) == 2
@@ -394,7 +394,7 @@ def test_new_grpo_and_ppo_switches_run_from_the_cli(tmp_path, sft_dir, capsys):
     [
         (dict(advantage="reinforce_pp"), 0.5**0.5, 0.5),
         (dict(scale_rewards="batch"), 0.5 / (0.5**0.5 + 1e-4), 0.5 / (0.5 + 1e-4)),
-        (dict(reward_aggregation="normalize_then_sum"), 0.70706, 1.22474),
+        (dict(advantage="gdpo"), 0.70706, 1.22474),
     ],
     ids=["reinforce_pp", "scale_batch", "gdpo"],
 )

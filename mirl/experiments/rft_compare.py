@@ -107,7 +107,7 @@ def method_config(
         "grpo_2x2": OFF_POLICY,
         "cispo": dict(OFF_POLICY, policy_loss="cispo"),
         "sapo": dict(OFF_POLICY, policy_loss="sapo"),
-        "gdpo": dict(reward="task:1,format:0.1", reward_aggregation="normalize_then_sum"),
+        "gdpo": dict(reward="task:1,format:0.1", advantage="gdpo"),
         "reinforce_pp_baseline": dict(advantage="reinforce_pp_baseline"),
         "pass_rate": dict(prompt_sampler="pass-rate"),
     }

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed as dist
-from ..advantages import outcome_advantages, process_advantages
+from ..advantages import RoundRewards, outcome_advantages, process_advantages
 from ..checkpoint import save_checkpoint
 from ..device import phase
 from ..logging import console
@@ -91,10 +91,9 @@ class Config:
     prompts_per_step: int = 16  # prompts per generation batch
     steps: int = 200  # generation batches (optimizer steps = steps * num_iterations * minibatches)
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
-    advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp | reinforce_pp_baseline (REINFORCE++)
+    advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp[_baseline] (REINFORCE++) | gdpo (advantages.py)
     step_rewards: bool = False  # step-wise rewards (StepGRPO): the task's step verifier -> token advantages
     step_baseline: str = "position"  # --step-rewards: position (step k vs the group's step k) | group (all steps)
-    reward_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO: each reward per group first)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
     importance: str = "token"  # token (GRPO) or sequence (GSPO)
@@ -216,9 +215,10 @@ def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[
         width = max((len(x) for x in token_adv), default=0)
         token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
         return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0, device=sb.rewards.device))
-    estimator = "gdpo" if cfg.reward_aggregation == "normalize_then_sum" else cfg.advantage
-    kept = dict(scale=cfg.scale_rewards, lengths=torch.cat(lengths), per_fn=torch.cat(per_fn), weights=weights)
-    return rows, outcome_advantages(estimator, torch.cat(rewards), cfg.group_size, **kept).float()
+    kept = RoundRewards(
+        torch.cat(rewards), torch.cat(per_fn), weights, torch.cat(lengths), cfg.group_size, cfg.scale_rewards
+    )
+    return rows, outcome_advantages(cfg.advantage, kept).float()
 
 
 def grpo_update(
@@ -384,11 +384,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     if cfg.kl_target > 0 and (cfg.beta <= 0 or cfg.kl_schedule != "constant"):
         raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 and --kl-schedule constant")
-    if cfg.reward_aggregation == "normalize_then_sum" and cfg.advantage != "group":
-        raise ConfigError(
-            f"--reward-aggregation normalize_then_sum (GDPO) normalises per group itself; it needs --advantage "
-            f"group, not {cfg.advantage}"
-        )
     evaluating = bool(cfg.eval_every or cfg.eval_every_s)
     check_fsdp(
         cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating, dynamic_sampling=cfg.dynamic_sampling
@@ -410,7 +405,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                 f"--step-rewards needs a task with a step verifier (the compact arith tasks); {cfg.task!r} "
                 "has none (a chat-template task is scored on its prose answer)"
             )
-        if cfg.advantage != "group" or cfg.reward_aggregation != "sum_then_normalize":
+        if cfg.advantage != "group":
             raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
         steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer, cfg.step_baseline)
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
