@@ -758,3 +758,29 @@ def test_top_entropy_threshold_is_torch_quantile_without_its_size_limit():
     with pytest.raises(RuntimeError):
         torch.quantile(big.flatten(), 0.8)
     assert float(top_entropy_mask(big, torch.ones_like(big), 0.2).mean()) == pytest.approx(0.2, abs=1e-6)
+
+
+def test_kl_and_entropy_coefficients_as_objects():
+    """KLCoef: the constant and scheduled beta by hand, the adaptive controller's value moved, saved and loaded;
+    EntropyCoef: no bonus under adaptive control until an entropy at or below the target was measured."""
+    from mirl.losses.policy import EntropyCoef, KLCoef
+
+    assert KLCoef(0.1).at(0.7) == 0.1
+    assert KLCoef(0.1, "linear", 0.0).at(0.25) == pytest.approx(0.075)
+    assert KLCoef(0.1, "cosine", 0.0).at(0.5) == pytest.approx(0.05)
+    kl = KLCoef(0.1, target=0.01, horizon=100)
+    kl.update(kl.at(0.0), kl=0.02, n=50)  # KL above target: beta * (1 + 0.2 * 50 / 100)
+    assert kl.at(0.9) == pytest.approx(0.11) and kl.state() == {"beta": pytest.approx(0.11)}
+    again = KLCoef(0.1, target=0.01, horizon=100)
+    again.load(kl.state())
+    assert again.at(0.0) == pytest.approx(0.11)
+    fixed = KLCoef(0.1)
+    fixed.update(0.1, kl=5.0, n=50)  # not adaptive: no change
+    assert fixed.at(0.0) == 0.1
+    ent = EntropyCoef(0.01, target=1.0, delta=0.005, max_coef=0.05)
+    assert ent.bonus() == 0.0  # nothing measured yet
+    ent.update(0.5)  # at or below target: the coefficient rises and the bonus applies
+    assert ent.coef == pytest.approx(0.015) and ent.bonus() == pytest.approx(0.015)
+    ent.update(2.0)
+    assert ent.coef == pytest.approx(0.01) and ent.bonus() == 0.0
+    assert EntropyCoef(0.02).bonus() == 0.02  # not adaptive: the coefficient as given

@@ -32,6 +32,7 @@ kernels, bf16), the samples come from q, not p; each token's loss is weighted by
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -162,6 +163,76 @@ def scheduled_beta(schedule: str, beta: float, beta_final: float, progress: floa
     if schedule == "cosine":
         return beta_final + (beta - beta_final) * 0.5 * (1 + math.cos(math.pi * frac))
     raise ValueError(f"kl_schedule must be constant, linear or cosine, got {schedule!r}")
+
+
+@dataclass
+class KLCoef:
+    """The KL coefficient over a run, one object for every way it is set: a constant beta, a linear / cosine
+    schedule to beta_final (scheduled_beta), or the adaptive controller towards a target per-token KL
+    (adaptive_kl_coef), whose value is kept with checkpoints as {"beta": ...}."""
+
+    beta: float
+    schedule: str = "constant"
+    beta_final: float = 0.0
+    target: float = 0.0  # > 0: adaptive
+    horizon: float = 10000.0
+    value: float | None = None  # the adaptive controller's current beta (None: not moved yet)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target > 0
+
+    def at(self, progress: float) -> float:
+        """beta for the step that starts at `progress` (the fraction of the run done)."""
+        if self.adaptive:
+            return self.beta if self.value is None else self.value
+        return scheduled_beta(self.schedule, self.beta, self.beta_final, progress)
+
+    def update(self, beta: float, kl: float, n: int) -> None:
+        """After a step that used `beta` and measured the mean per-token KL `kl` over n samples (adaptive only)."""
+        if self.adaptive:
+            self.value = adaptive_kl_coef(beta, kl, self.target, self.horizon, n)
+
+    def state(self) -> dict:
+        return {"beta": self.at(0.0) if self.adaptive else self.beta}
+
+    def load(self, state: dict) -> None:
+        if self.adaptive and "beta" in state:
+            self.value = state["beta"]
+
+
+@dataclass
+class EntropyCoef:
+    """The entropy bonus's coefficient over a run: constant, or under adaptive control (target > 0: Skywork-OR1's,
+    adaptive_entropy_coef) with the last measured mean token entropy; kept with checkpoints as {"entropy_coef",
+    "entropy"}."""
+
+    coef: float
+    target: float = 0.0
+    delta: float = 0.005
+    max_coef: float = 0.05
+    entropy: float | None = None  # the last measured mean token entropy (adaptive)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target > 0
+
+    def bonus(self) -> float:
+        """The coefficient the loss uses this step (entropy_bonus_coef)."""
+        return entropy_bonus_coef(self.coef, self.entropy, self.target)
+
+    def update(self, entropy: float) -> None:
+        """After a step that measured the mean token entropy (adaptive only)."""
+        if self.adaptive:
+            self.entropy = entropy
+            self.coef = adaptive_entropy_coef(self.coef, entropy, self.target, self.delta, self.max_coef)
+
+    def state(self) -> dict:
+        return {"entropy_coef": self.coef, "entropy": self.entropy}
+
+    def load(self, state: dict) -> None:
+        self.coef = state.get("entropy_coef", self.coef)
+        self.entropy = state.get("entropy", self.entropy)
 
 
 def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:

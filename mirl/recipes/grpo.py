@@ -32,12 +32,10 @@ from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses.policy import (
-    adaptive_entropy_coef,
-    adaptive_kl_coef,
+    EntropyCoef,
+    KLCoef,
     clipped_policy_loss,
-    entropy_bonus_coef,
     rollout_correction,
-    scheduled_beta,
     top_entropy_mask,
 )
 from ..losses.reduce import masked_reduce
@@ -411,10 +409,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    # the adaptive KL coefficient (--kl-target) and entropy coefficient (--entropy-target), saved with checkpoints
-    # (and the entropy last measured: under --entropy-target the bonus applies only at or below the target)
-    kl_state = {"beta": cfg.beta, "entropy_coef": cfg.entropy_coef, "entropy": None, "pass_rates": {}}
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
+    # the KL and entropy coefficients over the run (schedules, adaptive controllers), saved with checkpoints
+    kl_coef = KLCoef(cfg.beta, cfg.kl_schedule, cfg.beta_final, cfg.kl_target, cfg.kl_horizon)
+    ent_coef = EntropyCoef(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_delta, cfg.entropy_coef_max)
+    saved = {**kl_coef.state(), **ent_coef.state(), "pass_rates": {}}
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, saved) if cfg.resume else (0, [])
+    kl_coef.load(saved)
+    ent_coef.load(saved)
     sampler = PromptSampler(
         cfg.prompt_sampler,
         data,
@@ -423,7 +424,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         stages=cfg.curriculum_stages,
         oversample=cfg.pass_rate_oversample,
     )
-    sampler.load(kl_state.pop("pass_rates"))  # the tracker's rates at the checkpoint (resume)
+    sampler.load(saved["pass_rates"])  # the tracker's rates at the checkpoint (resume)
     if dist.is_main() and test and not cfg.resume:
         held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
             0, "before GRPO"
@@ -454,7 +455,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         config=asdict(cfg),
     )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, "pass_rates": sampler.state(), **kl_state}
+    extra = lambda: {
+        "gen_rng": gen.get_state().tolist(),
+        "evals": run.evals,
+        "pass_rates": sampler.state(),
+        **kl_coef.state(),
+        **ent_coef.state(),
+    }
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
@@ -482,15 +489,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
             adv = adv[:, : batch.n_resp] if adv.dim() == 2 else adv  # token advantages: the response area
-            beta = (
-                kl_state["beta"]
-                if cfg.kl_target > 0
-                else scheduled_beta(cfg.kl_schedule, cfg.beta, cfg.beta_final, progress)
-            )
+            beta, ent_now, bonus_coef = kl_coef.at(progress), ent_coef.coef, ent_coef.bonus()
             t_up = time.perf_counter()
             engine.sleep()  # a colocated engine frees its device memory for the update
-            ent_coef = kl_state["entropy_coef"]
-            bonus_coef = entropy_bonus_coef(ent_coef, kl_state["entropy"], cfg.entropy_target)
             with phase("update", step + 1, batch.ids.shape):
                 stats, lr = grpo_update(
                     policy,
@@ -510,7 +511,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     **batch_metrics(batch, adv),
                     "lr": lr,
                     "beta": beta,
-                    "entropy_coef": ent_coef,
+                    "entropy_coef": ent_now,
                     "entropy_bonus_coef": bonus_coef,
                     "groups/zero_signal_frac": groups.zero_signal / (cfg.prompts_per_step * (groups.refills + 1)),
                     "tokens_per_s": float(batch.attn.sum()) / (time.perf_counter() - t0),
@@ -522,14 +523,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             engine.wake()  # (vLLM on CUDA slept through the update)
             engine.sync(policy)  # the next rollout samples from the updated weights
             row.update({"noise_strength": noisy.strength_at(step)} if noisy else {})
-            if cfg.kl_target > 0:  # the controller, on the KL this update measured (all ranks)
-                n = len(batch) * world
-                kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(stats["kl"]), cfg.kl_target, cfg.kl_horizon, n)
-            if cfg.entropy_target > 0:  # adaptive entropy control, on this update's mean entropy (all ranks)
-                kl_state["entropy"] = dist.all_mean(stats["entropy"])
-                kl_state["entropy_coef"] = adaptive_entropy_coef(
-                    ent_coef, kl_state["entropy"], cfg.entropy_target, cfg.entropy_coef_delta, cfg.entropy_coef_max
-                )
+            if kl_coef.adaptive:  # the controller, on the KL this update measured (all ranks)
+                kl_coef.update(beta, dist.all_mean(stats["kl"]), len(batch) * world)
+            if ent_coef.adaptive:  # adaptive entropy control, on this update's mean entropy (all ranks)
+                ent_coef.update(dist.all_mean(stats["entropy"]))
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break

@@ -28,7 +28,7 @@ from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
 from ..device import autocast, phase
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
+from ..losses.policy import KLCoef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
 from ..models.heads import ScalarHead
 from ..optim import make_optimizer
 from ..options import ConfigError
@@ -294,8 +294,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     both = nn.ModuleDict({"policy": policy, "critic": critic})
     optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
     gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    kl_state = {"beta": cfg.beta}  # the adaptive KL coefficient (--kl-target), saved with checkpoints
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, kl_state) if cfg.resume else (0, [])
+    kl_coef = KLCoef(cfg.beta, target=cfg.kl_target, horizon=cfg.kl_horizon)  # saved with checkpoints
+    saved = kl_coef.state()
+    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, saved) if cfg.resume else (0, [])
+    kl_coef.load(saved)
     if cfg.resume:
         critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
     if dist.is_main() and test and not cfg.resume:
@@ -328,7 +330,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_state}
+    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_coef.state()}
     save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra(), write_extra=critic_file)
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -353,7 +355,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
-        beta = kl_state["beta"]
+        beta = kl_coef.at(0.0)
         with phase("reference", step + 1, batch.ids.shape):
             targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
         t_up = time.perf_counter()
@@ -381,9 +383,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
         row["beta"] = beta
-        if cfg.kl_target > 0:  # the controller, on this rollout's KL to the reference (all ranks)
+        if kl_coef.adaptive:  # the controller, on this rollout's KL to the reference (all ranks)
             n = len(batch) * world
-            kl_state["beta"] = adaptive_kl_coef(beta, dist.all_mean(row["kl"]), cfg.kl_target, cfg.kl_horizon, n)
+            kl_coef.update(beta, dist.all_mean(row["kl"]), n)
         if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
 
