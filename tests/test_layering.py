@@ -1,7 +1,9 @@
 """The layering, checked from the import graph (every `import`, at module level or inside a function):
 
     mathematics   mirl.losses, mirl.advantages, mirl.logps: torch and each other only
-    models        mirl.models: nothing from data, rollout, rewards, eval, checkpoint, recipes or above
+    models        mirl.models: nothing from data, rollout, rewards, eval, checkpoint, recipes or above; within it
+                  files <- backends <- facade <- policy (the loaders): the backends know nothing of the Policy
+                  facade, and the facade nothing of how policies are loaded
     data          mirl.data: models at most (nothing from rollout, rewards, eval, checkpoint, recipes or above)
     recipes       no recipe imports another (recipes.common and recipes.run hold what they share)
 and no import cycle between modules.
@@ -91,6 +93,13 @@ def test_models_and_data_import_nothing_above_them():
             assert not [d for d in deps if _under(d, ABOVE_MODELS)], (mod, sorted(deps))
         if _under(mod, ("mirl.data",)):
             assert not [d for d in deps if _under(d, ABOVE_DATA)], (mod, sorted(deps))
+
+
+def test_the_policy_modules_point_down():
+    order = ("mirl.models.files", "mirl.models.backends", "mirl.models.facade", "mirl.models.policy")
+    assert set(order) <= set(GRAPH), sorted(set(order) - set(GRAPH))
+    for i, mod in enumerate(order):
+        assert not set(order[i + 1 :]) & GRAPH[mod], (mod, sorted(GRAPH[mod]))
 
 
 def test_no_recipe_imports_another():

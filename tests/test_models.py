@@ -1,10 +1,12 @@
 """The Policy interface over the tiny GPT and a transformers model: padding, cache, save/load."""
 
+import inspect
+
 import pytest
 import torch
 
 from mirl.models import load_policy
-from mirl.models.policy import positions_from_mask
+from mirl.models.backends import positions_from_mask
 from mirl.rollout import left_pad
 
 
@@ -97,7 +99,7 @@ def test_hf_step_passes_the_cache_by_the_name_the_forward_takes(hf_tiny_dir):
     import warnings
     from types import SimpleNamespace
 
-    from mirl.models.policy import HFBackend
+    from mirl.models.backends import HFBackend
 
     class New(torch.nn.Module):
         config = SimpleNamespace(model_type="new")
@@ -196,3 +198,33 @@ def test_vllm_engine_stops_on_the_same_eos_ids(tmp_path, hf_tiny_dir):
     assert out.response_ids.shape == (2, 1)
     engine.generate([[5, 6]], 1, SamplingSettings(max_new_tokens=4, ignore_eos=True))
     assert engine.llm.params[0]["stop_token_ids"] == []
+
+
+def _members(protocol) -> dict:
+    """A Protocol's attributes (None) and methods (their parameters: name, kind, default)."""
+    out = dict.fromkeys(protocol.__annotations__)
+    for name, fn in vars(protocol).items():
+        if callable(fn) and not name.startswith("_"):
+            out[name] = [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    return out
+
+
+def test_backends_and_engines_have_every_member_of_their_protocol(hf_tiny_dir):
+    """TinyBackend and HFBackend (models/backends.py: Backend), LocalEngine and VLLMEngine (rollout/engine.py:
+    Engine) have each attribute and each method of their interface, with the same parameters."""
+    from mirl.models.backends import Backend
+    from mirl.rollout.engine import Engine, LocalEngine, VLLMEngine
+
+    hf = load_policy(hf_tiny_dir)
+    cases = [(Backend, load_policy("gpt-nano").backend), (Backend, hf.backend)]
+    cases += [(Engine, LocalEngine(hf)), (Engine, VLLMEngine.__new__(VLLMEngine))]
+    for protocol, impl in cases:
+        for name, params in _members(protocol).items():
+            assert hasattr(impl, name), (type(impl).__name__, name)
+            if params is not None:
+                got = [
+                    (p.name, p.kind, p.default)
+                    for p in inspect.signature(getattr(type(impl), name)).parameters.values()
+                ]
+                assert got == params, (type(impl).__name__, name, got, params)
+    assert [hf.backend.serves_vllm, load_policy("gpt-nano").backend.serves_vllm] == [True, False]

