@@ -180,6 +180,7 @@ class KLCoef:
 
     @property
     def adaptive(self) -> bool:
+        """Whether the controller moves beta (a target KL is set)."""
         return self.target > 0
 
     def at(self, progress: float) -> float:
@@ -194,9 +195,11 @@ class KLCoef:
             self.value = adaptive_kl_coef(beta, kl, self.target, self.horizon, n)
 
     def state(self) -> dict:
+        """What a checkpoint keeps: {"beta": the controller's current value (or the configured beta)}."""
         return {"beta": self.at(0.0) if self.adaptive else self.beta}
 
     def load(self, state: dict) -> None:
+        """The controller's value from a checkpoint's state (adaptive only)."""
         if self.adaptive and "beta" in state:
             self.value = state["beta"]
 
@@ -215,6 +218,7 @@ class EntropyCoef:
 
     @property
     def adaptive(self) -> bool:
+        """Whether the coefficient follows the entropy (a target entropy is set)."""
         return self.target > 0
 
     def bonus(self) -> float:
@@ -228,9 +232,11 @@ class EntropyCoef:
             self.coef = adaptive_entropy_coef(self.coef, entropy, self.target, self.delta, self.max_coef)
 
     def state(self) -> dict:
+        """What a checkpoint keeps: the coefficient and the last measured entropy."""
         return {"entropy_coef": self.coef, "entropy": self.entropy}
 
     def load(self, state: dict) -> None:
+        """The coefficient and the last measured entropy from a checkpoint's state."""
         self.coef = state.get("entropy_coef", self.coef)
         self.entropy = state.get("entropy", self.entropy)
 
