@@ -72,11 +72,12 @@ def test_grpo_first_loss_and_parameters(tmp_path, sft_dir):
         dict(loss_agg="dr_grpo", scale_rewards="none"),
         dict(loss_agg="dapo", clip_eps_high=0.28, dynamic_sampling=True, reward="task,overlong"),
         dict(importance="sequence"),
-        dict(advantage="rloo", scale_rewards="batch"),
+        dict(advantage="rloo"),
+        dict(scale_rewards="batch"),
         dict(beta=0.05, kl_schedule="linear", beta_final=0.0, kl_estimator="k2"),
         dict(num_iterations=2, minibatches=2, mask_truncated=True),
     ],
-    ids=["dr_grpo", "dapo", "gspo", "rloo", "kl_schedule", "multi_pass"],
+    ids=["dr_grpo", "dapo", "gspo", "rloo", "scale_batch", "kl_schedule", "multi_pass"],
 )
 def test_grpo_switches_run(tmp_path, sft_dir, opts):
     res = grpo.train(gcfg(tmp_path, sft_dir, **opts))
