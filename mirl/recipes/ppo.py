@@ -174,12 +174,28 @@ def minibatch_seed(seed: int, step: int, epoch: int) -> int:
     return seed + 7919 * step + epoch
 
 
-def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config, beta: float):
+@dataclass
+class PPOTargets:
+    """What the update trains towards, computed once per rollout without gradient (rollout_targets). Each (B, R)
+    but is_stats."""
+
+    old_logps: torch.Tensor  # the policy's log-probs before the update
+    old_values: torch.Tensor  # the critic's values before the update
+    advantages: torch.Tensor  # GAE, whitened
+    returns: torch.Tensor  # the value targets
+    loss_mask: torch.Tensor  # response tokens of scorable responses
+    kl: torch.Tensor  # per-token KL to the reference (0 without one)
+    is_weights: torch.Tensor | None  # the rollout correction's weights (None when off)
+    is_stats: dict  # and its statistics
+
+
+def rollout_targets(
+    policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config, beta: float
+) -> PPOTargets:
     """Before the update (no gradient): old log-probs and values, the per-token rewards (the score at the last
     token, -beta KL on every token), GAE advantages (whitened) and returns. An unscorable (NaN) response is
     no outcome: its rows leave the loss mask. beta: the KL coefficient of this step (--beta, or the adaptive
-    controller's). -> (old_logps, old_values, advantages, returns, loss_mask, kl, the rollout correction's
-    weights (None when off) and statistics)."""
+    controller's)."""
     resp = batch.resp_mask
     loss_mask = resp * (~torch.isnan(rewards)).unsqueeze(1).to(resp.dtype)
     score = torch.nan_to_num(rewards, nan=0.0).float()  # (B,)
@@ -210,15 +226,25 @@ def rollout_targets(policy, critic, ref_model, batch: UpdateBatch, rewards: torc
         is_weights, is_stats = rollout_correction(
             old_lp, batch.old_logps, loss_mask, level=level, mode=cfg.is_mode, cap=cfg.is_cap
         )
-    return old_lp, old_values, adv, returns, loss_mask, kl, is_weights, is_stats
+    return PPOTargets(old_lp, old_values, adv, returns, loss_mask, kl, is_weights, is_stats)
 
 
 def ppo_update(
-    policy, critic, both, optimizer, batch: UpdateBatch, targets, *, cfg: Config, step: int, schedule: Schedule
+    policy,
+    critic,
+    both,
+    optimizer,
+    batch: UpdateBatch,
+    targets: PPOTargets,
+    *,
+    cfg: Config,
+    step: int,
+    schedule: Schedule,
 ) -> tuple[dict, float]:
     """ppo_epochs passes over the rollout in `minibatches` optimizer steps of the clipped surrogate plus
     vf_coef x the clipped value loss. -> (metrics averaged over the optimizer steps, the last lr)."""
-    old_lp, old_values, adv, returns, loss_mask, _, is_weights, _ = targets
+    old_lp, old_values, adv = targets.old_logps, targets.old_values, targets.advantages
+    returns, loss_mask, is_weights = targets.returns, targets.loss_mask, targets.is_weights
     world, n_opt, stats = dist.world_size(), cfg.ppo_epochs * cfg.minibatches, {}
     for ep in range(cfg.ppo_epochs):
         # minibatches of one permutation of the global batch (the same under torchrun as in one process)
@@ -366,7 +392,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             )
         engine.wake()  # (vLLM on CUDA slept through the update)
         engine.sync(policy)  # the next rollout samples from the updated weights
-        dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets[5], targets[1]
+        dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets.kl, targets.old_values
         row = {
             **sb.metrics,
             **stats,
@@ -379,7 +405,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             "time/generation_s": sb.gen_s,
             "time/scoring_s": sb.score_s,
             "time/update_s": time.perf_counter() - t_up,
-            **targets[7],
+            **targets.is_stats,
         }
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
         row["beta"] = beta
