@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .device import LOWER_MEMORY, DeviceOutOfMemory
     from .distributed import is_main, shutdown
-    from .recipes.common import TrainingDiverged
+    from .optim import TrainingDiverged
     from .recipes.run import Interrupted
     from .stop import StopRequested
 

@@ -4,8 +4,6 @@ prompts and rewards of the online recipes, FSDP2 checks and gathering, saving. (
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,12 +11,7 @@ import torch
 from ..data.formats import SkipCounter
 from ..logging import console
 from ..models import load_policy
-from ..optim import clip_grad, lr_at, set_lr
 from ..options import ConfigError, flag
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or infinite: the run stops before the bad update."""
 
 
 def build_policy(
@@ -150,43 +143,6 @@ def save_final(policy, path, *, merged: bool = True) -> None:
         policy.save(path, merged=merged)
     except OSError as e:
         raise CheckpointError(f"writing the final model to {path} failed ({e.strerror or e})") from e
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The optimizer's settings over a run: linear warmup, then cosine decay to min_lr_ratio * lr over
-    total_steps optimizer steps; gradients clipped to max_grad_norm (0 = off)."""
-
-    lr: float
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float
-    max_grad_norm: float
-
-
-def optimizer_step(
-    policy, optimizer, step: int, schedule: Schedule, *, sync_grads: bool = False
-) -> tuple[float, float]:
-    """One optimizer step (0-based `step`): average gradients over ranks when sync_grads (the recipes that do
-    not use DDP), set the scheduled learning rate, clip, step, zero the gradients. -> (grad_norm before
-    clipping, lr). A non-finite gradient norm raises TrainingDiverged before the update."""
-    from ..distributed import average_gradients
-
-    if sync_grads:
-        average_gradients(policy)
-    s = schedule
-    lr = lr_at(step, lr=s.lr, warmup_steps=s.warmup_steps, total_steps=s.total_steps, min_lr_ratio=s.min_lr_ratio)
-    set_lr(optimizer, lr)
-    grad_norm = clip_grad(policy, s.max_grad_norm)
-    if not math.isfinite(grad_norm):  # every rank sees the same (averaged) gradients: all stop here together
-        raise TrainingDiverged(
-            f"optimizer step {step + 1}: the gradient norm is {grad_norm} (a non-finite loss or gradient; lr "
-            f"{lr:g}); stopped before applying it. Nothing was saved over the last good checkpoint (if any) and "
-            "no final/ was written"
-        )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
 
 
 def report_skips(skips: SkipCounter, out_dir: str | Path) -> None:

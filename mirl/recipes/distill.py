@@ -23,17 +23,15 @@ from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
 from ..models.policy import load_policy
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
 from ..rollout.sample import row_seeds
 from ..rollout.score import pack_rows, rollout_and_score
 from .common import (
-    Schedule,
     build_policy,
     check_fsdp,
     gathered_policy,
     load_prompts,
-    optimizer_step,
     policy_options,
     prompt_options,
     reward_model_note,

@@ -40,21 +40,19 @@ from ..losses.policy import (
 )
 from ..losses.reduce import masked_reduce
 from ..models.tokenizer import tokens_at_chars
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
 from ..rollout.engine import make_engine
 from ..rollout.groups import NoisyRollout, sample_groups
 from ..rollout.prompts import PromptSampler
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
-    Schedule,
     build_policy,
     check_fsdp,
     correction_level,
     frozen_reference,
     gathered_policy,
     load_prompts,
-    optimizer_step,
     policy_options,
     prompt_options,
 )

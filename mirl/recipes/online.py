@@ -24,18 +24,16 @@ from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..rollout.engine import make_engine
 from ..rollout.sample import row_seeds
 from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
-    Schedule,
     build_policy,
     check_fsdp,
     frozen_reference,
     gathered_policy,
     load_prompts,
-    optimizer_step,
     policy_options,
     prompt_options,
 )

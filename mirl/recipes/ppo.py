@@ -30,20 +30,18 @@ from ..device import autocast, phase
 from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.policy import KLCoef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
 from ..models.heads import ScalarHead
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
 from ..rollout.engine import make_engine
 from ..rollout.sample import row_seeds
 from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
 from .common import (
-    Schedule,
     build_policy,
     check_fsdp,
     correction_level,
     frozen_reference,
     gathered_policy,
     load_prompts,
-    optimizer_step,
     policy_options,
     prompt_options,
 )

@@ -33,16 +33,14 @@ from ..eval import evaluate
 from ..logging import console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..rollout.pairs import sample_pairs
 from .common import (
-    Schedule,
     build_policy,
     check_context,
     check_fsdp,
     frozen_reference,
     gathered_policy,
-    optimizer_step,
     policy_options,
     report_skips,
 )

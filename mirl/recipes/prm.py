@@ -35,10 +35,10 @@ from ..data.tasks import make_task
 from ..device import autocast, phase
 from ..logging import console
 from ..models.heads import RewardModel, step_token_mask
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
 from ..rollout.score import completions
-from .common import Schedule, build_policy, optimizer_step
+from .common import build_policy
 from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
 
 LABELS = ("verifier", "mc")

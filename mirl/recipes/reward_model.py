@@ -27,15 +27,13 @@ from ..logging import console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from ..rollout.pairs import sample_pairs
 from .common import (
-    Schedule,
     build_policy,
     check_context,
     check_fsdp,
     gathered_policy,
-    optimizer_step,
     policy_options,
     report_skips,
 )

@@ -23,14 +23,12 @@ from ..device import autocast, phase
 from ..logging import console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
-from ..optim import make_optimizer
+from ..optim import Schedule, make_optimizer, optimizer_step
 from .common import (
-    Schedule,
     build_policy,
     check_context,
     check_fsdp,
     gathered_policy,
-    optimizer_step,
     policy_options,
     report_skips,
 )
