@@ -85,6 +85,41 @@ def rollout_correction(
     return w * mask, stats
 
 
+@register_loss("clip", kind="policy")
+def clip_term(logps: Tensor, ratio: Tensor, adv: Tensor, clip: tuple[float, float]) -> Tensor:
+    """PPO's clipped surrogate: -min(rho A, clip(rho, 1 - low, 1 + high) A)."""
+    low, high = clip
+    return -torch.min(ratio * adv, torch.clamp(ratio, 1 - low, 1 + high) * adv)
+
+
+@register_loss("dual_clip", kind="policy")
+def dual_clip_term(logps: Tensor, ratio: Tensor, adv: Tensor, clip: tuple[float, float], *, dual_clip_c: float = 3.0):
+    """The clipped surrogate, for A < 0 also bounded by -c A (Ye et al. 2020; veRL's clip_ratio_c)."""
+    term = clip_term(logps, ratio, adv, clip)
+    return torch.where(adv < 0, torch.minimum(term, -dual_clip_c * adv), term)
+
+
+@register_loss("cispo", kind="policy")
+def cispo_term(logps: Tensor, ratio: Tensor, adv: Tensor, clip: tuple[float, float], *, cispo_cap: float = 5.0):
+    """-sg(min(rho, cap)) A logp: the weight capped and detached, every token keeps its gradient (CISPO)."""
+    return -torch.clamp(ratio, max=cispo_cap).detach() * adv * logps
+
+
+@register_loss("sapo", kind="policy")
+def sapo_term(
+    logps: Tensor,
+    ratio: Tensor,
+    adv: Tensor,
+    clip: tuple[float, float],
+    *,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+) -> Tensor:
+    """-(4 / tau) sigmoid(tau (rho - 1)) A, tau_pos for A > 0 and tau_neg for A < 0: a soft gate (SAPO)."""
+    tau = torch.full_like(adv, sapo_tau_neg).masked_fill(adv > 0, sapo_tau_pos)
+    return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
+
+
 def policy_term(
     logps: Tensor,
     ratio: Tensor,
@@ -93,26 +128,24 @@ def policy_term(
     policy_loss: str = "clip",
     clip_eps: float = 0.2,
     clip_eps_high: float = 0.2,
-    dual_clip_c: float = 3.0,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    cispo_cap: float = 5.0,
+    **options,
 ) -> Tensor:
-    """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table).
+    """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table):
+    the registered term `policy_loss` with the options it takes (the others are not its own and are dropped).
     ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T)."""
-    if policy_loss in ("clip", "dual_clip"):
-        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps_high)
-        term = -torch.min(ratio * adv, clipped * adv)
-        if policy_loss == "dual_clip":
-            term = torch.where(adv < 0, torch.minimum(term, -dual_clip_c * adv), term)
-        return term
-    if policy_loss == "cispo":
-        weight = torch.clamp(ratio, max=cispo_cap).detach()
-        return -weight * adv * logps
-    if policy_loss == "sapo":
-        tau = torch.full_like(adv, sapo_tau_neg).masked_fill(adv > 0, sapo_tau_pos)
-        return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
-    raise ValueError(f"unknown policy loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
+    spec = policy_spec(policy_loss)
+    own = {k: v for k, v in options.items() if k in spec.options}
+    return spec(logps, ratio, adv, (clip_eps, clip_eps_high), **own)
+
+
+def policy_spec(name: str):
+    """The registered policy-loss term `name`; another name is an error listing the terms."""
+    from .registry import LOSSES
+
+    spec = LOSSES.get(name)
+    if spec is None or spec.kind != "policy" or name == "clipped_pg":
+        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
+    return spec
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
@@ -262,6 +295,111 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     return mask * (entropy >= threshold).to(mask.dtype)
 
 
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The policy loss of an online recipe, built once from its options and called the same way by grpo and ppo:
+    the registered term (clip, dual_clip, cispo, sapo) with its own options, the clipping range, the importance
+    level (token, or sequence: GSPO), the aggregation (loss_agg) and the KL estimator. An option the term does
+    not take is an error listing those it does (LossSpec)."""
+
+    term: str = "clip"
+    options: tuple = ()  # the term's own options, as (name, value) pairs: (("cispo_cap", 5.0),)
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # None: clip_eps
+    importance: str = "token"
+    loss_agg: str = "grpo"
+    kl_estimator: str = "k3"
+    max_completion_length: int | None = None  # dr_grpo's constant
+
+    def __post_init__(self):
+        spec = policy_spec(self.term)
+        unknown = [k for k, _ in self.options if k not in spec.options]
+        if unknown:
+            raise ValueError(
+                f"policy loss {self.term!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                f"{', '.join(spec.options) or 'none'}"
+            )
+        if self.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation {self.loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
+        if self.importance not in ("token", "sequence"):
+            raise ValueError(f"importance must be 'token' or 'sequence', got {self.importance!r}")
+        if self.loss_agg == "dr_grpo" and not self.max_completion_length:
+            raise ValueError("dr_grpo aggregation needs max_completion_length")
+
+    @property
+    def high(self) -> float:
+        """The upper clipping offset: clip_eps_high, or clip_eps when not given."""
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    def __call__(
+        self,
+        logps: Tensor,
+        old_logps: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        beta: float = 0.0,
+        ref_logps: Tensor | None = None,
+        global_count: Tensor | float | None = None,
+        is_weights: Tensor | None = None,
+        pg_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict]:
+        """logps, old_logps, ref_logps, mask: (B, T); advantages (B,) or (B, T). is_weights (B, T): the rollout
+        correction's weights on the policy term (rollout_correction; the KL term is not reweighted, as in TRL).
+        pg_mask (B, T): the tokens whose policy term counts (top_entropy_mask); the KL term, its metric and the
+        aggregation's normaliser keep `mask`. -> (the loss, metrics)."""
+        mask = mask.to(logps.dtype)
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        log_ratio = logps - old_logps
+        if self.importance == "token":
+            log_w = log_ratio
+        else:
+            log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+        ratio = torch.exp(log_w)
+        per_token = policy_spec(self.term)(logps, ratio, adv, (self.clip_eps, self.high), **dict(self.options))
+        if is_weights is not None:
+            per_token = per_token * is_weights
+        if pg_mask is not None:
+            per_token = per_token * pg_mask.to(per_token.dtype)
+        metrics = {}
+        if beta != 0.0:
+            if ref_logps is None:
+                raise ValueError("beta > 0 needs ref_logps")
+            kl = kl_estimate(logps, ref_logps, self.kl_estimator)
+            per_token = per_token + beta * kl
+            metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+        per_token = per_token.expand_as(mask) if per_token.shape != mask.shape else per_token
+        loss = aggregate(per_token, mask, self.loss_agg, self.max_completion_length, global_count)
+        low_clip = ((ratio < 1 - self.clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
+        cap = dict(self.options).get("cispo_cap", 5.0) if self.term == "cispo" else 1 + self.high
+        high_clip = ((ratio > cap) & (adv > 0)).to(mask.dtype).expand_as(mask)
+        n = mask.sum().clamp(min=1)
+        metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
+        metrics["clip_fraction/high"] = ((high_clip * mask).sum() / n).detach()
+        metrics["clip_fraction"] = metrics["clip_fraction/low"] + metrics["clip_fraction/high"]
+        metrics["ratio/mean"] = ((ratio.expand_as(mask) * mask).sum() / n).detach()
+        return loss, metrics
+
+
+def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str, max_completion_length, global_count) -> Tensor:
+    """The per-token loss (B, T) to a scalar by loss_agg (the module docstring's aggregation table)."""
+    if loss_agg == "grpo":
+        return masked_reduce(per_token, mask, "seq_mean", global_count=global_count)
+    if loss_agg in ("bnpo", "dapo"):
+        return masked_reduce(per_token, mask, "token_mean", global_count=global_count)
+    return masked_reduce(per_token, mask, "constant", constant=max_completion_length, global_count=global_count)
+
+
+TERM_OPTIONS = ("dual_clip_c", "cispo_cap", "sapo_tau_pos", "sapo_tau_neg")
+
+
+def term_options(term: str, **values) -> tuple:
+    """The options of `term` among the given values (a recipe's dual_clip_c, cispo_cap, sapo_tau_*), as
+    PolicyLoss.options."""
+    spec = policy_spec(term)
+    return tuple((k, v) for k, v in values.items() if k in spec.options)
+
+
 @register_loss("clipped_pg", kind="policy")
 def clipped_policy_loss(
     logps: Tensor,
@@ -286,64 +424,24 @@ def clipped_policy_loss(
     is_weights: Tensor | None = None,
     pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
-    """PPO/GRPO clipped surrogate (or policy_loss: dual_clip, cispo, sapo). logps, old_logps, ref_logps, mask:
-    (B, T); advantages (B,) or (B, T). is_weights (B, T): the rollout correction's weights on the policy term
-    (rollout_correction; the KL term is not reweighted, as in TRL). pg_mask (B, T): the tokens whose policy
-    term counts (top_entropy_mask); the KL term, its metric and the aggregation's normaliser keep `mask`."""
-    if loss_agg not in AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {loss_agg!r}; valid: {', '.join(AGGREGATIONS)}")
-    mask = mask.to(logps.dtype)
-    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    log_ratio = logps - old_logps
-    if importance == "token":
-        log_w = log_ratio
-    elif importance == "sequence":
-        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
-    else:
-        raise ValueError(f"importance must be 'token' or 'sequence', got {importance!r}")
-    ratio = torch.exp(log_w)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    per_token = policy_term(
-        logps,
-        ratio,
-        adv,
-        policy_loss=policy_loss,
-        clip_eps=clip_eps,
-        clip_eps_high=high,
-        dual_clip_c=dual_clip_c,
-        sapo_tau_pos=sapo_tau_pos,
-        sapo_tau_neg=sapo_tau_neg,
-        cispo_cap=cispo_cap,
+    """PolicyLoss as one function call (tests, the starvation experiment): built from these options and called."""
+    own = term_options(
+        policy_loss, dual_clip_c=dual_clip_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, cispo_cap=cispo_cap
     )
-    if is_weights is not None:
-        per_token = per_token * is_weights
-    if pg_mask is not None:
-        per_token = per_token * pg_mask.to(per_token.dtype)
-    metrics = {}
-    if beta != 0.0:
-        if ref_logps is None:
-            raise ValueError("beta > 0 needs ref_logps")
-        kl = kl_estimate(logps, ref_logps, kl_estimator)
-        per_token = per_token + beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
-    per_token = per_token.expand_as(mask) if per_token.shape != mask.shape else per_token
-    if loss_agg == "grpo":
-        loss = masked_reduce(per_token, mask, "seq_mean", global_count=global_count)
-    elif loss_agg in ("bnpo", "dapo"):
-        loss = masked_reduce(per_token, mask, "token_mean", global_count=global_count)
-    else:
-        if not max_completion_length:
-            raise ValueError("dr_grpo aggregation needs max_completion_length")
-        loss = masked_reduce(per_token, mask, "constant", constant=max_completion_length, global_count=global_count)
-    low_clip = ((ratio < 1 - clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
-    cap = cispo_cap if policy_loss == "cispo" else 1 + high
-    high_clip = ((ratio > cap) & (adv > 0)).to(mask.dtype).expand_as(mask)
-    n = mask.sum().clamp(min=1)
-    metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
-    metrics["clip_fraction/high"] = ((high_clip * mask).sum() / n).detach()
-    metrics["clip_fraction"] = metrics["clip_fraction/low"] + metrics["clip_fraction/high"]
-    metrics["ratio/mean"] = ((ratio.expand_as(mask) * mask).sum() / n).detach()
-    return loss, metrics
+    fn = PolicyLoss(
+        policy_loss, own, clip_eps, clip_eps_high, importance, loss_agg, kl_estimator, max_completion_length
+    )
+    return fn(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        beta=beta,
+        ref_logps=ref_logps,
+        global_count=global_count,
+        is_weights=is_weights,
+        pg_mask=pg_mask,
+    )
 
 
 def clipped_value_loss(

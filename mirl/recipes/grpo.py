@@ -32,10 +32,12 @@ from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses.policy import (
+    TERM_OPTIONS,
     EntropyCoef,
     KLCoef,
-    clipped_policy_loss,
+    PolicyLoss,
     rollout_correction,
+    term_options,
     top_entropy_mask,
 )
 from ..losses.reduce import masked_reduce
@@ -224,6 +226,7 @@ def grpo_update(
     adv,
     *,
     cfg: Config,
+    loss_fn: PolicyLoss,
     step: int,
     beta: float,
     ref_model,
@@ -293,27 +296,16 @@ def grpo_update(
             lm = loss_mask[mb].to(ent.dtype)
             # dapo: the generation batch's global token count, shared out over the optimizer steps
             g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
-            loss, m = clipped_policy_loss(
+            loss, m = loss_fn(
                 lp,
                 old,
                 adv[mb],
                 lm,
-                pg_mask=pg_mask if cfg.top_entropy_quantile < 1 else None,
-                clip_eps=cfg.clip_eps,
-                clip_eps_high=cfg.clip_eps_high or None,
-                importance=cfg.importance,
                 beta=beta,
                 ref_logps=None if ref_logps is None else ref_logps[mb],
-                kl_estimator=cfg.kl_estimator,
-                loss_agg=cfg.loss_agg,
-                max_completion_length=cfg.max_new_tokens,
                 global_count=g,
-                policy_loss=cfg.policy_loss,
-                dual_clip_c=cfg.dual_clip_c,
-                sapo_tau_pos=cfg.sapo_tau_pos,
-                sapo_tau_neg=cfg.sapo_tau_neg,
-                cispo_cap=cfg.cispo_cap,
                 is_weights=is_weights,
+                pg_mask=pg_mask if cfg.top_entropy_quantile < 1 else None,
             )
             if entropy_coef > 0:  # the bonus, a token mean over every rank's response tokens (with its gradient)
                 loss = loss - entropy_coef * masked_reduce(ent, lm, "token_mean")
@@ -436,6 +428,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
     optimizer_steps = cfg.steps * cfg.num_iterations * cfg.minibatches  # the learning-rate schedule's length
     schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    own = {k: getattr(cfg, k) for k in TERM_OPTIONS}  # the term's own options among them (losses/policy.py)
+    loss_fn = PolicyLoss(
+        cfg.policy_loss,
+        term_options(cfg.policy_loss, **own),
+        cfg.clip_eps,
+        cfg.clip_eps_high or None,
+        cfg.importance,
+        cfg.loss_agg,
+        cfg.kl_estimator,
+        cfg.max_new_tokens,
+    )
     cadence = Cadence(
         cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
@@ -497,6 +500,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     batch,
                     adv,
                     cfg=cfg,
+                    loss_fn=loss_fn,
                     step=step,
                     beta=beta,
                     ref_model=ref_model,

@@ -28,7 +28,15 @@ from ..checkpoint import save_checkpoint
 from ..data.collate import batch_indices
 from ..device import autocast, phase
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import KLCoef, clipped_policy_loss, clipped_value_loss, kl_estimate, rollout_correction
+from ..losses.policy import (
+    TERM_OPTIONS,
+    KLCoef,
+    PolicyLoss,
+    clipped_value_loss,
+    kl_estimate,
+    rollout_correction,
+    term_options,
+)
 from ..models.heads import ScalarHead
 from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
@@ -236,6 +244,7 @@ def ppo_update(
     targets: PPOTargets,
     *,
     cfg: Config,
+    loss_fn: PolicyLoss,
     step: int,
     schedule: Schedule,
 ) -> tuple[dict, float]:
@@ -263,19 +272,8 @@ def ppo_update(
             )
             anchor = (lp.sum() + values.sum()) * 0.0
             lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
-            pg_loss, m = clipped_policy_loss(
-                lp,
-                old_lp[mb],
-                adv[mb],
-                loss_mask[mb],
-                clip_eps=cfg.clip_eps,
-                loss_agg="bnpo",
-                policy_loss=cfg.policy_loss,
-                dual_clip_c=cfg.dual_clip_c,
-                sapo_tau_pos=cfg.sapo_tau_pos,
-                sapo_tau_neg=cfg.sapo_tau_neg,
-                cispo_cap=cfg.cispo_cap,
-                is_weights=None if is_weights is None else is_weights[mb],
+            pg_loss, m = loss_fn(
+                lp, old_lp[mb], adv[mb], loss_mask[mb], is_weights=None if is_weights is None else is_weights[mb]
             )
             v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)
             loss = pg_loss + cfg.vf_coef * v_loss
@@ -337,6 +335,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
     optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches  # the learning-rate schedule's length
     schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
+    own = term_options(cfg.policy_loss, **{k: getattr(cfg, k) for k in TERM_OPTIONS})
+    loss_fn = PolicyLoss(cfg.policy_loss, own, cfg.clip_eps, loss_agg="bnpo")  # the term on tokens, PPO's mean
     cadence = Cadence(
         cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
     )
@@ -386,7 +386,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         engine.sleep()  # a colocated engine frees its device memory for the update
         with phase("update", step + 1, batch.ids.shape):
             stats, lr = ppo_update(
-                policy, critic, both, optimizer, batch, targets, cfg=cfg, step=step, schedule=schedule
+                policy, critic, both, optimizer, batch, targets, cfg=cfg, loss_fn=loss_fn, step=step, schedule=schedule
             )
         engine.wake()  # (vLLM on CUDA slept through the update)
         engine.sync(policy)  # the next rollout samples from the updated weights
