@@ -3,7 +3,7 @@
 import json
 
 from mirl.cli import main
-from mirl.experiments.iterate import verified_samples
+from mirl.experiments.iterate import accepted_samples
 
 
 def test_verified_samples_keep_only_what_the_verifier_accepts():
@@ -13,7 +13,7 @@ def test_verified_samples_keep_only_what_the_verifier_accepts():
     policy = new_tiny_policy("gpt-nano", seed=0)
     task = make_task("arith:1", policy.tokenizer)
     examples = task.examples("train", 16, 0)
-    records, rate = verified_samples(policy, task, examples, k=4, temperature=1.0, max_new_tokens=8, seed=0)
+    records, rate = accepted_samples(policy, task, examples, k=4, temperature=1.0, max_new_tokens=8, seed=0)
     assert all(task.score(r["completion"], e) >= 1.0 for r in records for e in examples if e["prompt"] == r["prompt"])
     assert 0.0 <= rate <= 1.0 and len(records) <= 16
 

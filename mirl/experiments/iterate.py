@@ -27,7 +27,7 @@ from ..options import ConfigError
 from ..recipes import grpo, sft
 from ..recipes.common import build_policy
 from ..recipes.run import Result
-from ..rollout.score import completions
+from ..rollout.pairs import verified_samples
 
 
 @dataclass
@@ -60,22 +60,23 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-def verified_samples(policy, task, examples: list[dict], *, k: int, temperature: float, max_new_tokens: int, seed: int):
+def accepted_samples(policy, task, examples: list[dict], *, k: int, temperature: float, max_new_tokens: int, seed: int):
     """Rejection sampling: k responses per example, the first the task's verifier accepts ->
     ([{'prompt', 'completion'}], the fraction of all samples accepted)."""
-    outs = completions(
-        policy,
-        [e["prompt"] for e in examples],
-        max_new_tokens=max_new_tokens,
-        samples=k,
-        temperature=temperature,
-        batch_size=max(1, 64 // k),
-        seed=seed,
-    )
     success = getattr(task, "success_threshold", 1.0)
+    split = verified_samples(
+        policy,
+        task,
+        examples,
+        k=k,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=max(1, 64 // k),
+        threshold=success,
+    )
     records, accepted = [], 0
-    for i, (e, samples) in enumerate(zip(examples, outs)):
-        good = [s for s in samples if task.score(s, e) >= success]
+    for i, (e, (good, _, _)) in enumerate(zip(examples, split)):
         accepted += len(good)
         if good:
             records.append({"prompt": e["prompt"], "completion": good[0], "where": f"round sample {i}"})
@@ -151,7 +152,7 @@ def round_samples(policy, task, cfg: Config, r: int, folder: Path) -> tuple[list
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{path}: cannot read the round's verified samples ({e})") from e
     examples = task.examples("train", cfg.n_prompts, cfg.seed + 1000 * r)
-    records, rate = verified_samples(
+    records, rate = accepted_samples(
         policy,
         task,
         examples,

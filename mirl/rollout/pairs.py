@@ -11,6 +11,41 @@ import random
 from ..rollout.score import completions
 
 
+def verified_samples(
+    policy,
+    task,
+    examples: list[dict],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    threshold: float = 1.0,
+) -> list[tuple[list[str], list[str], int]]:
+    """The one "sample K, verify, split" step: k responses per example (batch_size rows per generation batch),
+    each scored by the task's verifier -> per example (the responses scoring >= threshold, the others that are
+    not empty, the number of empty responses: never a rejected one, counted instead)."""
+    images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+    samples = completions(
+        policy,
+        [e["prompt"] for e in examples],
+        max_new_tokens=max_new_tokens,
+        samples=k,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        images=images,
+    )
+    out = []
+    for ex, outs in zip(examples, samples):
+        scores = [task.score(o, ex) for o in outs]
+        good = [o for o, s in zip(outs, scores) if s >= threshold]
+        bad = [o for o, s in zip(outs, scores) if s < threshold and o.strip()]
+        out.append((good, bad, sum(1 for o in outs if not o.strip())))
+    return out
+
+
 def sample_pairs(
     policy,
     task,
@@ -27,22 +62,19 @@ def sample_pairs(
     if k < 2:
         raise ValueError(f"sampling preference pairs needs k >= 2 samples per prompt, got {k}")
     rng = random.Random(seed)
-    images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
-    samples = completions(
+    split = verified_samples(
         policy,
-        [e["prompt"] for e in examples],
-        max_new_tokens=max_new_tokens,
-        samples=k,
+        task,
+        examples,
+        k=k,
         temperature=temperature,
-        batch_size=max(1, batch_size // k),
+        max_new_tokens=max_new_tokens,
         seed=seed,
-        images=images,
+        batch_size=max(1, batch_size // k),
     )
     pairs, all_correct, all_wrong, n_correct, empty = [], 0, 0, 0, 0
-    for i, (ex, outs) in enumerate(zip(examples, samples)):
-        empty += sum(1 for o in outs if not o.strip())  # never a rejected response: counted instead
-        good = [o for o in outs if task.score(o, ex) >= 1.0]
-        bad = [o for o in outs if task.score(o, ex) < 1.0 and o.strip()]
+    for i, (ex, (good, bad, n_empty)) in enumerate(zip(examples, split)):
+        empty += n_empty
         n_correct += len(good)
         if not good:
             all_wrong += 1
