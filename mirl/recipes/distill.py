@@ -36,7 +36,8 @@ from .common import (
     prompt_options,
     reward_model_note,
 )
-from .run import Cadence, Result, Run, end_of_run, end_of_step, held_out_evaluator, resume_state, setup
+from .held_out import held_out_evaluator
+from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
 
 
 @dataclass

@@ -58,13 +58,13 @@ from .common import (
     policy_options,
     prompt_options,
 )
+from .held_out import held_out_evaluator
 from .run import (
     Cadence,
     Result,
     Run,
     end_of_run,
     end_of_step,
-    held_out_evaluator,
     resume_state,
     setup,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -275,6 +275,29 @@ class Run:
         return self.start + len(self.history)
 
 
+def open_run(cfg, *, desc: str, show: tuple[str, ...], start: int = 0, evals: list | None = None) -> Run:
+    """The Run of a recipe's Config, from its options: the cadence (every recipe saves every N steps and may stop
+    at a step; --eval-every, --eval-every-s and --time-budget-s where the recipe has them; no resumable
+    checkpoint under --fsdp), the trackers and the config they record."""
+    has = {f.name for f in fields(cfg)}
+    optional = {k: getattr(cfg, k) for k in ("eval_every", "eval_every_s", "time_budget_s") if k in has}
+    cadence = Cadence(
+        cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not getattr(cfg, "fsdp", False), **optional
+    )
+    return Run(
+        cfg.out_dir,
+        cadence,
+        desc=desc,
+        show=show,
+        resume=cfg.resume,
+        start=start,
+        evals=evals,
+        report_to=cfg.report_to,
+        log_every=cfg.log_every,
+        config=asdict(cfg),
+    )
+
+
 def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate=None) -> bool:
     """The tail of every recipe's step, the same in all: the step's time, a held-out evaluation when due
     (rank 0; evaluate(step) -> accuracy), the history and the metrics log, a checkpoint when due
@@ -353,36 +376,11 @@ def end_of_run(
     if run.main and run.evals:
         (run.out_dir / "evals.json").write_text(json.dumps(run.evals, indent=1))  # every held-out evaluation
     if run.main and report:
+        from .held_out import write_samples_and_report
+
         write_samples_and_report(run.out_dir, policy, task, examples, max_new_tokens=max_new_tokens)
     dist.barrier()
     return {"steps": run.steps, "train_seconds": run.train_seconds(), "evals": run.evals}
-
-
-def held_out_evaluator(policy, task, test, *, run: Run | None, evals: list | None = None, max_new_tokens: int):
-    """evaluate(step, label=None) -> greedy held-out accuracy, recorded in run.evals (or `evals` before the
-    run exists); None when there is no held-out set."""
-    if not test:
-        return None
-
-    def evaluate(step: int, label: str | None = None) -> float:
-        done = run.evals if run is not None else evals
-        if done and done[-1]["step"] == step and step > 0:  # evaluated at this step already (--eval-every)
-            console.print(
-                f"held-out accuracy {label or f'at step {step}'}: {done[-1]['accuracy']:.3f} (as at step {step})"
-            )
-            return done[-1]["accuracy"]
-        return held_out_accuracy(
-            policy,
-            task,
-            test,
-            max_new_tokens=max_new_tokens,
-            evals=run.evals if run is not None else evals,
-            step=step,
-            label=label or f"at step {step}",
-            run=run,
-        )
-
-    return evaluate
 
 
 def resume_state(out_dir, policy, optimizer, generator=None, extras: dict | None = None) -> tuple[int, list]:
@@ -404,60 +402,3 @@ def resume_state(out_dir, policy, optimizer, generator=None, extras: dict | None
         extras.update({k: state[k] for k in extras if k in state})
     console.print(f"resumed from {out_dir}/checkpoint at step {state['step']}")
     return state["step"], state.get("evals", [])
-
-
-def held_out_accuracy(
-    policy, task, test, *, max_new_tokens: int, evals: list, step: int, label: str, run: Run | None = None
-) -> float:
-    """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
-    samples drawn so far and the evaluation's own seconds) and printed. run None: before training."""
-    import time
-
-    from ..eval import evaluate
-
-    t0 = time.perf_counter()
-    train_s = 0.0 if run is None else run.train_seconds()
-    res = evaluate(policy, task, test, max_new_tokens=max_new_tokens)
-    acc = res.accuracy
-    # an evaluation before training (run None) is outside the training clock: nothing to subtract
-    evals.append(
-        {
-            "step": step,
-            "accuracy": acc,
-            "mean_score": res.mean_score,
-            "train_s": train_s,
-            "samples": 0 if run is None else run.samples,
-            "tokens": 0 if run is None else run.tokens,
-            "eval_s": 0.0 if run is None else time.perf_counter() - t0,
-            **(res.details or {}),
-        }
-    )
-    console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
-    return acc
-
-
-def write_samples_and_report(
-    out_dir, policy, task=None, examples: list[dict] | None = None, *, max_new_tokens: int, n_samples: int = 8
-) -> None:
-    """End of a run (rank 0): <out_dir>/samples.jsonl gets the greedy completions of a few held-out prompts with
-    their task score (or of the first training prompts when there is no task), after the rollouts that
-    --log-completions logged; then the report page."""
-    from ..report import write_report
-    from ..rollout.score import completions
-
-    examples = (examples or [])[:n_samples]
-    if examples:
-        images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
-        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
-        with open(Path(out_dir) / "samples.jsonl", "a") as f:  # after the rollouts logged during the run
-            for e, o in zip(examples, outs):
-                score = task.score(o[0], e) if task is not None else None
-                row = {
-                    "kind": "held-out",
-                    "prompt": e.get("question") or e["prompt"],
-                    "completion": o[0],
-                    "reward": score,
-                    "reference": e.get("solution") or e.get("chosen"),
-                }
-                f.write(json.dumps(row) + "\n")
-    console.print(f"report: {write_report([out_dir])}")

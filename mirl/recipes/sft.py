@@ -32,13 +32,13 @@ from .common import (
     policy_options,
     report_skips,
 )
+from .held_out import held_out_accuracy
 from .run import (
     Cadence,
     Result,
     Run,
     end_of_run,
     end_of_step,
-    held_out_accuracy,
     setup,
 )
 
