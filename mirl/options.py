@@ -228,7 +228,7 @@ def _get(cfg, name: str, default=None):
 
 def _corrects(cfg) -> bool:
     """Whether --is-correction reweights anything: token or sequence, or auto with an engine other than mirl's
-    own sampler (recipes/common.py: correction_level)."""
+    own sampler (recipes/common.py: rollout_corrector)."""
     level = _get(cfg, "is_correction", "none")
     return level in ("token", "sequence") or (level == "auto" and _get(cfg, "engine", "local") != "local")
 
@@ -313,6 +313,13 @@ def check_combinations(cfg) -> None:
             f"--entropy-coef {cfg.entropy_coef!r} is above --entropy-coef-max {cfg.entropy_coef_max!r}: with "
             "--entropy-target the coefficient starts at --entropy-coef and is kept at most --entropy-coef-max"
         )
+    if _get(cfg, "kl_target", 0) > 0 and (cfg.beta <= 0 or _get(cfg, "kl_schedule", "constant") != "constant"):
+        raise ConfigError(
+            f"--kl-target {cfg.kl_target!r} (the adaptive KL controller) needs --beta > 0 (its starting value)"
+            + (" and --kl-schedule constant" if hasattr(cfg, "kl_schedule") else "")
+        )
+    if _get(cfg, "noisy_rollout", 0) > 0 and _get(cfg, "engine", "local") != "local":
+        raise ConfigError("--noisy-rollout samples from perturbed pixels: it needs --engine local")
     if recipe == "eval" and cfg.k == 1:
         for name in ("n_samples", "temperature"):
             if getattr(cfg, name) != defaults[name]:

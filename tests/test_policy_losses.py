@@ -533,7 +533,7 @@ def test_step_advantages_map_character_offsets_to_tokens():
 
     from mirl.data.tasks.arith import ArithTask
     from mirl.models.policy import new_tiny_policy
-    from mirl.recipes.grpo import step_advantages
+    from mirl.rollout.groups import step_advantages
     from mirl.rollout.sample import left_pad
 
     tok = new_tiny_policy("gpt-nano", seed=0).tokenizer  # one token per character
@@ -728,7 +728,7 @@ def test_step_advantages_give_the_eos_token_the_answers_advantage():
 
     from mirl.data.tasks.arith import ArithTask
     from mirl.models.policy import new_tiny_policy
-    from mirl.recipes.grpo import step_advantages
+    from mirl.rollout.groups import step_advantages
 
     tok = new_tiny_policy("gpt-nano", seed=0).tokenizer
     texts = ["7+5=12,4+8+1=13|132", "7+5=12,4+8=12|122"]

@@ -416,8 +416,10 @@ def test_dynamic_sampling_filters_groups_before_the_batch_statistics(opts, want,
     batch = SimpleNamespace(response_mask=torch.ones(4, 1, dtype=torch.long))
     sb = SimpleNamespace(rewards=rewards, per_fn=rewards[:, None], batch=batch)
     groups = SimpleNamespace(rounds=[(sb, torch.tensor([False, True]))])
-    cfg = grpo.Config(group_size=2, dynamic_sampling=True, **opts)
-    rows, adv = grpo.advantages(cfg, groups, torch.ones(1))
+    from mirl.rollout.groups import group_advantages
+
+    settings = {"estimator": opts.get("advantage", "group"), "scale": opts.get("scale_rewards", "group")}
+    rows, adv = group_advantages(groups, torch.ones(1), group_size=2, dynamic=True, **settings)
     assert [i for _, i in rows] == [2, 3]
     torch.testing.assert_close(adv, torch.tensor([want, -want]), atol=1e-4, rtol=0)
     assert abs(float(adv[0]) - old) > 0.1

@@ -3,6 +3,7 @@ prompts and rewards of the online recipes, FSDP2 checks and gathering, saving. (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -252,9 +253,27 @@ def gathered_policy(policy, cfg):
     return plain.to(cfg.device)
 
 
-def correction_level(is_correction: str, engine: str) -> str:
-    """--is-correction's level: auto is sequence for an engine whose log-probs are not the trainer's (vllm) and
-    none for mirl's own sampler (its log-probs are the policy's, up to the cache's float rounding)."""
-    if is_correction == "auto":
-        return "sequence" if engine != "local" else "none"
-    return is_correction
+def policy_loss_of(cfg, **fixed):
+    """The run's PolicyLoss (losses/policy.py) from a Config's options: --policy-loss with its own options, and
+    those of --clip-eps, --clip-eps-high, --importance, --loss-agg, --kl-estimator the recipe has (--max-new-tokens:
+    dr_grpo's constant); fixed: what the recipe fixes instead (ppo: loss_agg="bnpo")."""
+    from ..losses.policy import TERM_OPTIONS, PolicyLoss, term_options
+
+    own = term_options(cfg.policy_loss, **{k: getattr(cfg, k) for k in TERM_OPTIONS})
+    has = {f.name for f in dataclasses.fields(cfg)}
+    settings = {k: getattr(cfg, k) for k in ("clip_eps", "importance", "loss_agg", "kl_estimator") if k in has}
+    settings["clip_eps_high"] = getattr(cfg, "clip_eps_high", 0.0) or None
+    return PolicyLoss(cfg.policy_loss, own, **settings, max_completion_length=cfg.max_new_tokens, **fixed)
+
+
+def rollout_corrector(is_correction: str, engine: str, mode: str, cap: float):
+    """--is-correction as a function built once: correct(trainer logps, sampler logps, mask) -> (weights,
+    statistics) (losses/policy.py: rollout_correction), or None when off. auto is sequence for an engine whose
+    log-probs are not the trainer's (vllm) and none for mirl's own sampler (its log-probs are the policy's, up to
+    the cache's float rounding)."""
+    from functools import partial
+
+    from ..losses.policy import rollout_correction
+
+    level = ("sequence" if engine != "local" else "none") if is_correction == "auto" else is_correction
+    return None if level == "none" else partial(rollout_correction, level=level, mode=mode, cap=cap)

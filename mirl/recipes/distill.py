@@ -11,33 +11,30 @@ trained on.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import save_checkpoint
-from ..data.collate import batch_indices
 from ..device import autocast, phase, place_frozen
 from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
 from ..models.policy import load_policy
-from ..optim import Schedule, make_optimizer, optimizer_step
+from ..optim import optimizer_step
 from ..options import ConfigError
-from ..rollout.sample import row_seeds
-from ..rollout.score import pack_rows, rollout_and_score
+from ..rollout.score import pack_rows
 from .common import (
     build_policy,
     check_fsdp,
-    gathered_policy,
     load_prompts,
     policy_options,
     prompt_options,
     reward_model_note,
 )
 from .held_out import held_out_evaluator
-from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
+from .rl import finish_loop, sample_step, start_loop
+from .run import Result, end_of_step, setup
 
 
 @dataclass
@@ -178,62 +175,33 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
     teacher = place_frozen(teacher, policy.device, cfg.dtype)
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="distill")
     world = dist.world_size()
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
     teacher_eval = []
     if dist.is_main() and test and not cfg.resume:
         held_out_evaluator(teacher, task, test, run=None, evals=teacher_eval, max_new_tokens=cfg.max_new_tokens)(
             0, "teacher"
         )
-        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
-            0, "student before distillation"
-        )
-    if cfg.fsdp and world > 1:
-        dist.wrap(policy, fsdp=True)
-        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
 
-    # ---- derived values: the schedule, when to save, evaluate and stop --------------------------------
-    seeded = cfg.row_seeded_sampling or world > 1
-    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    cadence = Cadence(
-        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
-    )
-    run = Run(
-        cfg.out_dir,
-        cadence,
+    # ---- derived values: the schedule, the run ------------------------------------------------------------
+    loop = start_loop(
+        cfg,
+        policy,
+        task,
+        test,
         desc="distill",
         show=("divergence", "reward/mean"),
-        resume=cfg.resume,
-        start=start,
-        evals=evals,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
+        before="student before distillation",
+        optimizer_steps=cfg.steps,
+        row_seeded=cfg.row_seeded_sampling,
     )
-    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
-    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
+    run = loop.run
+    sampling = dict(prompts_per_step=cfg.prompts_per_step, seed=cfg.seed, group_size=cfg.samples_per_prompt,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
 
     # ---- training loop -----------------------------------------------------------------------------
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         # -- the student samples this rank's share of the global batch
-        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
-        mine = dist.shard(list(range(len(idx))))
-        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.samples_per_prompt, cfg.max_new_tokens)):
-            sb = rollout_and_score(
-                policy,
-                [data[idx[i]] for i in mine],
-                reward_set,
-                group_size=cfg.samples_per_prompt,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                generator=gen,
-                seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
-            )
-        run.count_samples(sb)
-        run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
+        sb, _ = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions, **sampling)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- the divergence to the teacher on the student's tokens, a token mean over all ranks' tokens
         t_up = time.perf_counter()
@@ -249,7 +217,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
                 global_count=n_tokens,
             )
             loss.backward()
-        grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
+        grad_norm, lr = optimizer_step(policy, loop.optimizer, step, loop.schedule, sync_grads=True)
         rmask = batch.resp_mask.float()
         row = {
             **{k: dist.all_mean(v) for k, v in sb.metrics.items()},
@@ -264,21 +232,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             "time/generation_s": sb.gen_s,
             "time/update_s": time.perf_counter() - t_up,
         }
-        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
+        if end_of_step(run, step + 1, row, t_step=t0, save=loop.save, evaluate=loop.evaluate):
             break
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    summary = end_of_run(
-        run,
-        policy,
-        merged=not cfg.save_adapter_only,
-        report=cfg.report,
-        task=task,
-        examples=test or data,
-        max_new_tokens=cfg.max_new_tokens,
-        evaluate=final_eval and (lambda: final_eval(run.steps, "student after distillation")),
-    )
-    summary.update({"teacher_evals": teacher_eval, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="student after distillation")
+    summary.update({"teacher_evals": teacher_eval, "reward_faults": reward_set.faults})
     return Result(policy, run.history, summary)

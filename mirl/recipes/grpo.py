@@ -21,53 +21,33 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .. import distributed as dist
-from ..advantages import RoundRewards, outcome_advantages, process_advantages
-from ..checkpoint import save_checkpoint
 from ..device import phase
 from ..logging import console
 from ..logps import response_logps
-from ..losses.policy import (
-    TERM_OPTIONS,
-    EntropyCoef,
-    KLCoef,
-    PolicyLoss,
-    rollout_correction,
-    term_options,
-    top_entropy_mask,
-)
+from ..losses.policy import EntropyCoef, KLCoef, PolicyLoss, top_entropy_mask
 from ..losses.reduce import masked_reduce
-from ..models.tokenizer import tokens_at_chars
-from ..optim import Schedule, make_optimizer, optimizer_step
+from ..optim import Schedule, optimizer_step
 from ..options import ConfigError
-from ..rollout.engine import make_engine
-from ..rollout.groups import NoisyRollout, sample_groups
+from ..rollout.groups import NoisyRollout, group_advantages, sample_groups, step_rewards
 from ..rollout.prompts import PromptSampler
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
     check_fsdp,
-    correction_level,
     frozen_reference,
-    gathered_policy,
     load_prompts,
+    policy_loss_of,
     policy_options,
     prompt_options,
+    rollout_corrector,
 )
-from .held_out import held_out_evaluator
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    resume_state,
-    setup,
-)
+from .rl import Passes, finish_loop, start_loop
+from .run import Result, end_of_step, setup
 
 
 @dataclass
@@ -172,90 +152,38 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-def minibatch_seed(seed: int, step: int, pass_: int) -> int:
-    """The seed of the minibatch permutation of pass `pass_` over step `step`'s batch."""
-    return seed + step * 131 + pass_
-
-
-def step_advantages(task, sb, group_size: int, tokenizer, baseline: str = "position") -> torch.Tensor:
-    """Token advantages (B, R) of a scored rollout from the task's step verifier (step_scores: each step's end
-    in characters and its reward), the character offsets mapped to response tokens; the tokens after the last step
-    (EOS, text after the answer) take the answer step's advantage."""
-    rewards, ends = [], []
-    lengths = sb.batch.response_mask.sum(1).tolist()  # (responses are right-padded: the first n tokens)
-    for text, example, ids, n in zip(sb.batch.texts, sb.examples, sb.batch.response_ids.tolist(), lengths):
-        steps = task.step_scores(text, example)
-        ends.append(tokens_at_chars(tokenizer, ids[:n], [e for e, _ in steps]))
-        rewards.append([r for _, r in steps])
-    width = sb.batch.response_ids.shape[1]
-    device = sb.batch.response_ids.device
-    return process_advantages(rewards, ends, group_size, width, baseline=baseline, lengths=lengths, device=device)
-
-
-def advantages(cfg: Config, groups, weights: torch.Tensor, steps=None) -> tuple[list, torch.Tensor]:
-    """The rows trained on (with dynamic sampling: the groups with signal of every round, dropped *before* any
-    batch statistics, as veRL's DAPO) and their group-normalised, RLOO, REINFORCE++ or GDPO advantages (weights:
-    the reward functions', for GDPO), over those rows together; or token advantages from step rewards (steps: a
-    function of a scored rollout -> (B, R), per group). -> (rows [(rollout, index)], advantages (B,) or (B, R))."""
-    rows, rewards, per_fn, lengths, token_adv = [], [], [], [], []
-    for sb, signal in groups.rounds:
-        n = len(sb.rewards)
-        every = torch.ones(n, dtype=torch.bool, device=sb.rewards.device)
-        keep = signal.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else every
-        rows += [(sb.batch, i) for i in torch.nonzero(keep).flatten().tolist()]
-        if steps is not None:
-            token_adv += list(steps(sb).float()[keep])
-        else:
-            rewards.append(sb.rewards[keep])
-            per_fn.append(sb.per_fn[keep])
-            lengths.append(sb.batch.response_mask.sum(1)[keep])
-    if steps is not None:  # rounds of different response widths padded to the longest
-        width = max((len(x) for x in token_adv), default=0)
-        token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
-        return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0, device=sb.rewards.device))
-    kept = RoundRewards(
-        torch.cat(rewards), torch.cat(per_fn), weights, torch.cat(lengths), cfg.group_size, cfg.scale_rewards
-    )
-    return rows, outcome_advantages(cfg.advantage, kept).float()
-
-
 def grpo_update(
     policy,
     optimizer,
     batch: UpdateBatch,
     adv,
     *,
-    cfg: Config,
     loss_fn: PolicyLoss,
+    passes: Passes,
     step: int,
-    beta: float,
-    ref_model,
     schedule: Schedule,
+    beta: float = 0.0,
+    ref_model=None,
     entropy_coef: float = 0.0,
+    correct=None,
+    mask_truncated: bool = False,
+    top_entropy_quantile: float = 1.0,
 ) -> tuple[dict, float]:
-    """num_iterations passes over the batch, each in `minibatches` optimizer steps of the clipped surrogate
-    (+ beta KL to the reference, whose log-probs are taken once; - entropy_coef x the mean token entropy over
-    every rank's response tokens; the policy term on the top-entropy quantile of every rank's tokens only, with
-    --top-entropy-quantile). -> (metrics averaged over the optimizer steps, the last lr)."""
+    """`passes` over the batch (Passes: passes x minibatches optimizer steps) of the policy loss (+ beta KL to the
+    reference, whose log-probs are taken once; - entropy_coef x the mean token entropy over every rank's response
+    tokens; the policy term on the top_entropy_quantile of every rank's tokens only). correct(trainer logps,
+    sampler logps, mask): the rollout correction's weights and statistics (None: off). mask_truncated: no loss on
+    truncated responses. -> (metrics averaged over the optimizer steps, the last lr)."""
+    t, bf16 = passes.temperature, passes.bf16
     ref_logps = None
     if ref_model is not None and beta > 0:
         with torch.no_grad(), phase("reference", step + 1, batch.ids.shape):
             ref_logps, _ = response_logps(
-                ref_model,
-                batch.ids,
-                batch.attn,
-                batch.n_resp,
-                cfg.temperature,
-                bf16=cfg.bf16,
-                images=batch.row_images(),
+                ref_model, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16, images=batch.row_images()
             )
-    world, b, n_opt = dist.world_size(), len(batch), cfg.num_iterations * cfg.minibatches
-    loss_mask = batch.resp_mask * (~batch.truncated).unsqueeze(1) if cfg.mask_truncated else batch.resp_mask
+    world, b, n_opt = dist.world_size(), len(batch), passes.optimizer_steps
+    loss_mask = batch.resp_mask * (~batch.truncated).unsqueeze(1) if mask_truncated else batch.resp_mask
     old_logps = batch.old_logps
-    level = correction_level(cfg.is_correction, cfg.engine)
-    correct = lambda trainer, rows: rollout_correction(
-        trainer, batch.old_logps[rows], loss_mask[rows], level=level, mode=cfg.is_mode, cap=cfg.is_cap
-    )
     if n_opt > 1:
         # "old" log-probs for later passes are recomputed as the update computes them (softmax(logits / T),
         # one full forward), as TRL and veRL do: the sampler's record is of the top-k/top-p-renormalised
@@ -263,78 +191,69 @@ def grpo_update(
         # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
         with torch.no_grad():
             old_logps, _ = response_logps(
-                policy, batch.ids, batch.attn, batch.n_resp, cfg.temperature, bf16=cfg.bf16, images=batch.row_images()
+                policy, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16, images=batch.row_images()
             )
-    agg_global = dist.all_sum(float(loss_mask.sum())) if cfg.loss_agg == "dapo" else None
+    agg_global = dist.all_sum(float(loss_mask.sum())) if loss_fn.loss_agg == "dapo" else None
     stats: dict[str, float] = {}
-    for it in range(cfg.num_iterations):
-        # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-        seed = minibatch_seed(cfg.seed, step, it)
-        for j, mb in enumerate(dist.minibatches(b, cfg.minibatches, seed, batch.ids.device)):
-            # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
-            # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-            fwd = mb if len(mb) else torch.arange(1, device=mb.device)
-            lp, ent = response_logps(
-                policy,
-                batch.ids[fwd],
-                batch.attn[fwd],
-                batch.n_resp,
-                cfg.temperature,
-                with_entropy=True,
-                bf16=cfg.bf16,
-                images=batch.row_images(fwd),
-                entropy_grad=entropy_coef > 0,
-            )
-            anchor = lp.sum() * 0.0
-            lp, ent = lp[: len(mb)], ent[: len(mb)]
-            old = lp.detach() if it == 0 and cfg.minibatches == 1 else old_logps[mb]
-            # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler, from the
-            # trainer's log-probs before this update (the "old" ones)
-            is_weights, is_stats = correct(old, mb) if level != "none" else (None, {})
-            # the 80/20 rule: the policy-gradient term on the minibatch's highest-entropy tokens (of every rank) only
-            pg_mask = top_entropy_mask(ent.detach(), loss_mask[mb], cfg.top_entropy_quantile)
-            lm = loss_mask[mb].to(ent.dtype)
-            # dapo: the generation batch's global token count, shared out over the optimizer steps
-            g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
-            loss, m = loss_fn(
-                lp,
-                old,
-                adv[mb],
-                lm,
-                beta=beta,
-                ref_logps=None if ref_logps is None else ref_logps[mb],
-                global_count=g,
-                is_weights=is_weights,
-                pg_mask=pg_mask if cfg.top_entropy_quantile < 1 else None,
-            )
-            if entropy_coef > 0:  # the bonus, a token mean over every rank's response tokens (with its gradient)
-                loss = loss - entropy_coef * masked_reduce(ent, lm, "token_mean")
-            (loss + anchor).backward()
-            opt_step = (step * cfg.num_iterations + it) * cfg.minibatches + j
-            grad_norm, lr = optimizer_step(policy, optimizer, opt_step, schedule, sync_grads=True)
-            n_tokens = max(1.0, dist.all_sum(float(lm.sum())))  # the minibatch's, over every rank
-            ent_mean = dist.all_sum(float((ent.detach() * lm).sum())) / n_tokens
-            kept = dist.all_sum(float(pg_mask.sum())) / n_tokens
-            for k, v in {
-                "loss": dist.all_sum(loss.item()) / world,
-                "grad_norm": grad_norm,
-                "entropy": ent_mean,
-                "tokens/trained_frac": kept,
-                **{k: float(v) for k, v in m.items()},
-                **is_stats,
-            }.items():
-                stats[k] = stats.get(k, 0.0) + v / n_opt
+    for p, opt_step, mb, fwd in passes(b, step, batch.ids.device):
+        lp, ent = response_logps(
+            policy,
+            batch.ids[fwd],
+            batch.attn[fwd],
+            batch.n_resp,
+            t,
+            with_entropy=True,
+            bf16=bf16,
+            images=batch.row_images(fwd),
+            entropy_grad=entropy_coef > 0,
+        )
+        anchor = lp.sum() * 0.0
+        lp, ent = lp[: len(mb)], ent[: len(mb)]
+        old = lp.detach() if p == 0 and passes.minibatches == 1 else old_logps[mb]
+        # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler, from the
+        # trainer's log-probs before this update (the "old" ones)
+        is_weights, is_stats = correct(old, batch.old_logps[mb], loss_mask[mb]) if correct else (None, {})
+        # the 80/20 rule: the policy-gradient term on the minibatch's highest-entropy tokens (of every rank) only
+        pg_mask = top_entropy_mask(ent.detach(), loss_mask[mb], top_entropy_quantile)
+        lm = loss_mask[mb].to(ent.dtype)
+        # dapo: the generation batch's global token count, shared out over the optimizer steps
+        g = None if agg_global is None else agg_global * dist.all_sum(len(mb)) / (b * world)
+        loss, m = loss_fn(
+            lp,
+            old,
+            adv[mb],
+            lm,
+            beta=beta,
+            ref_logps=None if ref_logps is None else ref_logps[mb],
+            global_count=g,
+            is_weights=is_weights,
+            pg_mask=pg_mask if top_entropy_quantile < 1 else None,
+        )
+        if entropy_coef > 0:  # the bonus, a token mean over every rank's response tokens (with its gradient)
+            loss = loss - entropy_coef * masked_reduce(ent, lm, "token_mean")
+        (loss + anchor).backward()
+        grad_norm, lr = optimizer_step(policy, optimizer, opt_step, schedule, sync_grads=True)
+        n_tokens = max(1.0, dist.all_sum(float(lm.sum())))  # the minibatch's, over every rank
+        ent_mean = dist.all_sum(float((ent.detach() * lm).sum())) / n_tokens
+        kept = dist.all_sum(float(pg_mask.sum())) / n_tokens
+        for k, v in {
+            "loss": dist.all_sum(loss.item()) / world,
+            "grad_norm": grad_norm,
+            "entropy": ent_mean,
+            "tokens/trained_frac": kept,
+            **{k: float(v) for k, v in m.items()},
+            **is_stats,
+        }.items():
+            stats[k] = stats.get(k, 0.0) + v / n_opt
     return stats, lr
 
 
-def group_sampling(cfg: Config, world: int, generator) -> tuple[dict, NoisyRollout | None]:
+def group_sampling(cfg: Config, seeded: bool, generator) -> tuple[dict, NoisyRollout | None]:
     """sample_groups' options for this run (the prompt batches, dynamic sampling, the sampler's settings) and
     the NoisyRollout, if any (the last noisy_rollout x G samples of each group drawn on perturbed images)."""
-    n_noisy = round(cfg.noisy_rollout * cfg.group_size)
+    n_noisy, anneal = round(cfg.noisy_rollout * cfg.group_size), cfg.noise_anneal_steps or cfg.steps
     kinds = tuple(k.strip() for k in cfg.noise_kinds.split(",") if k.strip())
-    anneal = cfg.noise_anneal_steps or cfg.steps
     noisy = NoisyRollout(n_noisy, cfg.noise_strength, anneal, kinds, random.Random(cfg.seed)) if n_noisy else None
-    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
     options = dict(
         prompts_per_step=cfg.prompts_per_step,
         group_size=cfg.group_size,
@@ -353,121 +272,72 @@ def group_sampling(cfg: Config, world: int, generator) -> tuple[dict, NoisyRollo
     return options, noisy
 
 
-def batch_metrics(batch: UpdateBatch, adv: torch.Tensor) -> dict:
-    """The update batch's diagnostics: advantage statistics, response lengths, the truncated fraction."""
-    lengths = batch.resp_mask.sum(1).float()
-    adv = adv[batch.resp_mask.bool()] if adv.dim() == 2 else adv  # token advantages: response tokens only
-    return {
-        "advantages/mean": float(adv.mean()),
-        "advantages/std": float(adv.std()),
-        "advantages/max": float(adv.max()),
-        "advantages/min": float(adv.min()),
-        "completions/mean_length": float(lengths.mean()),
-        "completions/truncated_frac": float(batch.truncated.float().mean()),
-    }
+def check_and_step_rewards(cfg: Config, policy, task, world: int):
+    """The checks that need the loaded policy and task; with --step-rewards the function of a scored rollout ->
+    its token advantages (from the task's step verifier), else None."""
+    if world > 1 and cfg.dynamic_sampling:
+        raise ValueError("--dynamic-sampling under torchrun is not supported yet (ranks would refill unevenly)")
+    if cfg.noisy_rollout and not policy.is_vlm:
+        raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
+    if cfg.step_rewards and cfg.advantage != "group":
+        raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
+    return (
+        step_rewards(task, cfg.task, policy.tokenizer, cfg.group_size, cfg.step_baseline) if cfg.step_rewards else None
+    )
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional prompt records [{'prompt', ...reward columns}]; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
-    if cfg.kl_target > 0 and (cfg.beta <= 0 or cfg.kl_schedule != "constant"):
-        raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 and --kl-schedule constant")
     evaluating = bool(cfg.eval_every or cfg.eval_every_s)
-    check_fsdp(
-        cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating, dynamic_sampling=cfg.dynamic_sampling
-    )
+    check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating,
+               dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="grpo")
     world = dist.world_size()
-    if world > 1 and cfg.dynamic_sampling:
-        raise ValueError("--dynamic-sampling under torchrun is not supported yet (ranks would refill unevenly)")
-    if cfg.noisy_rollout and cfg.engine != "local":
-        raise ConfigError("--noisy-rollout samples from perturbed pixels: it needs --engine local")
-    if cfg.noisy_rollout and not policy.is_vlm:
-        raise ValueError("--noisy-rollout perturbs images: it needs an image+text model and image prompts")
-    steps = None
-    if cfg.step_rewards:
-        if task is None or not hasattr(task, "step_scores"):
-            raise ConfigError(
-                f"--step-rewards needs a task with a step verifier (the compact arith tasks); {cfg.task!r} "
-                "has none (a chat-template task is scored on its prose answer)"
-            )
-        if cfg.advantage != "group":
-            raise ConfigError("--step-rewards makes its own token advantages: use --advantage group (the default)")
-        steps = lambda sb: step_advantages(task, sb, cfg.group_size, policy.tokenizer, cfg.step_baseline)
+    steps = check_and_step_rewards(cfg, policy, task, world)
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    # the KL and entropy coefficients over the run (schedules, adaptive controllers), saved with checkpoints
+    # the KL and entropy coefficients over the run (schedules, adaptive controllers) and the prompt sampler's
+    # pass rates: saved with checkpoints
     kl_coef = KLCoef(cfg.beta, cfg.kl_schedule, cfg.beta_final, cfg.kl_target, cfg.kl_horizon)
     ent_coef = EntropyCoef(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_delta, cfg.entropy_coef_max)
-    saved = {**kl_coef.state(), **ent_coef.state(), "pass_rates": {}}
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, saved) if cfg.resume else (0, [])
-    kl_coef.load(saved)
-    ent_coef.load(saved)
-    sampler = PromptSampler(
-        cfg.prompt_sampler,
-        data,
-        prompts_per_step=cfg.prompts_per_step,
-        seed=cfg.seed,
-        stages=cfg.curriculum_stages,
-        oversample=cfg.pass_rate_oversample,
-    )
-    sampler.load(saved["pass_rates"])  # the tracker's rates at the checkpoint (resume)
-    if dist.is_main() and test and not cfg.resume:
-        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
-            0, "before GRPO"
-        )
-    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
-        dist.wrap(policy, fsdp=True)
-        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    sampler = PromptSampler(cfg.prompt_sampler, data, prompts_per_step=cfg.prompts_per_step, seed=cfg.seed,
+                            stages=cfg.curriculum_stages, oversample=cfg.pass_rate_oversample)  # fmt: skip
 
-    # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
-    groups_of, noisy = group_sampling(cfg, world, gen)
-    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
-    optimizer_steps = cfg.steps * cfg.num_iterations * cfg.minibatches  # the learning-rate schedule's length
-    schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    own = {k: getattr(cfg, k) for k in TERM_OPTIONS}  # the term's own options among them (losses/policy.py)
-    loss_fn = PolicyLoss(
-        cfg.policy_loss,
-        term_options(cfg.policy_loss, **own),
-        cfg.clip_eps,
-        cfg.clip_eps_high or None,
-        cfg.importance,
-        cfg.loss_agg,
-        cfg.kl_estimator,
-        cfg.max_new_tokens,
-    )
-    cadence = Cadence(
-        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
-    )
-    show = ("reward/mean", "kl")
-    run = Run(
-        cfg.out_dir,
-        cadence,
+    # ---- derived values: the loss, the passes, the schedule over all optimizer steps, the run ---------------
+    passes = Passes(cfg.num_iterations, cfg.minibatches, cfg.seed, 131, cfg.temperature, cfg.bf16)
+    loop = start_loop(
+        cfg,
+        policy,
+        task,
+        test,
         desc="grpo",
-        show=show,
-        resume=cfg.resume,
-        start=start,
-        evals=evals,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
+        show=("reward/mean", "kl"),
+        before="before GRPO",
+        optimizer_steps=cfg.steps * passes.optimizer_steps,
+        keep=(kl_coef, ent_coef, sampler),
+        engine=cfg.engine,
+        vllm_memory=cfg.vllm_memory,
+        row_seeded=cfg.row_seeded_sampling,
     )
-    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {
-        "gen_rng": gen.get_state().tolist(),
-        "evals": run.evals,
-        "pass_rates": sampler.state(),
-        **kl_coef.state(),
-        **ent_coef.state(),
-    }
-    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
+    run, engine = loop.run, loop.engine
+    groups_of, noisy = group_sampling(cfg, loop.seeded, loop.generator)
+    update_options = dict(
+        loss_fn=policy_loss_of(cfg),
+        passes=passes,
+        schedule=loop.schedule,
+        ref_model=ref_model,
+        correct=rollout_corrector(cfg.is_correction, cfg.engine, cfg.is_mode, cfg.is_cap),
+        mask_truncated=cfg.mask_truncated,
+        top_entropy_quantile=cfg.top_entropy_quantile,
+    )
+    advantage_options = dict(estimator=cfg.advantage, group_size=cfg.group_size, scale=cfg.scale_rewards,
+                             dynamic=cfg.dynamic_sampling, steps=steps)  # fmt: skip
     skipped = {"zero_signal_groups": 0, "refill_rounds": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         progress = run.progress(step)  # steps or seconds, whichever ends the run: the curriculum and KL schedules
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
@@ -481,12 +351,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         skipped["zero_signal_groups"] += groups.zero_signal
         skipped["refill_rounds"] += groups.refills
         # -- advantages, then the update: num_iterations passes x minibatches
-        rows, adv = advantages(cfg, groups, reward_set.weights, steps)
-        row = {
-            **groups.metrics,
-            **sampler.metrics(progress),
-            "skipped_step": float(not rows),
-        }  # no rows: every group's rewards were equal
+        rows, adv = group_advantages(groups, reward_set.weights, **advantage_options)
+        # no rows: every group's rewards were equal
+        row = {**groups.metrics, **sampler.metrics(progress), "skipped_step": float(not rows)}
         if rows:
             batch = pack_rows(rows, policy.tokenizer.pad_token_id)
             adv = adv[:, : batch.n_resp] if adv.dim() == 2 else adv  # token advantages: the response area
@@ -495,22 +362,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             engine.sleep()  # a colocated engine frees its device memory for the update
             with phase("update", step + 1, batch.ids.shape):
                 stats, lr = grpo_update(
-                    policy,
-                    optimizer,
-                    batch,
-                    adv,
-                    cfg=cfg,
-                    loss_fn=loss_fn,
-                    step=step,
-                    beta=beta,
-                    ref_model=ref_model,
-                    schedule=schedule,
-                    entropy_coef=bonus_coef,
+                    policy, loop.optimizer, batch, adv, step=step, beta=beta, entropy_coef=bonus_coef, **update_options
                 )
             row.update(
                 {
                     **stats,
-                    **batch_metrics(batch, adv),
+                    **batch.metrics(adv),
                     "lr": lr,
                     "beta": beta,
                     "entropy_coef": ent_now,
@@ -530,25 +387,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             if ent_coef.adaptive:  # adaptive entropy control, on this update's mean entropy (all ranks)
                 ent_coef.update(dist.all_mean(stats["entropy"]))
             row.update({k: dist.all_mean(v) for k, v in groups.metrics.items()})  # reward statistics, all ranks
-        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
+        if end_of_step(run, step + 1, row, t_step=t0, save=loop.save, evaluate=loop.evaluate):
             break
 
-    engine.close()
-
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    summary = end_of_run(
-        run,
-        policy,
-        merged=not cfg.save_adapter_only,
-        report=cfg.report,
-        task=task,
-        examples=test or data,
-        max_new_tokens=cfg.max_new_tokens,
-        evaluate=final_eval and (lambda: final_eval(run.steps, "after GRPO")),
-    )
+    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after GRPO")
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
-    summary.update({"skips": skipped, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    summary.update({"skips": skipped, "reward_faults": reward_set.faults})
     return Result(policy, run.history, summary)

@@ -13,40 +13,27 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import save_checkpoint
-from ..data.collate import batch_indices
 from ..device import phase
 from ..logging import console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
-from ..optim import Schedule, make_optimizer, optimizer_step
-from ..rollout.engine import make_engine
-from ..rollout.sample import row_seeds
-from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
+from ..optim import optimizer_step
+from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
     check_fsdp,
     frozen_reference,
-    gathered_policy,
     load_prompts,
     policy_options,
     prompt_options,
 )
-from .held_out import held_out_evaluator
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    resume_state,
-    setup,
-)
+from .rl import finish_loop, sample_step, start_loop
+from .run import Result, end_of_step, setup
 
 
 @dataclass
@@ -191,58 +178,33 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="online")
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype)
-    optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen) if cfg.resume else (0, [])
-    if dist.is_main() and test and not cfg.resume:
-        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
-            0, f"before online {cfg.loss}"
-        )
-    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
-        dist.wrap(policy, fsdp=True)
-        optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)
 
-    # ---- derived values: the schedule, when to save, evaluate and stop ------------------------------------
-    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
-    sampling = dict(
-        group_size=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen
-    )
-    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
-    sampling["engine"] = engine
-    schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    cadence = Cadence(
-        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
-    )
-    name, show = f"online {cfg.loss}", ("reward/mean",)
-    run = Run(
-        cfg.out_dir,
-        cadence,
+    # ---- derived values: the schedule, the run ------------------------------------------------------------
+    name = f"online {cfg.loss}"
+    loop = start_loop(
+        cfg,
+        policy,
+        task,
+        test,
         desc=name,
-        show=show,
-        resume=cfg.resume,
-        start=start,
-        evals=evals,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
+        show=("reward/mean",),
+        before=f"before {name}",
+        optimizer_steps=cfg.steps,
+        engine=cfg.engine,
+        vllm_memory=cfg.vllm_memory,
+        row_seeded=cfg.row_seeded_sampling,
     )
-    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals}
-    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra())
+    run, engine = loop.run, loop.engine
+    sampling = dict(prompts_per_step=cfg.prompts_per_step, seed=cfg.seed, group_size=cfg.k,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)  # fmt: skip
     counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
 
     # ---- training loop -----------------------------------------------------------------------------
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score: K samples per prompt of this rank's share of the global batch
-        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
-        mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        seeds = row_seeds(cfg.seed, step, mine, cfg.k) if seeded else None
-        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.k, cfg.max_new_tokens)):
-            sb = rollout_and_score(policy, [data[idx[i]] for i in mine], reward_set, seeds=seeds, **sampling)
-        run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
-        run.count_samples(sb)
+        sb, mine = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions, **sampling)
         # -- outcomes: groups with both a positive and a negative are usable; the others are counted
         outcomes = group_outcomes(sb.rewards, cfg.k, cfg.positive_threshold)
         usable, step_counts = usable_groups(outcomes)
@@ -270,7 +232,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             elif cfg.fsdp and world > 1:  # FSDP2 reduces gradients inside the backward: every rank takes one
                 dummy = pack_rows([(sb.batch, 0)], policy.tokenizer.pad_token_id)
                 (seq_logps(policy, dummy, cfg.bf16).sum() * 0.0).backward()
-            grad_norm, lr = optimizer_step(policy, optimizer, step, schedule, sync_grads=True)
+            grad_norm, lr = optimizer_step(policy, loop.optimizer, step, loop.schedule, sync_grads=True)
             engine.wake()  # (vLLM on CUDA slept through the update)
             engine.sync(policy)  # the next rollout samples from the updated weights
             # each rank's loss carries world / global count: their sum over ranks / world is the global mean
@@ -283,26 +245,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                     "tokens_per_s": n_tokens / (time.perf_counter() - t0),
                 }
             )
-        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
+        if end_of_step(run, step + 1, row, t_step=t0, save=loop.save, evaluate=loop.evaluate):
             break
 
-    engine.close()
-
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)
     console.print(
         f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
     )
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    summary = end_of_run(
-        run,
-        policy,
-        merged=not cfg.save_adapter_only,
-        report=cfg.report,
-        task=task,
-        examples=test or data,
-        max_new_tokens=cfg.max_new_tokens,
-        evaluate=final_eval and (lambda: final_eval(run.steps, f"after online {cfg.loss}")),
-    )
-    summary.update({"groups": counts, "reward_faults": reward_set.faults, "config": asdict(cfg)})
+    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after=f"after {name}")
+    summary.update({"groups": counts, "reward_faults": reward_set.faults})
     return Result(policy, run.history, summary)

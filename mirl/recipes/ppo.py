@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,45 +24,24 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
 from ..advantages import gae, whiten
-from ..checkpoint import save_checkpoint
-from ..data.collate import batch_indices
 from ..device import autocast, phase
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import (
-    TERM_OPTIONS,
-    KLCoef,
-    PolicyLoss,
-    clipped_value_loss,
-    kl_estimate,
-    rollout_correction,
-    term_options,
-)
+from ..losses.policy import KLCoef, PolicyLoss, clipped_value_loss, kl_estimate
 from ..models.heads import ScalarHead
-from ..optim import Schedule, make_optimizer, optimizer_step
-from ..options import ConfigError
-from ..rollout.engine import make_engine
-from ..rollout.sample import row_seeds
-from ..rollout.score import UpdateBatch, pack_rows, rollout_and_score
+from ..optim import Schedule, optimizer_step
+from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
     check_fsdp,
-    correction_level,
     frozen_reference,
-    gathered_policy,
     load_prompts,
+    policy_loss_of,
     policy_options,
     prompt_options,
+    rollout_corrector,
 )
-from .held_out import held_out_evaluator
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    resume_state,
-    setup,
-)
+from .rl import Passes, finish_loop, sample_step, start_loop
+from .run import Result, end_of_step, setup
 
 
 @dataclass
@@ -175,11 +154,6 @@ def _forward(policy, critic, ids, attn, n_resp, temperature, images=None, bf16: 
     return lp, entropy_from_logits(logits), values
 
 
-def minibatch_seed(seed: int, step: int, epoch: int) -> int:
-    """The seed of the minibatch permutation of PPO epoch `epoch` over rollout `step`."""
-    return seed + 7919 * step + epoch
-
-
 @dataclass
 class PPOTargets:
     """What the update trains towards, computed once per rollout without gradient (rollout_targets). Each (B, R)
@@ -196,42 +170,35 @@ class PPOTargets:
 
 
 def rollout_targets(
-    policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, cfg: Config, beta: float
-) -> PPOTargets:
+    policy, critic, ref_model, batch: UpdateBatch, rewards: torch.Tensor, beta: float, *, passes: Passes,
+    kl_estimator: str, gamma: float, lam: float, correct=None,
+) -> PPOTargets:  # fmt: skip
     """Before the update (no gradient): old log-probs and values, the per-token rewards (the score at the last
     token, -beta KL on every token), GAE advantages (whitened) and returns. An unscorable (NaN) response is
     no outcome: its rows leave the loss mask. beta: the KL coefficient of this step (--beta, or the adaptive
-    controller's)."""
-    resp = batch.resp_mask
+    controller's). passes: the update's temperature and bf16. correct: the rollout correction (None: off;
+    common.rollout_corrector)."""
+    t, bf16, resp = passes.temperature, passes.bf16, batch.resp_mask
     loss_mask = resp * (~torch.isnan(rewards)).unsqueeze(1).to(resp.dtype)
     score = torch.nan_to_num(rewards, nan=0.0).float()  # (B,)
     with torch.no_grad():
         old_lp, _, old_values = _forward(
-            policy, critic, batch.ids, batch.attn, batch.n_resp, cfg.temperature, batch.row_images(), bf16=cfg.bf16
+            policy, critic, batch.ids, batch.attn, batch.n_resp, t, batch.row_images(), bf16=bf16
         )
         kl = torch.zeros_like(old_lp)
         if ref_model is not None:
             ref_lp, _ = response_logps(
-                ref_model,
-                batch.ids,
-                batch.attn,
-                batch.n_resp,
-                cfg.temperature,
-                bf16=cfg.bf16,
-                images=batch.row_images(),
+                ref_model, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16, images=batch.row_images()
             )
-            kl = kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * resp
+            kl = kl_estimate(old_lp, ref_lp, kl_estimator) * resp
         token_rewards = -beta * kl
         last = (resp.sum(1) - 1).clamp(min=0)
         token_rewards[torch.arange(len(last), device=last.device), last] += score
-        adv, returns = gae(token_rewards, old_values, resp, cfg.gamma, cfg.lam)
+        adv, returns = gae(token_rewards, old_values, resp, gamma, lam)
         adv = whiten(adv, loss_mask)
-    level = correction_level(cfg.is_correction, cfg.engine)
     is_weights, is_stats = None, {}
-    if level != "none":  # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler
-        is_weights, is_stats = rollout_correction(
-            old_lp, batch.old_logps, loss_mask, level=level, mode=cfg.is_mode, cap=cfg.is_cap
-        )
+    if correct is not None:  # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler
+        is_weights, is_stats = correct(old_lp, batch.old_logps, loss_mask)
     return PPOTargets(old_lp, old_values, adv, returns, loss_mask, kl, is_weights, is_stats)
 
 
@@ -243,53 +210,48 @@ def ppo_update(
     batch: UpdateBatch,
     targets: PPOTargets,
     *,
-    cfg: Config,
     loss_fn: PolicyLoss,
+    passes: Passes,
     step: int,
     schedule: Schedule,
+    vf_coef: float,
+    value_clip: float,
 ) -> tuple[dict, float]:
-    """ppo_epochs passes over the rollout in `minibatches` optimizer steps of the clipped surrogate plus
-    vf_coef x the clipped value loss. -> (metrics averaged over the optimizer steps, the last lr)."""
+    """`passes` over the rollout (Passes: epochs x minibatches optimizer steps) of the policy loss plus vf_coef x
+    the value loss clipped at value_clip. -> (metrics averaged over the optimizer steps, the last lr)."""
     old_lp, old_values, adv = targets.old_logps, targets.old_values, targets.advantages
     returns, loss_mask, is_weights = targets.returns, targets.loss_mask, targets.is_weights
-    world, n_opt, stats = dist.world_size(), cfg.ppo_epochs * cfg.minibatches, {}
-    for ep in range(cfg.ppo_epochs):
-        # minibatches of one permutation of the global batch (the same under torchrun as in one process)
-        seed = minibatch_seed(cfg.seed, step, ep)
-        for j, mb in enumerate(dist.minibatches(len(batch), cfg.minibatches, seed, batch.ids.device)):
-            # torchrun: this rank's part of a minibatch may be empty; it still runs a forward and a backward
-            # (on one row, weight 0) so that FSDP2's and the loss's collectives meet the other ranks'
-            fwd = mb if len(mb) else torch.arange(1, device=mb.device)
-            lp, ent, values = _forward(
-                policy,
-                critic,
-                batch.ids[fwd],
-                batch.attn[fwd],
-                batch.n_resp,
-                cfg.temperature,
-                batch.row_images(fwd),
-                bf16=cfg.bf16,
-            )
-            anchor = (lp.sum() + values.sum()) * 0.0
-            lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
-            pg_loss, m = loss_fn(
-                lp, old_lp[mb], adv[mb], loss_mask[mb], is_weights=None if is_weights is None else is_weights[mb]
-            )
-            v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=cfg.value_clip)
-            loss = pg_loss + cfg.vf_coef * v_loss
-            (loss + anchor).backward()
-            opt_step = (step * cfg.ppo_epochs + ep) * cfg.minibatches + j
-            grad_norm, lr = optimizer_step(both, optimizer, opt_step, schedule, sync_grads=True)
-            mask = loss_mask[mb].float()
-            for k, v in {
-                "loss": dist.all_sum(loss.item()) / world,
-                "policy_loss": pg_loss.item(),
-                "value_loss": v_loss.item(),
-                "grad_norm": grad_norm,
-                "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
-                **{k: float(v) for k, v in m.items()},
-            }.items():
-                stats[k] = stats.get(k, 0.0) + v / n_opt
+    world, n_opt, stats = dist.world_size(), passes.optimizer_steps, {}
+    for _, opt_step, mb, fwd in passes(len(batch), step, batch.ids.device):
+        lp, ent, values = _forward(
+            policy,
+            critic,
+            batch.ids[fwd],
+            batch.attn[fwd],
+            batch.n_resp,
+            passes.temperature,
+            batch.row_images(fwd),
+            bf16=passes.bf16,
+        )
+        anchor = (lp.sum() + values.sum()) * 0.0
+        lp, ent, values = lp[: len(mb)], ent[: len(mb)], values[: len(mb)]
+        pg_loss, m = loss_fn(
+            lp, old_lp[mb], adv[mb], loss_mask[mb], is_weights=None if is_weights is None else is_weights[mb]
+        )
+        v_loss = clipped_value_loss(values, old_values[mb], returns[mb], loss_mask[mb], clip_range=value_clip)
+        loss = pg_loss + vf_coef * v_loss
+        (loss + anchor).backward()
+        grad_norm, lr = optimizer_step(both, optimizer, opt_step, schedule, sync_grads=True)
+        mask = loss_mask[mb].float()
+        for k, v in {
+            "loss": dist.all_sum(loss.item()) / world,
+            "policy_loss": pg_loss.item(),
+            "value_loss": v_loss.item(),
+            "grad_norm": grad_norm,
+            "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1)),
+            **{k: float(v) for k, v in m.items()},
+        }.items():
+            stats[k] = stats.get(k, 0.0) + v / n_opt
     return stats, lr
 
 
@@ -305,8 +267,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         eval_every=bool(cfg.eval_every or cfg.eval_every_s),
         critic=cfg.critic == "separate",
     )
-    if cfg.kl_target > 0 and cfg.beta <= 0:
-        raise ConfigError("--kl-target (the adaptive KL controller) needs --beta > 0 (its starting value)")
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
@@ -314,80 +274,53 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate").to(policy.device)
     both = nn.ModuleDict({"policy": policy, "critic": critic})
-    optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
-    gen = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     kl_coef = KLCoef(cfg.beta, target=cfg.kl_target, horizon=cfg.kl_horizon)  # saved with checkpoints
-    saved = kl_coef.state()
-    start, evals = resume_state(cfg.out_dir, policy, optimizer, gen, saved) if cfg.resume else (0, [])
-    kl_coef.load(saved)
-    if cfg.resume:
-        critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
-    if dist.is_main() and test and not cfg.resume:
-        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
-            0, "before PPO"
-        )
-    if cfg.fsdp and world > 1:  # FSDP2 after the evaluation before training (rank 0 alone runs that one)
-        dist.wrap(policy, fsdp=True)
-        optimizer = make_optimizer(both, cfg.lr, cfg.weight_decay)
+    critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
 
-    # ---- derived values: the schedule over all optimizer steps, when to save, evaluate and stop ----------
-    seeded = cfg.row_seeded_sampling or world > 1  # per-row sampling noise: the same samples on any rank layout
-    engine = make_engine(cfg.engine, policy, out_dir=cfg.out_dir, memory=cfg.vllm_memory, seed=cfg.seed)
-    optimizer_steps = cfg.steps * cfg.ppo_epochs * cfg.minibatches  # the learning-rate schedule's length
-    schedule = Schedule(cfg.lr, cfg.warmup_steps, optimizer_steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    own = term_options(cfg.policy_loss, **{k: getattr(cfg, k) for k in TERM_OPTIONS})
-    loss_fn = PolicyLoss(cfg.policy_loss, own, cfg.clip_eps, loss_agg="bnpo")  # the term on tokens, PPO's mean
-    cadence = Cadence(
-        cfg.steps, cfg.save_every, cfg.eval_every, cfg.eval_every_s, cfg.time_budget_s, cfg.stop_at_step, not cfg.fsdp
-    )
-    run = Run(
-        cfg.out_dir,
-        cadence,
+    # ---- derived values: the loss, the passes, the schedule over all optimizer steps, the run ---------------
+    passes = Passes(cfg.ppo_epochs, cfg.minibatches, cfg.seed, 7919, cfg.temperature, cfg.bf16)
+    loop = start_loop(
+        cfg,
+        policy,
+        task,
+        test,
         desc="ppo",
         show=("reward/mean", "kl"),
-        resume=cfg.resume,
-        start=start,
-        evals=evals,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
+        before="before PPO",
+        optimizer_steps=cfg.steps * passes.optimizer_steps,
+        trained=both,
+        keep=(kl_coef,),
+        write_extra=critic_file,
+        engine=cfg.engine,
+        vllm_memory=cfg.vllm_memory,
+        row_seeded=cfg.row_seeded_sampling,
     )
-    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    critic_file = lambda d: save_file(_contiguous(critic.state_dict()), str(Path(d) / "critic.safetensors"))
-    extra = lambda: {"gen_rng": gen.get_state().tolist(), "evals": run.evals, **kl_coef.state()}
-    save = lambda step: save_checkpoint(cfg.out_dir, policy, optimizer, step, extra(), write_extra=critic_file)
+    if cfg.resume:
+        critic.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "critic.safetensors")))
+    run, engine = loop.run, loop.engine
+    loss_fn = policy_loss_of(cfg, loss_agg="bnpo")  # the term on tokens, PPO's token mean
+    correct = rollout_corrector(cfg.is_correction, cfg.engine, cfg.is_mode, cfg.is_cap)
+    target_options = dict(passes=passes, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma, lam=cfg.lam, correct=correct)
+    sampling = dict(prompts_per_step=cfg.prompts_per_step, seed=cfg.seed, group_size=cfg.samples_per_prompt,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
 
     # ---- training loop -----------------------------------------------------------------------------
-    for step in range(start, cfg.steps):
+    for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score: samples_per_prompt responses to each of this rank's prompts
-        idx = batch_indices(len(data), cfg.prompts_per_step, step, cfg.seed)
-        mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.samples_per_prompt, cfg.max_new_tokens)):
-            sb = rollout_and_score(
-                policy,
-                [data[idx[i]] for i in mine],
-                reward_set,
-                group_size=cfg.samples_per_prompt,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                generator=gen,
-                seeds=row_seeds(cfg.seed, step, mine, cfg.samples_per_prompt) if seeded else None,
-                engine=engine,
-            )
-        run.count_samples(sb)
-        run.log_completions(step + 1, sb, reward_set.names, cfg.log_completions)
+        sb, _ = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions, **sampling)
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
         beta = kl_coef.at(0.0)
         with phase("reference", step + 1, batch.ids.shape):
-            targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, cfg, beta)
+            targets = rollout_targets(policy, critic, ref_model, batch, sb.rewards, beta, **target_options)
         t_up = time.perf_counter()
         engine.sleep()  # a colocated engine frees its device memory for the update
         with phase("update", step + 1, batch.ids.shape):
             stats, lr = ppo_update(
-                policy, critic, both, optimizer, batch, targets, cfg=cfg, loss_fn=loss_fn, step=step, schedule=schedule
-            )
+                policy, critic, both, loop.optimizer, batch, targets, loss_fn=loss_fn, passes=passes, step=step,
+                schedule=loop.schedule, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip,
+            )  # fmt: skip
         engine.wake()  # (vLLM on CUDA slept through the update)
         engine.sync(policy)  # the next rollout samples from the updated weights
         dt, rmask, kl, old_values = time.perf_counter() - t0, batch.resp_mask.float(), targets.kl, targets.old_values
@@ -408,28 +341,13 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         row.update({k: dist.all_mean(v) for k, v in sb.metrics.items()})  # reward statistics over all ranks
         row["beta"] = beta
         if kl_coef.adaptive:  # the controller, on this rollout's KL to the reference (all ranks)
-            n = len(batch) * world
-            kl_coef.update(beta, dist.all_mean(row["kl"]), n)
-        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
+            kl_coef.update(beta, dist.all_mean(row["kl"]), len(batch) * world)
+        if end_of_step(run, step + 1, row, t_step=t0, save=loop.save, evaluate=loop.evaluate):
             break
 
-    engine.close()
-
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy = gathered_policy(policy, cfg)
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    summary = end_of_run(
-        run,
-        policy,
-        merged=not cfg.save_adapter_only,
-        extra_save=critic_file,
-        report=cfg.report,
-        task=task,
-        examples=test or data,
-        max_new_tokens=cfg.max_new_tokens,
-        evaluate=final_eval and (lambda: final_eval(run.steps, "after PPO")),
-    )
-    summary.update({"reward_faults": reward_set.faults, "config": asdict(cfg)})
+    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after PPO", extra_save=critic_file)
+    summary["reward_faults"] = reward_set.faults
     return Result(policy, run.history, summary)
 
 

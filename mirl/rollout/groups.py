@@ -4,6 +4,7 @@ keep drawing new prompts until enough groups carry a learning signal. NoisyRollo
     groups = sample_groups(policy, data, rewards, step=s, prompts_per_step=P, group_size=G, seed=seed, ...)
     groups.rounds: [(ScoredBatch, signal (P_round,) bool)], one per generation round; groups never mix
     across rounds (their advantages are computed per round)
+    rows, adv = group_advantages(groups, weights, estimator="group", group_size=G, scale="group")
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed as dist
+from ..advantages import RoundRewards, outcome_advantages, process_advantages
 from ..data.collate import batch_indices
+from ..models.tokenizer import tokens_at_chars
 from .sample import row_seeds
 from .score import ScoredBatch, noisy_sample_images, rollout_and_score
 
@@ -124,3 +127,66 @@ def sample_groups(
         kept = sum(int(s.sum()) for _, s in rounds) * dist.world_size()
         if not dynamic or kept >= prompts_per_step or len(rounds) > max_refills:
             return Groups(rounds, len(rounds) - 1, zero, gen_s, score_s)
+
+
+def step_rewards(task, name: str, tokenizer, group_size: int, baseline: str):
+    """--step-rewards: the function of a scored rollout -> its token advantages (B, R) from the task's step
+    verifier (step_advantages); a task without one (`name`: its --task) is a ConfigError."""
+    from ..options import ConfigError
+
+    if task is None or not hasattr(task, "step_scores"):
+        raise ConfigError(
+            f"--step-rewards needs a task with a step verifier (the compact arith tasks); {name!r} "
+            "has none (a chat-template task is scored on its prose answer)"
+        )
+    return lambda sb: step_advantages(task, sb, group_size, tokenizer, baseline)
+
+
+def step_advantages(task, sb, group_size: int, tokenizer, baseline: str = "position") -> torch.Tensor:
+    """Token advantages (B, R) of a scored rollout from the task's step verifier (step_scores: each step's end
+    in characters and its reward), the character offsets mapped to response tokens; the tokens after the last step
+    (EOS, text after the answer) take the answer step's advantage."""
+    rewards, ends = [], []
+    lengths = sb.batch.response_mask.sum(1).tolist()  # (responses are right-padded: the first n tokens)
+    for text, example, ids, n in zip(sb.batch.texts, sb.examples, sb.batch.response_ids.tolist(), lengths):
+        steps = task.step_scores(text, example)
+        ends.append(tokens_at_chars(tokenizer, ids[:n], [e for e, _ in steps]))
+        rewards.append([r for _, r in steps])
+    width = sb.batch.response_ids.shape[1]
+    device = sb.batch.response_ids.device
+    return process_advantages(rewards, ends, group_size, width, baseline=baseline, lengths=lengths, device=device)
+
+
+def group_advantages(
+    groups: Groups,
+    weights: torch.Tensor,
+    *,
+    estimator: str,
+    group_size: int,
+    scale: str,
+    dynamic: bool = False,
+    steps=None,
+) -> tuple[list, torch.Tensor]:
+    """The rows trained on (with dynamic sampling: the groups with signal of every round, dropped *before* any
+    batch statistics, as veRL's DAPO) and their advantages from `estimator` (advantages.ESTIMATORS: group, rloo,
+    reinforce_pp[_baseline], gdpo; weights: the reward functions', for GDPO; scale: the group estimator's), over
+    those rows together; or token advantages from step rewards (steps: a function of a scored rollout -> (B, R),
+    per round). -> (rows [(rollout batch, index)], advantages (B,) or (B, R))."""
+    rows, rewards, per_fn, lengths, token_adv = [], [], [], [], []
+    for sb, signal in groups.rounds:
+        n = len(sb.rewards)
+        every = torch.ones(n, dtype=torch.bool, device=sb.rewards.device)
+        keep = signal.repeat_interleave(group_size) if dynamic else every
+        rows += [(sb.batch, i) for i in torch.nonzero(keep).flatten().tolist()]
+        if steps is not None:
+            token_adv += list(steps(sb).float()[keep])
+        else:
+            rewards.append(sb.rewards[keep])
+            per_fn.append(sb.per_fn[keep])
+            lengths.append(sb.batch.response_mask.sum(1)[keep])
+    if steps is not None:  # rounds of different response widths padded to the longest
+        width = max((len(x) for x in token_adv), default=0)
+        token_adv = [torch.nn.functional.pad(x, (0, width - len(x))) for x in token_adv]
+        return rows, (torch.stack(token_adv) if token_adv else torch.zeros(0, device=sb.rewards.device))
+    kept = RoundRewards(torch.cat(rewards), torch.cat(per_fn), weights, torch.cat(lengths), group_size, scale)
+    return rows, outcome_advantages(estimator, kept).float()

@@ -110,9 +110,9 @@ class PromptSampler:
         return out
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the pass rates (JSON keys are strings)."""
-        return {str(i): r for i, r in self.rates.items()}
+        """What a checkpoint keeps: {"pass_rates": the pass rates} (JSON keys are strings)."""
+        return {"pass_rates": {str(i): r for i, r in self.rates.items()}}
 
     def load(self, state: dict) -> None:
         """The pass rates of a checkpoint's state()."""
-        self.rates = {int(i): float(r) for i, r in state.items()}
+        self.rates = {int(i): float(r) for i, r in state.get("pass_rates", {}).items()}

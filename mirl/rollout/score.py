@@ -210,6 +210,20 @@ class UpdateBatch:
 
         return select_images(self.images, range(len(self)) if rows is None else rows)
 
+    def metrics(self, adv: torch.Tensor) -> dict:
+        """The batch's diagnostics with its advantages (B,) or (B, R): advantage statistics (over response
+        tokens for token advantages), response lengths, the truncated fraction."""
+        lengths = self.resp_mask.sum(1).float()
+        adv = adv[self.resp_mask.bool()] if adv.dim() == 2 else adv
+        return {
+            "advantages/mean": float(adv.mean()),
+            "advantages/std": float(adv.std()),
+            "advantages/max": float(adv.max()),
+            "advantages/min": float(adv.min()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/truncated_frac": float(self.truncated.float().mean()),
+        }
+
     def select(self, rows) -> UpdateBatch:
         """The rows `rows` (indices), images included."""
         idx = torch.as_tensor(rows, dtype=torch.long)
