@@ -67,6 +67,13 @@ def held_out_accuracy(
     return acc
 
 
+def last_evaluation(evals: list, n: int) -> dict:
+    """A recipe's summary['eval']: the last held-out evaluation's accuracy, mean score and the task's breakdown,
+    and n, the held-out examples it scored."""
+    bookkeeping = ("step", "train_s", "samples", "tokens", "eval_s")
+    return {**{k: v for k, v in evals[-1].items() if k not in bookkeeping}, "n": n}
+
+
 def write_samples_and_report(
     out_dir, policy, task=None, examples: list[dict] | None = None, *, max_new_tokens: int, n_samples: int = 8
 ) -> None:

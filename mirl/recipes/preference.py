@@ -24,12 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
 from ..device import autocast, phase
-from ..eval import evaluate
 from ..logging import console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
@@ -44,14 +43,8 @@ from .common import (
     policy_options,
     report_skips,
 )
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    setup,
-)
+from .held_out import held_out_evaluator, last_evaluation
+from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 
 @dataclass
@@ -200,6 +193,103 @@ def load_reference_logps(ref_file: Path, pairs: list[tuple]) -> tuple[torch.Tens
     return chosen, rejected
 
 
+def preference_data(cfg: Config, policy, task, skips: SkipCounter) -> tuple[list[dict], dict]:
+    """The preference records of a run: --data read (rows that cannot be used are counted in skips), or pairs
+    sampled from the policy on the task's training prompts and verified. -> (records, the sampling's counts)."""
+    if cfg.data:
+        rows = load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision)
+        return preference_records(rows, policy.tokenizer, skips), {}
+    if task is None:
+        raise ValueError("preference training needs --data or --task")
+    data, stats = sample_pairs(
+        policy,
+        task,
+        task.examples("train", cfg.n_prompts, cfg.seed),
+        k=cfg.k,
+        temperature=cfg.sample_temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+    )
+    console.print(f"sampled pairs: {stats}")
+    return data, stats
+
+
+def precomputed_reference(policy, pairs: list[tuple], ref_file: Path, *, resume: bool, average: bool, bf16: bool):
+    """The reference log-probs of every pair, (chosen (n,), rejected (n,)): the policy's before training (the
+    policy at step 0 is the reference), computed once and cached in ref_file, or read back from it on resume."""
+    if resume and ref_file.exists():
+        return tuple(x.to(policy.device) for x in load_reference_logps(ref_file, pairs))
+    chosen, rejected = all_pair_logps(policy, pairs, policy.tokenizer.pad_token_id, average, bf16=bf16)
+    if dist.is_main():  # written whole or not at all: a run killed here leaves no half file
+        tmp = ref_file.with_name(ref_file.name + ".tmp")
+        save_file({"chosen": chosen, "rejected": rejected}, str(tmp), metadata={"pairs": pairs_fingerprint(pairs)})
+        os.replace(tmp, ref_file)
+    return chosen, rejected
+
+
+def reference_logps(ref_model, ref_all, batch: list[tuple], mb: list[int], out: PairLogps, *, average, bf16):
+    """The reference's log-probs of a micro-batch (pairs `batch`, indices `mb`), (chosen (N,), rejected (N,)): a
+    forward of the frozen copy (ref_model), the precomputed ones (ref_all), or zeros when no loss term needs them."""
+    if ref_model is not None:
+        with torch.no_grad(), autocast(ref_model, bf16):  # the reference under the policy's arithmetic
+            ref = pair_forward(ref_model, batch, ref_model.tokenizer.pad_token_id, average)
+        return ref.chosen, ref.rejected
+    if ref_all is not None:
+        return ref_all[0][mb], ref_all[1][mb]
+    return torch.zeros_like(out.chosen), torch.zeros_like(out.rejected)
+
+
+def pair_loss(terms, out: PairLogps, ref: tuple, *, beta: float, options: dict, average: bool, n_global: int):
+    """The weighted loss terms of a micro-batch of pairs, summed over its pairs and divided by n_global (the pairs
+    of the global batch) -> (loss, per-pair metrics). One call shape for every loss: each pair is a group of two
+    with the chosen response first. With logp_agg=mean the log-probs are token means already: no second division
+    by the lengths."""
+    pc, pr = out.chosen, out.rejected
+    per_ex, metrics = preference_loss(
+        terms,
+        torch.stack([pc, pr], 1),
+        torch.stack(list(ref), 1),
+        pair_positive(len(pc), pc.device),
+        beta=beta,
+        options=options,
+        lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),
+    )
+    loss = mean_over_examples(per_ex, global_count=n_global)
+    return loss, {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+
+
+def probe_summary(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """The probe pairs' mean chosen and rejected log-probs and their mean mass pi(w) + pi(l)."""
+    return {
+        "chosen_logps": float(chosen.mean()),
+        "rejected_logps": float(rejected.mean()),
+        "mass": float((chosen.exp() + rejected.exp()).mean()),
+    }
+
+
+def probe_change(start: tuple, end: tuple) -> dict:
+    """The probe pairs' mean log-prob change over the run, chosen and rejected, from (chosen, rejected) log-probs at
+    the start and at the end, and their values at the start."""
+    return {
+        "chosen_logp_change": float((end[0] - start[0]).mean()),
+        "rejected_logp_change": float((end[1] - start[1]).mean()),
+        "probe_start": probe_summary(*start),
+    }
+
+
+def warn_chosen_decline(step: int, first: dict, row: dict, threshold: float) -> bool:
+    """Warn when the mean chosen log-prob fell more than threshold nats below its first step's while the margin
+    grew (DPO's likelihood-decline failure mode). -> whether it warned."""
+    drop = first["logps/chosen"] - row["logps/chosen"]
+    if not (drop > threshold and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)):
+        return False
+    warn(
+        f"step {step}: mean chosen log-prob fell {drop:.2f} nats from its start while the margin grew (DPO's "
+        "likelihood-decline failure mode; MIO targets it)"
+    )
+    return True
+
+
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     """data: optional [{'prompt', 'chosen', 'rejected'}] strings; model: optional Policy."""
     # ---- setup -------------------------------------------------------------------------------------
@@ -213,24 +303,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
     task = make_task(cfg.task, tok, cfg.chat) if cfg.task else None
-    pair_stats = {}
-    skips = SkipCounter()
+    pair_stats, skips = {}, SkipCounter()
     if data is None:
-        if cfg.data:
-            data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
-        elif task is not None:
-            data, pair_stats = sample_pairs(
-                policy,
-                task,
-                task.examples("train", cfg.n_prompts, cfg.seed),
-                k=cfg.k,
-                temperature=cfg.sample_temperature,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed,
-            )
-            console.print(f"sampled pairs: {pair_stats}")
-        else:
-            raise ValueError("preference training needs --data or --task")
+        data, pair_stats = preference_data(cfg, policy, task, skips)
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
     if not pairs:
         made = f"; pairs sampled from --task: {pair_stats}" if pair_stats else ""
@@ -245,48 +320,25 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     needs_ref = any(get_loss(n).needs_reference for n, _ in terms)
 
     # the reference: log-probs computed once (policy at step 0 = reference), or a frozen copy
-    ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
-    ref_model, ref_c_all, ref_r_all = None, None, None
-    if needs_ref and cfg.ref_mode == "model":
-        ref_model = frozen_reference(policy, cfg.dtype)
-    elif needs_ref and cfg.resume and ref_file.exists():
-        ref_c_all, ref_r_all = (x.to(policy.device) for x in load_reference_logps(ref_file, pairs))
-    elif needs_ref:
-        ref_c_all, ref_r_all = all_pair_logps(policy, pairs, tok.pad_token_id, average, bf16=cfg.bf16)
-        if dist.is_main():  # written whole or not at all: a run killed here leaves no half file
-            tmp = ref_file.with_name(ref_file.name + ".tmp")
-            save_file(
-                {"chosen": ref_c_all, "rejected": ref_r_all},
-                str(tmp),
-                metadata={"pairs": pairs_fingerprint(pairs)},
-            )
-            os.replace(tmp, ref_file)
+    ref_model = frozen_reference(policy, cfg.dtype) if needs_ref and cfg.ref_mode == "model" else None
+    ref_all = None
+    if needs_ref and ref_model is None:
+        ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
+        ref_all = precomputed_reference(policy, pairs, ref_file, resume=cfg.resume, average=average, bf16=cfg.bf16)
     probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
-    start_c, start_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
+    probe_start = all_pair_logps(policy, probe, tok.pad_token_id, average)  # (chosen (n,), rejected (n,))
 
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
-    start = 0
-    if cfg.resume:
-        start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
-        console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
+    start, evals = resume_state(cfg.out_dir, policy, optimizer) if cfg.resume else (0, [])
+    test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
 
     # ---- derived values: the global batch, the schedule, when to save and stop -----------------------------
     n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()  # pairs per optimizer step
-    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not cfg.fsdp)
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    run = Run(
-        cfg.out_dir,
-        cadence,
-        desc=cfg.loss,
-        show=("loss", "logps/chosen", "rewards/margins"),
-        resume=cfg.resume,
-        start=start,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
-    )
+    run = open_run(cfg, desc=cfg.loss, show=("loss", "logps/chosen", "rewards/margins"), start=start, evals=evals)
+    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
     first, warned = None, False
     policy.train()
 
@@ -300,32 +352,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         with phase("update", step + 1, (2 * len(idx), cfg.max_len)):
             for m in range(cfg.grad_accum):
                 mb = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+                batch = [pairs[i] for i in mb]
                 with autocast(policy, cfg.bf16):
-                    out = pair_forward(model_fwd, [pairs[i] for i in mb], tok.pad_token_id, average)
-                pc, pr = out.chosen, out.rejected
+                    out = pair_forward(model_fwd, batch, tok.pad_token_id, average)
                 n_tok += out.n_tokens
-                if not needs_ref:
-                    rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
-                elif ref_model is not None:
-                    with torch.no_grad(), autocast(policy, cfg.bf16):  # the reference under the policy's arithmetic
-                        ref = pair_forward(ref_model, [pairs[i] for i in mb], tok.pad_token_id, average)
-                    rc, rr = ref.chosen, ref.rejected
-                else:
-                    rc, rr = ref_c_all[mb], ref_r_all[mb]
-                # one call shape for every loss: each pair is a group of two with the chosen response first. With
-                # logp_agg=mean the log-probs are token means already: no second division by the lengths
-                per_ex, metrics = preference_loss(
-                    terms,
-                    torch.stack([pc, pr], 1),
-                    torch.stack([rc, rr], 1),
-                    pair_positive(len(mb), pc.device),
-                    beta=cfg.beta,
-                    options=options,
-                    lengths=None if average else torch.stack([out.chosen_lengths, out.rejected_lengths], 1),
+                ref = reference_logps(ref_model, ref_all, batch, mb, out, average=average, bf16=cfg.bf16)
+                loss, metrics = pair_loss(
+                    terms, out, ref, beta=cfg.beta, options=options, average=average, n_global=n_global
                 )
-                loss = mean_over_examples(per_ex, global_count=n_global)
                 loss.backward()
-                metrics = {**metrics, "logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v.float().sum())
                 sums["loss"] = sums.get("loss", 0.0) + loss.item()
@@ -335,63 +370,35 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         row = {k: dist.all_sum(v) / (dist.world_size() if k == "loss" else n_global) for k, v in sums.items()}
         row.update({"lr": lr, "grad_norm": grad_norm, "tokens_per_s": dist.all_sum(n_tok) / dt})
         first = first or row
-        if (
-            not warned
-            and first["logps/chosen"] - row["logps/chosen"] > cfg.chosen_drop_warn
-            and row.get("rewards/margins", 0.0) > first.get("rewards/margins", 0.0)
-        ):
-            warn(
-                f"step {step + 1}: mean chosen log-prob fell {first['logps/chosen'] - row['logps/chosen']:.2f} "
-                "nats from its start while the margin grew (DPO's likelihood-decline failure mode; MIO "
-                "targets it)"
-            )
-            warned = True
+        warned = warned or warn_chosen_decline(step + 1, first, row, cfg.chosen_drop_warn)
         if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == 0):
             # the same pairs every time: a clean curve of chosen / rejected log-probs (batch means are noisy)
-            pc_all, pr_all = all_pair_logps(policy, probe, tok.pad_token_id, average)
-            row["probe/chosen_logps"], row["probe/rejected_logps"] = float(pc_all.mean()), float(pr_all.mean())
-            row["probe/mass"] = float((pc_all.exp() + pr_all.exp()).mean())  # pi(w) + pi(l), mean over pairs
-        if end_of_step(
-            run, step + 1, row, t_step=t0, save=lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
-        ):
+            probed = probe_summary(*all_pair_logps(policy, probe, tok.pad_token_id, average))
+            row.update({f"probe/{k}": v for k, v in probed.items()})
+        if end_of_step(run, step + 1, row, t_step=t0, save=save):
             break
     if run.main:
         report_skips(skips, cfg.out_dir)
 
     # ---- summary, save, evaluate (rank 0) ----------------------------------------------------------
-    end_c, end_r = all_pair_logps(policy, probe, tok.pad_token_id, average)
-    summary = {
-        "pairs": len(pairs),
-        "pair_sampling": pair_stats,
-        "skipped": skips.counts,
-        "chosen_logp_change": float((end_c - start_c).mean()),
-        "rejected_logp_change": float((end_r - start_r).mean()),
-        "warned_chosen_decline": warned,
-        "probe_start": {
-            "chosen_logps": float(start_c.mean()),
-            "rejected_logps": float(start_r.mean()),
-            "mass": float((start_c.exp() + start_r.exp()).mean()),
-        },
-    }
+    probe_end = all_pair_logps(policy, probe, tok.pad_token_id, average)
+    summary = {"pairs": len(pairs), "pair_sampling": pair_stats, "skipped": skips.counts}
+    summary.update(probe_change(probe_start, probe_end), warned_chosen_decline=warned)
     policy = gathered_policy(policy, cfg)
-
-    def final_evaluation():
-        res = evaluate(policy, task, task.examples("test", cfg.eval_n, cfg.seed), max_new_tokens=cfg.max_new_tokens)
-        summary["eval"] = res.as_dict()
-        run.evals.append({"step": run.steps, "accuracy": res.accuracy, "mean_score": res.mean_score})
-        console.print(f"{cfg.loss} held-out accuracy on {task.name}: {res.accuracy:.3f} (n={res.n})")
-
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary.update(
         end_of_run(
             run,
             policy,
             merged=not cfg.save_adapter_only,
-            evaluate=final_evaluation if task is not None and cfg.eval_n else None,
+            evaluate=final_eval and (lambda: final_eval(run.steps, f"after {cfg.loss}")),
             report=cfg.report,
             task=task,
             examples=task.examples("test", 8, cfg.seed) if task is not None else data,
             max_new_tokens=cfg.max_new_tokens,
         )
     )
+    if test and run.evals and run.cadence.finishes and run.main:
+        summary["eval"] = last_evaluation(run.evals, len(test))
     summary["config"] = asdict(cfg)
     return Result(policy, run.history, summary)

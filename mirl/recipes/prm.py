@@ -39,7 +39,7 @@ from ..optim import Schedule, make_optimizer, optimizer_step
 from ..options import ConfigError
 from ..rollout.score import completions
 from .common import build_policy
-from .run import Cadence, Result, Run, end_of_run, end_of_step, resume_state, setup
+from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 LABELS = ("verifier", "mc")
 
@@ -247,9 +247,8 @@ def train(cfg: Config, model=None) -> Result:
     pos_weight = torch.tensor((1 - positive) / max(positive, 1e-6), device=policy.device)
     optimizer = make_optimizer(rm, cfg.lr, 0.0)
     state = {"before": {}}  # the held-out accuracy before training, kept with checkpoints
-    start = 0
+    start, evals = resume_state(cfg.out_dir, rm.policy, optimizer, extras=state) if cfg.resume else (0, [])
     if cfg.resume:
-        start, _ = resume_state(cfg.out_dir, rm.policy, optimizer, extras=state)
         head = Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors"
         try:
             rm.head.load_state_dict(load_file(str(head)))
@@ -260,18 +259,7 @@ def train(cfg: Config, model=None) -> Result:
 
     # ---- derived values: the schedule (constant lr, gradients clipped to 1), when to save and stop ----------
     schedule = Schedule(cfg.lr, 0, cfg.steps, 1.0, 1.0)
-    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step)
-    run = Run(
-        cfg.out_dir,
-        cadence,
-        desc="prm",
-        show=("loss", "step_accuracy"),
-        resume=cfg.resume,
-        start=start,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
-    )
+    run = open_run(cfg, desc="prm", show=("loss", "step_accuracy"), start=start, evals=evals)
 
     def save(step):
         def head(folder):

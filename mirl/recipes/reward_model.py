@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
@@ -37,14 +37,7 @@ from .common import (
     policy_options,
     report_skips,
 )
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    setup,
-)
+from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 
 @dataclass
@@ -134,51 +127,97 @@ def pair_accuracy(rm, pairs, pad_id, batch_size: int = 128) -> float:
     return correct / max(1, len(pairs))
 
 
+def task_pairs(cfg: Config, policy) -> tuple[list[dict], list[dict], list[dict] | None]:
+    """Pairs made on --task: synthetic (the worked solution against a corrupted one) and / or sampled from the policy
+    and verified, for training; held out, the policy's own samples on held-out prompts, verified (the pairs an RL
+    run will see). -> (training records, held-out records, held-out synthetic records or None)."""
+    task = make_task(cfg.task, policy.tokenizer, cfg.chat)
+    if cfg.pairs not in ("synthetic", "sampled", "both"):
+        raise ValueError(f"pairs must be 'synthetic', 'sampled' or 'both', got {cfg.pairs!r}")
+    if cfg.pairs != "sampled" and not hasattr(task, "wrong_solution"):
+        raise ValueError(f"task {task.name} cannot make synthetic pairs; use --pairs sampled")
+    data, synth_eval = [], None
+    if cfg.pairs in ("synthetic", "both"):
+        data += synthetic_pairs(task, task.examples("train", cfg.n_prompts, cfg.seed), cfg.seed)
+        synth_eval = synthetic_pairs(task, task.examples("test", cfg.eval_prompts, cfg.seed), cfg.seed + 1)
+    if cfg.pairs in ("sampled", "both"):
+        sampled, st = sample_pairs(
+            policy,
+            task,
+            task.examples("train", cfg.n_sampled_prompts, cfg.seed + 2),
+            k=cfg.k,
+            seed=cfg.seed,
+            pairs_per_prompt=cfg.pairs_per_prompt,
+        )
+        data += sampled
+        console.print(f"reward-model training pairs sampled from {cfg.model}: {st}")
+    eval_data, st_eval = sample_pairs(
+        policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k, seed=cfg.seed + 1
+    )
+    console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
+    return data, eval_data, synth_eval
+
+
+def file_pairs(cfg: Config, tok, skips: SkipCounter, eval_data: list[dict] | None) -> tuple[list[dict], list[dict]]:
+    """Pairs read from --data (rows that cannot be used counted in skips); held out: eval_data when given, else
+    --eval-data, else the first 10% of --data. -> (training records, held-out records)."""
+    data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
+    if eval_data is None and cfg.eval_data:
+        eval_data = preference_records(load_rows(cfg.eval_data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
+    elif eval_data is None:
+        cut = max(1, len(data) // 10)
+        data, eval_data = data[cut:], data[:cut]
+    return data, eval_data
+
+
+def write_head(rm, folder: Path) -> None:
+    """The reward head's weights, with its aggregation, beside the backbone in a checkpoint folder."""
+    save_file(dict(rm.head.state_dict()), str(folder / "reward_head.safetensors"), metadata={"aggregate": rm.aggregate})
+
+
+def bt_loss(rm, batch: list[tuple], pad_id: int, *, bf16: bool, n_global: int):
+    """The Bradley-Terry loss of a micro-batch of pairs, summed over its pairs and divided by n_global (the pairs of
+    the global batch). -> (loss, per-pair metrics, the tokens that went through the model)."""
+    with autocast(rm.policy, bf16):  # the scores and the loss in float32
+        c, r, n = pair_scores(rm, batch, pad_id)
+    per_ex, metrics = bradley_terry_loss(c.float(), r.float())
+    return mean_over_examples(per_ex, global_count=n_global), metrics, n
+
+
+def held_out_summary(rm, held_out: list, synth_held_out: list, acc0: float | None, pad_id: int) -> dict:
+    """The pair accuracy after training on the held-out pairs (and before: acc0) and on the held-out synthetic
+    pairs, printed."""
+    summary = {}
+    if held_out:
+        summary["held_out_accuracy_before"] = acc0
+        summary["held_out_accuracy"] = pair_accuracy(rm, held_out, pad_id)
+        console.print(
+            f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
+            f"(before training {acc0:.3f}, n={len(held_out)})"
+        )
+    if synth_held_out:
+        summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, pad_id)
+        console.print(
+            f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
+            f"(n={len(synth_held_out)})"
+        )
+    return summary
+
+
 def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: list[dict] | None = None) -> Result:
-    # ---- setup -------------------------------------------------------------------------------------
     """Train a Bradley-Terry reward model. data / eval_data: optional preference records; model: optional Policy."""
+    # ---- setup -------------------------------------------------------------------------------------
     cfg = setup(cfg)
-    synth_eval = None
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
     skips = SkipCounter()
+    synth_eval = None
     if data is None and cfg.data:
-        data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
-        if eval_data is None and cfg.eval_data:
-            eval_data = preference_records(
-                load_rows(cfg.eval_data, cfg.split, cfg.data_config, cfg.revision), tok, skips
-            )
-        elif eval_data is None:
-            cut = max(1, len(data) // 10)
-            data, eval_data = data[cut:], data[:cut]
+        data, eval_data = file_pairs(cfg, tok, skips, eval_data)
     elif data is None:
-        task = make_task(cfg.task, tok, cfg.chat)
-        if cfg.pairs not in ("synthetic", "sampled", "both"):
-            raise ValueError(f"pairs must be 'synthetic', 'sampled' or 'both', got {cfg.pairs!r}")
-        if cfg.pairs != "sampled" and not hasattr(task, "wrong_solution"):
-            raise ValueError(f"task {task.name} cannot make synthetic pairs; use --pairs sampled")
-        data = []
-        if cfg.pairs in ("synthetic", "both"):
-            data += synthetic_pairs(task, task.examples("train", cfg.n_prompts, cfg.seed), cfg.seed)
-            synth_eval = synthetic_pairs(task, task.examples("test", cfg.eval_prompts, cfg.seed), cfg.seed + 1)
-        if cfg.pairs in ("sampled", "both"):
-            sampled, st = sample_pairs(
-                policy,
-                task,
-                task.examples("train", cfg.n_sampled_prompts, cfg.seed + 2),
-                k=cfg.k,
-                seed=cfg.seed,
-                pairs_per_prompt=cfg.pairs_per_prompt,
-            )
-            data += sampled
-            console.print(f"reward-model training pairs sampled from {cfg.model}: {st}")
-        # held out: the policy's own samples on held-out prompts, verified (the pairs an RL run will see)
-        eval_data, st_eval = sample_pairs(
-            policy, task, task.examples("test", cfg.eval_prompts, cfg.seed), k=cfg.k, seed=cfg.seed + 1
-        )
-        console.print(f"held-out pairs sampled from {cfg.model}: {st_eval}")
+        data, eval_data, synth_eval = task_pairs(cfg, policy)
     synth_held_out = encode_pairs(policy, synth_eval, cfg.max_len, skips) if synth_eval else []
     pairs = encode_pairs(policy, data, cfg.max_len, skips)
     held_out = encode_pairs(policy, eval_data or [], cfg.max_len, skips)
@@ -188,36 +227,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     if cfg.fsdp and dist.world_size() > 1:  # FSDP2 on the backbone; the small head stays whole (averaged by hand)
         dist.wrap(policy, fsdp=True)
     optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    start = 0
+    start, evals = resume_state(cfg.out_dir, rm.policy, optimizer) if cfg.resume else (0, [])
     if cfg.resume:
-        start = load_checkpoint(cfg.out_dir, rm.policy, optimizer)["step"]
         rm.head.load_state_dict(load_file(str(Path(cfg.out_dir) / "checkpoint" / "reward_head.safetensors")))
     acc0 = pair_accuracy(rm, held_out, tok.pad_token_id) if held_out else None
 
     # ---- derived values: the global batch, the schedule, when to save and stop -----------------------------
     world = dist.world_size()
-    cadence = Cadence(cfg.steps, cfg.save_every, stop_at_step=cfg.stop_at_step, resumable=not cfg.fsdp)
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    run = Run(
-        cfg.out_dir,
-        cadence,
-        desc="rm",
-        show=("loss", "accuracy"),
-        resume=cfg.resume,
-        start=start,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
-    )
-
-    def save(step):
-        head = lambda d: save_file(
-            dict(rm.head.state_dict()),
-            str(d / "reward_head.safetensors"),  # noqa: E731
-            metadata={"aggregate": rm.aggregate},
-        )
-        save_checkpoint(cfg.out_dir, rm.policy, optimizer, step, write_extra=head)
-
+    run = open_run(cfg, desc="rm", show=("loss", "accuracy"), start=start, evals=evals)
+    save = lambda s: save_checkpoint(cfg.out_dir, rm.policy, optimizer, s, write_extra=lambda d: write_head(rm, d))
     rm.train()
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -229,13 +248,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
         with phase("update", step + 1, (2 * len(idx), cfg.max_len)):
             for m in range(cfg.grad_accum):
                 mb = [pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
-                with autocast(rm.policy, cfg.bf16):  # the scores and the loss in float32
-                    c, r, n = pair_scores(rm, mb, tok.pad_token_id)
-                c, r = c.float(), r.float()
-                ntok += n
-                per_ex, metrics = bradley_terry_loss(c, r)
-                loss = mean_over_examples(per_ex, global_count=len(idx) * world)
+                loss, metrics, n = bt_loss(rm, mb, tok.pad_token_id, bf16=cfg.bf16, n_global=len(idx) * world)
                 loss.backward()
+                ntok += n
                 sums["loss"] += loss.item()
                 sums["accuracy"] += float(metrics["accuracy"].sum()) / len(idx)
                 sums["margin"] += float(metrics["margin"].sum()) / len(idx)
@@ -249,19 +264,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, eval_data: li
     if run.main:
         report_skips(skips, cfg.out_dir)
     summary = {"train_pairs": len(pairs), "held_out_pairs": len(held_out)}
-    if held_out:
-        summary["held_out_accuracy_before"] = acc0
-        summary["held_out_accuracy"] = pair_accuracy(rm, held_out, tok.pad_token_id)
-        console.print(
-            f"reward model held-out pair accuracy: {summary['held_out_accuracy']:.3f} "
-            f"(before training {acc0:.3f}, n={len(held_out)})"
-        )
-    if synth_held_out:
-        summary["held_out_synthetic_accuracy"] = pair_accuracy(rm, synth_held_out, tok.pad_token_id)
-        console.print(
-            f"reward model held-out synthetic pair accuracy: {summary['held_out_synthetic_accuracy']:.3f} "
-            f"(n={len(synth_held_out)})"
-        )
+    summary.update(held_out_summary(rm, held_out, synth_held_out, acc0, tok.pad_token_id))
     backbone = gathered_policy(rm.policy, cfg)
     if run.main and backbone is not rm.policy:
         plain = RewardModel(backbone, cfg.aggregate).to(backbone.device)

@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..data.collate import batch_images, batch_indices, encode_example, pad_batch
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
 from ..device import autocast, phase
-from ..logging import console
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import Schedule, make_optimizer, optimizer_step
@@ -32,15 +31,8 @@ from .common import (
     policy_options,
     report_skips,
 )
-from .held_out import held_out_accuracy
-from .run import (
-    Cadence,
-    Result,
-    Run,
-    end_of_run,
-    end_of_step,
-    setup,
-)
+from .held_out import held_out_evaluator, last_evaluation
+from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 
 @dataclass
@@ -94,36 +86,28 @@ class Config:
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
 
-def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
-    """data: optional [{'prompt', 'completion'}]; model: optional Policy (else cfg.model is loaded)."""
-    # ---- setup -------------------------------------------------------------------------------------
-    cfg = setup(cfg)
-    policy = build_policy(model, cfg.model, **policy_options(cfg))
-    check_context(policy, cfg.max_len, cfg.model)
-    tok = policy.tokenizer
-    task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data else None
-    if data is None:
-        if cfg.data:
-            data = completion_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok)
-        elif task is not None:
-            data = [
-                {
-                    "prompt": e["prompt"],
-                    "completion": e["solution"],
-                    "images": e.get("images"),
-                    "where": f"{task.name} train #{i}",
-                }
-                for i, e in enumerate(task.examples("train", cfg.n_train, cfg.seed))
-            ]
-        else:
-            raise ValueError("sft needs --data or --task")
-    skips = SkipCounter()
+def task_records(task, n: int, seed: int) -> list[dict]:
+    """The SFT data of a built-in task: its worked solutions, n training examples as prompt-completion records."""
+    return [
+        {
+            "prompt": e["prompt"],
+            "completion": e["solution"],
+            "images": e.get("images"),
+            "where": f"{task.name} train #{i}",
+        }
+        for i, e in enumerate(task.examples("train", n, seed))
+    ]
+
+
+def encode_records(policy, data: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
+    """The records tokenised (prompt + completion, the completion trained on); rows that cannot be used are
+    skipped and counted in skips. No usable row at all is an error."""
     encoded = [
         encode_example(
             policy,
             d["prompt"],
             d["completion"],
-            cfg.max_len,
+            max_len,
             skips,
             d.get("where", f"example {i}"),
             "completion",
@@ -135,88 +119,79 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise ValueError(f"no usable SFT examples: every row was skipped ({skips.report()})")
+    return encoded
+
+
+def micro_batches(encoded: list[tuple], idx: list[int], batch_size: int, grad_accum: int, pad_id: int, device):
+    """This rank's examples of a step (idx) in grad_accum micro-batches: [(ids, attn, resp (B, T), images)]."""
+    chunks = [[encoded[i] for i in idx[m * batch_size : (m + 1) * batch_size]] for m in range(grad_accum)]
+    return [(*pad_batch(c, pad_id, device=device), batch_images(c)) for c in chunks]
+
+
+def completion_nll(model_fwd, policy, micro: tuple, *, n_tokens: int, bf16: bool) -> torch.Tensor:
+    """One micro-batch's NLL of its completion tokens, summed and divided by n_tokens (the completion tokens
+    of the global batch: exact accumulation and exact DDP). The LM head runs on completion positions only,
+    in chunks, when the model allows."""
+    ids, attn, resp, images = micro
+    with autocast(policy, bf16):
+        out = model_fwd(ids, attn, images=images, output="hidden_and_head")
+    if out.head_weight is not None:
+        seq, _ = fused_sequence_logps(out.hidden, out.head_weight, ids, resp)
+        return masked_reduce(-seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens)
+    per_token, _, _ = sequence_logps(out.logits, ids, resp)
+    return masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
+
+
+def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
+    """data: optional [{'prompt', 'completion'}]; model: optional Policy (else cfg.model is loaded)."""
+    # ---- setup -------------------------------------------------------------------------------------
+    cfg = setup(cfg)
+    policy = build_policy(model, cfg.model, **policy_options(cfg))
+    check_context(policy, cfg.max_len, cfg.model)
+    tok = policy.tokenizer
+    task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data else None
+    if data is None and cfg.data:
+        data = completion_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok)
+    elif data is None and task is not None:
+        data = task_records(task, cfg.n_train, cfg.seed)
+    elif data is None:
+        raise ValueError("sft needs --data or --task")
+    skips = SkipCounter()
+    encoded = encode_records(policy, data, cfg.max_len, skips)
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
-    start = 0
-    if cfg.resume:
-        start = load_checkpoint(cfg.out_dir, policy, optimizer)["step"]
-        console.print(f"resumed from {cfg.out_dir}/checkpoint at step {start}")
+    start, evals = resume_state(cfg.out_dir, policy, optimizer) if cfg.resume else (0, [])
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    if dist.is_main() and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
+        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+            0, "before SFT"
+        )
+    policy.train()
 
     # ---- derived values: the global batch, the schedule, when to save, evaluate and stop -----------------
     per_step = cfg.batch_size * cfg.grad_accum * dist.world_size()  # examples per optimizer step
-    cadence = Cadence(
-        cfg.steps,
-        cfg.save_every,
-        cfg.eval_every,
-        cfg.eval_every_s,
-        cfg.time_budget_s,
-        cfg.stop_at_step,
-        resumable=not cfg.fsdp,
-    )
+    longest = max(len(e[0]) for e in encoded)
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
-    run = Run(
-        cfg.out_dir,
-        cadence,
-        desc="sft",
-        show=("loss", "lr"),
-        resume=cfg.resume,
-        start=start,
-        report_to=cfg.report_to,
-        log_every=cfg.log_every,
-        config=asdict(cfg),
-    )
-
-    def evaluate(step, label=None):
-        run.samples = step * per_step
-        acc = held_out_accuracy(
-            policy,
-            task,
-            test,
-            max_new_tokens=cfg.max_new_tokens,
-            evals=run.evals,
-            step=step,
-            label=label or f"at step {step}",
-            run=run,
-        )
-        policy.train()
-        return acc
-
-    if run.main and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
-        held_out_accuracy(
-            policy, task, test, max_new_tokens=cfg.max_new_tokens, evals=run.evals, step=start, label="before SFT"
-        )
-    policy.train()
+    run = open_run(cfg, desc="sft", show=("loss", "lr"), start=start, evals=evals)
+    run.samples = start * per_step  # training examples so far, recorded with each held-out evaluation
+    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         # the global batch is batch_size x grad_accum x ranks; this rank takes its shard
-        idx = dist.shard(
-            batch_indices(len(encoded), cfg.batch_size * cfg.grad_accum * dist.world_size(), step, cfg.seed)
-        )
-        chunks = [
-            [encoded[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]] for m in range(cfg.grad_accum)
-        ]
-        micro = [(*pad_batch(c, tok.pad_token_id, device=policy.device), batch_images(c)) for c in chunks]
+        idx = dist.shard(batch_indices(len(encoded), per_step, step, cfg.seed))
+        micro = micro_batches(encoded, idx, cfg.batch_size, cfg.grad_accum, tok.pad_token_id, policy.device)
         # global divisor over micro-batches and ranks: exact accumulation and exact DDP
         n_tokens = dist.all_sum(sum(int(resp[:, 1:].sum()) for _, _, resp, _ in micro))
         run.tokens += n_tokens
+        run.samples += per_step
         total_loss = 0.0
-        with phase("update", step + 1, (len(idx), max(len(e[0]) for e in encoded))):
-            for ids, attn, resp, images in micro:
-                with autocast(policy, cfg.bf16):
-                    # LM head on completion positions only, chunked
-                    out = model_fwd(ids, attn, images=images, output="hidden_and_head")
-                if out.head_weight is not None:
-                    seq, _ = fused_sequence_logps(out.hidden, out.head_weight, ids, resp)
-                    loss = masked_reduce(
-                        -seq[:, None], torch.ones_like(seq[:, None]), "token_mean", global_count=n_tokens
-                    )
-                else:
-                    per_token, _, _ = sequence_logps(out.logits, ids, resp)
-                    loss = masked_reduce(-per_token, resp[:, 1:], "token_mean", global_count=n_tokens)
+        with phase("update", step + 1, (len(idx), longest)):
+            for mb in micro:
+                loss = completion_nll(model_fwd, policy, mb, n_tokens=n_tokens, bf16=cfg.bf16)
                 loss.backward()
                 total_loss += loss.item()
         grad_norm, lr = optimizer_step(policy, optimizer, step, schedule)
@@ -224,19 +199,19 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         n_in = dist.all_sum(sum(int(attn.sum()) for _, attn, _, _ in micro))
         loss_value = dist.all_sum(total_loss) / dist.world_size()  # each rank's loss carries a factor world
         row = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_in / dt}
-        save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
-        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate if test else None):
+        if end_of_step(run, step + 1, row, t_step=t0, save=save, evaluate=evaluate):
             break
 
     # ---- save and evaluate (rank 0) ----------------------------------------------------------------
     policy = gathered_policy(policy, cfg)
     if run.main:
         report_skips(skips, cfg.out_dir)
+    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary = end_of_run(
         run,
         policy,
         merged=not cfg.save_adapter_only,
-        evaluate=(lambda: evaluate(run.steps, "after SFT")) if test else None,
+        evaluate=final_eval and (lambda: final_eval(run.steps, "after SFT")),
         report=cfg.report,
         task=task,
         examples=task.examples("test", 8, cfg.seed) if task is not None else data,
@@ -244,7 +219,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     summary["skipped"] = skips.counts
     if test and run.evals and run.cadence.finishes and run.main:
-        last = run.evals[-1]
-        summary["eval"] = {"accuracy": last["accuracy"], "n": len(test), "mean_score": last["mean_score"]}
+        summary["eval"] = last_evaluation(run.evals, len(test))
     summary["config"] = asdict(cfg)
     return Result(policy, run.history, summary)
