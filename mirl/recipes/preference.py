@@ -338,7 +338,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()  # pairs per optimizer step
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
     run = open_run(cfg, desc=cfg.loss, show=("loss", "logps/chosen", "rewards/margins"), start=start, evals=evals)
-    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
+    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s, {"evals": run.evals})
     first, warned = None, False
     policy.train()
 

@@ -176,7 +176,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     run = open_run(cfg, desc="sft", show=("loss", "lr"), start=start, evals=evals)
     run.samples = start * per_step  # training examples so far, recorded with each held-out evaluation
     evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
-    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s)
+    save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s, {"evals": run.evals})
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(start, cfg.steps):
