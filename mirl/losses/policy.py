@@ -41,7 +41,7 @@ from .registry import register_loss
 
 Tensor = torch.Tensor
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
-POLICY_LOSSES = ("clip", "dual_clip", "cispo", "sapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("none", "token", "sequence")
 IS_MODES = ("truncate", "mask")
 
@@ -144,8 +144,16 @@ def policy_spec(name: str):
 
     spec = LOSSES.get(name)
     if spec is None or spec.kind != "policy" or name == "clipped_pg":
-        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
+        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(policy_terms())}")
     return spec
+
+
+def policy_terms() -> tuple[str, ...]:
+    """The registered policy-loss terms (kind policy, clipped_pg aside: the whole loss as one call), in the order
+    of registration: --policy-loss's choices."""
+    from .registry import LOSSES
+
+    return tuple(n for n, spec in LOSSES.items() if spec.kind == "policy" and n != "clipped_pg")
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
@@ -157,7 +165,7 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
         return 0.5 * q**2
     if kind == "k3":
         return torch.exp(q) - q - 1.0
-    raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
 def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: int) -> float:
