@@ -401,7 +401,7 @@ def test_grpo_and_ppo_log_the_rollout_correction_and_refuse_bad_engine_options(t
 
 
 def test_adaptive_entropy_coef_by_hand():
-    from mirl.losses.policy import adaptive_entropy_coef
+    from mirl.losses.coefs import adaptive_entropy_coef
 
     assert adaptive_entropy_coef(0.01, 0.1, 0.2, 0.005, 0.05) == pytest.approx(0.015)  # below target: up
     assert adaptive_entropy_coef(0.01, 0.3, 0.2, 0.005, 0.05) == pytest.approx(0.005)  # above: down
@@ -641,7 +641,7 @@ def test_entropy_bonus_applies_only_at_or_below_the_target():
     measured entropy is at or below the target and down above it, and the bonus uses it only while the last
     measured entropy is at or below the target (0 above it, and 0 before any measurement, as TRL's inf start).
     Without a target (0) the constant --entropy-coef always applies."""
-    from mirl.losses.policy import adaptive_entropy_coef, entropy_bonus_coef
+    from mirl.losses.coefs import adaptive_entropy_coef, entropy_bonus_coef
 
     assert entropy_bonus_coef(0.02, 0.5, 0.3) == 0.0  # above the target: no bonus
     assert entropy_bonus_coef(0.02, 0.3, 0.3) == 0.02  # at the target: the bonus
@@ -763,7 +763,7 @@ def test_top_entropy_threshold_is_torch_quantile_without_its_size_limit():
 def test_kl_and_entropy_coefficients_as_objects():
     """KLCoef: the constant and scheduled beta by hand, the adaptive controller's value moved, saved and loaded;
     EntropyCoef: no bonus under adaptive control until an entropy at or below the target was measured."""
-    from mirl.losses.policy import EntropyCoef, KLCoef
+    from mirl.losses.coefs import EntropyCoef, KLCoef
 
     assert KLCoef(0.1).at(0.7) == 0.1
     assert KLCoef(0.1, "linear", 0.0).at(0.25) == pytest.approx(0.075)

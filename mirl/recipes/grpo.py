@@ -31,13 +31,12 @@ from ..checkpoint import save_checkpoint
 from ..device import phase
 from ..logging import TRACKERS, console
 from ..logps import response_logps
+from ..losses.coefs import EntropyCoef, KLCoef
 from ..losses.policy import (
     AGGREGATIONS,
     IS_MODES,
     KL_ESTIMATORS,
     TERM_OPTIONS,
-    EntropyCoef,
-    KLCoef,
     PolicyLoss,
     policy_terms,
     rollout_correction,

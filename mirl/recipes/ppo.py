@@ -29,11 +29,11 @@ from ..data.collate import batch_indices
 from ..device import autocast, phase
 from ..logging import TRACKERS
 from ..logps import entropy_from_logits, response_logps, token_logps
+from ..losses.coefs import KLCoef
 from ..losses.policy import (
     IS_MODES,
     KL_ESTIMATORS,
     TERM_OPTIONS,
-    KLCoef,
     PolicyLoss,
     clipped_value_loss,
     kl_estimate,
