@@ -13,6 +13,13 @@ The per-token term by policy_loss (the others replace the min/clip above; all eq
                itself, and ScaleRL recommends 5), not 1 + eps_high
     sapo       -(4 / tau) sigmoid(tau (rho_k - 1)) A, tau = tau_pos for A > 0, tau_neg for A < 0: a soft gate
                instead of the hard clip (SAPO; TRL's loss_type="sapo")
+    gmpo       one loss per response, the geometric mean of its ratios (GMPO, Zhao et al. 2025, arXiv 2507.20673):
+               -A exp((1/|o|) sum_k sgn(A) min(sgn(A) s_k, sgn(A) clip(s_k, -eps, eps))), s_k = log rho_k,
+               eps = gmpo_eps (0.4: the paper's (e^-0.4, e^0.4)); the min on the side A pushes, as the released
+               code. With token advantages (PPO, step rewards): sgn(A_k) per token, A their mean (veRL's gmpo).
+               Spread over the response's tokens, loss_agg grpo averages it over responses, as the paper (bnpo,
+               dapo, dr_grpo weight each response by its length); with importance sequence the clip is on the
+               sequence's mean log-ratio (the paper's seqclip ablation); pg_mask selects the tokens of the mean.
 Aggregation (loss_agg), the place where the GRPO variants differ:
     grpo     mean over responses of (token mean within the response)
     bnpo     token mean over the micro-batch
@@ -31,6 +38,8 @@ kernels, bf16), the samples come from q, not p; each token's loss is weighted by
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +128,21 @@ def sapo_term(
     return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
 
 
+@register_loss("gmpo", kind="policy")
+def gmpo_term(
+    logps: Tensor, ratio: Tensor, adv: Tensor, clip: tuple[float, float], *, mask: Tensor, gmpo_eps: float = 0.4
+) -> Tensor:
+    """-A exp(mean_k sgn(A) min(sgn(A) s_k, sgn(A) clip(s_k, -eps, eps))), s_k = log rho_k over the response's
+    tokens (mask (B, T)): one loss per response (B, 1), GMPO's clipped geometric mean of the ratios."""
+    mask = mask.to(ratio.dtype)
+    n = mask.sum(-1, keepdim=True).clamp(min=1)
+    s = torch.log(ratio)  # (exact while |log rho| < 87 in float32: exp neither overflows nor underflows)
+    sgn = torch.sign(adv)
+    kept = sgn * torch.minimum(sgn * s, sgn * s.clamp(-gmpo_eps, gmpo_eps))
+    a = adv if adv.shape[-1] == 1 else (adv * mask).sum(-1, keepdim=True) / n  # token advantages: their mean
+    return -a * torch.exp((kept * mask).sum(-1, keepdim=True) / n)
+
+
 def policy_term(
     logps: Tensor,
     ratio: Tensor,
@@ -127,14 +151,17 @@ def policy_term(
     policy_loss: str = "clip",
     clip_eps: float = 0.2,
     clip_eps_high: float = 0.2,
+    mask: Tensor | None = None,
     **options,
 ) -> Tensor:
     """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table):
     the registered term `policy_loss` with the options it takes (the others are not its own and are dropped).
-    ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T)."""
+    ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T); mask (B, T), for a term that takes it
+    (gmpo; default: every token)."""
     spec = policy_spec(policy_loss)
     own = {k: v for k, v in options.items() if k in spec.options}
-    return spec(logps, ratio, adv, (clip_eps, clip_eps_high), **own)
+    mask = torch.ones_like(logps) if mask is None else mask
+    return spec(logps, ratio, adv, (clip_eps, clip_eps_high), mask=mask, **own)
 
 
 def policy_spec(name: str):
@@ -191,7 +218,7 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
 @dataclass(frozen=True)
 class PolicyLoss:
     """The policy loss of an online recipe, built once from its options and called the same way by grpo and ppo:
-    the registered term (clip, dual_clip, cispo, sapo) with its own options, the clipping range, the importance
+    the registered term (clip, dual_clip, cispo, sapo, gmpo) with its own options, the clipping range, the importance
     level (token, or sequence: GSPO), the aggregation (loss_agg) and the KL estimator. An option the term does
     not take is an error listing those it does (LossSpec)."""
 
@@ -224,6 +251,15 @@ class PolicyLoss:
         """The upper clipping offset: clip_eps_high, or clip_eps when not given."""
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
+    def bounds(self) -> tuple[float, float]:
+        """The ratios below and above which the term clips (the clip-fraction metrics): 1 - clip_eps and
+        1 + high; cispo's cap above; gmpo's e^-eps and e^eps."""
+        if self.term == "gmpo":
+            eps = dict(self.options).get("gmpo_eps", 0.4)
+            return math.exp(-eps), math.exp(eps)
+        cap = dict(self.options).get("cispo_cap", 5.0) if self.term == "cispo" else 1 + self.high
+        return 1 - self.clip_eps, cap
+
     def __call__(
         self,
         logps: Tensor,
@@ -249,10 +285,12 @@ class PolicyLoss:
         else:
             log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
         ratio = torch.exp(log_w)
-        per_token = policy_spec(self.term)(logps, ratio, adv, (self.clip_eps, self.high), **dict(self.options))
+        spec = policy_spec(self.term)
+        pg = mask if pg_mask is None else mask * pg_mask.to(mask.dtype)  # the tokens the policy term trains on
+        per_token = spec(logps, ratio, adv, (self.clip_eps, self.high), mask=pg, **dict(self.options))
         if is_weights is not None:
             per_token = per_token * is_weights
-        if pg_mask is not None:
+        if pg_mask is not None and "mask" not in inspect.signature(spec.fn).parameters:  # (gmpo: applied inside)
             per_token = per_token * pg_mask.to(per_token.dtype)
         metrics = {}
         if beta != 0.0:
@@ -263,8 +301,8 @@ class PolicyLoss:
             metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
         per_token = per_token.expand_as(mask) if per_token.shape != mask.shape else per_token
         loss = aggregate(per_token, mask, self.loss_agg, self.max_completion_length, global_count)
-        low_clip = ((ratio < 1 - self.clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
-        cap = dict(self.options).get("cispo_cap", 5.0) if self.term == "cispo" else 1 + self.high
+        floor, cap = self.bounds()
+        low_clip = ((ratio < floor) & (adv < 0)).to(mask.dtype).expand_as(mask)
         high_clip = ((ratio > cap) & (adv > 0)).to(mask.dtype).expand_as(mask)
         n = mask.sum().clamp(min=1)
         metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
@@ -315,12 +353,18 @@ def clipped_policy_loss(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     cispo_cap: float = 5.0,
+    gmpo_eps: float = 0.4,
     is_weights: Tensor | None = None,
     pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PolicyLoss as one function call (tests, the starvation experiment): built from these options and called."""
     own = term_options(
-        policy_loss, dual_clip_c=dual_clip_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, cispo_cap=cispo_cap
+        policy_loss,
+        dual_clip_c=dual_clip_c,
+        sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg,
+        cispo_cap=cispo_cap,
+        gmpo_eps=gmpo_eps,
     )
     fn = PolicyLoss(
         policy_loss, own, clip_eps, clip_eps_high, importance, loss_agg, kl_estimator, max_completion_length

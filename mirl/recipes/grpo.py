@@ -105,6 +105,7 @@ class Config:
     cispo_cap: float = term_option("cispo", 5.0, at_least=1.0)  # cispo: the cap on the detached importance weight
     sapo_tau_pos: float = term_option("sapo", 1.0, above=0.0)  # sapo: gate temperature for positive advantages
     sapo_tau_neg: float = term_option("sapo", 1.05, above=0.0)  # sapo: gate temperature for negative advantages
+    gmpo_eps: float = term_option("gmpo", 0.4, above=0.0)  # gmpo: each token's log-ratio clipped to [-eps, eps]
     beta: float = 0.0  # KL coefficient (0 = no reference model in memory)
     kl_estimator: str = choice("k3", among=KL_ESTIMATORS)  # the per-token KL estimator (Schulman's)
     kl_schedule: str = choice("constant", "linear", "cosine")  # beta over the run: constant, or from beta to beta_final

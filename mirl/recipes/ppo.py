@@ -97,6 +97,7 @@ class Config:
     cispo_cap: float = term_option("cispo", 5.0, at_least=1.0)  # cispo: the cap on the detached importance weight
     sapo_tau_pos: float = term_option("sapo", 1.0, above=0.0)  # sapo: gate temperature for positive advantages
     sapo_tau_neg: float = term_option("sapo", 1.05, above=0.0)  # sapo: gate temperature for negative advantages
+    gmpo_eps: float = term_option("gmpo", 0.4, above=0.0)  # gmpo: each token's log-ratio clipped to [-eps, eps]
     value_clip: float = 0.2  # value clip range
     vf_coef: float = 0.5  # value loss weight
     beta: float = 0.02  # per-token KL penalty coefficient (0 = none, no reference model)
