@@ -66,10 +66,11 @@ def _field_type(f: dataclasses.Field):
 
 
 def _field_help(cls) -> dict[str, str]:
-    """One-line docs: the comment after each field in the dataclass source."""
+    """Each field's doc: the comment after it in the dataclass source, joined with the comment-only lines right
+    below it that continue it (a line starting `# --` is a section's heading, not a continuation)."""
     import inspect
 
-    helps = {}
+    helps, last = {}, None
     for klass in reversed(cls.__mro__[:-1]):
         try:
             lines = inspect.getsource(klass).splitlines()
@@ -77,26 +78,35 @@ def _field_help(cls) -> dict[str, str]:
             continue
         for line in lines:
             line = line.strip()
-            if ":" in line and "#" in line and not line.startswith("#"):
-                name = line.split(":", 1)[0].strip()
-                helps[name] = line.split("#", 1)[1].strip()
+            if line.startswith("#") and not line.startswith("# --") and last:
+                helps[last] += " " + line[1:].strip()
+            elif ":" in line and "#" in line and not line.startswith("#"):
+                last = line.split(":", 1)[0].strip()
+                helps[last] = line.split("#", 1)[1].strip()
+            else:
+                last = None
     return helps
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of a Config dataclass, typed from its annotation, with the field's comment as help."""
+    """One --flag per field of a Config dataclass, typed from its annotation, with the field's comment as help and
+    its choices (options.choice, choice_list) after the flag, as argparse writes them: --loss-agg {grpo,bnpo,...}.
+    The choices are not given to argparse to check: check_config does, for the flags and the --config file alike,
+    with one message (`--loss-agg 'x': must be one of ...`), and a comma list is not one of its items."""
     helps = _field_help(cls)
     for f in dataclasses.fields(cls):
         t = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default = "auto" if f.default is None else repr(f.default)  # (None: decided at the start, mirl/device.py)
         h = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        choices = f.metadata.get("choices")
+        shown = "{" + ",".join(choices) + "}" + ("[,...]" if f.metadata.get("comma") else "") if choices else None
         if t is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=t, default=argparse.SUPPRESS, help=h)
+            parser.add_argument(flag, dest=f.name, type=t, default=argparse.SUPPRESS, help=h, metavar=shown)
 
 
 def load_yaml_overrides(path: str | Path, cls) -> dict:

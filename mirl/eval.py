@@ -16,6 +16,7 @@ from math import comb
 
 import torch
 
+from .options import choice
 from .rollout.score import completions
 
 
@@ -111,7 +112,7 @@ class Config:
     model: str = "runs/demo/sft/final"  # saved model folder, preset or hub id
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:pair]
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     n: int = 200  # held-out prompts
     k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
     n_samples: int = 0  # samples per prompt for pass@k (0 = k)

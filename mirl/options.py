@@ -1,9 +1,12 @@
 """Checking a command's whole configuration before any model is loaded: ranges and choices of every option.
 
-One table, keyed by option name (the same name means the same thing in every recipe): what values are
-allowed and how to say so. `check_config(cfg)` walks the fields of a recipe's Config dataclass and raises
-a ConfigError naming the option (as its flag), the value given and what is allowed. Options whose range
-depends on the recipe (beta, temperature) have a per-recipe entry.
+An option with a fixed set of values declares them beside its field, `loss_agg: str = choice("grpo", "bnpo")`
+(the first is the default; `among=` a registry's names), and so does a policy-loss term's own option
+(`term_option`). What is shared stays here: one table of ranges keyed by option name (the same name means the
+same thing in every recipe), the options that need another (NEEDS) and the combination checks.
+`check_config(cfg)` walks the fields of a recipe's Config dataclass and raises a ConfigError naming the option
+(as its flag), the value given and what is allowed. Options whose range depends on the recipe (beta,
+temperature) have a per-recipe entry.
 """
 
 from __future__ import annotations
@@ -41,6 +44,43 @@ def _finite():
 
 def _one_of(*choices: str):
     return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _comma_choices(*choices: str):
+    def ok(v):
+        parts = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else None
+        return bool(parts) and all(x in choices for x in parts)
+
+    return ok, "a comma-separated list of " + ", ".join(choices)
+
+
+def choice(default: str, *others: str, among: tuple[str, ...] = ()):
+    """A Config field whose value is one of `default, *others`, or of `among` (a registry's names, which must hold
+    the default), in that order in --help and in the error."""
+    choices = tuple(among) or (default, *others)
+    if default not in choices:
+        raise ValueError(f"default {default!r} is not among the choices {choices}")
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def choice_list(default: str, *choices: str):
+    """A Config field whose value is a comma-separated list of `choices` (default: a list of them)."""
+    return dataclasses.field(default=default, metadata={"choices": choices, "comma": True})
+
+
+def term_option(term: str, default: float, *, above: float | None = None, at_least: float | None = None):
+    """An option of the policy-loss term `term` declared beside its field: a finite number > above (or >= at_least),
+    that has no effect (a ConfigError) unless --policy-loss is `term`."""
+    rule = _float_in(above, lo_open=True) if above is not None else _float_in(at_least)
+    return dataclasses.field(default=default, metadata={"rule": rule, "term": term})
+
+
+def field_rule(f: dataclasses.Field):
+    """The check a field declares beside itself (choice, choice_list, term_option), as (test, words); or None."""
+    choices = f.metadata.get("choices")
+    if choices:
+        return _comma_choices(*choices) if f.metadata.get("comma") else _one_of(*choices)
+    return f.metadata.get("rule")
 
 
 POSITIVE = _int_at_least(1)
@@ -123,7 +163,6 @@ RULES = {
     },
     **{name: _finite() for name in ("positive_threshold", "simpo_gamma")},
     "clip_eps": _float_in(0.0, 1.0, lo_open=True, hi_open=True),
-    "cispo_cap": _float_in(1.0),
     "value_clip": _float_in(0.0, lo_open=True),
     "top_p": _float_in(0.0, 1.0, lo_open=True),
     "min_lr_ratio": _float_in(0.0, 1.0),
@@ -138,45 +177,16 @@ RULES = {
     "beta": _float_in(0.0),  # grpo, ppo: 0 = no KL term; the preference losses need beta > 0, below
     "kl_target": _float_in(0.0),  # grpo, ppo: 0 = a fixed (or scheduled) beta
     "kl_horizon": _float_in(0.0, lo_open=True),
-    "advantage": _one_of("group", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gdpo"),
-    "policy_loss": _one_of("clip", "dual_clip", "cispo", "sapo"),
-    "step_baseline": _one_of("group", "position"),
-    "engine": _one_of("local", "vllm"),
     "vllm_memory": _float_in(0.0, 1.0, lo_open=True),
-    "is_correction": _one_of("auto", "none", "token", "sequence"),
-    "is_mode": _one_of("truncate", "mask"),
     "is_cap": _float_in(1.0, lo_open=True),
     "jsd_beta": _float_in(0.0, 1.0),
-    "prompt_sampler": _one_of("uniform", "curriculum", "pass-rate"),
     "entropy_coef": _float_in(0.0),
     "entropy_target": _float_in(0.0),
     "entropy_coef_delta": _float_in(0.0),
     "entropy_coef_max": _float_in(0.0),
     "top_entropy_quantile": _float_in(0.0, 1.0, lo_open=True),
-    "dual_clip_c": _float_in(1.0, lo_open=True),
-    "sapo_tau_pos": _float_in(0.0, lo_open=True),
-    "sapo_tau_neg": _float_in(0.0, lo_open=True),
     "log_completions": NON_NEGATIVE,
-    "chat": _one_of("auto", "yes", "no"),
-    "scale_rewards": _one_of("group", "batch", "none"),
-    "loss_agg": _one_of("grpo", "bnpo", "dapo", "dr_grpo"),
-    "importance": _one_of("token", "sequence"),
-    "kl_estimator": _one_of("k1", "k2", "k3"),
-    "kl_schedule": _one_of("constant", "linear", "cosine"),
-    "logp_agg": _one_of("sum", "mean"),
-    "ref_mode": _one_of("precompute", "model"),
-    "critic": _one_of("head", "separate"),
-    "aggregate": _one_of("last", "mean"),
-    "pairs": _one_of("synthetic", "sampled", "both"),
 }
-
-
-def _comma_choices(*choices: str):
-    def ok(v):
-        parts = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else None
-        return bool(parts) and all(x in choices for x in parts)
-
-    return ok, "a comma-separated list of " + ", ".join(choices)
 
 
 def _device():
@@ -188,9 +198,6 @@ def _device():
 
 
 RULES["device"] = _device()
-RULES["dtype"] = _one_of("float32", "bfloat16")
-RULES["noise_kinds"] = _comma_choices("crop", "noise")
-RULES["report_to"] = _comma_choices("tensorboard", "wandb", "trackio", "none")
 # (recipe module, option) -> rule, where the range differs between recipes
 RECIPE_RULES = {
     ("grpo", "group_size"): _int_at_least(2),  # a group of one has no baseline
@@ -208,11 +215,12 @@ def flag(name: str) -> str:
 
 
 def check_config(cfg) -> None:
-    """Every option of a Config dataclass against its range or choices, then the options that need another one
+    """Every option of a Config dataclass against its range or choices (RECIPE_RULES, then what its field declares,
+    then RULES), then the options that need another one
     (check_combinations); the first bad one raises ConfigError."""
     recipe = type(cfg).__module__.rsplit(".", 1)[-1]
     for f in dataclasses.fields(cfg):
-        rule = RECIPE_RULES.get((recipe, f.name)) or RULES.get(f.name)
+        rule = RECIPE_RULES.get((recipe, f.name)) or field_rule(f) or RULES.get(f.name)
         if rule is None:
             continue
         ok, what = rule
@@ -258,9 +266,6 @@ NEEDS = [
     (("is_cap", "is_mode"), _corrects, "--is-correction token or sequence (or --engine vllm, where auto is sequence)"),
     (("step_baseline",), lambda c: _get(c, "step_rewards", False), "--step-rewards"),
     (("scale_rewards",), lambda c: _get(c, "advantage", "group") == "group", "--advantage group"),
-    (("dual_clip_c",), lambda c: _get(c, "policy_loss") == "dual_clip", "--policy-loss dual_clip"),
-    (("sapo_tau_pos", "sapo_tau_neg"), lambda c: _get(c, "policy_loss") == "sapo", "--policy-loss sapo"),
-    (("cispo_cap",), lambda c: _get(c, "policy_loss") == "cispo", "--policy-loss cispo (its weight's cap)"),
     (
         ("clip_eps_high",),
         lambda c: _get(c, "policy_loss", "clip") in ("clip", "dual_clip"),
@@ -298,6 +303,10 @@ def check_combinations(cfg) -> None:
     option: ConfigError naming the option, its value and what it needs. Trackers: installed, W&B logged in."""
     recipe = type(cfg).__module__.rsplit(".", 1)[-1]
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for f in dataclasses.fields(cfg):  # a policy-loss term's own options (term_option)
+        term = f.metadata.get("term")
+        if term and getattr(cfg, f.name) != f.default and _get(cfg, "policy_loss") != term:
+            raise ConfigError(f"{flag(f.name)} {getattr(cfg, f.name)!r} has no effect: it needs --policy-loss {term}")
     for names, acts, needs in NEEDS:
         for name in names:
             if name in defaults and getattr(cfg, name) != defaults[name] and not acts(cfg):

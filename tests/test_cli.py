@@ -150,6 +150,28 @@ def test_every_command_prints_its_help(cmd, capsys):
     assert e.value.code == 0 and f"usage: mirl {cmd}" in out and "--config" in out
 
 
+def test_help_lists_each_fields_choices_and_its_whole_doc(capsys):
+    """The choices a field declares (options.choice, choice_list) follow its flag in --help, as argparse writes
+    them, the policy terms and advantage estimators from their registries; a doc comment continued on the
+    comment-only line below its field is joined, and a `# --` heading is not a continuation."""
+    from mirl.advantages import ESTIMATORS
+    from mirl.cli import _field_help
+    from mirl.losses.policy import policy_terms
+    from mirl.recipes import grpo
+
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the usage and help lines
+    assert "--loss-agg {grpo,bnpo,dapo,dr_grpo}" in out
+    assert "--policy-loss {" + ",".join(policy_terms()) + "}" in out and "cispo" in policy_terms()
+    assert "--advantage {" + ",".join(ESTIMATORS) + "}" in out
+    assert "--report-to {tensorboard,wandb,trackio,none}[,...]" in out and "--noise-kinds {crop,noise}[,...]" in out
+    helps = _field_help(grpo.Config)
+    assert helps["row_seeded_sampling"].endswith("the same samples whatever the rank layout (always on under torchrun)")
+    assert helps["eval_every_s"].endswith("(evaluations excluded; 0 = off)")  # the heading below it stays out
+    assert helps["lora_r"] == "LoRA rank (0 = full fine-tuning)"
+
+
 def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "mirl", "dpo", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--neg-mix" in r.stdout and "--ref-mode" in r.stdout

@@ -175,7 +175,7 @@ def test_policy_loss_variants_match_trl_and_verl_formulas():
     torch.testing.assert_close(policy_term(lp, coef_1, adv, policy_loss="dual_clip", clip_eps_high=0.2), verl)
 
 
-@pytest.mark.parametrize("kind", ["clip", "dual_clip", "cispo", "sapo"])
+@pytest.mark.parametrize("kind", ["clip", "dual_clip", "cispo", "sapo", "gmpo"])
 def test_every_policy_loss_is_the_plain_policy_gradient_on_policy(kind):
     """At rho = 1 (one pass over fresh samples) every variant's gradient is -A d logp."""
     from mirl.losses.policy import clipped_policy_loss
@@ -198,14 +198,14 @@ def test_grpo_trains_with_each_policy_loss_and_refuses_an_unknown_one(tmp_path):
 
     common = dict(task="arith:1", steps=2, group_size=4, prompts_per_step=4, max_new_tokens=6, eval_n=0)
     common.update(num_iterations=2, threads=1, report=False)
-    for kind in ("dual_clip", "cispo", "sapo"):
+    for kind in ("dual_clip", "cispo", "sapo", "gmpo"):
         res = grpo.train(grpo.Config(**common, policy_loss=kind, out_dir=str(tmp_path / kind)))
         assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)
     with pytest.raises(ConfigError, match="--policy-loss"):
         grpo.train(grpo.Config(**common, policy_loss="gspo", out_dir=str(tmp_path / "bad")))
     from mirl.recipes import ppo
 
-    for kind in ("dual_clip", "cispo", "sapo"):  # PPO takes the same choices
+    for kind in ("dual_clip", "cispo", "sapo", "gmpo"):  # PPO takes the same choices
         res = ppo.train(
             ppo.Config(task="arith:1", steps=2, prompts_per_step=4, max_new_tokens=6, eval_n=0, threads=1,
                        report=False, policy_loss=kind, out_dir=str(tmp_path / f"ppo_{kind}"))
@@ -401,7 +401,7 @@ def test_grpo_and_ppo_log_the_rollout_correction_and_refuse_bad_engine_options(t
 
 
 def test_adaptive_entropy_coef_by_hand():
-    from mirl.losses.policy import adaptive_entropy_coef
+    from mirl.losses.coefs import adaptive_entropy_coef
 
     assert adaptive_entropy_coef(0.01, 0.1, 0.2, 0.005, 0.05) == pytest.approx(0.015)  # below target: up
     assert adaptive_entropy_coef(0.01, 0.3, 0.2, 0.005, 0.05) == pytest.approx(0.005)  # above: down
@@ -641,7 +641,7 @@ def test_entropy_bonus_applies_only_at_or_below_the_target():
     measured entropy is at or below the target and down above it, and the bonus uses it only while the last
     measured entropy is at or below the target (0 above it, and 0 before any measurement, as TRL's inf start).
     Without a target (0) the constant --entropy-coef always applies."""
-    from mirl.losses.policy import adaptive_entropy_coef, entropy_bonus_coef
+    from mirl.losses.coefs import adaptive_entropy_coef, entropy_bonus_coef
 
     assert entropy_bonus_coef(0.02, 0.5, 0.3) == 0.0  # above the target: no bonus
     assert entropy_bonus_coef(0.02, 0.3, 0.3) == 0.02  # at the target: the bonus
@@ -649,6 +649,39 @@ def test_entropy_bonus_applies_only_at_or_below_the_target():
     assert entropy_bonus_coef(0.02, None, 0.3) == 0.0  # nothing measured yet
     assert entropy_bonus_coef(0.02, 0.5, 0.0) == 0.02  # no adaptive control: the constant coefficient
     assert adaptive_entropy_coef(0.01, 0.2, 0.2, 0.005, 0.05) == pytest.approx(0.015)  # at the target: up
+
+
+def test_gmpo_is_the_clipped_geometric_mean_of_the_ratios_by_hand():
+    """GMPO (Zhao et al. 2025) per response: -A exp(mean_k s'_k), s_k = log rho_k, with s'_k = min(s_k, 0.4) for
+    A > 0 and max(s_k, -0.4) for A < 0 (eps 0.4: only the side A pushes is clipped). Two responses:
+        A = 2,  s = [0.1, 0.6, -0.9]:  s' = [0.1, 0.4, -0.9], mean -0.4/3, loss -2 e^(-0.4/3)
+        A = -1, s = [0.7, -0.5, (masked 5)]:  s' = [0.7, -0.4], mean 0.15,  loss e^0.15
+    loss_agg grpo: their mean. d loss / d s_k = loss_i / |o_i| for an unclipped token, 0 for a clipped or masked
+    one, halved by the mean: row 0 [-e^(-0.4/3) / 3, 0, -e^(-0.4/3) / 3], row 1 [e^0.15 / 4, 0, 0]."""
+    from mirl.losses.policy import policy_term
+
+    s = torch.tensor([[0.1, 0.6, -0.9], [0.7, -0.5, 5.0]], dtype=torch.float64)
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    old = -torch.ones(2, 3, dtype=torch.float64)
+    lp = (old + s).requires_grad_(True)
+    loss, m = clipped_policy_loss(lp, old, adv, mask, policy_loss="gmpo", loss_agg="grpo")
+    loss.backward()
+    per_seq = [-2 * math.exp(-0.4 / 3), math.exp(0.15)]
+    assert loss.item() == pytest.approx(sum(per_seq) / 2, rel=1e-12)
+    want = [[-math.exp(-0.4 / 3) / 3, 0.0, -math.exp(-0.4 / 3) / 3], [math.exp(0.15) / 4, 0.0, 0.0]]
+    torch.testing.assert_close(lp.grad, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # the term alone: one loss per response (B, 1); eps 1 clips nothing here but row 1's masked token
+    got = policy_term(lp.detach(), torch.exp(s), adv[:, None], policy_loss="gmpo", mask=mask, gmpo_eps=1.0)
+    wide = [[-2 * math.exp(-0.2 / 3)], [math.exp(0.1)]]
+    torch.testing.assert_close(got, torch.tensor(wide, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert float(m["clip_fraction/high"]) == pytest.approx(1 / 5)  # row 0's 0.6 > 0.4 (A > 0); 5 tokens
+    assert float(m["clip_fraction/low"]) == pytest.approx(1 / 5)  # row 1's -0.5 < -0.4 (A < 0)
+    # pg_mask (top-entropy tokens) selects the tokens of the mean: row 0 without its last token is
+    # mean(0.1, 0.4) = 0.25, row 1 keeps its first alone: 0.7
+    pg = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    sel, _ = clipped_policy_loss(lp.detach(), old, adv, mask, policy_loss="gmpo", pg_mask=pg)
+    assert float(sel) == pytest.approx((-2 * math.exp(0.25) + math.exp(0.7)) / 2, rel=1e-12)
 
 
 def test_cispo_caps_the_weight_at_cispo_cap():
@@ -684,6 +717,10 @@ def test_cispo_cap_without_cispo_is_an_error(tmp_path):
     for bad in (0.5, float("nan")):
         with pytest.raises(ConfigError, match="--cispo-cap"):
             grpo.train(grpo.Config(cispo_cap=bad, policy_loss="cispo", out_dir=str(tmp_path / "g2")))
+    with pytest.raises(ConfigError, match="--gmpo-eps 0.2 has no effect: it needs --policy-loss gmpo"):
+        ppo.train(ppo.Config(gmpo_eps=0.2, out_dir=str(tmp_path / "p2")))
+    with pytest.raises(ConfigError, match="--gmpo-eps 0.0: must be a finite number > 0"):
+        grpo.train(grpo.Config(gmpo_eps=0.0, policy_loss="gmpo", out_dir=str(tmp_path / "g4")))
 
 
 def test_whiten_uses_the_unbiased_variance_like_reinforce_pp():
@@ -763,7 +800,7 @@ def test_top_entropy_threshold_is_torch_quantile_without_its_size_limit():
 def test_kl_and_entropy_coefficients_as_objects():
     """KLCoef: the constant and scheduled beta by hand, the adaptive controller's value moved, saved and loaded;
     EntropyCoef: no bonus under adaptive control until an entropy at or below the target was measured."""
-    from mirl.losses.policy import EntropyCoef, KLCoef
+    from mirl.losses.coefs import EntropyCoef, KLCoef
 
     assert KLCoef(0.1).at(0.7) == 0.1
     assert KLCoef(0.1, "linear", 0.0).at(0.25) == pytest.approx(0.075)

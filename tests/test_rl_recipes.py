@@ -320,7 +320,7 @@ def test_bf16_in_the_online_recipes(tmp_path, sft_dir):
 
 def test_adaptive_kl_controller_matches_the_formula():
     """Ziegler et al. (2019) / veRL's AdaptiveKLController: beta * (1 + clip(kl / target - 1, +-0.2) * n / H)."""
-    from mirl.losses.policy import adaptive_kl_coef
+    from mirl.losses.coefs import adaptive_kl_coef
 
     assert adaptive_kl_coef(0.1, 0.03, 0.01, 1000, 50) == pytest.approx(0.1 * (1 + 0.2 * 50 / 1000))  # clipped up
     assert adaptive_kl_coef(0.1, 0.009, 0.01, 1000, 50) == pytest.approx(0.1 * (1 - 0.1 * 50 / 1000))
@@ -456,7 +456,7 @@ def test_progress_is_the_larger_of_steps_and_time():
     assert Cadence(11, time_budget_s=100.0).progress(3, 50.0) == pytest.approx(0.5)
     assert Cadence(11, time_budget_s=100.0).progress(3, 10.0) == pytest.approx(0.3)
     assert Cadence(11, time_budget_s=100.0).progress(30, 500.0) == 1.0
-    from mirl.losses.policy import scheduled_beta
+    from mirl.losses.coefs import scheduled_beta
 
     assert scheduled_beta("linear", 0.04, 0.0, 0.25) == pytest.approx(0.03)
     assert scheduled_beta("cosine", 0.04, 0.0, 0.5) == pytest.approx(0.02)

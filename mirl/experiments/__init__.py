@@ -29,7 +29,7 @@ class Config:
     out_dir: str = "runs/experiments"  # results go to <out_dir>/<name>/
     threads: int = 2  # torch CPU threads
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
-    # mio-vs-dpo
+    # -- mio-vs-dpo
     betas: str = "0.1,0.5,1.0"  # toy: betas
     toy_lrs: str = "1,10"  # toy: gradient-descent learning rates (one plot each)
     toy_losses: str = "dpo,mio,ipo,group_infonce,group_js"  # toy: losses from the registry
@@ -43,9 +43,9 @@ class Config:
     sft_steps: int = 400  # tiny GPT: SFT steps of the start model (cached in <out>/sft)
     n_prompts: int = 512  # tiny GPT: prompts to sample pairs from
     eval_n: int = 300  # held-out prompts
-    # starvation
+    # -- starvation
     starve_steps: int = 200  # steps per method
-    # rft-compare
+    # -- rft-compare
     budget_s: float = 240.0  # wall-clock training budget per method, task and seed (evaluations excluded)
     budget_samples: int = 0  # instead an equal-samples budget: each run stops after this many samples (0 = off)
     workers: int = 2  # rft-compare: runs at a time (separate processes, one thread each)

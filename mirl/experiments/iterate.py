@@ -23,7 +23,7 @@ from ..data.tasks import make_task
 from ..device import resolve_device
 from ..eval import evaluate
 from ..logging import console
-from ..options import ConfigError
+from ..options import ConfigError, choice
 from ..recipes import grpo, sft
 from ..recipes.common import build_policy
 from ..recipes.run import Result
@@ -36,7 +36,7 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # built-in task: prompts, verifier, held-out evaluation
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     rounds: int = 3  # SFT -> GRPO rounds
     n_prompts: int = 512  # training prompts sampled for rejection sampling, each round
     samples_per_prompt: int = 8  # responses sampled per prompt (the first verified one is kept)

@@ -13,6 +13,13 @@ The per-token term by policy_loss (the others replace the min/clip above; all eq
                itself, and ScaleRL recommends 5), not 1 + eps_high
     sapo       -(4 / tau) sigmoid(tau (rho_k - 1)) A, tau = tau_pos for A > 0, tau_neg for A < 0: a soft gate
                instead of the hard clip (SAPO; TRL's loss_type="sapo")
+    gmpo       one loss per response, the geometric mean of its ratios (GMPO, Zhao et al. 2025, arXiv 2507.20673):
+               -A exp((1/|o|) sum_k sgn(A) min(sgn(A) s_k, sgn(A) clip(s_k, -eps, eps))), s_k = log rho_k,
+               eps = gmpo_eps (0.4: the paper's (e^-0.4, e^0.4)); the min on the side A pushes, as the released
+               code. With token advantages (PPO, step rewards): sgn(A_k) per token, A their mean (veRL's gmpo).
+               Spread over the response's tokens, loss_agg grpo averages it over responses, as the paper (bnpo,
+               dapo, dr_grpo weight each response by its length); with importance sequence the clip is on the
+               sequence's mean log-ratio (the paper's seqclip ablation); pg_mask selects the tokens of the mean.
 Aggregation (loss_agg), the place where the GRPO variants differ:
     grpo     mean over responses of (token mean within the response)
     bnpo     token mean over the micro-batch
@@ -31,6 +38,7 @@ kernels, bf16), the samples come from q, not p; each token's loss is weighted by
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -41,7 +49,7 @@ from .registry import register_loss
 
 Tensor = torch.Tensor
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
-POLICY_LOSSES = ("clip", "dual_clip", "cispo", "sapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_LEVELS = ("none", "token", "sequence")
 IS_MODES = ("truncate", "mask")
 
@@ -120,6 +128,21 @@ def sapo_term(
     return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
 
 
+@register_loss("gmpo", kind="policy")
+def gmpo_term(
+    logps: Tensor, ratio: Tensor, adv: Tensor, clip: tuple[float, float], *, mask: Tensor, gmpo_eps: float = 0.4
+) -> Tensor:
+    """-A exp(mean_k sgn(A) min(sgn(A) s_k, sgn(A) clip(s_k, -eps, eps))), s_k = log rho_k over the response's
+    tokens (mask (B, T)): one loss per response (B, 1), GMPO's clipped geometric mean of the ratios."""
+    mask = mask.to(ratio.dtype)
+    n = mask.sum(-1, keepdim=True).clamp(min=1)
+    s = torch.log(ratio)  # (exact while |log rho| < 87 in float32: exp neither overflows nor underflows)
+    sgn = torch.sign(adv)
+    kept = sgn * torch.minimum(sgn * s, sgn * s.clamp(-gmpo_eps, gmpo_eps))
+    a = adv if adv.shape[-1] == 1 else (adv * mask).sum(-1, keepdim=True) / n  # token advantages: their mean
+    return -a * torch.exp((kept * mask).sum(-1, keepdim=True) / n)
+
+
 def policy_term(
     logps: Tensor,
     ratio: Tensor,
@@ -128,14 +151,17 @@ def policy_term(
     policy_loss: str = "clip",
     clip_eps: float = 0.2,
     clip_eps_high: float = 0.2,
+    mask: Tensor | None = None,
     **options,
 ) -> Tensor:
     """The per-token policy-gradient loss before the KL term and the aggregation (the module docstring's table):
     the registered term `policy_loss` with the options it takes (the others are not its own and are dropped).
-    ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T)."""
+    ratio: the importance weight (B, T) or (B, 1); adv (B, 1) or (B, T); mask (B, T), for a term that takes it
+    (gmpo; default: every token)."""
     spec = policy_spec(policy_loss)
     own = {k: v for k, v in options.items() if k in spec.options}
-    return spec(logps, ratio, adv, (clip_eps, clip_eps_high), **own)
+    mask = torch.ones_like(logps) if mask is None else mask
+    return spec(logps, ratio, adv, (clip_eps, clip_eps_high), mask=mask, **own)
 
 
 def policy_spec(name: str):
@@ -144,8 +170,16 @@ def policy_spec(name: str):
 
     spec = LOSSES.get(name)
     if spec is None or spec.kind != "policy" or name == "clipped_pg":
-        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
+        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(policy_terms())}")
     return spec
+
+
+def policy_terms() -> tuple[str, ...]:
+    """The registered policy-loss terms (kind policy, clipped_pg aside: the whole loss as one call), in the order
+    of registration: --policy-loss's choices."""
+    from .registry import LOSSES
+
+    return tuple(n for n, spec in LOSSES.items() if spec.kind == "policy" and n != "clipped_pg")
 
 
 def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
@@ -157,121 +191,7 @@ def kl_estimate(logps: Tensor, ref_logps: Tensor, kind: str = "k3") -> Tensor:
         return 0.5 * q**2
     if kind == "k3":
         return torch.exp(q) - q - 1.0
-    raise ValueError(f"unknown KL estimator {kind!r}; valid: k1, k2, k3")
-
-
-def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: float, n: int) -> float:
-    """The adaptive KL controller of Ziegler et al. (2019), as veRL's kl_ctrl and OpenRLHF's kl target:
-    beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon), with kl the batch's mean per-token KL to the
-    reference and n the samples in the batch. beta grows while the KL is above target and shrinks below."""
-    error = min(max(kl / target - 1.0, -0.2), 0.2)
-    return beta * (1.0 + error * n / horizon)
-
-
-def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float, max_coef: float) -> float:
-    """Skywork-OR1's adaptive entropy control: the bonus coefficient rises by delta while the batch's mean
-    token entropy is at or below target and falls by delta above it, within [0, max_coef] (as TRL's
-    use_adaptive_entropy). The bonus applies it only at or below the target: entropy_bonus_coef."""
-    coef = coef + delta if entropy <= target else coef - delta
-    return min(max(coef, 0.0), max_coef)
-
-
-def entropy_bonus_coef(coef: float, entropy: float | None, target: float) -> float:
-    """The entropy bonus's coefficient in the loss: coef, except under adaptive control (target > 0) while the
-    last measured mean token entropy is above the target, or none was measured yet: 0 (Skywork-OR1; TRL starts
-    its measurement at inf, so its first step has no bonus either)."""
-    if target <= 0:
-        return coef
-    return coef if entropy is not None and entropy <= target else 0.0
-
-
-def scheduled_beta(schedule: str, beta: float, beta_final: float, progress: float) -> float:
-    """The KL coefficient at `progress` (the fraction of the run done, in [0, 1]): beta, or a linear / cosine
-    schedule from beta to beta_final."""
-    if schedule == "constant":
-        return beta
-    frac = min(1.0, max(0.0, progress))
-    if schedule == "linear":
-        return beta + (beta_final - beta) * frac
-    if schedule == "cosine":
-        return beta_final + (beta - beta_final) * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"kl_schedule must be constant, linear or cosine, got {schedule!r}")
-
-
-@dataclass
-class KLCoef:
-    """The KL coefficient over a run, one object for every way it is set: a constant beta, a linear / cosine
-    schedule to beta_final (scheduled_beta), or the adaptive controller towards a target per-token KL
-    (adaptive_kl_coef), whose value is kept with checkpoints as {"beta": ...}."""
-
-    beta: float
-    schedule: str = "constant"
-    beta_final: float = 0.0
-    target: float = 0.0  # > 0: adaptive
-    horizon: float = 10000.0
-    value: float | None = None  # the adaptive controller's current beta (None: not moved yet)
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether the controller moves beta (a target KL is set)."""
-        return self.target > 0
-
-    def at(self, progress: float) -> float:
-        """beta for the step that starts at `progress` (the fraction of the run done)."""
-        if self.adaptive:
-            return self.beta if self.value is None else self.value
-        return scheduled_beta(self.schedule, self.beta, self.beta_final, progress)
-
-    def update(self, beta: float, kl: float, n: int) -> None:
-        """After a step that used `beta` and measured the mean per-token KL `kl` over n samples (adaptive only)."""
-        if self.adaptive:
-            self.value = adaptive_kl_coef(beta, kl, self.target, self.horizon, n)
-
-    def state(self) -> dict:
-        """What a checkpoint keeps: {"beta": the controller's current value (or the configured beta)}."""
-        return {"beta": self.at(0.0) if self.adaptive else self.beta}
-
-    def load(self, state: dict) -> None:
-        """The controller's value from a checkpoint's state (adaptive only)."""
-        if self.adaptive and "beta" in state:
-            self.value = state["beta"]
-
-
-@dataclass
-class EntropyCoef:
-    """The entropy bonus's coefficient over a run: constant, or under adaptive control (target > 0: Skywork-OR1's,
-    adaptive_entropy_coef) with the last measured mean token entropy; kept with checkpoints as {"entropy_coef",
-    "entropy"}."""
-
-    coef: float
-    target: float = 0.0
-    delta: float = 0.005
-    max_coef: float = 0.05
-    entropy: float | None = None  # the last measured mean token entropy (adaptive)
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether the coefficient follows the entropy (a target entropy is set)."""
-        return self.target > 0
-
-    def bonus(self) -> float:
-        """The coefficient the loss uses this step (entropy_bonus_coef)."""
-        return entropy_bonus_coef(self.coef, self.entropy, self.target)
-
-    def update(self, entropy: float) -> None:
-        """After a step that measured the mean token entropy (adaptive only)."""
-        if self.adaptive:
-            self.entropy = entropy
-            self.coef = adaptive_entropy_coef(self.coef, entropy, self.target, self.delta, self.max_coef)
-
-    def state(self) -> dict:
-        """What a checkpoint keeps: the coefficient and the last measured entropy."""
-        return {"entropy_coef": self.coef, "entropy": self.entropy}
-
-    def load(self, state: dict) -> None:
-        """The coefficient and the last measured entropy from a checkpoint's state."""
-        self.coef = state.get("entropy_coef", self.coef)
-        self.entropy = state.get("entropy", self.entropy)
+    raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
 
 
 def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
@@ -298,7 +218,7 @@ def top_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
 @dataclass(frozen=True)
 class PolicyLoss:
     """The policy loss of an online recipe, built once from its options and called the same way by grpo and ppo:
-    the registered term (clip, dual_clip, cispo, sapo) with its own options, the clipping range, the importance
+    the registered term (clip, dual_clip, cispo, sapo, gmpo) with its own options, the clipping range, the importance
     level (token, or sequence: GSPO), the aggregation (loss_agg) and the KL estimator. An option the term does
     not take is an error listing those it does (LossSpec)."""
 
@@ -331,6 +251,15 @@ class PolicyLoss:
         """The upper clipping offset: clip_eps_high, or clip_eps when not given."""
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
+    def bounds(self) -> tuple[float, float]:
+        """The ratios below and above which the term clips (the clip-fraction metrics): 1 - clip_eps and
+        1 + high; cispo's cap above; gmpo's e^-eps and e^eps."""
+        if self.term == "gmpo":
+            eps = dict(self.options).get("gmpo_eps", 0.4)
+            return math.exp(-eps), math.exp(eps)
+        cap = dict(self.options).get("cispo_cap", 5.0) if self.term == "cispo" else 1 + self.high
+        return 1 - self.clip_eps, cap
+
     def __call__(
         self,
         logps: Tensor,
@@ -356,10 +285,12 @@ class PolicyLoss:
         else:
             log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
         ratio = torch.exp(log_w)
-        per_token = policy_spec(self.term)(logps, ratio, adv, (self.clip_eps, self.high), **dict(self.options))
+        spec = policy_spec(self.term)
+        pg = mask if pg_mask is None else mask * pg_mask.to(mask.dtype)  # the tokens the policy term trains on
+        per_token = spec(logps, ratio, adv, (self.clip_eps, self.high), mask=pg, **dict(self.options))
         if is_weights is not None:
             per_token = per_token * is_weights
-        if pg_mask is not None:
+        if pg_mask is not None and "mask" not in inspect.signature(spec.fn).parameters:  # (gmpo: applied inside)
             per_token = per_token * pg_mask.to(per_token.dtype)
         metrics = {}
         if beta != 0.0:
@@ -370,8 +301,8 @@ class PolicyLoss:
             metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
         per_token = per_token.expand_as(mask) if per_token.shape != mask.shape else per_token
         loss = aggregate(per_token, mask, self.loss_agg, self.max_completion_length, global_count)
-        low_clip = ((ratio < 1 - self.clip_eps) & (adv < 0)).to(mask.dtype).expand_as(mask)
-        cap = dict(self.options).get("cispo_cap", 5.0) if self.term == "cispo" else 1 + self.high
+        floor, cap = self.bounds()
+        low_clip = ((ratio < floor) & (adv < 0)).to(mask.dtype).expand_as(mask)
         high_clip = ((ratio > cap) & (adv > 0)).to(mask.dtype).expand_as(mask)
         n = mask.sum().clamp(min=1)
         metrics["clip_fraction/low"] = ((low_clip * mask).sum() / n).detach()
@@ -390,11 +321,12 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str, max_completion_len
     return masked_reduce(per_token, mask, "constant", constant=max_completion_length, global_count=global_count)
 
 
-TERM_OPTIONS = ("dual_clip_c", "cispo_cap", "sapo_tau_pos", "sapo_tau_neg")
+# every registered term's own options: each is a field of grpo's and ppo's Config (options.term_option)
+TERM_OPTIONS = tuple(dict.fromkeys(o for name in policy_terms() for o in policy_spec(name).options))
 
 
 def term_options(term: str, **values) -> tuple:
-    """The options of `term` among the given values (a recipe's dual_clip_c, cispo_cap, sapo_tau_*), as
+    """The options of `term` among the given values (a recipe's TERM_OPTIONS: dual_clip_c, cispo_cap, ...), as
     PolicyLoss.options."""
     spec = policy_spec(term)
     return tuple((k, v) for k, v in values.items() if k in spec.options)
@@ -421,12 +353,18 @@ def clipped_policy_loss(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     cispo_cap: float = 5.0,
+    gmpo_eps: float = 0.4,
     is_weights: Tensor | None = None,
     pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PolicyLoss as one function call (tests, the starvation experiment): built from these options and called."""
     own = term_options(
-        policy_loss, dual_clip_c=dual_clip_c, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, cispo_cap=cispo_cap
+        policy_loss,
+        dual_clip_c=dual_clip_c,
+        sapo_tau_pos=sapo_tau_pos,
+        sapo_tau_neg=sapo_tau_neg,
+        cispo_cap=cispo_cap,
+        gmpo_eps=gmpo_eps,
     )
     fn = PolicyLoss(
         policy_loss, own, clip_eps, clip_eps_high, importance, loss_agg, kl_estimator, max_completion_length

@@ -17,12 +17,13 @@ import torch
 
 from .. import distributed as dist
 from ..device import autocast, phase, place_frozen
+from ..logging import TRACKERS
 from ..logps import head_logits
 from ..losses.distill import generalized_jsd
 from ..losses.reduce import masked_reduce
 from ..models.policy import load_policy
 from ..optim import optimizer_step
-from ..options import ConfigError
+from ..options import ConfigError, choice, choice_list
 from ..rollout.score import pack_rows
 from .common import (
     build_policy,
@@ -44,7 +45,7 @@ class Config:
     model: str = "gpt-nano"  # the student: preset or saved model folder
     teacher: str = ""  # the teacher: a saved model folder (or preset) with the student's tokenizer
     task: str = "arith"  # task for prompts, the logged reward and held-out evaluation
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with a 'prompt' column; overrides task prompts
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
@@ -84,13 +85,13 @@ class Config:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    dtype: str = choice("float32", "bfloat16")  # frozen copies (reference, teacher, reward model): float32 | bfloat16
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's

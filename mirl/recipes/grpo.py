@@ -26,15 +26,18 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed as dist
+from ..advantages import ESTIMATORS
 from ..device import phase
-from ..logging import console
+from ..logging import TRACKERS, console
 from ..logps import response_logps
-from ..losses.policy import EntropyCoef, KLCoef, PolicyLoss, top_entropy_mask
+from ..losses.coefs import EntropyCoef, KLCoef
+from ..losses.policy import AGGREGATIONS, IS_MODES, KL_ESTIMATORS, PolicyLoss, policy_terms, top_entropy_mask
 from ..losses.reduce import masked_reduce
 from ..optim import Schedule, optimizer_step
-from ..options import ConfigError
+from ..options import ConfigError, choice, choice_list, term_option
+from ..rollout.engine import ENGINES
 from ..rollout.groups import NoisyRollout, group_advantages, sample_groups, step_rewards
-from ..rollout.prompts import PromptSampler
+from ..rollout.prompts import SAMPLERS, PromptSampler
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
@@ -56,7 +59,7 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # prompt dataset (.jsonl/.parquet/folder) with 'prompt' and reward columns; overrides task prompts
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
@@ -69,22 +72,23 @@ class Config:
     prompts_per_step: int = 16  # prompts per generation batch
     steps: int = 200  # generation batches (optimizer steps = steps * num_iterations * minibatches)
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
-    advantage: str = "group"  # group (GRPO) | rloo | reinforce_pp[_baseline] (REINFORCE++) | gdpo (advantages.py)
+    advantage: str = choice("group", among=ESTIMATORS)  # group (GRPO), rloo, REINFORCE++, GDPO: advantages.py
     step_rewards: bool = False  # step-wise rewards (StepGRPO): the task's step verifier -> token advantages
-    step_baseline: str = "position"  # --step-rewards: position (step k vs the group's step k) | group (all steps)
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    loss_agg: str = "grpo"  # grpo | bnpo | dapo | dr_grpo
-    importance: str = "token"  # token (GRPO) or sequence (GSPO)
+    step_baseline: str = choice("position", "group")  # --step-rewards: step k vs the group's step k, or all steps
+    scale_rewards: str = choice("group", "batch", "none")  # the spread that divides the advantages (none: Dr. GRPO)
+    loss_agg: str = choice("grpo", among=AGGREGATIONS)  # how the per-token losses become one (docs/rl.md)
+    importance: str = choice("token", "sequence")  # token (GRPO) or sequence (GSPO)
     clip_eps: float = 0.2  # lower clip range (and upper, unless clip_eps_high is set)
     clip_eps_high: float = 0.0  # upper clip range for clip-higher (DAPO 0.28); 0 = clip_eps
-    policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
-    dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
-    cispo_cap: float = 5.0  # cispo: the cap on the detached importance weight (TRL's epsilon_high for cispo)
-    sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
-    sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
+    policy_loss: str = choice("clip", among=policy_terms())  # the policy-gradient term (losses/policy.py, docs/rl.md)
+    dual_clip_c: float = term_option("dual_clip", 3.0, above=1.0)  # dual_clip: the bound -c A on tokens with A < 0
+    cispo_cap: float = term_option("cispo", 5.0, at_least=1.0)  # cispo: the cap on the detached importance weight
+    sapo_tau_pos: float = term_option("sapo", 1.0, above=0.0)  # sapo: gate temperature for positive advantages
+    sapo_tau_neg: float = term_option("sapo", 1.05, above=0.0)  # sapo: gate temperature for negative advantages
+    gmpo_eps: float = term_option("gmpo", 0.4, above=0.0)  # gmpo: each token's log-ratio clipped to [-eps, eps]
     beta: float = 0.0  # KL coefficient (0 = no reference model in memory)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    kl_schedule: str = "constant"  # constant | linear | cosine, from beta to beta_final over the run
+    kl_estimator: str = choice("k3", among=KL_ESTIMATORS)  # the per-token KL estimator (Schulman's)
+    kl_schedule: str = choice("constant", "linear", "cosine")  # beta over the run: constant, or from beta to beta_final
     beta_final: float = 0.0  # KL coefficient at the end of a schedule
     kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = off)
     kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
@@ -95,7 +99,7 @@ class Config:
     top_entropy_quantile: float = 1.0  # train only this highest-entropy fraction of tokens (0.2: the 80/20 rule)
     num_iterations: int = 1  # optimisation passes over each generation batch
     minibatches: int = 1  # optimizer steps per pass (the batch split into this many parts)
-    prompt_sampler: str = "uniform"  # uniform | curriculum (easy to hard by difficulty) | pass-rate (0 < rate < 1)
+    prompt_sampler: str = choice("uniform", among=SAMPLERS)  # curriculum: easy to hard; pass-rate: 0 < rate < 1
     curriculum_stages: int = 3  # curriculum: stages, evenly over the run (stage k: the easiest (k+1)/n prompts)
     pass_rate_oversample: int = 4  # pass-rate: candidates drawn per prompt kept
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill (DAPO)
@@ -106,17 +110,17 @@ class Config:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 40  # response length limit
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
-    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    engine: str = choice("local", among=ENGINES)  # what samples: mirl's own sampler or vllm (docs/speed.md)
     vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
-    is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
-    is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
+    is_correction: str = choice("auto", "none", "token", "sequence")  # rollout/train mismatch (auto: sequence if vllm)
+    is_mode: str = choice("mask", among=IS_MODES)  # truncate: capped at --is-cap; mask: above it set to 0 (TRL's)
     is_cap: float = 3.0  # the importance weights' bound
     noisy_rollout: float = 0.0  # NoisyRollout: fraction of each group sampled on perturbed images (0 = off)
     noise_strength: float = 0.5  # initial perturbation strength (crop 1 - s/4 of each side, pixel noise s * 64)
     noise_anneal_steps: int = 0  # strength falls linearly to 0 over this many steps (0 = over all steps)
     row_seeded_sampling: bool = False  # each row's sampling noise from (seed, step, prompt, sample): the same
     # samples whatever the rank layout (always on under torchrun)
-    noise_kinds: str = "crop,noise"  # perturbations: crop and/or noise (grounding: noise; a crop moves the box)
+    noise_kinds: str = choice_list("crop,noise", "crop", "noise")  # image perturbations (grounding: noise only)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
@@ -140,13 +144,13 @@ class Config:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    dtype: str = choice("float32", "bfloat16")  # frozen copies (reference, teacher, reward model): float32 | bfloat16
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
@@ -175,12 +179,12 @@ def grpo_update(
     sampler logps, mask): the rollout correction's weights and statistics (None: off). mask_truncated: no loss on
     truncated responses. -> (metrics averaged over the optimizer steps, the last lr)."""
     t, bf16 = passes.temperature, passes.bf16
+    whole = lambda model: response_logps(model, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16,
+                                         images=batch.row_images())[0]  # fmt: skip
     ref_logps = None
     if ref_model is not None and beta > 0:
         with torch.no_grad(), phase("reference", step + 1, batch.ids.shape):
-            ref_logps, _ = response_logps(
-                ref_model, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16, images=batch.row_images()
-            )
+            ref_logps = whole(ref_model)
     world, b, n_opt = dist.world_size(), len(batch), passes.optimizer_steps
     loss_mask = batch.resp_mask * (~batch.truncated).unsqueeze(1) if mask_truncated else batch.resp_mask
     old_logps = batch.old_logps
@@ -190,9 +194,7 @@ def grpo_update(
         # distribution, of perturbed pixels for noisy rows, of the cached decoding arithmetic (and not under
         # bf16 autocast); any of these would make the ratio differ from 1 at an unchanged policy
         with torch.no_grad():
-            old_logps, _ = response_logps(
-                policy, batch.ids, batch.attn, batch.n_resp, t, bf16=bf16, images=batch.row_images()
-            )
+            old_logps = whole(policy)
     agg_global = dist.all_sum(float(loss_mask.sum())) if loss_fn.loss_agg == "dapo" else None
     stats: dict[str, float] = {}
     for p, opt_step, mb, fwd in passes(b, step, batch.ids.device):

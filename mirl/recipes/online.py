@@ -19,10 +19,12 @@ import torch
 
 from .. import distributed as dist
 from ..device import phase
-from ..logging import console
+from ..logging import TRACKERS, console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import optimizer_step
+from ..options import choice, choice_list
+from ..rollout.engine import ENGINES
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
@@ -42,7 +44,7 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
@@ -63,7 +65,7 @@ class Config:
     time_budget_s: float = 0.0  # stop after this many seconds of training (0 = no limit)
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
-    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    engine: str = choice("local", among=ENGINES)  # what samples: mirl's own sampler or vllm (docs/speed.md)
     vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # model context for new tiny models
@@ -90,13 +92,13 @@ class Config:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    dtype: str = choice("float32", "bfloat16")  # frozen copies (reference, teacher, reward model): float32 | bfloat16
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's

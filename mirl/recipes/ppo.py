@@ -25,10 +25,21 @@ from safetensors.torch import load_file, save_file
 from .. import distributed as dist
 from ..advantages import gae, whiten
 from ..device import autocast, phase
+from ..logging import TRACKERS
 from ..logps import entropy_from_logits, response_logps, token_logps
-from ..losses.policy import KLCoef, PolicyLoss, clipped_value_loss, kl_estimate
+from ..losses.coefs import KLCoef
+from ..losses.policy import (
+    IS_MODES,
+    KL_ESTIMATORS,
+    PolicyLoss,
+    clipped_value_loss,
+    kl_estimate,
+    policy_terms,
+)
 from ..models.heads import ScalarHead
 from ..optim import Schedule, optimizer_step
+from ..options import choice, choice_list, term_option
+from ..rollout.engine import ENGINES
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
     build_policy,
@@ -50,7 +61,7 @@ class Config:
 
     model: str = "gpt-nano"  # preset or saved model folder (usually an SFT checkpoint)
     task: str = "arith"  # task for prompts, the 'task' reward and held-out evaluation
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # prompt dataset with 'prompt' and reward columns (overrides task prompts)
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
@@ -59,7 +70,7 @@ class Config:
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
-    critic: str = "head"  # head (value head on the policy) or separate (own copy of the model)
+    critic: str = choice("head", "separate")  # head (value head on the policy) or separate (own copy of the model)
     samples_per_prompt: int = 4  # responses per prompt
     prompts_per_step: int = 32  # prompts per rollout
     steps: int = 200  # rollouts
@@ -67,24 +78,25 @@ class Config:
     ppo_epochs: int = 2  # passes over each rollout
     minibatches: int = 2  # optimizer steps per pass
     clip_eps: float = 0.2  # policy clip range
-    policy_loss: str = "clip"  # clip (PPO surrogate) | dual_clip | cispo | sapo (docs/rl.md)
-    dual_clip_c: float = 3.0  # dual_clip: the bound -c A on negative-advantage tokens (c > 1)
-    cispo_cap: float = 5.0  # cispo: the cap on the detached importance weight (TRL's epsilon_high for cispo)
-    sapo_tau_pos: float = 1.0  # sapo: gate temperature for positive advantages
-    sapo_tau_neg: float = 1.05  # sapo: gate temperature for negative advantages
+    policy_loss: str = choice("clip", among=policy_terms())  # the policy-gradient term (losses/policy.py, docs/rl.md)
+    dual_clip_c: float = term_option("dual_clip", 3.0, above=1.0)  # dual_clip: the bound -c A on tokens with A < 0
+    cispo_cap: float = term_option("cispo", 5.0, at_least=1.0)  # cispo: the cap on the detached importance weight
+    sapo_tau_pos: float = term_option("sapo", 1.0, above=0.0)  # sapo: gate temperature for positive advantages
+    sapo_tau_neg: float = term_option("sapo", 1.05, above=0.0)  # sapo: gate temperature for negative advantages
+    gmpo_eps: float = term_option("gmpo", 0.4, above=0.0)  # gmpo: each token's log-ratio clipped to [-eps, eps]
     value_clip: float = 0.2  # value clip range
     vf_coef: float = 0.5  # value loss weight
     beta: float = 0.02  # per-token KL penalty coefficient (0 = none, no reference model)
     kl_target: float = 0.0  # adaptive KL controller: beta moves towards this mean per-token KL (0 = fixed beta)
     kl_horizon: float = 10000.0  # adaptive KL: samples over which beta may change by 20% (Ziegler et al.)
-    kl_estimator: str = "k1"  # estimator of the per-token KL in the reward
+    kl_estimator: str = choice("k1", among=KL_ESTIMATORS)  # estimator of the per-token KL in the reward
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     temperature: float = 1.0  # sampling temperature
-    engine: str = "local"  # what samples: local (mirl's sampler) | vllm (the vllm extra; docs/speed.md)
+    engine: str = choice("local", among=ENGINES)  # what samples: mirl's own sampler or vllm (docs/speed.md)
     vllm_memory: float = 0.3  # --engine vllm: the share of GPU memory vLLM takes (on a CPU: of RAM, for its KV cache)
-    is_correction: str = "auto"  # rollout/train mismatch weights: auto (sequence with vllm) | none | token | sequence
-    is_mode: str = "mask"  # truncate (weights capped at --is-cap) | mask (weights above it set to 0; TRL's default)
+    is_correction: str = choice("auto", "none", "token", "sequence")  # rollout/train mismatch (auto: sequence if vllm)
+    is_mode: str = choice("mask", among=IS_MODES)  # truncate: capped at --is-cap; mask: above it set to 0 (TRL's)
     is_cap: float = 3.0  # the importance weights' bound
     max_new_tokens: int = 40  # response length limit
     max_len: int = 128  # context of new tiny models
@@ -111,13 +123,13 @@ class Config:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    dtype: str = choice("float32", "bfloat16")  # frozen copies (reference, teacher, reward model): float32 | bfloat16
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     log_completions: int = 0  # every --log-every steps, N sampled completions to samples.jsonl, report, trackers
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's

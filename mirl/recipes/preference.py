@@ -29,10 +29,11 @@ from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
 from ..device import autocast, phase
-from ..logging import console, warn
+from ..logging import TRACKERS, console, warn
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import Schedule, make_optimizer, optimizer_step
+from ..options import choice, choice_list
 from ..rollout.pairs import sample_pairs
 from .common import (
     build_policy,
@@ -58,15 +59,15 @@ class Config:
     revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     task: str = "arith"  # task for sampled-and-verified pairs and for held-out evaluation ("" = none)
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     loss: str = "dpo"  # loss name or weighted mix, e.g. "mio" or "dpo:1,sft:0.2"
     beta: float = 0.1  # temperature of the implicit critic T = beta * (logp - logp_ref)
     neg_mix: float = 0.5  # weight of the chosen response in the negative mixture (mio, dv, js, nwj)
     label_smoothing: float = 0.1  # robust DPO: assumed preference-flip rate
     simpo_gamma: float = 0.5  # SimPO target margin
     ipo_length_normalize: bool = True  # IPO on per-token log-ratios (TRL's choice)
-    logp_agg: str = "sum"  # sequence log-prob: sum over response tokens, or token mean ("mean")
-    ref_mode: str = "precompute"  # "precompute" (no reference model in memory) or "model" (frozen copy)
+    logp_agg: str = choice("sum", "mean")  # sequence log-prob: sum over response tokens, or token mean ("mean")
+    ref_mode: str = choice("precompute", "model")  # precompute (no reference model in memory) or model (a frozen copy)
     n_prompts: int = 512  # task prompts to sample pairs from
     k: int = 8  # samples per prompt when making pairs
     sample_temperature: float = 1.0  # sampling temperature when making pairs
@@ -97,13 +98,13 @@ class Config:
     save_adapter_only: bool = False  # with LoRA: save the adapters alone instead of merged weights
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    dtype: str = "float32"  # frozen copies (reference, teacher, reward model): float32 | bfloat16
+    dtype: str = choice("float32", "bfloat16")  # frozen copies (reference, teacher, reward model): float32 | bfloat16
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 

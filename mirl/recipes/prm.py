@@ -33,10 +33,10 @@ from ..checkpoint import recover, save_checkpoint
 from ..data.collate import batch_indices, pad_batch
 from ..data.tasks import make_task
 from ..device import autocast, phase
-from ..logging import console
+from ..logging import TRACKERS, console
 from ..models.heads import RewardModel, step_token_mask
 from ..optim import Schedule, make_optimizer, optimizer_step
-from ..options import ConfigError
+from ..options import ConfigError, choice, choice_list
 from ..rollout.score import completions
 from .common import build_policy
 from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
@@ -50,7 +50,7 @@ class Config:
 
     model: str = "gpt-nano"  # the backbone and the policy whose samples are labelled: preset or saved folder
     task: str = "arith"  # a built-in task with a step verifier (the compact arith tasks)
-    labels: str = "verifier"  # verifier (the task's step checks) | mc (Monte-Carlo rollouts of the policy)
+    labels: str = choice("verifier", among=LABELS)  # step labels: the task's step checks, or Monte-Carlo rollouts (mc)
     mc_rollouts: int = 4  # --labels mc: continuations sampled after each step
     n_prompts: int = 512  # training prompts (held-out: the task's test split)
     samples_per_prompt: int = 4  # policy samples per prompt (besides one worked and one wrong solution)
@@ -70,7 +70,7 @@ class Config:
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     device: str = "auto"  # auto (a GPU when there is one; torchrun: the rank's) | cpu | cuda | cuda:N
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
@@ -226,8 +226,6 @@ def labels_for_run(policy, task, cfg: Config) -> tuple[list[dict], list[dict], f
 def train(cfg: Config, model=None) -> Result:
     """model: optional Policy (backbone and the sampled policy)."""
     # ---- setup -------------------------------------------------------------------------------------
-    if cfg.labels not in LABELS:
-        raise ConfigError(f"--labels {cfg.labels!r}: must be one of {', '.join(LABELS)}")
     cfg = setup(cfg)
     if cfg.resume:  # before the labelling, which takes a while
         recover(cfg.out_dir)

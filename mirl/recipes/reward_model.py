@@ -23,11 +23,12 @@ from ..data.collate import batch_images, batch_indices, encode_pairs, pad_batch
 from ..data.formats import SkipCounter, load_rows, preference_records
 from ..data.tasks import make_task
 from ..device import autocast, phase
-from ..logging import console
+from ..logging import TRACKERS, console
 from ..losses import mean_over_examples
 from ..losses.preference import bradley_terry_loss
 from ..models.heads import RewardModel
 from ..optim import Schedule, make_optimizer, optimizer_step
+from ..options import choice, choice_list
 from ..rollout.pairs import sample_pairs
 from .common import (
     build_policy,
@@ -52,14 +53,14 @@ class Config:
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     eval_data: str = ""  # held-out preference data (default: 10% of --data, or held-out task prompts)
     task: str = "arith"  # task for generated pairs
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
-    pairs: str = "both"  # training pairs: synthetic (gold vs a corrupted solution), sampled (from --model), both
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
+    pairs: str = choice("both", among=("synthetic", "sampled", "both"))  # synthetic: gold vs a corrupted answer
     n_prompts: int = 20000  # training prompts for synthetic pairs (one pair each)
     n_sampled_prompts: int = 2048  # training prompts for sampled pairs (K samples each)
     eval_prompts: int = 256  # held-out prompts to sample evaluation pairs from
     k: int = 8  # samples per prompt
     pairs_per_prompt: int = 2  # pairs drawn per prompt with both correct and wrong samples
-    aggregate: str = "mean"  # score = mean of the head over response tokens, or at the last token ("last")
+    aggregate: str = choice("mean", among=("last", "mean"))  # score: the head's mean over the response, or at its end
     max_len: int = 64  # prompt + response tokens
     steps: int = 300  # optimizer steps
     batch_size: int = 32  # pairs per step
@@ -88,7 +89,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 

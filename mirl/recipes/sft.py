@@ -20,9 +20,11 @@ from ..data.collate import batch_images, batch_indices, encode_example, pad_batc
 from ..data.formats import SkipCounter, completion_records, load_rows
 from ..data.tasks import make_task
 from ..device import autocast, phase
+from ..logging import TRACKERS
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import Schedule, make_optimizer, optimizer_step
+from ..options import choice, choice_list
 from .common import (
     build_policy,
     check_context,
@@ -41,7 +43,7 @@ class Config:
 
     model: str = "gpt-nano"  # preset name (gpt-nano, gpt-micro, gpt-d<N>) or a saved model folder
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
-    chat: str = "auto"  # built-in task through the model's chat template: auto (if it has one), yes, no
+    chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
@@ -81,7 +83,7 @@ class Config:
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, trackio (or none)
+    report_to: str = choice_list("tensorboard", *TRACKERS, "none")  # experiment trackers, comma-separated (or none)
     log_every: int = 1  # metrics to the trackers every N steps (metrics.jsonl gets every step)
     allow_config_change: bool = False  # with --resume: continue although options differ from the run's
 
