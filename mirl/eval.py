@@ -16,7 +16,7 @@ from math import comb
 
 import torch
 
-from .options import choice
+from .options import ConfigError, choice
 from .rollout.score import completions
 
 
@@ -62,6 +62,10 @@ def evaluate(
     seed: int = 0,
 ) -> EvalResult:
     """Greedy accuracy on `examples` by the task's verifier, and pass@k from n_samples samples per prompt when k > 1."""
+    if hasattr(task, "evaluate_policy"):  # an environment (envs/task.py): greedy multi-turn episodes
+        if k > 1:
+            raise ConfigError("--k > 1 (pass@k) is not supported with --env yet: evaluate greedy episodes (--k 1)")
+        return task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)

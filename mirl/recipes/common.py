@@ -171,17 +171,19 @@ def load_prompts(
     recipe: str,
     max_new_tokens: int = 0,
     dtype: str = "float32",
+    env=None,
 ):
     """The start every online recipe shares: the task, the prompt records (those too long for the model's
     context with max_new_tokens left out, counted and reported), the rewards (their columns checked against
-    every row) and the held-out examples. -> (task, data, reward_set, test)."""
+    every row) and the held-out examples. env: an EnvTask (envs/task.py), the task in place of task_name's:
+    its own examples unless --data. -> (task, data, reward_set, test)."""
     from ..data.collate import prompts_that_fit, too_long_message
     from ..data.formats import load_rows, prompt_records
     from ..data.tasks import make_task
     from ..rewards import RewardSet, parse_reward_spec
     from ..rollout.score import check_reward_columns
 
-    task = make_task(task_name, policy.tokenizer, chat) if task_name else None
+    task = env if env is not None else make_task(task_name, policy.tokenizer, chat) if task_name else None
     if data is None:
         if data_path:
             data = prompt_records(load_rows(data_path, split, data_config, revision), policy.tokenizer)

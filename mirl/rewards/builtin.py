@@ -40,6 +40,22 @@ def math_accuracy(prompts, completions, answer, **_):
     return out
 
 
+@register_reward("env")
+def env_reward(prompts, completions, env_reward=None, **_):
+    """The environment's reward of each episode (multi-turn runs with --env: the column the episode runner
+    passes), None where it gave none (the episode faulted, or the environment leaves scoring to the others).
+
+    >>> env_reward(["q", "q"], ["a", "b"], env_reward=[1.0, None])
+    [1.0, None]
+    """
+    if env_reward is None:
+        raise ValueError("the env reward needs episodes: use it with --env")
+    return [None if r is None else float(r) for r in env_reward]
+
+
+env_reward.in_process = True  # it only reads a column
+
+
 @register_reward("exact")
 def exact_match(prompts, completions, answer, **_):
     """1.0 if the extracted answer equals the column `answer` after stripping whitespace.

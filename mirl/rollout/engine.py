@@ -36,6 +36,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()  # strings that end a response (kept in it): a complete tool call (envs/protocol.py)
 
 
 class Engine(Protocol):
@@ -103,6 +104,7 @@ class LocalEngine:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             ignore_eos=sampling.ignore_eos,
+            stop_strings=sampling.stop,
             generator=generator,
             images=images,
             sample_images=sample_images,
@@ -276,7 +278,9 @@ class VLLMEngine:
                     stop_token_ids=stop_ids,
                     seed=seed,
                     logit_bias={t: -100.0 for t in self.banned} or None,  # image placeholders never sampled
-                    detokenize=False,
+                    detokenize=bool(sampling.stop),  # (vLLM matches stop strings on the detokenized text)
+                    stop=list(sampling.stop) or None,
+                    include_stop_str_in_output=True,
                 )
             )
             request = {"prompt_token_ids": list(ids)}

@@ -89,6 +89,7 @@ def sample_groups(
     generator=None,
     engine=None,
     sampler=None,
+    rollout=None,
     **sampling,
 ) -> Groups:
     """One step's generation rounds. Round r of step s draws the global batch number s * (max_refills + 1) + r
@@ -97,7 +98,8 @@ def sample_groups(
     ranks) reach prompts_per_step or max_refills refills were drawn. sampling: generate's options
     (max_new_tokens, temperature, top_p, top_k, ignore_eos); engine: what samples (rollout/engine.py); sampler:
     which prompts each round draws and the pass-rate tracker it feeds (rollout/prompts.py; default uniform), at
-    `progress` (the fraction of the run done, Run.progress: the curriculum's stage)."""
+    `progress` (the fraction of the run done, Run.progress: the curriculum's stage). rollout: what samples and
+    scores a round (default rollout_and_score; multi-turn episodes: envs/task.EnvTask.rollout)."""
     rounds, gen_s, score_s, zero = [], 0.0, 0.0, 0
     while True:
         batch_id = step * (max_refills + 1) + len(rounds)
@@ -106,7 +108,7 @@ def sample_groups(
         else:
             idx = batch_indices(len(data), prompts_per_step, batch_id, seed)
         mine = dist.shard(list(range(len(idx))))  # this rank's positions in the global batch
-        sb = rollout_and_score(
+        sb = (rollout or rollout_and_score)(
             policy,
             [data[idx[i]] for i in mine],
             reward_set,

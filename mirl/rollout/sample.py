@@ -10,6 +10,8 @@ left padding, R = longest response):
     truncated (B,): hit max_new_tokens without EOS or a stop string
     prompt_index (B,): which input prompt each row belongs to (rows of one prompt are adjacent)
     images: B per-row image inputs (models/vision.py; None for a text row), each prompt's repeated G times
+    action_mask (B, R): multi-turn episodes (rollout/episodes.py) only: 1 on the tokens the model wrote, 0 on
+                  those the environment wrote (in the context, out of every loss and log-prob statistic)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class RolloutBatch:
     prompt_index: Tensor
     texts: list[str]
     images: list | None = None  # per row: the image inputs the update conditions on (clean, for NoisyRollout)
+    action_mask: Tensor | None = None  # (B, R) episodes: 1 on the model's tokens, 0 on the environment's (None: all)
 
     def row_images(self, rows) -> dict | None:
         """Image inputs of these rows, batched in row order (None for text)."""

@@ -240,7 +240,8 @@ class UpdateBatch:
 
 def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int) -> UpdateBatch:
     """Rows (rollout, index) from one or more rollouts -> one UpdateBatch (their concatenation, re-padded), on
-    the rollouts' device: one host read of each rollout's lengths, then copies between device tensors."""
+    the rollouts' device: one host read of each rollout's lengths, then copies between device tensors. An
+    episode's environment tokens are attended to but out of resp_mask (the loss mask)."""
     device = rows[0][0].prompt_ids.device
     lengths = {}  # id(rollout) -> (prompt lengths, response lengths), host lists
     for b, _ in rows:
@@ -259,7 +260,7 @@ def pack_rows(rows: list[tuple[RolloutBatch, int]], pad_id: int) -> UpdateBatch:
         ids[k, pw : pw + r] = b.response_ids[i, :r]
         old[k, :r] = b.logps[i, :r]
         attn[k, pw - p : pw + r] = 1
-        resp[k, :r] = 1
+        resp[k, :r] = 1 if b.action_mask is None else b.action_mask[i, :r]  # episodes: the model's tokens only
     truncated = torch.stack([b.truncated[i] for b, i in rows])
     images = [None if b.images is None else b.images[i] for b, i in rows]
     return UpdateBatch(ids, attn, resp, old, truncated, images if any(images) else None)
