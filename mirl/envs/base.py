@@ -12,6 +12,10 @@ A message is {"role": "system" | "user" | "tool", "content": str} with, optional
 paths] (a tool may answer with an image: the zoom environment's crop) and, for a tool result, "name". Rewards:
 Step.reward (the episode's, or a turn's when the episode goes on); None leaves the episode to the run's reward
 functions, scored on the last assistant message.
+
+Optional methods: `finish() -> float | None`, called when the episode reaches the turn limit without the
+environment ending it (its reward then, e.g. 0.0 for a game not solved; None: the reward functions decide), and
+`examples(split, n, seed) -> list[dict]` ('train' or 'test', disjoint), the environment's own prompts.
 """
 
 from __future__ import annotations
