@@ -101,6 +101,23 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return adv, (adv + values) * mask
 
 
+def masked_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """GAE over the masked tokens only, in their order: the tokens between them (an environment's reply inside
+    a multi-turn episode) are no steps, so the state after the model's last token before a reply is its first
+    token after it. -> (advantages, returns), (B, T), zero off the mask. With the mask a prefix (1...1 0...0)
+    it is gae itself (the packing is the identity)."""
+    order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)  # the masked positions first, in order
+    adv, ret = gae(rewards.gather(1, order), values.gather(1, order), mask.gather(1, order), gamma, lam)
+    return torch.zeros_like(adv).scatter(1, order, adv), torch.zeros_like(ret).scatter(1, order, ret)
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """(B,) the position of each row's last masked token (0 for a row without one)."""
+    t = mask.shape[1]
+    flipped = mask.flip(1).to(torch.int8).argmax(1)
+    return torch.where(mask.any(1), t - 1 - flipped, torch.zeros_like(flipped))
+
+
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """(x - mean) * rsqrt(var + eps) over the masked entries of all ranks (under torchrun); zero off the mask.
     var is Bessel-corrected (sum of squares / (n - 1)) and eps inside the root, as veRL's and TRL's

@@ -13,16 +13,8 @@ import time
 import pytest
 
 from mirl.envs.base import Env
-from mirl.envs.sandbox import (
-    TRUNCATED,
-    PythonEnv,
-    _primes_below,
-    _status,
-    _truncate,
-    python_problem,
-    run_code,
-    sandbox_layers,
-)
+from mirl.envs.python_env import PythonEnv, _primes_below, python_problem
+from mirl.envs.sandbox import TRUNCATED, _status, _truncate, run_code, sandbox_layers
 
 STOPPED = ("refused", "error")  # a forbidden operation: refused by the hook, or failed by a kernel layer
 

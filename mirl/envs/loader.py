@@ -1,6 +1,6 @@
 """--env SPEC -> a factory of environments (one instance per episode) and a name.
 
-    calc, guess, python, zoom      the built-ins (envs/builtin.py; python: envs/sandbox.py)
+    calc, guess, python, zoom      the built-ins (envs/builtin.py; python: envs/python_env.py)
     path/to/file.py:Class          a class in a Python file (imported once, in the training process)
     package.module:Class           a class in an importable module
 
@@ -36,7 +36,7 @@ from .tools import as_tool, tool_from_function
 BUILTIN = {
     "calc": ("mirl.envs.builtin", "CalcEnv"),
     "guess": ("mirl.envs.builtin", "GuessEnv"),
-    "python": ("mirl.envs.sandbox", "PythonEnv"),
+    "python": ("mirl.envs.python_env", "PythonEnv"),
     "zoom": ("mirl.envs.zoom", "ZoomEnv"),
 }
 TRL_RESERVED = ("reset", "get_reward")  # methods of a TRL environment that are not tools

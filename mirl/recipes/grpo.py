@@ -1,20 +1,17 @@
-"""GRPO and its variants: sample a group of G responses per prompt, score them with verifiable rewards,
-normalise rewards within the group, and take clipped policy-gradient steps (Shao et al. 2024).
+"""GRPO and its variants: sample a group of G responses per prompt (or G multi-turn episodes in an
+environment, --env), score them with verifiable rewards, normalise rewards within the group, and take
+clipped policy-gradient steps (Shao et al. 2024).
 
-    A_i = (r_i - mean(r)) / (std(r) + eps)         scale_rewards=group (batch | none = Dr. GRPO)
-    loss = clipped surrogate + beta * KL_k3         losses/policy.py, aggregation by loss_agg
-Switches: Dr. GRPO (--loss-agg dr_grpo --scale-rewards none), DAPO (--clip-eps-high 0.28 --loss-agg dapo
---dynamic-sampling --reward task,overlong), GSPO (--importance sequence), RLOO (--advantage rloo), a KL
-schedule (--beta 0.04 --kl-schedule linear --beta-final 0), several passes per batch (--num-iterations),
---mask-truncated, NoisyRollout for image prompts (--noisy-rollout 0.5 --noise-strength 0.5: half of each group
-sampled on perturbed images, the update on the clean ones, strength annealed linearly to 0 over
---noise-anneal-steps). With beta = 0 no reference model is kept in memory.
-Departures from the papers: the "old" log-probs of the first pass are the current ones (ratio 1), as in
-TRL; with several passes or minibatches they are recomputed once per batch by a forward without gradient
-at temperature T (not the sampler's top-k/top-p-filtered record), so at lr 0 every ratio is 1.
+    A_i = (r_i - mean(r)) / (std(r) + eps)         --advantage (advantages.ESTIMATORS), --scale-rewards
+    loss = policy term + beta * KL_k3               --policy-loss (losses/policy.py), aggregation by --loss-agg
+The variants as switches (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, GMPO, KL schedules, NoisyRollout, the 80/20
+rule): docs/rl.md. With beta = 0 no reference model is kept in memory. Departures from the papers: the "old"
+log-probs of the first pass are the current ones (ratio 1), as in TRL; with several passes or minibatches they
+are recomputed once per batch by a forward without gradient at temperature T (not the sampler's filtered
+record), so at lr 0 every ratio is 1.
 
     mirl grpo --model runs/sft/final --task arith --time-budget-s 240
-    mirl grpo --model runs/sft/final --task rg:basic_arithmetic --reward task
+    mirl grpo --model runs/sft/final --env calc --max-turns 3
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ import torch
 from .. import distributed as dist
 from ..advantages import ESTIMATORS
 from ..device import phase
+from ..envs.task import EnvTask
 from ..logging import TRACKERS, console
 from ..logps import response_logps
 from ..losses.coefs import EntropyCoef, KLCoef
@@ -67,6 +65,10 @@ class Config:
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: names with weights, e.g. "task:1,format:0.1", "accuracy", "rm:<folder>"
+    env: str = ""  # multi-turn episodes in an environment: calc, guess, python, file.py:Class, module:Class
+    max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
+    max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
+    tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
     reward_timeout_s: float = 10.0  # a reward call running longer is cut off, counted and reported
     group_size: int = 8  # G responses per prompt
     prompts_per_step: int = 16  # prompts per generation batch
@@ -296,7 +298,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
                dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
-    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="grpo")
+    env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
+    options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
+    task, data, reward_set, test = load_prompts(policy, data, **options, recipe="grpo", env=env)
     world = dist.world_size()
     steps = check_and_step_rewards(cfg, policy, task, world)
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
@@ -309,20 +313,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- derived values: the loss, the passes, the schedule over all optimizer steps, the run ---------------
     passes = Passes(cfg.num_iterations, cfg.minibatches, cfg.seed, 131, cfg.temperature, cfg.bf16)
-    loop = start_loop(
-        cfg,
-        policy,
-        task,
-        test,
-        desc="grpo",
-        show=("reward/mean", "kl"),
-        before="before GRPO",
-        optimizer_steps=cfg.steps * passes.optimizer_steps,
-        keep=(kl_coef, ent_coef, sampler),
-        engine=cfg.engine,
-        vllm_memory=cfg.vllm_memory,
-        row_seeded=cfg.row_seeded_sampling,
-    )
+    loop = start_loop(cfg, policy, task, test, desc="grpo", show=("reward/mean", "kl"), before="before GRPO",
+                      optimizer_steps=cfg.steps * passes.optimizer_steps, keep=(kl_coef, ent_coef, sampler),
+                      engine=cfg.engine, vllm_memory=cfg.vllm_memory, row_seeded=cfg.row_seeded_sampling)  # fmt: skip
     run, engine = loop.run, loop.engine
     groups_of, noisy = group_sampling(cfg, loop.seeded, loop.generator)
     update_options = dict(
@@ -345,8 +338,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- rollout and score (dynamic sampling: keep groups whose rewards differ, refill the rest)
         with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens)):
             groups = sample_groups(
-                policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler, **groups_of
-            )
+                policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler,
+                rollout=env and env.rollout, **groups_of
+            )  # fmt: skip
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         for sb, _ in groups.rounds:  # every round's responses count, refills included
             run.count_samples(sb)

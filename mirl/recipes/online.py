@@ -19,6 +19,7 @@ import torch
 
 from .. import distributed as dist
 from ..device import phase
+from ..envs.task import EnvTask
 from ..logging import TRACKERS, console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
@@ -52,6 +53,10 @@ class Config:
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec, as in grpo
+    env: str = ""  # multi-turn episodes in an environment: calc, guess, python, file.py:Class, module:Class
+    max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
+    max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
+    tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
     positive_threshold: float = 1.0  # a response is a positive when its reward is at least this
     loss: str = "mio"  # pair loss (mio, dpo, ... or a weighted mix) or a group loss (group_js, group_dv, ...)
@@ -177,7 +182,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
-    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="online")
+    env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
+    options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
+    task, data, reward_set, test = load_prompts(policy, data, **options, recipe="online", env=env)
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
@@ -206,7 +213,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score: K samples per prompt of this rank's share of the global batch
-        sb, mine = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions, **sampling)
+        sb, mine = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions,
+                               rollout=env and env.rollout, **sampling)  # fmt: skip
         # -- outcomes: groups with both a positive and a negative are usable; the others are counted
         outcomes = group_outcomes(sb.rewards, cfg.k, cfg.positive_threshold)
         usable, step_counts = usable_groups(outcomes)

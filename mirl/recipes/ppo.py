@@ -23,8 +23,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..advantages import gae, whiten
+from ..advantages import last_index, masked_gae, whiten
 from ..device import autocast, phase
+from ..envs.task import EnvTask
 from ..logging import TRACKERS
 from ..logps import entropy_from_logits, response_logps, token_logps
 from ..losses.coefs import KLCoef
@@ -69,6 +70,10 @@ class Config:
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
+    env: str = ""  # multi-turn episodes in an environment: calc, guess, python, file.py:Class, module:Class
+    max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
+    max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
+    tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
     critic: str = choice("head", "separate")  # head (value head on the policy) or separate (own copy of the model)
     samples_per_prompt: int = 4  # responses per prompt
@@ -204,9 +209,9 @@ def rollout_targets(
             )
             kl = kl_estimate(old_lp, ref_lp, kl_estimator) * resp
         token_rewards = -beta * kl
-        last = (resp.sum(1) - 1).clamp(min=0)
+        last = last_index(resp)  # the model's last token (an episode's, past the environment's replies)
         token_rewards[torch.arange(len(last), device=last.device), last] += score
-        adv, returns = gae(token_rewards, old_values, resp, gamma, lam)
+        adv, returns = masked_gae(token_rewards, old_values, resp, gamma, lam)  # over the model's tokens
         adv = whiten(adv, loss_mask)
     is_weights, is_stats = None, {}
     if correct is not None:  # the sampler's log-probs are not the trainer's (vLLM, bf16): weight by trainer / sampler
@@ -281,7 +286,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     )
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
-    task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="ppo")
+    env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
+    options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
+    task, data, reward_set, test = load_prompts(policy, data, **options, recipe="ppo", env=env)
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate").to(policy.device)
@@ -320,7 +327,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     for step in range(run.start, cfg.steps):
         t0 = time.perf_counter()
         # -- rollout and score: samples_per_prompt responses to each of this rank's prompts
-        sb, _ = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions, **sampling)
+        sb, _ = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions,
+                            rollout=env and env.rollout, **sampling)  # fmt: skip
         batch = pack_rows([(sb.batch, i) for i in range(len(sb.batch.texts))], policy.tokenizer.pad_token_id)
         # -- old log-probs, values, KL-penalised rewards, GAE (no gradient), then the PPO epochs
         beta = kl_coef.at(0.0)

@@ -130,17 +130,19 @@ def sample_step(
     seed: int,
     group_size: int,
     log_completions: int = 0,
+    rollout=None,
     **sampling,
 ) -> tuple[ScoredBatch, list[int]]:
     """This rank's share of step `step`'s prompts (the same global batch on any rank layout), group_size
     responses each, sampled with `sampling` (max_new_tokens, temperature, ...) and scored; counted in the run and
-    logged (log_completions of them). -> (the scored rollout, this rank's positions in the global batch)."""
+    logged (log_completions of them). rollout: what samples and scores (default rollout_and_score; episodes in an
+    environment: envs/task.EnvTask.rollout). -> (the scored rollout, this rank's positions in the global batch)."""
     idx = batch_indices(len(data), prompts_per_step, step, seed)
     mine = dist.shard(list(range(len(idx))))
     seeds = row_seeds(seed, step, mine, group_size) if loop.seeded else None
     shape = (prompts_per_step * group_size, sampling["max_new_tokens"])
     with phase("rollout", step + 1, shape):
-        sb = rollout_and_score(
+        sb = (rollout or rollout_and_score)(
             policy,
             [data[idx[i]] for i in mine],
             reward_set,

@@ -11,9 +11,10 @@ model's tokens only, and their sampler log-probs are the only ones recorded.
     episodes = run_episodes(policy, host, renderer, examples, group_size=G, max_turns=4, max_tokens=96, ...)
     episodes.batch: a RolloutBatch (prompt = the opening, response = everything after it, action_mask)
 
-Ends, counted in the metrics: the environment's done; --max-turns (then the environment's finish(), if it has
-one, may give the reward); the token budget (max_tokens of response area, or the model's context), which
-marks the episode truncated; a fault (a tool or step that raised, hung or answered badly: reward None).
+Ends, counted in the metrics: the environment's done; --max-turns and the token budget (max_tokens after the
+opening, or the model's context; the episode is marked truncated), after which the environment's finish(), if
+it has one, may give the reward (the built-ins give 0: no answer); a fault (a tool or step that raised, hung
+or answered badly: reward None).
 Each turn re-reads the whole context (a prefill per turn): the engine's prefix cache (vLLM) makes that cheap;
 mirl's own sampler does not yet keep its KV cache across turns.
 """
@@ -103,7 +104,14 @@ def run_episodes(
     tok = policy.tokenizer
     eos = set(getattr(policy, "eos_ids", None) or [tok.eos_token_id])
     rows = [e for e in examples for _ in range(group_size)]
-    eps = [Episode(renderer.opening(host.reset(i, e))) for i, e in enumerate(rows)]
+    eps = []
+    for i, e in enumerate(rows):  # a reset that faults: the episode ends before its first turn
+        opening = host.reset(i, e)
+        eps.append(
+            Episode(renderer.opening([{"role": "user", "content": e["prompt"]}] if is_fault(opening) else opening))
+        )
+        if is_fault(opening):
+            eps[-1].done, eps[-1].end = True, "fault"
     context = policy.max_seq_len
     for turn in range(max_turns):
         live = [i for i, ep in enumerate(eps) if not ep.done]
@@ -141,9 +149,9 @@ def run_episodes(
                 continue
             ended_with_eos = n > 0 and ids[j][n - 1] in eos
             ep.add(renderer.reply_tokens(reply, ended_with_eos), None)
-    for i, ep in enumerate(eps):
-        if not ep.done:
-            ep.end = "max_turns"
+    for i, ep in enumerate(eps):  # the turn limit or the budget ended it: the environment's last word
+        if ep.end in ("", "budget"):
+            ep.end = ep.end or "max_turns"
             r = host.finish(i)
             if r is not None and not is_fault(r):
                 ep.rewards.append(float(r))
