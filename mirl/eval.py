@@ -126,10 +126,14 @@ class Config:
     seed: int = 0  # seed of the held-out split and of sampling
     threads: int = 2  # torch CPU threads
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
+    env: str = ""  # greedy multi-turn episodes in an environment instead of --task: calc, guess, python, file.py:Class
+    max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
+    max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
+    tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
 
 
 def run(cfg: Config) -> EvalResult:
-    """`mirl eval`: load the model, evaluate it on the task's held-out split, print one JSON line."""
+    """`mirl eval`: load the model, evaluate it on the task's (or --env's) held-out split, print one JSON line."""
     import json
 
     from .data.collate import prompts_that_fit, too_long_message
@@ -144,7 +148,12 @@ def run(cfg: Config) -> EvalResult:
     from .device import resolve_device
 
     policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision).to(resolve_device(cfg.device))
-    task = make_task(cfg.task, policy.tokenizer, cfg.chat)
+    if cfg.env:  # success rate, mean turns, tool calls and faults per episode (envs/task.py)
+        from .envs.task import EnvTask
+
+        task = EnvTask.of(cfg, policy.tokenizer)
+    else:
+        task = make_task(cfg.task, policy.tokenizer, cfg.chat)
     examples = task.examples("test", cfg.n, cfg.seed)
     _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)
     if too_long:  # every held-out prompt is scored, or the accuracy would be of another set

@@ -319,6 +319,8 @@ def check_combinations(cfg) -> None:
         if _get(cfg, "data") and getattr(cfg, name) != defaults[name]:
             what = "pairs sampled from --task" if recipe != "sft" else "examples made from --task"
             raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r} has no effect with --data: it is for {what}")
+    if _get(cfg, "env") and "task" in defaults and cfg.task not in (defaults["task"], ""):
+        raise ConfigError(f"--task {cfg.task!r} has no effect with --env: the environment is the task (drop one)")
     if recipe == "sft" and _get(cfg, "data") and cfg.task and cfg.task != defaults["task"]:
         raise ConfigError(f"--task {cfg.task!r} has no effect with --data: sft trains on --data alone (drop one)")
     if _get(cfg, "entropy_target", 0) > 0 and _get(cfg, "entropy_coef", 0) > _get(cfg, "entropy_coef_max", 0):

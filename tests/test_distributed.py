@@ -144,6 +144,7 @@ def weak_sft(tmp_path_factory):
         ("grpo_pass_rate", False),
         ("distill", False),
         ("grpo_entropy", False),
+        ("grpo_env", False),
     ],
     ids=[
         "grpo",
@@ -163,6 +164,7 @@ def weak_sft(tmp_path_factory):
         "grpo_pass_rate",
         "distill",
         "grpo_entropy",
+        "grpo_env",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -215,6 +217,14 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         # token mean, the adaptive coefficient on the global entropy; 2 minibatches, one pass
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "16", "--minibatches", "2"]
         args += ["--top-entropy-quantile", "0.2", "--entropy-coef", "0.05", "--entropy-target", "5"]
+    elif recipe == "grpo_env":  # two-turn episodes in an environment loaded from a file (tests/test_agents.py)
+        from test_agents import ENV
+
+        (tmp_path / "two_turns.py").write_text(ENV)
+        env = f"{tmp_path / 'two_turns.py'}:TwoTurns"
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--env", env]
+        common[common.index("arith:1")] = ""
+        common[common.index("8")] = "12"  # --max-new-tokens: each turn's
     elif recipe == "distill":  # the token mean of the divergence divides by the global token count
         args = ["distill", "--teacher", "gpt-micro", "--prompts-per-step", "16", "--samples-per-prompt", "2"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
