@@ -41,6 +41,32 @@ class TwoTurns:
 '''
 
 
+FAULTY = (
+    ENV.replace("class TwoTurns", "class _Base")
+    + '''
+
+class Faulty(_Base):
+    """Every third episode's second turn raises, every fifth one's hangs: counted faults, the run goes on."""
+
+    count = 0
+
+    def reset(self, example):
+        Faulty.count += 1
+        self.n = Faulty.count
+        return super().reset(example)
+
+    def step(self, message):
+        if self.turn == 1 and self.n % 5 == 0:
+            import time
+
+            time.sleep(60)
+        if self.turn == 1 and self.n % 3 == 0:
+            raise RuntimeError("the environment broke")
+        return super().step(message)
+'''
+)
+
+
 @pytest.fixture(scope="module")
 def weak(tmp_path_factory):
     """A weak SFT model on 1-digit addition: short answers that end with EOS, of varied lengths."""
@@ -93,3 +119,17 @@ def test_eval_env_reports_episodes(weak, capsys):
     assert main(["eval", "--model", model, "--env", env, "--n", "6", "--max-new-tokens", "12", "--threads", "1"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["n"] == 6 and row["episode_turns"] > 1.5 and row["episode_faults"] == 0.0
+
+
+def test_environment_faults_are_counted_and_the_run_goes_on(tmp_path, weak):
+    """An environment whose step raises (every third episode) or hangs past --tool-timeout-s (every fifth): those
+    episodes end with no reward, the faults are counted by kind in the summary and the metrics, the run ends."""
+    model, _ = weak
+    env = tmp_path / "faulty.py"
+    env.write_text(FAULTY)
+    opts = dict(model=model, env=f"{env}:Faulty", group_size=4, tool_timeout_s=1.0, **{**COMMON, "eval_n": 0})
+    res = grpo.train(grpo.Config(out_dir=str(tmp_path / "run"), **opts))
+    faults = res.summary["env_faults"]
+    assert faults.get("step raised", 0) >= 1 and faults.get("step timeout", 0) >= 1, faults
+    assert sum(h["episodes/faults"] for h in res.history) == sum(faults.values())
+    assert len(res.history) == 2

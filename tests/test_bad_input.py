@@ -631,6 +631,37 @@ NEW_CASES = [
     ),
 ]
 CASES += NEW_CASES
+ENV_NO_DOC = "def add(a: int, b: int) -> str:\n    return str(a + b)\n\n\nclass E:\n    tools = [add]\n\n" + (
+    "    def reset(self, example):\n        return []\n\n    def step(self, message):\n        return None\n"
+)
+ENV_CASES = [  # --env (issue 27): the environment's file, class and tools
+    ("env-missing-file", ["grpo", "--env", "{d}/nope.py:X"], {}, 2, ["--env {d}/nope.py:X: no such file"]),
+    ("env-not-a-class", ["grpo", "--env", "{d}/e.py:X"], {"e.py": "X = 3\n"}, 2, ["X is a int, not a class"]),
+    (
+        "env-wrong-methods",
+        ["ppo", "--env", "{d}/e.py:E"],
+        {"e.py": "class E:\n    def hello(self):\n        return 1\n"},
+        2,
+        ["--env {d}/e.py:E: E has no reset()", "reset(example) and step(message)"],
+    ),
+    (
+        "env-tool-without-docstring",
+        ["online", "--env", "{d}/e.py:E"],
+        {"e.py": ENV_NO_DOC},
+        2,
+        ["tool add has no docstring"],
+    ),
+    ("env-no-such-builtin", ["grpo", "--env", "chess"], {}, 2, ["--env 'chess': not a built-in"]),
+    ("max-turns-without-env", ["grpo", "--max-turns", "2"], {}, 2, ["--max-turns 2 has no effect: it needs --env"]),
+    (
+        "task-with-env",
+        ["grpo", "--env", "calc", "--task", "arith:2"],
+        {},
+        2,
+        ["--task 'arith:2' has no effect with --env"],
+    ),
+]
+CASES += ENV_CASES
 
 
 def _write(d, files):

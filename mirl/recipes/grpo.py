@@ -390,5 +390,5 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after GRPO")
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
-    summary.update({"skips": skipped, "reward_faults": reward_set.faults})
+    summary.update({"skips": skipped, "reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)

@@ -263,5 +263,5 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
     )
     policy, summary = finish_loop(loop, cfg, policy, task, test, data, after=f"after {name}")
-    summary.update({"groups": counts, "reward_faults": reward_set.faults})
+    summary.update({"groups": counts, "reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)

@@ -367,7 +367,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- evaluate and save -------------------------------------------------------------------------
     policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after PPO", extra_save=critic_file)
-    summary["reward_faults"] = reward_set.faults
+    summary.update({"reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)
 
 
