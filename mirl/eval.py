@@ -65,7 +65,8 @@ def evaluate(
     if hasattr(task, "evaluate_policy"):  # an environment (envs/task.py): greedy multi-turn episodes
         if k > 1:
             raise ConfigError("--k > 1 (pass@k) is not supported with --env yet: evaluate greedy episodes (--k 1)")
-        return task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)
+        r = task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)
+        return EvalResult(r["accuracy"], None, 1, len(examples), r["samples"], r["mean_score"], r["details"])
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)

@@ -5,6 +5,8 @@
                   files <- backends <- facade <- policy (the loaders): the backends know nothing of the Policy
                   facade, and the facade nothing of how policies are loaded
     data          mirl.data: models at most (nothing from rollout, rewards, eval, checkpoint, recipes or above)
+    envs          mirl.envs (environments, tools, the sandbox): nothing from recipes, experiments, demo or cli;
+                  and mirl.rollout nothing from envs (an episode gets its environment host and renderer passed in)
     recipes       no recipe imports another (recipes.common, run, held_out and rl hold what they share)
 and no import cycle between modules.
 """
@@ -100,6 +102,15 @@ def test_the_policy_modules_point_down():
     assert set(order) <= set(GRAPH), sorted(set(order) - set(GRAPH))
     for i, mod in enumerate(order):
         assert not set(order[i + 1 :]) & GRAPH[mod], (mod, sorted(GRAPH[mod]))
+
+
+def test_environments_sit_between_rollout_and_recipes():
+    above = ("mirl.recipes", "mirl.experiments", "mirl.demo", "mirl.cli")
+    for mod, deps in GRAPH.items():
+        if _under(mod, ("mirl.envs",)):
+            assert not [d for d in deps if _under(d, above)], (mod, sorted(deps))
+        if _under(mod, ("mirl.rollout",)):
+            assert not [d for d in deps if _under(d, ("mirl.envs",))], (mod, sorted(deps))
 
 
 def test_no_recipe_imports_another():

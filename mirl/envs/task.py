@@ -113,17 +113,19 @@ class EnvTask:
             host.close()
         return float(getattr(step, "reward", None) or 0.0)
 
-    def evaluate_policy(self, policy, examples: list[dict], *, max_new_tokens: int):
-        """Greedy episodes on held-out examples -> mirl.eval.EvalResult: accuracy = the share of episodes with
-        a positive reward, mean_score = the mean reward, details = turns, tool calls and faults per episode."""
-        from ..eval import EvalResult
+    def evaluate_policy(self, policy, examples: list[dict], *, max_new_tokens: int) -> dict:
+        """Greedy episodes on held-out examples -> {accuracy: the share of episodes with a positive reward,
+        mean_score: the mean reward, samples: the first (prompt, transcript, reward), details: turns, tool calls
+        and faults per episode} (mirl.eval.evaluate makes it an EvalResult)."""
         from ..rewards import RewardSet, parse_reward_spec
 
         rewards = RewardSet(parse_reward_spec("env", None), timeout_s=self.timeout_s)
         scored = self.rollout(policy, examples, rewards, group_size=1, max_new_tokens=max_new_tokens, temperature=0.0)
         values = [0.0 if r != r else float(r) for r in scored.rewards.tolist()]  # NaN (a fault): 0
-        acc = sum(v > 0 for v in values) / max(1, len(values))
         m = scored.metrics
-        details = {k.replace("episodes/", "episode_"): v for k, v in m.items() if k.startswith("episodes/")}
-        samples = [(e["prompt"], t, v) for e, t, v in list(zip(examples, scored.batch.texts, values))[:8]]
-        return EvalResult(acc, None, 1, len(examples), samples, sum(values) / max(1, len(values)), details)
+        return {
+            "accuracy": sum(v > 0 for v in values) / max(1, len(values)),
+            "mean_score": sum(values) / max(1, len(values)),
+            "samples": [(e["prompt"], t, v) for e, t, v in list(zip(examples, scored.batch.texts, values))[:8]],
+            "details": {k.replace("episodes/", "episode_"): v for k, v in m.items() if k.startswith("episodes/")},
+        }

@@ -1,0 +1,108 @@
+"""The `zoom` environment: a visual question whose detail is too small at the model's resolution, and a tool that
+returns the zoomed region as an image in its reply (images in tool results, for the tiny VLM and transformers
+VLMs alike).
+
+The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans, the held-out split drawing
+only from every fifth scan as the `digits` task does) drawn at 8x8 pixels in one of the four 32x32 quadrants, and
+faint noise. The model sees it at 32x32, where the digit is 4x4 pixels; `zoom(quadrant)` ("tl", "tr", "bl",
+"br") answers with that quadrant at full resolution, 32x32, where the digit is 8x8 again. The reward is 1 when
+the final answer's last number is the digit.
+
+    <image>digit?                      the opening (the scene at 32x32)
+    <zoom>tr</zoom>                    a call
+    <result><image></result>           its result: the quadrant as an image
+    7                                  the answer
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..data.tasks.split import sample_split
+from .base import Step
+from .builtin import last_number
+from .tools import tool_from_function
+
+QUADRANTS = {"tl": (0, 0), "tr": (0, 32), "bl": (32, 0), "br": (32, 32)}
+
+
+def zoom_problem(rng: random.Random, split: str = "train") -> dict:
+    """One scene: the digit scan, its quadrant and its place in it, and the noise seed."""
+    from ..data.tasks.visual import _digit_pool, _digits
+
+    pool = _digit_pool(split)
+    scan = pool[rng.randrange(len(pool))]
+    quadrant = rng.choice(sorted(QUADRANTS))
+    y, x = rng.randrange(4, 20), rng.randrange(4, 20)
+    label = int(_digits()[1][scan])
+    key = f"{scan}/{quadrant}/{y}/{x}"  # (split.py hashes it: train and test scenes are disjoint)
+    return {"prompt": "<image>digit?", "answer": str(label), "scan": scan, "quadrant": quadrant, "at": [y, x],
+            "noise": rng.randrange(2**31), "split_key": key}  # fmt: skip
+
+
+def source_image(example: dict):
+    """The 64x64 grey source image of a scene (numpy uint8)."""
+    import numpy as np
+
+    from ..data.tasks.visual import _digits
+
+    rng = np.random.default_rng(example["noise"])
+    canvas = rng.integers(0, 40, size=(64, 64)).astype(np.float32)
+    digit = _digits()[0][example["scan"]] * (255.0 / 16.0)
+    oy, ox = QUADRANTS[example["quadrant"]]
+    y, x = example["at"]
+    where = (slice(oy + y, oy + y + 8), slice(ox + x, ox + x + 8))
+    canvas[where] = np.maximum(canvas[where], digit)
+    return canvas.clip(0, 255).astype(np.uint8)
+
+
+def _rgb(array):
+    from PIL import Image
+
+    return Image.fromarray(array).convert("RGB")
+
+
+def scene_image(example: dict):
+    """What the model sees: the source at 32x32 (each 2x2 block averaged: the digit is 4x4 pixels)."""
+    a = source_image(example).astype("float32")
+    small = a.reshape(32, 2, 32, 2).mean((1, 3))
+    return _rgb(small.round().astype("uint8"))
+
+
+class ZoomEnv:
+    """Read the small digit: zoom into the quadrant that holds it, then answer."""
+
+    def __init__(self):
+        self.example = None
+        self.tools = [tool_from_function(self.zoom)]
+
+    @staticmethod
+    def examples(split: str, n: int, seed: int) -> list[dict]:
+        """n scenes of the split (train and test disjoint: distinct scans), each with its image."""
+        rows = sample_split(lambda rng: zoom_problem(rng, split), "zoom", split, n, seed)
+        return [{**r, "images": [scene_image(r)]} for r in rows]
+
+    def zoom(self, quadrant: str) -> dict:
+        """Zoom into a quarter of the image: it comes back at full resolution.
+
+        Args:
+            quadrant: which quarter: tl, tr, bl or br (top/bottom, left/right)
+        """
+        q = quadrant.strip().lower()
+        if q not in QUADRANTS:
+            return {"content": f"no quadrant {quadrant!r}: use tl, tr, bl or br"}
+        oy, ox = QUADRANTS[q]
+        return {"content": "", "images": [_rgb(source_image(self.example)[oy : oy + 32, ox : ox + 32])]}
+
+    def reset(self, example: dict) -> list[dict]:
+        """The scene and the question."""
+        self.example = example
+        return [{"role": "user", "content": example["prompt"], "images": list(example["images"])}]
+
+    def step(self, message: str) -> Step:
+        """The answer: reward 1 when its last number is the digit."""
+        return Step(reward=float(last_number(message) == int(self.example["answer"])), done=True)
+
+    def finish(self) -> float:
+        """No answer within the limits: 0."""
+        return 0.0
