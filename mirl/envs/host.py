@@ -34,14 +34,13 @@ still caught, and there is no time limit.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 
 from .. import stop as run_stop
-from ..rewards.worker import _LIVE, POLL_S, _die_with_parent, _kill, can_fork
+from ..rewards.worker import POLL_S, _die_with_parent, _kill, can_fork, fork_worker
 from .base import Step, Tool, ToolCall
 from .tools import as_tool, check_arguments
 
@@ -194,24 +193,7 @@ class EnvHost:
     # -- the worker ---------------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        from multiprocessing import Pipe
-
-        parent, child = Pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the caller's code
-            code = 0
-            try:
-                parent.close()
-                _serve(child, self.factory, self.max_chars)
-            except BaseException:  # noqa: BLE001
-                code = 1
-            finally:
-                os._exit(code)
-        child.close()
-        self.pid, self.conn = pid, parent
-        _LIVE.add(pid)
+        self.pid, self.conn = fork_worker(_serve, self.factory, self.max_chars)
 
     def close(self) -> None:
         """Kill the worker (SIGKILL); the environments are gone."""

@@ -133,6 +133,29 @@ def _kill_all() -> None:
         _kill(pid)
 
 
+def fork_worker(serve, *args) -> tuple[int, object]:
+    """Fork a worker process that runs serve(its end of a pipe, *args) and then exits (never returning into the
+    caller's code); it is killed with the run (_LIVE, PR_SET_PDEATHSIG in serve). -> (its pid, our end)."""
+    from multiprocessing import Pipe
+
+    parent, child = Pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            parent.close()
+            serve(child, *args)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    child.close()
+    _LIVE.add(pid)
+    return pid, parent
+
+
 class RewardWorker:
     """A forked process that runs reward functions, reused across calls and replaced after a timeout."""
 
@@ -146,25 +169,9 @@ class RewardWorker:
         """Fork the worker now (cheap: copy-on-write), before the run's own threads exist."""
         if self.pid is not None:
             return
-        from multiprocessing import Pipe
-
-        parent, child = Pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the caller's code
-            code = 0
-            try:
-                parent.close()
-                _serve(child, self.fns)
-            except BaseException:  # noqa: BLE001
-                code = 1
-            finally:
-                os._exit(code)
-        child.close()
+        pid, parent = fork_worker(_serve, self.fns)
         self.pid, self.conn = pid, parent
         self.starts += 1
-        _LIVE.add(pid)
 
     def stop(self) -> None:
         """Kill the worker (SIGKILL) and forget it; the next call forks a fresh one."""
