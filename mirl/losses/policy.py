@@ -18,8 +18,9 @@ The per-token term by policy_loss (the others replace the min/clip above; all eq
                eps = gmpo_eps (0.4: the paper's (e^-0.4, e^0.4)); the min on the side A pushes, as the released
                code. With token advantages (PPO, step rewards): sgn(A_k) per token, A their mean (veRL's gmpo).
                Spread over the response's tokens, loss_agg grpo averages it over responses, as the paper (bnpo,
-               dapo, dr_grpo weight each response by its length); with importance sequence the clip is on the
-               sequence's mean log-ratio (the paper's seqclip ablation); pg_mask selects the tokens of the mean.
+               dapo, dr_grpo weight each response by its length; PPO's bnpo does). With importance sequence
+               the clip is on the sequence's mean log-ratio, not on its sum as the paper's seqclip ablation clips
+               it (a looser clip by |o|); pg_mask selects the tokens of the mean.
 Aggregation (loss_agg), the place where the GRPO variants differ:
     grpo     mean over responses of (token mean within the response)
     bnpo     token mean over the micro-batch
@@ -32,8 +33,8 @@ whole loss mask, as in TRL.
 Rollout/train mismatch (rollout_correction): when the sampler's log-probs q are not the trainer's p (vLLM's
 kernels, bf16), the samples come from q, not p; each token's loss is weighted by w = p / q (detached):
     level token     w_k = exp(p_k - q_k)                 level sequence  w = exp(sum_k (p_k - q_k)), every token
-    mode truncate   w <- min(w, cap)  (TIS)              mode mask       w <- 0 where w > cap (or w < 1 / cap,
-                                                                         MIS; TRL's default: sequence, mask, 3)
+    mode truncate   w <- min(w, cap)  (TIS)              mode mask       w <- 0 where w > cap (MIS; TRL's
+                                                                         default: sequence, mask, 3; no floor)
 """
 
 from __future__ import annotations
