@@ -5,6 +5,7 @@ environment's tokens carry no gradient through the policy loss."""
 import re
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mirl.envs.base import Step, ToolCall
@@ -157,3 +158,177 @@ def test_environment_tokens_carry_no_gradient():
     env = u.resp_mask[0] == 0
     assert env.sum().item() == 20
     assert torch.all(grad[env] == 0) and torch.all(grad[~env] != 0)
+
+
+# ---- the KV cache kept across turns (rollout/turns.py) -----------------------------------------------------------
+
+
+class StepHost:
+    """No tools: every model turn goes to step(); episode i is done after 1 + i % 3 turns (rows leave the batch
+    at different turns), and its replies have 1 to 3 words (rows feed different numbers of new tokens)."""
+
+    def __init__(self):
+        self.turns = {}
+
+    def reset(self, i, example):
+        self.turns[i] = 0
+        return [{"role": "user", "content": example["prompt"]}]
+
+    def step(self, i, text):
+        self.turns[i] += 1
+        done = self.turns[i] >= 1 + i % 3
+        return Step([{"role": "user", "content": " ".join(["ok"] * (1 + (i + self.turns[i]) % 3))}], 1.0, done)
+
+    def finish(self, i):
+        return None
+
+
+class TextRenderer:
+    """The policy's own tokenizer, no tool calls; stop strings that end a random model's turn after a few tokens."""
+
+    def __init__(self, tok, stops):
+        self.tok, self.stop_strings = tok, stops
+
+    def opening(self, messages):
+        return self.tok.encode(messages[0]["content"], add_special_tokens=True)
+
+    def parse(self, text):
+        return []
+
+    def reply_tokens(self, messages, ended_with_eos):
+        return self.tok.encode(" ".join(m["content"] for m in messages), add_special_tokens=False)
+
+    def final_answer(self, text):
+        return text
+
+
+def _cache_policy(kind, hf_tiny_dir):
+    """A random tiny GPT or transformers Qwen2, and stop strings that end about one token in eight."""
+    from mirl.models import load_policy
+
+    if kind == "tiny":
+        return load_policy("gpt-nano", max_seq_len=256, seed=0), tuple("0123456789aeiou")
+    return load_policy(hf_tiny_dir), tuple("0123456789")
+
+
+def _cache_run(policy, stops, engine, seed=3):
+    from mirl.rollout.sample import row_seeds
+
+    examples = [{"prompt": f"{i}*{10**i + 3}="} for i in range(4)]  # openings of different lengths
+    seeds = row_seeds(seed, 0, list(range(4)), 2)
+    return run_episodes(policy, StepHost(), TextRenderer(policy.tokenizer, stops), examples, group_size=2,
+                        max_turns=3, max_tokens=60, turn_tokens=16, seeds=seeds, engine=engine)  # fmt: skip
+
+
+class _NoCacheEngine:
+    """The local sampler without conversation(): every turn re-prefills each row's whole context."""
+
+    def __init__(self, policy):
+        from mirl.rollout.engine import LocalEngine
+
+        self.generate = LocalEngine(policy).generate
+
+
+class _DynamicCacheEngine:
+    """Conversations on the backend's own cache (the tiny GPT's list of tensors, transformers' DynamicCache)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def conversation(self, openings, room):
+        from mirl.rollout.turns import Conversation
+
+        return Conversation(self.policy, openings, room, static=False)
+
+
+def _reply_lengths(ep):
+    """The lengths of an episode's environment replies (the runs of action 0), in order."""
+    runs, n = [], 0
+    for a in ep.action + [1]:
+        if a == 0:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["tiny", "hf"])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_kv_cache_reuse_equals_reprefilling(kind, cache, hf_tiny_dir):
+    """8 episodes of up to 3 turns with per-row seeds, rows leaving at different turns and feeding replies of
+    different lengths (holes in the fed block): keeping each row's KV cache across turns gives the very tokens,
+    action masks and ends of re-prefilling the whole context every turn, and the log-probs to 1e-5."""
+    from mirl.rollout.engine import LocalEngine
+
+    policy, stops = _cache_policy(kind, hf_tiny_dir)
+    reuse_engine = LocalEngine(policy) if cache == "static" else _DynamicCacheEngine(policy)
+    reuse, plain = _cache_run(policy, stops, reuse_engine), _cache_run(policy, stops, _NoCacheEngine(policy))
+    turns = [ep.turns for ep in reuse.episodes]
+    assert len(set(turns)) == 3, turns  # rows ended after 1, 2 and 3 turns
+    assert len({n for ep in reuse.episodes for n in _reply_lengths(ep)}) > 1  # replies of different lengths
+    for a, b in zip(reuse.episodes, plain.episodes):
+        assert (a.tokens, a.action, a.turns, a.end) == (b.tokens, b.action, b.turns, b.end)
+        torch.testing.assert_close(torch.tensor(a.logps), torch.tensor(b.logps), atol=1e-5, rtol=0)
+
+
+def _forward_shapes(policy, run):
+    """run() with every policy.step's input shape (rows, tokens) recorded -> (its result, the shapes)."""
+    shapes, step = [], policy.step
+
+    def counted(input_ids, *a, **k):
+        shapes.append(tuple(input_ids.shape))
+        return step(input_ids, *a, **k)
+
+    policy.step = counted
+    try:
+        return run(), shapes
+    finally:
+        del policy.step
+
+
+@pytest.mark.parametrize("kind", ["tiny", "hf"])
+def test_kv_cache_reuse_prefills_only_the_new_tokens(kind, hf_tiny_dir):
+    """The forwards of the reuse path: the openings' prefill (widest opening), one token per row per decoding
+    step, and before each later turn one block of 1 + the longest reply among the rows going on (each row's last
+    sampled token and the environment's reply), never the history that re-prefilling feeds."""
+    from mirl.rollout.engine import LocalEngine
+
+    policy, stops = _cache_policy(kind, hf_tiny_dir)
+    eps, reuse = _forward_shapes(policy, lambda: _cache_run(policy, stops, LocalEngine(policy)))
+    _, plain = _forward_shapes(policy, lambda: _cache_run(policy, stops, _NoCacheEngine(policy)))
+    opening = max(len(ep.opening) for ep in eps.episodes)
+    replies = [_reply_lengths(ep) for ep in eps.episodes]
+    fed = [1 + max(r[k - 2] for r, ep in zip(replies, eps.episodes) if ep.turns >= k) for k in (2, 3)]
+    wide = [w for _, w in reuse if w > 1]
+    assert wide == [opening, *fed], (wide, fed)
+    history = [w for _, w in plain if w > 1]  # re-prefilling: the widest whole context of each turn
+    assert len(history) == 3 and all(f < h for f, h in zip(fed, history[1:])), (fed, history)
+
+
+def test_conversation_grows_its_static_cache_and_takes_empty_replies():
+    """A Conversation sized for 2 more tokens: its static cache grows before the turns that do not fit; a row
+    whose environment adds nothing (it feeds only its last token) and rows leaving the batch still give the tokens
+    and log-probs of Reprefill on the local engine."""
+    from mirl.models import load_policy
+    from mirl.models.decode import StaticCache
+    from mirl.rollout.engine import LocalEngine, SamplingSettings
+    from mirl.rollout.sample import row_seeds
+    from mirl.rollout.turns import Conversation, Reprefill
+
+    policy = load_policy("gpt-nano", max_seq_len=256, seed=0)
+    openings = [TOK.encode(p) for p in ("1+2=", "30*4=", "5", "66-7=")]
+    settings = SamplingSettings(8, stop=tuple("0123456789"))
+    talks = [Conversation(policy, openings, room=2), Reprefill(LocalEngine(policy), openings)]
+    slots = talks[0].cache.mask.shape[1]
+    rows, replies = [0, 1, 2, 3], {0: TOK.encode("ok"), 1: [], 2: TOK.encode("fine, go on"), 3: TOK.encode("no")}
+    for turn in range(3):
+        seeds = row_seeds(1, turn, rows, 1)
+        a, b = (talk.turn(rows, settings, seeds=seeds) for talk in talks)
+        assert a.ids == b.ids and a.cut == b.cut
+        for x, y in zip(a.logps, b.logps):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
+        rows = rows[: 3 - turn]  # the last row leaves after each turn
+        for talk in talks:
+            for i in rows:
+                talk.extend(i, replies[i])
+    assert isinstance(talks[0].cache, StaticCache) and talks[0].cache.mask.shape[1] > slots

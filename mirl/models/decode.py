@@ -11,7 +11,8 @@ generation instead of two extra matmuls per layer and token). The snapshot is a 
 for the duration of one generate() call. The token embedding is not copied: the step calls the model's own
 embedding module (a LoRA adapter on it included; merging it would copy the whole vocabulary's matrix for a
 few rows per step). A step writes one slot of the preallocated keys and values (no
-concatenation per token) and attends to the slots filled so far. The positions are those of the plain
+concatenation per token) and attends to the slots filled so far; a conversation's next turn (rollout/turns.py)
+writes its several new tokens at once, causal among themselves. The positions are those of the plain
 path (the mask count; plus each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are
 equal for generated text).
 Models whose attention or positions the step does not reproduce keep their own forward: a sliding window
@@ -72,6 +73,14 @@ class StaticCache:
             self.rope,
         )
 
+    def grown(self, slots: int) -> StaticCache:
+        """A copy with room for `slots` more tokens (a conversation whose next turn does not fit)."""
+        pad = lambda z: torch.cat([z, z.new_zeros(*z.shape[:2], slots, z.shape[3])], 2)
+        mask = torch.cat([self.mask, self.mask.new_zeros(self.mask.shape[0], slots)], 1)
+        # the rope table covers the old length only: rebuilt at the next step
+        return StaticCache([pad(k) for k in self.keys], [pad(v) for v in self.values], mask, self.length, self.deltas,
+                           self.decoder)  # fmt: skip
+
 
 def to_static(kv, attention_mask: Tensor, new_tokens: int, decoder: Decoder, deltas=None) -> StaticCache:
     """A prefill's per-layer (keys, values) (B, H, P, D) and its mask (B, P) -> a StaticCache with room for
@@ -91,25 +100,35 @@ def to_static(kv, attention_mask: Tensor, new_tokens: int, decoder: Decoder, del
     return StaticCache(keys, values, mask, p, deltas, decoder)
 
 
-def _advance(cache: StaticCache, attention_mask: Tensor) -> tuple[int, Tensor, Tensor]:
-    """Take the new token's mask bit from the sampler's mask (B, length + 1) -> (slot, attention mask over the
-    filled slots (B, 1, 1, slot + 1), position ids (B, 1))."""
+def _advance(cache: StaticCache, attention_mask: Tensor, t: int) -> tuple[int, Tensor, Tensor]:
+    """Take the t new tokens' mask bits from the sampler's mask (B, length + t) -> (first slot, attention mask
+    over the filled slots (B, 1, t, slot + t), position ids (B, t))."""
     slot = cache.length
-    if slot >= cache.mask.shape[1]:
-        raise ValueError(f"the static cache holds {cache.mask.shape[1]} tokens; step {slot + 1} does not fit")
-    cache.mask[:, slot] = attention_mask[:, -1]
-    cache.length = slot + 1
-    pos = attention_mask.sum(-1, keepdim=True) - 1  # the plain path's positions: the mask count (<= slot)
-    return slot, cache.mask[:, None, None, : slot + 1], pos.clamp_(min=0)
+    if slot + t > cache.mask.shape[1]:
+        raise ValueError(f"the static cache holds {cache.mask.shape[1]} tokens; {slot + t} do not fit")
+    new = attention_mask[:, -t:]
+    cache.mask[:, slot : slot + t] = new
+    cache.length = slot + t
+    filled = cache.mask[:, None, None, : slot + t]
+    if t == 1:  # the plain path's positions: the mask count (<= slot)
+        return slot, filled, (attention_mask.sum(-1, keepdim=True) - 1).clamp_(min=0)
+    # several tokens (a conversation's next turn, rollout/turns.py): causal among them; a hole (mask 0) sees
+    # itself too, so that its (unused) output stays finite as the backends' forwards keep padding finite
+    pos = (attention_mask[:, :-t].sum(-1, keepdim=True) + new.long().cumsum(-1) - 1).clamp_(min=0)
+    keys = torch.arange(slot + t, device=new.device)[None, :]
+    queries = torch.arange(slot, slot + t, device=new.device)[:, None]
+    return slot, (filled & (keys <= queries)) | (keys == queries), pos
 
 
 def _attend(q: Tensor, layer: int, k: Tensor, v: Tensor, cache: StaticCache, slot: int, mask: Tensor):
-    """Write k, v (B, H_kv, 1, D) into the slot, attend q (B, H, 1, D) to the filled slots -> (B, H, 1, D)."""
+    """Write k, v (B, H_kv, T, D) into the slots from `slot`, attend q (B, H, T, D) to the filled slots ->
+    (B, H, T, D)."""
     kk, vv = cache.keys[layer], cache.values[layer]
-    kk[:, :, slot : slot + 1] = k
-    vv[:, :, slot : slot + 1] = v
+    end = slot + k.shape[2]
+    kk[:, :, slot:end] = k
+    vv[:, :, slot:end] = v
     gqa = q.shape[1] != kk.shape[1]
-    return F.scaled_dot_product_attention(q, kk[:, :, : slot + 1], vv[:, :, : slot + 1], attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, kk[:, :, :end], vv[:, :, :end], attn_mask=mask, enable_gqa=gqa)
 
 
 def is_lora_layer(m) -> bool:
@@ -287,11 +306,12 @@ def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: StaticCache) -> Tensor:
-    """One token (B, 1) per row through the snapshotted weights, written into the cache in place -> logits
-    (B, 1, V). The same arithmetic as the model's forward (tests/test_decode.py)."""
-    slot, mask, pos = _advance(cache, attention_mask)  # (generate() checked prompt + new tokens <= max positions)
-    x = dec.embed(input_ids)
+    """Tokens (B, T) through the snapshotted weights, written into the cache in place -> logits (B, T, V): one per
+    row while decoding, a conversation's next turn (rollout/turns.py) at once. The same arithmetic as the model's
+    forward (tests/test_decode.py, tests/test_episodes.py)."""
     b, t = input_ids.shape
+    slot, mask, pos = _advance(cache, attention_mask, t)  # (generate() checked prompt + new tokens <= max positions)
+    x = dec.embed(input_ids)
     if dec.kind == "tiny":
         x = x + F.embedding(pos, dec.pos_embed)
     else:

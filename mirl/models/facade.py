@@ -239,7 +239,8 @@ class Policy(nn.Module):
     def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
         """One incremental forward for generation -> (logits, cache). attention_mask covers cached and new
         tokens: (B, S + T). Images go with the step that holds their placeholders (the prefill). A StaticCache
-        (start_decode) takes one token per step, decoded in place."""
+        (start_decode) takes one token per row per step, or a conversation's next turn at once (rollout/turns.py),
+        decoded in place."""
         if isinstance(cache, StaticCache):
             return decode_step(cache.decoder, input_ids, attention_mask, cache), cache
         images = self._images_here(images)

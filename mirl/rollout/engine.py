@@ -111,6 +111,13 @@ class LocalEngine:
             seeds=seeds,
         )
 
+    def conversation(self, openings: list[list[int]], room: int):
+        """Multi-turn episodes' sampler with their KV caches kept across turns (rollout/turns.py); None under FSDP2
+        (every rank's forwards go in lockstep there: run_episodes then re-prefills through generate)."""
+        from .turns import Conversation
+
+        return None if self.policy.lockstep else Conversation(self.policy, openings, room)
+
     def sync(self, policy) -> None:
         """Nothing to do: the sampler reads the policy's own weights."""
 

@@ -15,8 +15,10 @@ Ends, counted in the metrics: the environment's done; --max-turns and the token 
 opening, or the model's context; the episode is marked truncated), after which the environment's finish(), if
 it has one, may give the reward (the built-ins give 0: no answer); a fault (a tool or step that raised, hung
 or answered badly: reward None).
-Each turn re-reads the whole context (a prefill per turn): the engine's prefix cache (vLLM) makes that cheap;
-mirl's own sampler does not yet keep its KV cache across turns.
+The engine's side is a conversation (rollout/turns.py): mirl's own sampler keeps each episode's KV cache across
+turns and prefills only the new tokens (the environment's reply); any other engine (vLLM) gets each live
+episode's whole context every turn, which its prefix cache makes cheap. With per-row seeds both give the same
+episodes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from .engine import SamplingSettings
 from .sample import RolloutBatch, left_pad
+from .turns import start_conversation
 
 
 @dataclass
@@ -113,6 +116,8 @@ def run_episodes(
         if is_fault(opening):
             eps[-1].done, eps[-1].end = True, "fault"
     context = policy.max_seq_len
+    # a row's context grows by at most max_tokens, plus a turn that the budget then cuts
+    talk = start_conversation(engine, [ep.opening for ep in eps], room=max_tokens + turn_tokens)
     for turn in range(max_turns):
         live = [i for i, ep in enumerate(eps) if not ep.done]
         if not live:
@@ -132,23 +137,22 @@ def run_episodes(
                 eps[i].done, eps[i].end = True, "budget"
             break
         row_seeds = None if seeds is None else turn_seeds(seeds[live], turn)
-        prompts = [eps[i].opening + eps[i].tokens for i in live]
-        out = engine.generate(prompts, 1, settings, generator=generator, seeds=row_seeds)
-        lengths = out.response_mask.sum(1).tolist()
-        ids, lps, cut = out.response_ids.tolist(), out.logps.tolist(), out.truncated.tolist()
+        out = talk.turn(live, settings, generator=generator, seeds=row_seeds)
         for j, i in enumerate(live):
-            ep, n = eps[i], min(lengths[j], room[i])
-            ep.add(ids[j][:n], lps[j][:n])
+            ids, ep = out.ids[j], eps[i]
+            n = min(len(ids), room[i])
+            ep.add(ids[:n], out.logps[j][:n])
             ep.turns += 1
-            ep.last_turn = tok.decode(ids[j][:n], skip_special_tokens=True)
-            if n < lengths[j] or cut[j]:  # the budget (or the turn's limit) cut the turn: the episode ends
+            ep.last_turn = tok.decode(ids[:n], skip_special_tokens=True)
+            if n < len(ids) or out.cut[j]:  # the budget (or the turn's limit) cut the turn: the episode ends
                 ep.done, ep.end = True, "budget"
                 continue
             reply = take_turn(host, renderer, i, ep)
             if ep.done:
                 continue
-            ended_with_eos = n > 0 and ids[j][n - 1] in eos
-            ep.add(renderer.reply_tokens(reply, ended_with_eos), None)
+            reply_ids = renderer.reply_tokens(reply, n > 0 and ids[n - 1] in eos)
+            ep.add(reply_ids, None)
+            talk.extend(i, reply_ids)
     for i, ep in enumerate(eps):  # the turn limit or the budget ended it: the environment's last word
         if ep.end in ("", "budget"):
             ep.end = ep.end or "max_turns"

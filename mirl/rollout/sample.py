@@ -154,6 +154,108 @@ def stop_string_rows(text_ids: list[list[int]], tokens: Tensor, ended: Tensor, n
     return sum(1 for d in host[1] if not d) - len(hits)
 
 
+@dataclass
+class Decoded:
+    """What decode_tokens returns: B rows, N steps."""
+
+    ids: Tensor  # (B, N) the sampled tokens, pad_id after a row's end
+    logps: Tensor  # (B, N) their log-probs (0 after a row's end)
+    lengths: Tensor  # (B,) tokens per row, the EOS or the token that completed a stop string included
+    stopped: Tensor  # (B,) ended by EOS or a stop string
+    cache: object  # the rows still decoded (all with drop_finished=False): every token but each row's last
+    attn: Tensor  # (rows, slots) the mask over the cache's slots (0 at the steps after a row's end)
+
+
+@torch.no_grad()
+def decode_tokens(
+    policy,
+    logits: Tensor,
+    cache,
+    attn: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_strings: tuple[str, ...] = (),
+    generator: torch.Generator | None = None,
+    ignore_eos: bool = False,
+    seeds: Tensor | None = None,
+    drop_finished: bool = True,
+) -> Decoded:
+    """generate()'s decoding loop (its docstring has the arguments) from a prefill's logits (B, T, V), its cache
+    and mask (B, S). A row's last token (its EOS, the end of its stop string, the last step's) is not fed to the
+    model: the cache holds everything before it (rollout/turns.py feeds it with the next turn)."""
+    from ..models.tokenizer import eos_token_ids
+
+    tok = policy.tokenizer
+    pad_id = tok.pad_token_id
+    device = logits.device
+    # every EOS id of the model (Policy.eos_ids: config, generation config, tokenizer), as vLLM stops on them
+    eos_ids = getattr(policy, "eos_ids", None) or eos_token_ids(tok.eos_token_id)
+    eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    b = logits.shape[0]
+    out_ids = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)  # ended by EOS or a stop string
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    live = torch.arange(b, device=device)  # the rows of the whole batch that the model still decodes
+    row_seeds_ = None if seeds is None else seeds.to(device)
+    banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
+    banned = torch.tensor(banned, dtype=torch.long, device=device) if banned else None  # (indexed once per step)
+    n_steps = 0
+    text_ids: list[list[int]] = [[] for _ in range(b)]  # with stop strings: each row's tokens so far, on the host
+    for t in range(max_new_tokens):
+        step_logits = logits[:, -1].float()  # (len(live), V)
+        if banned is not None:
+            step_logits[:, banned] = float("-inf")
+        if temperature > 0:
+            if temperature != 1.0:
+                step_logits = step_logits / temperature
+            step_logits = _filter_logits(step_logits, top_k, top_p)
+            logprobs = torch.log_softmax(step_logits, -1)
+            if row_seeds_ is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
+                nxt = (logprobs + row_gumbel(row_seeds_[live], t, logprobs.shape[-1])).argmax(-1)
+            else:  # one uniform for every row of the batch, decoded or not: the same stream either way
+                u = torch.rand(b, 1, generator=generator, dtype=torch.float64, device=device)
+                nxt = inverse_cdf_index(logprobs.exp(), u[live])
+        else:
+            logprobs = torch.log_softmax(step_logits, -1)
+            nxt = logprobs.argmax(-1)
+        live_done = done[live]
+        nxt = torch.where(live_done, torch.full_like(nxt, pad_id), nxt)
+        out_ids[live, t] = nxt
+        out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        newly = torch.zeros(b, dtype=torch.bool, device=device)
+        newly[live] = (~live_done) & torch.isin(nxt, eos_ids) & (not ignore_eos)
+        lengths += (~done).long()
+        # the step's one read on the host: how many rows go on (with stop strings, also the new tokens)
+        if stop_strings:
+            n_left = stop_string_rows(text_ids, out_ids[:, t], done | newly, newly, tok, stop_strings)
+        else:
+            n_left = int(b - (done | newly).sum())
+        stopped |= newly
+        done |= newly
+        n_steps = t + 1
+        finished = n_left == 0
+        if getattr(policy, "lockstep", False):  # FSDP2: stop only when every rank's rows are done
+            from ..distributed import all_sum
+
+            finished = all_sum(0.0 if finished else 1.0) == 0
+        if finished or t == max_new_tokens - 1:  # the last token feeds no further step
+            break
+        attn = torch.cat([attn, (~done)[live].long()[:, None]], 1)  # a row's last token: fed with mask 0
+        # the live rows not done are all the rows not done (the others were dropped finished): n_left of them
+        if drop_finished and 0 < n_left <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
+            keep = torch.argsort(done[live].to(torch.int8), stable=True)[:n_left]  # the unfinished, in order
+            cut = policy.select_rows(cache, keep)
+            if cut is not None:
+                cache, live, attn, nxt = cut, live[keep], attn[keep], nxt[keep]
+        logits, cache = policy.step(nxt[:, None], attn, cache)
+    return Decoded(out_ids[:, :n_steps], out_logps[:, :n_steps], lengths, stopped, cache, attn)
+
+
 @torch.no_grad()
 def generate(
     policy,
@@ -184,15 +286,10 @@ def generate(
     batch, so the samples are the same as without it (tests/test_rollout.py).
     static_cache: decode on a preallocated KV cache written in place, through the backend's native step
     (models/decode.py; the same tokens and log-probs as the model's own forward, tests/test_decode.py)."""
-    from ..models.tokenizer import eos_token_ids
     from ..models.vision import cat_images
 
     tok = policy.tokenizer
-    pad_id = tok.pad_token_id
     device = policy.device
-    # every EOS id of the model (Policy.eos_ids: config, generation config, tokenizer), as vLLM stops on them
-    eos_ids = getattr(policy, "eos_ids", None) or eos_token_ids(tok.eos_token_id)
-    eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=device)
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     row_images = None if images is None else [im for im in images for _ in range(samples_per_prompt)]
     if sample_images is not None and len(sample_images) != len(rows):
@@ -201,88 +298,44 @@ def generate(
     if prefill_images is not None:
         prefill_images = {k: v.to(device) for k, v in prefill_images.items()}
     prompt_index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
-    prompt_ids, prompt_mask = left_pad(rows, pad_id)
+    prompt_ids, prompt_mask = left_pad(rows, tok.pad_token_id)
     if prompt_ids.shape[1] + max_new_tokens > policy.max_seq_len:
         raise ValueError(
             f"prompt of {prompt_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
             f"model's maximum length {policy.max_seq_len}"
         )
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    b = len(rows)
-    out_ids = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)  # ended by EOS or a stop string
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    live = torch.arange(b, device=device)  # the rows of the whole batch that the model still decodes
-    row_seeds_ = None if seeds is None else seeds.to(device)
-    attn = prompt_mask
     was_training = policy.training
     policy.eval()
-    banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
-    banned = torch.tensor(banned, dtype=torch.long, device=device) if banned else None  # (indexed once per step)
-    logits, cache = policy.start_decode(prompt_ids, attn, max_new_tokens, images=prefill_images, static=static_cache)
-    n_steps = 0
-    text_ids: list[list[int]] = [[] for _ in range(b)]  # with stop strings: each row's tokens so far, on the host
-    for t in range(max_new_tokens):
-        step_logits = logits[:, -1].float()  # (len(live), V)
-        if banned is not None:
-            step_logits[:, banned] = float("-inf")
-        if temperature > 0:
-            if temperature != 1.0:
-                step_logits = step_logits / temperature
-            step_logits = _filter_logits(step_logits, top_k, top_p)
-            logprobs = torch.log_softmax(step_logits, -1)
-            if row_seeds_ is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
-                nxt = (logprobs + row_gumbel(row_seeds_[live], t, logprobs.shape[-1])).argmax(-1)
-            else:  # one uniform for every row of the batch, decoded or not: the same stream either way
-                u = torch.rand(b, 1, generator=generator, dtype=torch.float64, device=device)
-                nxt = inverse_cdf_index(logprobs.exp(), u[live])
-        else:
-            logprobs = torch.log_softmax(step_logits, -1)
-            nxt = logprobs.argmax(-1)
-        live_done = done[live]
-        nxt = torch.where(live_done, torch.full_like(nxt, pad_id), nxt)
-        out_ids[live, t] = nxt
-        out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
-        newly = torch.zeros(b, dtype=torch.bool, device=device)
-        newly[live] = (~live_done) & torch.isin(nxt, eos_ids) & (not ignore_eos)
-        live_before = ~done
-        lengths += live_before.long()
-        # the step's one read on the host: how many rows go on (with stop strings, also the new tokens)
-        if stop_strings:
-            n_left = stop_string_rows(text_ids, out_ids[:, t], done | newly, newly, tok, stop_strings)
-        else:
-            n_left = int(b - (done | newly).sum())
-        stopped |= newly
-        done |= newly
-        n_steps = t + 1
-        finished = n_left == 0
-        if getattr(policy, "lockstep", False):  # FSDP2: stop only when every rank's rows are done
-            from ..distributed import all_sum
-
-            finished = all_sum(0.0 if finished else 1.0) == 0
-        if finished or t == max_new_tokens - 1:  # the last token feeds no further step
-            break
-        attn = torch.cat([attn, live_before[live].long()[:, None]], 1)
-        # the live rows not done are all the rows not done (the others were dropped finished): n_left of them
-        if drop_finished and 0 < n_left <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
-            keep = torch.argsort(done[live].to(torch.int8), stable=True)[:n_left]  # the unfinished, in order
-            cut = policy.select_rows(cache, keep)
-            if cut is not None:
-                cache, live, attn, nxt = cut, live[keep], attn[keep], nxt[keep]
-        logits, cache = policy.step(nxt[:, None], attn, cache)
+    logits, cache = policy.start_decode(
+        prompt_ids, prompt_mask, max_new_tokens, images=prefill_images, static=static_cache
+    )
+    out = decode_tokens(
+        policy,
+        logits,
+        cache,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_strings=stop_strings,
+        generator=generator,
+        ignore_eos=ignore_eos,
+        seeds=seeds,
+        drop_finished=drop_finished,
+    )
     policy.train(was_training)
-    out_ids, out_logps = out_ids[:, :n_steps], out_logps[:, :n_steps]
-    response_mask = (torch.arange(n_steps, device=device)[None, :] < lengths[:, None]).long()
-    texts = [tok.decode(r[:n], skip_special_tokens=True) for r, n in zip(out_ids.tolist(), lengths.tolist())]
+    n = out.ids.shape[1]
+    response_mask = (torch.arange(n, device=device)[None, :] < out.lengths[:, None]).long()
+    texts = [tok.decode(r[:k], skip_special_tokens=True) for r, k in zip(out.ids.tolist(), out.lengths.tolist())]
     return RolloutBatch(
         prompt_ids,
         prompt_mask,
-        out_ids,
+        out.ids,
         response_mask,
-        out_logps * response_mask,
-        ~stopped,
+        out.logps * response_mask,
+        ~out.stopped,
         prompt_index.to(device),
         texts,
         row_images,
