@@ -47,6 +47,7 @@ class Episode:
     done: bool = False
     end: str = ""  # done | max_turns | budget | fault
     last_turn: str = ""  # the text of the model's last turn
+    images: list = field(default_factory=list)  # image inputs of the context's images, in order (image+text models)
 
     def add(self, ids: list[int], logps: list[float] | None) -> None:
         """Append tokens: the model's (with their log-probs) or the environment's (logps None)."""
@@ -107,17 +108,21 @@ def run_episodes(
     tok = policy.tokenizer
     eos = set(getattr(policy, "eos_ids", None) or [tok.eos_token_id])
     rows = [e for e in examples for _ in range(group_size)]
-    eps = []
+    eps, opening_images = [], []
     for i, e in enumerate(rows):  # a reset that faults: the episode ends before its first turn
         opening = host.reset(i, e)
-        eps.append(
-            Episode(renderer.opening([{"role": "user", "content": e["prompt"]}] if is_fault(opening) else opening))
-        )
-        if is_fault(opening):
+        fault = is_fault(opening)
+        messages = [{"role": "user", "content": e["prompt"]}] if fault else opening
+        ids, images = encode_messages(policy, renderer, messages)
+        eps.append(Episode(ids, images=[images] if images else []))
+        opening_images.append(images)
+        if fault:
             eps[-1].done, eps[-1].end = True, "fault"
     context = policy.max_seq_len
-    # a row's context grows by at most max_tokens, plus a turn that the budget then cuts
-    talk = start_conversation(engine, [ep.opening for ep in eps], room=max_tokens + turn_tokens)
+    # a row's context grows by at most max_tokens, plus a turn that the budget then cuts; an image+text model's
+    # episodes send their images with every turn (rollout/turns.py: Reprefill)
+    talk = start_conversation(engine, [ep.opening for ep in eps], room=max_tokens + turn_tokens,
+                              images=opening_images if getattr(policy, "is_vlm", False) else None)  # fmt: skip
     for turn in range(max_turns):
         live = [i for i, ep in enumerate(eps) if not ep.done]
         if not live:
@@ -150,9 +155,13 @@ def run_episodes(
             reply = take_turn(host, renderer, i, ep)
             if ep.done:
                 continue
-            reply_ids = renderer.reply_tokens(reply, n > 0 and ids[n - 1] in eos)
+            reply_ids, images = encode_messages(policy, renderer, reply, n > 0 and ids[n - 1] in eos)
             ep.add(reply_ids, None)
-            talk.extend(i, reply_ids)
+            if images:
+                ep.images.append(images)
+                talk.extend(i, reply_ids, images)
+            else:
+                talk.extend(i, reply_ids)
     for i, ep in enumerate(eps):  # the turn limit or the budget ended it: the environment's last word
         if ep.end in ("", "budget"):
             ep.end = ep.end or "max_turns"
@@ -161,6 +170,40 @@ def run_episodes(
                 ep.rewards.append(float(r))
             ep.end = "fault" if is_fault(r) else ep.end
     return Episodes(to_rollout_batch(eps, rows, group_size, tok, policy.device), eps, episode_metrics(eps))
+
+
+def encode_messages(policy, renderer, messages: list[dict], ended_with_eos: bool | None = None):
+    """Messages -> (token ids, image inputs or None): the opening (ended_with_eos None) or a reply after a model
+    turn, as the renderer writes them; a message's images become the model's image tokens, each in place of a
+    placeholder '<image>' (put first in the message's text when it has none)."""
+    from ..models.tokenizer import IMAGE_PLACEHOLDER
+
+    images = [im for m in messages for im in m.get("images") or []]
+    messages = [with_placeholders(m) for m in messages]
+    opening = ended_with_eos is None
+    ids = renderer.opening(messages) if opening else renderer.reply_tokens(messages, ended_with_eos)
+    if not images:
+        return ids, None
+    text = renderer.opening_text(messages) if opening else renderer.reply_text(messages, ended_with_eos)
+    if text.count(IMAGE_PLACEHOLDER) != len(images):
+        raise ValueError(f"the environment's messages have {len(images)} image(s) but the rendered text places "
+                         f"{text.count(IMAGE_PLACEHOLDER)}")  # fmt: skip
+    full, inputs = policy.encode_prompt(text, images, "environment message")
+    tok = policy.tokenizer
+    body = full[len(tok.encode("", add_special_tokens=True)) :]  # without the BOS a prompt gets
+    lead = ids[: len(ids) - len(tok.encode(text, add_special_tokens=False))]  # a plain opening's BOS, a reply's EOS
+    return lead + body, inputs
+
+
+def with_placeholders(message: dict) -> dict:
+    """A message whose images have no '<image>' in its text gets them first (TRL's convention)."""
+    from ..models.tokenizer import IMAGE_PLACEHOLDER
+
+    n = len(message.get("images") or [])
+    text = message.get("content") or ""
+    if not n or (isinstance(text, str) and IMAGE_PLACEHOLDER in text):
+        return message
+    return {**message, "content": IMAGE_PLACEHOLDER * n + text}
 
 
 def is_fault(x) -> bool:
@@ -208,12 +251,15 @@ def to_rollout_batch(eps: list[Episode], rows: list[dict], group_size: int, tok,
         mask[k, :n] = 1
         action[k, :n] = torch.tensor(ep.action, dtype=torch.long)
         logps[k, :n] = torch.tensor(ep.logps)
+    from ..models.vision import cat_images
+
     texts = [tok.decode(ep.tokens, skip_special_tokens=True) for ep in eps]
+    images = [cat_images(ep.images) for ep in eps]
     truncated = torch.tensor([ep.end == "budget" for ep in eps])
     index = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     on = lambda t: t.to(device)
     return RolloutBatch(on(prompt_ids), on(prompt_mask), on(ids), on(mask), on(logps), on(truncated), on(index), texts,
-                        None, on(action))  # fmt: skip
+                        images if any(x is not None for x in images) else None, on(action))  # fmt: skip
 
 
 def episode_metrics(eps: list[Episode]) -> dict:

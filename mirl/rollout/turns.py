@@ -51,30 +51,45 @@ def as_turn(batch: RolloutBatch) -> Turn:
     return Turn([r[:k] for r, k in zip(ids, n)], [r[:k] for r, k in zip(lps, n)], batch.truncated.tolist())
 
 
-def start_conversation(engine, openings: list[list[int]], room: int):
+def start_conversation(engine, openings: list[list[int]], room: int, images: list | None = None):
     """The engine's Conversation when it has one (engine.conversation -> None: it cannot keep caches now), else a
-    Reprefill. room: the most tokens a row's context can gain after its opening (sizes a static cache)."""
+    Reprefill. room: the most tokens a row's context can gain after its opening (sizes a static cache). images:
+    per row, the image inputs of its opening (episodes of an image+text model: always a Reprefill, which sends
+    each row's images with its context; tools may add images to a row later)."""
     make = getattr(engine, "conversation", None)
+    if images is not None:
+        return Reprefill(engine, openings, images)
     return (make(openings, room) if make is not None else None) or Reprefill(engine, openings)
 
 
 class Reprefill:
     """Each turn sends every asked row's whole context to engine.generate as its prompt."""
 
-    def __init__(self, engine, openings: list[list[int]]):
+    def __init__(self, engine, openings: list[list[int]], images: list | None = None):
         self.engine, self.contexts = engine, [list(o) for o in openings]
+        self.images = None if images is None else [[x] if x else [] for x in images]  # per row, in context order
 
     def turn(self, rows: list[int], settings, *, generator=None, seeds=None) -> Turn:
         """One turn of each row in `rows` (episode indices) -> Turn (in the order of rows)."""
+        from ..models.vision import cat_images
+
         prompts = [self.contexts[i] for i in rows]
-        turn = as_turn(self.engine.generate(prompts, 1, settings, generator=generator, seeds=seeds))
+        images = None if self.images is None else [cat_images(self.images[i]) for i in rows]
+        if images is not None and getattr(self.engine, "needs_raw_images", False):
+            from ..options import ConfigError
+
+            raise ConfigError("episodes with images sample with mirl's own engine for now: use --engine local")
+        out = self.engine.generate(prompts, 1, settings, generator=generator, seeds=seeds, images=images)
+        turn = as_turn(out)
         for i, ids in zip(rows, turn.ids):
             self.contexts[i] += ids
         return turn
 
-    def extend(self, row: int, tokens: list[int]) -> None:
-        """Tokens the environment wrote into row's context."""
+    def extend(self, row: int, tokens: list[int], images: dict | None = None) -> None:
+        """Tokens the environment wrote into row's context (and the image inputs of their image tokens)."""
         self.contexts[row] += tokens
+        if images is not None:
+            self.images[row].append(images)
 
 
 @contextmanager
