@@ -135,11 +135,13 @@ def test_environment_faults_are_counted_and_the_run_goes_on(tmp_path, weak):
     assert len(res.history) == 2
 
 
-def test_zoom_tool_answers_with_an_image_in_the_context():
-    """The zoom environment on the tiny VLM, with a scripted model: turn 1 '<zoom>Q</zoom>' (Q the digit's
-    quadrant), whose reply carries the quadrant as an image; turn 2 the digit: reward 1. The row's context holds
-    2 x 16 image tokens (the scene's and the crop's) and its image inputs both images, in order; the update's
-    forward runs on it; with the wrong quadrant's crop and answer the reward is 0."""
+@pytest.mark.parametrize("model", ["vlm-nano", "qwen2_vl"])
+def test_zoom_tool_answers_with_an_image_in_the_context(model, request):
+    """The zoom environment on the tiny VLM and a tiny transformers Qwen2-VL, with a scripted model: turn 1
+    '<zoom>Q</zoom>' (Q the digit's quadrant), whose reply carries the quadrant as an image; turn 2 the digit:
+    reward 1. The row's context holds the scene's image tokens and as many again for the crop (the tiny VLM: 16
+    each), both images in its image inputs, in order; the update's forward runs on it; with the wrong quadrant's
+    crop and a wrong answer the reward is 0."""
     from test_episodes import ScriptedEngine
 
     from mirl.envs.host import EnvHost
@@ -150,7 +152,7 @@ def test_zoom_tool_answers_with_an_image_in_the_context():
     from mirl.rollout.episodes import run_episodes
     from mirl.rollout.score import pack_rows
 
-    policy = load_policy("vlm-nano", max_seq_len=256, seed=0)
+    policy = load_policy(model if model == "vlm-nano" else str(request.getfixturevalue("hf_vlm_dir")), seed=0)
     ex = ZoomEnv.examples("test", 1, 0)[0]
     wrong = next(q for q in ("tl", "tr", "bl", "br") if q != ex["quadrant"])
     script = [
@@ -161,15 +163,19 @@ def test_zoom_tool_answers_with_an_image_in_the_context():
     renderer = Renderer(policy.tokenizer, ZoomEnv().tools, chat=False)
     try:
         eps = run_episodes(policy, host, renderer, [ex], group_size=2, max_turns=3, max_tokens=120, turn_tokens=24,
-                           engine=ScriptedEngine(script).start())  # fmt: skip
+                           engine=ScriptedEngine(script, policy.tokenizer).start())  # fmt: skip
     finally:
         host.close()
     assert [e.reward for e in eps.episodes] == [1.0, 0.0] and [e.turns for e in eps.episodes] == [2, 2]
-    image_id = policy.tokenizer.image_token_id
-    assert sum(t == image_id for t in eps.episodes[0].opening) == 16
-    assert sum(t == image_id for t in eps.episodes[0].tokens) == 16  # the crop, in the environment's reply
+    image_id = policy.vision.cfg.image_token_id if model == "vlm-nano" else policy.vision.image_token_id
+    n_image = sum(t == image_id for t in eps.episodes[0].opening)
+    assert n_image == (16 if model == "vlm-nano" else n_image) and n_image > 0
+    assert sum(t == image_id for t in eps.episodes[0].tokens) == n_image  # the crop, in the environment's reply
     assert all(a == 0 for t, a in zip(eps.episodes[0].tokens, eps.episodes[0].action) if t == image_id)
-    assert eps.batch.images[0]["pixel_values"].shape == (2, 3, 32, 32)
+    pixels = eps.batch.images[0]["pixel_values"]
+    assert pixels.shape[0] == (2 if model == "vlm-nano" else pixels.shape[0])
+    if model != "vlm-nano":  # two images' grids
+        assert eps.batch.images[0]["image_grid_thw"].shape[0] == 2
     u = pack_rows([(eps.batch, 0), (eps.batch, 1)], policy.tokenizer.pad_token_id)
     lp, _ = response_logps(policy, u.ids, u.attn, u.n_resp, 1.0, images=u.row_images())
     assert lp.shape == u.resp_mask.shape and bool(lp.isfinite().all())

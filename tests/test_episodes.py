@@ -21,8 +21,8 @@ EOS = TOK.eos_token_id
 class ScriptedEngine:
     """Answers each live row's turn from a script: script[row][turn] = (text, ends with EOS)."""
 
-    def __init__(self, script):
-        self.script, self.calls = script, []
+    def __init__(self, script, tok=None):
+        self.script, self.calls, self.tok = script, [], tok or TOK
 
     def generate(self, prompts, n, settings, *, generator=None, seeds=None, **_):
         live = [r for r in range(len(self.script)) if self.turn[r] < len(self.script[r])][: len(prompts)]
@@ -30,13 +30,13 @@ class ScriptedEngine:
         for r in live:
             text, eos = self.script[r][self.turn[r]]
             self.turn[r] += 1
-            ids = TOK.encode(text) + ([EOS] if eos else [])
+            ids = self.tok.encode(text, add_special_tokens=False) + ([self.tok.eos_token_id] if eos else [])
             ids = ids[: settings.max_new_tokens]
             rows_ids.append(ids)
             rows_lp.append([-0.5] * len(ids))
             cut.append(not eos and not any(text.endswith(s) for s in settings.stop))
         self.calls.append((len(prompts), settings))
-        return to_rollout(prompts, 1, rows_ids, rows_lp, cut, TOK, None)
+        return to_rollout(prompts, 1, rows_ids, rows_lp, cut, self.tok, None)
 
     def start(self):
         self.turn = [0] * len(self.script)
