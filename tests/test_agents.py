@@ -85,15 +85,18 @@ COMMON = dict(steps=2, prompts_per_step=4, max_new_tokens=12, max_turns=3, eval_
 @pytest.mark.parametrize("recipe", ["grpo", "ppo", "online"])
 def test_recipes_train_on_two_turn_episodes(tmp_path, weak, recipe):
     """Two steps of each recipe on the environment: the episodes take two turns (the first answered "again:";
-    a turn the 12-token limit cuts ends its episode: the weak model's first turns end within it), the losses
-    are finite, and the held-out evaluation is of greedy episodes."""
+    a turn the 12-token limit cuts ends its episode: the weak model's first turns end within it), the logged
+    completions are whole episodes with the environment's part marked, the losses are finite, and the held-out
+    evaluation is of greedy episodes."""
     model, env = weak
     size = {"grpo": dict(group_size=4), "ppo": dict(samples_per_prompt=4), "online": dict(k=4)}[recipe]
     module = {"grpo": grpo, "ppo": ppo, "online": online}[recipe]
-    res = module.train(module.Config(model=model, env=env, out_dir=str(tmp_path), **size, **COMMON))
+    res = module.train(module.Config(model=model, env=env, out_dir=str(tmp_path), log_completions=2, **size, **COMMON))
     assert res.history[0]["episodes/turns"] > 1.5  # (the first rollout, before any update)
     assert all(math.isfinite(h["loss"]) for h in res.history if "loss" in h)
     assert any("loss" in h for h in res.history)
+    logged = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert logged and all("«env: again:»" in r["completion"] for r in logged[:2])  # the environment's part marked
     evals = res.summary["evals"]
     assert len(evals) == 2 and evals[0]["episode_turns"] > 1.5 and 0.0 <= evals[-1]["accuracy"] <= 1.0
 

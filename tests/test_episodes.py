@@ -113,7 +113,7 @@ def test_two_turn_episode_layout_masks_and_logps():
     b = eps.batch
     assert b.prompt_ids.tolist() == [TOK.encode("12*34=")]
     assert b.response_mask.sum().item() == 42 and b.action_mask.sum().item() == 22
-    assert b.texts == ["<calc>12*34</calc><result>408</result>408"] and not b.truncated.item()
+    assert b.texts == ["<calc>12*34</calc>«env: <result>408</result>»408"] and not b.truncated.item()
     # the update batch: every token attended to, the loss mask on the model's tokens only
     u = pack_rows([(b, 0)], TOK.pad_token_id)
     assert u.attn.sum().item() == 6 + 42

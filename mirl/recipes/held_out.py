@@ -85,11 +85,15 @@ def write_samples_and_report(
 
     examples = (examples or [])[:n_samples]
     if examples:
-        images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
-        outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
+        if hasattr(task, "evaluate_policy"):  # an environment: greedy episodes, the environment's parts marked
+            done = task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)["samples"]
+            outs, scores = [[t] for _, t, _ in done], [r for _, _, r in done]
+        else:
+            images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+            outs = completions(policy, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens, images=images)
+            scores = [task.score(o[0], e) if task is not None else None for o, e in zip(outs, examples)]
         with open(Path(out_dir) / "samples.jsonl", "a") as f:  # after the rollouts logged during the run
-            for e, o in zip(examples, outs):
-                score = task.score(o[0], e) if task is not None else None
+            for e, o, score in zip(examples, outs, scores):
                 row = {
                     "kind": "held-out",
                     "prompt": e.get("question") or e["prompt"],

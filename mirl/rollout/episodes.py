@@ -253,13 +253,24 @@ def to_rollout_batch(eps: list[Episode], rows: list[dict], group_size: int, tok,
         logps[k, :n] = torch.tensor(ep.logps)
     from ..models.vision import cat_images
 
-    texts = [tok.decode(ep.tokens, skip_special_tokens=True) for ep in eps]
+    texts = [transcript(ep, tok) for ep in eps]
     images = [cat_images(ep.images) for ep in eps]
     truncated = torch.tensor([ep.end == "budget" for ep in eps])
     index = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     on = lambda t: t.to(device)
     return RolloutBatch(on(prompt_ids), on(prompt_mask), on(ids), on(mask), on(logps), on(truncated), on(index), texts,
                         images if any(x is not None for x in images) else None, on(action))  # fmt: skip
+
+
+def transcript(ep: Episode, tok) -> str:
+    """The episode after its opening as text, the environment's parts marked: «env: ...» (samples, the report)."""
+    parts, start = [], 0
+    for k in range(1, len(ep.tokens) + 1):
+        if k == len(ep.tokens) or ep.action[k] != ep.action[start]:
+            text = tok.decode(ep.tokens[start:k], skip_special_tokens=True)
+            parts.append(text if ep.action[start] else f"«env: {text.strip()}»")
+            start = k
+    return "".join(parts)
 
 
 def episode_metrics(eps: list[Episode]) -> dict:
