@@ -91,12 +91,15 @@ def test_recipes_train_on_two_turn_episodes(tmp_path, weak, recipe):
     model, env = weak
     size = {"grpo": dict(group_size=4), "ppo": dict(samples_per_prompt=4), "online": dict(k=4)}[recipe]
     module = {"grpo": grpo, "ppo": ppo, "online": online}[recipe]
-    res = module.train(module.Config(model=model, env=env, out_dir=str(tmp_path), log_completions=2, **size, **COMMON))
+    opts = {**COMMON, "report": recipe == "grpo"}  # the report's held-out samples: greedy episodes
+    res = module.train(module.Config(model=model, env=env, out_dir=str(tmp_path), log_completions=2, **size, **opts))
     assert res.history[0]["episodes/turns"] > 1.5  # (the first rollout, before any update)
     assert all(math.isfinite(h["loss"]) for h in res.history if "loss" in h)
     assert any("loss" in h for h in res.history)
     logged = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert logged and all("«env: again:»" in r["completion"] for r in logged[:2])  # the environment's part marked
+    held_out = [r for r in logged if r["kind"] == "held-out"]
+    assert len(held_out) == (8 if recipe == "grpo" else 0) and all("«env: again:»" in r["completion"] for r in held_out)
     evals = res.summary["evals"]
     assert len(evals) == 2 and evals[0]["episode_turns"] > 1.5 and 0.0 <= evals[-1]["accuracy"] <= 1.0
 
