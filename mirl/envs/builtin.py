@@ -150,6 +150,29 @@ class CalcEnv:
         """n examples of the split ('train' or 'test', disjoint), deterministic in seed."""
         return sample_split(CalcEnv.problem, "calc", split, n, seed)
 
+    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
+        """SFT records of n training examples solved with the tool, in the plain protocol (the text an episode's
+        tokens decode to): two per example, so that the model learns to call and to read the result but never
+        to write a result itself (the environment's tokens are never a completion).
+
+            {"prompt": "What is 123*4567?\\n", "completion": "<calc>123*4567</calc>"}
+            {"prompt": "What is 123*4567?\\n<calc>123*4567</calc><result>561741</result>", "completion": "561741"}
+
+        SFT appends EOS to each completion (data/collate.encode_example): the answer's EOS ends the episode as in
+        a rollout; the EOS after a call is never reached in an episode, whose turn stops at `</calc>`."""
+        from .protocol import Renderer  # the plain protocol's text needs no tokenizer
+
+        renderer, out = Renderer(None, self.tools, chat=False), []
+        for i, e in enumerate(self.examples("train", n, seed)):
+            opening = renderer.opening_text(self.reset(e))
+            expression = re.fullmatch(r"What is (.+)\?", e["prompt"]).group(1)
+            call = renderer.call_text("calc", {"expression": expression})
+            result = renderer.reply_text([{"role": "tool", "name": "calc", "content": calc(expression)}], False)
+            where = f"calc demonstration #{i}"
+            out.append({"prompt": opening, "completion": call, "where": where + " (call)"})
+            out.append({"prompt": opening + call + result, "completion": e["answer"], "where": where + " (answer)"})
+        return out
+
     def reset(self, example: dict) -> list[dict]:
         """The question as a user message."""
         self.answer = int(example["answer"])

@@ -24,7 +24,7 @@ from ..logging import TRACKERS
 from ..logps import fused_sequence_logps, sequence_logps
 from ..losses import masked_reduce
 from ..optim import Schedule, make_optimizer, optimizer_step
-from ..options import choice, choice_list
+from ..options import ConfigError, choice, choice_list
 from .common import (
     build_policy,
     check_context,
@@ -45,6 +45,7 @@ class Config:
     task: str = "arith"  # built-in task whose solutions are the SFT data (ignored when --data is set)
     chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
     data: str = ""  # TRL prompt-completion or messages data: .jsonl, .parquet or a datasets folder
+    env: str = ""  # an environment's demonstrations as the data (calc): --n-train examples solved with its tools
     split: str = "train"  # the split of --data to read (a datasets folder or hub dataset with several)
     data_config: str = ""  # the configuration (subset) of a hub dataset --data
     revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
@@ -101,6 +102,23 @@ def task_records(task, n: int, seed: int) -> list[dict]:
     ]
 
 
+def env_demonstrations(spec: str, tokenizer, chat: str, n: int, seed: int) -> list[dict]:
+    """--env: the environment's demonstrations(n, seed), prompt-completion records in the plain protocol
+    (envs/protocol.py), the form its episodes take on a model without a chat template."""
+    from ..envs.loader import load_env
+
+    factory, name = load_env(spec)
+    env = factory()
+    if not callable(getattr(env, "demonstrations", None)):
+        raise ConfigError(f"--env {name}: it has no demonstrations(n, seed) to train on; give --data")
+    if chat == "yes" or (chat == "auto" and getattr(tokenizer, "chat_template", None) is not None):
+        raise ConfigError(
+            f"--env {name}: its demonstrations are in the plain protocol, and this model's episodes would go "
+            "through its chat template; add --chat no (and run the episodes with --chat no too)"
+        )
+    return env.demonstrations(n, seed)
+
+
 def encode_records(policy, data: list[dict], max_len: int, skips: SkipCounter) -> list[tuple]:
     """The records tokenised (prompt + completion, the completion trained on); rows that cannot be used are
     skipped and counted in skips. No usable row at all is an error."""
@@ -151,9 +169,16 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     check_context(policy, cfg.max_len, cfg.model)
     tok = policy.tokenizer
-    task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data else None
+    task = make_task(cfg.task, tok, cfg.chat) if cfg.task and not cfg.data and not cfg.env else None
+    if cfg.env and cfg.data:
+        raise ConfigError("--env and --data are two sources of SFT data (the environment's demonstrations, a file)")
+    if cfg.env and (cfg.eval_every or cfg.eval_every_s):
+        raise ConfigError("--eval-every and --eval-every-s have no effect with --env: sft --env evaluates nothing "
+                          "(evaluate its episodes with mirl eval --env)")  # fmt: skip
     if data is None and cfg.data:
         data = completion_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok)
+    elif data is None and cfg.env:
+        data = env_demonstrations(cfg.env, tok, cfg.chat, cfg.n_train, cfg.seed)
     elif data is None and task is not None:
         data = task_records(task, cfg.n_train, cfg.seed)
     elif data is None:
