@@ -82,6 +82,33 @@ class ZoomEnv:
         rows = sample_split(lambda rng: zoom_problem(rng, split), "zoom", split, n, seed)
         return [{**r, "images": [scene_image(r)]} for r in rows]
 
+    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
+        """SFT records of n training scenes solved with the tool, in the plain protocol (the text an episode's
+        tokens decode to, each '<image>' where the episode has that image's tokens): two per scene, so that the
+        model learns to zoom into the digit's quadrant and to read the crop, never to write a result itself.
+
+            {"prompt": "<image>digit?\\n", "images": [scene], "completion": "<zoom>tr</zoom>"}
+            {"prompt": "<image>digit?\\n<zoom>tr</zoom><result><image></result>", "images": [scene, crop],
+             "completion": "7"}
+
+        SFT appends EOS to each completion: the answer's EOS ends the episode as in a rollout; the EOS after a
+        call is never reached in an episode, whose turn stops at `</zoom>`."""
+        from ..rollout.episodes import with_placeholders
+        from .protocol import Renderer  # the plain protocol's text needs no tokenizer
+
+        renderer, out = Renderer(None, self.tools, chat=False), []
+        for i, e in enumerate(self.examples("train", n, seed)):
+            opening = renderer.opening_text([with_placeholders(m) for m in self.reset(e)])
+            call = renderer.call_text("zoom", {"quadrant": e["quadrant"]})
+            crop = self.zoom(e["quadrant"])
+            reply = with_placeholders({"role": "tool", "name": "zoom", **crop})
+            result = renderer.reply_text([reply], False)
+            where, scene = f"zoom demonstration #{i}", e["images"][0]
+            out.append({"prompt": opening, "images": [scene], "completion": call, "where": where + " (call)"})
+            out.append({"prompt": opening + call + result, "images": [scene, *crop["images"]],
+                        "completion": e["answer"], "where": where + " (answer)"})  # fmt: skip
+        return out
+
     def zoom(self, quadrant: str) -> dict:
         """Zoom into a quarter of the image: it comes back at full resolution.
 
