@@ -185,3 +185,78 @@ def test_zoom_tool_answers_with_an_image_in_the_context(model, request):
     u = pack_rows([(eps.batch, 0), (eps.batch, 1)], policy.tokenizer.pad_token_id)
     lp, _ = response_logps(policy, u.ids, u.attn, u.n_resp, 1.0, images=u.row_images())
     assert lp.shape == u.resp_mask.shape and bool(lp.isfinite().all())
+
+
+def test_episode_run_killed_with_sigkill_resumes_identically(tmp_path, weak):
+    """GRPO on episodes from the command line, killed with SIGKILL (no handler runs) once a checkpoint of step 2 or
+    later exists, then resumed: the steps after the checkpoint equal an uninterrupted run's (rewards, losses)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, env = weak
+    args = ["grpo", "--model", model, "--env", env, "--task", "", "--group-size", "4", "--prompts-per-step", "4"]
+    args += ["--max-new-tokens", "12", "--max-turns", "3", "--eval-n", "0", "--threads", "1", "--lr", "1e-3"]
+    args += ["--no-report", "--report-to", "none", "--steps", "8", "--save-every", "1"]
+    opts = dict(model=model, env=env, group_size=4, **{**COMMON, "steps": 8, "eval_n": 0})
+    full = grpo.train(grpo.Config(out_dir=str(tmp_path / "a"), **opts))
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "mirl", *args, "--out-dir", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text()).get("step", 0) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = json.loads(state.read_text())["step"]
+    assert 2 <= step < 8
+    resumed = grpo.train(grpo.Config(out_dir=str(out), resume=True, **opts))
+    assert [h["step"] for h in resumed.history] == list(range(step + 1, 9))
+    for a, b in zip(full.history[step:], resumed.history, strict=True):
+        assert b["reward/mean"] == pytest.approx(a["reward/mean"])
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+
+
+def test_zoom_demonstrations_are_what_an_episode_holds():
+    """ZoomEnv.demonstrations: per training scene a call record (the opening with the scene -> '<zoom>Q</zoom>')
+    and an answer record (that + '<result><image></result>', the scene and the crop -> the digit). On the tiny VLM
+    the answer record encodes to the token ids and the pixels of a scripted episode that makes the same call and
+    answer (the SFT data is what a rollout holds)."""
+    import torch
+    from test_episodes import ScriptedEngine
+
+    from mirl.data.collate import encode_example
+    from mirl.data.formats import SkipCounter
+    from mirl.envs.host import EnvHost
+    from mirl.envs.protocol import Renderer
+    from mirl.envs.zoom import ZoomEnv
+    from mirl.models import load_policy
+    from mirl.rollout.episodes import run_episodes
+
+    examples, recs = ZoomEnv.examples("train", 3, 0), ZoomEnv().demonstrations(3, 0)
+    assert len(recs) == 6 and all(r["prompt"] == "<image>digit?\n" for r in recs[::2])
+    assert [len(r["images"]) for r in recs] == [1, 2] * 3
+    policy = load_policy("vlm-nano", seed=0)
+    script = [[(c["completion"], False), (a["completion"], True)] for c, a in zip(recs[::2], recs[1::2])]
+    host = EnvHost(ZoomEnv, 3, 10.0)
+    try:
+        eps = run_episodes(policy, host, Renderer(policy.tokenizer, ZoomEnv().tools, chat=False), examples,
+                           group_size=1, max_turns=3, max_tokens=120, turn_tokens=24,
+                           engine=ScriptedEngine(script, policy.tokenizer).start())  # fmt: skip
+    finally:
+        host.close()
+    for ex, call, answer, ep in zip(examples, recs[::2], recs[1::2], eps.episodes, strict=True):
+        assert call["completion"] == f"<zoom>{ex['quadrant']}</zoom>" and answer["completion"] == ex["answer"]
+        assert answer["prompt"] == call["prompt"] + call["completion"] + "<result><image></result>"
+        assert ep.reward == 1.0
+        ids, _, images = encode_example(policy, answer["prompt"], answer["completion"], 128, SkipCounter(), "x",
+                                        "completion", answer["images"])  # fmt: skip
+        assert ep.opening + ep.tokens == ids
+        pixels = [i["pixel_values"] for i in ep.images]
+        assert torch.equal(torch.cat(pixels), images["pixel_values"])

@@ -145,6 +145,7 @@ def weak_sft(tmp_path_factory):
         ("distill", False),
         ("grpo_entropy", False),
         ("grpo_env", False),
+        ("grpo_calc", False),
     ],
     ids=[
         "grpo",
@@ -165,6 +166,7 @@ def weak_sft(tmp_path_factory):
         "distill",
         "grpo_entropy",
         "grpo_env",
+        "grpo_calc",
     ],
 )
 def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, fsdp):
@@ -225,6 +227,9 @@ def test_online_recipes_two_ranks_equal_one_process(tmp_path, weak_sft, recipe, 
         args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--env", env]
         common[common.index("arith:1")] = ""
         common[common.index("8")] = "12"  # --max-new-tokens: each turn's
+    elif recipe == "grpo_calc":  # the calculator environment: its host and tool calls per rank
+        args = ["grpo", "--group-size", "4", "--prompts-per-step", "8", "--env", "calc", "--max-turns", "2"]
+        common[common.index("arith:1")] = ""
     elif recipe == "distill":  # the token mean of the divergence divides by the global token count
         args = ["distill", "--teacher", "gpt-micro", "--prompts-per-step", "16", "--samples-per-prompt", "2"]
     elif recipe == "ppo_small":  # 2 rows per rank, 4 minibatches: empty parts as above
