@@ -226,3 +226,56 @@ def test_torchrun_two_ranks_each_with_its_engine_sample_what_one_process_samples
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         rewards[ranks] = [r["reward/mean"] for r in rows if "reward/mean" in r]
     assert len(rewards[1]) == 2 and rewards[1] == pytest.approx(rewards[2], abs=1e-6), rewards
+
+
+TWO_TURNS = """
+from mirl.envs.base import Step
+
+
+class TwoTurns:
+    tools = []
+
+    def __init__(self):
+        self.turn = 0
+
+    @staticmethod
+    def examples(split, n, seed):
+        start = 0 if split == "train" else 1000
+        return [{"prompt": f"{(start + i) % 10}+{(start + 3 * i + seed) % 10}="} for i in range(n)]
+
+    def reset(self, example):
+        self.turn = 0
+        return [{"role": "user", "content": example["prompt"]}]
+
+    def step(self, message):
+        self.turn += 1
+        if self.turn == 1:
+            return Step([{"role": "user", "content": "again:"}], None, False)
+        return Step([], float(len(message) % 2 == 0), True)
+
+    def finish(self):
+        return 0.0
+"""
+
+
+def test_stop_strings_end_a_vllm_turn_and_episodes_run(engine_and_policy, sft_dir, tmp_path):
+    """vLLM ends a response at a stop string and keeps it (a complete tool call ends a turn), and GRPO on a
+    two-turn environment runs with --engine vllm (each turn re-prefills; vLLM's prefix cache makes it cheap)."""
+    import json
+
+    from mirl.cli import main
+
+    engine, policy = engine_and_policy
+    out = engine.generate(ids_of(policy, PROMPTS), 4, SamplingSettings(24, stop=("1",)), seeds=None)
+    tok = policy.tokenizer
+    rows = [r[: int(m.sum())].tolist() for r, m in zip(out.response_ids, out.response_mask)]
+    assert all("1" not in tok.decode(r[:-1], skip_special_tokens=True) for r in rows)  # nothing past the first "1"
+    stopped = [r for r, cut in zip(rows, out.truncated.tolist()) if not cut]
+    assert any("1" in tok.decode(r, skip_special_tokens=True) for r in stopped), rows
+    (tmp_path / "two_turns.py").write_text(TWO_TURNS)
+    args = ["grpo", "--model", str(sft_dir), "--env", f"{tmp_path / 'two_turns.py'}:TwoTurns", "--steps", "2"]
+    args += ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-n", "0"]
+    args += ["--no-report", "--engine", "vllm", "--vllm-memory", str(MEMORY), "--out-dir", str(tmp_path / "g")]
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["episodes/turns"] > 1.5, rows

@@ -285,9 +285,7 @@ class VLLMEngine:
                     stop_token_ids=stop_ids,
                     seed=seed,
                     logit_bias={t: -100.0 for t in self.banned} or None,  # image placeholders never sampled
-                    detokenize=bool(sampling.stop),  # (vLLM matches stop strings on the detokenized text)
-                    stop=list(sampling.stop) or None,
-                    include_stop_str_in_output=True,
+                    detokenize=False,
                 )
             )
             request = {"prompt_token_ids": list(ids)}
@@ -298,9 +296,12 @@ class VLLMEngine:
         rows_ids, rows_lp, truncated = [], [], []
         for out in outs:
             for c in sorted(out.outputs, key=lambda c: c.index):
-                rows_ids.append(list(c.token_ids))
-                rows_lp.append([next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else [])
-                truncated.append(c.finish_reason == "length")
+                ids = list(c.token_ids)
+                lps = [next(iter(d.values())).logprob for d in c.logprobs] if c.logprobs else []
+                end = stop_at(ids, tok, sampling.stop)  # (vLLM runs without a tokenizer: stop strings here)
+                rows_ids.append(ids[:end])
+                rows_lp.append(lps[:end])
+                truncated.append(c.finish_reason == "length" and end == len(ids))
         return to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images, device=self.policy.device)
 
     @torch.no_grad()
@@ -343,6 +344,18 @@ class VLLMEngine:
             core.shutdown()
         del self.llm
         gc.collect()
+
+
+def stop_at(ids: list[int], tok, stops: tuple[str, ...]) -> int:
+    """The length of a response cut after the first token that completes a stop string (its whole length when
+    none does): the local sampler's rule (rollout/sample.py: stop_string_rows), applied after the fact."""
+    if not stops:
+        return len(ids)
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k], skip_special_tokens=True)
+        if any(s in text for s in stops):
+            return k
+    return len(ids)
 
 
 def to_rollout(prompts, n, rows_ids, rows_lp, truncated, tok, images, device=None) -> RolloutBatch:
