@@ -256,20 +256,45 @@ def test_calc_examples_and_episode():
 
 
 def test_guess_episode_rewards():
-    """Solved at turn t of max_turns 8: reward 1 - (t-1)/8; a turn without a number counts as a turn."""
+    """guess(number) answers higher/lower/correct and counts every call; the answer ends the episode with 1 - (g-1)/5
+    (g guesses, at least 0) when the secret was found and is the answer's last number, else 0."""
     env = GuessEnv()
-    ex = {"prompt": "Guess my number (1-100).", "answer": "37", "max_turns": 8}
-    assert env.reset(ex) == [{"role": "user", "content": "Guess my number (1-100)."}]
-    assert env.step("50") == Step([{"role": "user", "content": "lower"}])
-    assert env.step("hmm") == Step([{"role": "user", "content": "say a number"}])
-    assert env.step("I say 25") == Step([{"role": "user", "content": "higher"}])
-    assert env.step("37") == Step(reward=1 - 3 / 8, done=True)
+    ex = {"prompt": "Guess my number (1-15).", "answer": "11"}
+    assert env.reset(ex) == [{"role": "user", "content": "Guess my number (1-15)."}]
+    assert [t.name for t in env.tools] == ["guess"]
+    assert [env.guess(k) for k in ("8", "x", "12", " 11")] == ["higher", "error: not a whole number", "lower", "correct"]
+    assert env.step("It is 11.") == Step(reward=1 - 3 / 5, done=True)
     env.reset(ex)
-    assert env.step("37") == Step(reward=1.0, done=True)
-    assert env.finish() == 0.0
-    train, test = env.examples("train", 100, 0), env.examples("test", 10, 0)
-    assert not {e["answer"] for e in train} & {e["answer"] for e in test}
-    assert all(1 <= int(e["answer"]) <= 100 for e in train)
+    assert env.guess("11") == "correct" and env.step("11") == Step(reward=1.0, done=True)
+    env.reset(ex)
+    assert env.step("11") == Step(reward=0.0, done=True)  # the right number, never found with the tool
+    env.guess("11")
+    assert env.step("12") == Step(reward=0.0, done=True)  # found, then the wrong answer
+    env.reset(ex)
+    for _ in range(7):
+        env.guess("11")
+    assert env.step("11") == Step(reward=0.0, done=True) and env.finish() == 0.0  # 7 guesses: 1 - 6/5 -> 0
+    train, test = env.examples("train", 300, 0), env.examples("test", 300, 0)
+    assert {e["answer"] for e in train} == {e["answer"] for e in test} == {str(k) for k in range(1, 16)}
+    assert train != test and env.examples("test", 100, 0) == test[:100]
+
+
+def test_guess_demonstrations_are_binary_search_games():
+    """One record per binary-search guess (the middle of what is left, rounded down) and one for the answer, in
+    the plain protocol; at most 4 guesses in 1..15, and every secret reached."""
+    env = GuessEnv()
+    records = env.demonstrations(1, 0)
+    secret = env.examples("train", 1, 0)[0]["answer"]
+    assert records[-1]["completion"] == secret and records[-1]["prompt"].endswith("<result>correct</result>")
+    assert records[0] == {"prompt": "Guess my number (1-15).\n", "completion": "<guess>8</guess>",
+                          "where": "guess demonstration #0 (guess 8)"}  # fmt: skip
+    for a, b in zip(records, records[1:]):
+        assert b["prompt"].startswith(a["prompt"] + a["completion"] + "<result>")
+    games = env.demonstrations(200, 0)
+    answers = [r for r in games if not r["completion"].startswith("<guess>")]
+    assert {r["completion"] for r in answers} == {str(k) for k in range(1, 16)}
+    assert max(r["prompt"].count("<guess>") for r in answers) == 4
+    assert max(len(r["prompt"]) + len(r["completion"]) for r in games) < 200  # within gpt-nano's context
 
 
 # ---------------------------------------------------------------------------------------------------- loader

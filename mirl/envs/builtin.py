@@ -4,15 +4,18 @@ calculator tool) and `guess` (a number game with higher/lower feedback, rewarded
     calc    What is 123*4567?  ->  <calc>123*4567</calc> <result>561741</result> 561741
             examples: 3x3 and 4x3 digit products (half each); reward 1.0 when the answer's last number is the
             product, else 0.0 (and 0.0 from finish() at the turn limit: no answer given)
-    guess   Guess my number (1-100).  ->  50 / higher / 75 / lower / 62 / ...
-            no tools; each turn's last number is the guess, answered "higher" or "lower" as a user message (a
-            turn without a number: "say a number", a turn like any other). Solved at turn t of max_turns:
-            reward 1 - (t - 1) / max_turns (1.0 at the first turn, 1/max_turns at the last), and never below 0
-            when a run allows more turns than the example's max_turns; not solved by the turn limit: finish()
-            gives 0.0.
+    guess   Guess my number (1-15).  ->  <guess>8</guess> <result>higher</result> <guess>12</guess>
+            <result>correct</result> 12
+            a tool guess(number) answering "higher", "lower" or "correct" (every call counts as a guess); the
+            turn without a call is the final answer, which ends the episode: reward 1 - (g - 1) / max_guesses
+            (g: the guesses made in all, max_guesses 5) when a guess was answered "correct" and the answer's last
+            number is the secret, never below 0; else 0.0 (and 0.0 from finish() at the turn limit). Binary
+            search needs at most 4 guesses in 1..15 (reward 0.4 or more); a run gives max_guesses + 1 turns.
 
 Held-out splits as the built-in tasks make them (data/tasks/split.py): a problem is held out by a hash of its
-key, so the test split is disjoint from the training split for any seed and size.
+key, so the test split is disjoint from the training split for any seed and size. Not guess: its 15 secrets are
+too few to hold any out (what is learnt is a way to play, the same for every secret), so both splits draw them
+uniformly, from different random streams.
 """
 
 from __future__ import annotations
@@ -188,44 +191,82 @@ class CalcEnv:
 
 
 class GuessEnv:
-    """Guess a hidden number in 1..high with higher/lower feedback; fewer turns, more reward."""
+    """Guess a hidden number in 1..high with a tool that answers higher/lower/correct; fewer guesses, more reward.
 
-    def __init__(self, high: int = 100, max_turns: int = 8):
-        self.high, self.max_turns = high, max_turns
-        self.tools = []
-        self.secret, self.turns, self.limit = 0, 0, max_turns
+    The tool takes the number as text (`<guess>8</guess>`): the plain protocol writes a tool's one string
+    parameter raw and anything else as JSON (`<guess>{"number": 8}</guess>`), which would take a five-guess game
+    past the tiny models' 256-character context."""
+
+    def __init__(self, high: int = 15, max_guesses: int = 5):
+        self.high, self.max_guesses = high, max_guesses
+        self.tools = [tool_from_function(self.guess)]
+        self.secret, self.guesses, self.found = 0, 0, False
+
+    def guess(self, number: str) -> str:
+        """Guess the hidden number: the answer is higher, lower or correct.
+
+        Args:
+            number: the guess, a whole number
+        """
+        self.guesses += 1
+        if not re.fullmatch(r"\s*-?\d+\s*", number):
+            return "error: not a whole number"
+        n = int(number)
+        self.found = self.found or n == self.secret
+        return "correct" if n == self.secret else "higher" if n < self.secret else "lower"
 
     def problem(self, rng: random.Random) -> dict:
         """One hidden number."""
-        secret = rng.randint(1, self.high)
-        return {
-            "prompt": f"Guess my number (1-{self.high}).",
-            "answer": str(secret),
-            "high": self.high,
-            "max_turns": self.max_turns,
-            "split_key": f"guess-{self.high}-{secret}",
-        }
+        return {"prompt": f"Guess my number (1-{self.high}).", "answer": str(rng.randint(1, self.high))}
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        """n examples of the split ('train' or 'test': disjoint sets of hidden numbers), deterministic in seed."""
-        return sample_split(self.problem, f"guess{self.high}", split, n, seed)
+        """n games ('train' or 'test': the same uniform secrets, from two random streams), deterministic in seed."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        rng = random.Random(f"guess{self.high}-{split}-{seed}")
+        return [self.problem(rng) for _ in range(n)]
+
+    def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
+        """SFT records of n training games played by binary search (guess the middle of what is left, rounded
+        down), in the plain protocol (the text an episode's tokens decode to): one per guess and one for the
+        answer, so that the model learns to guess and to answer but never to write a result itself.
+
+            {"prompt": "Guess my number (1-15).\\n", "completion": "<guess>8</guess>"}
+            {"prompt": "Guess my number (1-15).\\n<guess>8</guess><result>higher</result>",
+             "completion": "<guess>12</guess>"}
+            {"prompt": "...<guess>12</guess><result>correct</result>", "completion": "12"}
+
+        SFT appends EOS to each completion: the answer's ends the episode as in a rollout; the one after a guess is
+        never reached (the turn stops at `</guess>`)."""
+        from .protocol import Renderer  # the plain protocol's text needs no tokenizer
+
+        renderer, out = Renderer(None, self.tools, chat=False), []
+        for i, e in enumerate(self.examples("train", n, seed)):
+            text, lo, hi = renderer.opening_text(self.reset(e)), 1, self.high
+            where = f"guess demonstration #{i}"
+            while True:
+                k = (lo + hi) // 2
+                call = renderer.call_text("guess", {"number": str(k)})
+                out.append({"prompt": text, "completion": call, "where": f"{where} (guess {k})"})
+                result = self.guess(str(k))
+                text += call + renderer.reply_text([{"role": "tool", "name": "guess", "content": result}], False)
+                if result == "correct":
+                    break
+                lo, hi = (k + 1, hi) if result == "higher" else (lo, k - 1)
+            out.append({"prompt": text, "completion": e["answer"], "where": f"{where} (answer)"})
+        return out
 
     def reset(self, example: dict) -> list[dict]:
         """The rules as a user message."""
-        self.secret, self.turns = int(example["answer"]), 0
-        self.limit = int(example.get("max_turns", self.max_turns))
+        self.secret, self.guesses, self.found = int(example["answer"]), 0, False
         return [{"role": "user", "content": example["prompt"]}]
 
     def step(self, message: str) -> Step:
-        """A guess: solved -> the reward, ended; else "higher", "lower" or "say a number"."""
-        self.turns += 1
-        guess = last_number(message)
-        if guess is None:
-            return Step([{"role": "user", "content": "say a number"}])
-        if guess == self.secret:
-            return Step(reward=max(0.0, 1.0 - (self.turns - 1) / self.limit), done=True)
-        return Step([{"role": "user", "content": "higher" if guess < self.secret else "lower"}])
+        """The final answer, which ends the episode: 1 - (guesses - 1) / max_guesses (at least 0) when the secret
+        was found and the answer's last number is it, else 0.0."""
+        solved = self.found and last_number(message) == self.secret
+        return Step(reward=max(0.0, 1.0 - (self.guesses - 1) / self.max_guesses) if solved else 0.0, done=True)
 
     def finish(self) -> float:
-        """Not solved by the turn limit: 0.0."""
+        """No answer by the turn limit: 0.0."""
         return 0.0
