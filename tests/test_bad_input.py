@@ -653,7 +653,7 @@ ENV_CASES = [  # --env (issue 27): the environment's file, class and tools
     ),
     ("env-no-such-builtin", ["grpo", "--env", "chess"], {}, 2, ["--env 'chess': not a built-in"]),
     ("max-turns-without-env", ["grpo", "--max-turns", "2"], {}, 2, ["--max-turns 2 has no effect: it needs --env"]),
-    ("sft-env-without-demonstrations", ["sft", "--env", "guess"], {}, 2, ["--env guess: it has no demonstrations"]),
+    ("sft-env-without-demonstrations", ["sft", "--env", "python"], {}, 2, ["--env python: it has no demonstrations"]),
     (
         "sft-env-and-data",
         ["sft", "--env", "calc", "--data", "{d}/s.jsonl"],

@@ -332,3 +332,19 @@ def test_conversation_grows_its_static_cache_and_takes_empty_replies():
             for i in rows:
                 talk.extend(i, replies[i])
     assert isinstance(talks[0].cache, StaticCache) and talks[0].cache.mask.shape[1] > slots
+
+
+def test_a_reply_that_would_overflow_the_context_ends_the_episode():
+    """Context 40: the 6-token opening and the 18-token call leave no room for the 20-token reply and a turn after
+    it, so the episode ends ('budget') without it: no row ever exceeds the model's context (the update's forward
+    takes the whole row). After the last allowed turn no reply is added either (nobody reads it)."""
+    small = SimpleNamespace(tokenizer=TOK, eos_ids=[EOS], max_seq_len=40, device=torch.device("cpu"))
+    engine = ScriptedEngine([[("<calc>12*34</calc>", False), ("408", True)]]).start()
+    eps = run_episodes(small, Host(), Renderer(), [EXAMPLE], group_size=1, max_turns=4, max_tokens=64, turn_tokens=24,
+                       engine=engine)  # fmt: skip
+    ep = eps.episodes[0]
+    assert (
+        ep.end == "budget" and len(ep.opening) + len(ep.tokens) <= 40 and ep.tokens == TOK.encode("<calc>12*34</calc>")
+    )
+    last = run([[("<calc>12*34</calc>", False)]], max_turns=1)
+    assert last.episodes[0].end == "max_turns" and all(last.episodes[0].action)

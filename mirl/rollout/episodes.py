@@ -155,7 +155,12 @@ def run_episodes(
             reply = take_turn(host, renderer, i, ep)
             if ep.done:
                 continue
+            if turn == max_turns - 1:  # no model turn follows: the reply would be read by nobody
+                continue
             reply_ids, images = encode_messages(policy, renderer, reply, n > 0 and ids[n - 1] in eos)
+            if len(ep.tokens) + len(reply_ids) >= max_tokens or ep.length + len(reply_ids) >= context:
+                ep.done, ep.end = True, "budget"  # no room for another turn: the reply is not added
+                continue
             ep.add(reply_ids, None)
             if images:
                 ep.images.append(images)
