@@ -262,7 +262,8 @@ def test_guess_episode_rewards():
     ex = {"prompt": "Guess my number (1-15).", "answer": "11"}
     assert env.reset(ex) == [{"role": "user", "content": "Guess my number (1-15)."}]
     assert [t.name for t in env.tools] == ["guess"]
-    assert [env.guess(k) for k in ("8", "x", "12", " 11")] == ["higher", "error: not a whole number", "lower", "correct"]
+    answers = [env.guess(k) for k in ("8", "x", "12", " 11")]
+    assert answers == ["higher", "error: not a whole number", "lower", "correct"]
     assert env.step("It is 11.") == Step(reward=1 - 3 / 5, done=True)
     env.reset(ex)
     assert env.guess("11") == "correct" and env.step("11") == Step(reward=1.0, done=True)
