@@ -43,10 +43,14 @@ def start(tmp_path_factory):
 
 def _cases(root, hf: str) -> dict:
     """case -> (train function, its Config, keyword arguments): small enough for one step in seconds."""
+    from test_agents import ENV
+
     from mirl import eval as ev
 
     s = str(root / "sft" / "final")
     rl = dict(RL, model=s)
+    (root / "two_turns.py").write_text(ENV)  # an environment that always replies once: its tokens in every row
+    two_turns = f"{root / 'two_turns.py'}:TwoTurns"
     group = dict(prompts_per_step=2, group_size=2)
     return {
         "sft": (sft.train, sft.Config, dict(task="arith:1", steps=1, n_train=8, batch_size=4, eval_n=2, **C)),
@@ -96,6 +100,17 @@ def _cases(root, hf: str) -> dict:
         ),
         "hf_grpo": (grpo.train, grpo.Config, dict(RL, model=hf, beta=0.1, max_new_tokens=4, **group)),
         "hf_grpo_lora": (grpo.train, grpo.Config, dict(RL, model=hf, beta=0.1, lora_r=4, max_new_tokens=4, **group)),
+        # multi-turn episodes (issue 27): the calculator's tool turns, PPO's GAE over the model's tokens, images in
+        # a tool's reply (zoom's crop)
+        "grpo_env": (grpo.train, grpo.Config, dict(rl, env=two_turns, task="", max_turns=3, **group)),
+        "grpo_calc": (grpo.train, grpo.Config, dict(rl, env="calc", task="", max_turns=2, **group)),
+        "ppo_env": (
+            ppo.train,
+            ppo.Config,
+            dict(rl, env=two_turns, task="", max_turns=3, samples_per_prompt=2, prompts_per_step=2)
+            | dict(max_new_tokens=12),
+        ),
+        "vlm_zoom": (grpo.train, grpo.Config, dict(RL, model="vlm-nano", env="zoom", task="", max_turns=2, **group)),
         "hf_sft_lora": (
             sft.train,
             sft.Config,
@@ -107,6 +122,7 @@ def _cases(root, hf: str) -> dict:
 RECIPES = ["sft", "dpo", "dpo_group_loss_bf16_reference", "rm", "prm", "grpo", "grpo_step_rewards"]
 RECIPES += ["grpo_gdpo_dynamic", "online", "ppo", "ppo_separate_critic", "distill", "eval", "vlm_noisy_rollout"]
 RECIPES += ["vlm_grpo", "hf_grpo", "hf_grpo_lora", "hf_sft_lora"]  # LoRA: the reference is the policy, adapters off
+RECIPES += ["grpo_env", "grpo_calc", "ppo_env", "vlm_zoom"]
 
 
 @pytest.mark.parametrize("case", RECIPES)
@@ -231,3 +247,33 @@ def test_autocast_is_keyed_on_the_model_in_one_place():
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "torch.autocast(" in p.read_text())
     assert users == ["logps.py"], users  # autocast(), and the head kept in float32 (enabled=False)
     assert "torch.autocast(hidden.device.type, enabled=False)" in (root / "logps.py").read_text()
+
+
+def test_a_multi_turn_episode_keeps_its_tensors_on_the_device():
+    """Episodes with the environment's tokens in every row (a scripted two-turn calculator episode and a one-turn
+    answer): the episode batch, its packing with the action mask, the policy loss and PPO's GAE over the model's
+    tokens (masked_gae, last_index) stay on the device."""
+    from test_episodes import EXAMPLE, Host, Renderer, ScriptedEngine
+
+    from mirl.advantages import last_index, masked_gae
+    from mirl.logps import response_logps
+    from mirl.losses.policy import PolicyLoss
+    from mirl.models import load_policy
+    from mirl.rollout.episodes import run_episodes
+    from mirl.rollout.score import pack_rows
+
+    torch.set_num_threads(1)
+    with ShadowDevice() as sd:
+        policy = load_policy("gpt-nano", max_seq_len=128, seed=0).to(torch.device("cpu"))
+        engine = ScriptedEngine([[("<calc>12*34</calc>", False), ("408", True)], [("408", True)]]).start()
+        eps = run_episodes(policy, Host(), Renderer(), [EXAMPLE, EXAMPLE], group_size=1, max_turns=3, max_tokens=64,
+                           turn_tokens=24, engine=engine)  # fmt: skip
+        u = pack_rows([(eps.batch, 0), (eps.batch, 1)], policy.tokenizer.pad_token_id)
+        lp, _ = response_logps(policy, u.ids, u.attn, u.n_resp, 1.0)
+        loss, _ = PolicyLoss()(lp, lp.detach(), torch.ones(2, device=lp.device), u.resp_mask)
+        loss.backward()
+        rewards = torch.zeros(u.resp_mask.shape, device=lp.device)
+        rewards[torch.arange(2, device=lp.device), last_index(u.resp_mask)] = 1.0
+        adv, _ = masked_gae(rewards, lp.detach(), u.resp_mask, 1.0, 0.95)
+    assert int((u.resp_mask == 0).sum()) >= 20  # the reply's tokens are in the batch, out of the mask
+    assert not sd.violations, sd.report()
