@@ -127,7 +127,7 @@ class Config:
     seed: int = 0  # seed of the held-out split and of sampling
     threads: int = 2  # torch CPU threads
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
-    env: str = ""  # greedy multi-turn episodes in an environment instead of --task: calc, guess, python, file.py:Class
+    env: str = ""  # greedy episodes in an environment instead of --task: calc, guess, python, zoom, file.py:Class
     max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
     max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault

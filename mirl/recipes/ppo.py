@@ -70,7 +70,7 @@ class Config:
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     n_prompts: int = 5000  # training prompts generated from the task
     reward: str = "task"  # reward spec: verifiers ("task", "accuracy", ...) or "rm:<folder>"
-    env: str = ""  # multi-turn episodes in an environment: calc, guess, python, file.py:Class, module:Class
+    env: str = ""  # multi-turn episodes in an environment: calc, guess, python, zoom, file.py:Class, module:Class
     max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
     max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
