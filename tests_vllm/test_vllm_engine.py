@@ -258,15 +258,19 @@ class TwoTurns:
 """
 
 
-def test_stop_strings_end_a_vllm_turn_and_episodes_run(engine_and_policy, sft_dir, tmp_path):
+def test_stop_strings_end_a_vllm_turn_and_episodes_run(qwen_dir, sft_dir, tmp_path):
     """vLLM ends a response at a stop string and keeps it (a complete tool call ends a turn), and GRPO on a
     two-turn environment runs with --engine vllm (each turn re-prefills; vLLM's prefix cache makes it cheap)."""
     import json
 
     from mirl.cli import main
 
-    engine, policy = engine_and_policy
-    out = engine.generate(ids_of(policy, PROMPTS), 4, SamplingSettings(24, stop=("1",)), seeds=None)
+    policy = load_policy(str(qwen_dir))  # (an engine of its own: the module's may be closed by earlier tests' runs)
+    engine = VLLMEngine(policy, tmp_path / "model", memory=MEMORY, seed=0)
+    try:
+        out = engine.generate(ids_of(policy, PROMPTS), 4, SamplingSettings(24, stop=("1",)), seeds=None)
+    finally:
+        engine.close()
     tok = policy.tokenizer
     rows = [r[: int(m.sum())].tolist() for r, m in zip(out.response_ids, out.response_mask)]
     assert all("1" not in tok.decode(r[:-1], skip_special_tokens=True) for r in rows)  # nothing past the first "1"
