@@ -54,6 +54,27 @@ def test_tiny_vlm_placeholders_become_image_tokens_and_save_load_roundtrip(tmp_p
     assert not torch.allclose(other[:, -1], before[:, -1])
 
 
+def test_std_presets_standardise_each_image(tmp_path):
+    """pixel_norm 'image' (the -std presets): the features are those of the image at mean 0 and std 1, so a
+    change of brightness and contrast (a * x + b, a > 0) changes nothing; without it, it does. A saved folder
+    keeps the setting, and a config.json from before the field loads as 'none'."""
+    x = torch.rand(2, 3, 32, 32) * 0.2
+    std, plain = load_policy("vlm-nano-std", seed=0).model, load_policy("vlm-nano", seed=0).model
+    assert std.config.pixel_norm == "image" and plain.config.pixel_norm == "none"
+    by_hand = (x - x.mean((1, 2, 3), keepdim=True)) / (x.std((1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    with torch.no_grad():
+        assert torch.allclose(std.image_features(x), plain.image_features(by_hand), atol=1e-5)
+        assert torch.allclose(std.image_features(x), std.image_features(3 * x + 0.1), atol=1e-4)
+        assert not torch.allclose(plain.image_features(x), plain.image_features(3 * x + 0.1), atol=1e-3)
+    p = load_policy("vlm-nano-std", seed=0)
+    p.save(tmp_path / "m")
+    assert load_policy(tmp_path / "m").model.config.pixel_norm == "image"
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["pixel_norm"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert load_policy(tmp_path / "m").model.config.pixel_norm == "none"
+
+
 def test_sampled_logps_equal_a_full_forward_with_images(any_vlm):
     """Cached generation (images at the prefill, M-RoPE deltas after it for Qwen2-VL) and the training
     forward over prompt + response agree; two prompts with different images, repeated G = 3 times."""

@@ -227,34 +227,46 @@ class GuessEnv:
         return [self.problem(rng) for _ in range(n)]
 
     def demonstrations(self, n: int, seed: int = 0) -> list[dict]:
-        """SFT records of n training games played by binary search (guess the middle of what is left, rounded
-        down), in the plain protocol (the text an episode's tokens decode to): one per guess and one for the
-        answer, so that the model learns to guess and to answer but never to write a result itself.
+        """SFT records of n training games played by an imperfect teacher, in the plain protocol (the text an
+        episode's tokens decode to): one record per guess and one for the answer, so that the model learns to guess
+        inside what is left and to answer, but never to write a result itself.
 
-            {"prompt": "Guess my number (1-15).\\n", "completion": "<guess>8</guess>"}
-            {"prompt": "Guess my number (1-15).\\n<guess>8</guess><result>higher</result>",
+            {"prompt": "Guess my number (1-15).\\n", "completion": "<guess>5</guess>"}
+            {"prompt": "Guess my number (1-15).\\n<guess>5</guess><result>higher</result>",
              "completion": "<guess>12</guess>"}
             {"prompt": "...<guess>12</guess><result>correct</result>", "completion": "12"}
 
+        The teacher guesses a random number of what is left (not the middle): it always narrows the range but
+        takes about 4.1 guesses where binary search takes 3.3, so that the reward for fewer guesses has something
+        to shorten. A game it would not finish in max_guesses is replayed with new draws. Deterministic in seed.
         SFT appends EOS to each completion: the answer's ends the episode as in a rollout; the one after a guess is
         never reached (the turn stops at `</guess>`)."""
         from .protocol import Renderer  # the plain protocol's text needs no tokenizer
 
         renderer, out = Renderer(None, self.tools, chat=False), []
+        rng = random.Random(f"guess-teacher-{seed}")
         for i, e in enumerate(self.examples("train", n, seed)):
-            text, lo, hi = renderer.opening_text(self.reset(e)), 1, self.high
-            where = f"guess demonstration #{i}"
-            while True:
-                k = (lo + hi) // 2
+            where, secret = f"guess demonstration #{i}", int(e["answer"])
+            path = self._teacher_path(secret, rng)
+            text = renderer.opening_text(self.reset(e))
+            for k in path:
                 call = renderer.call_text("guess", {"number": str(k)})
                 out.append({"prompt": text, "completion": call, "where": f"{where} (guess {k})"})
                 result = self.guess(str(k))
                 text += call + renderer.reply_text([{"role": "tool", "name": "guess", "content": result}], False)
-                if result == "correct":
-                    break
-                lo, hi = (k + 1, hi) if result == "higher" else (lo, k - 1)
             out.append({"prompt": text, "completion": e["answer"], "where": f"{where} (answer)"})
         return out
+
+    def _teacher_path(self, secret: int, rng: random.Random) -> list[int]:
+        """The teacher's guesses for a secret: each a uniform draw of what is left, the game replayed until it
+        ends within max_guesses."""
+        while True:
+            lo, hi, path = 1, self.high, []
+            while not path or path[-1] != secret:
+                path.append(rng.randint(lo, hi))
+                lo, hi = (path[-1] + 1, hi) if path[-1] < secret else (lo, path[-1] - 1) if path[-1] > secret else (lo, hi)
+            if len(path) <= self.max_guesses:
+                return path
 
     def reset(self, example: dict) -> list[dict]:
         """The rules as a user message."""

@@ -3,10 +3,12 @@ returns the zoomed region as an image in its reply (images in tool results, for 
 VLMs alike).
 
 The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans, the held-out split drawing
-only from every fifth scan as the `digits` task does) drawn at 8x8 pixels in one of the four 32x32 quadrants, and
-faint noise. The model sees it at 32x32, where the digit is 4x4 pixels; `zoom(quadrant)` ("tl", "tr", "bl",
-"br") answers with that quadrant at full resolution, 32x32, where the digit is 8x8 again. The reward is 1 when
-the final answer's last number is the digit.
+only from every fifth scan as the `digits` task does) drawn at 8x8 pixels in one of the four 32x32 quadrants, on
+a grid of 8 (16 places in a quadrant), and faint noise. The model sees it at 32x32, where the digit is 4x4
+pixels; `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full resolution, 32x32, where the
+digit is 8x8 again and fills one of the tiny VLM's 8x8 patches. The reward is 1 when the final answer's last
+number is the digit. (With the digit at any offset the tiny VLM did not learn to read the crop in 1500 SFT
+steps; on the grid it does, docs/agents.md.)
 
     <image>digit?                      the opening (the scene at 32x32)
     <zoom>tr</zoom>                    a call
@@ -33,7 +35,7 @@ def zoom_problem(rng: random.Random, split: str = "train") -> dict:
     pool = _digit_pool(split)
     scan = pool[rng.randrange(len(pool))]
     quadrant = rng.choice(sorted(QUADRANTS))
-    y, x = rng.randrange(4, 20), rng.randrange(4, 20)
+    y, x = 8 * rng.randrange(4), 8 * rng.randrange(4)
     label = int(_digits()[1][scan])
     key = f"{scan}/{quadrant}/{y}/{x}"  # (split.py hashes it: train and test scenes are disjoint)
     return {"prompt": "<image>digit?", "answer": str(label), "scan": scan, "quadrant": quadrant, "at": [y, x],

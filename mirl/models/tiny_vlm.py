@@ -5,7 +5,8 @@ replace the image-placeholder tokens of the tiny GPT's input (LLaVA's recipe, at
                     -> flatten to H/p * W/p tokens + learned patch positions -> MLP projector -> (N_img, n_embd)
     input_ids: BOS, <image> x N_img, text ...   the N_img placeholder embeddings are replaced in order
 
-Presets: vlm-nano (gpt-nano text model, 32x32 RGB images, patch 8 -> 16 image tokens), vlm-micro (gpt-micro).
+Presets: vlm-nano (gpt-nano text model, 32x32 RGB images, patch 8 -> 16 image tokens), vlm-micro (gpt-micro);
+vlm-nano-std and vlm-micro-std standardise each image first (pixel_norm "image": mean 0, std 1 per image).
 The image size is fixed by the config; the processor (models/vision.py) refuses other sizes.
 """
 
@@ -18,7 +19,16 @@ import torch.nn as nn
 
 from .tiny_lm import PRESETS, TinyGPT, TinyGPTConfig
 
-VLM_PRESETS = {"vlm-nano": "gpt-nano", "vlm-micro": "gpt-micro", "vlm-mini": "gpt-mini"}
+# preset -> (text model preset, pixel_norm). The -std presets standardise each image: a faint detail on a dark
+# image (the zoom environment's digit) then reaches the encoder at full contrast instead of as a 1e-3 change.
+VLM_PRESETS = {
+    "vlm-nano": ("gpt-nano", "none"),
+    "vlm-micro": ("gpt-micro", "none"),
+    "vlm-mini": ("gpt-mini", "none"),
+    "vlm-nano-std": ("gpt-nano", "image"),
+    "vlm-micro-std": ("gpt-micro", "image"),
+}
+PIXEL_NORMS = ("none", "image")
 
 
 @dataclass
@@ -30,12 +40,15 @@ class TinyVLMConfig(TinyGPTConfig):
     patch: int = 8  # image tokens = (image_size / patch) ** 2
     vision_dim: int = 64  # width of the image encoder
     image_token_id: int = -1  # the tokenizer's <image> id
+    pixel_norm: str = "none"  # none: pixels in [0, 1] as they are | image: each image standardised (mean 0, std 1)
     model_type: str = "mirl-tiny-vlm"
 
     def __post_init__(self):
         super().__post_init__()
         if self.image_size % self.patch:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch}")
+        if self.pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"pixel_norm {self.pixel_norm!r} is not one of {', '.join(PIXEL_NORMS)}")
 
     @property
     def n_image_tokens(self) -> int:
@@ -47,8 +60,13 @@ def vlm_preset_config(name: str, vocab_size: int, image_token_id: int, max_seq_l
     """The config of a tiny VLM preset."""
     if name not in VLM_PRESETS:
         raise ValueError(f"unknown tiny VLM preset {name!r}; valid: {', '.join(VLM_PRESETS)}")
+    text, pixel_norm = VLM_PRESETS[name]
     return TinyVLMConfig(
-        vocab_size=vocab_size, depth=PRESETS[VLM_PRESETS[name]], max_seq_len=max_seq_len, image_token_id=image_token_id
+        vocab_size=vocab_size,
+        depth=PRESETS[text],
+        max_seq_len=max_seq_len,
+        image_token_id=image_token_id,
+        pixel_norm=pixel_norm,
     )
 
 
@@ -91,7 +109,11 @@ class TinyVLM(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] -> (N, n_image_tokens, n_embd)."""
-        x = self.vision(pixel_values.to(self.patch_pos.dtype))  # (N, D, h, w)
+        x = pixel_values.to(self.patch_pos.dtype)
+        if self.config.pixel_norm == "image":  # per image: invariant to its brightness and contrast
+            mean, std = x.mean((1, 2, 3), keepdim=True), x.std((1, 2, 3), keepdim=True, unbiased=False)
+            x = (x - mean) / (std + 1e-5)
+        x = self.vision(x)  # (N, D, h, w)
         x = x.flatten(2).transpose(1, 2) + self.patch_pos
         return self.projector(x)
 
