@@ -288,7 +288,8 @@ def test_guess_demonstrations_are_games_of_a_random_teacher():
     records = env.demonstrations(1, 0)
     secret = env.examples("train", 1, 0)[0]["answer"]
     assert records[-1]["completion"] == secret and records[-1]["prompt"].endswith("<result>correct</result>")
-    assert records[0]["prompt"] == "Guess my number (1-15).\n" and records[0]["where"].startswith("guess demonstration #0")
+    assert records[0]["prompt"] == "Guess my number (1-15).\n"
+    assert records[0]["where"].startswith("guess demonstration #0")
     for a, b in zip(records, records[1:]):
         assert b["prompt"].startswith(a["prompt"] + a["completion"] + "<result>")
     games = env.demonstrations(400, 0)
@@ -302,7 +303,8 @@ def test_guess_demonstrations_are_games_of_a_random_teacher():
             lo, hi = (int(k) + 1, hi) if result == "higher" else (lo, int(k) - 1) if result == "lower" else (lo, hi)
     guesses = [r["prompt"].count("<guess>") for r in answers]
     assert max(guesses) == 5 and 3.4 < sum(guesses) / len(guesses) < 4.2  # binary search: at most 4, mean 3.27
-    assert max(len(r["prompt"]) + len(r["completion"]) for r in games) <= 240  # the runs give --max-episode-tokens 240 (context 256)
+    # the runs give --max-episode-tokens 240 (context 256)
+    assert max(len(r["prompt"]) + len(r["completion"]) for r in games) <= 240
 
 
 # ---------------------------------------------------------------------------------------------------- loader

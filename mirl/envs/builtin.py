@@ -263,8 +263,9 @@ class GuessEnv:
         while True:
             lo, hi, path = 1, self.high, []
             while not path or path[-1] != secret:
-                path.append(rng.randint(lo, hi))
-                lo, hi = (path[-1] + 1, hi) if path[-1] < secret else (lo, path[-1] - 1) if path[-1] > secret else (lo, hi)
+                k = rng.randint(lo, hi)
+                path.append(k)
+                lo, hi = (k + 1, hi) if k < secret else (lo, k - 1) if k > secret else (lo, hi)
             if len(path) <= self.max_guesses:
                 return path
 
