@@ -1,18 +1,28 @@
-"""Accuracy and pass@k of a policy on a task's held-out split, scored by the task's verifier.
+"""Accuracy, mean@N with its standard error, pass@k and maj@k of a policy on a task's held-out split, a standard
+benchmark (data/benchmarks.py) or any question-answer dataset, scored by the task's verifier.
 
 accuracy  greedy decoding, fraction scored correct (score >= the task's success threshold, 1 by default;
-          grounding: IoU >= 0.5), and the mean score (grounding: mean IoU); grounding also says where
-          the greedy boxes land (boxes/on_target, on_other, off_shapes, no_box, iou_on_target)
-pass@k    n >= k samples per prompt at `temperature`, the unbiased estimator of Chen et al. 2021:
+          grounding: IoU >= 0.5), with its standard error, and the mean score (grounding: mean IoU); grounding
+          also says where the greedy boxes land (boxes/on_target, on_other, off_shapes, no_box, iou_on_target)
+mean@N    N samples per prompt at `temperature` (--n-samples N): the mean over prompts of each prompt's fraction
+          correct, with its standard error over prompts: the sample standard deviation (n - 1) of the per-prompt
+          fractions over sqrt(prompts). (The greedy accuracy's standard error is the same formula over 0/1 scores.)
+pass@k    n >= k samples per prompt, the unbiased estimator of Chen et al. 2021:
           pass@k = mean over prompts of 1 - C(n - c, k) / C(n, k), c = correct samples
+maj@k     the majority answer of a prompt's first k samples (answers counted alike by data/benchmarks.answer_key,
+          a tie to the answer given first) scored; the mean over prompts (tasks that extract an answer)
 
 mirl eval --model runs/sft/final --task arith --k 8
+mirl eval --model HuggingFaceTB/SmolLM2-135M-Instruct --benchmark gsm8k --n-samples 8 --k 8 --max-new-tokens 512 \
+    --predictions gsm8k.jsonl
+mirl eval --model runs/sft/final --data questions.jsonl --question-column q --answer-column a
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from math import comb
+import json
+from dataclasses import dataclass, field
+from math import comb, sqrt
 
 import torch
 
@@ -29,9 +39,47 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean of per-item values and its standard error, the sample standard deviation (n - 1) over sqrt(n);
+    None under two items.
+
+    >>> mean_and_se([1.0, 0.5, 0.0])
+    (0.5, 0.28867513459481287)
+    """
+    n = len(values)
+    if n == 0:
+        return 0.0, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, sqrt(var / n)
+
+
+def majority_vote(answers: list, correct: list[bool]) -> bool:
+    """Whether the most common answer (answers counted alike by answer_key; a tie to the one given first) is
+    correct; no answer at all is not.
+
+    >>> majority_vote(["3", "4", "4.0", None], [False, True, True, False])
+    True
+    """
+    from .data.benchmarks import answer_key
+
+    counts: dict = {}
+    for i, a in enumerate(answers):
+        key = answer_key(a)
+        if key is not None:
+            counts.setdefault(key, [0, i])[0] += 1
+    if not counts:
+        return False
+    _, first = max(counts.values(), key=lambda c: (c[0], -c[1]))
+    return bool(correct[first])
+
+
 @dataclass
 class EvalResult:
-    """Held-out accuracy, pass@k, the mean score and a few samples of one evaluation."""
+    """Held-out accuracy, pass@k, the mean score and a few samples of one evaluation; with samples per prompt,
+    mean@N (and maj@k) too; per-item predictions for --predictions."""
 
     accuracy: float
     pass_at_k: float | None
@@ -40,12 +88,24 @@ class EvalResult:
     samples: list[tuple[str, str, float]]  # (prompt, greedy completion, score), a few for reports
     mean_score: float = 0.0  # mean task score (grounding: mean IoU)
     details: dict | None = None  # the task's breakdown of the greedy answers, if it has one (grounding)
+    accuracy_se: float | None = None  # the greedy accuracy's standard error over prompts
+    n_samples: int = 0  # samples per prompt (0: greedy only)
+    mean_at_n: float | None = None  # mean over prompts of the fraction of the n_samples samples correct
+    mean_at_n_se: float | None = None  # its standard error over prompts
+    maj_at_k: float | None = None  # majority vote of the first k samples
+    predictions: list[dict] = field(default_factory=list, repr=False)  # per item, for --predictions
 
     def as_dict(self) -> dict:
-        """The numbers as a JSON-able dict (pass@k under its name)."""
-        d = {"accuracy": self.accuracy, "mean_score": self.mean_score, "n": self.n, **(self.details or {})}
+        """The numbers as a JSON-able dict (mean@N, pass@k and maj@k under their names)."""
+        d = {"accuracy": self.accuracy, "accuracy_se": self.accuracy_se, "mean_score": self.mean_score, "n": self.n}
+        d.update(self.details or {})
+        if self.n_samples:
+            d[f"mean@{self.n_samples}"] = self.mean_at_n
+            d[f"mean@{self.n_samples}_se"] = self.mean_at_n_se
         if self.pass_at_k is not None:
             d[f"pass@{self.k}"] = self.pass_at_k
+        if self.maj_at_k is not None:
+            d[f"maj@{self.k}"] = self.maj_at_k
         return d
 
 
@@ -61,21 +121,30 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
 ) -> EvalResult:
-    """Greedy accuracy on `examples` by the task's verifier, and pass@k from n_samples samples per prompt when k > 1."""
+    """Greedy accuracy on `examples` by the task's verifier, with its standard error; when k > 1 or n_samples,
+    n_samples (default k) samples per prompt: mean@N with its standard error, pass@k and maj@k (k > 1)."""
     if hasattr(task, "evaluate_policy"):  # an environment (envs/task.py): greedy multi-turn episodes
-        if k > 1:
-            raise ConfigError("--k > 1 (pass@k) is not supported with --env yet: evaluate greedy episodes (--k 1)")
+        if k > 1 or n_samples:
+            raise ConfigError("--k > 1 and --n-samples are not supported with --env yet: evaluate greedy episodes")
         r = task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)
         return EvalResult(r["accuracy"], None, 1, len(examples), r["samples"], r["mean_score"], r["details"])
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
+    success = getattr(task, "success_threshold", 1.0)
+    extract = getattr(task, "extract", lambda c: None)
     greedy = completions(policy, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, images=images)
     scores = [task.score(c[0], e) for c, e in zip(greedy, examples)]
-    success = getattr(task, "success_threshold", 1.0)
-    acc = sum(s >= success for s in scores) / max(1, len(scores))
-    pk = None
-    if k > 1:
-        n = n_samples or k
+    acc, acc_se = mean_and_se([float(s >= success) for s in scores])
+    res = EvalResult(acc, None, k, len(examples), [], sum(scores) / max(1, len(scores)), accuracy_se=acc_se)
+    res.samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
+    res.details = task.breakdown([c[0] for c in greedy], examples) if hasattr(task, "breakdown") else None
+    res.predictions = [
+        {"prompt": e.get("question") or e["prompt"], "reference": e.get("answer"), "completions": c,
+         "extracted": [extract(c[0])], "scores": [s]}
+        for e, c, s in zip(examples, greedy, scores)
+    ]  # fmt: skip
+    if k > 1 or n_samples:
+        res.n_samples = n = n_samples or k
         sampled = completions(
             policy,
             prompts,
@@ -86,11 +155,18 @@ def evaluate(
             seed=seed,
             images=images,
         )
-        per_prompt = [sum(task.score(c, e) >= success for c in cs) for cs, e in zip(sampled, examples)]
-        pk = sum(pass_at_k(n, c, k) for c in per_prompt) / max(1, len(per_prompt))
-    samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
-    details = task.breakdown([c[0] for c in greedy], examples) if hasattr(task, "breakdown") else None
-    return EvalResult(acc, pk, k, len(examples), samples, sum(scores) / max(1, len(scores)), details)
+        sampled_scores = [[task.score(c, e) for c in cs] for cs, e in zip(sampled, examples)]
+        right = [[s >= success for s in ss] for ss in sampled_scores]
+        res.mean_at_n, res.mean_at_n_se = mean_and_se([sum(r) / n for r in right])
+        answers = [[extract(c) for c in cs] for cs in sampled]
+        if k > 1:
+            res.pass_at_k = sum(pass_at_k(n, sum(r), k) for r in right) / max(1, len(right))
+            if hasattr(task, "extract"):
+                res.maj_at_k = sum(majority_vote(a[:k], r[:k]) for a, r in zip(answers, right)) / max(1, len(right))
+        for p, cs, a, ss in zip(res.predictions, sampled, answers, sampled_scores):
+            p.update(greedy_completion=p["completions"][0], greedy_extracted=p["extracted"][0],
+                     greedy_score=p["scores"][0], completions=cs, extracted=a, scores=ss)  # fmt: skip
+    return res
 
 
 def sampled_accuracy(
@@ -117,14 +193,22 @@ class Config:
     model: str = "runs/demo/sft/final"  # saved model folder, preset or hub id
     model_revision: str = ""  # the hub revision (branch, tag, commit) of a hub model --model
     task: str = "arith"  # arith[:digits], countdown[:n], rg:<dataset>, digits, shapes, grounding[:pair]
+    benchmark: str = ""  # a benchmark instead of --task: gsm8k, math500, aime24, aime25, amc23 (NAME:LOCAL_COPY)
+    data: str = ""  # question-answer data instead of --task: .jsonl, .parquet, a datasets folder or a hub id
+    question_column: str = "question"  # --data: the column holding the question
+    answer_column: str = "answer"  # --data: the column holding the reference answer
+    split: str = ""  # the split of --data (a datasets folder or hub dataset; "" = test)
+    data_config: str = ""  # the configuration (subset) of a hub dataset --data
+    revision: str = ""  # the hub revision (branch, tag, commit) of a hub dataset --data
     chat: str = choice("auto", "yes", "no")  # built-in task through the model's chat template (auto: if it has one)
-    n: int = 200  # held-out prompts
-    k: int = 1  # pass@k (k > 1 samples n_samples >= k responses per prompt)
-    n_samples: int = 0  # samples per prompt for pass@k (0 = k)
-    temperature: float = 1.0  # sampling temperature for pass@k
+    n: int = 0  # held-out prompts (0 = 200 of a task, every item of --benchmark or --data, in their order)
+    k: int = 1  # pass@k and maj@k (k > 1 samples n_samples >= k responses per prompt)
+    n_samples: int = 0  # samples per prompt: mean@N with its standard error, and pass@k (0 = k when k > 1, else none)
+    temperature: float = 1.0  # sampling temperature of --n-samples and pass@k
     max_new_tokens: int = 40  # generation length
     batch_size: int = 64  # prompts per generation batch
     seed: int = 0  # seed of the held-out split and of sampling
+    predictions: str = ""  # write each prompt's completions, extracted answers and scores to this JSONL file
     threads: int = 2  # torch CPU threads
     device: str = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N
     env: str = ""  # greedy episodes in an environment instead of --task: calc, guess, python, zoom, file.py:Class
@@ -133,29 +217,62 @@ class Config:
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
 
 
-def run(cfg: Config) -> EvalResult:
-    """`mirl eval`: load the model, evaluate it on the task's (or --env's) held-out split, print one JSON line."""
-    import json
+def eval_task(cfg: Config, tokenizer):
+    """The task of `mirl eval`: --benchmark's, --data's, --env's or --task's, asked as the model should be."""
+    if cfg.benchmark:
+        from .data.benchmarks import benchmark_task
 
-    from .data.collate import prompts_that_fit, too_long_message
+        return benchmark_task(cfg.benchmark, tokenizer, cfg.chat)
+    if cfg.data:
+        from .data.benchmarks import dataset_task
+
+        return dataset_task(cfg.data, tokenizer, cfg.chat, question=cfg.question_column, answer=cfg.answer_column,
+                            split=cfg.split, config=cfg.data_config, revision=cfg.revision)  # fmt: skip
+    if cfg.env:  # success rate, mean turns, tool calls and faults per episode (envs/task.py)
+        from .envs.task import EnvTask
+
+        return EnvTask.of(cfg, tokenizer)
     from .data.tasks import make_task
+
+    return make_task(cfg.task, tokenizer, cfg.chat)
+
+
+def check_sources(cfg: Config) -> None:
+    """One source of held-out prompts: --task, --benchmark, --data or --env."""
+    given = [f for f, v in (("--benchmark", cfg.benchmark), ("--data", cfg.data), ("--env", cfg.env)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} are two sources of prompts to evaluate on: give one")
+    if given and cfg.task != Config.task:
+        raise ConfigError(f"--task {cfg.task!r} has no effect with {given[0]}: it is the prompts (drop one)")
+
+
+def write_predictions(path: str, predictions: list[dict]) -> None:
+    """One JSON line per prompt: the prompt, the reference, the completions, their extracted answers and scores."""
+    from pathlib import Path
+
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(path).expanduser(), "w") as f:
+        for i, p in enumerate(predictions):
+            f.write(json.dumps({"index": i, **p}) + "\n")
+
+
+def run(cfg: Config) -> EvalResult:
+    """`mirl eval`: load the model, evaluate it on the task's (--benchmark's, --data's, --env's) held-out split,
+    print one JSON line (and write --predictions)."""
+    from .data.collate import prompts_that_fit, too_long_message
     from .models import load_policy
     from .options import check_config
     from .recipes.common import reward_model_note
 
     check_config(cfg)
+    check_sources(cfg)
     torch.set_num_threads(max(1, cfg.threads))
     reward_model_note(cfg.model, "--model")
     from .device import resolve_device
 
     policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision).to(resolve_device(cfg.device))
-    if cfg.env:  # success rate, mean turns, tool calls and faults per episode (envs/task.py)
-        from .envs.task import EnvTask
-
-        task = EnvTask.of(cfg, policy.tokenizer)
-    else:
-        task = make_task(cfg.task, policy.tokenizer, cfg.chat)
-    examples = task.examples("test", cfg.n, cfg.seed)
+    task = eval_task(cfg, policy.tokenizer)
+    examples = task.examples("test", cfg.n or (0 if cfg.benchmark or cfg.data else 200), cfg.seed)
     _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)
     if too_long:  # every held-out prompt is scored, or the accuracy would be of another set
         hint = "lower --max-new-tokens"
@@ -171,5 +288,7 @@ def run(cfg: Config) -> EvalResult:
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
+    if cfg.predictions:
+        write_predictions(cfg.predictions, res.predictions)
     print(json.dumps({"model": cfg.model, "task": task.name, **res.as_dict()}))
     return res

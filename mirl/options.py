@@ -209,7 +209,18 @@ RECIPE_RULES = {
     ("online", "beta"): _float_in(0.0, lo_open=True),
     ("demo", "beta"): _float_in(0.0, lo_open=True),
     ("eval", "temperature"): _float_in(0.0),
+    ("eval", "n"): NON_NEGATIVE,  # 0: 200 task prompts, or every item of a benchmark
 }
+
+
+def _benchmark():
+    from .data.benchmarks import BENCHMARKS
+
+    ok = lambda v: isinstance(v, str) and (v == "" or v.partition(":")[0] in BENCHMARKS)  # noqa: E731
+    return ok, f"one of {', '.join(BENCHMARKS)}, or NAME:LOCAL_COPY (a local copy in the hub dataset's shape)"
+
+
+RULES["benchmark"] = RULES["eval_benchmark"] = _benchmark()
 
 
 def flag(name: str) -> str:
@@ -293,6 +304,7 @@ NEEDS = [
     (("model_revision",), _hub_model, "a hub model id as --model (owner/name); a local folder or preset has none"),
     (("split",), lambda c: bool(_get(c, "data", "")), "--data (a datasets folder or hub dataset with splits)"),
     (("data_config", "revision"), lambda c: bool(_get(c, "data", "")), "--data (a hub dataset)"),
+    (("question_column", "answer_column"), lambda c: bool(_get(c, "data", "")), "--data"),
 ]
 # options that act only without --data, per recipe: pairs or examples made from --task
 WITHOUT_DATA = {
@@ -335,10 +347,12 @@ def check_combinations(cfg) -> None:
         )
     if _get(cfg, "noisy_rollout", 0) > 0 and _get(cfg, "engine", "local") != "local":
         raise ConfigError("--noisy-rollout samples from perturbed pixels: it needs --engine local")
-    if recipe == "eval" and cfg.k == 1:
-        for name in ("n_samples", "temperature"):
-            if getattr(cfg, name) != defaults[name]:
-                raise ConfigError(f"{flag(name)} {getattr(cfg, name)!r} has no effect: it is for pass@k, with --k > 1")
+    if recipe == "eval" and cfg.k == 1 and not cfg.n_samples and cfg.temperature != defaults["temperature"]:
+        raise ConfigError(
+            f"--temperature {cfg.temperature!r} has no effect: it is for sampling, with --n-samples or --k > 1"
+        )
+    if recipe == "eval" and 0 < cfg.n_samples < cfg.k:
+        raise ConfigError(f"--n-samples {cfg.n_samples}: pass@{cfg.k} and maj@{cfg.k} need at least --k samples")
     if (_get(cfg, "eval_every", 0) or _get(cfg, "eval_every_s", 0)) and _get(cfg, "eval_n", 1) == 0:
         which = "--eval-every" if _get(cfg, "eval_every", 0) else "--eval-every-s"
         raise ConfigError(f"{which} has no effect with --eval-n 0 (no held-out prompts to evaluate)")

@@ -33,7 +33,7 @@ from .common import (
     prompt_options,
     reward_model_note,
 )
-from .held_out import held_out_evaluator
+from .held_out import held_out_evaluator, held_out_set
 from .rl import finish_loop, sample_step, start_loop
 from .run import Result, end_of_step, setup
 
@@ -74,6 +74,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated (greedy) before and after, for the student and the teacher
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
@@ -175,10 +176,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
         )
     teacher = place_frozen(teacher, policy.device, cfg.dtype)
     task, data, reward_set, test = load_prompts(policy, data, **prompt_options(cfg), recipe="distill")
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     world = dist.world_size()
     teacher_eval = []
     if dist.is_main() and test and not cfg.resume:
-        held_out_evaluator(teacher, task, test, run=None, evals=teacher_eval, max_new_tokens=cfg.max_new_tokens)(
+        held_out_evaluator(teacher, eval_task, test, run=None, evals=teacher_eval, max_new_tokens=cfg.max_new_tokens)(
             0, "teacher"
         )
 
@@ -186,7 +189,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
     loop = start_loop(
         cfg,
         policy,
-        task,
+        eval_task,
         test,
         desc="distill",
         show=("divergence", "reward/mean"),
@@ -237,6 +240,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None, teacher=None)
             break
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="student after distillation")
+    policy, summary = finish_loop(loop, cfg, policy, eval_task, test, data, after="student after distillation")
     summary.update({"teacher_evals": teacher_eval, "reward_faults": reward_set.faults})
     return Result(policy, run.history, summary)

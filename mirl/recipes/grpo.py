@@ -47,6 +47,7 @@ from .common import (
     prompt_options,
     rollout_corrector,
 )
+from .held_out import held_out_set
 from .rl import Passes, finish_loop, start_loop
 from .run import Result, end_of_step, setup
 
@@ -136,6 +137,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated (greedy) before and after training (0 = skip)
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     eval_every: int = 0  # also evaluate every N steps (0 = only before and after)
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
     # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
@@ -301,6 +303,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
     options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
     task, data, reward_set, test = load_prompts(policy, data, **options, recipe="grpo", env=env)
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     world = dist.world_size()
     steps = check_and_step_rewards(cfg, policy, task, world)
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
@@ -313,7 +317,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
 
     # ---- derived values: the loss, the passes, the schedule over all optimizer steps, the run ---------------
     passes = Passes(cfg.num_iterations, cfg.minibatches, cfg.seed, 131, cfg.temperature, cfg.bf16)
-    loop = start_loop(cfg, policy, task, test, desc="grpo", show=("reward/mean", "kl"), before="before GRPO",
+    loop = start_loop(cfg, policy, eval_task, test, desc="grpo", show=("reward/mean", "kl"), before="before GRPO",
                       optimizer_steps=cfg.steps * passes.optimizer_steps, keep=(kl_coef, ent_coef, sampler),
                       engine=cfg.engine, vllm_memory=cfg.vllm_memory, row_seeded=cfg.row_seeded_sampling)  # fmt: skip
     run, engine = loop.run, loop.engine
@@ -387,7 +391,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             break
 
     # ---- evaluate and save (rank 0) ----------------------------------------------------------------
-    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after GRPO")
+    policy, summary = finish_loop(loop, cfg, policy, eval_task, test, data, after="after GRPO")
     if reward_set.faults:
         console.print(f"[yellow]reward faults: {reward_set.faults}[/]")
     summary.update({"skips": skipped, "reward_faults": reward_set.faults, "env_faults": env and env.faults})

@@ -1,6 +1,6 @@
-"""Held-out evaluation, the same in every recipe: greedy accuracy on the task's test examples before, during
-(--eval-every, --eval-every-s) and after training, recorded with the training seconds and samples so far, and
-the samples and report page written at the end of a run."""
+"""Held-out evaluation, the same in every recipe: greedy accuracy, with its standard error, on the task's test
+examples (or --eval-benchmark's items) before, during (--eval-every, --eval-every-s) and after training, recorded
+with the training seconds and samples so far, and the samples and report page written at the end of a run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,25 @@ import json
 from pathlib import Path
 
 from ..logging import console
+
+
+def held_out_set(policy, task, test: list, *, benchmark: str, chat: str, n: int, max_new_tokens: int):
+    """The held-out set: with --eval-benchmark, the benchmark's first n items (data/benchmarks.py), asked through the
+    model's chat template as `mirl eval --benchmark` asks them, each checked to fit the model's context with
+    max_new_tokens; else (or with n 0: no held-out set) the task's own. -> (the task that scores them, the examples)."""
+    if not benchmark or not n:
+        return task, test
+    from ..data.benchmarks import benchmark_task
+    from ..data.collate import prompts_that_fit, too_long_message
+
+    bench = benchmark_task(benchmark, policy.tokenizer, chat, option="--eval-benchmark")
+    test = bench.examples("test", n, 0)
+    _, too_long = prompts_that_fit(policy, test, max_new_tokens)
+    if too_long:
+        hint = "lower --max-new-tokens or --eval-n (the benchmark's first items)"
+        raise ValueError(f"--eval-benchmark {bench.name}: " + too_long_message(too_long, len(test), policy,
+                                                                                max_new_tokens, hint))  # fmt: skip
+    return bench, test
 
 
 def held_out_evaluator(policy, task, test, *, run, evals: list | None = None, max_new_tokens: int):
@@ -40,8 +59,9 @@ def held_out_evaluator(policy, task, test, *, run, evals: list | None = None, ma
 def held_out_accuracy(
     policy, task, test, *, max_new_tokens: int, evals: list, step: int, label: str, run=None
 ) -> float:
-    """Greedy accuracy on the held-out examples, appended to evals (with the training seconds so far, the
-    samples drawn so far and the evaluation's own seconds) and printed. run None: before training."""
+    """Greedy accuracy on the held-out examples and its standard error, appended to evals (with the training
+    seconds so far, the samples drawn so far and the evaluation's own seconds) and printed. run None: before
+    training."""
     import time
 
     from ..eval import evaluate
@@ -55,6 +75,7 @@ def held_out_accuracy(
         {
             "step": step,
             "accuracy": acc,
+            "accuracy_se": res.accuracy_se,
             "mean_score": res.mean_score,
             "train_s": train_s,
             "samples": 0 if run is None else run.samples,
@@ -63,7 +84,8 @@ def held_out_accuracy(
             **(res.details or {}),
         }
     )
-    console.print(f"held-out accuracy {label}: {acc:.3f}, mean score {res.mean_score:.3f} (n={len(test)})")
+    se = f" ± {res.accuracy_se:.3f}" if res.accuracy_se is not None else ""
+    console.print(f"held-out accuracy {label}: {acc:.3f}{se}, mean score {res.mean_score:.3f} (n={len(test)})")
     return acc
 
 

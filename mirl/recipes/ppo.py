@@ -52,6 +52,7 @@ from .common import (
     prompt_options,
     rollout_corrector,
 )
+from .held_out import held_out_set
 from .rl import Passes, finish_loop, sample_step, start_loop
 from .run import Result, end_of_step, setup
 
@@ -117,6 +118,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated before and after
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
@@ -289,6 +291,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
     options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
     task, data, reward_set, test = load_prompts(policy, data, **options, recipe="ppo", env=env)
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 else None
     critic = Critic(policy, cfg.critic == "separate").to(policy.device)
@@ -301,7 +305,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     loop = start_loop(
         cfg,
         policy,
-        task,
+        eval_task,
         test,
         desc="ppo",
         show=("reward/mean", "kl"),
@@ -366,7 +370,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             break
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after="after PPO", extra_save=critic_file)
+    policy, summary = finish_loop(loop, cfg, policy, eval_task, test, data, after="after PPO", extra_save=critic_file)
     summary.update({"reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)
 

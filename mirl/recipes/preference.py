@@ -44,7 +44,7 @@ from .common import (
     policy_options,
     report_skips,
 )
-from .held_out import held_out_evaluator, last_evaluation
+from .held_out import held_out_evaluator, held_out_set, last_evaluation
 from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 
@@ -89,6 +89,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for greedy accuracy at the end (0 = skip)
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     max_new_tokens: int = 40  # generation length for sampling and evaluation
     # -- options every training recipe has (the same names, types, defaults and docs: tests/test_recipes.py)
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning)
@@ -334,6 +335,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start, evals = resume_state(cfg.out_dir, policy, optimizer) if cfg.resume else (0, [])
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
 
     # ---- derived values: the global batch, the schedule, when to save and stop -----------------------------
     n_global = cfg.batch_size * cfg.grad_accum * dist.world_size()  # pairs per optimizer step
@@ -386,7 +389,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     summary = {"pairs": len(pairs), "pair_sampling": pair_stats, "skipped": skips.counts}
     summary.update(probe_change(probe_start, probe_end), warned_chosen_decline=warned)
     policy = gathered_policy(policy, cfg)
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    final_eval = held_out_evaluator(policy, eval_task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary.update(
         end_of_run(
             run,
@@ -394,8 +397,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             merged=not cfg.save_adapter_only,
             evaluate=final_eval and (lambda: final_eval(run.steps, f"after {cfg.loss}")),
             report=cfg.report,
-            task=task,
-            examples=task.examples("test", 8, cfg.seed) if task is not None else data,
+            task=eval_task,
+            examples=eval_task.examples("test", 8, cfg.seed) if eval_task is not None else data,
             max_new_tokens=cfg.max_new_tokens,
         )
     )

@@ -311,6 +311,8 @@ def end_of_step(run: Run, step: int, row: dict, *, t_step: float, save, evaluate
     row.update(step_peak_memory())
     if evaluate is not None and run.main and run.eval_due(step):
         row["eval/accuracy"] = evaluate(step)
+        if run.evals[-1].get("accuracy_se") is not None:  # over the held-out prompts (held_out.py); None under two
+            row["eval/accuracy_se"] = run.evals[-1]["accuracy_se"]
     run.history.append({"step": step, **row})
     halt = stop_signal()
     stop = (

@@ -33,7 +33,7 @@ from .common import (
     policy_options,
     report_skips,
 )
-from .held_out import held_out_evaluator, last_evaluation
+from .held_out import held_out_evaluator, held_out_set, last_evaluation
 from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
 
@@ -67,6 +67,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out task prompts for the final greedy accuracy (0 = skip)
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     eval_every: int = 0  # also evaluate every N steps (0 = only at the end)
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
     time_budget_s: float = 0.0  # stop after this many seconds of training (evaluations excluded; 0 = no limit)
@@ -190,8 +191,10 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay)  # after FSDP2 sharding, which replaces params
     start, evals = resume_state(cfg.out_dir, policy, optimizer) if cfg.resume else (0, [])
     test = task.examples("test", cfg.eval_n, cfg.seed) if task is not None and cfg.eval_n else []
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     if dist.is_main() and test and (cfg.eval_every or cfg.eval_every_s) and not cfg.resume:
-        held_out_evaluator(policy, task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
+        held_out_evaluator(policy, eval_task, test, run=None, evals=evals, max_new_tokens=cfg.max_new_tokens)(
             0, "before SFT"
         )
     policy.train()
@@ -202,7 +205,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     schedule = Schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.max_grad_norm)
     run = open_run(cfg, desc="sft", show=("loss", "lr"), start=start, evals=evals)
     run.samples = start * per_step  # training examples so far, recorded with each held-out evaluation
-    evaluate = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    evaluate = held_out_evaluator(policy, eval_task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     save = lambda s: save_checkpoint(cfg.out_dir, policy, optimizer, s, {"evals": run.evals})
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -233,15 +236,15 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     policy = gathered_policy(policy, cfg)
     if run.main:
         report_skips(skips, cfg.out_dir)
-    final_eval = held_out_evaluator(policy, task, test, run=run, max_new_tokens=cfg.max_new_tokens)
+    final_eval = held_out_evaluator(policy, eval_task, test, run=run, max_new_tokens=cfg.max_new_tokens)
     summary = end_of_run(
         run,
         policy,
         merged=not cfg.save_adapter_only,
         evaluate=final_eval and (lambda: final_eval(run.steps, "after SFT")),
         report=cfg.report,
-        task=task,
-        examples=task.examples("test", 8, cfg.seed) if task is not None else data,
+        task=eval_task,
+        examples=eval_task.examples("test", 8, cfg.seed) if eval_task is not None else data,
         max_new_tokens=cfg.max_new_tokens,
     )
     summary["skipped"] = skips.counts
