@@ -139,7 +139,7 @@ def evaluate(
     res.samples = [(p, c[0], s) for p, c, s in list(zip(prompts, greedy, scores))[:8]]
     res.details = task.breakdown([c[0] for c in greedy], examples) if hasattr(task, "breakdown") else None
     res.predictions = [
-        {"prompt": e.get("question") or e["prompt"], "reference": e.get("answer"), "completions": c,
+        {"prompt": e["prompt"], "reference": e.get("answer"), "completions": c,
          "extracted": [extract(c[0])], "scores": [s]}
         for e, c, s in zip(examples, greedy, scores)
     ]  # fmt: skip
@@ -217,24 +217,23 @@ class Config:
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
 
 
-def eval_task(cfg: Config, tokenizer):
-    """The task of `mirl eval`: --benchmark's, --data's, --env's or --task's, asked as the model should be."""
+def prompt_source(cfg: Config):
+    """The prompts of `mirl eval`, read before any model is loaded (a benchmark that cannot be had fails first):
+    --benchmark's, --data's or --task's task in its plain form (None with --env, which needs the tokenizer)."""
     if cfg.benchmark:
         from .data.benchmarks import benchmark_task
 
-        return benchmark_task(cfg.benchmark, tokenizer, cfg.chat)
+        return benchmark_task(cfg.benchmark)
     if cfg.data:
         from .data.benchmarks import dataset_task
 
-        return dataset_task(cfg.data, tokenizer, cfg.chat, question=cfg.question_column, answer=cfg.answer_column,
-                            split=cfg.split, config=cfg.data_config, revision=cfg.revision)  # fmt: skip
-    if cfg.env:  # success rate, mean turns, tool calls and faults per episode (envs/task.py)
-        from .envs.task import EnvTask
-
-        return EnvTask.of(cfg, tokenizer)
+        return dataset_task(cfg.data, question=cfg.question_column, answer=cfg.answer_column, split=cfg.split,
+                            config=cfg.data_config, revision=cfg.revision)  # fmt: skip
+    if cfg.env:
+        return None
     from .data.tasks import make_task
 
-    return make_task(cfg.task, tokenizer, cfg.chat)
+    return make_task(cfg.task)
 
 
 def check_sources(cfg: Config) -> None:
@@ -243,7 +242,7 @@ def check_sources(cfg: Config) -> None:
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)} are two sources of prompts to evaluate on: give one")
     if given and cfg.task != Config.task:
-        raise ConfigError(f"--task {cfg.task!r} has no effect with {given[0]}: it is the prompts (drop one)")
+        raise ConfigError(f"--task {cfg.task!r} has no effect with {given[0]}, which gives the prompts (drop one)")
 
 
 def write_predictions(path: str, predictions: list[dict]) -> None:
@@ -270,8 +269,16 @@ def run(cfg: Config) -> EvalResult:
     reward_model_note(cfg.model, "--model")
     from .device import resolve_device
 
+    source = prompt_source(cfg)
     policy = load_policy(cfg.model, seed=cfg.seed, revision=cfg.model_revision).to(resolve_device(cfg.device))
-    task = eval_task(cfg, policy.tokenizer)
+    if cfg.env:  # success rate, mean turns, tool calls and faults per episode (envs/task.py)
+        from .envs.task import EnvTask
+
+        task = EnvTask.of(cfg, policy.tokenizer)
+    else:  # asked as the model should be: through its chat template when it has one (--chat)
+        from .data.tasks import chat_task
+
+        task = chat_task(source, policy.tokenizer, cfg.chat)
     examples = task.examples("test", cfg.n or (0 if cfg.benchmark or cfg.data else 200), cfg.seed)
     _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)
     if too_long:  # every held-out prompt is scored, or the accuracy would be of another set

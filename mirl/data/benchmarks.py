@@ -100,10 +100,9 @@ NUMBER_AND_UNITS = re.compile(r"^(-?\$?\d[\d,]*(?:\.\d+)?)\s*(?:[A-Za-z][A-Za-z 
 def _clean(answer: str) -> str | None:
     """An answer phrase without its wrapping: math delimiters ($, \\( \\)), bold, a trailing full stop, and unit
     words after a number ('18 inches' -> '18'); None when nothing is left."""
-    a = answer.strip().strip("*").strip()
+    a = answer.strip().strip("*").strip().rstrip(".").strip()
     if a.startswith("\\(") and a.endswith("\\)"):
-        a = a[2:-2]
-    a = a.rstrip(".").strip()
+        a = a[2:-2].strip()
     if len(a) > 1 and a[0] == "$" and a.endswith("$"):
         a = a.strip("$").strip()
     m = NUMBER_AND_UNITS.match(a)
@@ -258,7 +257,10 @@ def benchmark_rows(spec: str, option: str = "--benchmark"):
         raise DataError(f"{option} {spec!r}: unknown benchmark; valid: {', '.join(BENCHMARKS)} (or NAME:LOCAL_COPY)")
     b = BENCHMARKS[name]
     if local:
-        return b, local_rows(local, b.split)
+        try:
+            return b, local_rows(local, b.split)
+        except DataError as e:
+            raise DataError(f"{option} {name}: {e}") from e
     try:
         return b, load_rows(b.hub_id, b.split, b.config)
     except DataError as e:
