@@ -305,6 +305,7 @@ NEEDS = [
     (("split",), lambda c: bool(_get(c, "data", "")), "--data (a datasets folder or hub dataset with splits)"),
     (("data_config", "revision"), lambda c: bool(_get(c, "data", "")), "--data (a hub dataset)"),
     (("question_column", "answer_column"), lambda c: bool(_get(c, "data", "")), "--data"),
+    (("eval_benchmark",), lambda c: _get(c, "eval_n", 0) > 0, "--eval-n > 0 (how many of the benchmark's items)"),
 ]
 # options that act only without --data, per recipe: pairs or examples made from --task
 WITHOUT_DATA = {

@@ -448,7 +448,7 @@ NEW_CASES = [
         ["--task 'arith:2' has no effect with --data"],
     ),
     ("dpo-k-with-data", [*DPO, "--data", "{d}/p.jsonl", "--k", "4"], {"p.jsonl": jsonl(PAIRS)}, 2, ["--k 4 has no"]),
-    ("eval-n-samples-without-k", ["eval", "--n-samples", "8"], {}, 2, ["--n-samples 8 has no effect", "--k > 1"]),
+    ("eval-n-samples-below-k", ["eval", "--n-samples", "2", "--k", "4"], {}, 2, ["--n-samples 2", "at least --k"]),
     ("eval-every-without-eval-n", [*SFT, "--eval-every", "5"], {}, 2, ["--eval-every has no effect with --eval-n 0"]),
     ("iterate-grpo-lr", ["iterate", "--grpo-lr", "-1"], {}, 2, ["--grpo-lr -1.0", "(the grpo phase's --lr)"]),
     ("iterate-group-size-one", ["iterate", "--group-size", "1"], {}, 2, ["--group-size 1", "the grpo phase's"]),
@@ -670,6 +670,73 @@ ENV_CASES = [  # --env (issue 27): the environment's file, class and tools
     ),
 ]
 CASES += ENV_CASES
+
+
+BENCHMARK_CASES = [  # mirl eval --benchmark / --data and --eval-benchmark (issue 28)
+    ("eval-benchmark-unknown", ["eval", "--benchmark", "gsm9k"], {}, 2, ["--benchmark 'gsm9k'", "gsm8k, math500"]),
+    (
+        "eval-benchmark-and-data",
+        ["eval", "--benchmark", "gsm8k", "--data", "{d}/q.jsonl"],
+        {},
+        2,
+        ["--benchmark and --data are two sources"],
+    ),
+    ("eval-benchmark-with-task", ["eval", "--benchmark", "gsm8k", "--task", "arith:2"], {}, 2, ["--task 'arith:2'"]),
+    (
+        "eval-benchmark-copy-missing",
+        ["eval", "--model", "gpt-nano", "--benchmark", "gsm8k:{d}/nope"],
+        {},
+        2,
+        ["--benchmark gsm8k: no such file or folder"],
+    ),
+    (
+        "eval-benchmark-copy-wrong-column",
+        ["eval", "--model", "gpt-nano", "--benchmark", "gsm8k:{d}/g.jsonl"],
+        {"g.jsonl": jsonl([{"problem": "1+1?", "answer": "#### 2"}])},
+        2,
+        ["--benchmark gsm8k: ", "g.jsonl:1: no column 'question' (it has: answer, problem)"],
+    ),
+    (
+        "eval-benchmark-gsm8k-answer-without-hashes",
+        ["eval", "--model", "gpt-nano", "--benchmark", "gsm8k:{d}/g.jsonl"],
+        {"g.jsonl": jsonl([{"question": "1+1?", "answer": "2"}])},
+        2,
+        ["g.jsonl:1: column 'answer': no '#### <answer>' line"],
+    ),
+    (
+        "eval-data-missing-column",
+        ["eval", "--model", "gpt-nano", "--data", "{d}/q.jsonl", "--answer-column", "a"],
+        {"q.jsonl": jsonl([{"question": "1+1?", "answer": "2"}])},
+        2,
+        ["q.jsonl:1: no column 'a'"],
+    ),
+    (
+        "eval-data-split-of-a-file",
+        ["eval", "--model", "gpt-nano", "--data", "{d}/q.jsonl", "--split", "test"],
+        {"q.jsonl": jsonl([{"question": "1+1?", "answer": "2"}])},
+        2,
+        ["--split 'test'", "one file"],
+    ),
+    ("eval-question-column-without-data", ["eval", "--question-column", "q"], {}, 2, ["--question-column 'q' has no"]),
+    ("eval-temperature-without-sampling", ["eval", "--temperature", "0.5"], {}, 2, ["--n-samples or --k > 1"]),
+    ("sft-eval-benchmark-unknown", [*SFT, "--eval-benchmark", "gsm9k"], {}, 2, ["--eval-benchmark 'gsm9k'"]),
+    ("sft-eval-benchmark-eval-n-0", [*SFT, "--eval-benchmark", "gsm8k"], {}, 2, ["has no effect", "--eval-n > 0"]),
+    (
+        "grpo-eval-benchmark-copy-missing",
+        [*GRPO, "--eval-n", "2", "--eval-benchmark", "aime24:{d}/nope"],
+        {},
+        2,
+        ["--eval-benchmark aime24: no such file or folder"],
+    ),
+    (
+        "grpo-eval-benchmark-too-long",
+        [*GRPO, "--eval-n", "2", "--eval-benchmark", "aime25:{d}/a.jsonl"],
+        {"a.jsonl": jsonl([{"problem": "x" * 400, "answer": "1", "id": "0"}])},
+        2,
+        ["--eval-benchmark aime25: 1 of 1 prompts are too long"],
+    ),
+]
+CASES += BENCHMARK_CASES
 
 
 def _write(d, files):
