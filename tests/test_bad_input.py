@@ -1300,3 +1300,29 @@ def test_prompts_too_long_for_the_context_are_skipped_and_counted(tmp_path, caps
     assert main(argv + ["--data", str(tmp_path / "p.jsonl")]) == 0
     err = capsys.readouterr().err
     assert "1 of 5 prompts are too long" in err and "p.jsonl:1 (" in err and "those prompts are skipped" in err
+
+
+# ---- the reward-weighted group losses (nca, infonca) ---------------------------------------------------------
+NCA_CASES = [
+    ("alpha-negative", ["online", "--loss", "nca", "--alpha", "-1"], {}, 2, ["--alpha -1.0", "finite number >= 0"]),
+    ("alpha-nan", ["online", "--loss", "infonca", "--alpha", "nan"], {}, 2, ["--alpha nan", "finite number >= 0"]),
+    (
+        "alpha-without-a-weighted-loss",
+        ["online", "--loss", "group_js", "--alpha", "0.5", "--out-dir", "{d}/r"],
+        {},
+        2,
+        ["--alpha 0.5 has no effect", "reward-weighted --loss (nca, infonca)"],
+    ),
+    (
+        "nca-on-pairs-without-rewards",
+        [*DPO, "--data", "{d}/p.jsonl", "--loss", "nca"],
+        {"p.jsonl": jsonl(PAIRS)},
+        2,
+        ["loss 'nca' weighs each group by its responses' scalar rewards", "mio"],
+    ),
+]
+
+
+@pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in NCA_CASES], ids=[c[0] for c in NCA_CASES])
+def test_reward_weighted_loss_options_get_a_clear_error(tmp_path, capsys, argv, files, rc, words):
+    test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words)

@@ -1,6 +1,6 @@
 """Pure loss functions over log-probs, registered by name. See registry.py for the contract."""
 
-from . import distill, mi, policy, preference  # noqa: F401  (registers the losses)
+from . import distill, mi, nca, policy, preference  # noqa: F401  (registers the losses)
 from .reduce import masked_reduce, mean_over_examples
 from .registry import LOSSES, LossSpec, get_loss, parse_loss_spec, register_loss
 
@@ -16,12 +16,15 @@ __all__ = [
 ]
 
 
-def preference_loss(terms, policy_logps, ref_logps, positive, *, beta, options=None, lengths=None, mask=None):
+def preference_loss(
+    terms, policy_logps, ref_logps, positive, *, beta, options=None, lengths=None, mask=None, rewards=None
+):
     """sum_i w_i * loss_i over parsed terms [(name, weight)], one call shape for pair and group losses (a pair
     is a group of two, its positive first) -> (per_example_loss (N,), metrics).
 
     policy_logps, ref_logps, positive, mask, lengths: (N, K). Pair losses take column 0 as chosen and column
-    1 as rejected (K must be 2); group losses take the whole group. options: every option the recipe has
+    1 as rejected (K must be 2); group losses take the whole group, and the reward-weighted ones (nca, infonca)
+    its scalar rewards (N, K) too (NaN: unscored). options: every option the recipe has
     (neg_mix, label_smoothing, gamma, ...); each term receives the ones it takes. Metrics of every term are
     kept; when several terms are combined, a repeated name is prefixed with the loss's.
     """
@@ -31,7 +34,7 @@ def preference_loss(terms, policy_logps, ref_logps, positive, *, beta, options=N
         spec = get_loss(name)
         opts = {k: v for k, v in options.items() if k in spec.options}
         if spec.kind == "group":
-            loss, m = spec(policy_logps, ref_logps, positive, beta=beta, mask=mask, **opts)
+            loss, m = spec(policy_logps, ref_logps, positive, beta=beta, mask=mask, rewards=rewards, **opts)
         else:
             if policy_logps.shape[-1] != 2:
                 raise ValueError(

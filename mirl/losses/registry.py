@@ -2,8 +2,9 @@
 
 kind "pair": fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
               beta, chosen_lengths=None, rejected_lengths=None, **options) -> (per_pair_loss (N,), metrics)
-kind "group": fn(policy_logps (N,K), ref_logps (N,K), positive (N,K) bool, *, beta, **options)
-              -> (per_group_loss (N,), metrics)
+kind "group": fn(policy_logps (N,K), ref_logps (N,K), positive (N,K) bool, *, beta, mask=None, rewards=None,
+              **options) -> (per_group_loss (N,), metrics); rewards (N,K) float are the responses' scalar rewards,
+              read by the reward-weighted losses (nca, infonca) and dropped for the others
 kind "policy": fn(logps, old_logps, advantages, mask, **options) -> (scalar loss, metrics)   (losses/policy.py)
 kind "distill": fn(student_logits (..., V), teacher_logits (..., V), beta, temperature) -> per position (...)
                 (losses/distill.py)
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # data a caller may always pass; a loss that does not read them gets them dropped (they are not options)
-DATA_KWARGS = ("chosen_lengths", "rejected_lengths", "mask")
+DATA_KWARGS = ("chosen_lengths", "rejected_lengths", "mask", "rewards")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class LossSpec:
         """The loss's keyword options (beta and the data arguments aside)."""
         params = inspect.signature(self.fn).parameters.values()
         return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", *DATA_KWARGS))
+
+    @property
+    def reads_rewards(self) -> bool:
+        """Whether the loss weighs a group by its responses' scalar rewards (`rewards=`: nca, infonca) rather than
+        by the binary positives."""
+        return "rewards" in inspect.signature(self.fn).parameters
 
     def __call__(self, *tensors, **kwargs):
         accepted = inspect.signature(self.fn).parameters

@@ -3,17 +3,21 @@ from the current policy, verify them, and train with a preference loss on what w
 
     pair losses (mio, dpo, ...):  (correct, incorrect) pairs drawn from each group
     group losses (group_js, ...): the whole group; positives = responses with reward >= positive_threshold
+    reward-weighted (nca, infonca): the whole group with its scalar rewards, targets softmax(reward / alpha)
 The reference is the starting policy (a frozen copy). Prompts whose K samples all agree carry no
-contrast: they are skipped and counted (groups/all_correct, groups/all_wrong).
+contrast: they are skipped and counted (groups/all_correct, groups/all_wrong; for the reward-weighted losses,
+groups/all_equal: equal rewards give uniform targets, which hold no reward information).
 
     mirl online --model runs/sft/final --task arith --loss mio --time-budget-s 240
+    mirl online --model runs/sft/final --task arith --loss nca --alpha 0.1
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +28,7 @@ from ..logging import TRACKERS, console
 from ..logps import response_logps
 from ..losses import get_loss, mean_over_examples, parse_loss_spec, preference_loss
 from ..optim import optimizer_step
-from ..options import choice, choice_list
+from ..options import ConfigError, choice, choice_list
 from ..rollout.engine import ENGINES
 from ..rollout.score import UpdateBatch, pack_rows
 from .common import (
@@ -37,6 +41,10 @@ from .common import (
 )
 from .rl import finish_loop, sample_step, start_loop
 from .run import Result, end_of_step, setup
+
+ALPHA = 0.1  # --alpha's default; the rule its value must pass (options.check_config reads it beside the field)
+ALPHA_RULE = (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+              "a finite number >= 0")  # fmt: skip
 
 
 @dataclass
@@ -59,10 +67,12 @@ class Config:
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
     reward_timeout_s: float = 10.0  # reward calls running longer are cut off and counted
     positive_threshold: float = 1.0  # a response is a positive when its reward is at least this
-    loss: str = "mio"  # pair loss (mio, dpo, ... or a weighted mix) or a group loss (group_js, group_dv, ...)
+    loss: str = "mio"  # pair loss (mio, dpo, ... or a weighted mix) or a group loss (group_js, ...; nca, infonca)
     beta: float = 0.1  # critic temperature
     neg_mix: float = 0.5  # weight of the chosen response in the negative mixture (mio, dv, js, nwj)
     label_smoothing: float = 0.1  # robust DPO flip rate
+    alpha: float = field(default=ALPHA, metadata={"rule": ALPHA_RULE})  # nca, infonca: the temperature of the
+    # reward targets softmax(reward / alpha) over the group (0: equal weight on its best responses)
     k: int = 8  # samples per prompt
     pairs_per_prompt: int = 2  # (correct, incorrect) pairs drawn per prompt for pair losses
     prompts_per_step: int = 16  # prompts per step
@@ -135,7 +145,10 @@ def contrastive_loss(policy, ref_model, sb, usable, outcomes, terms, *, cfg: Con
         lp = seq_logps(policy, batch, cfg.bf16).view(len(usable), cfg.k)
         with torch.no_grad():
             ref = seq_logps(ref_model, batch, cfg.bf16).view(len(usable), cfg.k)
-        return preference_loss(terms, lp, ref, positive[usable], beta=cfg.beta, options=options, mask=scored[usable])
+        rewards = sb.rewards.view(-1, cfg.k)[usable]  # (U, K) scalar rewards, NaN unscored: nca, infonca read them
+        return preference_loss(
+            terms, lp, ref, positive[usable], beta=cfg.beta, options=options, mask=scored[usable], rewards=rewards
+        )
     pairs = []
     for p in usable:
         good = [p * cfg.k + j for j in range(cfg.k) if positive[p, j]]
@@ -160,18 +173,28 @@ def contrastive_loss(policy, ref_model, sb, usable, outcomes, terms, *, cfg: Con
     return per_ex, {**metrics, "logps/chosen": lp[:n].detach(), "logps/rejected": lp[n:].detach()}
 
 
-def usable_groups(outcomes) -> tuple[list[int], dict]:
-    """The groups with both a positive and a negative, and the step's counts (all correct, all wrong, used,
-    unscorable responses)."""
+def usable_groups(outcomes, rewards: torch.Tensor | None = None) -> tuple[list[int], dict]:
+    """The groups a loss learns from, and the step's counts. Binary losses: the groups with both a positive and a
+    negative (counts: all correct, all wrong, used, unscorable responses). Reward-weighted losses (rewards (P, K)
+    given): the groups whose scored rewards are not all equal (counts: all equal, used, unscorable). Equal
+    rewards would give uniform targets, which hold no reward information: infonca's loss then only pulls the
+    group's T toward one another, nca's pulls each T toward 0 (the reference); such groups are skipped, as the
+    binary losses skip all-correct and all-wrong ones and GRPO gives them zero advantage."""
     scored, positive, negative = outcomes
-    n_pos, n_neg = positive.sum(1), negative.sum(1)
-    usable = [p for p in range(positive.shape[0]) if int(n_pos[p]) > 0 and int(n_neg[p]) > 0]
-    return usable, {
-        "all_correct": int(((n_pos > 0) & (n_neg == 0)).sum()),
-        "all_wrong": int(((n_pos == 0) & (n_neg > 0)).sum()),
-        "used": len(usable),
-        "unscorable": int((~scored).sum()),
-    }
+    if rewards is None:
+        n_pos, n_neg = positive.sum(1), negative.sum(1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        counts = {
+            "all_correct": int(((n_pos > 0) & (n_neg == 0)).sum()),
+            "all_wrong": int(((n_pos == 0) & (n_neg > 0)).sum()),
+        }
+    else:
+        high = rewards.masked_fill(~scored, float("-inf")).max(1).values
+        low = rewards.masked_fill(~scored, float("inf")).min(1).values
+        ok = high > low  # at least two scored responses, not all alike
+        counts = {"all_equal": int((scored.any(1) & ~ok).sum())}
+    usable = [p for p in range(scored.shape[0]) if bool(ok[p])]
+    return usable, {**counts, "used": len(usable), "unscorable": int((~scored).sum())}
 
 
 def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
@@ -179,6 +202,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- setup -------------------------------------------------------------------------------------
     terms = parse_loss_spec(cfg.loss)
     group = get_loss(terms[0][0]).kind == "group"
+    weighted = any(get_loss(n).reads_rewards for n, _ in terms)  # nca, infonca: groups by their scalar rewards
+    if cfg.alpha != ALPHA and not weighted:
+        raise ConfigError(f"--alpha {cfg.alpha!r} has no effect: it needs a reward-weighted --loss (nca, infonca)")
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=bool(cfg.eval_every or cfg.eval_every_s))
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
@@ -187,7 +213,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     task, data, reward_set, test = load_prompts(policy, data, **options, recipe="online", env=env)
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype)
-    options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing}
+    options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing, "alpha": cfg.alpha}
 
     # ---- derived values: the schedule, the run ------------------------------------------------------------
     name = f"online {cfg.loss}"
@@ -207,7 +233,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     run, engine = loop.run, loop.engine
     sampling = dict(prompts_per_step=cfg.prompts_per_step, seed=cfg.seed, group_size=cfg.k,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)  # fmt: skip
-    counts = {"all_correct": 0, "all_wrong": 0, "used": 0, "unscorable": 0}
+    skipped = ("all_equal",) if weighted else ("all_correct", "all_wrong")  # the groups' counts, run-long
+    counts = dict.fromkeys((*skipped, "used", "unscorable"), 0)
 
     # ---- training loop -----------------------------------------------------------------------------
     for step in range(run.start, cfg.steps):
@@ -215,16 +242,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         # -- rollout and score: K samples per prompt of this rank's share of the global batch
         sb, mine = sample_step(loop, policy, data, reward_set, step, log_completions=cfg.log_completions,
                                rollout=env and env.rollout, **sampling)  # fmt: skip
-        # -- outcomes: groups with both a positive and a negative are usable; the others are counted
+        # -- outcomes: groups with both a positive and a negative (reward-weighted: unequal rewards) are usable;
+        # the others are counted
         outcomes = group_outcomes(sb.rewards, cfg.k, cfg.positive_threshold)
-        usable, step_counts = usable_groups(outcomes)
+        usable, step_counts = usable_groups(outcomes, sb.rewards.view(-1, cfg.k) if weighted else None)
         for k, v in step_counts.items():
             counts[k] += v
         row = {
             **{k: dist.all_mean(v) for k, v in sb.metrics.items()},
             "time/generation_s": sb.gen_s,
             "time/scoring_s": sb.score_s,
-            **{f"groups/{k}": step_counts[k] for k in ("all_correct", "all_wrong", "used")},
+            **{f"groups/{k}": step_counts[k] for k in (*skipped, "used")},
         }
         # -- update: every rank steps when any rank has a usable group (a rank without one adds zero gradient)
         n_examples = dist.all_sum(len(usable) * (1 if group else cfg.pairs_per_prompt))
@@ -259,9 +287,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
             break
 
     # ---- evaluate and save -------------------------------------------------------------------------
-    console.print(
-        f"groups skipped: {counts['all_correct']} all correct, {counts['all_wrong']} all wrong; {counts['used']} used"
-    )
+    said = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in skipped)
+    console.print(f"groups skipped: {said}; {counts['used']} used")
     policy, summary = finish_loop(loop, cfg, policy, task, test, data, after=f"after {name}")
     summary.update({"groups": counts, "reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)
