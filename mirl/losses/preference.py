@@ -3,7 +3,8 @@
 Notation (docs/algorithms.md §1): delta = logp_policy - logp_ref, T = beta * delta, margin h = T_w - T_l.
 
     dpo     sp(-h)                                   = -log sigma(h)          (Rafailov et al. 2023)
-    mio     sp(-T_w) + 1/2 sp(T_w) + 1/2 sp(T_l)     = -I_JS, Q = {w: 1/2, l: 1/2}  (Lv et al. 2025)
+    mio     sp(-T_w) + 1/2 sp(T_w) + 1/2 sp(T_l)     = -I_JS, Q = {w: 1/2, l: 1/2}  (Lv et al. 2025);
+            term for term NCA's pairwise loss (Chen et al. 2024; TRL's nca_pair)
             neg_mix=lambda: sp(-T_w) + lambda sp(T_w) + (1 - lambda) sp(T_l)
     ipo     (delta_w - delta_l - 1/(2 beta))^2       (Azar et al. 2023; per-token deltas by default,
                                                        as TRL and the IPO authors do)
@@ -56,7 +57,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 def mio_loss(
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta, neg_mix: float = 0.5
 ):
-    """MIO: sp(-T_w) + neg_mix * sp(T_w) + (1 - neg_mix) * sp(T_l), the negative Jensen-Shannon MI bound."""
+    """MIO: sp(-T_w) + neg_mix * sp(T_w) + (1 - neg_mix) * sp(T_l), the negative Jensen-Shannon MI bound.
+
+    At neg_mix = 1/2 this is, term for term, the pairwise loss of Noise Contrastive Alignment (Chen et al. 2024,
+    "Noise Contrastive Alignment of Language Models with Explicit Rewards", arXiv 2402.05369; TRL's
+    loss_type="nca_pair"): -log sigma(T_w) - 1/2 log sigma(-T_w) - 1/2 log sigma(-T_l). NCA made the same
+    claim, that the chosen likelihood does not fall as under DPO, in 2024. Its group form with scalar rewards is
+    the loss `nca` (losses/nca.py)."""
     if not 0.0 <= neg_mix <= 1.0:
         raise ValueError(f"neg_mix must lie in [0, 1], got {neg_mix}")
     tw, tl = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
