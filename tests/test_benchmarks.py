@@ -393,9 +393,10 @@ def test_eval_benchmark_is_the_held_out_set_during_training_with_its_standard_er
     assert res.summary["eval"]["n"] == 2 and "accuracy_se" in res.summary["eval"]
 
 
-def test_eval_benchmark_in_grpo_and_dpo(tmp_path):
-    """The RL loop (start_loop, finish_loop) and the preference recipe evaluate the benchmark before and after."""
-    from mirl.recipes import grpo, preference
+def test_eval_benchmark_in_grpo_online_and_dpo(tmp_path):
+    """The RL loop (start_loop, finish_loop: grpo and online) and the preference recipe evaluate the benchmark
+    before and after."""
+    from mirl.recipes import grpo, online, preference
 
     copy = local_copy(tmp_path, "aime25")
     g = grpo.train(grpo.Config(task="arith:1", steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4,
@@ -403,6 +404,10 @@ def test_eval_benchmark_in_grpo_and_dpo(tmp_path):
                                out_dir=str(tmp_path / "g")))  # fmt: skip
     assert [e["step"] for e in g.summary["evals"]] == [0, 1]
     assert all("accuracy_se" in e for e in g.summary["evals"])
+    o = online.train(online.Config(task="arith:1", steps=1, prompts_per_step=2, k=2, max_new_tokens=4, eval_n=2,
+                                   eval_benchmark=f"aime25:{copy}", threads=1, report=False,
+                                   out_dir=str(tmp_path / "o")))  # fmt: skip
+    assert [e["step"] for e in o.summary["evals"]] == [0, 1] and all("accuracy_se" in e for e in o.summary["evals"])
     pairs = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a)} for a in range(8)]
     d = preference.train(preference.Config(task="", steps=1, batch_size=4, eval_n=1, eval_benchmark=f"aime25:{copy}",
                                            max_new_tokens=4, threads=1, report=False, out_dir=str(tmp_path / "d")),

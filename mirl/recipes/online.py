@@ -39,6 +39,7 @@ from .common import (
     policy_options,
     prompt_options,
 )
+from .held_out import held_out_set
 from .rl import finish_loop, sample_step, start_loop
 from .run import Result, end_of_step, setup
 
@@ -96,6 +97,7 @@ class Config:
     resume: bool = False  # continue from out_dir/checkpoint
     stop_at_step: int = 0  # end the run after this step as if interrupted (0 = run to the end)
     eval_n: int = 200  # held-out prompts evaluated before and after (0 = skip)
+    eval_benchmark: str = ""  # held-out set: a benchmark (gsm8k, math500, aime24, aime25, amc23) instead of the task
     eval_every: int = 0  # also evaluate every N steps
     row_seeded_sampling: bool = False  # sampling noise per row from (seed, step, prompt, sample): rank-layout free
     eval_every_s: float = 0.0  # also evaluate every N seconds of training (evaluations excluded; 0 = off)
@@ -211,6 +213,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
     options = {**prompt_options(cfg), "reward": "env" if env and cfg.reward == "task" else cfg.reward}
     task, data, reward_set, test = load_prompts(policy, data, **options, recipe="online", env=env)
+    eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
+                                   max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     world = dist.world_size()
     ref_model = frozen_reference(policy, cfg.dtype)
     options = {"neg_mix": cfg.neg_mix, "label_smoothing": cfg.label_smoothing, "alpha": cfg.alpha}
@@ -220,7 +224,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     loop = start_loop(
         cfg,
         policy,
-        task,
+        eval_task,
         test,
         desc=name,
         show=("reward/mean",),
@@ -289,6 +293,6 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     # ---- evaluate and save -------------------------------------------------------------------------
     said = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in skipped)
     console.print(f"groups skipped: {said}; {counts['used']} used")
-    policy, summary = finish_loop(loop, cfg, policy, task, test, data, after=f"after {name}")
+    policy, summary = finish_loop(loop, cfg, policy, eval_task, test, data, after=f"after {name}")
     summary.update({"groups": counts, "reward_faults": reward_set.faults, "env_faults": env and env.faults})
     return Result(policy, run.history, summary)
