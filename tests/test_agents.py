@@ -223,6 +223,25 @@ def test_episode_run_killed_with_sigkill_resumes_identically(tmp_path, weak):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
 
 
+def test_zoom_scene_shows_where_and_the_crop_shows_which():
+    """The scene has the detail of 16x16 (every 2x2 block one value: the mean of the source's 4x4 block), so the
+    digit is a 2x2 smudge; the crop is the source's quadrant pixel for pixel, the 8x8 digit on the 8-grid."""
+    import numpy as np
+
+    from mirl.envs.zoom import QUADRANTS, ZoomEnv, source_image
+
+    env = ZoomEnv()
+    for e in env.examples("test", 20, 0):
+        src = source_image(e).astype(np.float64)
+        scene = np.asarray(e["images"][0])[:, :, 0].astype(np.float64)
+        assert scene.shape == (32, 32) and e["at"][0] % 8 == 0 and e["at"][1] % 8 == 0
+        assert np.array_equal(scene, np.round(src.reshape(16, 4, 16, 4).mean((1, 3))).repeat(2, 0).repeat(2, 1))
+        env.reset(e)
+        oy, ox = QUADRANTS[e["quadrant"]]
+        crop = np.asarray(env.zoom(e["quadrant"])["images"][0])[:, :, 0]
+        assert np.array_equal(crop, src[oy : oy + 32, ox : ox + 32])
+
+
 def test_zoom_demonstrations_are_what_an_episode_holds():
     """ZoomEnv.demonstrations: per training scene a call record (the opening with the scene -> '<zoom>Q</zoom>')
     and an answer record (that + '<result><image></result>', the scene and the crop -> the digit). On the tiny VLM

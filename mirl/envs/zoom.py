@@ -4,17 +4,13 @@ VLMs alike).
 
 The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans, the held-out split drawing
 only from every fifth scan as the `digits` task does) drawn at 8x8 pixels in one of the four 32x32 quadrants, on
-a grid of 8 (16 places in a quadrant), and faint noise. The model sees it at 32x32, where the digit is 4x4
-pixels; `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full resolution, 32x32, where the
-digit is 8x8 again and fills one of the tiny VLM's 8x8 patches. The reward is 1 when the final answer's last
-number is the digit. (With the digit at any offset the tiny VLM did not learn to read the crop in 1500 SFT
-steps; on the grid it does, docs/agents.md.)
-
-    <image>digit?                      the opening (the scene at 32x32)
-    <zoom>tr</zoom>                    a call
-    <result><image></result>           its result: the quadrant as an image
-    7                                  the answer
-"""
+a grid of 8 (16 places in a quadrant), and faint noise. The model sees it as a 32x32 image with the detail of
+16x16 (each 4x4 block of the source averaged, then doubled): the digit is a 2x2 smudge, which shows where it is
+but not which digit; `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full resolution,
+32x32, where the digit is 8x8 again and fills one of the tiny VLM's 8x8 patches. The reward is 1 when the final
+answer's last number is the digit. (Measured, docs/agents.md: with the digit at any offset the tiny VLM did not
+learn to read the crop in 1500 SFT steps; with the scene at 2x2 blocks instead of 4x4 a model taught to answer
+from the scene alone read 90% of the digits, so the tool was not needed.)"""
 
 from __future__ import annotations
 
@@ -65,10 +61,11 @@ def _rgb(array):
 
 
 def scene_image(example: dict):
-    """What the model sees: the source at 32x32 (each 2x2 block averaged: the digit is 4x4 pixels)."""
+    """What the model sees: 32x32 pixels with the detail of 16x16 (each 4x4 block of the source averaged, each
+    average drawn as a 2x2 block): the digit is a 2x2 smudge."""
     a = source_image(example).astype("float32")
-    small = a.reshape(32, 2, 32, 2).mean((1, 3))
-    return _rgb(small.round().astype("uint8"))
+    small = a.reshape(16, 4, 16, 4).mean((1, 3)).round()
+    return _rgb(small.repeat(2, 0).repeat(2, 1).astype("uint8"))
 
 
 class ZoomEnv:
