@@ -127,7 +127,8 @@ def evaluate(
         if k > 1 or n_samples:
             raise ConfigError("--k > 1 and --n-samples are not supported with --env yet: evaluate greedy episodes")
         r = task.evaluate_policy(policy, examples, max_new_tokens=max_new_tokens)
-        return EvalResult(r["accuracy"], None, 1, len(examples), r["samples"], r["mean_score"], r["details"])
+        acc, acc_se = mean_and_se([float(v > 0) for v in r["rewards"]])
+        return EvalResult(acc, None, 1, len(examples), r["samples"], r["mean_score"], r["details"], accuracy_se=acc_se)
     prompts = [e["prompt"] for e in examples]
     images = [e.get("images") for e in examples] if any(e.get("images") for e in examples) else None
     success = getattr(task, "success_threshold", 1.0)

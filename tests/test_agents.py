@@ -125,6 +125,8 @@ def test_eval_env_reports_episodes(weak, capsys):
     assert main(["eval", "--model", model, "--env", env, "--n", "6", "--max-new-tokens", "12", "--threads", "1"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["n"] == 6 and row["episode_turns"] > 1.5 and row["episode_faults"] == 0.0
+    p = row["accuracy"]  # the success rate's standard error: sample std (n - 1) over sqrt(n) of 0/1 successes
+    assert row["accuracy_se"] == pytest.approx((p * (1 - p) * 6 / 5) ** 0.5 / 6**0.5)
 
 
 def test_environment_faults_are_counted_and_the_run_goes_on(tmp_path, weak):

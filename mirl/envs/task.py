@@ -115,8 +115,8 @@ class EnvTask:
 
     def evaluate_policy(self, policy, examples: list[dict], *, max_new_tokens: int) -> dict:
         """Greedy episodes on held-out examples -> {accuracy: the share of episodes with a positive reward,
-        mean_score: the mean reward, samples: the first (prompt, transcript, reward), details: turns, tool calls
-        and faults per episode} (mirl.eval.evaluate makes it an EvalResult)."""
+        mean_score: the mean reward, rewards: each episode's (a fault's 0), samples: the first (prompt, transcript,
+        reward), details: turns, tool calls and faults per episode} (mirl.eval.evaluate makes it an EvalResult)."""
         from ..rewards import RewardSet, parse_reward_spec
 
         rewards = RewardSet(parse_reward_spec("env", None), timeout_s=self.timeout_s)
@@ -126,6 +126,7 @@ class EnvTask:
         return {
             "accuracy": sum(v > 0 for v in values) / max(1, len(values)),
             "mean_score": sum(values) / max(1, len(values)),
+            "rewards": values,
             "samples": [(e["prompt"], t, v) for e, t, v in list(zip(examples, scored.batch.texts, values))[:8]],
             "details": {k.replace("episodes/", "episode_"): v for k, v in m.items() if k.startswith("episodes/")},
         }
