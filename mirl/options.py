@@ -125,6 +125,7 @@ RULES = {
             "rft_seeds",
             "lora_alpha",
             "log_every",
+            "video_max_frames",
         )
     },
     **{
@@ -138,6 +139,7 @@ RULES = {
             "top_k",
             "max_refills",
             "noise_anneal_steps",
+            "video_max_pixels",
             "max_episode_tokens",
             "lora_r",
             "probe_every",
@@ -189,6 +191,7 @@ RULES = {
     "entropy_coef_max": _float_in(0.0),
     "top_entropy_quantile": _float_in(0.0, 1.0, lo_open=True),
     "log_completions": NON_NEGATIVE,
+    "video_fps": _float_in(0.0, lo_open=True),
 }
 
 
@@ -305,6 +308,11 @@ NEEDS = [
     (("split",), lambda c: bool(_get(c, "data", "")), "--data (a datasets folder or hub dataset with splits)"),
     (("data_config", "revision"), lambda c: bool(_get(c, "data", "")), "--data (a hub dataset)"),
     (("question_column", "answer_column"), lambda c: bool(_get(c, "data", "")), "--data"),
+    (
+        ("video_fps", "video_max_frames", "video_max_pixels"),
+        lambda c: bool(_get(c, "data", "")),
+        "--data (rows with a video column; a built-in task renders its own frames)",
+    ),
     (("eval_benchmark",), lambda c: _get(c, "eval_n", 0) > 0, "--eval-n > 0 (how many of the benchmark's items)"),
 ]
 # options that act only without --data, per recipe: pairs or examples made from --task

@@ -1326,3 +1326,50 @@ NCA_CASES = [
 @pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in NCA_CASES], ids=[c[0] for c in NCA_CASES])
 def test_reward_weighted_loss_options_get_a_clear_error(tmp_path, capsys, argv, files, rc, words):
     test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words)
+
+
+# ---- video (data/video.py) ------------------------------------------------------------------------------------
+VIDEO_ROW = {"prompt": "<video>which way:", "completion": "left"}
+VIDEO_CASES = [
+    (
+        "video-file-missing",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/v.jsonl"],
+        {"v.jsonl": jsonl([{**VIDEO_ROW, "video": "gone.mp4"}])},
+        2,
+        ["v.jsonl:1 field 'video': video file {d}/gone.mp4 does not exist"],
+    ),
+    (
+        "video-file-corrupt",
+        [*GRPO, "--task", "", "--reward", "exact", "--model", "vlm-nano", "--data", "{d}/v.jsonl"],
+        {"v.jsonl": jsonl([{**VIDEO_ROW, "answer": "left", "video": "bad.mp4"}]), "bad.mp4": b"\x00 not a video" * 9},
+        2,
+        ["v.jsonl:1 field 'video': unreadable video {d}/bad.mp4 (InvalidDataError"],
+    ),
+    (
+        "video-no-frames",
+        [*SFT, "--model", "vlm-nano", "--data", "{d}/v.jsonl"],
+        {"v.jsonl": jsonl([{**VIDEO_ROW, "video": []}])},
+        2,
+        ["v.jsonl:1 field 'video': the video has no frames"],
+    ),
+    (
+        "video-on-a-text-model",
+        [*SFT, "--data", "{d}/v.jsonl"],
+        {"v.jsonl": jsonl([{**VIDEO_ROW, "video": [[[[0, 0, 0]]]]}])},
+        2,
+        ["v.jsonl:1: the row has 1 image(s) but the model is text-only"],
+    ),
+    (
+        "video-options-without-data",
+        [*GRPO, "--task", "motion", "--video-max-pixels", "1024"],
+        {},
+        2,
+        ["--video-max-pixels 1024 has no effect: it needs --data"],
+    ),
+    ("video-fps-zero", [*SFT, "--video-fps", "0"], {}, 2, ["--video-fps 0.0: must be a finite number > 0"]),
+]
+
+
+@pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in VIDEO_CASES], ids=[c[0] for c in VIDEO_CASES])
+def test_bad_video_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words):
+    test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words)

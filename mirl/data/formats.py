@@ -10,6 +10,9 @@ Images (TRL's columns): "images" (a list) or "image" (one), each a path (relativ
 folder), {"bytes", "path"} (datasets' Image feature) or a PIL image; chat messages may hold image parts
 ({"type": "image"}), which become the '<image>' placeholder. Every image is opened when the rows are read:
 a missing or unreadable file is an error naming the row.
+Video: a "video" column (a file path, a list of frame images or a frames array; data/video.py, whose VideoOptions the
+record functions take as `video`) becomes a Video at the end of the row's "images" list, for the prompt's '<video>'
+placeholder; it is decoded when the rows are read, and a bad one is an error naming the row.
 """
 
 from __future__ import annotations
@@ -259,22 +262,29 @@ def _split_implicit(chosen, rejected, tokenizer, where):
     raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both be message lists")
 
 
-def row_images(row: Row) -> dict:
-    """{'images': [PIL images], 'image_base'} of a row with an 'images' or 'image' column, else {}."""
+def row_images(row: Row, video=None) -> dict:
+    """{'images': [PIL images, then the Video of a 'video' column], 'image_base'} of a row with an 'images' or
+    'image' or 'video' column, else {}. video: the VideoOptions that choose the frames (None: the defaults)."""
     from ..models.vision import load_image
 
     d = row.data
     raw = d.get("images")
     if raw is None and d.get("image") is not None:
         raw = [d["image"]]
-    if raw is None:
+    if raw is None and d.get("video") is None:
         return {}
+    if raw is None:
+        raw = []
     if not isinstance(raw, (list, tuple)):
         raw = [raw]
     images = []
     for i, x in enumerate(raw):
         where = f"{row.where} field 'images'[{i}]"
         images.append(load_image(decode_image_string(x, where), where, row.base))
+    if d.get("video") is not None:
+        from .video import VideoOptions, read_video
+
+        images.append(read_video(d["video"], f"{row.where} field 'video'", row.base, video or VideoOptions()))
     return {"images": images, "image_base": row.base}
 
 
@@ -311,9 +321,9 @@ def decode_image_string(x, where: str):
     return x
 
 
-def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = None) -> list[dict]:
+def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = None, video=None) -> list[dict]:
     """TRL preference rows -> [{'prompt', 'chosen', 'rejected', 'where'}] of strings. A row whose chosen
-    equals its rejected response carries no preference: skipped and counted in `skips`."""
+    equals its rejected response carries no preference: skipped and counted in `skips`. video: VideoOptions."""
     out = []
     for row in rows:
         _require(row, "chosen", "rejected")
@@ -328,7 +338,8 @@ def preference_records(rows: list[Row], tokenizer, skips: SkipCounter | None = N
             if skips is not None:
                 skips.add("chosen equals rejected", row.where)
             continue
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where, **row_images(row)})
+        rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "where": row.where}
+        out.append({**rec, **row_images(row, video)})
     return out
 
 
@@ -345,8 +356,9 @@ def _number(x, where: str, field_name: str) -> float:
     return v
 
 
-def completion_records(rows: list[Row], tokenizer) -> list[dict]:
-    """SFT rows (prompt/completion, or messages ending in an assistant turn) -> [{'prompt', 'completion'}]."""
+def completion_records(rows: list[Row], tokenizer, video=None) -> list[dict]:
+    """SFT rows (prompt/completion, or messages ending in an assistant turn) -> [{'prompt', 'completion'}].
+    video: VideoOptions."""
     out = []
     for row in rows:
         d = row.data
@@ -364,12 +376,13 @@ def completion_records(rows: list[Row], tokenizer) -> list[dict]:
             _require(row, "prompt", "completion")
             prompt = _prompt_text(d["prompt"], tokenizer, row.where)
             completion = _completion_text(d["completion"], row.where, "completion")
-        out.append({"prompt": prompt, "completion": completion, "where": row.where, **row_images(row)})
+        out.append({"prompt": prompt, "completion": completion, "where": row.where, **row_images(row, video)})
     return out
 
 
-def prompt_records(rows: list[Row], tokenizer) -> list[dict]:
-    """RL prompt rows: {'prompt': str | messages, ...other columns kept for the rewards (e.g. 'answer')}."""
+def prompt_records(rows: list[Row], tokenizer, video=None) -> list[dict]:
+    """RL prompt rows: {'prompt': str | messages, ...other columns kept for the rewards (e.g. 'answer')}.
+    video: VideoOptions."""
     out = []
     for row in rows:
         _require(row, "prompt")
@@ -379,6 +392,7 @@ def prompt_records(rows: list[Row], tokenizer) -> list[dict]:
             rec["difficulty"] = _number(rec["difficulty"], row.where, "difficulty")
         rec["where"] = row.where
         rec.pop("image", None)
-        rec.update(row_images(row))
+        rec.pop("video", None)
+        rec.update(row_images(row, video))
         out.append(rec)
     return out

@@ -24,6 +24,7 @@ import torch.nn as nn
 from .backends import Backend
 from .decode import StaticCache, decode_step
 from .tokenizer import IMAGE_PLACEHOLDER, eos_token_ids
+from .vision import VIDEO_PLACEHOLDER
 
 
 class PolicyOutput(NamedTuple):
@@ -78,7 +79,8 @@ class Policy(nn.Module):
 
     def encode_prompt(self, text: str, images=None, where: str = "prompt", base: str = ""):
         """Prompt text (+ images: paths, bytes or PIL images) -> (token ids with BOS, image inputs or None).
-        Each image placeholder '<image>' becomes the model's image tokens; bad images raise DataError."""
+        Each image placeholder '<image>' becomes the model's image tokens, each '<video>' a video's (an item of
+        `images` that is a models/vision.py Video); bad images raise DataError."""
         from ..errors import DataError
 
         images = [] if images is None else list(images)
@@ -87,6 +89,11 @@ class Policy(nn.Module):
                 raise DataError(
                     f"{where}: the prompt has {text.count(IMAGE_PLACEHOLDER)} image placeholder(s) "
                     "but the row has no images"
+                )
+            if self.is_vlm and VIDEO_PLACEHOLDER in text:
+                raise DataError(
+                    f"{where}: the prompt has {text.count(VIDEO_PLACEHOLDER)} video placeholder(s) "
+                    "but the row has no video"
                 )
             return self.tokenizer.encode(text, add_special_tokens=True), None
         if not self.is_vlm:

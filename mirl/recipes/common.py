@@ -172,11 +172,12 @@ def load_prompts(
     max_new_tokens: int = 0,
     dtype: str = "float32",
     env=None,
+    video=None,
 ):
     """The start every online recipe shares: the task, the prompt records (those too long for the model's
     context with max_new_tokens left out, counted and reported), the rewards (their columns checked against
     every row) and the held-out examples. env: an EnvTask (envs/task.py), the task in place of task_name's:
-    its own examples unless --data. -> (task, data, reward_set, test)."""
+    its own examples unless --data. video: the VideoOptions of --data's videos. -> (task, data, reward_set, test)."""
     from ..data.collate import prompts_that_fit, too_long_message
     from ..data.formats import load_rows, prompt_records
     from ..data.tasks import make_task
@@ -186,7 +187,7 @@ def load_prompts(
     task = env if env is not None else make_task(task_name, policy.tokenizer, chat) if task_name else None
     if data is None:
         if data_path:
-            data = prompt_records(load_rows(data_path, split, data_config, revision), policy.tokenizer)
+            data = prompt_records(load_rows(data_path, split, data_config, revision), policy.tokenizer, video)
         elif task is not None:
             data = task.examples("train", n_prompts, seed)
         else:
@@ -228,7 +229,15 @@ def prompt_options(cfg) -> dict:
         eval_n=cfg.eval_n,
         max_new_tokens=cfg.max_new_tokens,
         dtype=cfg.dtype,
+        video=video_options(cfg),
     )
+
+
+def video_options(cfg):
+    """The VideoOptions (data/video.py) of a recipe's --video-* options (every training recipe has them)."""
+    from ..data.video import VideoOptions
+
+    return VideoOptions(fps=cfg.video_fps, max_frames=cfg.video_max_frames, max_pixels=cfg.video_max_pixels)
 
 
 def check_fsdp(fsdp: bool, **unsupported: bool) -> None:

@@ -37,6 +37,7 @@ from .common import (
     gathered_policy,
     policy_options,
     report_skips,
+    video_options,
 )
 from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
 
@@ -86,6 +87,9 @@ class Config:
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    video_fps: float = 2.0  # --data videos: frames kept per second of a video file (data/video.py)
+    video_max_frames: int = 8  # --data videos: at most this many frames, evenly spaced over the clip
+    video_max_pixels: int = 0  # --data videos: each frame scaled down to at most this many pixels (0 = as it is)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
@@ -162,9 +166,12 @@ def task_pairs(cfg: Config, policy) -> tuple[list[dict], list[dict], list[dict] 
 def file_pairs(cfg: Config, tok, skips: SkipCounter, eval_data: list[dict] | None) -> tuple[list[dict], list[dict]]:
     """Pairs read from --data (rows that cannot be used counted in skips); held out: eval_data when given, else
     --eval-data, else the first 10% of --data. -> (training records, held-out records)."""
-    data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
+    video = video_options(cfg)
+    data = preference_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok, skips, video)
     if eval_data is None and cfg.eval_data:
-        eval_data = preference_records(load_rows(cfg.eval_data, cfg.split, cfg.data_config, cfg.revision), tok, skips)
+        eval_data = preference_records(
+            load_rows(cfg.eval_data, cfg.split, cfg.data_config, cfg.revision), tok, skips, video
+        )
     elif eval_data is None:
         cut = max(1, len(data) // 10)
         data, eval_data = data[cut:], data[:cut]

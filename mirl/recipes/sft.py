@@ -32,6 +32,7 @@ from .common import (
     gathered_policy,
     policy_options,
     report_skips,
+    video_options,
 )
 from .held_out import held_out_evaluator, held_out_set, last_evaluation
 from .run import Result, end_of_run, end_of_step, open_run, resume_state, setup
@@ -82,6 +83,9 @@ class Config:
     bf16: bool | None = None  # bf16 autocast for the training forward and backward (auto: on for a bf16 GPU)
     activation_checkpointing: bool | None = None  # recompute activations in the backward (auto: GPU, HF model > 1B)
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
+    video_fps: float = 2.0  # --data videos: frames kept per second of a video file (data/video.py)
+    video_max_frames: int = 8  # --data videos: at most this many frames, evenly spaced over the clip
+    video_max_pixels: int = 0  # --data videos: each frame scaled down to at most this many pixels (0 = as it is)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
@@ -177,7 +181,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         raise ConfigError("--eval-every and --eval-every-s have no effect with --env: sft --env evaluates nothing "
                           "(evaluate its episodes with mirl eval --env)")  # fmt: skip
     if data is None and cfg.data:
-        data = completion_records(load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision), tok)
+        rows = load_rows(cfg.data, cfg.split, cfg.data_config, cfg.revision)
+        data = completion_records(rows, tok, video_options(cfg))
     elif data is None and cfg.env:
         data = env_demonstrations(cfg.env, tok, cfg.chat, cfg.n_train, cfg.seed)
     elif data is None and task is not None:
