@@ -1357,7 +1357,7 @@ VIDEO_CASES = [
         [*SFT, "--data", "{d}/v.jsonl"],
         {"v.jsonl": jsonl([{**VIDEO_ROW, "video": [[[[0, 0, 0]]]]}])},
         2,
-        ["v.jsonl:1: the row has 1 image(s) but the model is text-only"],
+        ["v.jsonl:1: the row has 1 video(s) and 0 image(s) but the model is text-only"],
     ),
     (
         "video-options-without-data",

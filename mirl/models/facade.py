@@ -24,7 +24,7 @@ import torch.nn as nn
 from .backends import Backend
 from .decode import StaticCache, decode_step
 from .tokenizer import IMAGE_PLACEHOLDER, eos_token_ids
-from .vision import VIDEO_PLACEHOLDER
+from .vision import VIDEO_PLACEHOLDER, Video
 
 
 class PolicyOutput(NamedTuple):
@@ -97,8 +97,11 @@ class Policy(nn.Module):
                 )
             return self.tokenizer.encode(text, add_special_tokens=True), None
         if not self.is_vlm:
+            n_videos = sum(isinstance(x, Video) for x in images)
+            what = f"{len(images) - n_videos} image(s)"
+            what = f"{n_videos} video(s) and {what}" if n_videos else what
             raise DataError(
-                f"{where}: the row has {len(images)} image(s) but the model is text-only "
+                f"{where}: the row has {what} but the model is text-only "
                 "(use a VLM: --model vlm-nano or a transformers image-text model folder)"
             )
         from .vision import load_image
