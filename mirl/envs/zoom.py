@@ -2,15 +2,14 @@
 returns the zoomed region as an image in its reply (images in tool results, for the tiny VLM and transformers
 VLMs alike).
 
-The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans, the held-out split drawing
-only from every fifth scan as the `digits` task does) drawn at 8x8 pixels in one of the four 32x32 quadrants, on
-a grid of 8 (16 places in a quadrant), and faint noise. The model sees it as a 32x32 image with the detail of
-16x16 (each 4x4 block of the source averaged, then doubled): the digit is a 2x2 smudge, which shows where it is
-but not which digit; `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full resolution,
-32x32, where the digit is 8x8 again and fills one of the tiny VLM's 8x8 patches. The reward is 1 when the final
-answer's last number is the digit. (Measured, docs/agents.md: with the digit at any offset the tiny VLM did not
-learn to read the crop in 1500 SFT steps; with the scene at 2x2 blocks instead of 4x4 a model taught to answer
-from the scene alone read 90% of the digits, so the tool was not needed.)"""
+The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans drawn at 16x16, the held-out
+split drawing only from every fifth scan as the `digits` task does) in one of the four 32x32 quadrants, on a grid
+of 8 (9 places in a quadrant), and faint noise. The model sees it as a 32x32 image with the detail of 8x8 (each
+8x8 block of the source averaged, drawn as a 4x4 block): the digit is a smudge of 2x2 blocks, which shows where
+it is but not which digit. `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full
+resolution, 32x32, where the digit is 16x16 on the tiny VLM's 8x8 patches (as in the `digits` task). The reward
+is 1 when the final answer's last number is the digit. (Measured, docs/agents.md: with the scene at 4x4 blocks of
+detail, a model taught to answer from the scene alone read 90% of the digits, so the tool was not needed.)"""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ def zoom_problem(rng: random.Random, split: str = "train") -> dict:
     pool = _digit_pool(split)
     scan = pool[rng.randrange(len(pool))]
     quadrant = rng.choice(sorted(QUADRANTS))
-    y, x = 8 * rng.randrange(4), 8 * rng.randrange(4)
+    y, x = 8 * rng.randrange(3), 8 * rng.randrange(3)
     label = int(_digits()[1][scan])
     key = f"{scan}/{quadrant}/{y}/{x}"  # (split.py hashes it: train and test scenes are disjoint)
     return {"prompt": "<image>digit?", "answer": str(label), "scan": scan, "quadrant": quadrant, "at": [y, x],
@@ -46,10 +45,10 @@ def source_image(example: dict):
 
     rng = np.random.default_rng(example["noise"])
     canvas = rng.integers(0, 40, size=(64, 64)).astype(np.float32)
-    digit = _digits()[0][example["scan"]] * (255.0 / 16.0)
+    digit = np.kron(_digits()[0][example["scan"]] * (255.0 / 16.0), np.ones((2, 2)))  # 16x16
     oy, ox = QUADRANTS[example["quadrant"]]
     y, x = example["at"]
-    where = (slice(oy + y, oy + y + 8), slice(ox + x, ox + x + 8))
+    where = (slice(oy + y, oy + y + 16), slice(ox + x, ox + x + 16))
     canvas[where] = np.maximum(canvas[where], digit)
     return canvas.clip(0, 255).astype(np.uint8)
 
@@ -61,11 +60,11 @@ def _rgb(array):
 
 
 def scene_image(example: dict):
-    """What the model sees: 32x32 pixels with the detail of 16x16 (each 4x4 block of the source averaged, each
-    average drawn as a 2x2 block): the digit is a 2x2 smudge."""
+    """What the model sees: 32x32 pixels with the detail of 8x8 (each 8x8 block of the source averaged, each
+    average drawn as a 4x4 block): the digit is a smudge of 2x2 blocks."""
     a = source_image(example).astype("float32")
-    small = a.reshape(16, 4, 16, 4).mean((1, 3)).round()
-    return _rgb(small.repeat(2, 0).repeat(2, 1).astype("uint8"))
+    small = a.reshape(8, 8, 8, 8).mean((1, 3)).round()
+    return _rgb(small.repeat(4, 0).repeat(4, 1).astype("uint8"))
 
 
 class ZoomEnv:
