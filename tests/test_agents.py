@@ -226,23 +226,25 @@ def test_episode_run_killed_with_sigkill_resumes_identically(tmp_path, weak):
 
 
 def test_zoom_scene_shows_where_and_the_crop_shows_which():
-    """The scene has the detail of 8x8 (every 4x4 block one value: the mean of the source's 8x8 block), so the
-    16x16 digit is a smudge of 2x2 blocks; the crop is the source's quadrant pixel for pixel, the digit on the
-    8-grid."""
+    """The scene has the detail of 4x4 (every 8x8 block one value: the mean of the source's 16x16 block), and the
+    16x16 digit fills one such block with the same ink whichever digit it is: its block reads 40 (INK) + 6 (the
+    noise's mean) for every digit, to within the noise. The crop is the source's quadrant pixel for pixel."""
     import numpy as np
 
     from mirl.envs.zoom import QUADRANTS, ZoomEnv, source_image
 
-    env = ZoomEnv()
-    for e in env.examples("test", 20, 0):
+    env, block = ZoomEnv(), {}
+    for e in env.examples("test", 60, 0):
         src = source_image(e).astype(np.float64)
         scene = np.asarray(e["images"][0])[:, :, 0].astype(np.float64)
-        assert scene.shape == (32, 32) and set(e["at"]) <= {0, 8, 16}
-        assert np.array_equal(scene, np.round(src.reshape(8, 8, 8, 8).mean((1, 3))).repeat(4, 0).repeat(4, 1))
-        env.reset(e)
+        assert scene.shape == (32, 32) and set(e["at"]) <= {0, 16} and src.max() < 255  # nothing clipped
+        assert np.array_equal(scene, np.round(src.reshape(4, 16, 4, 16).mean((1, 3))).repeat(8, 0).repeat(8, 1))
         oy, ox = QUADRANTS[e["quadrant"]]
+        block.setdefault(e["answer"], []).append(scene[(oy + e["at"][0]) // 2, (ox + e["at"][1]) // 2])
+        env.reset(e)
         crop = np.asarray(env.zoom(e["quadrant"])["images"][0])[:, :, 0]
         assert np.array_equal(crop, src[oy : oy + 32, ox : ox + 32])
+    assert len(block) >= 8 and all(abs(v - 46) <= 1 for vs in block.values() for v in vs)
 
 
 def test_zoom_demonstrations_are_what_an_episode_holds():

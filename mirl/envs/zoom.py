@@ -3,13 +3,14 @@ returns the zoomed region as an image in its reply (images in tool results, for 
 VLMs alike).
 
 The scene is a 64x64 source image: a handwritten digit (scikit-learn's 8x8 scans drawn at 16x16, the held-out
-split drawing only from every fifth scan as the `digits` task does) in one of the four 32x32 quadrants, on a grid
-of 8 (9 places in a quadrant), and faint noise. The model sees it as a 32x32 image with the detail of 8x8 (each
-8x8 block of the source averaged, drawn as a 4x4 block): the digit is a smudge of 2x2 blocks, which shows where
-it is but not which digit. `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at full
-resolution, 32x32, where the digit is 16x16 on the tiny VLM's 8x8 patches (as in the `digits` task). The reward
-is 1 when the final answer's last number is the digit. (Measured, docs/agents.md: with the scene at 4x4 blocks of
-detail, a model taught to answer from the scene alone read 90% of the digits, so the tool was not needed.)"""
+split drawing only from every fifth scan as the `digits` task does) in one of the four 32x32 quadrants, at one of
+the quadrant's four 16x16 corners, added to faint noise; every digit is drawn with the same total ink (its
+mean intensity scaled to INK). The model sees the scene as a 32x32 image with the detail of 4x4 (each 16x16 block of
+the source averaged, drawn as an 8x8 block): the digit is one block, as bright as any other digit's, which shows
+where it is but nothing of which digit. `zoom(quadrant)` ("tl", "tr", "bl", "br") answers with that quadrant at
+full resolution, 32x32, where the digit is 16x16 on 2x2 of the tiny VLM's 8x8 patches (as in the `digits` task).
+The reward is 1 when the final answer's last number is the digit. (Measured, docs/agents.md: with more detail in
+the scene, 2x2 blocks of the digit, a model taught to answer from the scene alone read 65% of the digits.)"""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .builtin import last_number
 from .tools import tool_from_function
 
 QUADRANTS = {"tl": (0, 0), "tr": (0, 32), "bl": (32, 0), "br": (32, 32)}
+INK = 40.0  # every digit's mean intensity over its 16x16 square, added to the noise (0-255; the faintest scan
+# then peaks at 221, so nothing is clipped)
 
 
 def zoom_problem(rng: random.Random, split: str = "train") -> dict:
@@ -30,7 +33,7 @@ def zoom_problem(rng: random.Random, split: str = "train") -> dict:
     pool = _digit_pool(split)
     scan = pool[rng.randrange(len(pool))]
     quadrant = rng.choice(sorted(QUADRANTS))
-    y, x = 8 * rng.randrange(3), 8 * rng.randrange(3)
+    y, x = 16 * rng.randrange(2), 16 * rng.randrange(2)
     label = int(_digits()[1][scan])
     key = f"{scan}/{quadrant}/{y}/{x}"  # (split.py hashes it: train and test scenes are disjoint)
     return {"prompt": "<image>digit?", "answer": str(label), "scan": scan, "quadrant": quadrant, "at": [y, x],
@@ -44,12 +47,13 @@ def source_image(example: dict):
     from ..data.tasks.visual import _digits
 
     rng = np.random.default_rng(example["noise"])
-    canvas = rng.integers(0, 40, size=(64, 64)).astype(np.float32)
-    digit = np.kron(_digits()[0][example["scan"]] * (255.0 / 16.0), np.ones((2, 2)))  # 16x16
+    canvas = rng.integers(0, 13, size=(64, 64)).astype(np.float32)  # faint noise, 0-12
+    digit = np.kron(_digits()[0][example["scan"]], np.ones((2, 2)))  # 16x16
+    digit = digit * (INK / digit.mean())  # the same total ink for every digit
     oy, ox = QUADRANTS[example["quadrant"]]
     y, x = example["at"]
     where = (slice(oy + y, oy + y + 16), slice(ox + x, ox + x + 16))
-    canvas[where] = np.maximum(canvas[where], digit)
+    canvas[where] += digit  # added: the digit's block has the same mean whichever digit it is
     return canvas.clip(0, 255).astype(np.uint8)
 
 
@@ -60,11 +64,11 @@ def _rgb(array):
 
 
 def scene_image(example: dict):
-    """What the model sees: 32x32 pixels with the detail of 8x8 (each 8x8 block of the source averaged, each
-    average drawn as a 4x4 block): the digit is a smudge of 2x2 blocks."""
+    """What the model sees: 32x32 pixels with the detail of 4x4 (each 16x16 block of the source averaged, each
+    average drawn as an 8x8 block): the digit is one block of the same brightness whichever digit it is."""
     a = source_image(example).astype("float32")
-    small = a.reshape(8, 8, 8, 8).mean((1, 3)).round()
-    return _rgb(small.repeat(4, 0).repeat(4, 1).astype("uint8"))
+    small = a.reshape(4, 16, 4, 16).mean((1, 3)).round()
+    return _rgb(small.repeat(8, 0).repeat(8, 1).astype("uint8"))
 
 
 class ZoomEnv:
