@@ -1373,3 +1373,15 @@ VIDEO_CASES = [
 @pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in VIDEO_CASES], ids=[c[0] for c in VIDEO_CASES])
 def test_bad_video_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words):
     test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words)
+
+
+def test_a_video_too_long_for_a_transformers_vlms_context_names_the_row(tmp_path, capsys):
+    """A tiny Qwen2-VL with a context of 24 tokens: 8 grey frames of 56x56 are 4 pairs of 2x2 merged patches, 16
+    video tokens, which with the prompt's text and vision_start/end do not fit."""
+    from conftest import build_hf_vlm
+
+    build_hf_vlm(tmp_path / "m", max_position_embeddings=24)
+    row = {**VIDEO_ROW, "video": [[[t * 30] * 56] * 56 for t in range(8)]}
+    argv = [*SFT, "--model", "{d}/m", "--data", "{d}/v.jsonl", "--max-len", "24"]
+    words = ["v.jsonl:1: the prompt with its video tokens is", "(8 frames at 56x56) but the model's context is 24"]
+    test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, {"v.jsonl": jsonl([row])}, 2, words)

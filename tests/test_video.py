@@ -240,9 +240,10 @@ def test_a_folder_saved_before_video_loads_and_refuses_video(tmp_path):
         old.encode_prompt("<video>x", [Video((_frame(), _frame()))], "row 1")
 
 
-def test_a_transformers_vlm_refuses_video_by_name(hf_vlm_dir):
-    p = load_policy(hf_vlm_dir)
-    with pytest.raises(DataError, match="row 3: the row has a video.*not supported yet"):
+def test_a_transformers_vlm_without_video_refuses_it_by_name(llava_dir):
+    """LLaVA takes images only (Qwen2-VL and Qwen2.5-VL take video: tests/test_video_hf.py)."""
+    p = load_policy(llava_dir)
+    with pytest.raises(DataError, match=r"row 3: the row has a video, and this model \(llava\) takes images only"):
         p.encode_prompt("<video>x", [Video((_frame(), _frame()))], "row 3")
 
 

@@ -161,8 +161,9 @@ class TinyBackend:
 
 
 class HFBackend:
-    """A transformers causal LM or image-text model. Qwen2-VL's 3-D M-RoPE positions are computed here: from
-    the model's own rope index at the prefill, then the mask count plus each row's rope delta."""
+    """A transformers causal LM or image-text model. Qwen2-VL's and Qwen2.5-VL's 3-D M-RoPE positions are computed
+    here: from the model's own rope index at the prefill (images, videos and their frame timing), then the mask count
+    plus each row's rope delta."""
 
     name = "hf"
     lora_targets = "all-linear"
@@ -184,14 +185,31 @@ class HFBackend:
         if cache is not None:  # decoding: text positions continue from each row's rope delta
             deltas = cache[1]
             return (pos + deltas)[None].expand(3, -1, -1), deltas
-        if images and "image_grid_thw" in images:
-            inner = base.model
-            mm = (input_ids == inner.config.image_token_id).int()
-            pos3, deltas = inner.get_rope_index(
-                input_ids, mm, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask
-            )
-            return pos3, deltas.to(pos.device)
+        if images and ("image_grid_thw" in images or "video_grid_thw" in images):
+            return self._rope_index(base.model, input_ids, attention_mask, images)
         return pos[None].expand(3, -1, -1), torch.zeros(pos.shape[0], 1, dtype=pos.dtype, device=pos.device)
+
+    @staticmethod
+    def _rope_index(inner, input_ids, attention_mask, images):
+        """The model's own M-RoPE positions (3, B, T) of a sequence with images and videos, and each row's rope
+        delta (B, 1): where text after the sequence continues, less its real length. The delta is read off one text
+        token appended to every row rather than taken from get_rope_index's own (its largest position + 1 - length):
+        transformers 5.25 (since 5.3) continues text after a video from the clip's height and width extent, not past its
+        largest time position, so the two differ when a clip's time positions run further (Qwen2.5-VL's
+        tokens_per_second spacing); the appended token's position is where the training forward, which runs the
+        same rope index over prompt + response, puts the first response token. For images the two agree."""
+        cfg = inner.config
+        mm = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()  # 1 image, 2 video
+        one = torch.ones_like(input_ids[:, :1])
+        grids = {k: images[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in images}
+        pos3, _ = inner.get_rope_index(
+            torch.cat([input_ids, one], 1),
+            torch.cat([mm, 0 * one], 1),
+            attention_mask=torch.cat([attention_mask, one.to(attention_mask.dtype)], 1),
+            **grids,
+        )
+        deltas = pos3[0, :, -1:] - attention_mask.sum(-1, keepdim=True)  # (B, 1)
+        return pos3[:, :, :-1], deltas.to(input_ids.device)
 
     def image_kwargs(self, images) -> dict:
         """The model's keyword arguments for a batch of image inputs (the processor's tensors)."""

@@ -13,13 +13,15 @@ embedding module (a LoRA adapter on it included; merging it would copy the whole
 few rows per step). A step writes one slot of the preallocated keys and values (no
 concatenation per token) and attends to the slots filled so far; a conversation's next turn (rollout/turns.py)
 writes its several new tokens at once, causal among themselves. The positions are those of the plain
-path (the mask count; plus each row's rope delta for Qwen2-VL's M-RoPE, whose three position axes are
-equal for generated text).
+path (the mask count; plus each row's rope delta for Qwen2-VL's and Qwen2.5-VL's M-RoPE, whose three position
+axes are equal for generated text: the delta, set at the prefill from the model's rope index over the prompt's
+images and videos (models/backends.py), puts the first generated token where the training forward puts it).
 Models whose attention or positions the step does not reproduce keep their own forward: a sliding window
 that bites within the generation's length, a rope whose frequencies change with the length (hf_decoder).
 tests/test_decode.py checks tokens and log-probs against the plain path for the tiny GPT, the tiny VLM with
 images, a transformers Llama, Qwen2, Qwen3 and Qwen2-VL with images, with and without LoRA (on the embedding
-too), and against transformers' forward for a windowed Mistral and the rope types.
+too), and against transformers' forward for a windowed Mistral and the rope types; tests/test_video_hf.py for
+Qwen2-VL and Qwen2.5-VL with video.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class StaticCache:
 
     keys[i], values[i]: (B, H_kv, S, D) with S = prompt length + max_new_tokens; slots [0, length) are filled.
     mask: (B, S) bool, the filled slots that hold real tokens (left padding and finished rows' steps are False).
-    deltas: (B, 1) M-RoPE rope deltas (Qwen2-VL), else None.
+    deltas: (B, 1) M-RoPE rope deltas (Qwen2-VL, Qwen2.5-VL: a row's text position less its mask count), else None.
     decoder: the weights the steps use (snapshotted at the prefill).
     """
 

@@ -126,13 +126,14 @@ class Policy(nn.Module):
 
     @property
     def never_sample(self) -> list[int]:
-        """Token ids generation must not produce: the image placeholders of a VLM."""
+        """Token ids generation must not produce: the image (and video) placeholders of a VLM."""
         if not self.is_vlm:
             return []
         tid = getattr(self.vision, "image_token_id", None)
         if tid is None:
             tid = self.vision.cfg.image_token_id
-        return [tid]
+        video = getattr(self.vision, "video_token_id", None)  # a transformers VLM's video placeholder
+        return [tid] if video is None else [tid, video]
 
     def freeze_vision(self) -> None:
         """Freeze the vision tower (the projector and the language model still train)."""

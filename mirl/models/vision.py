@@ -16,7 +16,12 @@ frames, padded to an even count by repeating the last one, each pair of frames b
 
     tiny VLM     {'pixel_values': (n, C, H, W), 'frame_index': (n,)}   -1 for a still image, t for frame t
                  <video> -> (frames / 2) x n_image_tokens x <image>
-    transformers video is not supported yet (a DataError naming the row)
+    Qwen2-VL     {'pixel_values_videos': (patches, D), 'video_grid_thw': (n, 3)}   frames padded to even, t = frames / 2
+                 <video> -> <|vision_start|> <|video_pad|> x (t*h*w / merge^2) <|vision_end|>
+    Qwen2.5-VL   the same and {'second_per_grid_ts': (n,)}: seconds per pair of frames (M-RoPE's time axis)
+    LLaVA        takes no video (a DataError naming the row)
+
+A row with images and a video has both sets of keys; a batch concatenates each key over the rows that have it.
 """
 
 from __future__ import annotations
@@ -185,37 +190,110 @@ class TinyVision:
 
 class HFVision:
     """Prompt encoding for a transformers VLM through its image processor: Qwen2-VL style (grid of merged
-    patches) or LLaVA style (a fixed number of patch tokens)."""
+    patches; images and videos) or LLaVA style (a fixed number of patch tokens; images only).
+
+    Video (Qwen2-VL, Qwen2.5-VL): transformers' video processor for these models needs torchvision, which does not
+    load beside every torch build, so mirl makes its outputs itself from the image processor, which already does
+    the per-frame part: each frame is resized (smart_resize within the processor's min/max pixels), rescaled and
+    normalised as an image, then consecutive frames are paired into temporal patches exactly as the video
+    processor's patchify lays them out (the frames padded to a multiple of temporal_patch_size by repeating the
+    last one). The only departure: the resize is PIL's bicubic, not torchvision's, and the size limits are the
+    image processor's (Qwen2-VL's and Qwen2.5-VL's releases give the video processor the same ones through their
+    one preprocessor_config.json); frames already a multiple of 28 pixels within the limits are not resized at all
+    and give the video processor's tensors exactly (tests/test_video_hf.py). Qwen2.5-VL's frame timing,
+    second_per_grid_ts = temporal_patch_size / (frames per second), comes from the Video's frame times (frames
+    without times: 2 per second, Qwen's default rate)."""
+
+    DEFAULT_FPS = 2.0  # frames per second of a clip given without frame times (qwen-vl-utils' default)
 
     def __init__(self, config, tokenizer, image_processor):
         self.config, self.tokenizer, self.processor = config, tokenizer, image_processor
         self.kind = "grid" if hasattr(image_processor, "merge_size") else "fixed"
         self.image_token_id = config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.video_token_id = getattr(config, "video_token_id", None) if self.kind == "grid" else None
+        self.video_token = None if self.video_token_id is None else tokenizer.convert_ids_to_tokens(self.video_token_id)
+        # Qwen2.5-VL spaces a clip's temporal positions by its frame timing; Qwen2-VL has no such setting
+        self.timed = getattr(getattr(config, "vision_config", None), "tokens_per_second", None) is not None
+        text_cfg = getattr(config, "text_config", config)
+        self.context = getattr(text_cfg, "max_position_embeddings", None)
 
     def encode(self, text: str, images: list, where: str):
-        """Prompt text and its images -> (token ids, the image processor's inputs); each placeholder expands to the
-        model's image tokens."""
-        if any(isinstance(x, Video) for x in images):
-            raise DataError(
-                f"{where}: the row has a video, and video through a transformers model's processor is not supported "
-                "yet (the tiny VLM takes video: --model vlm-nano)"
-            )
+        """Prompt text and its images and videos -> (token ids, the model's image and video inputs); each '<image>'
+        expands to the model's image tokens, each '<video>' to its video tokens."""
         text = _placeholders(text, images, where)
-        images = [check_image(img, f"{where} image {i}").convert("RGB") for i, img in enumerate(images)]
-        out = self.processor(images=images, return_tensors="pt")
-        parts = text.split(IMAGE_PLACEHOLDER)
-        pieces = [parts[0]]
-        for i, rest in enumerate(parts[1:]):
+        items = in_prompt_order(text, images)
+        stills = [x for x in items if not isinstance(x, Video)]
+        videos = [x for x in items if isinstance(x, Video)]
+        if videos and self.video_token is None:
+            raise DataError(
+                f"{where}: the row has a video, and this model ({getattr(self.config, 'model_type', '?')}) takes "
+                "images only: video goes through Qwen2-VL and Qwen2.5-VL, or the tiny VLM (--model vlm-nano)"
+            )
+        inputs, counts = {}, []
+        if stills:
+            stills = [check_image(img, f"{where} image {i}").convert("RGB") for i, img in enumerate(stills)]
+            out = self._process(stills, where)
             if self.kind == "grid":
-                n = int(out["image_grid_thw"][i].prod()) // self.processor.merge_size**2
-                pieces.append("<|vision_start|>" + self.image_token * n + "<|vision_end|>")
+                inputs = {k: out[k] for k in ("pixel_values", "image_grid_thw")}
+                counts = [int(g.prod()) // self.processor.merge_size**2 for g in out["image_grid_thw"]]
             else:
-                pieces.append(self.image_token * self._fixed_count(out["pixel_values"]))
-            pieces.append(rest)
+                inputs = {"pixel_values": out["pixel_values"]}
+                counts = [self._fixed_count(out["pixel_values"])] * len(stills)
+        if videos:
+            clips = [self._video(v, f"{where} video {i}") for i, v in enumerate(videos)]
+            inputs["pixel_values_videos"] = torch.cat([c[0] for c in clips])
+            inputs["video_grid_thw"] = torch.stack([c[1] for c in clips])
+            if self.timed:
+                inputs["second_per_grid_ts"] = torch.tensor([c[2] for c in clips], dtype=torch.float32)
+        image_counts = iter(counts)
+        video_counts = iter(int(g.prod()) // self.processor.merge_size**2 for g in inputs.get("video_grid_thw", []))
+        pieces = re.split(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})", text)
+        for i in range(1, len(pieces), 2):
+            if pieces[i] == VIDEO_PLACEHOLDER:
+                pieces[i] = "<|vision_start|>" + self.video_token * next(video_counts) + "<|vision_end|>"
+            elif self.kind == "grid":
+                pieces[i] = "<|vision_start|>" + self.image_token * next(image_counts) + "<|vision_end|>"
+            else:
+                pieces[i] = self.image_token * next(image_counts)
         ids = self.tokenizer.encode("".join(pieces), add_special_tokens=True)
-        keys = ("pixel_values", "image_grid_thw") if self.kind == "grid" else ("pixel_values",)
-        return ids, {k: out[k] for k in keys}
+        if videos and self.context is not None and len(ids) > self.context:
+            sizes = ", ".join(f"{len(v)} frames at {v.frames[0].size[0]}x{v.frames[0].size[1]}" for v in videos)
+            raise DataError(
+                f"{where}: the prompt with its video tokens is {len(ids)} tokens ({sizes}) but the model's context is "
+                f"{self.context}: lower --video-max-frames or --video-max-pixels"
+            )
+        return ids, inputs
+
+    def _process(self, frames: list, where: str):
+        """The image processor's outputs for PIL images; its refusals (an aspect ratio over 200) name `where`."""
+        try:
+            return self.processor(images=frames, return_tensors="pt")
+        except ValueError as e:
+            raise DataError(f"{where}: the image processor refuses it ({e})") from e
+
+    def _video(self, video: Video, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """A clip -> (pixel_values_videos (T * h * w, C * tp * p * p), video_grid_thw (3,) = (T, h, w), seconds per
+        temporal patch), as Qwen2-VL's video processor makes them (class docstring)."""
+        if not len(video):
+            raise DataError(f"{where}: the video has no frames")
+        proc = self.processor
+        tp, p = proc.temporal_patch_size, proc.patch_size
+        frames = [check_image(f, f"{where} frame {t}").convert("RGB") for t, f in enumerate(video.frames)]
+        if len({f.size for f in frames}) > 1:
+            raise DataError(f"{where}: the frames differ in size")
+        frames += frames[-1:] * (-len(frames) % tp)  # the video processor's padding to whole temporal patches
+        out = self._process(frames, where)
+        n, (_, gh, gw) = len(frames), out["image_grid_thw"][0].tolist()
+        # the image processor repeats each frame tp times within a patch (C, tp, p, p): keep one copy per frame,
+        # then put tp consecutive frames in those places, the video processor's (T, h*w, C, tp, p, p) order
+        x = out["pixel_values"].view(n, gh * gw, 3, tp, p, p)[:, :, :, 0]
+        x = x.view(n // tp, tp, gh * gw, 3, p, p).permute(0, 2, 3, 1, 4, 5)
+        grid = torch.tensor([n // tp, gh, gw], dtype=out["image_grid_thw"].dtype)
+        times = video.times
+        span = times[-1] - times[0] if times and len(times) > 1 else 0.0
+        fps = (len(times) - 1) / span if span > 0 else self.DEFAULT_FPS
+        return x.reshape(n // tp * gh * gw, -1), grid, tp / fps
 
     def _fixed_count(self, pixel_values) -> int:
         vc = self.config.vision_config
@@ -233,11 +311,14 @@ class HFVision:
 
 
 def cat_images(items: list[dict | None]) -> dict | None:
-    """Concatenate per-row image inputs in row order; None when no row has images."""
+    """Concatenate per-row image inputs in row order, key by key; None when no row has images. A key some rows lack
+    (a transformers VLM's video inputs in a batch whose other rows have images only) joins the rows that have it:
+    the model fills its image and its video placeholders each in their own order."""
     items = [x for x in items if x]
     if not items:
         return None
-    return {k: torch.cat([x[k] for x in items]) for k in items[0]}
+    keys = list(dict.fromkeys(k for x in items for k in x))
+    return {k: torch.cat([x[k] for x in items if k in x]) for k in keys}
 
 
 def select_images(per_row: list | None, rows) -> dict | None:
