@@ -1385,3 +1385,64 @@ def test_a_video_too_long_for_a_transformers_vlms_context_names_the_row(tmp_path
     argv = [*SFT, "--model", "{d}/m", "--data", "{d}/v.jsonl", "--max-len", "24"]
     words = ["v.jsonl:1: the prompt with its video tokens is", "(8 frames at 56x56) but the model's context is 24"]
     test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, {"v.jsonl": jsonl([row])}, 2, words)
+
+
+# ---- grpo --temporal-contrast (rollout/temporal.py) ------------------------------------------------------------
+FRAME = [[[0, 0, 0]] * 32] * 32  # one 32x32 black frame
+TEMPORAL_DATA = [*GRPO, "--task", "", "--reward", "exact", "--model", "vlm-nano", "--temporal-contrast", "--data"]
+TEMPORAL_CASES = [
+    (
+        "temporal-contrast-alpha-negative",
+        ["grpo", "--temporal-contrast", "--temporal-contrast-alpha", "-1"],
+        {},
+        2,
+        ["--temporal-contrast-alpha -1.0: must be a finite number > 0"],
+    ),
+    (
+        "temporal-contrast-alpha-nan",
+        ["grpo", "--temporal-contrast", "--temporal-contrast-alpha", "nan"],
+        {},
+        2,
+        ["--temporal-contrast-alpha nan: must be a finite number > 0"],
+    ),
+    (
+        "temporal-contrast-alpha-without-the-switch",
+        ["grpo", "--temporal-contrast-alpha", "0.5"],
+        {},
+        2,
+        ["--temporal-contrast-alpha 0.5 has no effect: it needs --temporal-contrast"],
+    ),
+    (
+        "temporal-contrast-with-env",
+        ["grpo", "--env", "calc", "--temporal-contrast"],
+        {},
+        2,
+        ["--temporal-contrast shuffles a prompt's video frames: it does not take --env"],
+    ),
+    (
+        "temporal-contrast-on-a-text-model",
+        [*GRPO, "--task", "arith:1", "--temporal-contrast"],
+        {},
+        2,
+        ["--temporal-contrast shuffles video frames: it needs an image+text model"],
+    ),
+    (
+        "temporal-contrast-without-video-rows",
+        [*TEMPORAL_DATA, "{d}/t.jsonl"],
+        {"t.jsonl": jsonl([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])},
+        2,
+        ["--temporal-contrast needs prompts with a video of at least 2 frames: none of the 2 prompts has one"],
+    ),
+    (
+        "temporal-contrast-one-frame-videos",
+        [*TEMPORAL_DATA, "{d}/v.jsonl"],
+        {"v.jsonl": jsonl([{"prompt": "<video>which way:", "answer": "up", "video": [FRAME]}])},
+        2,
+        ["none of the 1 prompts has one"],
+    ),
+]
+
+
+@pytest.mark.parametrize("argv,files,rc,words", [c[1:] for c in TEMPORAL_CASES], ids=[c[0] for c in TEMPORAL_CASES])
+def test_bad_temporal_contrast_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words):
+    test_bad_input_gets_a_clear_error(tmp_path, capsys, argv, files, rc, words)

@@ -5,10 +5,10 @@ clipped policy-gradient steps (Shao et al. 2024).
     A_i = (r_i - mean(r)) / (std(r) + eps)         --advantage (advantages.ESTIMATORS), --scale-rewards
     loss = policy term + beta * KL_k3               --policy-loss (losses/policy.py), aggregation by --loss-agg
 The variants as switches (Dr. GRPO, DAPO, GSPO, RLOO, CISPO, SAPO, GMPO, KL schedules, NoisyRollout, the 80/20
-rule): docs/rl.md. With beta = 0 no reference model is kept in memory. Departures from the papers: the "old"
-log-probs of the first pass are the current ones (ratio 1), as in TRL; with several passes or minibatches they
-are recomputed once per batch by a forward without gradient at temperature T (not the sampler's filtered
-record), so at lr 0 every ratio is 1.
+rule, Video-R1's temporal contrast): docs/rl.md. With beta = 0 no reference model is kept in memory. Departures
+from the papers: the "old" log-probs of the first pass are the current ones (ratio 1), as in TRL; with several
+passes or minibatches they are recomputed once per batch by a forward without gradient at temperature T (not the
+sampler's filtered record), so at lr 0 every ratio is 1.
 
     mirl grpo --model runs/sft/final --task arith --time-budget-s 240
     mirl grpo --model runs/sft/final --env calc --max-turns 3
@@ -37,6 +37,7 @@ from ..rollout.engine import ENGINES
 from ..rollout.groups import NoisyRollout, group_advantages, sample_groups, step_rewards
 from ..rollout.prompts import SAMPLERS, PromptSampler
 from ..rollout.score import UpdateBatch, pack_rows
+from ..rollout.temporal import ALPHA, RATIO, check_videos, temporal_contrast
 from .common import (
     build_policy,
     check_fsdp,
@@ -124,6 +125,10 @@ class Config:
     row_seeded_sampling: bool = False  # each row's sampling noise from (seed, step, prompt, sample): the same
     # samples whatever the rank layout (always on under torchrun)
     noise_kinds: str = choice_list("crop,noise", "crop", "noise")  # image perturbations (grounding: noise only)
+    temporal_contrast: bool = False  # T-GRPO (Video-R1): also sample on shuffled frames; a bonus if order helps
+    temporal_contrast_alpha: float = ALPHA  # --temporal-contrast: the bonus on each correct ordered response's reward
+    temporal_contrast_samples: int = 0  # --temporal-contrast: shuffled-frame samples per prompt, untrained (0: G/2)
+    temporal_contrast_ratio: float = RATIO  # --temporal-contrast: the bonus when p > ratio x p~ (Video-R1's code: 0.8)
     max_len: int = 128  # model context for new tiny models
     lr: float = 5e-5  # learning rate (constant after warmup unless min_lr_ratio < 1)
     warmup_steps: int = 0  # linear warmup (optimizer steps)
@@ -301,6 +306,9 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     evaluating = bool(cfg.eval_every or cfg.eval_every_s)
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume, eval_every=evaluating,
                dynamic_sampling=cfg.dynamic_sampling)  # fmt: skip
+    contrast = temporal_contrast(cfg.temporal_contrast, alpha=cfg.temporal_contrast_alpha,
+                                 samples=cfg.temporal_contrast_samples, ratio=cfg.temporal_contrast_ratio,
+                                 group_size=cfg.group_size, seed=cfg.seed, env=bool(cfg.env))  # fmt: skip
     cfg = setup(cfg)
     policy = build_policy(model, cfg.model, **policy_options(cfg))
     env = EnvTask.of(cfg, policy.tokenizer) if cfg.env else None  # with --env, reward 'task' is the env's
@@ -308,6 +316,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     task, data, reward_set, test = load_prompts(policy, data, **options, recipe="grpo", env=env)
     eval_task, test = held_out_set(policy, task, test, benchmark=cfg.eval_benchmark, chat=cfg.chat, n=cfg.eval_n,
                                    max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+    check_videos(contrast, data, is_vlm=policy.is_vlm)
     world = dist.world_size()
     steps = check_and_step_rewards(cfg, policy, task, world)
     ref_model = frozen_reference(policy, cfg.dtype) if cfg.beta > 0 or cfg.beta_final > 0 else None  # none at beta 0
@@ -346,7 +355,7 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         with phase("rollout", step + 1, (cfg.prompts_per_step * cfg.group_size, cfg.max_new_tokens)):
             groups = sample_groups(
                 policy, data, reward_set, step=step, progress=progress, engine=engine, sampler=sampler,
-                rollout=env and env.rollout, **groups_of
+                rollout=(env and env.rollout) or contrast, **groups_of
             )  # fmt: skip
         run.log_completions(step + 1, groups.rounds[0][0], reward_set.names, cfg.log_completions)
         for sb, _ in groups.rounds:  # every round's responses count, refills included
