@@ -394,3 +394,73 @@ def test_cli_sft_grpo_eval_on_motion_and_video_options(tmp_path, capsys):
     assert "--video-fps 1.0 has no effect: it needs --data" in capsys.readouterr().err
     assert main(["sft", "--data", str(tmp_path / "v.jsonl"), "--video-max-frames", "0", "--out-dir", d + "3"]) == 2
     assert "--video-max-frames 0: must be an integer >= 1" in capsys.readouterr().err
+
+
+# ---- the count task -------------------------------------------------------------------------------------------
+def _frames_with(clip, colour) -> int:
+    """In how many frames at least half a square (18 of 36 pixels) is near the colour: counted from the pixels."""
+    from mirl.data.tasks.visual import COLOURS
+
+    target = np.array(COLOURS[colour], dtype=np.float32)
+    near = [(np.linalg.norm(np.asarray(f, dtype=np.float32) - target, axis=-1) < 90).sum() for f in clip.frames]
+    return sum(int(n >= 18) for n in near)
+
+
+def test_count_task_is_deterministic_verified_split_and_counted_from_the_pixels():
+    t = make_task("count")
+    a, b = t.examples("train", 30, 3), t.examples("train", 30, 3)
+    assert [x["answer"] for x in a] == [x["answer"] for x in b]
+    assert [list(f.getdata()) for f in a[0]["images"][0].frames] == [
+        list(f.getdata()) for f in b[0]["images"][0].frames
+    ]
+    assert {x["answer"] for x in a} == {"1", "2", "3", "4"} and all(t.score(x["solution"], x) == 1.0 for x in a)
+    ex = {"answer": "3"}
+    assert t.score("3", ex) == t.score(" 3 frames", ex) == 1.0
+    assert t.score("2, no 3", ex) == t.score("three", ex) == t.score("", ex) == 0.0
+    assert all(t.wrong_solution(x, random.Random(i)) != x["answer"] for i, x in enumerate(a))
+    train = {x["split_key"] for x in t.examples("train", 400)}
+    test = {x["split_key"] for x in t.examples("test", 200)}
+    assert len(test) == 200 and not train & test
+    for level in (1, 2, 3):
+        for ex in make_task(f"count:{level}").examples("train", 20, seed=level):
+            clip = ex["images"][0]
+            assert len(clip) == 8 and ex["difficulty"] == level and ex["prompt"] == f"<video>count {ex['colour']}:"
+            assert _frames_with(clip, ex["colour"]) == int(ex["answer"]), (level, ex["split_key"])
+    with pytest.raises(ValueError, match="level after ':' must be 1, 2 or 3"):
+        make_task("count:0")
+
+
+def test_count_needs_the_whole_clip_and_has_a_chat_form():
+    """One frame holds the square or not: clips of counts 1, 2, 3 and 4 are made of the same two frames."""
+    from mirl.data.tasks.chat import ChatTask
+    from mirl.data.tasks.video import render_count_frames
+
+    clips = []
+    for k in (1, 2, 3, 4):
+        sq = {"colour": "red", "at": {t: (5, 9) for t in range(0, 2 * k, 2)}}
+        clips.append(render_count_frames([sq], 0.0, random.Random(0)))
+    kinds = [{f.tobytes() for f in c} for c in clips]
+    assert all(k == kinds[0] for k in kinds) and len(kinds[0]) == 2
+    assert [_frames_with(Video(tuple(c), tuple(range(8))), "red") for c in clips] == [1, 2, 3, 4]
+    t = make_task("count")
+    chat = ChatTask(t, load_policy("vlm-nano").tokenizer)
+    ex = chat.examples("test", 2)[0]
+    assert ex["prompt"].startswith("user: <video>In how many frames of the video does the")
+    assert ex["task_prompt"] == f"<video>count {ex['colour']}:" and chat.score(ex["solution"], ex) == 1.0
+    e3 = {**ex, "answer": "3"}
+    assert chat.score("Frames 2, 5 and 7 show it: three.", e3) == chat.score("It appears 3 times", e3) == 1.0
+    assert chat.score("Three at first glance, but 4.", e3) == chat.score("none", e3) == 0.0
+    assert chat.wrong_solution(ex, random.Random(0)).startswith(f"The {ex['colour']} square appears in")
+
+
+def test_cli_sft_and_eval_on_count(tmp_path, capsys):
+    """mirl sft / eval --task count end to end with the tiny VLM (8 frames: 64 video tokens)."""
+    from mirl.cli import main
+
+    s = str(tmp_path / "s")
+    assert main(["sft", "--model", "vlm-nano", "--task", "count", "--steps", "1", "--batch-size", "4",
+                 "--max-len", "96", "--max-new-tokens", "4", "--eval-n", "4", "--out-dir", s]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["eval", "--model", f"{s}/final", "--task", "count:3", "--n", "4", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 4 and out["task"] == "count:3"
