@@ -256,6 +256,77 @@ def test_one_step_on_video_with_a_tiny_qwen2_vl(recipe, hf_vlm_dir, tmp_path):
     assert back.is_vlm and back.mrope
 
 
+@pytest.mark.parametrize("recipe", ["dpo", "ppo", "online", "distill"])
+def test_the_other_recipes_take_a_step_on_video_with_a_tiny_qwen2_vl(recipe, hf_vlm_dir, tmp_path):
+    """mio on preference pairs of the motion task's clips, ppo, online and distill (a second tiny Qwen2-VL as the
+    teacher) on the motion task take a step with the tiny Qwen2-VL, and the vision tower changes with the rest."""
+    from mirl.data.tasks import make_task
+    from mirl.recipes import distill, online, ppo, preference
+    from mirl.rewards.registry import REWARDS, register_reward
+
+    if "test_alternate" not in REWARDS:
+
+        @register_reward("test_alternate")
+        def _alternate(prompts, completions, **_):
+            return [float(i % 2 == 0) for i in range(len(completions))]
+
+    policy = load_policy(hf_vlm_dir)
+    before = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    common = {"out_dir": str(tmp_path / recipe), "threads": 1, "seed": 0, "report": False}
+    rl = {"task": "motion", "steps": 1, "prompts_per_step": 2, "max_new_tokens": 4, "eval_n": 2, "max_len": 96}
+    if recipe == "dpo":
+        task = make_task("motion")
+        pairs = [
+            {"prompt": e["prompt"], "chosen": e["solution"], "rejected": task.wrong_solution(e, random.Random(i)),
+             "images": e["images"]}
+            for i, e in enumerate(task.examples("train", 4))
+        ]  # fmt: skip
+        preference.train(preference.Config(loss="mio", steps=1, batch_size=4, max_len=96, eval_n=0, task="", **common),
+                         model=policy, data=pairs)  # fmt: skip
+    elif recipe == "ppo":
+        ppo.train(ppo.Config(samples_per_prompt=2, **rl, **common), model=policy)
+    elif recipe == "online":
+        res = online.train(online.Config(k=2, reward="test_alternate", loss="mio", **rl, **common), model=policy)
+        assert res.summary["groups"]["used"] == 2
+    else:
+        teacher = build_hf_vlm(tmp_path / "teacher", seed=1)
+        distill.train(distill.Config(teacher=str(teacher), **rl, **common), model=policy)
+    changed = {k for k, v in policy.named_parameters() if not torch.equal(v, before[k])}
+    assert any("visual" in k for k in changed), (recipe, sorted(changed)[:5])
+    assert any("visual" not in k for k in changed)
+
+
+def test_eval_on_motion_with_a_tiny_qwen2_vl(hf_vlm_dir, capsys):
+    """mirl eval --task motion through the CLI: the clips reach the tiny Qwen2-VL and every row is scored."""
+    import json
+
+    from mirl.cli import main
+
+    capsys.readouterr()
+    argv = ["eval", "--model", str(hf_vlm_dir), "--task", "motion:2", "--n", "4", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 4 and out["task"] == "motion:2"
+
+
+def test_vllm_request_for_a_video_row():
+    """engine.vllm_multi_modal_data (no vLLM needed): a row's still images stay PIL images under "image" and its
+    clips become (T, H, W, 3) uint8 frame arrays under "video", frames in order, with metadata naming every frame
+    (nothing for vLLM to resample) and the frames' own rate; a clip without times: Qwen's 2 fps."""
+    from mirl.rollout.engine import vllm_multi_modal_data
+
+    img = Image.new("RGB", (56, 56), (200, 30, 30))
+    clip = _clip(n=5, spacing=0.25)
+    mm = vllm_multi_modal_data([img, clip, _clip(n=3, size=28, spacing=None)])
+    assert mm["image"] == [img] and len(mm["video"]) == 2
+    (frames, meta), (frames2, meta2) = mm["video"]
+    assert frames.shape == (5, 56, 56, 3) and frames.dtype == np.uint8 and frames2.shape == (3, 28, 28, 3)
+    assert np.array_equal(frames[3], np.asarray(clip.frames[3]))
+    assert meta["fps"] == 4.0 and meta["frames_indices"] == [0, 1, 2, 3, 4] and meta["total_num_frames"] == 5
+    assert not meta["do_sample_frames"] and meta2["fps"] == 2.0
+    assert "image" not in vllm_multi_modal_data([clip]) and "video" not in vllm_multi_modal_data([img])
+
+
 def test_bad_video_for_a_transformers_vlm_names_the_row(hf_vlm_dir, llava_dir, tmp_path):
     """Too long for the context, no frames, frames of two sizes, and a model that takes no video."""
     short = load_policy(build_hf_vlm(tmp_path / "short", max_position_embeddings=24))

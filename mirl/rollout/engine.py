@@ -180,6 +180,29 @@ def _keep_cpu_linear_weights() -> None:
     layer_utils._mirl_keeps_weights = True
 
 
+def vllm_multi_modal_data(items: list) -> dict:
+    """One prompt's raw images and videos (PIL images and Videos, in prompt order) as vLLM's multi_modal_data:
+    {"image": [PIL images], "video": [(frames, metadata)]}, a modality only when the prompt has one. A video's
+    frames are a (T, H, W, 3) uint8 array, exactly the frames mirl chose (metadata says they are the whole clip,
+    so vLLM's video processor samples none away), its fps the frames' own rate (Qwen2.5-VL's time positions; 2,
+    Qwen's default, without times). The prompt's token ids already hold each placeholder expanded
+    (<|vision_start|> + <|video_pad|> x n + <|vision_end|>), as for images, and vLLM matches them in order."""
+    import numpy as np
+
+    from ..models.vision import Video
+
+    images = [x for x in items if not isinstance(x, Video)]
+    videos = []
+    for v in (x for x in items if isinstance(x, Video)):
+        frames = np.stack([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in v.frames])  # (T, H, W, 3)
+        spacing = (v.times[-1] - v.times[0]) / (len(v) - 1) if v.times and len(v) > 1 else 0.0
+        fps = 1.0 / spacing if spacing > 0 else 2.0
+        meta = {"total_num_frames": len(v), "fps": fps, "duration": len(v) / fps,
+                "frames_indices": list(range(len(v))), "do_sample_frames": False}  # fmt: skip
+        videos.append((frames, meta))
+    return {k: v for k, v in (("image", images), ("video", videos)) if v}
+
+
 class VLLMEngine:
     """vLLM colocated in this process (the engine core in-process; under torchrun, each rank its own engine
     through vLLM's external launcher). The policy is written once to `folder` for vLLM to load; afterwards
@@ -290,7 +313,7 @@ class VLLMEngine:
             )
             request = {"prompt_token_ids": list(ids)}
             if raw_images is not None and raw_images[i]:
-                request["multi_modal_data"] = {"image": raw_images[i]}
+                request["multi_modal_data"] = vllm_multi_modal_data(raw_images[i])
             requests.append(request)
         outs = self.llm.generate(requests, params, use_tqdm=False)
         rows_ids, rows_lp, truncated = [], [], []
