@@ -95,6 +95,19 @@ def test_a_video_file_written_with_pyav_is_read_back(tmp_path):
     assert inputs["frame_index"].tolist() == [0, 1, 2, 3, 4, 5] and len(ids) == 1 + 3 * 16 + len("which way:")
 
 
+def test_a_file_without_a_frame_count_in_its_header_is_sampled_from_its_frame_times(tmp_path):
+    """An MKV has no frame count in its header (PyAV: stream.frames == 0): every frame is decoded and the frames
+    are chosen at the rate their times show. 25 frames at 10 fps at 2 fps: 5 frames, at 0.0, 0.6, ..., 2.4 s, as
+    the MP4 of the same clip."""
+    import av
+
+    _bar_clip(tmp_path / "clip.mkv")
+    with av.open(str(tmp_path / "clip.mkv")) as c:
+        assert c.streams.video[0].frames == 0
+    v = read_video("clip.mkv", "row 1", tmp_path, VideoOptions(fps=2.0, max_frames=8))
+    assert len(v) == 5 and v.times == pytest.approx((0.0, 0.6, 1.2, 1.8, 2.4))
+
+
 def test_frame_lists_and_arrays(tmp_path):
     frames = [_frame((20 * i, 0, 0)) for i in range(10)]
     for i, f in enumerate(frames):

@@ -109,7 +109,8 @@ def decode_video(path: Path, where: str, options: VideoOptions) -> Video:
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 0.0)
             frames, times = [], []
-            wanted = set(sample_indices(stream.frames, rate, options.fps, options.max_frames)) if rate else None
+            counted = rate and stream.frames > 0  # MKV, WebM and some streams have no count in the header
+            wanted = set(sample_indices(stream.frames, rate, options.fps, options.max_frames)) if counted else None
             for i, frame in enumerate(container.decode(stream)):
                 if wanted is None or i in wanted:  # no frame count in the header: every frame, chosen below
                     frames.append(frame.to_image())
