@@ -148,25 +148,32 @@ def test_video_pixels_are_the_video_processors_layout(hf_vlm_dir):
     assert not torch.allclose(p.encode_prompt("<video>x", [swapped])[1]["pixel_values_videos"][:16], by_hand[:16])
 
 
-def test_video_positions_and_logits_equal_the_models_own_forward(qwen):
-    """Prompt + response: mirl's positions are the model's rope index over the whole sequence, and its logits equal
-    the model's own forward (which computes the positions itself) with mirl's video inputs; a still image beside the
-    video in the same row too. Qwen2.5-VL: the time axis of the video tokens is start + floor(k * tokens_per_second *
-    seconds per pair), k = 0, 1, 2 (0.5 s between frames: 1 s per pair -> steps of 2), and frame timing changes the
-    logits; Qwen2-VL has no timing (k itself)."""
+def test_video_positions_follow_qwens_rule_and_the_models_own_forward(qwen):
+    """Prompt + response with a still image and a clip in one row. Up to the clip's end mirl's positions are the
+    model's own rope index and its logits the model's own forward (which computes the positions itself). The clip:
+    5 frames of 56x56 -> 3 pairs of 2x2 merged patches; Qwen2.5-VL's time axis is start + floor(k * tokens_per_second
+    * seconds per pair), k = 0, 1, 2 (0.5 s between frames: 1 s per pair -> steps of 2), Qwen2-VL's k itself. The
+    text after the clip starts one past its largest position on any axis, start + 2 steps + 1, as Qwen's original
+    code and vLLM's MRotaryEmbedding put it; transformers 5.25 starts it at start + 2 (the clip's height), so from
+    there its logits differ. Frame timing changes the logits of Qwen2.5-VL only."""
     p = qwen
     timed = p.model.config.model_type == "qwen2_5_vl"
     img = Image.new("RGB", (56, 56), (200, 30, 30))
     ids, inputs = p.encode_prompt("<image>then <video>which way: left", [img, _clip()], "row 1")
     x = torch.tensor([ids])
     attn = torch.ones_like(x)
-    pos, _ = p.backend.positions(p.model, x, attn, inputs, None)
+    pos, delta = p.backend.positions(p.model, x, attn, inputs, None)
     vid = (x[0] == p.model.config.video_token_id).nonzero()[:, 0]
-    start = int(pos[0, 0, vid[0]])
+    start, end = int(pos[0, 0, vid[0]]), int(vid[-1]) + 1
     steps = TOKENS_PER_SECOND * 1 if timed else 1
     assert pos[0, 0, vid].unique().tolist() == [start, start + steps, start + 2 * steps]
-    ours = p(x, attn, images=inputs).logits
-    assert torch.allclose(ours, _own_forward(p, x, attn, inputs), atol=1e-5)
+    assert pos[1, 0, vid].unique().tolist() == pos[2, 0, vid].unique().tolist() == [start, start + 1]
+    after = torch.arange(len(ids) - end) + start + 2 * steps + 1
+    assert all(pos[a, 0, end:].tolist() == after.tolist() for a in range(3))
+    assert int(delta) == int(after[-1]) + 1 - len(ids)
+    ours, own = p(x, attn, images=inputs).logits, _own_forward(p, x, attn, inputs)
+    assert torch.allclose(ours[:, :end], own[:, :end], atol=1e-5)
+    assert not torch.allclose(ours[:, end:], own[:, end:], atol=1e-5)
     slower = p.encode_prompt("<image>then <video>which way: left", [img, _clip(spacing=2.0)])[1]
     other = p(x, attn, images=slower).logits
     assert torch.allclose(other, ours, atol=1e-6) != timed
@@ -175,8 +182,8 @@ def test_video_positions_and_logits_equal_the_models_own_forward(qwen):
 def test_sampled_logps_equal_a_full_forward_with_video(qwen):
     """Cached generation (video at the prefill, the static cache and M-RoPE deltas after it) and the training forward
     over prompt + response agree. The 8-frame clip with 2 s between frames puts Qwen2.5-VL's time positions 24
-    past the clip's start while the clip is only 2 merged patches high: the text after it continues from its
-    spatial extent, and the rope delta must say so (get_rope_index's own delta, max + 1 - length, would not)."""
+    past the clip's start while the clip is only 2 merged patches high: the text after it, and each row's rope
+    delta, continue from the largest position (mrope_row)."""
     p = qwen
     examples = [
         {"prompt": "<video>x", "images": [_clip(n=8, spacing=2.0, seed=1)]},
@@ -198,7 +205,8 @@ def test_sampled_logps_equal_a_full_forward_with_video(qwen):
 
 
 def test_rows_keep_their_own_video_and_images_in_a_batch(qwen):
-    """A row's logits in a batch of video, image, text and image + video rows equal its logits alone."""
+    """A row's logits in a batch of video, image, text and image + video rows equal its logits alone, and the model's
+    own forward for the rows without video (after a clip the two rope rules differ: the test above)."""
     p = qwen
     img = lambda c: Image.new("RGB", (56, 56), c)  # noqa: E731
     ex = [
@@ -212,7 +220,7 @@ def test_rows_keep_their_own_video_and_images_in_a_batch(qwen):
     batched = cat_images(images)
     assert batched["video_grid_thw"].shape[0] == 2 and batched["image_grid_thw"].shape[0] == 2
     together = p(ids, attn, images=batched).logits
-    assert torch.allclose(together, _own_forward(p, ids, attn, batched), atol=1e-5)
+    assert torch.allclose(together[1:3], _own_forward(p, ids, attn, batched)[1:3], atol=1e-5)
     for i in range(4):
         alone = p(torch.tensor([prompts[i]]), torch.ones(1, len(prompts[i]), dtype=torch.long), images=images[i]).logits
         assert torch.allclose(together[i, -1], alone[0, -1], atol=1e-4), i

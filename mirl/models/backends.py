@@ -11,6 +11,7 @@ PEFT wrapper, `model` the training model (wrapped or not); the facade decides wh
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +48,36 @@ FUSED_HEAD_MODEL_TYPES = frozenset(
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask -> (B, T) positions counting real tokens from 0 (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mrope_row(kinds: list[int], pictures: dict, merge: int) -> torch.Tensor:
+    """Qwen2-VL's and Qwen2.5-VL's M-RoPE positions (3, n) of one row of n tokens, as Qwen's original code and vLLM
+    compute them. kinds[i] is 0 for a text token, 1 for an image placeholder, 2 for a video placeholder;
+    pictures[1] and pictures[2] iterate over the (t, h, w, seconds per temporal patch, tokens per second) of the
+    images and the videos in order (images and Qwen2-VL: 1, 1). Text runs 1-D on all three axes; a picture's tokens
+    are start + (floor(t x seconds x tokens per second), h, w) over its grid merged by `merge`; text after it starts
+    one past the largest position so far on any axis. (transformers 5.25's get_rope_index starts it past the
+    picture's spatial extent instead: the same for images, not for a clip longer in time than in space.)
+
+    >>> mrope_row([0, 2, 2, 2, 2, 0], {2: iter([(4, 2, 2, 1.5, 2)])}, 2).tolist()  # 4 pairs of 1x1 merged patches
+    [[0, 1, 4, 7, 10, 11], [0, 1, 1, 1, 1, 11], [0, 1, 1, 1, 1, 11]]
+    """
+    out, start = [], 0
+    for kind, run in itertools.groupby(kinds):
+        left = len(list(run))
+        if kind == 0:
+            out.append(torch.arange(start, start + left).expand(3, -1))
+            start += left
+            continue
+        while left > 0:  # a run of placeholders may hold several pictures
+            t, h, w, seconds, per_second = next(pictures[kind])
+            h, w = h // merge, w // merge
+            tt = (torch.arange(t) * seconds * per_second).long()
+            pos = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
+            out.append(pos + start)
+            start = int(out[-1].max()) + 1
+            left -= t * h * w
+    return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 
 class Backend(Protocol):
@@ -191,25 +222,26 @@ class HFBackend:
 
     @staticmethod
     def _rope_index(inner, input_ids, attention_mask, images):
-        """The model's own M-RoPE positions (3, B, T) of a sequence with images and videos, and each row's rope
-        delta (B, 1): where text after the sequence continues, less its real length. The delta is read off one text
-        token appended to every row rather than taken from get_rope_index's own (its largest position + 1 - length):
-        transformers 5.25 (since 5.3) continues text after a video from the clip's height and width extent, not past its
-        largest time position, so the two differ when a clip's time positions run further (Qwen2.5-VL's
-        tokens_per_second spacing); the appended token's position is where the training forward, which runs the
-        same rope index over prompt + response, puts the first response token. For images the two agree."""
+        """The M-RoPE positions (3, B, T) of a batch with images and videos (mrope_row: Qwen's original rule, which
+        vLLM follows), and each row's rope delta (B, 1): one past its largest position, less its real length, where
+        decoding continues. One host read of the token kinds and grids per prefill, none per decoded token."""
         cfg = inner.config
-        mm = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()  # 1 image, 2 video
-        one = torch.ones_like(input_ids[:, :1])
-        grids = {k: images[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in images}
-        pos3, _ = inner.get_rope_index(
-            torch.cat([input_ids, one], 1),
-            torch.cat([mm, 0 * one], 1),
-            attention_mask=torch.cat([attention_mask, one.to(attention_mask.dtype)], 1),
-            **grids,
-        )
-        deltas = pos3[0, :, -1:] - attention_mask.sum(-1, keepdim=True)  # (B, 1)
-        return pos3[:, :, :-1], deltas.to(input_ids.device)
+        kinds = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
+        images_thw = images["image_grid_thw"].tolist() if "image_grid_thw" in images else []
+        videos_thw = images["video_grid_thw"].tolist() if "video_grid_thw" in images else []
+        per_second = getattr(cfg.vision_config, "tokens_per_second", 1)  # Qwen2.5-VL's; Qwen2-VL has none
+        seconds = images["second_per_grid_ts"].tolist() if "second_per_grid_ts" in images else [1] * len(videos_thw)
+        pictures = {
+            1: iter([(*g, 1, 1) for g in images_thw]),
+            2: iter([(*g, s, per_second) for g, s in zip(videos_thw, seconds)]),
+        }  # the batch's pictures in row order, each row taking its own in turn
+        pos = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+        deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
+        for b, (row, keep) in enumerate(zip(kinds.cpu(), attention_mask.bool().cpu())):
+            row_pos = mrope_row(row[keep].tolist(), pictures, cfg.vision_config.spatial_merge_size)
+            pos[:, b, keep] = row_pos
+            deltas[b] = row_pos.max() + 1 - row_pos.shape[1] if row_pos.numel() else 0
+        return pos.to(input_ids.device), deltas.to(input_ids.device)
 
     def image_kwargs(self, images) -> dict:
         """The model's keyword arguments for a batch of image inputs (the processor's tensors)."""

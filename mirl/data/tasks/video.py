@@ -1,18 +1,20 @@
 """Procedural video tasks with a verifier, deterministic by seed: which way does the square move, and in how many
 frames does it show?
 
-    motion[:level]   4 frames of 32x32 RGB: a coloured square moves a fixed step per frame, left, right, up or down
-                     prompt "<video>which way:"   solution "right"   score 1 when the first direction word is right
+    motion[:level]   4 frames of 32x32 RGB: a coloured square moves a fixed step per frame along one axis, which the
+                     prompt names; the answer is the way along it
+                     prompt "<video>left or right:"   solution "right"   score 1 when the first direction word is right
         level 1      a step of 4 px per frame (12 px over the clip), nothing else in the picture
         level 2      a step of 2 px, and a still square of another colour (the model must find the one that moves)
         level 3      a step of 1 px, the still square, and Gaussian pixel noise (standard deviation 24 of 255)
 
-The frames without their order show the axis (horizontal or vertical) but not the way along it, so a model that
-ignores frame order can reach 0.5, not 1. Known leak, not fixed yet: the start leaves room for the whole path, so
-the first frame alone tells something of the direction (at best 0.45 at level 1, 0.32 at level 2, 0.28 at level 3:
-a reviewer's exact computation). The held-out split hashes the scene
-(split.py: direction, colours, start, distractor), so train and test scenes are disjoint. The chat form asks in
-words ("Which way does the red square move: left, right, up or down?") and reads the last direction word.
+Only the order of the frames tells the answer. The picture is a torus (a square leaving one edge comes back at the
+other, drawn in two parts) and the start is uniform on it, so every frame alone is uniform whatever the direction,
+and the frames without their order are the same set for a square moving one way from a start as for one moving the
+other way from the path's other end: a model that ignores the order scores 0.5 exactly, as does a model that sees
+the clip shuffled. The held-out split hashes the scene (split.py: direction, colours, start, distractor), so train
+and test scenes are disjoint. The chat form asks in words ("Does the red square move left or right?") and reads the
+last direction word.
 
     count[:level]    8 frames of 32x32 RGB: a coloured square shows in 1 to 4 of them (any frames), the rest lack it
                      prompt "<video>count red:"   solution "3"   score 1 when the first integer is the count
@@ -36,6 +38,7 @@ from .split import sample_split
 from .visual import COLOURS, SIZE
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+AXES = {"left": ("left", "right"), "right": ("left", "right"), "up": ("up", "down"), "down": ("up", "down")}
 LEVELS = {1: (4, False, 0.0), 2: (2, True, 0.0), 3: (1, True, 24.0)}  # level -> (step px, distractor, noise std)
 N_FRAMES = 4
 SQUARE = 6  # side of the squares in pixels
@@ -43,17 +46,20 @@ DIRECTION_RE = re.compile("|".join(DIRECTIONS))
 
 
 def square_path(direction: str, start: tuple[int, int], step: int, n_frames: int = N_FRAMES) -> list[tuple[int, int]]:
-    """The top-left corner of the square in each frame.
+    """The top-left corner of the square in each frame, on the torus of the picture (coordinates modulo SIZE).
 
     >>> square_path("up", (5, 20), 4, 3)
     [(5, 20), (5, 16), (5, 12)]
+    >>> square_path("left", (2, 7), 4, 3)
+    [(2, 7), (30, 7), (26, 7)]
     """
     dx, dy = DIRECTIONS[direction]
-    return [(start[0] + dx * step * t, start[1] + dy * step * t) for t in range(n_frames)]
+    return [((start[0] + dx * step * t) % SIZE, (start[1] + dy * step * t) % SIZE) for t in range(n_frames)]
 
 
 def render_frames(path, colour: str, distractor: dict | None, noise: float, rng: random.Random) -> list:
-    """The clip's frames: black, the still distractor (if any), the moving square at each corner of `path`, noise."""
+    """The clip's frames: black, the still distractor (if any), the moving square at each corner of `path` (wrapping
+    round the edges), noise."""
     import numpy as np
     from PIL import Image
 
@@ -64,7 +70,7 @@ def render_frames(path, colour: str, distractor: dict | None, noise: float, rng:
         if distractor is not None:
             dx, dy = distractor["at"]
             a[dy : dy + SQUARE, dx : dx + SQUARE] = COLOURS[distractor["colour"]]
-        a[y : y + SQUARE, x : x + SQUARE] = COLOURS[colour]
+        a[np.ix_((y + np.arange(SQUARE)) % SIZE, (x + np.arange(SQUARE)) % SIZE)] = COLOURS[colour]
         if noise:
             a = a + noise_rng.normal(0.0, noise, a.shape)
         frames.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB"))
@@ -87,11 +93,7 @@ class MotionTask:
         step, with_distractor, noise = LEVELS[self.level]
         direction = rng.choice(list(DIRECTIONS))
         colour = rng.choice(list(COLOURS))
-        travel = step * (N_FRAMES - 1)
-        dx, dy = DIRECTIONS[direction]
-        # the start leaves room for the whole path inside the picture
-        x0 = rng.randint(travel if dx < 0 else 0, SIZE - SQUARE - (travel if dx > 0 else 0))
-        y0 = rng.randint(travel if dy < 0 else 0, SIZE - SQUARE - (travel if dy > 0 else 0))
+        x0, y0 = rng.randrange(SIZE), rng.randrange(SIZE)  # uniform on the torus: no frame alone tells the way
         path = square_path(direction, (x0, y0), step)
         distractor = None
         if with_distractor:
@@ -99,7 +101,7 @@ class MotionTask:
             distractor = {"colour": other, "at": (rng.randint(0, SIZE - SQUARE), rng.randint(0, SIZE - SQUARE))}
         frames = render_frames(path, colour, distractor, noise, rng)
         return {
-            "prompt": "<video>which way:",
+            "prompt": f"<video>{' or '.join(AXES[direction])}:",
             "images": [Video(tuple(frames), tuple(t / 2.0 for t in range(N_FRAMES)))],  # as if sampled at 2 fps
             "answer": direction,
             "solution": direction,
@@ -124,14 +126,14 @@ class MotionTask:
 
     @staticmethod
     def wrong_solution(example: dict, rng: random.Random) -> str:
-        """Another direction (for synthetic preference pairs)."""
-        return rng.choice([d for d in DIRECTIONS if d != example["answer"]])
+        """The other way along the clip's axis (for synthetic preference pairs)."""
+        return next(d for d in AXES[example["answer"]] if d != example["answer"])
 
     # ---- the chat form (chat.py) ----
     @staticmethod
     def chat_question(example: dict) -> str:
         """The question in words, the video first."""
-        return f"<video>Which way does the {example['colour']} square move: left, right, up or down?"
+        return f"<video>Does the {example['colour']} square move {' or '.join(AXES[example['answer']])}?"
 
     @staticmethod
     def chat_answer(example: dict, solution: str) -> str:
