@@ -51,16 +51,14 @@ if "test_motion_in_order_even" not in REWARDS:
     def _motion_in_order_even(prompts, completions, images, answer, **_):
         """For the motion task: 1 for the even rows whose square moves the way of the answer frame after frame
         (the clip in order), else 0."""
+        from test_video import torus_steps  # tests/ is on the path (pytest's rootdir insertion)
+
         from mirl.data.tasks.video import DIRECTIONS
 
         out = []
         for i, (clip, direction) in enumerate(zip(images, answer)):
-            xy = []
-            for f in clip[0].frames:
-                ys, xs = np.nonzero(np.asarray(f, dtype=np.float32).sum(-1) > 100)
-                xy.append((xs.mean(), ys.mean()))
             dx, dy = DIRECTIONS[direction]
-            moves = [(b[0] - a[0]) * dx + (b[1] - a[1]) * dy for a, b in zip(xy, xy[1:])]
+            moves = [mx * dx + my * dy for mx, my in torus_steps(clip[0])]
             out.append(float(i % 2 == 0 and all(m > 0 for m in moves)))
         return out
 

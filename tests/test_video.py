@@ -11,7 +11,7 @@ from PIL import Image
 
 from mirl.data.formats import DataError, completion_records, load_rows, prompt_records
 from mirl.data.tasks import make_task
-from mirl.data.tasks.video import DIRECTIONS, square_path
+from mirl.data.tasks.video import AXES, DIRECTIONS, SIZE, MotionTask, render_frames, square_path
 from mirl.data.video import VideoOptions, capped_size, frame_count, read_video, sample_indices, spaced_indices
 from mirl.models import load_policy
 from mirl.models.vision import Video, perturb
@@ -48,19 +48,22 @@ def _bar_clip(path, n=25, rate=10, size=64):
 
 # ---- frame sampling -------------------------------------------------------------------------------------------
 def test_frame_sampling_by_hand():
-    """count = round(duration * fps) clamped to [1, max_frames] and to the frame count; index i of k is
-    round(i * (n - 1) / (k - 1)), half up."""
+    """count (qwen-vl-utils' smart_nframes) = duration * fps, at least 4, at most max_frames and the frame count
+    floored to even, floored to even; index i of k is round(i * (n - 1) / (k - 1)), half up."""
     # 90 frames at 30 fps = 3 s; at 2 fps 6 frames: i * 89 / 5 = 0, 17.8, 35.6, 53.4, 71.2, 89
     assert frame_count(90, 30.0, 2.0, 8) == 6
     assert sample_indices(90, 30.0, 2.0, 8) == [0, 18, 36, 53, 71, 89]
+    # 2.6 s at 2 fps wants 5.2: floored to even, 4: i * 77 / 3 = 0, 25.67, 51.33, 77
+    assert sample_indices(78, 30.0, 2.0, 8) == [0, 26, 51, 77]
     # 10 s at 2 fps wants 20, capped at 8: i * 299 / 7 = 0, 42.71, 85.43, 128.14, 170.86, 213.57, 256.29, 299
     assert sample_indices(300, 30.0, 2.0, 8) == [0, 43, 85, 128, 171, 214, 256, 299]
-    # a short clip: 5 frames at 30 fps is 1/6 s, 1/3 frame at 2 fps, rounds to 0: at least the first frame
-    assert sample_indices(5, 30.0, 2.0, 8) == [0]
-    # fewer frames than the rate wants: 3 frames at 1 fps (3 s) want 6 at 2 fps, the clip has 3
-    assert sample_indices(3, 1.0, 2.0, 8) == [0, 1, 2]
-    # half up, not to even: 5 frames at 2 fps = 2.5 s, at 1 fps 2.5 frames -> 3 (Python's round gives 2)
-    assert frame_count(5, 2.0, 1.0, 8) == 3 and sample_indices(5, 2.0, 1.0, 8) == [0, 2, 4]
+    assert frame_count(300, 30.0, 2.0, 7) == 6  # the cap floored to even
+    # a short clip: 5 frames at 30 fps is 1/6 s, 1/3 frame at 2 fps: raised to 4, i * 4 / 3 = 0, 1.33, 2.67, 4
+    assert sample_indices(5, 30.0, 2.0, 8) == [0, 1, 3, 4]
+    # fewer frames than the rate wants: 3 frames at 1 fps (3 s) want 6 at 2 fps, the clip has 3, floored to 2
+    assert sample_indices(3, 1.0, 2.0, 8) == [0, 2]
+    # one frame, or a cap of one: one frame
+    assert sample_indices(1, 30.0, 2.0, 8) == [0] and sample_indices(90, 30.0, 2.0, 1) == [0]
     assert sample_indices(0, 30.0, 2.0, 8) == []
     assert spaced_indices(10, 4) == [0, 3, 6, 9] and spaced_indices(7, 1) == [0]
     # the pixel cap: one factor for both sides, floored, each side at least 1
@@ -71,33 +74,33 @@ def test_frame_sampling_by_hand():
 
 
 def test_a_video_file_written_with_pyav_is_read_back(tmp_path):
-    """25 frames at 10 fps (2.5 s) at 2 fps: round(5.0) = 5 frames, indices i * 24 / 4 = 0, 6, 12, 18, 24 at
-    0.0, 0.6, 1.2, 1.8, 2.4 s; with a cap of 1024 pixels the 64x64 frames become 32x32, and the bar, at column
+    """25 frames at 10 fps (2.5 s) at 2 fps: 5.0 floored to even = 4 frames, indices i * 24 / 3 = 0, 8, 16, 24 at
+    0.0, 0.8, 1.6, 2.4 s; with a cap of 1024 pixels the 64x64 frames become 32x32, and the bar, at column
     2 * index in the file, is at column about index in the frame."""
     _bar_clip(tmp_path / "clip.mp4")
     v = read_video("clip.mp4", "row 1", tmp_path, VideoOptions(fps=2.0, max_frames=8, max_pixels=1024))
-    assert len(v) == 5 and v.times == pytest.approx((0.0, 0.6, 1.2, 1.8, 2.4))
+    assert len(v) == 4 and v.times == pytest.approx((0.0, 0.8, 1.6, 2.4))
     assert all(f.size == (32, 32) for f in v.frames)
-    for f, index in zip(v.frames, (0, 6, 12, 18, 24)):
+    for f, index in zip(v.frames, (0, 8, 16, 24)):
         column = np.asarray(f.convert("L"), dtype=np.float32).mean(0)  # (32,) brightness per column
         assert abs(int(column.argmax()) - (index + 1)) <= 1  # bar 2*index..2*index+3 at half size: index..index+1
-    # the cap on the count; the file's own size without a pixel cap
-    v = read_video(str(tmp_path / "clip.mp4"), "row 1", "", VideoOptions(fps=10.0, max_frames=3))
-    assert len(v) == 3 and v.times == pytest.approx((0.0, 1.2, 2.4)) and v.frames[0].size == (64, 64)
-    # through a jsonl row, and into the tiny VLM: 5 frames padded to 6, 3 pairs of 16 tokens
+    # the cap on the count (floored to even); the file's own size without a pixel cap
+    v = read_video(str(tmp_path / "clip.mp4"), "row 1", "", VideoOptions(fps=10.0, max_frames=3, max_pixels=0))
+    assert len(v) == 2 and v.times == pytest.approx((0.0, 2.4)) and v.frames[0].size == (64, 64)
+    # through a jsonl row, and into the tiny VLM: 4 frames, 2 pairs of 16 tokens
     (tmp_path / "d.jsonl").write_text(
         json.dumps({"prompt": "<video>which way:", "answer": "right", "video": "clip.mp4"})
     )
     p = load_policy("vlm-nano", seed=0)
     rec = prompt_records(load_rows(tmp_path / "d.jsonl"), p.tokenizer, VideoOptions(max_pixels=1024))[0]
-    assert "video" not in rec and isinstance(rec["images"][-1], Video) and len(rec["images"][-1]) == 5
+    assert "video" not in rec and isinstance(rec["images"][-1], Video) and len(rec["images"][-1]) == 4
     ids, inputs = p.encode_prompt(rec["prompt"], rec["images"], rec["where"])
-    assert inputs["frame_index"].tolist() == [0, 1, 2, 3, 4, 5] and len(ids) == 1 + 3 * 16 + len("which way:")
+    assert inputs["frame_index"].tolist() == [0, 1, 2, 3] and len(ids) == 1 + 2 * 16 + len("which way:")
 
 
 def test_a_file_without_a_frame_count_in_its_header_is_sampled_from_its_frame_times(tmp_path):
     """An MKV has no frame count in its header (PyAV: stream.frames == 0): every frame is decoded and the frames
-    are chosen at the rate their times show. 25 frames at 10 fps at 2 fps: 5 frames, at 0.0, 0.6, ..., 2.4 s, as
+    are chosen at the rate their times show. 25 frames at 10 fps at 2 fps: 4 frames, at 0.0, 0.8, 1.6, 2.4 s, as
     the MP4 of the same clip."""
     import av
 
@@ -105,7 +108,7 @@ def test_a_file_without_a_frame_count_in_its_header_is_sampled_from_its_frame_ti
     with av.open(str(tmp_path / "clip.mkv")) as c:
         assert c.streams.video[0].frames == 0
     v = read_video("clip.mkv", "row 1", tmp_path, VideoOptions(fps=2.0, max_frames=8))
-    assert len(v) == 5 and v.times == pytest.approx((0.0, 0.6, 1.2, 1.8, 2.4))
+    assert len(v) == 4 and v.times == pytest.approx((0.0, 0.8, 1.6, 2.4))
 
 
 def test_frame_lists_and_arrays(tmp_path):
@@ -278,10 +281,18 @@ def test_noisy_rollout_on_frames_keeps_the_motion():
 
 
 # ---- the motion task ------------------------------------------------------------------------------------------
-def _square_x(frame) -> float:
-    a = np.asarray(frame, dtype=np.float32).sum(-1)
-    cols = np.nonzero(a.max(0) > 100)[0]
-    return float(cols.mean())
+def square_corner(frame) -> tuple[int, int]:
+    """The top-left corner of the one bright square in a noise-free frame, on the torus (it may wrap round an edge)."""
+    lit = np.asarray(frame, dtype=np.float32).sum(-1) > 100
+    cols, rows = set(np.nonzero(lit.any(0))[0].tolist()), set(np.nonzero(lit.any(1))[0].tolist())
+    return next(c for c in cols if (c - 1) % SIZE not in cols), next(r for r in rows if (r - 1) % SIZE not in rows)
+
+
+def torus_steps(clip) -> list[tuple[int, int]]:
+    """The square's moves (dx, dy) between consecutive frames, each the shortest way round the torus."""
+    xy = [square_corner(f) for f in clip.frames]
+    return [((b[0] - a[0] + SIZE // 2) % SIZE - SIZE // 2, (b[1] - a[1] + SIZE // 2) % SIZE - SIZE // 2)
+            for a, b in zip(xy, xy[1:])]  # fmt: skip
 
 
 def test_motion_task_is_deterministic_verified_and_split():
@@ -292,41 +303,54 @@ def test_motion_task_is_deterministic_verified_and_split():
         list(f.getdata()) for f in b[0]["images"][0].frames
     ]
     assert all(t.score(x["solution"], x) == 1.0 for x in a) and {x["answer"] for x in a} == set(DIRECTIONS)
-    ex = a[0]
-    wrong = next(d for d in DIRECTIONS if d != ex["answer"])
-    assert t.score(f"{wrong} {ex['answer']}", ex) == 0.0 and t.score("no idea", ex) == 0.0
+    for ex in a:  # the prompt names the axis; the wrong answer is the other way along it
+        axis = ("left", "right") if ex["answer"] in ("left", "right") else ("up", "down")
+        assert ex["prompt"] == f"<video>{axis[0]} or {axis[1]}:"
+        wrong = MotionTask.wrong_solution(ex, random.Random(0))
+        assert wrong in axis and wrong != ex["answer"]
+        assert t.score(f"{wrong} {ex['answer']}", ex) == 0.0 and t.score("no idea", ex) == 0.0
     train = {x["split_key"] for x in t.examples("train", 400)}
     test = {x["split_key"] for x in t.examples("test", 200)}
     assert len(test) == 200 and not train & test
-    # levels: the step between frames (4, 2, 1 px), a still distractor from level 2
+    # levels: the step between frames (4, 2, 1 px) the way of the answer, round the torus; a still distractor from 2
     assert square_path("left", (20, 3), 4) == [(20, 3), (16, 3), (12, 3), (8, 3)]
+    assert square_path("down", (9, 28), 4) == [(9, 28), (9, 0), (9, 4), (9, 8)]
     for level, step in ((1, 4), (2, 2), (3, 1)):
         for ex in make_task(f"motion:{level}").examples("train", 20):
             assert len(ex["images"][0]) == 4 and ex["difficulty"] == level
-            if level < 3 and ex["answer"] == "right" and "None" in ex["split_key"]:  # no distractor to confuse x
-                xs = [_square_x(f) for f in ex["images"][0].frames]
-                assert np.diff(xs) == pytest.approx([step] * 3)
+            if level < 3 and "None" in ex["split_key"]:  # no distractor, no noise: one square to find
+                dx, dy = DIRECTIONS[ex["answer"]]
+                assert torus_steps(ex["images"][0]) == [(step * dx, step * dy)] * 3
     with pytest.raises(ValueError, match="level after ':' must be 1, 2 or 3"):
         make_task("motion:4")
 
 
 def test_motion_needs_the_frame_order_and_has_a_chat_form():
-    """Every frame alone says nothing of the direction: the frames reversed are a clip of the opposite direction,
-    the same frames in the other order."""
+    """The frames without their order say nothing of the way: the clip's frames are, as a set, the frames of a
+    square moving the other way from the path's other end (the same scene otherwise), so any model of the frame set
+    scores 0.5; and the start is uniform on the torus, so each frame alone is uniform whatever the way."""
     from mirl.data.tasks.chat import ChatTask
 
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     t = make_task("motion")
-    for ex in t.examples("train", 8):
-        clip = ex["images"][0]
-        xs = [_square_x(f) for f in clip.frames]
-        rev = [_square_x(f) for f in clip.frames[::-1]]
-        assert sorted(xs) == sorted(rev)
-        if ex["answer"] in ("left", "right"):
-            assert (np.diff(rev) > 0).all() == (opposite[ex["answer"]] == "right")
+    examples = t.examples("train", 400)
+    for ex in examples[:20]:
+        clip, step = ex["images"][0], 4
+        dx, dy = DIRECTIONS[ex["answer"]]
+        x, y = square_corner(clip.frames[0])
+        end = ((x + 3 * step * dx) % SIZE, (y + 3 * step * dy) % SIZE)
+        back = render_frames(square_path(opposite[ex["answer"]], end, step), ex["colour"], None, 0.0, random.Random(0))
+        assert [list(f.getdata()) for f in back[::-1]] == [list(f.getdata()) for f in clip.frames]
+        dx, dy = torus_steps(Video(clip.frames[::-1]))[0]  # reversed: a clip of the opposite way
+        assert (dx, dy) == tuple(-4 * v for v in DIRECTIONS[ex["answer"]])
+    starts = {d: [square_corner(ex["images"][0].frames[0]) for ex in examples if ex["answer"] == d] for d in DIRECTIONS}
+    for d, xy in starts.items():  # 400 draws over 32 x 32 starts: both coordinates spread over the whole torus
+        assert len(xy) > 60 and min(min(p) for p in xy) < 4 and max(max(p) for p in xy) > SIZE - 5, d
     chat = ChatTask(t, load_policy("vlm-nano").tokenizer)
     ex = chat.examples("test", 2)[0]
-    assert ex["prompt"].startswith("user: <video>Which way does the") and ex["task_prompt"] == "<video>which way:"
+    axis = " or ".join(AXES[ex["answer"]])
+    assert ex["prompt"].startswith(f"user: <video>Does the {ex['colour']} square move {axis}?")
+    assert ex["task_prompt"] == f"<video>{axis}:"
     assert chat.score(ex["solution"], ex) == 1.0 and ex["solution"].endswith(f"moves {ex['answer']}.")
     assert chat.score("Left at first, but then it moves " + opposite[ex["answer"]], ex) == 0.0
 

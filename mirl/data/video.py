@@ -3,7 +3,8 @@ times), chosen by three options that every recipe reading --data has:
 
     --video-fps 2          frames kept per second of the clip (Qwen2-VL's and EasyR1's default)
     --video-max-frames 8   at most this many, evenly spaced over the whole clip (a long clip is seen sparser)
-    --video-max-pixels 0   each frame scaled down, keeping its shape, to at most this many pixels (0: as it is)
+    --video-max-pixels 602112   each frame scaled down, keeping its shape, to at most this many pixels (qwen-vl-utils'
+                           and EasyR1's 768 x 28 x 28; 0: as it is)
 
 The column may hold:
     a path          a video file (relative to the data file's folder), decoded with PyAV (FFmpeg): frames at about
@@ -12,11 +13,11 @@ The column may hold:
                     more than --video-max-frames are thinned evenly (there is no timing to apply --video-fps to)
     an array        frames as numbers 0-255, (F, H, W, 3) RGB or (F, H, W) grey (a numpy array or nested lists)
 
-As qwen-vl-utils' smart_nframes, the number of frames is round(duration * fps) clamped to [1, max_frames] and to the
-clip's frame count, and the frames are evenly spaced from the first to the last (rounded to the nearest index); it
-does not round the count to a multiple of 2 (the tiny VLM repeats the last frame of an odd clip itself) and keeps no
-minimum of 4 frames. A missing file, a file FFmpeg cannot open or decode, a clip with no video stream or no frames
-is a DataError naming the row and field.
+The number of frames is qwen-vl-utils' smart_nframes: duration * fps, raised to 4 and lowered to --video-max-frames
+and to the clip's frame count (those two floored to even), then floored to an even count (Qwen2-VL takes frames in
+pairs); a clip of one frame, or --video-max-frames 1, gives one. The frames are evenly spaced from the first to the
+last (rounded to the nearest index). A missing file, a file FFmpeg cannot open or decode, a clip with no video
+stream or no frames is a DataError naming the row and field.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class VideoOptions:
 
     fps: float = 2.0
     max_frames: int = 8
-    max_pixels: int = 0
+    max_pixels: int = 768 * 28 * 28
 
 
 def _nearest(x: float) -> int:
@@ -55,14 +56,17 @@ def spaced_indices(n: int, k: int) -> list[int]:
 
 
 def frame_count(n_frames: int, native_fps: float, fps: float, max_frames: int) -> int:
-    """How many frames to keep of a clip of n_frames at native_fps: round(duration * fps), at least 1, at most
-    max_frames and n_frames.
+    """How many frames to keep of a clip of n_frames at native_fps (qwen-vl-utils' smart_nframes): duration * fps,
+    at least 4, at most max_frames and n_frames floored to even, floored to even; 1 when that leaves none.
 
-    >>> frame_count(90, 30.0, 2.0, 8)   # 3 s at 2 fps
-    6
+    >>> frame_count(90, 30.0, 2.0, 8), frame_count(78, 30.0, 2.0, 8), frame_count(5, 30.0, 2.0, 8)  # 3, 2.6, 1/6 s
+    (6, 4, 4)
     """
-    duration = n_frames / native_fps
-    return max(1, min(_nearest(duration * fps), max_frames, n_frames))
+    even = lambda x: 2 * math.floor(x / 2)  # noqa: E731
+    most = even(min(max_frames, n_frames))
+    if most < 2:
+        return min(1, n_frames) or 1
+    return even(min(max(n_frames / native_fps * fps, 4), most))
 
 
 def sample_indices(n_frames: int, native_fps: float, fps: float, max_frames: int) -> list[int]:

@@ -105,7 +105,7 @@ class Config:
     freeze_vision: bool = False  # image+text models: keep the vision tower frozen (projector and LM train)
     video_fps: float = 2.0  # --data videos: frames kept per second of a video file (data/video.py)
     video_max_frames: int = 8  # --data videos: at most this many frames, evenly spaced over the clip
-    video_max_pixels: int = 0  # --data videos: each frame scaled down to at most this many pixels (0 = as it is)
+    video_max_pixels: int = 602112  # --data videos: each frame scaled to at most this many pixels (768 x 28^2; 0: any)
     compile: bool = False  # torch.compile each transformer block (in place); the first steps compile
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block): parameters, grads, optimizer state sharded
     report: bool = True  # at the end: <out_dir>/report/index.html (metric plots, config, sample completions)
