@@ -3,6 +3,7 @@
     mirl experiment mio-vs-dpo  [--quick] [--seeds 0,1,2]   # does MIO stop the chosen likelihood's decline?
     mirl experiment starvation  [--quick]                   # can RL learn what the reference never samples?
     mirl experiment rft-compare [--quick]                   # SFT, GRPO and its variants, PPO, online DPO / MIO
+    mirl experiment mio-vs-dpo-real [--quick]               # the MIO claim on SmolLM2: a rate search, 3 seeds
 
 Output: <out_dir>/<name>/{results.json, summary.md, *.png}. --quick is the CI size (at most 3 minutes on
 a 2-core CPU); the full sizes take 5-15 minutes, rft-compare's about 130 (docs/results.md).
@@ -16,14 +17,14 @@ from dataclasses import dataclass
 from ..logging import console
 from .common import parse_seeds
 
-NAMES = ("mio-vs-dpo", "starvation", "rft-compare")
+NAMES = ("mio-vs-dpo", "starvation", "rft-compare", "mio-vs-dpo-real")
 
 
 @dataclass
 class Config:
     """Options of `mirl experiment`."""
 
-    name: str = ""  # mio-vs-dpo | starvation | rft-compare
+    name: str = ""  # mio-vs-dpo | starvation | rft-compare | mio-vs-dpo-real
     quick: bool = False  # the CI size: fewer seeds, steps and methods' budgets (<= 3 minutes)
     seeds: str = "0,1,2"  # comma-separated seeds (mean and std over them)
     out_dir: str = "runs/experiments"  # results go to <out_dir>/<name>/
@@ -53,6 +54,20 @@ class Config:
     tasks: str = "arith,digits"  # tasks compared
     methods: str = "sft,grpo,ppo,online_dpo,online_mio,cispo,sapo,gdpo,reinforce_pp_baseline,pass_rate"  # also:
     # dr_grpo, dapo, grpo_2x2 (GRPO's clipped loss with the two passes x two minibatches that cispo and sapo use)
+    # -- mio-vs-dpo-real (experiments/real_pref.py; also --seeds, --eval-n, --workers)
+    real_model: str = "smollm2"  # the start model (LoRA on it); --quick: a tiny GPT after 200 SFT steps on arith
+    real_task: str = "arith:2"  # the task whose verified samples make the pairs, asked through the chat template
+    real_losses: str = "dpo,mio,ipo,simpo"  # the pair losses compared (the first is the baseline of the table)
+    real_lrs: str = "5e-5,1e-4,2e-4"  # the rates searched at the first seed, picked on the validation split
+    real_n_prompts: int = 400  # training prompts sampled for pairs (k samples each)
+    real_k: int = 6  # samples per prompt
+    real_temperature: float = 0.7  # sampling temperature of the pairs
+    real_val_n: int = 200  # validation prompts: the task's train split after the pair prompts
+    real_steps: int = 40  # optimizer steps per run
+    real_batch_size: int = 8  # pairs per step
+    real_beta: float = 0.1  # the losses' beta
+    real_max_len: int = 96  # prompt + response tokens
+    real_max_new_tokens: int = 32  # sampling and evaluation length
 
 
 def run(cfg: Config) -> dict:
@@ -70,6 +85,8 @@ def run(cfg: Config) -> dict:
         from .mio_vs_dpo import run as go
     elif cfg.name == "starvation":
         from .starvation import run as go
+    elif cfg.name == "mio-vs-dpo-real":
+        from .real_pref import run as go
     else:
         from .rft_compare import run as go
     out = go(cfg, seeds)

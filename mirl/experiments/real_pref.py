@@ -1,0 +1,210 @@
+"""`mirl experiment mio-vs-dpo-real`: the MIO claim on a real model, with seeds and an equal tuning budget.
+
+    1. pairs: k samples per training prompt from the start model itself, verified by the task's checker (a correct
+       answer chosen, a wrong one rejected), written once to <out>/pairs.jsonl and shared by every run
+    2. each loss (DPO, MIO = NCA's pair loss, IPO, SimPO) from the same start on the same pairs, with LoRA, at each
+       of --real-lrs (seed 0), scored on a validation split: prompts of the task's train split that made no pair
+    3. each loss at the rate its validation accuracy picked, seeds 1, 2, ... as well
+    4. held-out accuracy (the task's test split) mean and standard error over seeds; the chosen and rejected
+       log-probs of fixed probe pairs (the first 256 training pairs) through training; wall time of every run
+
+The runs go --workers at a time, each in its own process with one thread. --quick: a tiny GPT after 200 SFT steps
+on arith instead of SmolLM2 (the CI size). Output: <out>/mio-vs-dpo-real/{results.json, summary.md, probes.png}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+from ..logging import console
+from .common import cached_sft, markdown_table, mean_std, plot_curve_grid, write_outputs
+
+
+def split_list(s: str, kind=str) -> list:
+    """'a,b' -> [kind('a'), kind('b')] (blanks dropped)."""
+    return [kind(x.strip()) for x in s.split(",") if x.strip()]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (std / sqrt(n))."""
+    m, sd = mean_std(values)
+    return m, sd / math.sqrt(len(values)) if values else float("nan")
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a less mean of b, and the standard error of that difference (the two seed sets independent)."""
+    (ma, sa), (mb, sb) = mean_se(a), mean_se(b)
+    return ma - mb, math.sqrt(sa**2 + sb**2)
+
+
+def pick_lr(val: dict[float, float]) -> float:
+    """The rate of the best validation accuracy (the smaller rate on a tie).
+
+    >>> pick_lr({1e-4: 0.5, 3e-4: 0.6, 1e-3: 0.6})
+    0.0003
+    """
+    best = max(val.values())
+    return min(lr for lr, acc in val.items() if acc == best)
+
+
+def run_one(job: dict) -> dict:
+    """One loss x rate x seed in its own process: train on the shared pairs, score the validation and test splits."""
+    import torch
+
+    from ..data.tasks import make_task
+    from ..eval import evaluate
+    from ..recipes import preference
+
+    torch.set_num_threads(1)
+    pairs = [json.loads(line) for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
+    t0 = time.time()
+    res = preference.train(preference.Config(**job["config"]), data=pairs)
+    train_s = time.time() - t0
+    policy = res.model
+    task = make_task(job["config"]["task"], policy.tokenizer, "auto")
+    val, test = (task.examples(split, n, 0) for split, n in (("train", job["n_prompts"] + job["val_n"]),
+                                                                ("test", job["eval_n"])))  # fmt: skip
+    val = val[job["n_prompts"] :]
+    mnt = job["config"]["max_new_tokens"]
+    acc = {name: evaluate(policy, task, ex, max_new_tokens=mnt) for name, ex in (("val", val), ("test", test))}
+    probes = [(r["step"], r["probe/chosen_logps"], r["probe/rejected_logps"]) for r in res.history if "probe/mass" in r]
+    return {
+        "loss": job["config"]["loss"],
+        "lr": job["config"]["lr"],
+        "seed": job["config"]["seed"],
+        "val": acc["val"].accuracy,
+        "test": acc["test"].accuracy,
+        "test_se": acc["test"].accuracy_se,
+        "probes": probes,
+        "train_s": train_s,
+        "wall_s": time.time() - t0,
+    }
+
+
+def start_and_pairs(cfg, out: Path) -> tuple[str, dict]:
+    """The start model (a preset or the cached tiny SFT model with --quick) and the pairs file, sampled once."""
+    from ..data.tasks import make_task
+    from ..eval import evaluate
+    from ..models import load_policy
+    from ..recipes import sft
+    from ..rollout.pairs import sample_pairs
+
+    q = cfg.quick
+    model, task_name = cfg.real_model, "arith" if q else cfg.real_task
+    if q:
+        sft_cfg = sft.Config(task="arith", steps=200, seed=0, threads=cfg.threads, eval_n=0, report=False,
+                             out_dir=str(out / "sft"))  # fmt: skip
+        model = str(cached_sft(sft_cfg))
+    pairs_file, info_file = out / "pairs.jsonl", out / "pairs.json"
+    key = {"model": model, "task": task_name, "n_prompts": cfg.real_n_prompts, "k": cfg.real_k,
+           "temperature": cfg.real_temperature, "max_new_tokens": cfg.real_max_new_tokens, "val_n": cfg.real_val_n,
+           "eval_n": cfg.eval_n}  # fmt: skip
+    if info_file.exists() and json.loads(info_file.read_text())["key"] == key:
+        console.print(f"[green]using the pairs sampled before[/] ({pairs_file})")
+        return model, json.loads(info_file.read_text())
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    policy = load_policy(model)
+    task = make_task(task_name, policy.tokenizer, "auto")
+    train = task.examples("train", cfg.real_n_prompts + cfg.real_val_n, 0)
+    mnt = cfg.real_max_new_tokens
+    pairs, stats = sample_pairs(policy, task, train[: cfg.real_n_prompts], k=cfg.real_k,
+                                temperature=cfg.real_temperature, max_new_tokens=mnt, seed=0)  # fmt: skip
+    sample_s = time.time() - t0
+    start = {
+        "val": evaluate(policy, task, train[cfg.real_n_prompts :], max_new_tokens=mnt).accuracy,
+        "test": evaluate(policy, task, task.examples("test", cfg.eval_n, 0), max_new_tokens=mnt),
+    }
+    start["test"], start["test_se"] = start["test"].accuracy, start["test"].accuracy_se
+    out.mkdir(parents=True, exist_ok=True)
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    info = {"key": key, "stats": stats, "n_pairs": len(pairs), "sample_s": sample_s, "start": start}
+    info_file.write_text(json.dumps(info, indent=1))
+    console.print(f"{len(pairs)} pairs from {cfg.real_n_prompts} prompts ({stats}) in {sample_s:.0f} s; start {start}")
+    return model, info
+
+
+def run(cfg, seeds: list[int]) -> dict:
+    """The LR search on the validation split, then the seeds at each loss's chosen rate; the table and the probes."""
+    t_start = time.time()
+    out = Path(cfg.out_dir) / "mio-vs-dpo-real"
+    q = cfg.quick
+    if q:  # the CI size, on the tiny GPT's compact arith
+        cfg = replace(cfg, real_n_prompts=128, real_val_n=50, eval_n=100, real_k=8, real_temperature=1.0,
+                      real_max_new_tokens=16, real_max_len=64)  # fmt: skip
+    losses = split_list(cfg.real_losses)
+    lrs = split_list(cfg.real_lrs, float)
+    if len(lrs) < 1 or len(seeds) < 1:
+        raise ValueError("mio-vs-dpo-real needs --real-lrs and --seeds")
+    if q:
+        losses, lrs, seeds = losses[:2], lrs[:2], seeds[:2]
+    model, info = start_and_pairs(cfg, out)
+    if info["n_pairs"] < 2:
+        hint = "raise --real-n-prompts or --real-k"
+        raise ValueError(f"mio-vs-dpo-real: {info['n_pairs']} pairs from {cfg.real_n_prompts} prompts; {hint}")
+
+    def job(loss: str, lr: float, seed: int) -> dict:
+        c = {"model": model, "task": "arith" if q else cfg.real_task, "loss": loss, "lr": lr, "seed": seed,
+             "beta": cfg.real_beta, "steps": 10 if q else cfg.real_steps, "batch_size": cfg.real_batch_size,
+             "warmup_steps": 2 if q else 4, "max_len": cfg.real_max_len, "max_new_tokens": cfg.real_max_new_tokens,
+             **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 5, "eval_n": 0, "threads": 1,
+             "report": False, "report_to": "none", "device": cfg.device,
+             "out_dir": str(out / "runs" / f"{loss}_lr{lr:g}_seed{seed}")}  # fmt: skip
+        return {"config": c, "pairs": str(out / "pairs.jsonl"), "n_prompts": cfg.real_n_prompts,
+                "val_n": cfg.real_val_n, "eval_n": cfg.eval_n}  # fmt: skip
+
+    pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"))
+    with pool:
+        search = list(pool.map(run_one, [job(loss, lr, seeds[0]) for loss in losses for lr in lrs]))
+        chosen = {loss: pick_lr({r["lr"]: r["val"] for r in search if r["loss"] == loss}) for loss in losses}
+        console.print(f"rates chosen on the validation split: {chosen}")
+        more = list(pool.map(run_one, [job(loss, chosen[loss], s) for loss in losses for s in seeds[1:]]))
+    final = {loss: [r for r in search + more if r["loss"] == loss and r["lr"] == chosen[loss]] for loss in losses}
+    return write_results(cfg, out, info, losses, lrs, chosen, search, final, time.time() - t_start)
+
+
+def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) -> dict:
+    """results.json, the table (summary.md) and the probe curves (probes.png)."""
+    start = info["start"]
+    rows, numbers = [], {"pairs": info, "chosen_lr": chosen, "search": search, "final": final, "wall_s": wall_s}
+    base = [r["test"] for r in final[losses[0]]]
+    for loss in losses:
+        rs = final[loss]
+        tests = [r["test"] for r in rs]
+        m, se = mean_se(tests)
+        d, dse = difference(tests, base)
+        dc = mean_se([r["probes"][-1][1] - r["probes"][0][1] for r in rs if r["probes"]])
+        dr = mean_se([r["probes"][-1][2] - r["probes"][0][2] for r in rs if r["probes"]])
+        val = " / ".join(f"{r['val']:.3f}" for lr in lrs for r in search if r["loss"] == loss and r["lr"] == lr)
+        noise = "-" if loss == losses[0] else f"{d:+.3f} ± {dse:.3f}" + (" (> 2 SE)" if abs(d) > 2 * dse else "")
+        rows.append([loss, val, f"{chosen[loss]:g}", ", ".join(f"{t:.3f}" for t in tests), f"{m:.3f} ± {se:.3f}",
+                     f"{m - start['test']:+.3f}", noise, f"{dc[0]:+.2f}", f"{dr[0]:+.2f}",
+                     f"{mean_std([r['train_s'] for r in rs])[0]:.0f}"])  # fmt: skip
+    header = ["loss", "validation accuracy at lr " + " / ".join(f"{lr:g}" for lr in lrs), "chosen lr",
+              "held-out per seed", "held-out mean ± SE", "vs start", f"vs {losses[0]} (± SE)",
+              "probe chosen logp change", "probe rejected logp change", "train s (mean)"]  # fmt: skip
+    table = (
+        f"{info['n_pairs']} pairs from {cfg.real_n_prompts} prompts ({info['stats']}); start: validation "
+        f"{start['val']:.3f}, held-out {start['test']:.3f} ± {start['test_se']:.3f} (n = {cfg.eval_n})\n\n"
+        + markdown_table(header, rows)
+    )
+    panels = []
+    for col, name in ((1, "chosen"), (2, "rejected")):
+        lines = {}
+        for loss in losses:
+            curves = [r["probes"] for r in final[loss] if r["probes"]]
+            n = min(len(c) for c in curves)
+            steps = [curves[0][i][0] for i in range(n)]
+            stats = [mean_se([c[i][col] for c in curves]) for i in range(n)]
+            lines[loss] = (steps, [a for a, _ in stats], [b for _, b in stats])
+        panels.append({"title": f"probe pairs: {name} log-prob", "xlabel": "step", "lines": lines})
+    pngs = [plot_curve_grid(panels, out / "probes.png", ncols=2, title="mio-vs-dpo-real")]
+    return write_outputs(out, "mio-vs-dpo-real", numbers, table, pngs)
