@@ -216,6 +216,7 @@ class Config:
     max_turns: int = 4  # --env: model turns per episode at most (--max-new-tokens: each turn's limit)
     max_episode_tokens: int = 0  # --env: tokens after the opening, turns and replies together (0 = turns x limit)
     tool_timeout_s: float = 10.0  # --env: a tool call, reset or step running longer is a counted fault
+    frame_order: str = choice("as-is", "reversed", "shuffled")  # each clip's frames as they are, reversed or shuffled
 
 
 def prompt_source(cfg: Config):
@@ -281,6 +282,14 @@ def run(cfg: Config) -> EvalResult:
 
         task = chat_task(source, policy.tokenizer, cfg.chat)
     examples = task.examples("test", cfg.n or (0 if cfg.benchmark or cfg.data else 200), cfg.seed)
+    if cfg.frame_order != "as-is":
+        from .rollout.temporal import has_video, reordered_example
+
+        if not any(has_video(ex) for ex in examples):
+            raise ConfigError(
+                f"--frame-order {cfg.frame_order} has no effect: no prompt has a clip of 2 or more frames"
+            )
+        examples = [reordered_example(ex, cfg.frame_order, cfg.seed) for ex in examples]
     _, too_long = prompts_that_fit(policy, examples, cfg.max_new_tokens)
     if too_long:  # every held-out prompt is scored, or the accuracy would be of another set
         hint = "lower --max-new-tokens"

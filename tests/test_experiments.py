@@ -87,7 +87,7 @@ def test_positional_arguments():
     assert main(["experiment", "nope"]) == 2
 
 
-@pytest.mark.parametrize("name", ["starvation", "mio-vs-dpo", "rft-compare"])
+@pytest.mark.parametrize("name", ["starvation", "mio-vs-dpo", "rft-compare", "mio-vs-dpo-real"])
 def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
     """A quick experiment writes its plots, results.json (with its wall time) and the summary table. How long it
     takes is not asserted here: it depends on the CPU and on what else runs (201 s and 242 s for mio-vs-dpo on a
@@ -98,7 +98,7 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
     table = (out / "summary.md").read_text()
     pngs = sorted(out.glob("*.png"))
     assert pngs and all(p.stat().st_size > 5000 for p in pngs)
-    assert table.count("\n|") >= 5
+    assert table.count("\n|") >= (4 if name == "mio-vs-dpo-real" else 5)  # header, rule, a row per method
     assert numbers["seconds"] > 0
     if name == "rft-compare":
         runs = numbers["runs"]
@@ -111,6 +111,33 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
                 assert len(ev) >= 2 and ev[0]["train_s"] == 0 and ev[-1]["samples"] > 0
                 assert ev[-1]["tokens"] >= ev[-1]["samples"]  # every response has a token at least
                 assert ev[-1]["train_s"] < numbers["budget_s"] + 5  # evaluations are not counted
+    if name == "mio-vs-dpo-real":  # 2 losses x 2 rates at seed 0, then seed 1 at each loss's chosen rate
+        from mirl.data.tasks import make_task
+
+        search, final, chosen = numbers["search"], numbers["final"], numbers["chosen_lr"]
+        assert len(search) == 4 and set(final) == set(chosen) == {"dpo", "mio"}
+        for loss, runs in final.items():
+            best = max(r["val"] for r in search if r["loss"] == loss)
+            assert [r["val"] for r in search if r["loss"] == loss and r["lr"] == chosen[loss]] == [best]
+            assert [r["seed"] for r in runs] == [0, 1] and all(r["lr"] == chosen[loss] for r in runs)
+            assert all(0 <= r["test"] <= 1 and r["probes"][0][0] == 1 for r in runs)
+        task = make_task("arith")  # every pair verified: the chosen answer right, the rejected wrong
+        pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+        assert len(pairs) == numbers["pairs"]["n_pairs"] >= 2
+        for p in pairs:
+            a, b = map(int, p["prompt"][:-1].split("+"))  # arith's prompt: "a+b="
+            ex = {"answer": str(a + b)}
+            assert task.score(p["chosen"], ex) == 1.0 and task.score(p["rejected"], ex) == 0.0, p
+
+
+def test_real_pref_helpers_by_hand():
+    """The rate with the best validation accuracy (the smaller on a tie); a difference of seed means and its SE."""
+    from mirl.experiments.real_pref import difference, pick_lr
+
+    assert pick_lr({1e-4: 0.50, 3e-4: 0.60, 1e-3: 0.60}) == 3e-4 and pick_lr({2e-4: 0.1}) == 2e-4
+    # a = 0.5, 0.6, 0.7: mean 0.6, sample std 0.1, SE 0.1 / sqrt 3; b = 0.4, 0.4, 0.4: mean 0.4, SE 0
+    d, se = difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
+    assert d == pytest.approx(0.2) and se == pytest.approx(0.1 / math.sqrt(3))
 
 
 def test_rft_compare_equal_samples_budget(tmp_path):

@@ -263,6 +263,26 @@ def test_a_transformers_vlm_without_video_refuses_it_by_name(llava_dir):
         p.encode_prompt("<video>x", [Video((_frame(), _frame()))], "row 3")
 
 
+def test_frame_order_for_eval_by_hand():
+    """mirl eval --frame-order: reversed turns each clip around, shuffled permutes it (never the identity), the frame
+    times and the other images stay; a clip of one frame and a text prompt are left as they are."""
+    from mirl.rollout.temporal import reordered_example
+
+    clip = Video(tuple(_frame((i, 0, 0)) for i in range(4)), (0.0, 0.5, 1.0, 1.5))
+    still = _frame((9, 9, 9))
+    ex = {"prompt": "<image><video>x", "images": [still, clip]}
+    rev = reordered_example(ex, "reversed", 0)["images"]
+    assert rev[0] is still and [f.getpixel((0, 0))[0] for f in rev[1].frames] == [3, 2, 1, 0]
+    assert rev[1].times == clip.times
+    for seed in range(5):
+        shuf = reordered_example(ex, "shuffled", seed)["images"][1]
+        order = [f.getpixel((0, 0))[0] for f in shuf.frames]
+        assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3] and shuf.times == clip.times
+    assert reordered_example(ex, "as-is", 0) is ex
+    one = {"prompt": "<video>x", "images": [Video((still,))]}
+    assert reordered_example(one, "reversed", 0) is one and reordered_example({"prompt": "1+1="}, "shuffled", 0)
+
+
 def test_noisy_rollout_on_frames_keeps_the_motion():
     """Every frame of a clip gets the same crop and the same noise, so the difference between two frames is kept."""
     frames = (_frame((0, 0, 0)), _frame((0, 0, 0)))
@@ -414,6 +434,11 @@ def test_cli_sft_grpo_eval_on_motion_and_video_options(tmp_path, capsys):
     assert main(["eval", "--model", f"{g}/final", "--task", "motion:2", "--n", "4", "--max-new-tokens", "4"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 4 and out["task"] == "motion:2"
+    for order in ("reversed", "shuffled"):  # the same prompts with each clip's frames reordered
+        assert main(["eval", "--model", f"{g}/final", "--task", "motion", "--n", "4", "--frame-order", order]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 4
+    assert main(["eval", "--model", f"{g}/final", "--task", "arith", "--frame-order", "reversed"]) == 2
+    assert "--frame-order reversed has no effect: no prompt has a clip" in capsys.readouterr().err
     # --data with a video column: 10 frame images thinned to --video-max-frames 2 (one pair: 16 tokens)
     for i in range(10):
         _frame((20 * i, 0, 0)).save(tmp_path / f"f{i}.png")

@@ -145,6 +145,22 @@ def shuffled_example(example: dict, seed: int, step: int) -> dict | None:
     return {**example, "images": images}
 
 
+def reordered_example(example: dict, order: str, seed: int) -> dict:
+    """The prompt record with every clip of at least 2 frames in `order` (mirl eval --frame-order): 'as-is',
+    'reversed', or 'shuffled' (shuffled_example's permutation at step 0, never the identity); the frame times stay.
+
+    >>> ex = {"prompt": "<video>x", "images": [Video(("a", "b", "c"), (0.0, 0.5, 1.0))]}
+    >>> reordered_example(ex, "reversed", 0)["images"][0]
+    Video(frames=('c', 'b', 'a'), times=(0.0, 0.5, 1.0))
+    """
+    if order == "as-is" or not has_video(example):
+        return example
+    if order == "shuffled":
+        return shuffled_example(example, seed, 0)
+    images = [Video(x.frames[::-1], x.times) if isinstance(x, Video) else x for x in example["images"]]
+    return {**example, "images": images}
+
+
 def is_correct(per_fn: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the first reward function's score is above CORRECT_ABOVE (None/NaN: not correct). per_fn (B, F)."""
     return torch.nan_to_num(per_fn[:, 0], nan=-math.inf) > CORRECT_ABOVE
