@@ -175,6 +175,13 @@ def test_image_columns_from_jsonl_parquet_datasets_and_messages(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps(msgs))
     rec = completion_records(load_rows(tmp_path / "m.jsonl"), p.tokenizer)[0]
     assert rec["prompt"] == "user: <image>count:\nassistant: " and rec["completion"] == "1"
+    # a video part: the '<video>' placeholder, for the row's video column (2 frames as an array)
+    msgs["messages"][0]["content"][0] = {"type": "video"}
+    video = {"messages": msgs["messages"], "video": [[[[0, 0, 0]] * 32] * 32] * 2}  # (2, 32, 32, 3) black frames
+    (tmp_path / "v.jsonl").write_text(json.dumps(video))
+    rec = completion_records(load_rows(tmp_path / "v.jsonl"), p.tokenizer)[0]
+    assert rec["prompt"] == "user: <video>count:\nassistant: " and len(rec["images"][-1]) == 2
+    assert p.encode_prompt(rec["prompt"], rec["images"])[1]["frame_index"].tolist() == [0, 1]
 
 
 def test_visual_tasks_are_deterministic_verified_and_split():

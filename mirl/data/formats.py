@@ -8,7 +8,8 @@ with file, line and field. Preference rows may be:
 Prompt-completion rows for SFT: {"prompt", "completion"} (strings or messages), or {"messages": [...]}.
 Images (TRL's columns): "images" (a list) or "image" (one), each a path (relative to the data file's
 folder), {"bytes", "path"} (datasets' Image feature) or a PIL image; chat messages may hold image parts
-({"type": "image"}), which become the '<image>' placeholder. Every image is opened when the rows are read:
+({"type": "image"}) and video parts ({"type": "video"}), which become the '<image>' and '<video>'
+placeholders. Every image is opened when the rows are read:
 a missing or unreadable file is an error naming the row.
 Video: a "video" column (a file path, a list of frame images or a frames array; data/video.py, whose VideoOptions the
 record functions take as `video`) becomes a Video at the end of the row's "images" list, for the prompt's '<video>'
@@ -187,13 +188,10 @@ def check_messages(x, where: str, field_name: str) -> None:
             raise DataError(f"{at}: 'content' must be a string or a list of parts, got {type(c).__name__}")
         for j, part in enumerate(c):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+            if kind in ("image", "video") or (kind == "text" and isinstance(part.get("text"), str)):
                 continue
-            raise DataError(
-                f"{at} part {j}: a part must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}, got {part!r}"[
-                    :300
-                ]
-            )
+            want = "{'type': 'text', 'text': str}, {'type': 'image'} or {'type': 'video'}"
+            raise DataError(f"{at} part {j}: a part must be {want}, got {part!r}"[:300])
 
 
 def _is_messages(x) -> bool:

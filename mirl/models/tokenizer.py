@@ -114,11 +114,12 @@ class CharTokenizer:
         return cls(data["chars"], data.get("image_token"))
 
 
+VIDEO_PLACEHOLDER = "<video>"  # where a video goes in a prompt (Qwen2-VL's and TRL's word)
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a prompt (TRL's convention); each model expands it
 
 
 def _content_text(content) -> str:
-    """A message's content as text; image parts become the image placeholder."""
+    """A message's content as text; image parts become the image placeholder, video parts the video placeholder."""
     if isinstance(content, str):
         return content
     out = []
@@ -127,4 +128,6 @@ def _content_text(content) -> str:
             out.append(p.get("text", ""))
         elif isinstance(p, dict) and p.get("type") == "image":
             out.append(IMAGE_PLACEHOLDER)
+        elif isinstance(p, dict) and p.get("type") == "video":
+            out.append(VIDEO_PLACEHOLDER)
     return "".join(out)

@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
-from .tokenizer import IMAGE_PLACEHOLDER
+from .tokenizer import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER  # noqa: F401 (others import it from here)
 
 READABLE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # converted to the model's channels; others refused
-VIDEO_PLACEHOLDER = "<video>"  # where a video goes in a prompt (Qwen2-VL's and TRL's word)
 
 
 @dataclass(frozen=True)
