@@ -307,5 +307,6 @@ def run(cfg: Config) -> EvalResult:
     )
     if cfg.predictions:
         write_predictions(cfg.predictions, res.predictions)
-    print(json.dumps({"model": cfg.model, "task": task.name, **res.as_dict()}))
+    order = {} if cfg.frame_order == "as-is" else {"frame_order": cfg.frame_order}
+    print(json.dumps({"model": cfg.model, "task": task.name, **order, **res.as_dict()}))
     return res

@@ -179,6 +179,19 @@ def test_video_positions_follow_qwens_rule_and_the_models_own_forward(qwen):
     assert torch.allclose(other, ours, atol=1e-6) != timed
 
 
+def test_mrope_row_by_hand():
+    """Qwen's rule, as vLLM computes it: text 1-D; a picture at start + (floor(k x seconds x tokens per second), h, w)
+    with the product taken in float64 first (seconds 9.333333, 2 tokens a second: 18.666666 a pair, k = 3 gives
+    55.999998 -> 55, where float32 k x seconds x 2 gives 56); text after it at its largest position + 1; an image
+    takes time 0; two pictures back to back each start past the other."""
+    from mirl.models.backends import mrope_row
+
+    pos = mrope_row([0, 0, 2, 2, 2, 2, 0], {2: iter([(4, 2, 2, 9.333333, 2)])}, 2)
+    assert pos[0].tolist() == [0, 1, 2, 20, 39, 57, 58] and pos[1].tolist() == [0, 1, 2, 2, 2, 2, 58]
+    pos = mrope_row([1] * 4 + [2] * 2 + [0], {1: iter([(1, 4, 4, 1, 1)]), 2: iter([(2, 2, 2, 1, 1)])}, 2)
+    assert pos.tolist() == [[0, 0, 0, 0, 2, 3, 4], [0, 0, 1, 1, 2, 2, 4], [0, 1, 0, 1, 2, 2, 4]]
+
+
 def test_sampled_logps_equal_a_full_forward_with_video(qwen):
     """Cached generation (video at the prefill, the static cache and M-RoPE deltas after it) and the training forward
     over prompt + response agree. The 8-frame clip with 2 s between frames puts Qwen2.5-VL's time positions 24

@@ -65,7 +65,7 @@ def frame_count(n_frames: int, native_fps: float, fps: float, max_frames: int) -
     even = lambda x: 2 * math.floor(x / 2)  # noqa: E731
     most = even(min(max_frames, n_frames))
     if most < 2:
-        return min(1, n_frames) or 1
+        return 1
     return even(min(max(n_frames / native_fps * fps, 4), most))
 
 

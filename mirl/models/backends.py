@@ -72,7 +72,7 @@ def mrope_row(kinds: list[int], pictures: dict, merge: int) -> torch.Tensor:
         while left > 0:  # a run of placeholders may hold several pictures
             t, h, w, seconds, per_second = next(pictures[kind])
             h, w = h // merge, w // merge
-            tt = (torch.arange(t) * seconds * per_second).long()
+            tt = (torch.arange(t, dtype=torch.float64) * (seconds * per_second)).long()  # vLLM's float64 order
             pos = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
             out.append(pos + start)
             start = int(out[-1].max()) + 1
