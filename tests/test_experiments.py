@@ -92,7 +92,8 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
     """A quick experiment writes its plots, results.json (with its wall time) and the summary table. How long it
     takes is not asserted here: it depends on the CPU and on what else runs (201 s and 242 s for mio-vs-dpo on a
     loaded 2-core Xeon, under 180 s alone); timings belong in bench/."""
-    assert main(["experiment", name, "--quick", "--out-dir", str(tmp_path)]) == 0
+    more = ["--real-losses", "dpo,mio,online-nca"] if name == "mio-vs-dpo-real" else []
+    assert main(["experiment", name, "--quick", "--out-dir", str(tmp_path), *more]) == 0
     out = tmp_path / name
     numbers = json.loads((out / "results.json").read_text())
     table = (out / "summary.md").read_text()
@@ -111,16 +112,17 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
                 assert len(ev) >= 2 and ev[0]["train_s"] == 0 and ev[-1]["samples"] > 0
                 assert ev[-1]["tokens"] >= ev[-1]["samples"]  # every response has a token at least
                 assert ev[-1]["train_s"] < numbers["budget_s"] + 5  # evaluations are not counted
-    if name == "mio-vs-dpo-real":  # 2 losses x 2 rates at seed 0, then seed 1 at each loss's chosen rate
+    if name == "mio-vs-dpo-real":  # 3 losses x 2 rates at seed 0, then seed 1 at each loss's chosen rate
         from mirl.data.tasks import make_task
 
         search, final, chosen = numbers["search"], numbers["final"], numbers["chosen_lr"]
-        assert len(search) == 4 and set(final) == set(chosen) == {"dpo", "mio"}
+        assert len(search) == 6 and set(final) == set(chosen) == {"dpo", "mio", "online-nca"}
         for loss, runs in final.items():
             best = max(r["val"] for r in search if r["loss"] == loss)
             assert [r["val"] for r in search if r["loss"] == loss and r["lr"] == chosen[loss]] == [best]
             assert [r["seed"] for r in runs] == [0, 1] and all(r["lr"] == chosen[loss] for r in runs)
-            assert all(0 <= r["test"] <= 1 and r["probes"][0][0] == 1 for r in runs)
+            assert all(0 <= r["test"] <= 1 and len(r["probe_end"]) == 2 for r in runs)
+            assert all(r["probes"][0][0] == 1 for r in runs) != (loss == "online-nca")  # pair runs log the probes
         task = make_task("arith")  # every pair verified: the chosen answer right, the rejected wrong
         pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
         assert len(pairs) == numbers["pairs"]["n_pairs"] >= 2

@@ -57,7 +57,7 @@ class Config:
     # -- mio-vs-dpo-real (experiments/real_pref.py; also --seeds, --eval-n, --workers)
     real_model: str = "smollm2"  # the start model (LoRA on it); --quick: a tiny GPT after 200 SFT steps on arith
     real_task: str = "arith:2"  # the task whose verified samples make the pairs, asked through the chat template
-    real_losses: str = "dpo,mio,ipo,simpo"  # the pair losses compared (the first is the baseline of the table)
+    real_losses: str = "dpo,mio,ipo,simpo"  # pair losses compared (the first is the table's baseline); online-nca too
     real_lrs: str = "5e-5,1e-4,2e-4"  # the rates searched at the first seed, picked on the validation split
     real_n_prompts: int = 400  # training prompts sampled for pairs (k samples each)
     real_k: int = 6  # samples per prompt
@@ -68,6 +68,7 @@ class Config:
     real_beta: float = 0.1  # the losses' beta
     real_max_len: int = 96  # prompt + response tokens
     real_max_new_tokens: int = 32  # sampling and evaluation length
+    real_online_steps: int = 20  # online-nca / online-infonca in --real-losses: steps of --real-batch-size prompts
 
 
 def run(cfg: Config) -> dict:

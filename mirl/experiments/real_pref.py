@@ -7,6 +7,9 @@
     3. each loss at the rate its validation accuracy picked, seeds 1, 2, ... as well
     4. held-out accuracy (the task's test split) mean and standard error over seeds; the chosen and rejected
        log-probs of fixed probe pairs (the first 256 training pairs) through training; wall time of every run
+    5. optionally (--real-losses online-nca, online-infonca) NCA or InfoNCA over k fresh samples per prompt with their
+       scalar rewards (mirl online --loss nca), the same rates searched, --real-online-steps steps of
+       --real-batch-size prompts; its training prompts come from the train split, so they may include validation ones
 
 The runs go --workers at a time, each in its own process with one thread. --quick: a tiny GPT after 200 SFT steps
 on arith instead of SmolLM2 (the CI size). Output: <out>/mio-vs-dpo-real/{results.json, summary.md, probes.png}.
@@ -53,6 +56,33 @@ def pick_lr(val: dict[float, float]) -> float:
     return min(lr for lr, acc in val.items() if acc == best)
 
 
+ONLINE = {"online-nca": "nca", "online-infonca": "infonca"}  # group losses on fresh samples (mirl online --loss)
+
+
+def online_config(c: dict) -> dict:
+    """mirl online's options for a group loss run from a pair run's: the same model, rate, seed, length and LoRA;
+    k samples per prompt at the pairs' temperature, --real-online-steps steps of --real-batch-size prompts."""
+    keep = ("model", "task", "lr", "seed", "max_len", "max_new_tokens", "lora_r", "lora_alpha", "eval_n", "threads",
+            "report", "report_to", "device", "out_dir")  # fmt: skip
+    out = {k: c[k] for k in keep if k in c}
+    return {**out, "loss": ONLINE[c["loss"]], "k": c["k"], "temperature": c["temperature"],
+            "steps": c["online_steps"], "prompts_per_step": c["batch_size"]}  # fmt: skip
+
+
+def probe_logps(policy, pairs: list[dict], max_len: int) -> tuple[float, float]:
+    """The mean summed log-prob of the chosen and of the rejected answers of the first 256 pairs (the probes)."""
+    import torch
+
+    from ..data.collate import encode_pairs
+    from ..data.formats import SkipCounter
+    from ..recipes.preference import all_pair_logps
+
+    enc = encode_pairs(policy, pairs[:256], max_len, SkipCounter())
+    with torch.no_grad():
+        chosen, rejected = all_pair_logps(policy, enc, policy.tokenizer.pad_token_id, False)
+    return float(chosen.mean()), float(rejected.mean())
+
+
 def run_one(job: dict) -> dict:
     """One loss x rate x seed in its own process: train on the shared pairs, score the validation and test splits."""
     import torch
@@ -63,8 +93,14 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     pairs = [json.loads(line) for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
+    c = job["config"]
     t0 = time.time()
-    res = preference.train(preference.Config(**job["config"]), data=pairs)
+    if c["loss"] in ONLINE:  # a group loss on fresh samples: k per prompt, scalar rewards (the task's score)
+        from ..recipes import online
+
+        res = online.train(online.Config(**online_config(c)))
+    else:
+        res = preference.train(preference.Config(**c), data=pairs)
     train_s = time.time() - t0
     policy = res.model
     task = make_task(job["config"]["task"], policy.tokenizer, "auto")
@@ -74,6 +110,7 @@ def run_one(job: dict) -> dict:
     mnt = job["config"]["max_new_tokens"]
     acc = {name: evaluate(policy, task, ex, max_new_tokens=mnt) for name, ex in (("val", val), ("test", test))}
     probes = [(r["step"], r["probe/chosen_logps"], r["probe/rejected_logps"]) for r in res.history if "probe/mass" in r]
+    end = probe_logps(policy, pairs, c["max_len"])
     return {
         "loss": job["config"]["loss"],
         "lr": job["config"]["lr"],
@@ -82,6 +119,7 @@ def run_one(job: dict) -> dict:
         "test": acc["test"].accuracy,
         "test_se": acc["test"].accuracy_se,
         "probes": probes,
+        "probe_end": end,
         "train_s": train_s,
         "wall_s": time.time() - t0,
     }
@@ -124,6 +162,7 @@ def start_and_pairs(cfg, out: Path) -> tuple[str, dict]:
         "test": evaluate(policy, task, task.examples("test", cfg.eval_n, 0), max_new_tokens=mnt),
     }
     start["test"], start["test_se"] = start["test"].accuracy, start["test"].accuracy_se
+    start["probe"] = probe_logps(policy, pairs, cfg.real_max_len) if pairs else (float("nan"), float("nan"))
     out.mkdir(parents=True, exist_ok=True)
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     info = {"key": key, "stats": stats, "n_pairs": len(pairs), "sample_s": sample_s, "start": start}
@@ -145,7 +184,7 @@ def run(cfg, seeds: list[int]) -> dict:
     if len(lrs) < 1 or len(seeds) < 1:
         raise ValueError("mio-vs-dpo-real needs --real-lrs and --seeds")
     if q:
-        losses, lrs, seeds = losses[:2], lrs[:2], seeds[:2]
+        losses, lrs, seeds = losses[:3], lrs[:2], seeds[:2]
     model, info = start_and_pairs(cfg, out)
     if info["n_pairs"] < 2:
         hint = "raise --real-n-prompts or --real-k"
@@ -158,6 +197,8 @@ def run(cfg, seeds: list[int]) -> dict:
              **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 5, "eval_n": 0, "threads": 1,
              "report": False, "report_to": "none", "device": cfg.device,
              "out_dir": str(out / "runs" / f"{loss}_lr{lr:g}_seed{seed}")}  # fmt: skip
+        if loss in ONLINE:
+            c.update(k=cfg.real_k, temperature=cfg.real_temperature, online_steps=4 if q else cfg.real_online_steps)
         return {"config": c, "pairs": str(out / "pairs.jsonl"), "n_prompts": cfg.real_n_prompts,
                 "val_n": cfg.real_val_n, "eval_n": cfg.eval_n}  # fmt: skip
 
@@ -181,8 +222,8 @@ def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) ->
         tests = [r["test"] for r in rs]
         m, se = mean_se(tests)
         d, dse = difference(tests, base)
-        dc = mean_se([r["probes"][-1][1] - r["probes"][0][1] for r in rs if r["probes"]])
-        dr = mean_se([r["probes"][-1][2] - r["probes"][0][2] for r in rs if r["probes"]])
+        dc = mean_se([r["probe_end"][0] - start["probe"][0] for r in rs])  # from the start model's, in nats
+        dr = mean_se([r["probe_end"][1] - start["probe"][1] for r in rs])
         val = " / ".join(f"{r['val']:.3f}" for lr in lrs for r in search if r["loss"] == loss and r["lr"] == lr)
         noise = "-" if loss == losses[0] else f"{d:+.3f} ± {dse:.3f}" + (" (> 2 SE)" if abs(d) > 2 * dse else "")
         rows.append([loss, val, f"{chosen[loss]:g}", ", ".join(f"{t:.3f}" for t in tests), f"{m:.3f} ± {se:.3f}",
@@ -200,7 +241,9 @@ def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) ->
     for col, name in ((1, "chosen"), (2, "rejected")):
         lines = {}
         for loss in losses:
-            curves = [r["probes"] for r in final[loss] if r["probes"]]
+            curves = [[(0, *start["probe"]), *r["probes"]] for r in final[loss] if r["probes"]]
+            if not curves:  # an online group loss logs no probe curve (its change is in the table)
+                continue
             n = min(len(c) for c in curves)
             steps = [curves[0][i][0] for i in range(n)]
             stats = [mean_se([c[i][col] for c in curves]) for i in range(n)]
