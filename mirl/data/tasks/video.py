@@ -13,9 +13,9 @@ other, drawn in two parts) and the start is uniform on it, so every frame alone 
 and the frames without their order are the same set for a square moving one way from a start as for one moving the
 other way from the path's other end: a model that ignores the order scores 0.5 in expectation. Shuffled
 (`mirl eval --frame-order shuffled`: any order but the true one, the reversal included, which is a clip of the
-other way) a model right on every ordered clip scores about 11/23 = 0.48. The held-out split hashes the scene (split.py: direction, colours, start, distractor), so train
-and test scenes are disjoint. The chat form asks in words ("Does the red square move left or right?") and reads the
-last direction word.
+other way) a model right on every ordered clip scores about 11/23 = 0.48. The held-out split hashes the scene
+(split.py: direction, colours, start, distractor), so train and test scenes are disjoint. The chat form asks in
+words ("Does the red square move left or right?") and reads the last direction word.
 
     count[:level]    8 frames of 32x32 RGB: a coloured square shows in 1 to 4 of them (any frames), the rest lack it
                      prompt "<video>count red:"   solution "3"   score 1 when the first integer is the count
