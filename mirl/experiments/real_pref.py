@@ -145,7 +145,12 @@ def start_and_pairs(cfg, out: Path) -> tuple[str, dict]:
            "eval_n": cfg.eval_n}  # fmt: skip
     if info_file.exists() and json.loads(info_file.read_text())["key"] == key:
         console.print(f"[green]using the pairs sampled before[/] ({pairs_file})")
-        return model, json.loads(info_file.read_text())
+        info = json.loads(info_file.read_text())
+        if "probe" not in info["start"]:  # a pairs file of an earlier version: the probes' start log-probs
+            pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+            info["start"]["probe"] = probe_logps(load_policy(model), pairs, cfg.real_max_len)
+            info_file.write_text(json.dumps(info, indent=1))
+        return model, info
     import torch
 
     torch.set_num_threads(cfg.threads)
