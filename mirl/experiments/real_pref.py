@@ -11,8 +11,10 @@
        scalar rewards (mirl online --loss nca), the same rates searched, --real-online-steps steps of
        --real-batch-size prompts; its training prompts come from the train split, so they may include validation ones
 
-The runs go --workers at a time, each in its own process with one thread. --quick: a tiny GPT after 200 SFT steps
-on arith instead of SmolLM2 (the CI size). Output: <out>/mio-vs-dpo-real/{results.json, summary.md, probes.png}.
+The runs go --workers at a time, each in its own process with one thread; a run already done with the same job
+(its out_dir's result.json) is read back, so an interrupted experiment, or one given more losses, resumes.
+--quick: a tiny GPT after 200 SFT steps on arith instead of SmolLM2 (the CI size). Output:
+<out>/mio-vs-dpo-real/{results.json, summary.md, probes.png}.
 """
 
 from __future__ import annotations
@@ -91,9 +93,12 @@ def run_one(job: dict) -> dict:
     from ..eval import evaluate
     from ..recipes import preference
 
+    c = job["config"]
+    done = Path(c["out_dir"]) / "result.json"  # a run finished before with the same job is not run again
+    if done.exists() and json.loads(done.read_text())["job"] == job:
+        return json.loads(done.read_text())["result"]
     torch.set_num_threads(1)
     pairs = [json.loads(line) for line in Path(job["pairs"]).read_text().splitlines() if line.strip()]
-    c = job["config"]
     t0 = time.time()
     if c["loss"] in ONLINE:  # a group loss on fresh samples: k per prompt, scalar rewards (the task's score)
         from ..recipes import online
@@ -111,7 +116,7 @@ def run_one(job: dict) -> dict:
     acc = {name: evaluate(policy, task, ex, max_new_tokens=mnt) for name, ex in (("val", val), ("test", test))}
     probes = [(r["step"], r["probe/chosen_logps"], r["probe/rejected_logps"]) for r in res.history if "probe/mass" in r]
     end = probe_logps(policy, pairs, c["max_len"])
-    return {
+    result = {
         "loss": job["config"]["loss"],
         "lr": job["config"]["lr"],
         "seed": job["config"]["seed"],
@@ -123,6 +128,8 @@ def run_one(job: dict) -> dict:
         "train_s": train_s,
         "wall_s": time.time() - t0,
     }
+    done.write_text(json.dumps({"job": job, "result": result}))
+    return result
 
 
 def start_and_pairs(cfg, out: Path) -> tuple[str, dict]:
@@ -199,8 +206,8 @@ def run(cfg, seeds: list[int]) -> dict:
         c = {"model": model, "task": "arith" if q else cfg.real_task, "loss": loss, "lr": lr, "seed": seed,
              "beta": cfg.real_beta, "steps": 10 if q else cfg.real_steps, "batch_size": cfg.real_batch_size,
              "warmup_steps": 2 if q else 4, "max_len": cfg.real_max_len, "max_new_tokens": cfg.real_max_new_tokens,
-             **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 5, "eval_n": 0, "threads": 1,
-             "report": False, "report_to": "none", "device": cfg.device,
+             **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 10, "eval_n": 0,
+             "threads": 1, "report": False, "report_to": "none", "device": cfg.device,
              "out_dir": str(out / "runs" / f"{loss}_lr{lr:g}_seed{seed}")}  # fmt: skip
         if loss in ONLINE:
             c.update(k=cfg.real_k, temperature=cfg.real_temperature, online_steps=4 if q else cfg.real_online_steps)
