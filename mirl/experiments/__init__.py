@@ -68,6 +68,7 @@ class Config:
     real_beta: float = 0.1  # the losses' beta
     real_max_len: int = 96  # prompt + response tokens
     real_max_new_tokens: int = 32  # sampling and evaluation length
+    real_bf16: bool = False  # bf16 autocast in training on a CPU (2x with AMX, 100x slower on AVX2; a GPU: auto)
     real_online_steps: int = 20  # online-nca / online-infonca in --real-losses: steps of --real-batch-size prompts
 
 

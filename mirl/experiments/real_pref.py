@@ -65,7 +65,7 @@ def online_config(c: dict) -> dict:
     """mirl online's options for a group loss run from a pair run's: the same model, rate, seed, length and LoRA;
     k samples per prompt at the pairs' temperature, --real-online-steps steps of --real-batch-size prompts."""
     keep = ("model", "task", "lr", "seed", "max_len", "max_new_tokens", "lora_r", "lora_alpha", "eval_n", "threads",
-            "report", "report_to", "device", "out_dir")  # fmt: skip
+            "report", "report_to", "device", "out_dir", "bf16")  # fmt: skip
     out = {k: c[k] for k in keep if k in c}
     return {**out, "loss": ONLINE[c["loss"]], "k": c["k"], "temperature": c["temperature"],
             "steps": c["online_steps"], "prompts_per_step": c["batch_size"]}  # fmt: skip
@@ -207,7 +207,7 @@ def run(cfg, seeds: list[int]) -> dict:
              "beta": cfg.real_beta, "steps": 10 if q else cfg.real_steps, "batch_size": cfg.real_batch_size,
              "warmup_steps": 2 if q else 4, "max_len": cfg.real_max_len, "max_new_tokens": cfg.real_max_new_tokens,
              **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 10, "eval_n": 0,
-             "threads": 1, "report": False, "report_to": "none", "device": cfg.device,
+             "threads": 1, "report": False, "report_to": "none", "device": cfg.device, "bf16": cfg.real_bf16 or None,
              "out_dir": str(out / "runs" / f"{loss}_lr{lr:g}_seed{seed}")}  # fmt: skip
         if loss in ONLINE:
             c.update(k=cfg.real_k, temperature=cfg.real_temperature, online_steps=4 if q else cfg.real_online_steps)
