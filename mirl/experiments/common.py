@@ -33,6 +33,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (std / sqrt(n); 0 for one value)."""
+    m, sd = mean_std(values)
+    n = len([v for v in values if v == v])
+    return m, sd / math.sqrt(n) if n else float("nan")
+
+
 def curve_stats(curves: list[list[float]]) -> tuple[list[float], list[float]]:
     """Per-index mean and std over seeds' curves of equal length."""
     n = min(len(c) for c in curves)

@@ -28,18 +28,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..logging import console
-from .common import cached_sft, markdown_table, mean_std, plot_curve_grid, write_outputs
+from .common import cached_sft, markdown_table, mean_se, mean_std, plot_curve_grid, write_outputs
 
 
 def split_list(s: str, kind=str) -> list:
     """'a,b' -> [kind('a'), kind('b')] (blanks dropped)."""
     return [kind(x.strip()) for x in s.split(",") if x.strip()]
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (std / sqrt(n))."""
-    m, sd = mean_std(values)
-    return m, sd / math.sqrt(len(values)) if values else float("nan")
 
 
 def difference(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..logging import console
-from .common import cached_sft, markdown_table, mean_std, plot_curve_grid, write_outputs
+from .common import cached_sft, markdown_table, mean_se, mean_std, plot_curve_grid, write_outputs
 
 TASKS = {  # start model, RL settings per task
     "arith": {
@@ -141,13 +141,6 @@ def run_one(job: tuple) -> dict:
         "wall_s": time.time() - t0,
         "evals": [{k: e[k] for k in ("step", "accuracy", "train_s", "samples", "tokens")} for e in evals],
     }
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (std / sqrt(n); 0 for one value)."""
-    m, sd = mean_std(values)
-    n = len([v for v in values if v == v])
-    return m, sd / math.sqrt(n) if n else float("nan")
 
 
 def run(cfg, seeds: list[int]) -> dict:
