@@ -513,12 +513,18 @@ def main() -> None:
 
 
 def print_table(results):
+    import torch
+
     from mirl.cpu import NATIVE_BF16_FLAGS, cpu_info, native_bf16
 
     name, flags = cpu_info()
     simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
     print(f"\nCPU: {name}; native bf16 matmul: {'yes' if native_bf16(flags) else 'no'} ({'/'.join(NATIVE_BF16_FLAGS)})")
     print(f"flags: {' '.join(simd) or 'unknown'}")
+    blas = next(
+        (w.split("=")[1] for w in torch.__config__.show().replace(",", " ").split() if w.startswith("BLAS_INFO=")), "?"
+    )
+    print(f"ATen CPU kernels: {torch.backends.cpu.get_cpu_capability()}; BLAS: {blas}; torch {torch.__version__}")
     print(
         "\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
         "| RSS ratio | limit steps/s | mirl % of limit | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |"
