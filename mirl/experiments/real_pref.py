@@ -221,7 +221,7 @@ def run(cfg, seeds: list[int]) -> dict:
 def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) -> dict:
     """results.json, the table (summary.md) and the probe curves (probes.png)."""
     start = info["start"]
-    rows, numbers = [], {"pairs": info, "chosen_lr": chosen, "search": search, "final": final, "wall_s": wall_s}
+    rows, numbers = [], {"pairs": info, "chosen_lr": chosen, "search": search, "final": final, "seconds": wall_s}
     base = [r["test"] for r in final[losses[0]]]
     for loss in losses:
         rs = final[loss]
