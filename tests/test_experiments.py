@@ -124,6 +124,9 @@ def test_quick_experiment_writes_plots_json_and_table(tmp_path, name):
             assert all(0 <= r["test"] <= 1 and len(r["probe_end"]) == 2 for r in runs)
             pair_run = loss != "online-nca"  # pair runs log the probes from step 1; the online run has none
             assert all((r["probes"][:1] and r["probes"][0][0]) == (1 if pair_run else []) for r in runs)
+            assert runs[0]["val"] is not None and runs[1]["val"] is None  # the validation split scores the search
+            for r in runs if pair_run else []:  # the last step's probe is the end's (taken once)
+                assert r["probes"][-1][0] == 10 and r["probes"][-1][1:] == pytest.approx(r["probe_end"], abs=1e-4)
         task = make_task("arith")  # every pair verified: the chosen answer right, the rejected wrong
         pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
         assert len(pairs) == numbers["pairs"]["n_pairs"] >= 2

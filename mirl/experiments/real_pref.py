@@ -66,7 +66,9 @@ def online_config(c: dict) -> dict:
 
 
 def probe_logps(policy, pairs: list[dict], max_len: int) -> tuple[float, float]:
-    """The mean summed log-prob of the chosen and of the rejected answers of the first 256 pairs (the probes)."""
+    """The mean summed log-prob of the chosen and of the rejected answers of the first 256 pairs (the probes), in
+    float32 (the pair runs take theirs inside mirl dpo, under its arithmetic; this serves the start and the online
+    group-loss runs)."""
     import torch
 
     from ..data.collate import encode_pairs
@@ -98,26 +100,31 @@ def run_one(job: dict) -> dict:
         from ..recipes import online
 
         res = online.train(online.Config(**online_config(c)))
-    else:
+        start = job["start_probe"]  # float32, as probe_logps takes the end
+        end = probe_logps(res.model, pairs, c["max_len"])
+    else:  # the probes' start, curve and end from the run itself, under its arithmetic
         res = preference.train(preference.Config(**c), data=pairs)
+        s = res.summary
+        start = (s["probe_start"]["chosen_logps"], s["probe_start"]["rejected_logps"])
+        end = (start[0] + s["chosen_logp_change"], start[1] + s["rejected_logp_change"])
     train_s = time.time() - t0
     policy = res.model
     task = make_task(job["config"]["task"], policy.tokenizer, "auto")
     val, test = (task.examples(split, n, 0) for split, n in (("train", job["n_prompts"] + job["val_n"]),
                                                                 ("test", job["eval_n"])))  # fmt: skip
-    val = val[job["n_prompts"] :]
+    sets = {"val": val[job["n_prompts"] :], "test": test} if job["val"] else {"test": test}  # val: the search only
     mnt = job["config"]["max_new_tokens"]
-    acc = {name: evaluate(policy, task, ex, max_new_tokens=mnt) for name, ex in (("val", val), ("test", test))}
+    acc = {name: evaluate(policy, task, ex, max_new_tokens=mnt) for name, ex in sets.items()}
     probes = [(r["step"], r["probe/chosen_logps"], r["probe/rejected_logps"]) for r in res.history if "probe/mass" in r]
-    end = probe_logps(policy, pairs, c["max_len"])
     result = {
         "loss": job["config"]["loss"],
         "lr": job["config"]["lr"],
         "seed": job["config"]["seed"],
-        "val": acc["val"].accuracy,
+        "val": acc["val"].accuracy if "val" in acc else None,
         "test": acc["test"].accuracy,
         "test_se": acc["test"].accuracy_se,
         "probes": probes,
+        "probe_start": start,
         "probe_end": end,
         "train_s": train_s,
         "wall_s": time.time() - t0,
@@ -196,24 +203,26 @@ def run(cfg, seeds: list[int]) -> dict:
         hint = "raise --real-n-prompts or --real-k"
         raise ValueError(f"mio-vs-dpo-real: {info['n_pairs']} pairs from {cfg.real_n_prompts} prompts; {hint}")
 
-    def job(loss: str, lr: float, seed: int) -> dict:
+    def job(loss: str, lr: float, seed: int, val: bool) -> dict:
         c = {"model": model, "task": "arith" if q else cfg.real_task, "loss": loss, "lr": lr, "seed": seed,
              "beta": cfg.real_beta, "steps": 10 if q else cfg.real_steps, "batch_size": cfg.real_batch_size,
              "warmup_steps": 2 if q else 4, "max_len": cfg.real_max_len, "max_new_tokens": cfg.real_max_new_tokens,
-             **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 10, "eval_n": 0,
+             **({} if q else {"lora_r": 16, "lora_alpha": 32}), "probe_every": 2 if q else 20, "eval_n": 0,
              "threads": 1, "report": False, "report_to": "none", "device": cfg.device, "bf16": cfg.real_bf16 or None,
              "out_dir": str(out / "runs" / f"{loss}_lr{lr:g}_seed{seed}")}  # fmt: skip
+        extra = {}
         if loss in ONLINE:
             c.update(k=cfg.real_k, temperature=cfg.real_temperature, online_steps=4 if q else cfg.real_online_steps)
+            extra["start_probe"] = info["start"]["probe"]
         return {"config": c, "pairs": str(out / "pairs.jsonl"), "n_prompts": cfg.real_n_prompts,
-                "val_n": cfg.real_val_n, "eval_n": cfg.eval_n}  # fmt: skip
+                "val_n": cfg.real_val_n, "eval_n": cfg.eval_n, "val": val, **extra}  # fmt: skip
 
     pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn"))
     with pool:
-        search = list(pool.map(run_one, [job(loss, lr, seeds[0]) for loss in losses for lr in lrs]))
+        search = list(pool.map(run_one, [job(loss, lr, seeds[0], True) for loss in losses for lr in lrs]))
         chosen = {loss: pick_lr({r["lr"]: r["val"] for r in search if r["loss"] == loss}) for loss in losses}
         console.print(f"rates chosen on the validation split: {chosen}")
-        more = list(pool.map(run_one, [job(loss, chosen[loss], s) for loss in losses for s in seeds[1:]]))
+        more = list(pool.map(run_one, [job(loss, chosen[loss], s, False) for loss in losses for s in seeds[1:]]))
     final = {loss: [r for r in search + more if r["loss"] == loss and r["lr"] == chosen[loss]] for loss in losses}
     return write_results(cfg, out, info, losses, lrs, chosen, search, final, time.time() - t_start)
 
@@ -228,8 +237,8 @@ def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) ->
         tests = [r["test"] for r in rs]
         m, se = mean_se(tests)
         d, dse = difference(tests, base)
-        dc = mean_se([r["probe_end"][0] - start["probe"][0] for r in rs])  # from the start model's, in nats
-        dr = mean_se([r["probe_end"][1] - start["probe"][1] for r in rs])
+        dc = mean_se([r["probe_end"][0] - r["probe_start"][0] for r in rs])  # from the start model's, in nats
+        dr = mean_se([r["probe_end"][1] - r["probe_start"][1] for r in rs])
         val = " / ".join(f"{r['val']:.3f}" for lr in lrs for r in search if r["loss"] == loss and r["lr"] == lr)
         noise = "-" if loss == losses[0] else f"{d:+.3f} ± {dse:.3f}" + (" (> 2 SE)" if abs(d) > 2 * dse else "")
         rows.append([loss, val, f"{chosen[loss]:g}", ", ".join(f"{t:.3f}" for t in tests), f"{m:.3f} ± {se:.3f}",
@@ -247,7 +256,7 @@ def write_results(cfg, out, info, losses, lrs, chosen, search, final, wall_s) ->
     for col, name in ((1, "chosen"), (2, "rejected")):
         lines = {}
         for loss in losses:
-            curves = [[(0, *start["probe"]), *r["probes"]] for r in final[loss] if r["probes"]]
+            curves = [[(0, *r["probe_start"]), *r["probes"]] for r in final[loss] if r["probes"]]
             if not curves:  # an online group loss logs no probe curve (its change is in the table)
                 continue
             n = min(len(c) for c in curves)

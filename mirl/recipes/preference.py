@@ -331,8 +331,12 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
     if needs_ref and ref_model is None:
         ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
         ref_all = precomputed_reference(policy, pairs, ref_file, resume=cfg.resume, average=average, bf16=cfg.bf16)
-    probe = pairs[: min(len(pairs), 256)]  # fixed pairs for the start/end log-prob change
-    probe_start = all_pair_logps(policy, probe, tok.pad_token_id, average)  # (chosen (n,), rejected (n,))
+    # fixed pairs for the start/end log-prob change, under the training arithmetic (bf16 autocast with --bf16); the
+    # start is the precomputed reference's first rows where there is one (the same numbers: step 0's policy)
+    probe = pairs[: min(len(pairs), 256)]
+    probe_logps = lambda: all_pair_logps(policy, probe, tok.pad_token_id, average, bf16=cfg.bf16)
+    probe_start = probe_logps() if ref_all is None else tuple(x[: len(probe)] for x in ref_all)  # (chosen, rejected)
+    probe_end = None
 
     check_fsdp(cfg.fsdp, lora_r=cfg.lora_r > 0, resume=cfg.resume)
     model_fwd = dist.wrap(policy, cfg.fsdp)  # DDP (or FSDP2) under torchrun, the policy itself otherwise
@@ -381,15 +385,17 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         warned = warned or warn_chosen_decline(step + 1, first, row, cfg.chosen_drop_warn)
         if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step == 0):
             # the same pairs every time: a clean curve of chosen / rejected log-probs (batch means are noisy)
-            probed = probe_summary(*all_pair_logps(policy, probe, tok.pad_token_id, average))
-            row.update({f"probe/{k}": v for k, v in probed.items()})
+            probe_end = probe_logps()
+            row.update({f"probe/{k}": v for k, v in probe_summary(*probe_end).items()})
+        else:
+            probe_end = None  # stale: the end's probe is taken after the loop
         if end_of_step(run, step + 1, row, t_step=t0, save=save):
             break
     if run.main:
         report_skips(skips, cfg.out_dir)
 
     # ---- summary, save, evaluate (rank 0) ----------------------------------------------------------
-    probe_end = all_pair_logps(policy, probe, tok.pad_token_id, average)
+    probe_end = probe_logps() if probe_end is None else probe_end  # the last step's probe when it took one
     summary = {"pairs": len(pairs), "pair_sampling": pair_stats, "skipped": skips.counts}
     summary.update(probe_change(probe_start, probe_end), warned_chosen_decline=warned)
     policy = gathered_policy(policy, cfg)
