@@ -281,6 +281,30 @@ def test_bf16_reference_runs_under_the_policys_arithmetic(tmp_path, ref_mode):
     assert h["rewards/chosen"] == 0.0 and h["rewards/rejected"] == 0.0
 
 
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_probes_run_under_the_training_arithmetic_from_start_to_end(tmp_path, loss):
+    """The probe pairs' log-probs (probe/*, the summary's start and change) are taken under the training forward's
+    arithmetic (bf16 autocast here): the start is the precomputed reference's rows for DPO (the policy at step 0)
+    and its own pass for SimPO (no reference), equal to a bf16 pass of the start model and not to a float32 one;
+    the end is the last step's probe when that step took one (steps 1 and 3 of 3 with probe_every 3), not a
+    second pass."""
+    policy = load_policy("gpt-nano", seed=0)
+    pairs = encode_pairs(policy, PAIRS, 512, SkipCounter())
+    pad = policy.tokenizer.pad_token_id
+    want = {bf: preference.all_pair_logps(policy, pairs, pad, False, bf16=bf) for bf in (True, False)}
+    cfg = preference.Config(task="", loss=loss, bf16=True, steps=3, batch_size=8, lr=1e-2, warmup_steps=0, threads=2,
+                            probe_every=3, report=False, out_dir=str(tmp_path / loss))  # fmt: skip
+    res = preference.train(cfg, model=policy, data=PAIRS)
+    s, probed = res.summary, [r for r in res.history if "probe/mass" in r]
+    start = s["probe_start"]["chosen_logps"], s["probe_start"]["rejected_logps"]
+    assert start == (float(want[True][0].mean()), float(want[True][1].mean()))  # the same pass: exactly
+    assert start[0] != float(want[False][0].mean())  # bf16 and float32 differ (2e-5 here): the test can tell
+    assert [r["step"] for r in probed] == [1, 3]
+    end = start[0] + s["chosen_logp_change"], start[1] + s["rejected_logp_change"]
+    assert end == pytest.approx((probed[-1]["probe/chosen_logps"], probed[-1]["probe/rejected_logps"]), abs=1e-5)
+    assert abs(s["chosen_logp_change"]) > 1e-3  # lr 1e-2 moved it
+
+
 # 11 --------------------------------------------------------------------------------------------------------
 def test_inverse_cdf_reaches_the_tail_of_a_large_vocabulary():
     """p = 0.999 on token 0 and 1e-3 spread over 149 999 tokens (w = 6.7e-9 each, under float32's spacing of
