@@ -282,16 +282,19 @@ def test_bf16_reference_runs_under_the_policys_arithmetic(tmp_path, ref_mode):
 
 
 @pytest.mark.parametrize("loss", ["dpo", "simpo"])
-def test_probes_run_under_the_training_arithmetic_from_start_to_end(tmp_path, loss):
+def test_probes_run_under_the_training_arithmetic_from_start_to_end(tmp_path, monkeypatch, loss):
     """The probe pairs' log-probs (probe/*, the summary's start and change) are taken under the training forward's
     arithmetic (bf16 autocast here): the start is the precomputed reference's rows for DPO (the policy at step 0)
     and its own pass for SimPO (no reference), equal to a bf16 pass of the start model and not to a float32 one;
     the end is the last step's probe when that step took one (steps 1 and 3 of 3 with probe_every 3), not a
-    second pass."""
+    second pass: 3 passes over the probes in all (the start, steps 1 and 3), where there were 5."""
     policy = load_policy("gpt-nano", seed=0)
     pairs = encode_pairs(policy, PAIRS, 512, SkipCounter())
     pad = policy.tokenizer.pad_token_id
+    torch.set_num_threads(2)  # as the run's threads=2: the same kernels' reduction order
     want = {bf: preference.all_pair_logps(policy, pairs, pad, False, bf16=bf) for bf in (True, False)}
+    passes, logps = [], preference.all_pair_logps
+    monkeypatch.setattr(preference, "all_pair_logps", lambda *a, **k: passes.append(k.get("bf16")) or logps(*a, **k))
     cfg = preference.Config(task="", loss=loss, bf16=True, steps=3, batch_size=8, lr=1e-2, warmup_steps=0, threads=2,
                             probe_every=3, report=False, out_dir=str(tmp_path / loss))  # fmt: skip
     res = preference.train(cfg, model=policy, data=PAIRS)
@@ -303,6 +306,7 @@ def test_probes_run_under_the_training_arithmetic_from_start_to_end(tmp_path, lo
     end = start[0] + s["chosen_logp_change"], start[1] + s["rejected_logp_change"]
     assert end == pytest.approx((probed[-1]["probe/chosen_logps"], probed[-1]["probe/rejected_logps"]), abs=1e-5)
     assert abs(s["chosen_logp_change"]) > 1e-3  # lr 1e-2 moved it
+    assert passes == [True] * 3
 
 
 # 11 --------------------------------------------------------------------------------------------------------

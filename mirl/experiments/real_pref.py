@@ -82,7 +82,8 @@ def probe_logps(policy, pairs: list[dict], max_len: int) -> tuple[float, float]:
 
 
 def run_one(job: dict) -> dict:
-    """One loss x rate x seed in its own process: train on the shared pairs, score the validation and test splits."""
+    """One loss x rate x seed in its own process: train on the shared pairs, score the test split (and the
+    validation split for the rate search's runs)."""
     import torch
 
     from ..data.tasks import make_task

@@ -332,7 +332,8 @@ def train(cfg: Config, model=None, data: list[dict] | None = None) -> Result:
         ref_file = Path(cfg.out_dir) / "ref_logps.safetensors"
         ref_all = precomputed_reference(policy, pairs, ref_file, resume=cfg.resume, average=average, bf16=cfg.bf16)
     # fixed pairs for the start/end log-prob change, under the training arithmetic (bf16 autocast with --bf16); the
-    # start is the precomputed reference's first rows where there is one (the same numbers: step 0's policy)
+    # start is the precomputed reference's first rows where there is one (the same numbers: step 0's policy, in the
+    # same batches, as 256 is a multiple of all_pair_logps' batch size)
     probe = pairs[: min(len(pairs), 256)]
     probe_logps = lambda: all_pair_logps(policy, probe, tok.pad_token_id, average, bf16=cfg.bf16)
     probe_start = probe_logps() if ref_all is None else tuple(x[: len(probe)] for x in ref_all)  # (chosen, rejected)
