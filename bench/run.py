@@ -512,7 +512,8 @@ def main() -> None:
     (root / "results.json").write_text(json.dumps(results, indent=1))
 
 
-def print_table(results):
+def print_cpu():
+    """The CPU line: its name, native bf16, SIMD flags, the ATen kernels in use and the BLAS library."""
     import torch
 
     from mirl.cpu import NATIVE_BF16_FLAGS, cpu_info, native_bf16
@@ -525,6 +526,10 @@ def print_table(results):
         (w.split("=")[1] for w in torch.__config__.show().replace(",", " ").split() if w.startswith("BLAS_INFO=")), "?"
     )
     print(f"ATen CPU kernels: {torch.backends.cpu.get_cpu_capability()}; BLAS: {blas}; torch {torch.__version__}")
+
+
+def print_table(results):
+    print_cpu()
     print(
         "\n| workload | threads | mirl steps/s | TRL steps/s | ratio | mirl peak RSS MB | TRL peak RSS MB "
         "| RSS ratio | limit steps/s | mirl % of limit | mirl GFLOP/s (% fp32 peak) | fp32 / bf16 matmul peak GFLOP/s |"
