@@ -4,6 +4,8 @@ one's share of the decode steps and the bound the step could reach (float32 weig
 read once per step at the measured copy bandwidth; the matmul FLOPs at the measured peak).
 
     python bench/profile_decode.py [--threads 2] [--new-tokens 64] [--top 15]
+    python bench/profile_decode.py --gemm      # the step's matrix products alone: MKL (x @ W, as the step does)
+                                               # against oneDNN with a prepacked weight, per shape
 
 Prints the CPU line (name, ATen kernels, BLAS), the mean decode step against its bound, and the top operations. Run
 it alone: every figure is a timing. The model folder is the bench's (bench/run.py's build, under its --root).
@@ -26,9 +28,13 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "mirl-bench"))  # bench/run.py's folders
+    ap.add_argument("--gemm", action="store_true", help="time the step's products alone, MKL against oneDNN")
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.gemm:
+        return gemm_table(args.threads)
     from run import WORKLOADS, build, copy_bandwidth, matmul_peak, print_cpu
     from torch.profiler import ProfilerActivity, profile
 
@@ -75,6 +81,51 @@ def main(argv=None) -> None:
         shapes = str(e.input_shapes)[:70]
         print(f"| {e.key} | {shapes} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
               f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
+
+
+# SmolLM2-135M's decode products for 16 rows, (in, out) as models/decode.py stores them: q k v fused, o, gate and
+# up fused, down, the tied head over the whole vocabulary; the count is per decode step
+GEMMS = [("qkv", 576, 960, 30), ("o", 576, 576, 30), ("gate+up", 576, 3072, 30), ("down", 1536, 576, 30),
+         ("head", 576, 49152, 1)]  # fmt: skip
+
+
+def gemm_table(threads: int, rows: int = 16, repeats: int = 50) -> None:
+    """Median time of each product through torch.matmul (MKL sgemm on x86) and through oneDNN's linear with the
+    weight prepacked once, their largest difference, and the step's total for each."""
+    import statistics
+
+    import torch
+    from run import print_cpu
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    print_cpu()
+    print(f"threads {threads}; {rows} rows\n\n| product | in x out | MKL us | oneDNN us | ratio | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    total = {"mkl": 0.0, "onednn": 0.0}
+
+    def median_us(fn) -> float:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1e6 * statistics.median(times)
+
+    for name, k, n, count in GEMMS:
+        x = torch.randn(rows, k, generator=g)
+        w = torch.randn(k, n, generator=g) / k**0.5  # (in, out)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows)
+        mkl = lambda x=x, w=w: torch.matmul(x, w)
+        onednn = lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        diff = float((mkl() - onednn()).abs().max())
+        a, b = median_us(mkl), median_us(onednn)
+        total["mkl"] += count * a
+        total["onednn"] += count * b
+        print(f"| {name} | {k} x {n} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {diff:.1e} |")
+    print(f"\nper decode step (x count): MKL {total['mkl'] / 1e3:.1f} ms, oneDNN {total['onednn'] / 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
