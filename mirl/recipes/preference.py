@@ -81,7 +81,7 @@ class Config:
     min_lr_ratio: float = 0.1  # cosine decay floor as a fraction of lr (1 = constant after warmup)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
-    probe_every: int = 5  # every N steps log log-probs of a fixed set of 256 pairs (probe/*; 0 = off)
+    probe_every: int = 5  # every N steps log log-probs of a fixed set of 256 pairs, as trained (probe/*; 0 = off)
     chosen_drop_warn: float = 2.0  # warn when mean chosen logp fell this many nats while the margin grew
     seed: int = 0  # seed of initialisation, data order and sampling
     threads: int = 2  # torch CPU threads
