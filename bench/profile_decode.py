@@ -3,7 +3,7 @@ weights, 16 rows x 64 new tokens, greedy, ignore_eos) under torch.profiler, per 
 one's share of the decode steps and the bound the step could reach (float32 weights and the rows' keys and values
 read once per step at the measured copy bandwidth; the matmul FLOPs at the measured peak).
 
-    python bench/profile_decode.py [--threads 2] [--new-tokens 64] [--top 15]
+    python bench/profile_decode.py [--threads 2] [--new-tokens 64] [--top 15] [--products auto,matmul]
     python bench/profile_decode.py --gemm      # the step's matrix products alone: MKL (x @ W, as the step does)
                                                # against oneDNN with a prepacked weight, per shape
 
@@ -28,6 +28,9 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "mirl-bench"))  # bench/run.py's folders
+    ap.add_argument("--products", default="auto,matmul",
+                    help="the decode products' library, each timed in turn: auto (this CPU's choice, mirl/cpu.py), "
+                         "matmul (torch's, MKL on x86), onednn (every product prepacked)")  # fmt: skip
     ap.add_argument("--gemm", action="store_true", help="time the step's products alone, MKL against oneDNN")
     args = ap.parse_args(argv)
 
@@ -38,6 +41,8 @@ def main(argv=None) -> None:
     from run import WORKLOADS, build, copy_bandwidth, matmul_peak, print_cpu
     from torch.profiler import ProfilerActivity, profile
 
+    import mirl.cpu
+    from mirl.cpu import DecodeProducts
     from mirl.models import load_policy
     from mirl.rollout.sample import generate
 
@@ -52,35 +57,38 @@ def main(argv=None) -> None:
     gen = lambda k: generate(policy, prompts, max_new_tokens=k, samples_per_prompt=w["group"], temperature=0.0,
                              ignore_eos=True)  # fmt: skip
 
-    gen(4)  # warm-up: allocations, the weight snapshot's first build
-    t0 = time.perf_counter()
-    gen(1)  # the prefill and one token: subtracted to leave the decode steps
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gen(args.new_tokens)
-    total_s = time.perf_counter() - t0
-    step_s = (total_s - prefill_s) / (args.new_tokens - 1)
-
     params = sum(p.numel() for p in policy.model.parameters())
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     ctx = w["prompt"] + args.new_tokens // 2  # the mean context of the decode steps
     bw, peak = copy_bandwidth(args.threads), matmul_peak(args.threads, "float32")
     bound_s = max(4 * (params + n * ctx * kv) / bw, 2 * params * n / peak)
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        gen(args.new_tokens)
     print_cpu()
     print(f"threads {args.threads}; {n} rows x {args.new_tokens} new tokens after a {w['prompt']}-token prompt")
-    print(f"decode step: {1e3 * step_s:.1f} ms; bound {1e3 * bound_s:.1f} ms ({100 * bound_s / step_s:.0f}% of it):"
-          f" {4 * params / 1e6:.0f} MB of float32 weights at {bw / 1e9:.1f} GB/s, {2 * params * n / 1e9:.1f} GFLOP at"
-          f" {peak / 1e9:.0f} GFLOP/s; prefill + 1 token {prefill_s:.2f} s")  # fmt: skip
-    events = prof.key_averages(group_by_input_shape=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    print("\n| op | input shapes | calls | self ms | share |\n|---|---|---|---|---|")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-        shapes = str(e.input_shapes)[:70]
-        print(f"| {e.key} | {shapes} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
-              f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
+    print(f"decode step bound {1e3 * bound_s:.1f} ms: {4 * params / 1e6:.0f} MB of float32 weights at"
+          f" {bw / 1e9:.1f} GB/s, {2 * params * n / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s")  # fmt: skip
+    choices = {"auto": mirl.cpu.decode_products(), "matmul": DecodeProducts(False, False, 0, "torch's matmul"),
+               "onednn": DecodeProducts(True, True, 0, "oneDNN prepacked, every product")}  # fmt: skip
+    for name in args.products.split(","):
+        mirl.cpu.this_cpu_decode_products = lambda c=choices[name]: c  # what models/decode.py reads
+        gen(4)  # warm-up: allocations, the weight snapshot's first build
+        t0 = time.perf_counter()
+        gen(1)  # the prefill and one token: subtracted to leave the decode steps
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gen(args.new_tokens)
+        step_s = (time.perf_counter() - t0 - prefill_s) / (args.new_tokens - 1)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            gen(args.new_tokens)
+        print(f"\n### --products {name}: {choices[name].why}\n")
+        print(f"decode step: {1e3 * step_s:.1f} ms, {100 * bound_s / step_s:.0f}% of the bound; prefill + 1 token"
+              f" {prefill_s:.2f} s")  # fmt: skip
+        events = prof.key_averages(group_by_input_shape=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        print("\n| op | input shapes | calls | self ms | share |\n|---|---|---|---|---|")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            shapes = str(e.input_shapes)[:70]
+            print(f"| {e.key} | {shapes} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
+                  f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
 
 
 # SmolLM2-135M's decode products for 16 rows, (in, out) as models/decode.py stores them: q k v fused, o, gate and

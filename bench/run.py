@@ -516,16 +516,18 @@ def print_cpu():
     """The CPU line: its name, native bf16, SIMD flags, the ATen kernels in use and the BLAS library."""
     import torch
 
-    from mirl.cpu import NATIVE_BF16_FLAGS, cpu_info, native_bf16
+    from mirl.cpu import NATIVE_BF16_FLAGS, cpu_info, cpu_vendor, native_bf16, this_cpu_decode_products
 
     name, flags = cpu_info()
     simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    print(f"\nCPU: {name}; native bf16 matmul: {'yes' if native_bf16(flags) else 'no'} ({'/'.join(NATIVE_BF16_FLAGS)})")
+    bf16 = f"{'yes' if native_bf16(flags) else 'no'} ({'/'.join(NATIVE_BF16_FLAGS)})"
+    print(f"\nCPU: {name} ({cpu_vendor()}); native bf16 matmul: {bf16}")
     print(f"flags: {' '.join(simd) or 'unknown'}")
     blas = next(
         (w.split("=")[1] for w in torch.__config__.show().replace(",", " ").split() if w.startswith("BLAS_INFO=")), "?"
     )
     print(f"ATen CPU kernels: {torch.backends.cpu.get_cpu_capability()}; BLAS: {blas}; torch {torch.__version__}")
+    print(this_cpu_decode_products().why)
 
 
 def print_table(results):

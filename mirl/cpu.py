@@ -7,6 +7,8 @@ is a trap. `bf16_warning()` says so once, when a recipe is asked for bf16 on suc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -47,3 +49,63 @@ def bf16_warning(device_type: str = "cpu", text: str | None = None) -> str | Non
         f"--bf16 on this CPU ({name}) without native bf16 matmul (no {' or '.join(NATIVE_BF16_FLAGS)} flag): "
         "torch emulates it, about 100x slower than float32 on such CPUs; drop --bf16 to train in float32"
     )
+
+
+def cpu_vendor(text: str | None = None) -> str:
+    """The vendor_id of the first processor in /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...), else 'unknown'."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class DecodeProducts:
+    """Which of the decode step's float32 matrix products (models/decode.py) go through oneDNN with a weight
+    prepacked once per generation instead of MKL: the vocabulary head, the layers' products, those of at least
+    min_elements weights; `why` says so in the bench's CPU line."""
+
+    head: bool
+    layers: bool
+    min_elements: int
+    why: str
+
+
+# a product's weight below this stays with MKL: the tiny models' 64-wide layers, where a call's overhead dominates
+MIN_PACKED_ELEMENTS = 1 << 18
+
+
+def decode_products(text: str | None = None, machine: str | None = None, mkl: bool | None = None) -> DecodeProducts:
+    """The decode step's choice of matrix library on this CPU (bench/profile_decode.py --gemm measures both).
+
+    torch's float32 matmul on x86 is MKL's sgemm, which dispatches on the CPU vendor: on an Intel CPU its skinny
+    kernels for a few rows are the faster for the layers' products (SmolLM2, 16 rows, 2 threads, Xeon AVX-512:
+    16.7 against 19.9 ms a step), on any other vendor (AMD) MKL takes its generic path, 3.9x slower for the same
+    products (105.2 against 27.3 ms, forced on the Xeon with bench/mkl_other_vendor.c), while oneDNN dispatches
+    on the instruction set and stays at 23.9 ms. The 49152-row head is faster through oneDNN everywhere
+    (5.4 against 10.6 ms). Off x86, or without oneDNN, every product stays with torch's matmul."""
+    import platform
+
+    import torch
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return DecodeProducts(False, False, 0, f"decode products: torch's matmul ({machine})")
+    vendor = cpu_vendor(text)
+    mkl = torch.backends.mkl.is_available() if mkl is None else mkl
+    if mkl and vendor == "GenuineIntel":
+        return DecodeProducts(True, False, MIN_PACKED_ELEMENTS, "decode products: MKL, the head through oneDNN")
+    why = f"MKL's path for {vendor} CPUs" if mkl else "torch without MKL"
+    return DecodeProducts(True, True, MIN_PACKED_ELEMENTS, f"decode products: oneDNN prepacked ({why})")
+
+
+@cache
+def this_cpu_decode_products() -> DecodeProducts:
+    """decode_products() of this machine, read once."""
+    return decode_products()

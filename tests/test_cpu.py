@@ -1,12 +1,17 @@
 """bf16 on a CPU without native bf16 matmul is named before a run wastes its time on it."""
 
-from mirl.cpu import bf16_warning, cpu_info, native_bf16
+import pytest
+import torch
+
+from mirl.cpu import MIN_PACKED_ELEMENTS, bf16_warning, cpu_info, cpu_vendor, decode_products, native_bf16
 
 EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
 model name\t: AMD EPYC 7B13
 flags\t\t: fpu sse2 avx avx2 fma bmi2
 """
 XEON = """processor\t: 0
+vendor_id\t: GenuineIntel
 model name\t: Intel(R) Xeon(R) Processor
 flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile
 """
@@ -39,3 +44,18 @@ def test_a_bf16_run_on_such_a_cpu_warns_and_still_trains(tmp_path, monkeypatch, 
     )
     assert len(res.history) == 2
     assert "without native bf16 matmul" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_the_decode_products_choose_onednn_where_mkl_takes_its_other_vendor_path():
+    """MKL's sgemm on a non-Intel CPU is its generic path (3.9x slower for SmolLM2's decode products, mirl/cpu.py):
+    there every product goes through oneDNN; on Intel only the vocabulary head; off x86 none."""
+    assert cpu_vendor(EPYC) == "AuthenticAMD" and cpu_vendor(XEON) == "GenuineIntel" and cpu_vendor("") == "unknown"
+    amd = decode_products(EPYC, "x86_64", mkl=True)
+    assert (amd.head, amd.layers, amd.min_elements) == (True, True, MIN_PACKED_ELEMENTS)
+    assert "AuthenticAMD" in amd.why
+    intel = decode_products(XEON, "x86_64", mkl=True)
+    assert (intel.head, intel.layers) == (True, False)
+    assert decode_products(XEON, "x86_64", mkl=False).layers  # no MKL: oneDNN rather than a generic BLAS
+    arm = decode_products(EPYC, "aarch64", mkl=True)
+    assert not (arm.head or arm.layers)

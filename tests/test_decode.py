@@ -5,6 +5,8 @@ import pytest
 import torch
 from test_rollout import _eos_bias, _ragged_prompts, _same_batch
 
+import mirl.cpu
+from mirl.cpu import DecodeProducts
 from mirl.models import load_policy
 from mirl.models.decode import StaticCache, linear_weights
 from mirl.rollout import generate
@@ -58,12 +60,23 @@ def _policy_and_prompts(kind, tmp_path, hf_tiny_dir, hf_vlm_dir):
     return policy, _ragged_prompts(policy, 10), images
 
 
+ONEDNN_EVERYWHERE = DecodeProducts(True, True, 0, "every product through oneDNN (the test)")
+MKL_EVERYWHERE = DecodeProducts(False, False, 0, "every product through torch's matmul (the test)")
+
+
 @pytest.mark.parametrize("kind", ["tiny", "tiny-vlm", "qwen2", "llama", "qwen3", "mistral", "qwen2-vl"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_static_decode_equals_the_models_own_cache(kind, lora, tmp_path, hf_tiny_dir, hf_vlm_dir):
+@pytest.mark.parametrize("products", ["matmul", "onednn"])
+def test_static_decode_equals_the_models_own_cache(kind, lora, products, tmp_path, hf_tiny_dir, hf_vlm_dir,
+                                                  monkeypatch):  # fmt: skip
     """Same seed, same tokens and log-probs (to float32 rounding), rows ending at different steps (the finished
     rows are cut from both caches), with LoRA adapters whose update is non-zero, and with the adapters
-    disabled (the reference a LoRA run decodes from)."""
+    disabled (the reference a LoRA run decodes from); with every product through torch's matmul, and every
+    product through oneDNN's prepacked weights (what an AMD CPU takes, mirl/cpu.py: decode_products)."""
+    if products == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    choice = ONEDNN_EVERYWHERE if products == "onednn" else MKL_EVERYWHERE
+    monkeypatch.setattr(mirl.cpu, "this_cpu_decode_products", lambda: choice)
     policy, prompts, images = _policy_and_prompts(kind, tmp_path, hf_tiny_dir, hf_vlm_dir)
     if lora:
         policy.add_lora(r=4, alpha=8)
@@ -74,6 +87,8 @@ def test_static_decode_equals_the_models_own_cache(kind, lora, tmp_path, hf_tiny
     ids, mask = torch.tensor([prompts[0]]), torch.ones(1, len(prompts[0]), dtype=torch.long)
     _, cache = policy.start_decode(ids, mask, 4, images=None if images is None else images[0])
     assert isinstance(cache, StaticCache)  # the fast path is the one under test
+    packed = [lay.qkv.packed is not None for lay in cache.decoder.layers] + [cache.decoder.head.packed is not None]
+    assert all(packed) == (products == "onednn") and any(packed) == (products == "onednn")
     eos = policy.tokenizer.eos_token_id
     for reference in [False, True] if lora else [False]:
         runs = {}

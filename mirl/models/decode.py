@@ -26,10 +26,14 @@ Qwen2-VL and Qwen2.5-VL with video.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .. import cpu
+from ..cpu import DecodeProducts
 
 Tensor = torch.Tensor
 
@@ -99,7 +103,7 @@ def to_static(kv, attention_mask: Tensor, new_tokens: int, decoder: Decoder, del
         values.append(vv)
     mask = torch.zeros(b, s, dtype=torch.bool, device=attention_mask.device)
     mask[:, :p] = attention_mask.bool()
-    return StaticCache(keys, values, mask, p, deltas, decoder)
+    return StaticCache(keys, values, mask, p, deltas, prepacked(decoder, b))
 
 
 def _advance(cache: StaticCache, attention_mask: Tensor, t: int) -> tuple[int, Tensor, Tensor]:
@@ -163,7 +167,16 @@ def linear_weights(m) -> tuple[Tensor, Tensor | None] | None:
     return lora_merged_weight(m), base.bias
 
 
-def _cat_linears(*mods) -> tuple[Tensor, Tensor | None] | None:
+class Weight(NamedTuple):
+    """A decode product's weight: w (in, out), its bias, and oneDNN's copy prepacked for the step's rows where
+    the CPU's choice (mirl/cpu.py: decode_products) sends the product there (w is then dropped)."""
+
+    w: Tensor | None
+    b: Tensor | None
+    packed: Tensor | None = None
+
+
+def _cat_linears(*mods) -> Weight | None:
     """One (in, out) matrix for one linear layer or several that read the same input (q, k, v; gate, up): x @ W
     is one matmul instead of several, and for a few rows the (in, out) layout is the faster one (SmolLM2's
     shapes, 16 rows, 2 threads: 0.13 against 0.22 ms for q/k/v, 0.17 against 0.37 ms for the down projection)."""
@@ -172,8 +185,8 @@ def _cat_linears(*mods) -> tuple[Tensor, Tensor | None] | None:
         return None
     w = torch.cat([w.t() for w, _ in parts], dim=1)
     if all(b is None for _, b in parts):
-        return w, None
-    return w, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+        return Weight(w, None)
+    return Weight(w, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]))
 
 
 def _norm(m) -> tuple[Tensor, float] | None:
@@ -194,9 +207,11 @@ def rms_norm(x: Tensor, norm: tuple[Tensor, float | None]) -> Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _matmul(x: Tensor, wb: tuple[Tensor, Tensor | None]) -> Tensor:
-    """x @ W (+ b) for an (in, out) matrix from _cat_linears."""
-    w, b = wb
+def _matmul(x: Tensor, wb: Weight) -> Tensor:
+    """x @ W (+ b) for an (in, out) matrix from _cat_linears, or through oneDNN with its prepacked copy."""
+    w, b, packed = wb
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
     return torch.matmul(x, w) if b is None else torch.addmm(b, x.view(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
 
 
@@ -205,11 +220,11 @@ class Layer:
     """One decoder layer's weights as decoding uses them: q, k and v in one matrix, gate and up in another."""
 
     norm1: tuple
-    qkv: tuple
-    o: tuple
+    qkv: Weight
+    o: Weight
     norm2: tuple
-    mlp_in: tuple  # gate and up stacked (SwiGLU), or the single input projection (the tiny GPT's GELU MLP)
-    mlp_out: tuple
+    mlp_in: Weight  # gate and up stacked (SwiGLU), or the single input projection (the tiny GPT's GELU MLP)
+    mlp_out: Weight
     heads: tuple[int, int, int]  # query heads, key/value heads, head dimension
     q_norm: tuple | None = None  # Qwen3
     k_norm: tuple | None = None
@@ -223,7 +238,7 @@ class Decoder:
     embed: torch.nn.Module  # the model's own token embedding, called: a LoRA adapter on it stays in play
     layers: list[Layer]
     norm: tuple
-    head: tuple
+    head: Weight
     pos_embed: Tensor | None = None  # the tiny GPT's learned positions
     rotary: object = None  # the transformers rotary module (its inv_freq and scaling)
 
@@ -297,6 +312,29 @@ def hf_decoder(base, length: int) -> Decoder | None:
     if head is None or norm is None:
         return None
     return Decoder("hf", inner.embed_tokens, layers, norm, head, rotary=inner.rotary_emb)
+
+
+def prepacked(dec: Decoder, rows: int, choice: DecodeProducts | None = None) -> Decoder:
+    """The decoder with oneDNN's prepacked copies of the float32 CPU products that this CPU's choice sends there
+    (mirl/cpu.py: decode_products; the head everywhere on x86, the layers' products where MKL takes its path for
+    other vendors), packed for `rows` rows (any count works); the same arithmetic to float32 rounding."""
+    choice = choice or cpu.this_cpu_decode_products()
+
+    def pack(wb: Weight, wanted: bool) -> Weight:
+        w = wb.w
+        if not wanted or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+            return wb
+        if w.numel() < choice.min_elements:
+            return wb
+        return Weight(None, wb.b, torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows))
+
+    if not (choice.head or choice.layers):
+        return dec
+    layers = [
+        replace(lay, **{f: pack(getattr(lay, f), choice.layers) for f in ("qkv", "o", "mlp_in", "mlp_out")})
+        for lay in dec.layers
+    ]
+    return replace(dec, layers=layers, head=pack(dec.head, choice.head))
 
 
 def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
