@@ -82,27 +82,30 @@ MIN_PACKED_ELEMENTS = 1 << 18
 
 
 def decode_products(text: str | None = None, machine: str | None = None, mkl: bool | None = None) -> DecodeProducts:
-    """The decode step's choice of matrix library on this CPU (bench/profile_decode.py --gemm measures both).
+    """The decode step's choice of matrix library on this CPU (bench/profile_decode.py times each).
 
-    torch's float32 matmul on x86 is MKL's sgemm, which dispatches on the CPU vendor: on an Intel CPU its skinny
-    kernels for a few rows are the faster for the layers' products (SmolLM2, 16 rows, 2 threads, Xeon AVX-512:
-    16.7 against 19.9 ms a step), on any other vendor (AMD) MKL takes its generic path, 3.9x slower for the same
-    products (105.2 against 27.3 ms, forced on the Xeon with bench/mkl_other_vendor.c), while oneDNN dispatches
-    on the instruction set and stays at 23.9 ms. The 49152-row head is faster through oneDNN everywhere
-    (5.4 against 10.6 ms). Off x86, or without oneDNN, every product stays with torch's matmul."""
+    torch's float32 matmul on x86 is MKL's sgemm, which dispatches on the CPU vendor: on any vendor but Intel
+    (AMD) MKL takes its generic path, 3.9x slower for SmolLM2's decode products (105.2 against 27.3 ms a step,
+    forced on a Xeon with bench/mkl_other_vendor.c), while oneDNN dispatches on the instruction set and stays at
+    23.9 ms. On the Intel Xeon too, a whole decode step (16 rows, 2 threads, weights streamed from memory) is
+    faster with every product through oneDNN's prepacked weights: 65.9-69.0 against 78.4-84.1 ms. So every
+    product of min_elements or more goes through oneDNN on x86; off x86, or without oneDNN, torch's matmul."""
     import platform
 
     import torch
 
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
-        return DecodeProducts(False, False, 0, f"decode products: torch's matmul ({machine})")
+        return DecodeProducts(False, False, 0, f"decode products: torch's matmul ({machine}, no oneDNN path)")
     vendor = cpu_vendor(text)
     mkl = torch.backends.mkl.is_available() if mkl is None else mkl
-    if mkl and vendor == "GenuineIntel":
-        return DecodeProducts(True, False, MIN_PACKED_ELEMENTS, "decode products: MKL, the head through oneDNN")
-    why = f"MKL's path for {vendor} CPUs" if mkl else "torch without MKL"
-    return DecodeProducts(True, True, MIN_PACKED_ELEMENTS, f"decode products: oneDNN prepacked ({why})")
+    if not mkl:
+        why = "torch without MKL"
+    elif vendor == "GenuineIntel":
+        why = "faster than MKL's path for Intel"
+    else:
+        why = f"MKL takes its generic path on {vendor} CPUs"
+    return DecodeProducts(True, True, MIN_PACKED_ELEMENTS, f"decode products: oneDNN, weights prepacked ({why})")
 
 
 @cache

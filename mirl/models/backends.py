@@ -153,7 +153,7 @@ class TinyBackend:
 
     def to_static(self, base, cache, attention_mask, new_tokens: int) -> StaticCache | None:
         """The prefill's cache copied into a preallocated one, with the decode weights (models/decode.py)."""
-        decoder = tiny_decoder(getattr(base, "lm", base))
+        decoder = tiny_decoder(getattr(base, "lm", base), attention_mask.shape[0])
         return None if decoder is None else to_static(cache, attention_mask, new_tokens, decoder)
 
     def logits_and_hidden(self, model, input_ids, attention_mask, position_ids, image_kw):
@@ -273,7 +273,8 @@ class HFBackend:
         """The prefill's cache copied into a preallocated one, for the families the native step reproduces
         (models/decode.py); None for any other model (its own forward and cache are used)."""
         past, deltas = cache
-        decoder = hf_decoder(base, attention_mask.shape[1] + new_tokens) if hasattr(past, "layers") else None
+        length, rows = attention_mask.shape[1] + new_tokens, attention_mask.shape[0]
+        decoder = hf_decoder(base, length, rows) if hasattr(past, "layers") else None
         if decoder is None:
             return None
         return to_static(hf_cache_layers(past), attention_mask, new_tokens, decoder, deltas)

@@ -1,7 +1,7 @@
 """The fast decode path: a preallocated KV cache written in place, and one incremental step per backend that
 calls the model's own modules (so LoRA adapters, disabled adapters and any dtype behave as in its forward).
 
-    cache = to_static(kv, attention_mask, max_new_tokens, tiny_decoder(gpt) or hf_decoder(model, length))
+    cache = to_static(kv, attention_mask, max_new_tokens, tiny_decoder(gpt, rows) or hf_decoder(model, length, rows))
     logits = decode_step(cache.decoder, ids, attention_mask, cache)
 
 The prefill (prompt, images) always goes through the model's own forward; only the per-token steps that
@@ -26,14 +26,13 @@ Qwen2-VL and Qwen2.5-VL with video.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import cpu
-from ..cpu import DecodeProducts
 
 Tensor = torch.Tensor
 
@@ -103,7 +102,7 @@ def to_static(kv, attention_mask: Tensor, new_tokens: int, decoder: Decoder, del
         values.append(vv)
     mask = torch.zeros(b, s, dtype=torch.bool, device=attention_mask.device)
     mask[:, :p] = attention_mask.bool()
-    return StaticCache(keys, values, mask, p, deltas, prepacked(decoder, b))
+    return StaticCache(keys, values, mask, p, deltas, decoder)
 
 
 def _advance(cache: StaticCache, attention_mask: Tensor, t: int) -> tuple[int, Tensor, Tensor]:
@@ -176,17 +175,25 @@ class Weight(NamedTuple):
     packed: Tensor | None = None
 
 
-def _cat_linears(*mods) -> Weight | None:
+def _cat_linears(*mods, pack_rows: int = 0) -> Weight | None:
     """One (in, out) matrix for one linear layer or several that read the same input (q, k, v; gate, up): x @ W
     is one matmul instead of several, and for a few rows the (in, out) layout is the faster one (SmolLM2's
-    shapes, 16 rows, 2 threads: 0.13 against 0.22 ms for q/k/v, 0.17 against 0.37 ms for the down projection)."""
+    shapes, 16 rows, 2 threads: 0.13 against 0.22 ms for q/k/v, 0.17 against 0.37 ms for the down projection).
+    With pack_rows, a float32 CPU weight of at least the CPU choice's min_elements is instead prepacked by oneDNN
+    for that many rows (any count works) straight from the layers' (out, in) weights: one copy, no transpose."""
     parts = [linear_weights(m) for m in mods]
     if any(p is None for p in parts):
         return None
-    w = torch.cat([w.t() for w, _ in parts], dim=1)
-    if all(b is None for _, b in parts):
-        return Weight(w, None)
-    return Weight(w, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]))
+    bias = None
+    if any(b is not None for _, b in parts):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+    w0 = parts[0][0]
+    size = sum(w.numel() for w, _ in parts)
+    if pack_rows and w0.device.type == "cpu" and w0.dtype == torch.float32:
+        if size >= cpu.this_cpu_decode_products().min_elements:
+            w = parts[0][0] if len(parts) == 1 else torch.cat([w for w, _ in parts], dim=0)
+            return Weight(None, bias, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), pack_rows))
+    return Weight(torch.cat([w.t() for w, _ in parts], dim=1), bias)
 
 
 def _norm(m) -> tuple[Tensor, float] | None:
@@ -243,17 +250,25 @@ class Decoder:
     rotary: object = None  # the transformers rotary module (its inv_freq and scaling)
 
 
-def tiny_decoder(gpt) -> Decoder | None:
-    """The built-in GPT's decode weights (models/tiny_lm.py; the tiny VLM's text model too)."""
+def _pack_rows(rows: int) -> tuple[int, int]:
+    """(pack_rows of the layers' products, of the head) under this CPU's choice (mirl/cpu.py: decode_products)."""
+    choice = cpu.this_cpu_decode_products()
+    return rows if choice.layers else 0, rows if choice.head else 0
+
+
+def tiny_decoder(gpt, rows: int = 0) -> Decoder | None:
+    """The built-in GPT's decode weights (models/tiny_lm.py; the tiny VLM's text model too), for `rows` rows
+    (0: no product prepacked)."""
+    layer_rows, head_rows = _pack_rows(rows)
     layers = []
     for blk in gpt.blocks:
-        parts = [_cat_linears(m) for m in (blk.qkv, blk.proj, blk.fc, blk.fc_out)]
+        parts = [_cat_linears(m, pack_rows=layer_rows) for m in (blk.qkv, blk.proj, blk.fc, blk.fc_out)]
         if any(p is None for p in parts):
             return None
-        c = parts[0][0].shape[0]
+        c = linear_weights(blk.qkv)[0].shape[1]
         heads = (blk.n_head, blk.n_head, c // blk.n_head)
         layers.append(Layer(_norm(blk.ln1), parts[0], parts[1], _norm(blk.ln2), parts[2], parts[3], heads))
-    head = _cat_linears(gpt.lm_head)
+    head = _cat_linears(gpt.lm_head, pack_rows=head_rows)
     return Decoder("tiny", gpt.wte, layers, _norm(gpt.ln_f), head, gpt.wpe.weight)
 
 
@@ -271,9 +286,10 @@ def window_masks_within(cfg, length: int) -> bool:
     return length > window
 
 
-def hf_decoder(base, length: int) -> Decoder | None:
+def hf_decoder(base, length: int, rows: int = 0) -> Decoder | None:
     """The decode weights of a transformers model whose layers the native step reproduces exactly for a
-    generation of `length` positions (prompt + new tokens), else None (its own forward and cache are then used)."""
+    generation of `length` positions (prompt + new tokens) of `rows` rows (0: no product prepacked), else None
+    (its own forward and cache are then used)."""
     cfg = base.config
     if getattr(cfg, "model_type", "") not in NATIVE_MODEL_TYPES:
         return None
@@ -291,6 +307,7 @@ def hf_decoder(base, length: int) -> Decoder | None:
         return None
     if getattr(inner.rotary_emb, "rope_type", "default") not in POSITIONAL_ROPE_TYPES:
         return None
+    layer_rows, head_rows = _pack_rows(rows)
     layers = []
     for layer in inner.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -298,43 +315,22 @@ def hf_decoder(base, length: int) -> Decoder | None:
             return None
         if abs(a.scaling - a.head_dim**-0.5) > 1e-12 or not hasattr(mlp, "gate_proj"):
             return None
-        qkv, o = _cat_linears(a.q_proj, a.k_proj, a.v_proj), _cat_linears(a.o_proj)
-        gate_up, down = _cat_linears(mlp.gate_proj, mlp.up_proj), _cat_linears(mlp.down_proj)
+        qkv = _cat_linears(a.q_proj, a.k_proj, a.v_proj, pack_rows=layer_rows)
+        o = _cat_linears(a.o_proj, pack_rows=layer_rows)
+        gate_up = _cat_linears(mlp.gate_proj, mlp.up_proj, pack_rows=layer_rows)
+        down = _cat_linears(mlp.down_proj, pack_rows=layer_rows)
         norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
         qk_norms = [_norm(a.q_norm), _norm(a.k_norm)] if hasattr(a, "q_norm") else [None, None]
         if None in (qkv, o, gate_up, down, *norms) or (hasattr(a, "q_norm") and None in qk_norms):
             return None
-        kv_out = linear_weights(a.k_proj)[0].shape[0]
-        heads = ((qkv[0].shape[1] - 2 * kv_out) // a.head_dim, kv_out // a.head_dim, a.head_dim)
+        q_out, kv_out = linear_weights(a.q_proj)[0].shape[0], linear_weights(a.k_proj)[0].shape[0]
+        heads = (q_out // a.head_dim, kv_out // a.head_dim, a.head_dim)
         layers.append(Layer(norms[0], qkv, o, norms[1], gate_up, down, heads, *qk_norms))
-    head = _cat_linears(base.get_output_embeddings())
+    head = _cat_linears(base.get_output_embeddings(), pack_rows=head_rows)
     norm = _norm(inner.norm)
     if head is None or norm is None:
         return None
     return Decoder("hf", inner.embed_tokens, layers, norm, head, rotary=inner.rotary_emb)
-
-
-def prepacked(dec: Decoder, rows: int, choice: DecodeProducts | None = None) -> Decoder:
-    """The decoder with oneDNN's prepacked copies of the float32 CPU products that this CPU's choice sends there
-    (mirl/cpu.py: decode_products; the head everywhere on x86, the layers' products where MKL takes its path for
-    other vendors), packed for `rows` rows (any count works); the same arithmetic to float32 rounding."""
-    choice = choice or cpu.this_cpu_decode_products()
-
-    def pack(wb: Weight, wanted: bool) -> Weight:
-        w = wb.w
-        if not wanted or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
-            return wb
-        if w.numel() < choice.min_elements:
-            return wb
-        return Weight(None, wb.b, torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows))
-
-    if not (choice.head or choice.layers):
-        return dec
-    layers = [
-        replace(lay, **{f: pack(getattr(lay, f), choice.layers) for f in ("qkv", "o", "mlp_in", "mlp_out")})
-        for lay in dec.layers
-    ]
-    return replace(dec, layers=layers, head=pack(dec.head, choice.head))
 
 
 def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
