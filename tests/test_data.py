@@ -135,6 +135,22 @@ def test_reasoning_gym_adapter():
     assert task.score("definitely wrong", exs[0]) < 1.0
     with pytest.raises(ValueError, match="valid names"):
         make_task("rg:not_a_dataset")
+    # the dataset's config after a second ':', values as YAML scalars; a wrong field or form is named
+    legs = make_task("rg:leg_counting:min_animals=1,max_animals=1,max_instances=3")
+    assert legs.name == "rg:leg_counting:min_animals=1,max_animals=1,max_instances=3"
+    assert legs.kwargs == {"min_animals": 1, "max_animals": 1, "max_instances": 3}
+    for e in legs.examples("train", 20, seed=0):
+        assert "," not in e["prompt"].split("you have ")[1] and legs.score(e["answer"], e) == 1.0  # one kind of animal
+    with pytest.raises(ValueError, match="no config field max_legs; its fields: min_animals, max_animals"):
+        make_task("rg:leg_counting:max_legs=2")
+    with pytest.raises(ValueError, match="'max_animals' is not key=value"):
+        make_task("rg:leg_counting:max_animals")
+    # through a chat template the answer is read from prose: a box, else the last 'answer is', else the last line
+    cases = {"The answer is 12 legs.": "12", "so\n\\boxed{7}": "7", "It is\nTrue": "True", "Answer: **False**": "False",
+             "1. The answer is 1.\n\nThe answer is 4.": "4", "": ""}  # fmt: skip
+    assert {c: legs.chat_extract(c) for c in cases} == cases
+    e = legs.examples("test", 1, seed=0)[0]
+    assert legs.chat_score(f"Counting them, the answer is {e['answer']} legs.", e) == 1.0
     with pytest.raises(ValueError, match="valid: arith"):
         make_task("chess")
 

@@ -97,7 +97,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 NUMBER_AND_UNITS = re.compile(r"^(-?\$?\d[\d,]*(?:\.\d+)?)\s*(?:[A-Za-z][A-Za-z ]*)$")
 
 
-def _clean(answer: str) -> str | None:
+def clean_answer(answer: str) -> str | None:
     """An answer phrase without its wrapping: math delimiters ($, \\( \\)), bold, a trailing full stop, and unit
     words after a number ('18 inches' -> '18'); None when nothing is left."""
     a = answer.strip().strip("*").strip().rstrip(".").strip()
@@ -126,11 +126,11 @@ def extract_answer(completion: str) -> str | None:
 
     boxed = last_boxed(completion)
     if boxed is not None:
-        return _clean(boxed)
+        return clean_answer(boxed)
     for pattern in (ANSWER_IS, HASHES):
         found = [m.group(1) for line in completion.splitlines() if (m := pattern.search(line))]
-        if found and _clean(found[-1]) is not None:
-            return _clean(found[-1])
+        if found and clean_answer(found[-1]) is not None:
+            return clean_answer(found[-1])
     numbers = NUMBER.findall(completion)
     return numbers[-1].replace(",", "") if numbers else None
 

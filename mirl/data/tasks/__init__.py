@@ -34,7 +34,7 @@ def _make_task(name: str):
     if base == "rg":
         if not arg:
             raise ValueError("a reasoning-gym task needs a dataset name: rg:<name>, e.g. rg:basic_arithmetic")
-        return ReasoningGymTask(arg)
+        return ReasoningGymTask.from_spec(arg)
     if base == "grounding":
         return GroundingTask(arg or "colour")
     if base in ("motion", "count"):
