@@ -340,6 +340,16 @@ def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
 
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x cos + rotate_half(x) sin, rotate_half's sign folded into sin (_signed_rope): each half of the last
+    dimension takes the other half times sin in place, where roll() would concatenate a copy (a cat per layer)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h])
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
+
+
 @torch.no_grad()
 def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: StaticCache) -> Tensor:
     """Tokens (B, T) through the snapshotted weights, written into the cache in place -> logits (B, T, V): one per
@@ -365,8 +375,8 @@ def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: 
         qk, v = qkv[:, :, : hq + hk], qkv[:, :, hq + hk :]
         if lay.q_norm is not None:  # Qwen3: RMSNorm of each head's query and key
             qk = torch.cat([rms_norm(qk[:, :, :hq], lay.q_norm), rms_norm(qk[:, :, hq:], lay.k_norm)], 2)
-        if dec.kind == "hf":  # rotary on the queries and keys at once: x cos + rotate_half(x) sin
-            qk = qk * cos + qk.roll(d // 2, -1) * sin
+        if dec.kind == "hf":  # rotary on the queries and keys at once
+            qk = _rotary(qk, cos, sin)
         q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
         y = _attend(q, i, k, v.transpose(1, 2), cache, slot, mask)
         x = x + _matmul(y.transpose(1, 2).reshape(b, t, hq * d), lay.o)
