@@ -91,8 +91,8 @@ def main(argv=None) -> None:
                   f"{100 * e.self_cpu_time_total / total:.1f}% |")  # fmt: skip
 
 
-# SmolLM2-135M's decode products for 16 rows, (in, out) as models/decode.py stores them: q k v fused, o, gate and
-# up fused, down, the tied head over the whole vocabulary; the count is per decode step
+# SmolLM2-135M's decode products for 16 rows, (in, out) as models/decode.py stores them off x86: q k v fused, o,
+# gate and up fused, down, the tied head over the whole vocabulary; the count is per decode step
 GEMMS = [("qkv", 576, 960, 30), ("o", 576, 576, 30), ("gate+up", 576, 3072, 30), ("down", 1536, 576, 30),
          ("head", 576, 49152, 1)]  # fmt: skip
 

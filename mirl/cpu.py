@@ -103,6 +103,8 @@ def decode_products(text: str | None = None, machine: str | None = None, mkl: bo
         why = "torch without MKL"
     elif vendor == "GenuineIntel":
         why = "faster than MKL's path for Intel"
+    elif vendor == "unknown":
+        why = "CPU vendor unknown: MKL may take its generic path"
     else:
         why = f"MKL takes its generic path on {vendor} CPUs"
     return DecodeProducts(True, True, MIN_PACKED_ELEMENTS, f"decode products: oneDNN, weights prepacked ({why})")

@@ -145,9 +145,14 @@ def test_reasoning_gym_adapter():
         make_task("rg:leg_counting:max_legs=2")
     with pytest.raises(ValueError, match="'max_animals' is not key=value"):
         make_task("rg:leg_counting:max_animals")
+    ops = make_task("rg:basic_arithmetic:operators=[+,-],max_terms=2,allow_negation=false")
+    assert ops.kwargs == {"operators": ["+", "-"], "max_terms": 2, "allow_negation": False}
+    assert make_task("rg:basic_arithmetic:operators=*").kwargs == {"operators": "*"}
+    assert make_task("rg:ransom_note:p_solvable=1e-1").kwargs == {"p_solvable": 0.1}
+    assert make_task("rg:ransom_note").name == "rg:ransom_note"
     # through a chat template the answer is read from prose: a box, else the last 'answer is', else the last line
     cases = {"The answer is 12 legs.": "12", "so\n\\boxed{7}": "7", "It is\nTrue": "True", "Answer: **False**": "False",
-             "1. The answer is 1.\n\nThe answer is 4.": "4", "": ""}  # fmt: skip
+             "1. The answer is 1.\n\nThe answer is 4.": "4", "The answer is:\n42": "42", "": ""}  # fmt: skip
     assert {c: legs.chat_extract(c) for c in cases} == cases
     e = legs.examples("test", 1, seed=0)[0]
     assert legs.chat_score(f"Counting them, the answer is {e['answer']} legs.", e) == 1.0

@@ -87,7 +87,8 @@ def test_static_decode_equals_the_models_own_cache(kind, lora, products, tmp_pat
     ids, mask = torch.tensor([prompts[0]]), torch.ones(1, len(prompts[0]), dtype=torch.long)
     _, cache = policy.start_decode(ids, mask, 4, images=None if images is None else images[0])
     assert isinstance(cache, StaticCache)  # the fast path is the one under test
-    packed = [lay.qkv.packed is not None for lay in cache.decoder.layers] + [cache.decoder.head.packed is not None]
+    weights = [getattr(lay, f) for lay in cache.decoder.layers for f in ("qkv", "o", "mlp_in", "mlp_out")]
+    packed = [w.packed is not None for w in [*weights, cache.decoder.head]]
     assert all(packed) == (products == "onednn") and any(packed) == (products == "onednn")
     eos = policy.tokenizer.eos_token_id
     for reference in [False, True] if lora else [False]:

@@ -91,7 +91,7 @@ BENCHMARKS = {
 
 # ---- reading the answer from a completion -------------------------------------------------------------------
 
-ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*([^\s:].*)", re.IGNORECASE)  # "is:" then a newline: no answer
 HASHES = re.compile(r"####\s*(.+)")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 NUMBER_AND_UNITS = re.compile(r"^(-?\$?\d[\d,]*(?:\.\d+)?)\s*(?:[A-Za-z][A-Za-z ]*)$")

@@ -6,7 +6,8 @@ calls the model's own modules (so LoRA adapters, disabled adapters and any dtype
 
 The prefill (prompt, images) always goes through the model's own forward; only the per-token steps that
 follow are ours. At the prefill the weights are snapshotted as decoding uses them (q, k and v in one
-matrix, gate and up in another, every matrix stored (in, out); active LoRA adapters merged in, once per
+matrix, gate and up in another, every matrix stored (in, out), or on x86 prepacked by oneDNN (mirl/cpu.py:
+decode_products); active LoRA adapters merged in, once per
 generation instead of two extra matmuls per layer and token). The snapshot is a copy of the linear weights
 for the duration of one generate() call. The token embedding is not copied: the step calls the model's own
 embedding module (a LoRA adapter on it included; merging it would copy the whole vocabulary's matrix for a
@@ -175,6 +176,11 @@ class Weight(NamedTuple):
     packed: Tensor | None = None
 
 
+def _base_weight(m) -> Tensor:
+    """The (out, in) weight of a linear layer or of the layer a LoRA adapter wraps (for its shape: no merge)."""
+    return m.get_base_layer().weight if is_lora_layer(m) else m.weight
+
+
 def _cat_linears(*mods, pack_rows: int = 0) -> Weight | None:
     """One (in, out) matrix for one linear layer or several that read the same input (q, k, v; gate, up): x @ W
     is one matmul instead of several, and for a few rows the (in, out) layout is the faster one (SmolLM2's
@@ -265,7 +271,7 @@ def tiny_decoder(gpt, rows: int = 0) -> Decoder | None:
         parts = [_cat_linears(m, pack_rows=layer_rows) for m in (blk.qkv, blk.proj, blk.fc, blk.fc_out)]
         if any(p is None for p in parts):
             return None
-        c = linear_weights(blk.qkv)[0].shape[1]
+        c = _base_weight(blk.qkv).shape[1]
         heads = (blk.n_head, blk.n_head, c // blk.n_head)
         layers.append(Layer(_norm(blk.ln1), parts[0], parts[1], _norm(blk.ln2), parts[2], parts[3], heads))
     head = _cat_linears(gpt.lm_head, pack_rows=head_rows)
@@ -323,7 +329,7 @@ def hf_decoder(base, length: int, rows: int = 0) -> Decoder | None:
         qk_norms = [_norm(a.q_norm), _norm(a.k_norm)] if hasattr(a, "q_norm") else [None, None]
         if None in (qkv, o, gate_up, down, *norms) or (hasattr(a, "q_norm") and None in qk_norms):
             return None
-        q_out, kv_out = linear_weights(a.q_proj)[0].shape[0], linear_weights(a.k_proj)[0].shape[0]
+        q_out, kv_out = _base_weight(a.q_proj).shape[0], _base_weight(a.k_proj).shape[0]
         heads = (q_out // a.head_dim, kv_out // a.head_dim, a.head_dim)
         layers.append(Layer(norms[0], qkv, o, norms[1], gate_up, down, heads, *qk_norms))
     head = _cat_linears(base.get_output_embeddings(), pack_rows=head_rows)
@@ -341,13 +347,14 @@ def _signed_rope(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x cos + rotate_half(x) sin, rotate_half's sign folded into sin (_signed_rope): each half of the last
-    dimension takes the other half times sin in place, where roll() would concatenate a copy (a cat per layer)."""
+    """x cos + rotate_half(x) sin, rotate_half's sign folded into sin (_signed_rope): each half times sin is
+    written into the other half of one buffer, where roll() would concatenate a copy (a cat per layer); the
+    products and the sum are rounded as transformers' apply_rotary_pos_emb rounds them."""
     h = x.shape[-1] // 2
-    out = x * cos
-    out[..., :h].addcmul_(x[..., h:], sin[..., :h])
-    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
-    return out
+    r = torch.empty_like(x)
+    torch.mul(x[..., h:], sin[..., :h], out=r[..., :h])
+    torch.mul(x[..., :h], sin[..., h:], out=r[..., h:])
+    return (x * cos).add_(r)
 
 
 @torch.no_grad()

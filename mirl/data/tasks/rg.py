@@ -8,6 +8,20 @@ The completion's first line is the answer (the prompt ends in "Answer: ").
 from __future__ import annotations
 
 
+def _config_value(text: str):
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, '[a, 2]' -> ['a', 2], anything else the text itself."""
+    if text.startswith("[") and text.endswith("]"):
+        return [_config_value(t.strip()) for t in text[1:-1].split(",") if t.strip()]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 class ReasoningGymTask:
     """Any reasoning-gym dataset as a task, scored by its own verifier."""
 
@@ -35,16 +49,17 @@ class ReasoningGymTask:
 
     @classmethod
     def from_spec(cls, spec: str) -> ReasoningGymTask:
-        """'name' or 'name:key=value,key=value' (the values read as YAML scalars: 2, 0.5, true, a word)."""
-        import yaml
+        """'name' or 'name:key=value,key=value': a value is a number, true / false, a [list, of, values], else the
+        text as written (operators=+-*)."""
+        import re
 
         dataset, _, config = spec.partition(":")
         kwargs = {}
-        for item in filter(None, config.split(",")):
+        for item in filter(str.strip, re.split(r",(?![^\[]*\])", config)):  # commas inside [...] stay
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"task rg:{spec}: {item!r} is not key=value (rg:<name>:key=value,key=value)")
-            kwargs[key.strip()] = yaml.safe_load(value)
+            kwargs[key.strip()] = _config_value(value.strip())
         return cls(dataset, **kwargs)
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
