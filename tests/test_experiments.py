@@ -232,3 +232,15 @@ def test_report_renders_in_headless_chromium(tmp_path):
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert m, dom[:500]
     assert int(m.group(1)) == int(m.group(2)) == n_img >= 3
+
+
+def test_real_pref_refuses_a_max_len_its_prompts_do_not_fit_before_sampling(tmp_path):
+    """Pairs longer than --real-max-len would be dropped in training: the run stops before sampling, naming the
+    length it needs (arith:3's prompts on the tiny GPT: 9 tokens + 8 new ones)."""
+    from mirl.experiments import Config
+    from mirl.experiments.real_pref import start_and_pairs
+
+    cfg = Config(real_model="gpt-nano", real_task="arith:3", real_max_len=12, real_max_new_tokens=8, real_n_prompts=4)
+    with pytest.raises(ValueError, match=r"--real-max-len 12: arith:3's longest training prompt is \d+ tokens"):
+        start_and_pairs(cfg, tmp_path)
+    assert not (tmp_path / "pairs.jsonl").exists()

@@ -75,7 +75,10 @@ def probe_logps(policy, pairs: list[dict], max_len: int) -> tuple[float, float]:
     from ..data.formats import SkipCounter
     from ..recipes.preference import all_pair_logps
 
-    enc = encode_pairs(policy, pairs[:256], max_len, SkipCounter())
+    skipped = SkipCounter()
+    enc = encode_pairs(policy, pairs[:256], max_len, skipped)
+    if not enc:
+        raise ValueError(f"no probe pair fits --real-max-len {max_len} (dropped: {skipped.counts})")
     with torch.no_grad():
         chosen, rejected = all_pair_logps(policy, enc, policy.tokenizer.pad_token_id, False)
     return float(chosen.mean()), float(rejected.mean())
@@ -168,6 +171,12 @@ def start_and_pairs(cfg, out: Path) -> tuple[str, dict]:
     task = make_task(task_name, policy.tokenizer, "auto")
     train = task.examples("train", cfg.real_n_prompts + cfg.real_val_n, 0)
     mnt = cfg.real_max_new_tokens
+    longest = max(len(policy.encode_prompt(e["prompt"])[0]) for e in train[: cfg.real_n_prompts])
+    if longest + mnt > cfg.real_max_len:  # checked before the sampling: such pairs would be dropped in training
+        raise ValueError(
+            f"--real-max-len {cfg.real_max_len}: {task_name}'s longest training prompt is {longest} "
+            f"tokens, plus --real-max-new-tokens {mnt}; give --real-max-len {longest + mnt} or more"
+        )
     pairs, stats = sample_pairs(policy, task, train[: cfg.real_n_prompts], k=cfg.real_k,
                                 temperature=cfg.real_temperature, max_new_tokens=mnt, seed=0)  # fmt: skip
     sample_s = time.time() - t0
