@@ -217,9 +217,13 @@ def response_logps(
     without gradient). bf16: the forward under bf16 autocast, the log-softmax in float32. Where the policy
     gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
     head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist. entropy_grad: the entropies with
-    their gradient (an entropy bonus), from the response positions' (B, R, V) logits."""
+    their gradient (an entropy bonus), from the response positions' (B, R, V) logits. Rows that repeat a prompt
+    (a group's, packed together) share one forward of it where the model can (models/facade.py: shared_prompts)."""
+    from .models.facade import shared_prompts
+
+    shared = shared_prompts(ids, attn, n_resp) if images is None else None
     with autocast(policy, bf16):
-        out = policy(ids, attn, images=images, output="hidden_and_head")
+        out = policy(ids, attn, images=images, output="hidden_and_head", shared=shared)
     scale = 1.0 / temperature if temperature > 0 else 1.0
     if entropy_grad:
         logp_all = torch.log_softmax(head_logits(out, n_resp) * scale, -1)

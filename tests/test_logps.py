@@ -111,3 +111,63 @@ def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
     assert lengths.tolist() == ref_len.tolist()
     for a, p in zip(ref_grads, policy.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompts_finds_runs_of_equal_prompts():
+    """Neighbouring rows whose prompt columns (ids and mask) are equal form a run; anything else its own."""
+    from mirl.models.facade import shared_prompts
+
+    ids = torch.tensor([[1, 2, 7], [1, 2, 8], [1, 2, 9], [3, 2, 7], [3, 2, 7], [1, 2, 7]])
+    attn = torch.ones_like(ids)
+    sh = shared_prompts(ids, attn, n_resp=1)
+    assert sh.length == 2 and sh.firsts.tolist() == [0, 3, 5] and sh.owner.tolist() == [0, 0, 0, 1, 1, 2]
+    attn[1, 0] = 0  # the same ids with another mask (padding) is another prompt
+    assert shared_prompts(ids, attn, n_resp=1).firsts.tolist() == [0, 1, 2, 3, 5]
+    assert shared_prompts(ids[2:5], attn[2:5], n_resp=1).owner.tolist() == [0, 1, 1]
+    assert shared_prompts(ids[:1], attn[:1], n_resp=1) is None  # one row
+    assert shared_prompts(ids[2:4], attn[2:4], n_resp=1) is None  # no two neighbours alike
+    assert shared_prompts(ids, attn, n_resp=3) is None  # no prompt columns
+
+
+@pytest.mark.parametrize("which", ["tiny", "hf", "hf-checkpointing"])
+def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny_dir, monkeypatch):
+    """GRPO's rows repeat their group's prompt (left-padded here, responses of unequal length): one prefix forward
+    per prompt whose keys and values the rows reuse gives the log-probs and gradients of one forward per row; under
+    activation checkpointing (the transformers cache is off) the plain forward runs instead."""
+    import mirl.models.facade as facade
+    from mirl.logps import response_logps
+
+    policy = load_policy("gpt-nano", seed=0) if which == "tiny" else load_policy(hf_tiny_dir)
+    if which == "hf-checkpointing":
+        policy.enable_activation_checkpointing()
+    policy.train()
+    g = torch.Generator().manual_seed(0)
+    p, r = 6, 5
+    prompts = torch.randint(3, 40, (3, p), generator=g)
+    ids = torch.cat([prompts.repeat_interleave(4, 0)[:11], torch.randint(3, 40, (11, r), generator=g)], 1)
+    attn = torch.ones_like(ids)
+    attn[:4, :2] = 0  # the first group's prompt is 2 shorter (left padding)
+    attn[5, -2:] = 0  # a shorter response
+    attn[10, -4:] = 0  # the last group has 3 rows
+    ids = ids.masked_fill(attn == 0, policy.tokenizer.pad_token_id)
+    w = torch.linspace(-1, 1, 11 * r).view(11, r) * attn[:, -r:]
+    calls, find = [], facade.shared_prompts
+    backend = policy.backend
+    real = backend.shared_hidden_and_head
+    monkeypatch.setattr(backend, "shared_hidden_and_head", lambda *a: calls.append(real(*a)) or calls[-1])
+
+    def run(share: bool):
+        monkeypatch.setattr(facade, "shared_prompts", find if share else lambda *a: None)
+        policy.zero_grad()
+        lp, ent = response_logps(policy, ids, attn, r, 0.7, with_entropy=True)
+        (lp * w).sum().backward()
+        return lp.detach(), ent, [q.grad.clone() for q in policy.parameters() if q.grad is not None]
+
+    (lp0, ent0, g0), (lp1, ent1, g1) = run(False), run(True)
+    assert len(calls) == 1 and (calls[0] is None) == (which == "hf-checkpointing")
+    keep = attn[:, -r:].bool()
+    torch.testing.assert_close(lp1[keep], lp0[keep], atol=2e-5, rtol=0)
+    torch.testing.assert_close(ent1[keep], ent0[keep], atol=2e-5, rtol=0)
+    assert len(g1) == len(g0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)

@@ -110,6 +110,10 @@ class Backend(Protocol):
     def hidden_and_head(self, base, input_ids, attention_mask, position_ids, image_kw):
         """(last hidden state (B, T, C), head weight (V, C)) when the logits are exactly hidden @ W^T, else None."""
 
+    def shared_hidden_and_head(self, base, input_ids, attention_mask, position_ids, shared):
+        """hidden_and_head with each shared prompt (facade.SharedPrompt) run once and its keys and values reused by
+        the rows that repeat it: the same (hidden, head weight), or None where this backend cannot."""
+
     def enable_activation_checkpointing(self, base) -> None:
         """Recompute block activations in the backward."""
 
@@ -167,6 +171,22 @@ class TinyBackend:
             input_ids, attention_mask, position_ids, None, return_hidden=True, skip_lm_head=True, **image_kw
         )
         return hidden, base.lm_head.weight
+
+    def shared_hidden_and_head(self, base, input_ids, attention_mask, position_ids, shared):
+        """The prompts once, their cache (a list of (keys, values) per block) picked per row, then every row's
+        response area over it; None for the tiny VLM (its prompts hold images)."""
+        if hasattr(base, "lm"):
+            return None
+        p, firsts, owner = shared
+        _, cache, head = base(
+            input_ids[firsts, :p], attention_mask[firsts, :p], position_ids[firsts, :p], None, return_hidden=True,
+            skip_lm_head=True,
+        )  # fmt: skip
+        cache = [(k[owner], v[owner]) for k, v in cache]
+        _, _, rest = base(
+            input_ids[:, p:], attention_mask, position_ids[:, p:], cache, return_hidden=True, skip_lm_head=True
+        )
+        return torch.cat([head[owner], rest], 1), base.lm_head.weight
 
     def enable_activation_checkpointing(self, base) -> None:
         """Recompute block activations in the backward."""
@@ -291,9 +311,9 @@ class HFBackend:
         )
         return out.logits, out.hidden_states[-1]
 
-    def hidden_and_head(self, base, input_ids, attention_mask, position_ids, image_kw):
-        """(hidden, head weight) for the allow-listed model types whose logits are exactly the head's output,
-        else None."""
+    @staticmethod
+    def _plain_head(base):
+        """The head of an allow-listed model type whose logits are exactly its output (no bias), else None."""
         head = base.get_output_embeddings()
         plain = (
             getattr(base.config, "model_type", "") in FUSED_HEAD_MODEL_TYPES
@@ -301,12 +321,45 @@ class HFBackend:
             and head.bias is None
             and hasattr(base, "model")
         )
-        if not plain:
+        return head if plain else None
+
+    def hidden_and_head(self, base, input_ids, attention_mask, position_ids, image_kw):
+        """(hidden, head weight) for the allow-listed model types whose logits are exactly the head's output,
+        else None."""
+        head = self._plain_head(base)
+        if head is None:
             return None
         out = base.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **image_kw
         )
         return out.last_hidden_state, head.weight
+
+    def shared_hidden_and_head(self, base, input_ids, attention_mask, position_ids, shared):
+        """The prompts once with the model's own cache, which batch_select_indices then repeats per row (gradients
+        flow through it), and every row's response area over it, as generation would. None off the plain-head
+        models, for M-RoPE positions, and under activation checkpointing (which turns transformers' cache off)."""
+        head = self._plain_head(base)
+        if head is None or self.mrope or getattr(base, "is_gradient_checkpointing", False):
+            return None
+        p, firsts, owner = shared
+        first = base.model(
+            input_ids=input_ids[firsts, :p],
+            attention_mask=attention_mask[firsts, :p],
+            position_ids=position_ids[firsts, :p],
+            use_cache=True,
+        )
+        cache = getattr(first, self.cache_name)
+        if not hasattr(cache, "batch_select_indices"):
+            return None
+        cache.batch_select_indices(owner)
+        rest = base.model(
+            input_ids=input_ids[:, p:],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, p:],
+            use_cache=True,
+            **{self.cache_name: cache},
+        )
+        return torch.cat([first.last_hidden_state[owner], rest.last_hidden_state], 1), head.weight
 
     def enable_activation_checkpointing(self, base) -> None:
         """transformers' gradient checkpointing (non-reentrant)."""

@@ -45,6 +45,30 @@ class PolicyOutput(NamedTuple):
 OUTPUTS = ("logits", "logits_and_hidden", "hidden_and_head")
 
 
+class SharedPrompt(NamedTuple):
+    """Rows of a batch that begin with the same prompt (shared_prompts): the first `length` columns of row i equal
+    those of row firsts[owner[i]]; firsts (N,) the first row of each distinct prompt, owner (B,) in 0..N-1."""
+
+    length: int
+    firsts: torch.Tensor
+    owner: torch.Tensor
+
+
+def shared_prompts(input_ids, attention_mask, n_resp: int) -> SharedPrompt | None:
+    """Runs of consecutive rows whose prompt area (all but the last n_resp columns: ids and mask) is identical, as
+    GRPO's groups are packed -> SharedPrompt, or None when no two neighbours share one. One host read."""
+    b, p = input_ids.shape[0], input_ids.shape[1] - n_resp
+    if b < 2 or p < 1:
+        return None
+    ids, mask = input_ids[:, :p], attention_mask[:, :p]
+    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    n = int(starts.sum())
+    if n == b:
+        return None
+    return SharedPrompt(p, starts.nonzero()[:, 0], starts.long().cumsum(0) - 1)
+
+
 class Policy(nn.Module):
     """The one interface every recipe uses, over two backends: the built-in tiny models (TinyBackend) and
     transformers models (HFBackend), as vision is split into TinyVision and HFVision."""
@@ -227,9 +251,13 @@ class Policy(nn.Module):
         return self.model.get_base_model() if self.has_lora else self.model
 
     # ---- forward passes -------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None, images=None, output: str = "logits") -> PolicyOutput:
+    def forward(
+        self, input_ids, attention_mask=None, images=None, output: str = "logits", shared: SharedPrompt | None = None
+    ) -> PolicyOutput:
         """One full forward (no cache) -> PolicyOutput with the fields `output` asks for (see PolicyOutput).
-        Going through forward() keeps DDP's gradient hooks in play for every output."""
+        Going through forward() keeps DDP's gradient hooks in play for every output. shared (shared_prompts): rows
+        that repeat a prompt (a GRPO group) take its keys and values from one prefix forward per prompt, for
+        "hidden_and_head" of text rows where the backend can (the same hidden states; otherwise ignored)."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         if attention_mask is None:
@@ -237,6 +265,10 @@ class Policy(nn.Module):
         images = self._images_here(images)
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, None)
         kw = self._image_kwargs(images)
+        if shared is not None and output == "hidden_and_head" and not images and not self.sharded:
+            fused = self.backend.shared_hidden_and_head(self._base(), input_ids, attention_mask, position_ids, shared)
+            if fused is not None:
+                return PolicyOutput(hidden=fused[0], head_weight=fused[1])
         if output == "hidden_and_head" and not self.sharded:  # FSDP2: the head weight is sharded outside
             fused = self.backend.hidden_and_head(self._base(), input_ids, attention_mask, position_ids, kw)
             if fused is not None:
