@@ -14,6 +14,8 @@ with the number of response tokens. Works for left or right padding: only the ma
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 Tensor = torch.Tensor
@@ -100,7 +102,10 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
 
 class _FusedHeadLogps(torch.autograd.Function):
     """log softmax(scale * h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once.
-    Also returns the entropy of each row's distribution (no gradient), taken from the same chunk of logits."""
+    Also returns the entropy of each row's distribution (no gradient), taken from the same chunk of logits.
+    When all rows fit one chunk and a gradient is wanted, the forward keeps that chunk's probabilities for the
+    backward instead of recomputing its logits (one head product fewer; the backward's first step would hold as
+    much memory anyway)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, scale: float, with_entropy: bool):
@@ -109,6 +114,8 @@ class _FusedHeadLogps(torch.autograd.Function):
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        keep = n <= chunk and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        probs = None
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
             for s in range(0, n, chunk):
@@ -117,28 +124,34 @@ class _FusedHeadLogps(torch.autograd.Function):
                     logits = logits * scale
                 lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
                 out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
-                if with_entropy:
-                    lp = logits - lse[s : s + chunk, None]
-                    ent[s : s + chunk] = -(lp.exp() * lp).sum(-1)
-        ctx.save_for_backward(hidden, weight, labels, lse)
+                if with_entropy or keep:
+                    lp = logits.sub_(lse[s : s + chunk, None])
+                    p = lp.exp()
+                    if with_entropy:
+                        ent[s : s + chunk] = -(p * lp).sum(-1)
+                    probs = p if keep else None
+        ctx.save_for_backward(hidden, weight, labels, lse, *(() if probs is None else (probs,)))
         ctx.chunk, ctx.scale = chunk, scale
         ctx.mark_non_differentiable(ent)
         return out, ent
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_ent=None):
-        """Gradients of hidden states and head weight, recomputing each chunk's logits."""
-        hidden, weight, labels, lse = ctx.saved_tensors
+        """Gradients of hidden states and head weight, from the kept probabilities or recomputing each chunk's."""
+        hidden, weight, labels, lse, *kept = ctx.saved_tensors
         w = weight.float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # a frozen head (LoRA): none
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].float()
             g = grad_out[s : s + ctx.chunk, None].float()
-            logits = h @ w.T
-            if ctx.scale != 1.0:
-                logits = logits * ctx.scale
-            dlogits = -g * torch.exp(logits - lse[s : s + ctx.chunk, None])  # d/dz [z_y - lse] = onehot - p
+            if kept:
+                dlogits = kept[0] * -g  # d/dz [z_y - lse] = onehot - p
+            else:
+                logits = h @ w.T
+                if ctx.scale != 1.0:
+                    logits = logits * ctx.scale
+                dlogits = -g * torch.exp(logits - lse[s : s + ctx.chunk, None])
             dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
             if ctx.scale != 1.0:
                 dlogits = dlogits * ctx.scale
@@ -182,6 +195,30 @@ def fused_sequence_logps(
     return seq, lengths
 
 
+class SharedPrompt(NamedTuple):
+    """Rows of a batch that begin with the same prompt (shared_prompts): the first `length` columns of row i equal
+    those of row firsts[owner[i]]; firsts (N,) the first row of each distinct prompt, owner (B,) in 0..N-1."""
+
+    length: int
+    firsts: torch.Tensor
+    owner: torch.Tensor
+
+
+def shared_prompts(input_ids, attention_mask, n_resp: int) -> SharedPrompt | None:
+    """Runs of consecutive rows whose prompt area (all but the last n_resp columns: ids and mask) is identical, as
+    GRPO's groups are packed -> SharedPrompt, or None when no two neighbours share one. One host read."""
+    b, p = input_ids.shape[0], input_ids.shape[1] - n_resp
+    if b < 2 or p < 1:
+        return None
+    ids, mask = input_ids[:, :p], attention_mask[:, :p]
+    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    n = int(starts.sum())
+    if n == b:
+        return None
+    return SharedPrompt(p, starts.nonzero()[:, 0], starts.long().cumsum(0) - 1)
+
+
 def device_of(model) -> torch.device:
     """The device a model computes on (a Policy, a LoRA reference, a DDP wrapper, any module)."""
     device = getattr(model, "device", None)
@@ -218,9 +255,7 @@ def response_logps(
     gives its last hidden state and head weight (PolicyOutput), only the response positions go through the
     head, chunk by chunk (fused_token_logps): no (B, T, V) logits exist. entropy_grad: the entropies with
     their gradient (an entropy bonus), from the response positions' (B, R, V) logits. Rows that repeat a prompt
-    (a group's, packed together) share one forward of it where the model can (models/facade.py: shared_prompts)."""
-    from .models.facade import shared_prompts
-
+    (a group's, packed together) share one forward of it where the model can (shared_prompts, Policy.forward)."""
     shared = shared_prompts(ids, attn, n_resp) if images is None else None
     with autocast(policy, bf16):
         out = policy(ids, attn, images=images, output="hidden_and_head", shared=shared)

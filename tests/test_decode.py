@@ -288,3 +288,27 @@ def test_no_forward_after_the_last_token(static, hf_tiny_dir):
     )
     assert out.response_ids.shape[1] == 5
     assert calls[0] == 5
+
+
+@pytest.mark.parametrize("kind", ["tiny", "qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("static", [False, True])
+def test_a_group_prefills_its_prompt_once(kind, static, tmp_path, hf_tiny_dir, hf_vlm_dir, monkeypatch):
+    """generate() with 3 samples per prompt prefills each (ragged, left-padded) prompt once and copies its cache to
+    the group's rows: the same tokens and log-probs as prefilling every row, on either cache; one prefill row per
+    prompt is what the model sees."""
+    policy, prompts, _ = _policy_and_prompts(kind, tmp_path, hf_tiny_dir, hf_vlm_dir)
+    seen, start, share = [], policy.start_decode, [True]
+    monkeypatch.setattr(
+        policy, "start_decode", lambda *a, shared=None, **k: start(*a, shared=shared if share[0] else None, **k)
+    )
+    runs = {}
+    for share[0] in (False, True):
+        seen.clear()
+        with _eos_bias(policy, policy.tokenizer.eos_token_id, 0.4):
+            # (the context deletes this instance attribute at its end)
+            policy.step = lambda ids, *a, biased=policy.step, **k: seen.append(ids.shape[0]) or biased(ids, *a, **k)
+            runs[share[0]] = generate(policy, prompts, max_new_tokens=10, samples_per_prompt=3,
+                                      generator=torch.Generator().manual_seed(3), static_cache=static)  # fmt: skip
+        assert seen[0] == (len(prompts) if share[0] else 3 * len(prompts))  # the prefill's rows
+    assert len(set(runs[False].response_mask.sum(1).tolist())) > 1  # rows ended at different steps
+    _same_batch(runs[False], runs[True])

@@ -91,9 +91,11 @@ def test_chunked_logps_keep_no_vocab_sized_float32_copy():
     assert naive >= vocab_sized  # the plain form keeps a float32 B*T*V tensor
 
 
+@pytest.mark.parametrize("chunk", [3, 1024])
 @pytest.mark.parametrize("which", ["tiny", "hf"])
-def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
-    """Log-probs and gradients from the hidden state in chunks equal those from the full logits."""
+def test_fused_head_logps_equal_full_logits(which, chunk, hf_tiny_dir):
+    """Log-probs and gradients from the hidden state in chunks (logits recomputed in the backward), or in one
+    chunk (its probabilities kept for the backward), equal those from the full logits."""
     from mirl.data.collate import pad_batch
     from mirl.logps import fused_sequence_logps
 
@@ -105,7 +107,7 @@ def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
     ref_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
     out = policy(ids, attn, output="hidden_and_head")
-    fused, lengths = fused_sequence_logps(out.hidden, out.head_weight, ids, resp, chunk=3)
+    fused, lengths = fused_sequence_logps(out.hidden, out.head_weight, ids, resp, chunk=chunk)
     (fused * w).sum().backward()
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == ref_len.tolist()
@@ -115,7 +117,7 @@ def test_fused_head_logps_equal_full_logits(which, hf_tiny_dir):
 
 def test_shared_prompts_finds_runs_of_equal_prompts():
     """Neighbouring rows whose prompt columns (ids and mask) are equal form a run; anything else its own."""
-    from mirl.models.facade import shared_prompts
+    from mirl.logps import shared_prompts
 
     ids = torch.tensor([[1, 2, 7], [1, 2, 8], [1, 2, 9], [3, 2, 7], [3, 2, 7], [1, 2, 7]])
     attn = torch.ones_like(ids)
@@ -134,7 +136,7 @@ def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny
     """GRPO's rows repeat their group's prompt (left-padded here, responses of unequal length): one prefix forward
     per prompt whose keys and values the rows reuse gives the log-probs and gradients of one forward per row; under
     activation checkpointing (the transformers cache is off) the plain forward runs instead."""
-    import mirl.models.facade as facade
+    import mirl.logps as logps_module
     from mirl.logps import response_logps
 
     policy = load_policy("gpt-nano", seed=0) if which == "tiny" else load_policy(hf_tiny_dir)
@@ -151,13 +153,13 @@ def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny
     attn[10, -4:] = 0  # the last group has 3 rows
     ids = ids.masked_fill(attn == 0, policy.tokenizer.pad_token_id)
     w = torch.linspace(-1, 1, 11 * r).view(11, r) * attn[:, -r:]
-    calls, find = [], facade.shared_prompts
+    calls, find = [], logps_module.shared_prompts
     backend = policy.backend
     real = backend.shared_hidden_and_head
     monkeypatch.setattr(backend, "shared_hidden_and_head", lambda *a: calls.append(real(*a)) or calls[-1])
 
     def run(share: bool):
-        monkeypatch.setattr(facade, "shared_prompts", find if share else lambda *a: None)
+        monkeypatch.setattr(logps_module, "shared_prompts", find if share else lambda *a: None)
         policy.zero_grad()
         lp, ent = response_logps(policy, ids, attn, r, 0.7, with_entropy=True)
         (lp * w).sum().backward()

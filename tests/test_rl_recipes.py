@@ -242,8 +242,8 @@ class _EosFirst(torch.nn.Module):
         logits, cache = self.inner.step(ids, attn, cache, use_cache, images)
         return self._eos(logits), cache
 
-    def start_decode(self, ids, attn, new_tokens, images=None, static=True):
-        logits, cache = self.inner.start_decode(ids, attn, new_tokens, images, static)
+    def start_decode(self, ids, attn, new_tokens, images=None, static=True, shared=None):
+        logits, cache = self.inner.start_decode(ids, attn, new_tokens, images, static, shared)
         return self._eos(logits), cache
 
     def _eos(self, logits):

@@ -111,7 +111,7 @@ class Backend(Protocol):
         """(last hidden state (B, T, C), head weight (V, C)) when the logits are exactly hidden @ W^T, else None."""
 
     def shared_hidden_and_head(self, base, input_ids, attention_mask, position_ids, shared):
-        """hidden_and_head with each shared prompt (facade.SharedPrompt) run once and its keys and values reused by
+        """hidden_and_head with each shared prompt (logps.SharedPrompt) run once and its keys and values reused by
         the rows that repeat it: the same (hidden, head weight), or None where this backend cannot."""
 
     def enable_activation_checkpointing(self, base) -> None:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ..logps import SharedPrompt
 from .backends import Backend
 from .decode import StaticCache, decode_step
 from .tokenizer import IMAGE_PLACEHOLDER, eos_token_ids
@@ -43,30 +44,6 @@ class PolicyOutput(NamedTuple):
 
 
 OUTPUTS = ("logits", "logits_and_hidden", "hidden_and_head")
-
-
-class SharedPrompt(NamedTuple):
-    """Rows of a batch that begin with the same prompt (shared_prompts): the first `length` columns of row i equal
-    those of row firsts[owner[i]]; firsts (N,) the first row of each distinct prompt, owner (B,) in 0..N-1."""
-
-    length: int
-    firsts: torch.Tensor
-    owner: torch.Tensor
-
-
-def shared_prompts(input_ids, attention_mask, n_resp: int) -> SharedPrompt | None:
-    """Runs of consecutive rows whose prompt area (all but the last n_resp columns: ids and mask) is identical, as
-    GRPO's groups are packed -> SharedPrompt, or None when no two neighbours share one. One host read."""
-    b, p = input_ids.shape[0], input_ids.shape[1] - n_resp
-    if b < 2 or p < 1:
-        return None
-    ids, mask = input_ids[:, :p], attention_mask[:, :p]
-    same = ((ids[1:] == ids[:-1]) & (mask[1:] == mask[:-1])).all(1)
-    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
-    n = int(starts.sum())
-    if n == b:
-        return None
-    return SharedPrompt(p, starts.nonzero()[:, 0], starts.long().cumsum(0) - 1)
 
 
 class Policy(nn.Module):
@@ -291,11 +268,21 @@ class Policy(nn.Module):
         kw = self._image_kwargs(images)
         return self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, cache, use_cache, kw)
 
-    def start_decode(self, input_ids, attention_mask, new_tokens: int, images=None, static: bool = True):
+    def start_decode(
+        self, input_ids, attention_mask, new_tokens: int, images=None, static: bool = True, shared=None
+    ) -> tuple:
         """The prefill through the model's own forward -> (logits, cache). static: the cache is then copied into
         a preallocated one with room for `new_tokens`, and step() decodes on it in place (models/decode.py),
-        where the backend can (not under FSDP2, whose hooks sit on the blocks' forward)."""
-        logits, cache = self.step(input_ids, attention_mask, images=images)
+        where the backend can (not under FSDP2, whose hooks sit on the blocks' forward). shared (SharedPrompt over
+        the whole width): rows that repeat a prompt (a group's samples) prefill it once and copy its cache, for
+        text rows where the backend's cache can be cut."""
+        logits = cache = None
+        if shared is not None and not images:
+            logits, cache = self.step(input_ids[shared.firsts], attention_mask[shared.firsts])
+            cache = self.select_rows(cache, shared.owner)  # each row's own copy of its prompt's keys and values
+            logits = logits[shared.owner]
+        if cache is None:
+            logits, cache = self.step(input_ids, attention_mask, images=images)
         if static and not self.sharded:
             fast = self.backend.to_static(self._base(), cache, attention_mask, new_tokens)
             if fast is not None:

@@ -286,6 +286,7 @@ def generate(
     batch, so the samples are the same as without it (tests/test_rollout.py).
     static_cache: decode on a preallocated KV cache written in place, through the backend's native step
     (models/decode.py; the same tokens and log-probs as the model's own forward, tests/test_decode.py)."""
+    from ..logps import SharedPrompt
     from ..models.vision import cat_images
 
     tok = policy.tokenizer
@@ -307,8 +308,13 @@ def generate(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = policy.training
     policy.eval()
+    # a group's rows prefill their prompt once (the same logits and cache, copied per row)
+    shared = None
+    if samples_per_prompt > 1 and prefill_images is None:
+        starts = torch.arange(0, len(rows), samples_per_prompt, device=device)
+        shared = SharedPrompt(prompt_ids.shape[1], starts, prompt_index.to(device))
     logits, cache = policy.start_decode(
-        prompt_ids, prompt_mask, max_new_tokens, images=prefill_images, static=static_cache
+        prompt_ids, prompt_mask, max_new_tokens, images=prefill_images, static=static_cache, shared=shared
     )
     out = decode_tokens(
         policy,
