@@ -110,7 +110,10 @@ def load_checkpoint(run_dir: str | Path, policy, optimizer) -> dict:
         raise ModelFileError(f"{ckpt / 'state.json'}: no integer 'step'")
     policy.load_weights(ckpt / "model")
     try:
+        kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+        for g, k in zip(optimizer.param_groups, kernels):  # the saved groups name their kernel: keep this run's
+            g.update(k)  # (a fused checkpoint resumed under FSDP2 takes foreach, as its DTensors need)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ModelFileError(
             f"{ckpt / 'optimizer.pt'}: cannot load the optimizer state ({str(e).splitlines()[0][:200]})"

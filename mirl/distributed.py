@@ -145,11 +145,12 @@ def minibatches(n_local: int, n_chunks: int, seed: int, device=None) -> list[tor
     """This rank's row indices for each minibatch of one global random permutation of all ranks' rows
     (rank r holds global rows r * n_local ... (r + 1) * n_local - 1): N ranks take the same minibatches as one
     process with the whole batch. A rank's part of a minibatch may be empty. The permutation is drawn on the
-    host (the same on every device), the indices moved to `device`."""
+    host (the same on every device), the indices moved to `device`. Each minibatch's rows in ascending order: a
+    group's rows stay together, so the update's forward shares their prompt (logps.shared_prompts)."""
     r = rank()
     perm = torch.randperm(n_local * world_size(), generator=torch.Generator().manual_seed(seed))
     lo = r * n_local
-    return [(c[(c >= lo) & (c < lo + n_local)] - lo).to(device) for c in perm.chunk(n_chunks)]
+    return [(c[(c >= lo) & (c < lo + n_local)] - lo).sort().values.to(device) for c in perm.chunk(n_chunks)]
 
 
 def full_state_dict(model: torch.nn.Module) -> dict:

@@ -108,13 +108,16 @@ class _FusedHeadLogps(torch.autograd.Function):
     much memory anyway)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, scale: float, with_entropy: bool):
-        """(log p(labels), entropy or an empty tensor) from hidden states and the head weight, chunk by chunk."""
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, scale: float, with_entropy: bool, grad: bool
+    ):
+        """(log p(labels), entropy or an empty tensor) from hidden states and the head weight, chunk by chunk.
+        grad: a backward will follow (grad mode on and an input needing it; always off inside forward)."""
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
-        keep = n <= chunk and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        keep = n <= chunk and grad
         probs = None
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
@@ -136,6 +139,7 @@ class _FusedHeadLogps(torch.autograd.Function):
         return out, ent
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor, _grad_ent=None):
         """Gradients of hidden states and head weight, from the kept probabilities or recomputing each chunk's."""
         hidden, weight, labels, lse, *kept = ctx.saved_tensors
@@ -159,7 +163,7 @@ class _FusedHeadLogps(torch.autograd.Function):
                 grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
             if grad_w is not None:
                 grad_w += dlogits.T @ h
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def fused_token_logps(
@@ -167,7 +171,8 @@ def fused_token_logps(
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(scale * hidden @ weight^T)[labels] for hidden (N, C) and labels (N,), without the (N, V)
     logits -> (log-probs (N,), entropies (N,) without gradient, or None)."""
-    lp, ent = _FusedHeadLogps.apply(hidden, weight, labels, chunk or DEFAULT_CHUNK, scale, with_entropy)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    lp, ent = _FusedHeadLogps.apply(hidden, weight, labels, chunk or DEFAULT_CHUNK, scale, with_entropy, grad)
     return lp, (ent if with_entropy else None)
 
 
@@ -206,7 +211,7 @@ class SharedPrompt(NamedTuple):
 
 def shared_prompts(input_ids, attention_mask, n_resp: int) -> SharedPrompt | None:
     """Runs of consecutive rows whose prompt area (all but the last n_resp columns: ids and mask) is identical, as
-    GRPO's groups are packed -> SharedPrompt, or None when no two neighbours share one. One host read."""
+    GRPO's groups are packed -> SharedPrompt, or None when no two neighbours share one. Two small host reads."""
     b, p = input_ids.shape[0], input_ids.shape[1] - n_resp
     if b < 2 or p < 1:
         return None

@@ -131,15 +131,24 @@ def test_shared_prompts_finds_runs_of_equal_prompts():
     assert shared_prompts(ids, attn, n_resp=3) is None  # no prompt columns
 
 
-@pytest.mark.parametrize("which", ["tiny", "hf", "hf-checkpointing"])
-def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny_dir, monkeypatch):
+@pytest.mark.parametrize("which", ["tiny", "hf", "hf-checkpointing", "hf-dynamic-rope"])
+def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny_dir, tmp_path, monkeypatch):
     """GRPO's rows repeat their group's prompt (left-padded here, responses of unequal length): one prefix forward
     per prompt whose keys and values the rows reuse gives the log-probs and gradients of one forward per row; under
-    activation checkpointing (the transformers cache is off) the plain forward runs instead."""
+    activation checkpointing (the transformers cache is off) and with dynamic-NTK rotary frequencies (chosen from
+    the call's longest position) the plain forward runs instead."""
+    import conftest
+
     import mirl.logps as logps_module
     from mirl.logps import response_logps
 
-    policy = load_policy("gpt-nano", seed=0) if which == "tiny" else load_policy(hf_tiny_dir)
+    if which == "tiny":
+        policy = load_policy("gpt-nano", seed=0)
+    elif which == "hf-dynamic-rope":
+        rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        policy = load_policy(conftest.build_hf_tiny(tmp_path / "dyn", rope_parameters=rope))
+    else:
+        policy = load_policy(hf_tiny_dir)
     if which == "hf-checkpointing":
         policy.enable_activation_checkpointing()
     policy.train()
@@ -166,10 +175,50 @@ def test_shared_prompt_forward_gives_the_same_logps_and_gradients(which, hf_tiny
         return lp.detach(), ent, [q.grad.clone() for q in policy.parameters() if q.grad is not None]
 
     (lp0, ent0, g0), (lp1, ent1, g1) = run(False), run(True)
-    assert len(calls) == 1 and (calls[0] is None) == (which == "hf-checkpointing")
+    assert len(calls) == 1 and (calls[0] is None) == (which in ("hf-checkpointing", "hf-dynamic-rope"))
     keep = attn[:, -r:].bool()
     torch.testing.assert_close(lp1[keep], lp0[keep], atol=2e-5, rtol=0)
     torch.testing.assert_close(ent1[keep], ent0[keep], atol=2e-5, rtol=0)
     assert len(g1) == len(g0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)
+
+
+def test_rows_do_not_share_a_prompt_forward_while_dropout_draws(hf_tiny_dir):
+    """With LoRA dropout in training each row draws its own dropout on the prompt too: no shared forward; in eval
+    mode (no draws) the rows share it."""
+    from mirl.logps import shared_prompts
+
+    policy = load_policy(hf_tiny_dir)
+    policy.add_lora(r=4, alpha=8, dropout=0.1)
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 10]])
+    attn = torch.ones_like(ids)
+    calls = []
+    real = policy.backend.shared_hidden_and_head
+    policy.backend.shared_hidden_and_head = lambda *a: calls.append(1) or real(*a)
+    policy.train()
+    policy(ids, attn, output="hidden_and_head", shared=shared_prompts(ids, attn, 2))
+    assert calls == []
+    policy.eval()
+    policy(ids, attn, output="hidden_and_head", shared=shared_prompts(ids, attn, 2))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_fused_head_at_a_temperature_equals_the_plain_log_softmax(chunk):
+    """log softmax(h W^T / T)[y] and its gradients (hidden and head) at T = 0.7, recomputed per chunk of 2 rows or
+    kept from the forward (one chunk), equal autograd's through the full logits."""
+    from mirl.logps import fused_token_logps
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (5,), generator=g)
+    coef = torch.linspace(-1, 2, 5)
+    ref = torch.log_softmax(h @ w.T / 0.7, -1).gather(-1, y[:, None])[:, 0]
+    gh, gw = torch.autograd.grad((ref * coef).sum(), (h, w))
+    lp, _ = fused_token_logps(h, w, y, scale=1 / 0.7, chunk=chunk)
+    fh, fw = torch.autograd.grad((lp * coef).sum(), (h, w))
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fh, gh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fw, gw, atol=1e-5, rtol=0)

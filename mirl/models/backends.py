@@ -45,6 +45,11 @@ FUSED_HEAD_MODEL_TYPES = frozenset(
 )
 
 
+# rotary embeddings whose frequencies do not depend on the forward's length (dynamic NTK and LongRoPE choose theirs
+# from the longest position in the call, so a prompt run alone would get other ones): shared_hidden_and_head
+STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) mask -> (B, T) positions counting real tokens from 0 (padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -337,9 +342,12 @@ class HFBackend:
     def shared_hidden_and_head(self, base, input_ids, attention_mask, position_ids, shared):
         """The prompts once with the model's own cache, which batch_select_indices then repeats per row (gradients
         flow through it), and every row's response area over it, as generation would. None off the plain-head
-        models, for M-RoPE positions, and under activation checkpointing (which turns transformers' cache off)."""
+        models, for M-RoPE positions and length-dependent rotary frequencies (STATIC_ROPE), and under activation
+        checkpointing in a training forward (which turns transformers' cache off)."""
         head = self._plain_head(base)
-        if head is None or self.mrope or getattr(base, "is_gradient_checkpointing", False):
+        recompute = getattr(base, "is_gradient_checkpointing", False) and base.training and torch.is_grad_enabled()
+        rope = getattr(getattr(base.model, "rotary_emb", None), "rope_type", "default")
+        if head is None or self.mrope or recompute or rope not in STATIC_ROPE:
             return None
         p, firsts, owner = shared
         first = base.model(
@@ -349,7 +357,7 @@ class HFBackend:
             use_cache=True,
         )
         cache = getattr(first, self.cache_name)
-        if not hasattr(cache, "batch_select_indices"):
+        if not hasattr(cache, "batch_select_indices") or cache.get_seq_length() != p:  # (a cache left off)
             return None
         cache.batch_select_indices(owner)
         rest = base.model(

@@ -242,7 +242,7 @@ class Policy(nn.Module):
         images = self._images_here(images)
         position_ids, deltas = self.backend.positions(self._base(), input_ids, attention_mask, images, None)
         kw = self._image_kwargs(images)
-        if shared is not None and output == "hidden_and_head" and not images and not self.sharded:
+        if shared is not None and output == "hidden_and_head" and not images and not self.sharded and not self._drops():
             fused = self.backend.shared_hidden_and_head(self._base(), input_ids, attention_mask, position_ids, shared)
             if fused is not None:
                 return PolicyOutput(hidden=fused[0], head_weight=fused[1])
@@ -255,6 +255,14 @@ class Policy(nn.Module):
             return PolicyOutput(logits=logits, hidden=hidden)
         logits, _ = self.backend.step(self.model, input_ids, attention_mask, position_ids, deltas, None, False, kw)
         return PolicyOutput(logits=logits)
+
+    def _drops(self) -> bool:
+        """Dropout is drawn in this forward (training, a dropout module or attention dropout above 0): rows sharing
+        a prompt's forward would share its draws, so they do not."""
+        if not self.training:
+            return False
+        attention = getattr(getattr(self._base(), "config", None), "attention_dropout", 0.0) or 0.0
+        return attention > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.model.modules())
 
     def step(self, input_ids, attention_mask, cache=None, use_cache: bool = True, images=None):
         """One incremental forward for generation -> (logits, cache). attention_mask covers cached and new
@@ -275,12 +283,12 @@ class Policy(nn.Module):
         a preallocated one with room for `new_tokens`, and step() decodes on it in place (models/decode.py),
         where the backend can (not under FSDP2, whose hooks sit on the blocks' forward). shared (SharedPrompt over
         the whole width): rows that repeat a prompt (a group's samples) prefill it once and copy its cache, for
-        text rows where the backend's cache can be cut."""
+        text rows where the backend's cache can be cut; the logits are then the last position's, (B, 1, V)."""
         logits = cache = None
         if shared is not None and not images:
             logits, cache = self.step(input_ids[shared.firsts], attention_mask[shared.firsts])
             cache = self.select_rows(cache, shared.owner)  # each row's own copy of its prompt's keys and values
-            logits = logits[shared.owner]
+            logits = logits[:, -1:][shared.owner]  # (decoding reads the last position's only)
         if cache is None:
             logits, cache = self.step(input_ids, attention_mask, images=images)
         if static and not self.sharded:
