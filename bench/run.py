@@ -467,7 +467,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         lib, name, folder = args.worker
-        print("RESULT " + json.dumps(worker(lib, name, Path(folder))))
+        with tempfile.TemporaryDirectory(prefix="mirl-bench-run-") as scratch:  # the runs' folders (GBs), removed
+            tempfile.tempdir = scratch  # every mkdtemp of the run goes under it
+            print("RESULT " + json.dumps(worker(lib, name, Path(folder))))
         return
     names = [n for n in WORKLOADS if not args.only or n in args.only.split(",")]
     root = Path(args.root)
