@@ -19,16 +19,18 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_r
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)):
-    """AdamW with weight decay on matrices only: torch's fused kernel (one pass over each parameter; on a CPU
-    0.09 s a step for SmolLM2-135M's 135M parameters against 0.45 s for the foreach form, the same values to
-    rounding) where every parameter is a plain CPU or CUDA float tensor; the foreach form for FSDP2's DTensors
-    (foreach kernels cannot mix them with whole tensors: then neither)."""
+    """AdamW with weight decay on matrices only: torch's fused kernel on CUDA when every parameter is a plain CUDA
+    float tensor, the foreach form otherwise. Not fused on a CPU although it is 5x faster there (0.09 against
+    0.45 s a step at 135M parameters): its CPU kernel rounds differently under each of ATen's instruction sets
+    (AVX-512, AVX2, plain), and a seeded run's sampled tokens then part ways between CPU kinds (the pinned GRPO
+    curve's third step moved 1.3% under AVX2 and 4.5% under the plain kernels, against 0.1% with foreach:
+    tests/test_pinned_curves.py). foreach kernels cannot mix FSDP2's DTensors with whole tensors: then neither."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     sharded = {hasattr(p, "full_tensor") for p in params}
-    if sharded == {False} and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+    if sharded == {False} and params and all(p.device.type == "cuda" and p.is_floating_point() for p in params):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=len(sharded) == 1)
 

@@ -455,31 +455,19 @@ def test_a_diverging_run_stops_and_writes_no_final_model(tmp_path, capsys):
     assert state["step"] == 1
 
 
-def test_adamw_is_fused_on_plain_tensors_and_updates_as_the_foreach_form():
-    """make_optimizer takes torch's fused AdamW for plain CPU tensors (one kernel per parameter, about 5x faster
-    than foreach at 135M parameters on a CPU): five steps with weight decay on matrices only give the parameters of
-    the foreach form to rounding, and a hand-derived first step (Adam's first update is lr x sign(g))."""
+def test_adamw_is_foreach_on_a_cpu_and_its_first_step_is_lr_times_the_sign():
+    """make_optimizer on CPU tensors takes the foreach form (the fused CPU kernel rounds differently under each of
+    ATen's instruction sets: see its docstring), weight decay on matrices only; Adam's first update, hand-derived:
+    decoupled decay, then lr x m / sqrt(v) = lr x sign(g) (eps aside)."""
     from mirl.optim import make_optimizer
 
     torch.manual_seed(0)
     a = torch.nn.Linear(30, 20)
-    b = torch.nn.Linear(30, 20)
-    b.load_state_dict(a.state_dict())
-    fused = make_optimizer(a, lr=1e-2, weight_decay=0.1)
-    assert fused.defaults["fused"] is True
-    decay = [p for p in b.parameters() if p.ndim >= 2]
-    plain = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": [b.bias], "weight_decay": 0.0}], lr=1e-2, foreach=True
-    )
+    opt = make_optimizer(a, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
     w0, b0 = a.weight.detach().clone(), a.bias.detach().clone()
-    for step in range(5):
-        g = torch.randn(20, 30), torch.randn(20)
-        for m in (a, b):
-            m.weight.grad, m.bias.grad = g[0].clone(), g[1].clone()
-        fused.step()
-        plain.step()
-        if step == 0:  # decoupled decay, then lr x m / sqrt(v) = lr x sign(g) (eps aside)
-            torch.testing.assert_close(a.weight, w0 * (1 - 1e-3) - 1e-2 * g[0].sign(), atol=1e-6, rtol=0)
-            torch.testing.assert_close(a.bias, b0 - 1e-2 * g[1].sign(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
-    torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
+    g = torch.randn(20, 30), torch.randn(20)
+    a.weight.grad, a.bias.grad = g[0].clone(), g[1].clone()
+    opt.step()
+    torch.testing.assert_close(a.weight, w0 * (1 - 1e-3) - 1e-2 * g[0].sign(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.bias, b0 - 1e-2 * g[1].sign(), atol=1e-6, rtol=0)
