@@ -100,6 +100,11 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     return out.reshape(logits.shape[:-1])
 
 
+def _log_softmax(logits: Tensor, scale: float) -> Tensor:
+    """log softmax(scale * logits) over the last dimension, scaling the fresh logits in place."""
+    return torch.log_softmax(logits if scale == 1.0 else logits.mul_(scale), -1)
+
+
 class _FusedHeadLogps(torch.autograd.Function):
     """log softmax(scale * h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once.
     Also returns the entropy of each row's distribution (no gradient), taken from the same chunk of logits.
@@ -115,25 +120,22 @@ class _FusedHeadLogps(torch.autograd.Function):
         grad: a backward will follow (grad mode on and an input needing it; always off inside forward)."""
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         keep = n <= chunk and grad
         probs = None
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
             for s in range(0, n, chunk):
-                logits = hidden[s : s + chunk].float() @ w.T  # (c, V)
-                if scale != 1.0:
-                    logits = logits * scale
-                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+                # torch's fused log-softmax (three passes over the (c, V) block, one written), the labels' entries
+                # gathered; exp and the entropy's product in place: no other temporary of the block's size
+                lp = _log_softmax(hidden[s : s + chunk].float() @ w.T, scale)
+                out[s : s + chunk] = lp.gather(-1, labels[s : s + chunk, None]).squeeze(-1)
                 if with_entropy or keep:
-                    lp = logits.sub_(lse[s : s + chunk, None])
                     p = lp.exp()
                     if with_entropy:
-                        ent[s : s + chunk] = -(p * lp).sum(-1)
+                        ent[s : s + chunk] = -lp.mul_(p).sum(-1)
                     probs = p if keep else None
-        ctx.save_for_backward(hidden, weight, labels, lse, *(() if probs is None else (probs,)))
+        ctx.save_for_backward(hidden, weight, labels, *(() if probs is None else (probs,)))
         ctx.chunk, ctx.scale = chunk, scale
         ctx.mark_non_differentiable(ent)
         return out, ent
@@ -142,27 +144,24 @@ class _FusedHeadLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor, _grad_ent=None):
         """Gradients of hidden states and head weight, from the kept probabilities or recomputing each chunk's."""
-        hidden, weight, labels, lse, *kept = ctx.saved_tensors
+        hidden, weight, labels, *kept = ctx.saved_tensors
         w = weight.float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None  # a frozen head (LoRA): none
+        want_w, grad_w = ctx.needs_input_grad[1], None  # a frozen head (LoRA): no gradient
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].float()
             g = grad_out[s : s + ctx.chunk, None].float()
-            if kept:
-                dlogits = kept[0] * -g  # d/dz [z_y - lse] = onehot - p
+            if kept:  # d/dz [z_y - lse] = onehot - p, in the kept block itself (once_differentiable: read once)
+                dlogits = kept[0].mul_(-g)
             else:
-                logits = h @ w.T
-                if ctx.scale != 1.0:
-                    logits = logits * ctx.scale
-                dlogits = -g * torch.exp(logits - lse[s : s + ctx.chunk, None])
+                dlogits = _log_softmax(h @ w.T, ctx.scale).exp_().mul_(-g)  # the forward's p, recomputed
             dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
             if ctx.scale != 1.0:
-                dlogits = dlogits * ctx.scale
+                dlogits.mul_(ctx.scale)
             if grad_h is not None:
                 grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
-            if grad_w is not None:
-                grad_w += dlogits.T @ h
+            if want_w:  # the first chunk's product is the gradient (no zeroed (V, C) matrix to add it to)
+                grad_w = dlogits.T @ h if grad_w is None else grad_w.add_(dlogits.T @ h)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 

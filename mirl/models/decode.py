@@ -365,6 +365,8 @@ def decode_step(dec: Decoder, input_ids: Tensor, attention_mask: Tensor, cache: 
     b, t = input_ids.shape
     slot, mask, pos = _advance(cache, attention_mask, t)  # (generate() checked prompt + new tokens <= max positions)
     x = dec.embed(input_ids)
+    # the mask in SDPA's additive form once per step (SDPA would convert a boolean one in every layer, the same way)
+    mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
     if dec.kind == "tiny":
         x = x + F.embedding(pos, dec.pos_embed)
     else:

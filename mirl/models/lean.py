@@ -61,10 +61,10 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        """d gate = grad * up * silu'(gate), d up = grad * silu(gate)."""
+        """d gate = grad * up * silu'(gate) (torch's fused silu_backward: one pass where the formula written out
+        took five), d up = grad * silu(gate)."""
         gate, up = ctx.saved_tensors
-        s = torch.sigmoid(gate)
-        return (grad * up) * (s * (1 + gate * (1 - s))), grad * F.silu(gate)
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -80,13 +80,12 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         """The product recomputed from gate and up for the weight's gradient, then _SwiGLU's backward."""
         gate, up, weight = ctx.saved_tensors
-        s = torch.sigmoid(gate)
         act = F.silu(gate)
         dw = None
         if ctx.needs_input_grad[2]:
             dw = grad.reshape(-1, grad.shape[-1]).t() @ (act * up).reshape(-1, up.shape[-1])
         dp = grad @ weight.to(grad.dtype)
-        return (dp * up) * (s * (1 + gate * (1 - s))), dp * act, dw
+        return torch.ops.aten.silu_backward(dp * up, gate), act.mul_(dp), dw
 
 
 def _norm_forward(self, hidden_states: Tensor) -> Tensor:
