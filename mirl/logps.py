@@ -162,6 +162,8 @@ class _FusedHeadLogps(torch.autograd.Function):
                 grad_h[s : s + ctx.chunk] = (dlogits @ w).to(grad_h.dtype)
             if want_w:  # the first chunk's product is the gradient (no zeroed (V, C) matrix to add it to)
                 grad_w = dlogits.T @ h if grad_w is None else grad_w.add_(dlogits.T @ h)
+        if want_w and grad_w is None:  # no rows: a zero gradient, not None (FSDP2 reduces every rank's alike)
+            grad_w = torch.zeros_like(w)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 

@@ -222,3 +222,17 @@ def test_fused_head_at_a_temperature_equals_the_plain_log_softmax(chunk):
     torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(fh, gh, atol=1e-5, rtol=0)
     torch.testing.assert_close(fw, gw, atol=1e-5, rtol=0)
+
+
+def test_fused_head_with_no_rows_gives_a_zero_head_gradient():
+    """No response rows (an empty per-rank micro-batch): log-probs of shape (0,), a zero head gradient rather than
+    None (FSDP2 reduces the gradients of every rank alike), with and without the entropy."""
+    from mirl.logps import fused_token_logps
+
+    for with_entropy in (False, True):
+        h = torch.zeros(0, 8, requires_grad=True)
+        w = torch.randn(11, 8, requires_grad=True)
+        lp, _ = fused_token_logps(h, w, torch.zeros(0, dtype=torch.long), with_entropy=with_entropy)
+        assert lp.shape == (0,)
+        lp.sum().backward()
+        assert w.grad is not None and w.grad.shape == w.shape and not w.grad.any()

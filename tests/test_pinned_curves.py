@@ -6,9 +6,9 @@ seed) moves them; a pure refactoring must not. To re-pin after an intended chang
 One thread: the same arithmetic order on every run. CPUs differ in the last bits of float32 (AVX-512 vs AVX2
 vs the plain kernels, `ATEN_CPU_CAPABILITY=avx2|default`), and the tolerances are set from that spread,
 measured on 2026-12-03 by running this file under the three capabilities (AMD EPYC, AVX2: avx2 and default;
-the earlier pins from an Intel Xeon, AVX-512). The pins below were taken on the AMD EPYC (avx2), 2026-12-03, after
-PPO's whitening became unbiased (Bessel-corrected, as veRL and REINFORCE++), which moved ppo's step 3 by 15%.
-The spread:
+the earlier pins from an Intel Xeon, AVX-512). The offline pins below were taken on the AMD EPYC (avx2),
+2026-12-03, after PPO's whitening became unbiased (Bessel-corrected, as veRL and REINFORCE++), which moved
+ppo's step 3 by 15%. The spread:
 - offline recipes (sft, dpo, mio, ipo, rm): no sampling; the largest relative difference over the 5 steps was
   5.5e-6 (rm's step-4 gradient norm), the rest below 2e-6: compared at 5e-5.
 - online recipes (grpo, online, ppo): the weak SFT start differs by ~1e-6 between kernels, and a sampled token
@@ -20,9 +20,11 @@ The spread:
   moved to torch's log_softmax (mirl/logps.py; the offline pins held at 5e-5). grpo's step 3 sits on a near-tie:
   a sampled token there falls one way or the other with a last-bit change in step 2's update, and the three
   kernels now give loss 0.008980 / 0.009089 / 0.009378 and gradient norm 0.583 / 0.586 / 0.615 (AVX-512, AVX2,
-  plain: 4.4% and 5.0% from the AVX2 pin; fused AdamW had moved it by the same 1.3% and 4.5%). That one entry
-  is compared at 6e-2; steps 1 and 2 (spread 3e-4) and the other recipes keep 1e-2, so a wrong normaliser is
-  still caught at the first step (test_the_tolerance_catches_a_wrong_normaliser).
+  plain): from the AVX2 pin, -1.2% / -0.5% (AVX-512) and +3.2% / +4.9% (plain kernels); fused AdamW had moved
+  the same step by 1.3% and 4.5%. That one entry is compared at 6e-2 (about 1% of headroom over the plain
+  kernels' gradient norm); steps 1 and 2 (spread 3e-4) and the other recipes keep 1e-2, so a wrong normaliser is
+  still caught at the first step (test_the_tolerance_catches_a_wrong_normaliser). ATEN_CPU_CAPABILITY does not
+  reach MKL's and oneDNN's kernels: an AMD CPU's AVX2 run can still differ from this Xeon's.
 """
 
 import json

@@ -60,6 +60,7 @@ class _SwiGLU(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # silu_backward has no derivative
     def backward(ctx, grad: Tensor):
         """d gate = grad * up * silu'(gate) (torch's fused silu_backward: one pass where the formula written out
         took five), d up = grad * silu(gate)."""
@@ -77,6 +78,7 @@ class _SwiGLUDown(torch.autograd.Function):
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # silu_backward has no derivative
     def backward(ctx, grad: Tensor):
         """The product recomputed from gate and up for the weight's gradient, then _SwiGLU's backward."""
         gate, up, weight = ctx.saved_tensors
