@@ -100,11 +100,6 @@ def entropy_from_logits(logits: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     return out.reshape(logits.shape[:-1])
 
 
-def _log_softmax(logits: Tensor, scale: float) -> Tensor:
-    """log softmax(scale * logits) over the last dimension, scaling the fresh logits in place."""
-    return torch.log_softmax(logits if scale == 1.0 else logits.mul_(scale), -1)
-
-
 class _FusedHeadLogps(torch.autograd.Function):
     """log softmax(scale * h W^T)[y] for rows of h, chunk by chunk: the (N, V) logits never exist at once.
     Also returns the entropy of each row's distribution (no gradient), taken from the same chunk of logits.
@@ -120,22 +115,25 @@ class _FusedHeadLogps(torch.autograd.Function):
         grad: a backward will follow (grad mode on and an input needing it; always off inside forward)."""
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         keep = n <= chunk and grad
         probs = None
         w = weight.float()
         with torch.autocast(hidden.device.type, enabled=False):  # the head stays in float32 under bf16 autocast
             for s in range(0, n, chunk):
-                # torch's fused log-softmax (three passes over the (c, V) block, one written), the labels' entries
-                # gathered; exp and the entropy's product in place: no other temporary of the block's size
-                lp = _log_softmax(hidden[s : s + chunk].float() @ w.T, scale)
-                out[s : s + chunk] = lp.gather(-1, labels[s : s + chunk, None]).squeeze(-1)
+                logits = hidden[s : s + chunk].float() @ w.T  # (c, V), scaled, shifted and multiplied in place
+                if scale != 1.0:
+                    logits.mul_(scale)
+                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
                 if with_entropy or keep:
+                    lp = logits.sub_(lse[s : s + chunk, None])
                     p = lp.exp()
                     if with_entropy:
                         ent[s : s + chunk] = -lp.mul_(p).sum(-1)
                     probs = p if keep else None
-        ctx.save_for_backward(hidden, weight, labels, *(() if probs is None else (probs,)))
+        ctx.save_for_backward(hidden, weight, labels, lse, *(() if probs is None else (probs,)))
         ctx.chunk, ctx.scale = chunk, scale
         ctx.mark_non_differentiable(ent)
         return out, ent
@@ -144,7 +142,7 @@ class _FusedHeadLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor, _grad_ent=None):
         """Gradients of hidden states and head weight, from the kept probabilities or recomputing each chunk's."""
-        hidden, weight, labels, *kept = ctx.saved_tensors
+        hidden, weight, labels, lse, *kept = ctx.saved_tensors
         w = weight.float()
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         want_w, grad_w = ctx.needs_input_grad[1], None  # a frozen head (LoRA): no gradient
@@ -154,7 +152,10 @@ class _FusedHeadLogps(torch.autograd.Function):
             if kept:  # d/dz [z_y - lse] = onehot - p, in the kept block itself (once_differentiable: read once)
                 dlogits = kept[0].mul_(-g)
             else:
-                dlogits = _log_softmax(h @ w.T, ctx.scale).exp_().mul_(-g)  # the forward's p, recomputed
+                logits = h @ w.T
+                if ctx.scale != 1.0:
+                    logits.mul_(ctx.scale)
+                dlogits = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g)
             dlogits.scatter_add_(-1, labels[s : s + ctx.chunk, None], g)
             if ctx.scale != 1.0:
                 dlogits.mul_(ctx.scale)
