@@ -6,6 +6,9 @@ read once per step at the measured copy bandwidth; the matmul FLOPs at the measu
     python bench/profile_decode.py [--threads 2] [--new-tokens 64] [--top 15] [--products auto,matmul]
     python bench/profile_decode.py --gemm      # the step's matrix products alone: MKL (x @ W, as the step does)
                                                # against oneDNN with a prepacked weight, per shape
+    python bench/profile_decode.py --stream    # the products as a real step meets them (every layer's weights
+                                               # distinct, streamed from memory) against the read bandwidth and
+                                               # the arithmetic peak, on 1 thread and on --threads
 
 Prints the CPU line (name, ATen kernels, BLAS), the mean decode step against its bound, and the top operations. Run
 it alone: every figure is a timing. The model folder is the bench's (bench/run.py's build, under its --root).
@@ -32,12 +35,15 @@ def main(argv=None) -> None:
                     help="the decode products' library, each timed in turn: auto (this CPU's choice, mirl/cpu.py), "
                          "matmul (torch's, MKL on x86), onednn (every product prepacked)")  # fmt: skip
     ap.add_argument("--gemm", action="store_true", help="time the step's products alone, MKL against oneDNN")
+    ap.add_argument("--stream", action="store_true", help="the products streamed from memory against the bounds")
     args = ap.parse_args(argv)
 
     import torch
 
     if args.gemm:
         return gemm_table(args.threads)
+    if args.stream:
+        return stream_table(args.threads)
     from run import WORKLOADS, build, copy_bandwidth, matmul_peak, print_cpu
     from torch.profiler import ProfilerActivity, profile
 
@@ -134,6 +140,62 @@ def gemm_table(threads: int, rows: int = 16, repeats: int = 50) -> None:
         total["onednn"] += count * b
         print(f"| {name} | {k} x {n} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {diff:.1e} |")
     print(f"\nper decode step (x count): MKL {total['mkl'] / 1e3:.1f} ms, oneDNN {total['onednn'] / 1e3:.1f} ms")
+
+
+def read_bandwidth(threads: int, mb: int = 256) -> float:
+    """Bytes per second read by a sum over a large float32 tensor (no writes: what streaming weights needs)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(mb * 2**18)
+    a.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best
+
+
+def stream_table(threads: int, rows: int = 16) -> None:
+    """Each decode product over as many distinct prepacked weights as the step has (30 layers; the head once), so
+    that they stream from memory as in a real step, through oneDNN (the x86 choice, mirl/cpu.py): its time, the
+    bytes it reads per second, and the two bounds it sits between: max(bytes / read bandwidth, FLOPs / peak) if
+    reading and arithmetic overlapped fully, their sum if they did not."""
+    import torch
+    from run import copy_bandwidth, matmul_peak, print_cpu
+
+    print_cpu()
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        name: [
+            torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, generator=g) / k**0.5, rows) for _ in range(count)
+        ]
+        for name, k, n, count in GEMMS
+    }
+    for th in sorted({1, threads}):
+        read, copy, peak = read_bandwidth(th), copy_bandwidth(th), matmul_peak(th, "float32")
+        print(f"\n{th} thread(s): read {read / 1e9:.1f} GB/s (a sum), copy {copy / 1e9:.1f} GB/s (read + written),"
+              f" float32 peak {peak / 1e9:.0f} GFLOP/s; {rows} rows\n")  # fmt: skip
+        print("| product | in x out | x count | ms per step | GB/s read | overlapped bound ms | serial bound ms |")
+        print("|---|---|---|---|---|---|---|")
+        total = [0.0, 0.0, 0.0]  # measured, overlapped bound, serial bound (s per step)
+        for name, k, n, count in GEMMS:
+            x = torch.randn(rows, k, generator=g)
+            run = lambda x=x, ws=weights[name]: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                                 for w in ws]  # fmt: skip
+            run()
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t)
+            nbytes, flops = 4 * k * n * count, 2 * rows * k * n * count
+            over, serial = max(nbytes / read, flops / peak), nbytes / read + flops / peak
+            total = [a + b for a, b in zip(total, (best, over, serial))]
+            print(f"| {name} | {k} x {n} | {count} | {1e3 * best:.2f} | {nbytes / best / 1e9:.1f} | {1e3 * over:.2f} |"
+                  f" {1e3 * serial:.2f} |")  # fmt: skip
+        print(f"| all | | | {1e3 * total[0]:.1f} | | {1e3 * total[1]:.1f} | {1e3 * total[2]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,22 @@ def test_the_decode_products_go_through_onednn_on_x86():
     assert "without MKL" in decode_products(XEON, "x86_64", mkl=False).why
     arm = decode_products(EPYC, "aarch64", mkl=True)
     assert not (arm.head or arm.layers)
+
+
+def test_each_aten_capability_gets_its_own_inductor_cache(tmp_path):
+    """torch's inductor cache does not key its generated C++ kernels by ATEN_CPU_CAPABILITY (kernels built for
+    AVX-512 reused under avx2 gave NaN gradients with --compile): importing mirl under a capability points
+    TORCHINDUCTOR_CACHE_DIR at a folder of that capability's own, and leaves an explicit one alone."""
+    import os
+    import subprocess
+    import sys
+
+    show = "import os, mirl; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    run = lambda **extra: subprocess.run(
+        [sys.executable, "-c", show], env={**env, **extra}, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert run(ATEN_CPU_CAPABILITY="avx2").endswith("torchinductor_mirl_avx2")
+    assert run(ATEN_CPU_CAPABILITY="default").endswith("torchinductor_mirl_default")
+    assert run(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)
+    assert run() == "None"
