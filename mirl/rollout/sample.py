@@ -201,6 +201,7 @@ def decode_tokens(
     stopped = torch.zeros(b, dtype=torch.bool, device=device)  # ended by EOS or a stop string
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     live = torch.arange(b, device=device)  # the rows of the whole batch that the model still decodes
+    whole = True  # live is every row (nothing cut yet): slices instead of indexing by live
     row_seeds_ = None if seeds is None else seeds.to(device)
     banned = list(getattr(policy, "never_sample", []))  # image placeholders: never a sampled token
     banned = torch.tensor(banned, dtype=torch.long, device=device) if banned else None  # (indexed once per step)
@@ -216,20 +217,27 @@ def decode_tokens(
             step_logits = _filter_logits(step_logits, top_k, top_p)
             logprobs = torch.log_softmax(step_logits, -1)
             if row_seeds_ is not None:  # argmax(logp + Gumbel) is a sample from softmax(logp)
-                nxt = (logprobs + row_gumbel(row_seeds_[live], t, logprobs.shape[-1])).argmax(-1)
+                rows_seeds = row_seeds_ if whole else row_seeds_[live]
+                nxt = (logprobs + row_gumbel(rows_seeds, t, logprobs.shape[-1])).argmax(-1)
             else:  # one uniform for every row of the batch, decoded or not: the same stream either way
                 u = torch.rand(b, 1, generator=generator, dtype=torch.float64, device=device)
-                nxt = inverse_cdf_index(logprobs.exp(), u[live])
+                nxt = inverse_cdf_index(logprobs.exp(), u if whole else u[live])
         else:
             logprobs = torch.log_softmax(step_logits, -1)
             nxt = logprobs.argmax(-1)
-        live_done = done[live]
-        nxt = torch.where(live_done, torch.full_like(nxt, pad_id), nxt)
-        out_ids[live, t] = nxt
-        out_logps[live, t] = torch.where(live_done, 0.0, logprobs.gather(-1, nxt[:, None]).squeeze(-1))
+        live_done = done if whole else done[live]
+        nxt = nxt.masked_fill(live_done, pad_id)
+        token_logps = logprobs.gather(-1, nxt[:, None]).squeeze(-1).masked_fill_(live_done, 0.0)
         newly = torch.zeros(b, dtype=torch.bool, device=device)
-        newly[live] = (~live_done) & torch.isin(nxt, eos_ids) & (not ignore_eos)
-        lengths += (~done).long()
+        if whole:
+            out_ids[:, t], out_logps[:, t] = nxt, token_logps
+            if not ignore_eos:
+                newly = (~live_done) & torch.isin(nxt, eos_ids)
+        else:
+            out_ids[live, t], out_logps[live, t] = nxt, token_logps
+            if not ignore_eos:
+                newly[live] = (~live_done) & torch.isin(nxt, eos_ids)
+        lengths += ~done
         # the step's one read on the host: how many rows go on (with stop strings, also the new tokens)
         if stop_strings:
             n_left = stop_string_rows(text_ids, out_ids[:, t], done | newly, newly, tok, stop_strings)
@@ -245,13 +253,13 @@ def decode_tokens(
             finished = all_sum(0.0 if finished else 1.0) == 0
         if finished or t == max_new_tokens - 1:  # the last token feeds no further step
             break
-        attn = torch.cat([attn, (~done)[live].long()[:, None]], 1)  # a row's last token: fed with mask 0
+        attn = torch.cat([attn, (~(done if whole else done[live]))[:, None].long()], 1)  # a row's last token: mask 0
         # the live rows not done are all the rows not done (the others were dropped finished): n_left of them
         if drop_finished and 0 < n_left <= 0.75 * len(live):  # (none left: lockstep waits on other ranks)
             keep = torch.argsort(done[live].to(torch.int8), stable=True)[:n_left]  # the unfinished, in order
             cut = policy.select_rows(cache, keep)
             if cut is not None:
-                cache, live, attn, nxt = cut, live[keep], attn[keep], nxt[keep]
+                cache, live, attn, nxt, whole = cut, live[keep], attn[keep], nxt[keep], False
         logits, cache = policy.step(nxt[:, None], attn, cache)
     return Decoded(out_ids[:, :n_steps], out_logps[:, :n_steps], lengths, stopped, cache, attn)
 
