@@ -64,18 +64,26 @@ def test_the_decode_products_go_through_onednn_on_x86():
 
 def test_each_aten_capability_gets_its_own_inductor_cache(tmp_path):
     """torch's inductor cache does not key its generated C++ kernels by ATEN_CPU_CAPABILITY (kernels built for
-    AVX-512 reused under avx2 gave NaN gradients with --compile): importing mirl under a capability points
-    TORCHINDUCTOR_CACHE_DIR at a folder of that capability's own, and leaves an explicit one alone."""
+    AVX-512 reused under avx2 gave NaN gradients with --compile): importing mirl under a capability points inductor
+    at a folder of that capability's own (what torch's cache_dir() then returns), also when inductor was imported
+    first (torch writes its default folder into the environment) and when a parent process left another
+    capability's folder; a folder the user chose is left alone."""
     import os
     import subprocess
     import sys
 
-    show = "import os, mirl; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    show = "import os, {} mirl; from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
-    run = lambda **extra: subprocess.run(
-        [sys.executable, "-c", show], env={**env, **extra}, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert run(ATEN_CPU_CAPABILITY="avx2").endswith("torchinductor_mirl_avx2")
-    assert run(ATEN_CPU_CAPABILITY="default").endswith("torchinductor_mirl_default")
+
+    def run(first="", **extra):
+        return subprocess.run(
+            [sys.executable, "-c", show.format(first)], env={**env, **extra}, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    avx2 = run(ATEN_CPU_CAPABILITY="avx2")
+    assert os.path.basename(avx2).startswith("torchinductor_") and avx2.endswith("_mirl_avx2")
+    assert run("torch._dynamo,", ATEN_CPU_CAPABILITY="avx2") == avx2  # inductor imported before mirl
+    default = run(ATEN_CPU_CAPABILITY="default", TORCHINDUCTOR_CACHE_DIR=avx2)  # a parent's avx2 folder
+    assert default == avx2[: -len("avx2")] + "default"
     assert run(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)
-    assert run() == "None"
+    assert "_mirl_" not in run()  # no capability set: torch's own folder
