@@ -50,6 +50,12 @@ class _RMSNorm(torch.autograd.Function):
         return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
+def _swiglu_input_grads(grad: Tensor, gate: Tensor, up: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gate, d up) of silu(gate) * up: torch's fused silu_backward of grad * up, and grad * act written into
+    act = silu(gate) (a fresh tensor of the caller's, not read again)."""
+    return torch.ops.aten.silu_backward(grad * up, gate), act.mul_(grad)
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up, keeping gate and up for the backward."""
 
@@ -65,7 +71,7 @@ class _SwiGLU(torch.autograd.Function):
         """d gate = grad * up * silu'(gate) (torch's fused silu_backward: one pass where the formula written out
         took five), d up = grad * silu(gate)."""
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        return _swiglu_input_grads(grad, gate, up, F.silu(gate))
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -87,7 +93,7 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dw = grad.reshape(-1, grad.shape[-1]).t() @ (act * up).reshape(-1, up.shape[-1])
         dp = grad @ weight.to(grad.dtype)
-        return torch.ops.aten.silu_backward(dp * up, gate), act.mul_(dp), dw
+        return *_swiglu_input_grads(dp, gate, up, act), dw
 
 
 def _norm_forward(self, hidden_states: Tensor) -> Tensor:
